@@ -1,0 +1,75 @@
+"""Database handle: ``db`` is a proxy bound once per process by ``init_db(settings)``.
+
+Connections come from a small pool (playhouse ``PooledPostgresqlExtDatabase``): a unit of
+work (one actor message, one scheduler job, one CLI command) checks a connection out with
+``db.connection_context()`` / ``db.connect(reuse_if_open=True)`` and returns it with
+``db.close()``. A connection that broke (server restart, ``pg_terminate_backend``, E-16) is
+detected by the pool (``conn.closed``) and replaced instead of being handed out again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from urllib.parse import unquote, urlsplit
+
+from peewee import DatabaseProxy
+from playhouse.postgres_ext import PooledPostgresqlExtDatabase
+
+from errors import ConfigError
+from settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+db = DatabaseProxy()
+
+__all__ = ["db", "init_db", "connect_kwargs", "close_db"]
+
+
+def connect_kwargs(url: str) -> dict:
+    """Split a ``postgresql://user:pass@host:port/dbname`` URL into psycopg2 keyword arguments."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"DATABASE_URL {redact_url(url)!r} must start with postgresql://")
+    name = unquote(parts.path.lstrip("/"))
+    if not name:
+        raise ConfigError(f"DATABASE_URL {redact_url(url)!r} names no database")
+    kwargs: dict = {"database": name, "host": parts.hostname or "127.0.0.1", "port": parts.port or 5432}
+    if parts.username:
+        kwargs["user"] = unquote(parts.username)
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+    return kwargs
+
+
+def init_db(settings: Settings, *, max_connections: int | None = None,
+            application_name: str | None = None) -> PooledPostgresqlExtDatabase:
+    """Bind ``db`` to the database of ``settings`` (idempotent per URL); return the real database."""
+    current = db.obj
+    if current is not None and getattr(current, "_campaign_url", None) == settings.database_url:
+        return current
+    kwargs = connect_kwargs(settings.database_url)
+    database = PooledPostgresqlExtDatabase(
+        kwargs.pop("database"),
+        max_connections=max_connections or settings.db_max_connections,
+        stale_timeout=300,
+        timeout=30,  # wait this long for a free pooled connection before raising
+        register_hstore=False,
+        connect_timeout=5,
+        application_name=application_name or f"campaign-engine:{os.getpid()}",
+        # Timestamps come back in UTC whatever the server's default; statements cannot hang
+        # forever on a lock (a stuck worker would hold its message lease).
+        options="-c timezone=UTC -c lock_timeout=30000",
+        **kwargs,
+    )
+    database._campaign_url = settings.database_url
+    if current is not None:
+        current.close_all()
+    db.initialize(database)
+    log.info("database bound: %s", redact_url(settings.database_url))
+    return database
+
+
+def close_db() -> None:
+    """Close every pooled connection of this process (shutdown, after fork)."""
+    if db.obj is not None:
+        db.obj.close_all()

@@ -1,0 +1,21 @@
+"""Base model bound to the process-wide database proxy; the schema itself lives in schema.py."""
+from __future__ import annotations
+
+from peewee import Model
+from playhouse.postgres_ext import DateTimeTZField
+
+from db import db
+
+
+class BaseModel(Model):
+    """Every table: a surrogate ``id``, created/updated timestamps kept by the database."""
+
+    created_at = DateTimeTZField(null=True)
+    updated_at = DateTimeTZField(null=True)
+
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id}>"

@@ -1,0 +1,134 @@
+"""Campaign tables: configs, runs, messages, parts, events (SPEC §3)."""
+from __future__ import annotations
+
+from peewee import (BigAutoField, BooleanField, DateField, DoubleField, ForeignKeyField, IntegerField,
+                    TextField, UUIDField)
+from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
+
+from models.base import BaseModel
+from models.workspace import Column, Conversation, Inbox, Lead, Workspace
+
+RUN_STATUSES = ("planning", "running", "paused", "completed", "cancelled", "failed")
+ACTIVE_RUN_STATUSES = ("planning", "running", "paused")
+MESSAGE_STATUSES = ("pending", "queued", "generating", "splitting", "sending",
+                    "sent", "failed", "skipped", "in_doubt")
+TERMINAL_MESSAGE_STATUSES = ("sent", "failed", "skipped", "in_doubt")
+PART_STATUSES = ("pending", "sending", "sent", "failed", "in_doubt")
+DELIVERY_STATUSES = ("server_ack", "delivered", "read")  # in rank order: never downgrade
+
+
+class CampaignConfig(BaseModel):
+    """What an operator applied: who, when, what to say, through which inbox, where to move."""
+
+    id = BigAutoField()
+    workspace = ForeignKeyField(Workspace, backref="campaigns", on_delete="CASCADE")
+    name = TextField()
+    inbox = ForeignKeyField(Inbox)
+    source_column = ForeignKeyField(Column, backref="+")
+    target_column = ForeignKeyField(Column, null=True, backref="+")
+    weekdays = ArrayField(IntegerField, default=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
+    window_start_minute = IntegerField(default=0)
+    window_end_minute = IntegerField(default=1440)
+    timezone = TextField(default="UTC")
+    daily_limit = IntegerField()
+    gap_min_seconds = DoubleField()
+    gap_max_seconds = DoubleField()
+    part_gap_min_seconds = DoubleField(default=1.0)
+    part_gap_max_seconds = DoubleField(default=4.0)
+    model = TextField()
+    system_prompt = TextField()
+    fallback_template = TextField(null=True)
+    split_enabled = BooleanField(default=False)
+    max_parts = IntegerField(default=1)
+    active = BooleanField(default=True)
+    version = IntegerField(default=1)
+
+    class Meta:
+        table_name = "campaign_configs"
+
+
+class CampaignRun(BaseModel):
+    """One day's run of a config, with exact counters."""
+
+    id = BigAutoField()
+    config = ForeignKeyField(CampaignConfig, backref="runs", on_delete="CASCADE")
+    run_date = DateField()
+    status = TextField(default="planning")
+    pause_reason = TextField(null=True)
+    failure_reason = TextField(null=True)
+    manual = BooleanField(default=False)
+    leads_total = IntegerField(default=0)
+    leads_processed = IntegerField(default=0)
+    leads_sent = IntegerField(default=0)
+    leads_failed = IntegerField(default=0)
+    leads_skipped = IntegerField(default=0)
+    leads_in_doubt = IntegerField(default=0)
+    leads_overflow = IntegerField(default=0)
+    started_at = DateTimeTZField(null=True)
+    finished_at = DateTimeTZField(null=True)
+
+    class Meta:
+        table_name = "campaign_runs"
+
+
+class CampaignMessage(BaseModel):
+    """One personal message to one lead inside a run; its status is the pipeline's state."""
+
+    id = BigAutoField()
+    run = ForeignKeyField(CampaignRun, backref="messages", on_delete="CASCADE")
+    lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
+    inbox = ForeignKeyField(Inbox)
+    status = TextField(default="pending")
+    scheduled_at = DateTimeTZField()
+    status_changed_at = DateTimeTZField(null=True)
+    generated_text = TextField(null=True)
+    tokens_used = IntegerField(null=True)
+    generation_ms = IntegerField(null=True)
+    split_ms = IntegerField(null=True)
+    send_ms = IntegerField(null=True)
+    attempts = IntegerField(default=0)
+    error_class = TextField(null=True)
+    error_message = TextField(null=True)
+    skip_reason = TextField(null=True)
+    conversation = ForeignKeyField(Conversation, null=True, on_delete="SET NULL")
+    sent_at = DateTimeTZField(null=True)
+    finished_at = DateTimeTZField(null=True)
+
+    class Meta:
+        table_name = "campaign_messages"
+
+
+class MessagePart(BaseModel):
+    """One WhatsApp bubble of a message; ``provider_message_id`` is Evolution's ``key.id``."""
+
+    id = BigAutoField()
+    message = ForeignKeyField(CampaignMessage, backref="parts", on_delete="CASCADE")
+    idx = IntegerField()
+    text = TextField()
+    status = TextField(default="pending")
+    attempt_id = UUIDField(null=True)
+    provider_message_id = TextField(null=True, unique=True)
+    sending_at = DateTimeTZField(null=True)
+    sent_at = DateTimeTZField(null=True)
+    delivery_status = TextField(null=True)
+    delivery_updated_at = DateTimeTZField(null=True)
+
+    class Meta:
+        table_name = "message_parts"
+
+
+class CampaignEvent(BaseModel):
+    """Append-only log line about a run, message or lead."""
+
+    id = BigAutoField()
+    run = ForeignKeyField(CampaignRun, null=True, on_delete="CASCADE")
+    message = ForeignKeyField(CampaignMessage, null=True, on_delete="SET NULL")
+    lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
+    step = TextField()
+    level = TextField(default="info")
+    text = TextField()
+    details = BinaryJSONField(default=dict)
+    updated_at = None  # append-only: the table has no updated_at
+
+    class Meta:
+        table_name = "campaign_events"

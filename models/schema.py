@@ -1,0 +1,310 @@
+"""Versioned, idempotent schema migrations (``python cli.py init-db``).
+
+The rules of SPEC §3 are carried by PostgreSQL itself, not only by code: unique keys,
+foreign keys (including composite ones that keep every reference inside one workspace,
+E-20), CHECK constraints on every status column and on the run counters, and the partial
+index the dispatcher claims from.
+
+Each migration runs in one transaction together with its ``schema_version`` row, under an
+advisory lock, so two processes running ``init-db`` at once apply it once. Migrations are
+append-only: never edit a released one, add the next version.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from peewee import Database
+
+log = logging.getLogger(__name__)
+
+#: advisory lock key that serialises migrations ("campaign" in ASCII, truncated)
+MIGRATION_LOCK_KEY = 0x63616D70
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema version: a name and the SQL statements that reach it from the previous one."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_TIMESTAMPS = """
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()"""
+
+_V1_TABLES = ("workspaces", "columns", "leads", "inboxes", "campaign_configs", "campaign_runs",
+              "campaign_messages", "message_parts", "conversations")
+
+V1 = Migration(1, "initial domain (SPEC §3)", (
+    """CREATE OR REPLACE FUNCTION set_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN NEW.updated_at := now(); RETURN NEW; END $$""",
+
+    f"""CREATE TABLE workspaces (
+        id bigserial PRIMARY KEY,
+        name text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$'),{_TIMESTAMPS})""",
+
+    f"""CREATE TABLE columns (
+        id bigserial PRIMARY KEY,
+        workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+        name text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+        position integer NOT NULL DEFAULT 0,{_TIMESTAMPS},
+        UNIQUE (workspace_id, name),
+        UNIQUE (id, workspace_id))""",
+
+    f"""CREATE TABLE leads (
+        id bigserial PRIMARY KEY,
+        workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+        column_id bigint,
+        name text NOT NULL DEFAULT '',
+        phone text NOT NULL,
+        custom_fields jsonb NOT NULL DEFAULT '{{}}'::jsonb CHECK (jsonb_typeof(custom_fields) = 'object'),
+        opted_out boolean NOT NULL DEFAULT false,
+        last_activity_at timestamptz,{_TIMESTAMPS},
+        UNIQUE (workspace_id, phone),
+        UNIQUE (id, workspace_id),
+        FOREIGN KEY (column_id, workspace_id) REFERENCES columns(id, workspace_id)
+            ON DELETE SET NULL (column_id))""",
+    "CREATE INDEX leads_column_idx ON leads (column_id) WHERE NOT opted_out",
+
+    f"""CREATE TABLE inboxes (
+        id bigserial PRIMARY KEY,
+        workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+        name text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+        instance_name text NOT NULL UNIQUE CHECK (length(instance_name) BETWEEN 1 AND 200),
+        connection_state text NOT NULL DEFAULT 'unknown'
+            CHECK (connection_state IN ('unknown', 'open', 'close', 'connecting', 'error')),
+        state_checked_at timestamptz,
+        disconnected_since timestamptz,
+        consecutive_failures integer NOT NULL DEFAULT 0 CHECK (consecutive_failures >= 0),
+        disabled boolean NOT NULL DEFAULT false,
+        disabled_reason text,
+        min_gap_seconds double precision NOT NULL DEFAULT 1.0 CHECK (min_gap_seconds >= 0),
+        max_per_hour integer CHECK (max_per_hour > 0),
+        max_per_day integer CHECK (max_per_day > 0),{_TIMESTAMPS},
+        UNIQUE (workspace_id, name),
+        UNIQUE (id, workspace_id),
+        CHECK (disabled = (disabled_reason IS NOT NULL)))""",
+
+    f"""CREATE TABLE campaign_configs (
+        id bigserial PRIMARY KEY,
+        workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+        name text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$'),
+        inbox_id bigint NOT NULL,
+        source_column_id bigint NOT NULL,
+        target_column_id bigint,
+        weekdays smallint[] NOT NULL DEFAULT '{{0,1,2,3,4,5,6}}'
+            CHECK (weekdays <@ '{{0,1,2,3,4,5,6}}'::smallint[] AND cardinality(weekdays) > 0),
+        window_start_minute integer NOT NULL DEFAULT 0 CHECK (window_start_minute BETWEEN 0 AND 1439),
+        window_end_minute integer NOT NULL DEFAULT 1440 CHECK (window_end_minute BETWEEN 1 AND 1440),
+        timezone text NOT NULL DEFAULT 'UTC',
+        daily_limit integer NOT NULL CHECK (daily_limit > 0),
+        gap_min_seconds double precision NOT NULL CHECK (gap_min_seconds >= 0),
+        gap_max_seconds double precision NOT NULL,
+        part_gap_min_seconds double precision NOT NULL DEFAULT 1.0 CHECK (part_gap_min_seconds >= 0),
+        part_gap_max_seconds double precision NOT NULL DEFAULT 4.0,
+        model text NOT NULL CHECK (length(model) > 0),
+        system_prompt text NOT NULL CHECK (length(system_prompt) > 0),
+        fallback_template text,
+        split_enabled boolean NOT NULL DEFAULT false,
+        max_parts integer NOT NULL DEFAULT 1 CHECK (max_parts BETWEEN 1 AND 10),
+        active boolean NOT NULL DEFAULT true,
+        version integer NOT NULL DEFAULT 1 CHECK (version > 0),{_TIMESTAMPS},
+        UNIQUE (workspace_id, name),
+        CHECK (window_start_minute < window_end_minute),
+        CHECK (gap_max_seconds >= gap_min_seconds),
+        CHECK (part_gap_max_seconds >= part_gap_min_seconds),
+        CHECK (source_column_id IS DISTINCT FROM target_column_id),
+        FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id),
+        FOREIGN KEY (source_column_id, workspace_id) REFERENCES columns(id, workspace_id),
+        FOREIGN KEY (target_column_id, workspace_id) REFERENCES columns(id, workspace_id)
+            ON DELETE SET NULL (target_column_id))""",
+
+    f"""CREATE TABLE campaign_runs (
+        id bigserial PRIMARY KEY,
+        config_id bigint NOT NULL REFERENCES campaign_configs(id) ON DELETE CASCADE,
+        run_date date NOT NULL,
+        status text NOT NULL DEFAULT 'planning'
+            CHECK (status IN ('planning', 'running', 'paused', 'completed', 'cancelled', 'failed')),
+        pause_reason text,
+        failure_reason text,
+        manual boolean NOT NULL DEFAULT false,
+        leads_total integer NOT NULL DEFAULT 0 CHECK (leads_total >= 0),
+        leads_processed integer NOT NULL DEFAULT 0 CHECK (leads_processed >= 0),
+        leads_sent integer NOT NULL DEFAULT 0 CHECK (leads_sent >= 0),
+        leads_failed integer NOT NULL DEFAULT 0 CHECK (leads_failed >= 0),
+        leads_skipped integer NOT NULL DEFAULT 0 CHECK (leads_skipped >= 0),
+        leads_in_doubt integer NOT NULL DEFAULT 0 CHECK (leads_in_doubt >= 0),
+        leads_overflow integer NOT NULL DEFAULT 0 CHECK (leads_overflow >= 0),
+        started_at timestamptz,
+        finished_at timestamptz,{_TIMESTAMPS},
+        UNIQUE (config_id, run_date),
+        CHECK (leads_processed = leads_sent + leads_failed + leads_skipped + leads_in_doubt),
+        CHECK (leads_processed <= leads_total),
+        CHECK ((status = 'paused') = (pause_reason IS NOT NULL)))""",
+    "CREATE INDEX campaign_runs_active_idx ON campaign_runs (status) WHERE status IN ('planning', 'running', 'paused')",
+
+    f"""CREATE TABLE conversations (
+        id bigserial PRIMARY KEY,
+        workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+        lead_id bigint NOT NULL,
+        inbox_id bigint NOT NULL,{_TIMESTAMPS},
+        UNIQUE (lead_id, inbox_id),
+        FOREIGN KEY (lead_id, workspace_id) REFERENCES leads(id, workspace_id) ON DELETE CASCADE,
+        FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id) ON DELETE CASCADE)""",
+
+    f"""CREATE TABLE campaign_messages (
+        id bigserial PRIMARY KEY,
+        run_id bigint NOT NULL REFERENCES campaign_runs(id) ON DELETE CASCADE,
+        lead_id bigint REFERENCES leads(id) ON DELETE SET NULL,
+        inbox_id bigint NOT NULL REFERENCES inboxes(id),
+        status text NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'queued', 'generating', 'splitting', 'sending',
+                              'sent', 'failed', 'skipped', 'in_doubt')),
+        scheduled_at timestamptz NOT NULL,
+        status_changed_at timestamptz NOT NULL DEFAULT now(),
+        generated_text text,
+        tokens_used integer CHECK (tokens_used >= 0),
+        generation_ms integer CHECK (generation_ms >= 0),
+        split_ms integer CHECK (split_ms >= 0),
+        send_ms integer CHECK (send_ms >= 0),
+        attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        error_class text,
+        error_message text,
+        skip_reason text,
+        conversation_id bigint REFERENCES conversations(id) ON DELETE SET NULL,
+        sent_at timestamptz,
+        finished_at timestamptz,{_TIMESTAMPS},
+        UNIQUE (run_id, lead_id),
+        CHECK ((status = 'skipped') = (skip_reason IS NOT NULL)),
+        CHECK (status <> 'sent' OR sent_at IS NOT NULL))""",
+    # The dispatcher's claim: pending messages by due time (partial: stays small however long
+    # the history grows, T-PERF-4).
+    "CREATE INDEX campaign_messages_due_idx ON campaign_messages (scheduled_at) WHERE status = 'pending'",
+    "CREATE INDEX campaign_messages_run_status_idx ON campaign_messages (run_id, status)",
+    "CREATE INDEX campaign_messages_lead_idx ON campaign_messages (lead_id)",
+    # Recovery sweep: in-flight messages by how long they have been in their state.
+    """CREATE INDEX campaign_messages_inflight_idx ON campaign_messages (status_changed_at)
+        WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
+
+    f"""CREATE TABLE message_parts (
+        id bigserial PRIMARY KEY,
+        message_id bigint NOT NULL REFERENCES campaign_messages(id) ON DELETE CASCADE,
+        idx integer NOT NULL CHECK (idx >= 0),
+        text text NOT NULL CHECK (length(text) > 0),
+        status text NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'sending', 'sent', 'failed', 'in_doubt')),
+        attempt_id uuid,
+        provider_message_id text UNIQUE,
+        sending_at timestamptz,
+        sent_at timestamptz,
+        delivery_status text CHECK (delivery_status IN ('server_ack', 'delivered', 'read')),
+        delivery_updated_at timestamptz,{_TIMESTAMPS},
+        UNIQUE (message_id, idx),
+        CHECK (status <> 'sending' OR attempt_id IS NOT NULL),
+        CHECK (status <> 'sent' OR sent_at IS NOT NULL))""",
+    "CREATE INDEX message_parts_sending_idx ON message_parts (sending_at) WHERE status = 'sending'",
+
+    """CREATE TABLE campaign_events (
+        id bigserial PRIMARY KEY,
+        run_id bigint REFERENCES campaign_runs(id) ON DELETE CASCADE,
+        message_id bigint REFERENCES campaign_messages(id) ON DELETE SET NULL,
+        lead_id bigint REFERENCES leads(id) ON DELETE SET NULL,
+        step text NOT NULL,
+        level text NOT NULL DEFAULT 'info' CHECK (level IN ('debug', 'info', 'warning', 'error')),
+        text text NOT NULL,
+        details jsonb NOT NULL DEFAULT '{}'::jsonb,
+        created_at timestamptz NOT NULL DEFAULT now())""",
+    "CREATE INDEX campaign_events_run_idx ON campaign_events (run_id, id)",
+
+    *(f"""CREATE TRIGGER {t}_updated_at BEFORE UPDATE ON {t}
+          FOR EACH ROW EXECUTE FUNCTION set_updated_at()""" for t in _V1_TABLES),
+))
+
+V2 = Migration(2, "operations: dead letters, rate-limit state, scheduler lease", (
+    # Dead letters are recorded in PostgreSQL too, so nothing is lost when RabbitMQ's 7-day
+    # dead-letter TTL expires (R-OPS-2).
+    """CREATE TABLE dead_letters (
+        id bigserial PRIMARY KEY,
+        queue text NOT NULL,
+        actor text NOT NULL,
+        dramatiq_message_id text NOT NULL UNIQUE,
+        campaign_message_id bigint REFERENCES campaign_messages(id) ON DELETE SET NULL,
+        run_id bigint REFERENCES campaign_runs(id) ON DELETE SET NULL,
+        payload jsonb NOT NULL,
+        error_class text,
+        error_message text,
+        status text NOT NULL DEFAULT 'dead' CHECK (status IN ('dead', 'requeued', 'purged')),
+        resolved_at timestamptz,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now())""",
+    "CREATE INDEX dead_letters_open_idx ON dead_letters (created_at) WHERE status = 'dead'",
+    """CREATE TRIGGER dead_letters_updated_at BEFORE UPDATE ON dead_letters
+       FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
+
+    # Shared pacing state for every worker process and machine (R-RATE-1): one row per key
+    # ("inbox:<id>", "openrouter:<key hash>").
+    """CREATE TABLE rate_limits (
+        key text PRIMARY KEY,
+        last_at timestamptz,
+        lease_token uuid,
+        lease_until timestamptz,
+        hour_start timestamptz NOT NULL DEFAULT date_trunc('hour', now()),
+        hour_count integer NOT NULL DEFAULT 0 CHECK (hour_count >= 0),
+        day_start timestamptz NOT NULL DEFAULT date_trunc('day', now()),
+        day_count integer NOT NULL DEFAULT 0 CHECK (day_count >= 0),
+        minute_start timestamptz NOT NULL DEFAULT date_trunc('minute', now()),
+        minute_count integer NOT NULL DEFAULT 0 CHECK (minute_count >= 0),
+        updated_at timestamptz NOT NULL DEFAULT now())""",
+
+    # The single active scheduler and its heartbeat (R-OPS-4: heartbeat older than 2 min).
+    """CREATE TABLE scheduler_heartbeats (
+        name text PRIMARY KEY,
+        holder text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        beat_at timestamptz NOT NULL DEFAULT now())""",
+))
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2)
+LATEST = MIGRATIONS[-1].version
+
+
+def current_version(db: Database) -> int:
+    """The schema version recorded in the database (0 for an empty database)."""
+    db.execute_sql("""CREATE TABLE IF NOT EXISTS schema_version (
+        version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
+    row = db.execute_sql("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+    return int(row[0])
+
+
+def migrate(db: Database, target: int | None = None) -> list[int]:
+    """Apply every migration above the recorded version up to ``target`` (default: latest).
+
+    Returns the versions applied (empty when the schema is already current).
+    """
+    target = LATEST if target is None else target
+    if not 0 <= target <= LATEST:
+        raise ValueError(f"unknown schema version {target}; this code knows 1..{LATEST}")
+    applied: list[int] = []
+    with db.atomic():
+        # Transaction-scoped lock: concurrent init-db runs queue here instead of racing.
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        version = current_version(db)
+    if version > LATEST:
+        raise RuntimeError(f"database schema is version {version}, newer than this code ({LATEST})")
+    for migration in MIGRATIONS:
+        if migration.version <= version or migration.version > target:
+            continue
+        with db.atomic():
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            if current_version(db) >= migration.version:
+                continue  # another process applied it while we waited for the lock
+            for statement in migration.statements:
+                db.execute_sql(statement)
+            db.execute_sql("INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                           (migration.version, migration.name))
+        log.info("schema migrated to version %s (%s)", migration.version, migration.name)
+        applied.append(migration.version)
+    return applied

@@ -1,0 +1,187 @@
+"""One settings object, read from the environment once at start-up (SPEC §4.7).
+
+Nothing here does I/O at import time: entry points call ``get_settings()`` (or
+``Settings.from_env()``) and pass the object on. ``os.environ`` is read in this module only.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from errors import ConfigError
+
+__all__ = ["Settings", "get_settings", "reset_settings", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _int_in(name: str, lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={value} is out of range {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _float_in(name: str, lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={value} is out of range {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _choice(name: str, *allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            raise ConfigError(f"{name}={raw!r} must be one of {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
+def _url(name: str, *schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        try:
+            scheme = urlsplit(raw).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in schemes:
+            raise ConfigError(f"{name}={redact_url(raw)!r} must be a {'/'.join(schemes)} URL")
+        return raw.rstrip("/") if scheme.startswith("http") else raw
+
+    return parse
+
+
+def _secret(env: str) -> dict:
+    return {"env": env, "secret": True}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the engine; field metadata names its environment variable."""
+
+    # -- interface names (SPEC §4.7) --------------------------------------------------------
+    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/campaigns",
+                              metadata={"env": "DATABASE_URL", "parse": _url("DATABASE_URL", "postgresql", "postgres")})
+    rabbitmq_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/%2F",
+                              metadata={"env": "RABBITMQ_URL", "parse": _url("RABBITMQ_URL", "amqp", "amqps")})
+    openrouter_base_url: str = field(default="https://openrouter.ai/api/v1",
+                                     metadata={"env": "OPENROUTER_BASE_URL",
+                                               "parse": _url("OPENROUTER_BASE_URL", "http", "https")})
+    openrouter_api_key: str = field(default="", repr=False, metadata=_secret("OPENROUTER_API_KEY"))
+    evolution_api_url: str = field(default="http://127.0.0.1:8080",
+                                   metadata={"env": "EVOLUTION_API_URL",
+                                             "parse": _url("EVOLUTION_API_URL", "http", "https")})
+    evolution_api_key: str = field(default="", repr=False, metadata=_secret("EVOLUTION_API_KEY"))
+    webhook_secret: str = field(default="", repr=False, metadata=_secret("WEBHOOK_SECRET"))
+
+    # -- engine tuning (validated: a bad value is a start-up error, R-DISP-5) ---------------
+    broker: str = field(default="rabbitmq", metadata={"env": "CAMPAIGN_BROKER",
+                                                      "parse": _choice("CAMPAIGN_BROKER", "rabbitmq", "stub")})
+    dispatch_batch_size: int = field(default=200, metadata={"env": "DISPATCH_BATCH_SIZE",
+                                                            "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)})
+    dispatch_interval_seconds: float = field(default=1.0, metadata={
+        "env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)})
+    max_lateness_seconds: int = field(default=3600, metadata={
+        "env": "MAX_LATENESS_SECONDS", "parse": _int_in("MAX_LATENESS_SECONDS", 60, 86400)})
+    lease_seconds: int = field(default=300, metadata={"env": "LEASE_SECONDS",
+                                                      "parse": _int_in("LEASE_SECONDS", 30, 86400)})
+    max_attempts: int = field(default=5, metadata={"env": "MAX_ATTEMPTS", "parse": _int_in("MAX_ATTEMPTS", 1, 50)})
+    min_backoff_seconds: float = field(default=2.0, metadata={
+        "env": "MIN_BACKOFF_SECONDS", "parse": _float_in("MIN_BACKOFF_SECONDS", 0.01, 3600)})
+    max_backoff_seconds: float = field(default=300.0, metadata={
+        "env": "MAX_BACKOFF_SECONDS", "parse": _float_in("MAX_BACKOFF_SECONDS", 0.01, 86400)})
+    inbox_failure_limit: int = field(default=5, metadata={
+        "env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)})
+    error_threshold_ratio: float = field(default=0.10, metadata={
+        "env": "ERROR_THRESHOLD_RATIO", "parse": _float_in("ERROR_THRESHOLD_RATIO", 0.0, 1.0)})
+    error_threshold_min_processed: int = field(default=20, metadata={
+        "env": "ERROR_THRESHOLD_MIN_PROCESSED", "parse": _int_in("ERROR_THRESHOLD_MIN_PROCESSED", 1, 100000)})
+    openrouter_requests_per_minute: int = field(default=600, metadata={
+        "env": "OPENROUTER_REQUESTS_PER_MINUTE", "parse": _int_in("OPENROUTER_REQUESTS_PER_MINUTE", 1, 1000000)})
+    db_max_connections: int = field(default=32, metadata={
+        "env": "DB_MAX_CONNECTIONS", "parse": _int_in("DB_MAX_CONNECTIONS", 1, 1000)})
+    log_level: str = field(default="INFO", metadata={
+        "env": "LOG_LEVEL", "parse": _choice("LOG_LEVEL", "DEBUG", "INFO", "WARNING", "ERROR")})
+
+    def __post_init__(self) -> None:
+        if self.min_backoff_seconds > self.max_backoff_seconds:
+            raise ConfigError("MIN_BACKOFF_SECONDS must not exceed MAX_BACKOFF_SECONDS")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``environ`` (default ``os.environ``); raise ConfigError naming the variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            parse = f.metadata.get("parse")
+            values[f.name] = parse(raw.strip()) if parse else raw
+        return cls(**values)
+
+    def describe(self) -> dict[str, str]:
+        """Settings by environment name, secrets masked and URL passwords redacted (safe to log)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                out[f.metadata["env"]] = "***" if value else "(unset)"
+            elif isinstance(value, str) and "://" in value:
+                out[f.metadata["env"]] = redact_url(value)
+            else:
+                out[f.metadata["env"]] = str(value)
+        return out
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={v}" for k, v in self.describe().items()) + ")"
+
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            _settings = Settings.from_env()
+        return _settings
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    global _settings
+    with _lock:
+        _settings = None

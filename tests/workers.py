@@ -1,0 +1,61 @@
+"""Real ``dramatiq`` worker processes for integration tests."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+DRAMATIQ = str(Path(sys.executable).with_name("dramatiq"))
+
+
+def start_worker(*, processes: int = 1, threads: int = 4, queues: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
+    """Start ``dramatiq actors`` with the current environment (the test run's database and vhost)."""
+    cmd = [DRAMATIQ, "actors", "--processes", str(processes), "--threads", str(threads)]
+    if queues:
+        cmd += ["--queues", *queues]
+    env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a worker gracefully (SIGTERM to its process group), killing it if it hangs."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextmanager
+def worker(**kwargs) -> Iterator[subprocess.Popen]:
+    """A worker process for the duration of the block."""
+    proc = start_worker(**kwargs)
+    try:
+        yield proc
+    finally:
+        stop_worker(proc)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.1,
+             message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
