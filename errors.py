@@ -30,6 +30,8 @@ before building the exception (see ``clients.http.redact``).
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "EngineError",
     "ConfigError",
@@ -91,7 +93,9 @@ class ProviderError(EngineError):
             f"code={self.code!r}, retry_after={self.retry_after!r}, message={self.message!r})"
         )
 
-    def __reduce__(self):  # keep the keyword-only attributes through pickling (Dramatiq, multiprocessing)
+    def __reduce__(
+        self,
+    ) -> tuple[Any, ...]:  # keep the keyword-only attributes through pickling (Dramatiq, multiprocessing)
         return (
             _rebuild,
             (type(self), self.message, self.provider, self.status_code, self.retry_after, self.code),

@@ -1,0 +1,115 @@
+"""Shared bits of the provider clients: httpx client construction, Retry-After parsing, redaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import math
+import re
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "build_http_client",
+    "parse_retry_after",
+    "redact",
+    "truncate",
+    "error_message_from_body",
+    "MESSAGE_LIMIT",
+]
+
+#: how much of a provider's own error message is kept in exception texts
+MESSAGE_LIMIT = 300
+
+#: One client per process is shared by every worker thread, so the pool must be wide enough for all of
+#: them; keep-alive expiry stays below Node's 5 s default keepAliveTimeout (Evolution API is Node): a
+#: connection the server already closed, reused by us, would turn a send into an AmbiguousSend.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=4.0)
+
+_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def build_http_client(
+    base_url: str,
+    *,
+    timeout: httpx.Timeout,
+    headers: dict[str, str],
+    transport: httpx.BaseTransport | None = None,
+    limits: httpx.Limits = DEFAULT_LIMITS,
+) -> httpx.Client:
+    """Build the httpx.Client a provider client uses (explicit timeout, wide pool, no redirects)."""
+    return httpx.Client(
+        base_url=base_url.rstrip("/"),
+        timeout=timeout,
+        headers=headers,
+        transport=transport,
+        limits=limits,
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Parse a Retry-After header (delta seconds or HTTP-date) into seconds >= 0; None if absent or invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)  # RFC 9110 says an integer; be lenient with fractions
+    except ValueError:
+        pass
+    else:
+        if math.isnan(seconds) or math.isinf(seconds):
+            return None
+        return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # "-0000" dates come back naive: they are UTC
+        when = when.replace(tzinfo=dt.UTC)
+    if now is None:
+        now = dt.datetime.now(dt.UTC)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Remove the given secrets and any URL password from a text."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _USERINFO_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """Cut a text to ``limit`` characters, marking the cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_message_from_body(body: Any, raw: str) -> str:
+    """Best human-readable message in a provider error body (OpenRouter or Evolution shape)."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        response = body.get("response")
+        if isinstance(response, dict) and "message" in response:
+            msg = response["message"]
+            if isinstance(msg, list):
+                return "; ".join(m if isinstance(m, str) else json.dumps(m, ensure_ascii=False) for m in msg)
+            return str(msg)
+        if body.get("message"):
+            return str(body["message"])
+        if isinstance(err, str):
+            return err
+    return raw
