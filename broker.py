@@ -24,7 +24,9 @@ def middleware_list(settings: Settings) -> list[Middleware]:
     """The middleware every broker of the engine runs, in order."""
     from actors.middleware import engine_middleware  # local: actors imports broker
 
+    head, tail = engine_middleware(settings)
     return [
+        *head,                    # DbConnection (first in, last out), DeadLetters (after-hook runs after Retries')
         AgeLimit(),               # honours an actor's max_age (unused by default)
         TimeLimit(),              # kills an actor stuck past its time_limit (set per actor)
         ShutdownNotifications(),  # lets long actors notice a worker shutdown
@@ -32,7 +34,7 @@ def middleware_list(settings: Settings) -> list[Middleware]:
         Pipelines(),              # dramatiq pipelines (unused by the chain: each step enqueues the next)
         Retries(),                # backoff policy per actor (max_retries, min/max_backoff, retry_when)
         CurrentMessage(),         # lets a step see its own Dramatiq message (id, retries)
-        *engine_middleware(settings),  # db connection per message, dead-letter recording
+        *tail,                    # RateLimits: per-inbox / per-LLM-key pacing, right before the actor
     ]
 
 

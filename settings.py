@@ -112,8 +112,12 @@ class Settings:
         "env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)})
     max_lateness_seconds: int = field(default=3600, metadata={
         "env": "MAX_LATENESS_SECONDS", "parse": _int_in("MAX_LATENESS_SECONDS", 60, 86400)})
-    lease_seconds: int = field(default=300, metadata={"env": "LEASE_SECONDS",
-                                                      "parse": _int_in("LEASE_SECONDS", 30, 86400)})
+    lease_seconds: int = field(default=600, metadata={"env": "LEASE_SECONDS",
+                                                      "parse": _int_in("LEASE_SECONDS", 5, 86400)})
+    send_timeout_seconds: float = field(default=30.0, metadata={
+        "env": "SEND_TIMEOUT_SECONDS", "parse": _float_in("SEND_TIMEOUT_SECONDS", 1, 300)})
+    llm_timeout_seconds: float = field(default=60.0, metadata={
+        "env": "LLM_TIMEOUT_SECONDS", "parse": _float_in("LLM_TIMEOUT_SECONDS", 1, 600)})
     max_attempts: int = field(default=5, metadata={"env": "MAX_ATTEMPTS", "parse": _int_in("MAX_ATTEMPTS", 1, 50)})
     min_backoff_seconds: float = field(default=2.0, metadata={
         "env": "MIN_BACKOFF_SECONDS", "parse": _float_in("MIN_BACKOFF_SECONDS", 0.01, 3600)})
@@ -135,6 +139,14 @@ class Settings:
     def __post_init__(self) -> None:
         if self.min_backoff_seconds > self.max_backoff_seconds:
             raise ConfigError("MIN_BACKOFF_SECONDS must not exceed MAX_BACKOFF_SECONDS")
+        if self.lease_seconds < self.max_backoff_seconds:
+            # a message waiting out its backoff would be re-enqueued by the sweep as "stuck"
+            raise ConfigError("LEASE_SECONDS must be at least MAX_BACKOFF_SECONDS")
+
+    @property
+    def send_lease_seconds(self) -> float:
+        """How long an inbox's send slot is held at most: longer than the slowest send."""
+        return self.send_timeout_seconds + 15
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

@@ -12,6 +12,6 @@ from settings import get_settings
 
 broker: dramatiq.Broker = setup_broker(get_settings())
 
-from actors import system  # noqa: E402  (actors must be declared after the broker is set)
+from actors import generate, send, split, system  # noqa: E402  (declared after the broker is set)
 
-__all__ = ["broker", "system"]
+__all__ = ["broker", "generate", "split", "send", "system"]

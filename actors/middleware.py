@@ -1,16 +1,33 @@
-"""Engine middleware: a database connection per message, and (with the pipeline) dead-letter
-recording and rate limits. Hooks are no-ops unless overridden (dramatiq's Middleware base)."""
+"""Engine middleware. Hooks are no-ops unless overridden (dramatiq's Middleware base); each class
+declares the actor options it reads.
+
+Order matters (see broker.middleware_list): ``before_*`` hooks run in list order, ``after_*``
+hooks in reverse. DbConnection comes first (its connection is there for everyone else and is
+released last); DeadLetters sits before Retries so that its after-hook runs once Retries has
+decided whether the message failed for good; RateLimits runs last before the actor.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 
 import dramatiq
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, SkipMessage
 
+import ratelimit
 from db import db, init_db
 from settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: delays longer than this do not belong in RabbitMQ (R-DISP-2): messages wait in PostgreSQL
+MAX_BROKER_DELAY_SECONDS = 600
+#: a wait this short is spent in the worker thread (polling) instead of a round trip through the
+#: delay queue: the handover between two sends of one inbox stays fast, and a thread is held for
+#: at most this long, so other inboxes are not slowed (R-RATE-3)
+IN_THREAD_WAIT_SECONDS = 0.5
 
 
 class DbConnection(Middleware):
@@ -46,9 +63,131 @@ class DbConnection(Middleware):
                 db.rollback()
         except Exception:  # the connection is broken: the pool discards it on close
             log.debug("rollback on release failed", exc_info=True)
-        db.close()
+        try:
+            db.close()
+        except Exception:
+            log.debug("close on release failed", exc_info=True)
 
 
-def engine_middleware(settings: Settings) -> list[Middleware]:
-    """The engine's own middleware, in order."""
-    return [DbConnection(settings)]
+class DeadLetters(Middleware):
+    """When a pipeline message dies (retries exhausted / final failure), record it in PostgreSQL
+    and settle its campaign message as ``failed`` — RabbitMQ's ``.XQ`` copy expires after 7
+    days; the ``dead_letters`` row does not (R-FAIL-3, R-OPS-2)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"campaign_step"}
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+                              result: object = None, exception: BaseException | None = None) -> None:
+        if exception is None or not message.failed:
+            return
+        try:
+            actor = broker.get_actor(message.actor_name)
+        except Exception:
+            actor = None
+        if actor is None or not actor.options.get("campaign_step"):
+            return
+        import pipeline
+
+        message_id = message.args[0] if message.args else None
+        error = f"{type(exception).__name__}: {exception}"
+        try:
+            with db.atomic():
+                finished = pipeline.fail_exhausted(int(message_id), error, self.settings) \
+                    if isinstance(message_id, int) else None
+                run_id = finished.run_id if finished else None
+                db.execute_sql(
+                    """INSERT INTO dead_letters (queue, actor, dramatiq_message_id, campaign_message_id, run_id,
+                                                 payload, error_class, error_message)
+                       VALUES (%s, %s, %s, (SELECT id FROM campaign_messages WHERE id = %s),
+                               coalesce(%s, (SELECT run_id FROM campaign_messages WHERE id = %s)), %s, %s, %s)
+                       ON CONFLICT (dramatiq_message_id) DO UPDATE SET status = 'dead', error_class = EXCLUDED.error_class,
+                           error_message = EXCLUDED.error_message, resolved_at = NULL""",
+                    (message.queue_name, message.actor_name, message.message_id, message_id, run_id, message_id,
+                     json.dumps(message.asdict(), default=str), type(exception).__name__, str(exception)[:2000]))
+            log.error("dead letter: %s message=%s dramatiq_id=%s: %s", message.actor_name, message_id,
+                      message.message_id, error)
+        except Exception:
+            log.exception("could not record dead letter %s (it is still in %s.XQ)", message.message_id,
+                          message.queue_name)
+
+
+class RateLimits(Middleware):
+    """Shared per-inbox and per-OpenRouter-key pacing before an actor runs (R-RATE-1..3).
+
+    A message that may not run yet is re-enqueued with a delay and skipped: it is never
+    dropped and never spends a retry (raising RateLimitExceeded would).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"rate_limit"}
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        self._local.grant = None
+        self._local.sent = False
+        actor = broker.get_actor(message.actor_name)
+        kind = actor.options.get("rate_limit")
+        if kind is None:
+            return
+        if kind not in ("inbox", "openrouter"):
+            raise ValueError(f"unknown rate_limit option {kind!r} on actor {message.actor_name}")
+        deadline = time.monotonic() + IN_THREAD_WAIT_SECONDS
+        while True:
+            if kind == "inbox":
+                grant = ratelimit.acquire_inbox(int(message.args[1]), self.settings.send_lease_seconds)
+            else:
+                grant = ratelimit.acquire_minute(ratelimit.openrouter_key(self.settings.openrouter_api_key),
+                                                 self.settings.openrouter_requests_per_minute)
+            if grant.granted or time.monotonic() + grant.wait > deadline:
+                break
+            time.sleep(grant.wait)
+        if grant.granted:
+            self._local.grant = grant if kind == "inbox" else None
+            return
+        delay = min(grant.wait, MAX_BROKER_DELAY_SECONDS)
+        log.debug("rate limited %s args=%s: retry in %.2fs", message.actor_name, message.args, delay)
+        broker.enqueue(message.copy(), delay=int(delay * 1000) + 1)
+        raise SkipMessage(f"rate limited for {delay:.2f}s")
+
+    def mark_sent(self) -> None:
+        """Called by the send step right before its HTTP call: the gap counts from this send."""
+        self._local.sent = True
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+                              result: object = None, exception: BaseException | None = None) -> None:
+        self._release()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        grant = getattr(self._local, "grant", None)
+        self._local.grant = None
+        if grant is None:
+            return
+        try:
+            ratelimit.release_inbox(grant, sent=bool(getattr(self._local, "sent", False)))
+        except Exception:  # the lease expires by itself (settings.send_lease_seconds)
+            log.warning("could not release %s; its lease will expire", grant.key, exc_info=True)
+
+
+def engine_middleware(settings: Settings) -> tuple[list[Middleware], list[Middleware]]:
+    """The engine's own middleware: (before dramatiq's defaults, after them)."""
+    return [DbConnection(settings), DeadLetters(settings)], [RateLimits(settings)]
+
+
+def current_rate_limits(broker: dramatiq.Broker) -> RateLimits | None:
+    """The broker's RateLimits middleware (the send step tells it when a send happened)."""
+    for m in broker.middleware:
+        if isinstance(m, RateLimits):
+            return m
+    return None

@@ -103,6 +103,7 @@ class MessagePart(BaseModel):
 
     id = BigAutoField()
     message = ForeignKeyField(CampaignMessage, backref="parts", on_delete="CASCADE")
+    inbox = ForeignKeyField(Inbox)
     idx = IntegerField()
     text = TextField()
     status = TextField(default="pending")
@@ -112,6 +113,7 @@ class MessagePart(BaseModel):
     sent_at = DateTimeTZField(null=True)
     delivery_status = TextField(null=True)
     delivery_updated_at = DateTimeTZField(null=True)
+    error_message = TextField(null=True)
 
     class Meta:
         table_name = "message_parts"

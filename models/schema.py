@@ -267,7 +267,20 @@ V2 = Migration(2, "operations: dead letters, rate-limit state, scheduler lease",
         beat_at timestamptz NOT NULL DEFAULT now())""",
 ))
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2)
+V3 = Migration(3, "pipeline: per-inbox send history for sliding hour/day caps", (
+    # Sliding-window caps (R-RATE-1) count this inbox's sends of the last hour/day; a part
+    # carries its inbox so that count is one index range scan, however long the history.
+    "ALTER TABLE message_parts ADD COLUMN inbox_id bigint REFERENCES inboxes(id) ON DELETE CASCADE",
+    """UPDATE message_parts p SET inbox_id = m.inbox_id FROM campaign_messages m
+       WHERE m.id = p.message_id AND p.inbox_id IS NULL""",
+    "ALTER TABLE message_parts ALTER COLUMN inbox_id SET NOT NULL",
+    """CREATE INDEX message_parts_inbox_sends_idx ON message_parts (inbox_id, sending_at)
+       WHERE status IN ('sent', 'in_doubt', 'sending')""",
+    # Error detail of the failed step, kept on the part for the operator.
+    "ALTER TABLE message_parts ADD COLUMN error_message text",
+))
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3)
 LATEST = MIGRATIONS[-1].version
 
 

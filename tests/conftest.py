@@ -114,6 +114,45 @@ def clean_db(services) -> Iterator[None]:
               "conversations", "leads", "inboxes", "columns", "workspaces", "dead_letters", "rate_limits",
               "scheduler_heartbeats")
     with db.connection_context():
-        db.execute_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        # no RESTART IDENTITY: a stale broker message of an earlier test must never meet a reused id
+        db.execute_sql(f"TRUNCATE {', '.join(tables)} CASCADE")
     with db.connection_context():
         yield
+
+
+@pytest.fixture(scope="session")
+def sandbox(services):
+    """One sandbox server (a real HTTP process) for the session; faults reset by ``sb``."""
+    from sandbox.testing import SandboxProcess
+
+    with SandboxProcess(seed=7) as sb:
+        yield sb
+
+
+@pytest.fixture
+def sb(sandbox):
+    """The session's sandbox with a clean ledger and default faults."""
+    sandbox.reset()
+    yield sandbox
+    sandbox.reset()
+
+
+@pytest.fixture
+def llm(sb):
+    """A real OpenRouter client pointed at the sandbox."""
+    from clients.openrouter import OpenRouterClient
+
+    with OpenRouterClient(sb.openrouter_url, sb.chat_key) as client:
+        yield client
+
+
+@pytest.fixture
+def evo(sb):
+    """A real Evolution API client pointed at the sandbox (short read timeout for hang faults)."""
+    import httpx
+
+    from clients.evolution import EvolutionClient
+
+    with EvolutionClient(sb.evolution_url, sb.evolution_key,
+                         timeout=httpx.Timeout(connect=2.0, read=2.0, write=2.0, pool=2.0)) as client:
+        yield client

@@ -47,4 +47,5 @@ def run(cfg: CampaignConfig, run_date: dt.date | None = None, status: str = "run
 def message(r: CampaignRun, ld: Lead | None, **kw) -> CampaignMessage:
     """A campaign message of run ``r`` for lead ``ld``."""
     kw.setdefault("scheduled_at", dt.datetime.now(dt.timezone.utc))
-    return CampaignMessage.create(run=r, lead=ld, inbox=r.config.inbox_id, **kw)
+    kw.setdefault("inbox", r.config.inbox_id)
+    return CampaignMessage.create(run=r, lead=ld, **kw)

@@ -16,7 +16,7 @@ def test_broker_is_rabbitmq_with_confirms(services):
     assert isinstance(actors.broker, RabbitmqBroker)
     assert actors.broker.confirm_delivery is True
     names = [type(m).__name__ for m in actors.broker.middleware]
-    assert names.index("DbConnection") > names.index("Retries")
+    assert names.index("DbConnection") < names.index("DeadLetters") < names.index("Retries") < names.index("RateLimits")
     assert "campaign.system" in actors.broker.get_declared_queues()
 
 

@@ -49,10 +49,10 @@ def test_duplicate_config_run_date_rejected(world):
 def test_duplicate_part_index_rejected(world):
     ws, cols, _, _, run = world
     msg = f.message(run, f.lead(ws, cols["New"]))
-    MessagePart.create(message=msg, idx=0, text="hello")
+    MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="hello")
     with pytest.raises(peewee.IntegrityError, match="message_parts_message_id_idx_key"):
         with db.atomic():
-            MessagePart.create(message=msg, idx=0, text="again")
+            MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="again")
 
 
 def test_deleting_lead_keeps_message_with_null_lead(world):
@@ -75,7 +75,7 @@ def test_deleting_lead_keeps_message_with_null_lead(world):
 def test_invalid_status_rejected(world, table, column, value):
     ws, cols, _, _, run = world
     msg = f.message(run, f.lead(ws, cols["New"]))
-    part = MessagePart.create(message=msg, idx=0, text="hi")
+    part = MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="hi")
     row_id = {"campaign_messages": msg.id, "campaign_runs": run.id, "message_parts": part.id}[table]
     with pytest.raises(peewee.IntegrityError, match="check constraint"):
         with db.atomic():

@@ -20,7 +20,9 @@ def start_worker(*, processes: int = 1, threads: int = 4, queues: tuple[str, ...
     cmd = [DRAMATIQ, "actors", "--processes", str(processes), "--threads", str(threads)]
     if queues:
         cmd += ["--queues", *queues]
-    env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    # dramatiq_worker_timeout: how often a consumer wakes to release due delayed messages (ms);
+    # dramatiq's 1 s default would make every pacing delay up to a second late.
+    env = {**os.environ, "dramatiq_worker_timeout": "100", **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -59,3 +61,21 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def purge_queues(url: str, queues: tuple[str, ...]) -> None:
+    """Empty every given queue and its .DQ/.XQ twins on a fresh connection (missing ones are fine)."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for name in queues:
+            for q in (name, f"{name}.DQ", f"{name}.XQ"):
+                ch = conn.channel()
+                try:
+                    ch.queue_purge(q)
+                    ch.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass  # not declared yet
+    finally:
+        conn.close()

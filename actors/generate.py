@@ -1,0 +1,20 @@
+"""Step 1: write the personal message with the LLM (queue ``campaign.generate``)."""
+from __future__ import annotations
+
+import dramatiq
+
+import pipeline
+from actors.common import as_dramatiq_retry, openrouter, step_options
+from settings import get_settings
+
+_settings = get_settings()
+
+
+@dramatiq.actor(rate_limit="openrouter", **step_options(_settings, pipeline.QUEUE_GENERATE, time_limit_s=150))
+@as_dramatiq_retry
+def generate(message_id: int) -> None:
+    """Generate the text of campaign message ``message_id``, then enqueue its split."""
+    if pipeline.generate_step(message_id, _settings, openrouter()):
+        from actors.split import split
+
+        split.send(message_id)

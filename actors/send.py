@@ -1,0 +1,22 @@
+"""Step 3: send the next part through Evolution API, finalize after the last (queue ``campaign.send``)."""
+from __future__ import annotations
+
+import dramatiq
+
+import pipeline
+from actors.common import as_dramatiq_retry, evolution, step_options
+from actors.middleware import current_rate_limits
+from settings import get_settings
+
+_settings = get_settings()
+
+
+@dramatiq.actor(rate_limit="inbox", **step_options(_settings, pipeline.QUEUE_SEND, time_limit_s=90))
+@as_dramatiq_retry
+def send_part(message_id: int, inbox_id: int) -> None:
+    """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""
+    limiter = current_rate_limits(dramatiq.get_broker())
+    outcome = pipeline.send_step(message_id, _settings, evolution(),
+                                 on_http=limiter.mark_sent if limiter else None)
+    if outcome.next_delay is not None:
+        send_part.send_with_options(args=(message_id, inbox_id), delay=int(outcome.next_delay * 1000))

@@ -1,0 +1,127 @@
+"""Shared pacing state in PostgreSQL (R-RATE-1): every worker process on every machine sees it.
+
+Per inbox: one send in flight (a lease with an expiry, so a crashed holder cannot block the
+inbox forever), a minimum gap between consecutive sends (measured from the end of the last
+one), and sliding hour/day caps counted from the inbox's own send history. Per OpenRouter
+key: requests per minute. Acquiring is one statement; a refusal says how long to wait.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from db import db
+
+log = logging.getLogger(__name__)
+
+
+_SENT_WINDOW = """(SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id
+                   AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '{w}')"""
+
+_ACQUIRE_INBOX = f"""
+UPDATE rate_limits rl SET lease_token = %(token)s, lease_until = now() + make_interval(secs => %(lease)s),
+    updated_at = now()
+FROM inboxes i
+WHERE rl.key = %(key)s AND i.id = %(inbox)s
+  AND (rl.lease_until IS NULL OR rl.lease_until < now())
+  AND (rl.last_at IS NULL OR rl.last_at + make_interval(secs => i.min_gap_seconds) <= now())
+  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w='1 hour')} < i.max_per_hour)
+  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w='1 day')} < i.max_per_day)
+RETURNING rl.key"""
+
+#: expected wait when another send of the inbox is in flight (its lease says only the worst case)
+IN_FLIGHT_WAIT_SECONDS = 0.1
+
+_INBOX_WAIT = f"""
+SELECT rl.key IS NOT NULL,
+    coalesce(extract(epoch FROM rl.lease_until - now()), 0)::float,
+    coalesce(extract(epoch FROM rl.last_at + make_interval(secs => i.min_gap_seconds) - now()), 0)::float,
+    greatest(0,
+      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w='1 hour')} >= i.max_per_hour THEN
+        extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
+            AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
+            + interval '1 hour' - now()) END,
+      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w='1 day')} >= i.max_per_day THEN
+        extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
+            AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
+            + interval '1 day' - now()) END)::float,
+    i.min_gap_seconds
+FROM inboxes i LEFT JOIN rate_limits rl ON rl.key = %(key)s
+WHERE i.id = %(inbox)s"""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The result of asking for a slot: a lease token when granted, else the seconds to wait."""
+
+    key: str
+    token: str | None
+    wait: float = 0.0
+
+    @property
+    def granted(self) -> bool:
+        return self.token is not None
+
+
+def inbox_key(inbox_id: int) -> str:
+    """The rate-limit key of an inbox."""
+    return f"inbox:{inbox_id}"
+
+
+def openrouter_key(api_key: str) -> str:
+    """The rate-limit key of an OpenRouter API key (hashed: keys never stored or logged)."""
+    return "openrouter:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def acquire_inbox(inbox_id: int, lease_seconds: float) -> Grant:
+    """Take the inbox's send slot if its lease, gap and caps allow; else say how long to wait.
+
+    ``lease_seconds`` must outlast the slowest send, so a live holder never loses the slot; a
+    crashed holder's slot frees itself when the lease ends.
+    """
+    key = inbox_key(inbox_id)
+    params = {"token": str(uuid.uuid4()), "lease": lease_seconds, "key": key, "inbox": inbox_id}
+    for _ in range(2):
+        if db.execute_sql(_ACQUIRE_INBOX, params).fetchone():
+            return Grant(key, params["token"])
+        row = db.execute_sql(_INBOX_WAIT, params).fetchone()
+        if row is None:  # the inbox is gone: nothing to pace; the step will settle the message
+            return Grant(key, params["token"])
+        exists, lease_left, gap_left, cap_wait, min_gap = row
+        if exists:
+            if cap_wait > 0:
+                return Grant(key, None, cap_wait)
+            # Another send is in flight: it usually ends within a round trip, then the gap runs.
+            # (Its lease is only the worst case: waiting for that would stall the inbox.)
+            in_flight = min(lease_left, IN_FLIGHT_WAIT_SECONDS + min_gap) if lease_left > 0 else 0.0
+            return Grant(key, None, max(0.01, gap_left, in_flight))
+        db.execute_sql("INSERT INTO rate_limits (key) VALUES (%s) ON CONFLICT (key) DO NOTHING", (key,))
+    return Grant(key, None, 0.05)
+
+
+def release_inbox(grant: Grant, *, sent: bool) -> None:
+    """Give the slot back; ``sent``: a send was attempted, so the gap counts from now."""
+    if not grant.granted:
+        return
+    db.execute_sql("""UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
+                          last_at = CASE WHEN %s THEN now() ELSE last_at END
+                      WHERE key = %s AND lease_token = %s""", (sent, grant.key, grant.token))
+
+
+def acquire_minute(key: str, per_minute: int) -> Grant:
+    """Count one request against a per-minute budget; refused requests wait for the next minute."""
+    row = db.execute_sql("""
+        INSERT INTO rate_limits (key, minute_start, minute_count) VALUES (%(key)s, date_trunc('minute', now()), 1)
+        ON CONFLICT (key) DO UPDATE SET
+            minute_count = CASE WHEN rate_limits.minute_start < date_trunc('minute', now()) THEN 1
+                                ELSE rate_limits.minute_count + 1 END,
+            minute_start = date_trunc('minute', now()), updated_at = now()
+        WHERE rate_limits.minute_start < date_trunc('minute', now()) OR rate_limits.minute_count < %(limit)s
+        RETURNING minute_count""", {"key": key, "limit": per_minute}).fetchone()
+    if row:
+        return Grant(key, "minute")
+    wait = db.execute_sql("SELECT extract(epoch FROM date_trunc('minute', now()) + interval '1 minute' - now())"
+                          ).fetchone()[0]
+    return Grant(key, None, max(0.05, float(wait)))
