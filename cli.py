@@ -6,9 +6,11 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+import peewee
+
 from db import db, init_db
 from errors import EngineError
-from settings import Settings, get_settings
+from settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("cli")
 
@@ -39,6 +41,239 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# configuration and leads
+# --------------------------------------------------------------------------------------------
+
+@command("apply", "apply a TOML file of workspaces, columns, inboxes and campaigns (idempotent)",
+         lambda p: p.add_argument("file", help="the TOML file (format: SPEC §4.8, example: examples/acme.toml)"))
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from configfile import ConfigFileError, apply_file
+
+    try:
+        with db.connection_context():
+            summary = apply_file(args.file)
+    except ConfigFileError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        print("nothing was applied", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="CSV with a header: name,phone[,extra columns...]")
+    p.add_argument("--workspace", required=True, help="workspace name")
+    p.add_argument("--column", required=True, help="column new leads go into")
+    p.add_argument("--region", default="BR", help="default phone region for numbers without +country (default BR)")
+
+
+@command("import-leads", "import leads from CSV (exit 1 when some rows were rejected, 2 when nothing was imported)",
+         _import_args)
+def cmd_import_leads(args: argparse.Namespace, settings: Settings) -> int:
+    from leads_import import import_file
+
+    with db.connection_context():
+        report = import_file(args.file, workspace=args.workspace, column=args.column, region=args.region)
+    print(f"{report.imported} lead(s) imported into {args.workspace}/{args.column}: {report.inserted} new, "
+          f"{report.updated} updated, {report.unchanged} unchanged; {len(report.errors)} row(s) rejected")
+    for err in report.errors:
+        print(f"rejected {err}")
+    return 1 if report.errors else 0
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------
+
+@command("run-now", "plan today's run of a campaign now (manual run)",
+         lambda p: p.add_argument("campaign", help="WORKSPACE/CAMPAIGN, e.g. acme/first-touch"))
+def cmd_run_now(args: argparse.Namespace, settings: Settings) -> int:
+    import planner
+
+    with db.connection_context():
+        config_id = planner.find_config(args.campaign)
+        run = planner.plan_run(config_id, manual=True)
+        if run is None:
+            row = db.execute_sql("""SELECT id, status, run_date FROM campaign_runs WHERE config_id = %s
+                                    ORDER BY run_date DESC, id DESC LIMIT 1""", (config_id,)).fetchone()
+            raise planner.PlanError(f"campaign {args.campaign} already has run {row[0]} for {row[2]} ({row[1]}); "
+                                    "one run per campaign and day" if row else
+                                    f"campaign {args.campaign} could not be planned")
+        first_last = db.execute_sql("SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages "
+                                    "WHERE run_id = %s", (run.id,)).fetchone()
+    if run.status == "failed":
+        print(f"error: run {run.id} of {args.campaign} failed: {run.failure_reason}", file=sys.stderr)
+        return 2
+    when = (f", from {first_last[0]:%Y-%m-%d %H:%M:%S} to {first_last[1]:%H:%M:%S} UTC" if first_last[0] else "")
+    print(f"run {run.id} of {args.campaign} planned for {run.run_date}: {run.leads_total} message(s){when}; "
+          f"overflow {run.leads_overflow}; status {run.status}")
+    return 0
+
+
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=int, help="run id (see `status`)")
+
+
+@command("pause", "pause a running run (in-flight messages finish; nothing new starts)", _run_arg)
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    import planner
+
+    with db.connection_context():
+        planner.pause_run(args.run)
+    print(f"run {args.run} paused")
+    return 0
+
+
+@command("resume", "resume a paused run (overdue messages are re-planned into the remaining window)", _run_arg)
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    import planner
+
+    with db.connection_context():
+        result = planner.resume_run(args.run)
+    print(f"run {args.run} resumed: {result['replanned']} message(s) re-planned, "
+          f"{result['skipped']} skipped (window closed)")
+    return 0
+
+
+@command("cancel", "cancel a run (pending messages skipped 'cancelled'; in-flight ones finish)", _run_arg)
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    import planner
+
+    with db.connection_context():
+        skipped = planner.cancel_run(args.run)
+    print(f"run {args.run} cancelled: {skipped} pending message(s) skipped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# watching
+# --------------------------------------------------------------------------------------------
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="refresh interval in seconds (default 2)")
+    p.add_argument("--no-queues", action="store_true", help="do not ask RabbitMQ for queue depths")
+
+
+def _bar(run, width: int = 24):
+    """A stacked bar: sent / skipped / failed / in doubt of total."""
+    from rich.text import Text
+
+    text = Text()
+    total = max(run.total, 1)
+    used = 0
+    for count, char, style in ((run.sent, "█", "green"), (run.skipped, "█", "yellow"), (run.failed, "█", "red"),
+                               (run.in_doubt, "█", "magenta")):
+        n = round(width * count / total)
+        n = min(n, width - used)
+        text.append(char * n, style=style)
+        used += n
+    text.append("░" * (width - used), style="grey50")
+    text.append(f" {run.progress:4.0%}")
+    return text
+
+
+def render_status(snap):
+    """The rich renderable of a status snapshot."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list = [Text(f"campaign engine status at {snap.taken_at:%Y-%m-%d %H:%M:%S} UTC", style="bold")]
+    runs = Table(title=f"runs in progress ({len(snap.runs)})", title_justify="left", expand=False)
+    numeric = ("run", "sent", "skipped", "failed", "in doubt", "total", "pending", "in flight", "overflow")
+    for col in ("run", "campaign", "date", "status", "sent/skipped/failed/in doubt", "sent", "skipped", "failed",
+                "in doubt", "total", "pending", "in flight", "overflow", "next due (UTC)"):
+        runs.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
+    for r in snap.runs:
+        status = r.status + (f" ({r.pause_reason})" if r.pause_reason else "")
+        runs.add_row(str(r.id), r.campaign, str(r.run_date), Text(status, style="yellow" if r.pause_reason else ""),
+                     _bar(r), str(r.sent), str(r.skipped), str(r.failed), str(r.in_doubt), str(r.total),
+                     str(r.pending), str(r.in_flight), str(r.overflow),
+                     f"{r.next_at:%H:%M:%S}" if r.next_at else "-")
+    parts.append(runs if snap.runs else Text("no run in progress"))
+
+    if snap.queues or snap.queue_error:
+        queues = Table(title="queues (ready messages)", title_justify="left")
+        for col in ("queue", "ready", ".DQ (delayed)", ".XQ (dead)"):
+            queues.add_column(col, justify="left" if col == "queue" else "right")
+        bases = [q for q in snap.queues if not q.endswith((".DQ", ".XQ"))]
+        fmt = (lambda v: "?" if v is None else str(v))
+        for q in bases:
+            queues.add_row(q, fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")),
+                           fmt(snap.queues.get(f"{q}.XQ")))
+        parts.append(queues)
+        if snap.queue_error:
+            parts.append(Text(snap.queue_error, style="red"))
+
+    for title, lines in (("in doubt (resolve with `resolve`)", snap.in_doubt), ("failed (runs in progress)", snap.failed)):
+        if lines:
+            t = Table(title=f"{title}: {len(lines)}", title_justify="left")
+            for col in ("message", "run", "campaign", "lead", "phone", "error"):
+                t.add_column(col, overflow="fold")
+            for m in lines:
+                t.add_row(str(m.id), str(m.run_id), m.campaign, str(m.lead_id or "-"), m.phone or "-",
+                          (m.error or "")[:120])
+            parts.append(t)
+
+    if snap.alerts:
+        parts.append(Text("alerts:", style="bold red"))
+        parts += [Text(f"  ! {a.kind}: {a.text}", style="red") for a in snap.alerts]
+    else:
+        parts.append(Text("no alerts", style="green"))
+    return Group(*parts)
+
+
+@command("status", "runs in progress, queue depths, in-doubt and failed messages, alerts", _status_args)
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    import ops
+    from errors import ConfigError
+
+    if not 0.2 <= args.interval <= 3600:
+        raise ConfigError(f"--interval {args.interval} must be between 0.2 and 3600 seconds")
+
+    def snapshot():
+        with db.connection_context():
+            return ops.status_snapshot(settings, with_queues=not args.no_queues)
+
+    probe = Console()
+    console = probe if probe.is_terminal else Console(width=220)  # piped: never truncate the table
+    if not args.watch:
+        console.print(render_status(snapshot()))
+        return 0
+    try:
+        with Live(render_status(snapshot()), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(render_status(snapshot()))
+    except KeyboardInterrupt:
+        return 0
+
+
+@command("verify", "check every run's counters against its message rows (exit 1 on mismatch)")
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    import ops
+
+    with db.connection_context():
+        runs = db.execute_sql("SELECT count(*) FROM campaign_runs").fetchone()[0]
+        mismatches = ops.verify()
+    if not mismatches:
+        print(f"ok: the counters of all {runs} run(s) match their message rows")
+        return 0
+    for m in mismatches:
+        print(f"MISMATCH {m}")
+    print(f"{len(mismatches)} mismatch(es) in {len({m.run_id for m in mismatches})} of {runs} run(s)")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="cli.py", description="Campaign engine operator CLI")
@@ -60,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command][0](args, settings)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:  # database down or unreachable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: database unavailable ({redact_url(get_settings().database_url)}): {first}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,638 @@
+"""``apply FILE.toml``: workspaces, columns, inboxes and campaign configs from the operator's TOML (SPEC §4.8).
+
+Rules:
+
+* Everything is validated before anything is written (types, unknown keys, "HH:MM" times,
+  timezones, gap bounds, weekday names, references by name inside the SAME workspace, E-20);
+  every error names its key path (``workspaces.acme.campaigns.first-touch.inbox: ...``).
+* Then one transaction writes it all (nothing half-applied), under an advisory lock so two
+  concurrent applies queue instead of interleaving.
+* Applying the same file twice changes nothing: a row is written only when a value differs, so
+  ``version`` and ``updated_at`` stay put. A changed campaign is updated in place with an
+  optimistic lock (``UPDATE ... WHERE version = expected``, version + 1).
+* Nothing is deleted: columns, inboxes and campaigns absent from the file are kept (the summary
+  lists them), because rows of leads and runs hang on them. Columns listed in the file get
+  ``position`` = their index in the list.
+* Omitted optional campaign keys take their documented default (the file is the truth for a
+  campaign it names): weekdays every day, window 00:00-24:00 ("always open", R-PLAN-5),
+  timezone UTC, part_gap_seconds 1.0-4.0, no fallback template, split off (max_parts 1; with
+  ``split.enabled = true`` max_parts defaults to 3), active true.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import peewee
+
+from db import db
+from errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigFileError", "ConcurrentChangeError", "ApplySummary", "WorkspaceSpec", "InboxSpec",
+           "CampaignSpec", "parse_text", "apply_text", "apply_file", "WEEKDAYS"]
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = PostgreSQL weekdays value, 0 = Monday
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # workspaces and campaigns (CHECK in schema)
+_TIME_RE = re.compile(r"^(\d{2}):(\d{2})$")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+APPLY_LOCK_KEY = 0x61706C79  # "aply": serialises concurrent applies
+
+
+class ConfigFileError(ConfigError):
+    """The TOML file is invalid; ``errors`` lists every problem as ``key.path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        super().__init__(errors[0] + more)
+
+
+class ConcurrentChangeError(ConfigFileError):
+    """A campaign changed between validation and write (optimistic lock on ``version``)."""
+
+
+@dataclass(frozen=True)
+class InboxSpec:
+    """One ``[workspaces.W.inboxes.NAME]`` table."""
+
+    name: str
+    instance: str
+    max_per_hour: int | None
+    max_per_day: int | None
+    min_gap_seconds: float
+    path: str
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    """One ``[workspaces.W.campaigns.NAME]`` table, with defaults filled in."""
+
+    name: str
+    inbox: str
+    source_column: str
+    target_column: str
+    weekdays: tuple[int, ...]
+    window_start_minute: int
+    window_end_minute: int
+    timezone: str
+    daily_limit: int
+    gap_min_seconds: float
+    gap_max_seconds: float
+    part_gap_min_seconds: float
+    part_gap_max_seconds: float
+    model: str
+    system_prompt: str
+    fallback_template: str | None
+    split_enabled: bool
+    max_parts: int
+    active: bool
+    path: str
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """One ``[workspaces.NAME]`` table."""
+
+    name: str
+    columns: tuple[str, ...] | None
+    inboxes: tuple[InboxSpec, ...]
+    campaigns: tuple[CampaignSpec, ...]
+    path: str
+
+
+@dataclass
+class ApplySummary:
+    """What an apply did, by kind (workspace, column, inbox, campaign)."""
+
+    created: dict[str, list[str]] = field(default_factory=dict)
+    updated: dict[str, list[str]] = field(default_factory=dict)
+    unchanged: dict[str, list[str]] = field(default_factory=dict)
+    kept: dict[str, list[str]] = field(default_factory=dict)  # in the database, not in the file: untouched
+
+    def add(self, outcome: str, kind: str, name: str) -> None:
+        """Record ``name`` of ``kind`` under ``outcome`` (created/updated/unchanged/kept)."""
+        getattr(self, outcome).setdefault(kind, []).append(name)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was written."""
+        return any(self.created.values()) or any(self.updated.values())
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one line per kind plus notes."""
+        out = []
+        for kind in ("workspace", "column", "inbox", "campaign"):
+            c, u, n = (len(d.get(kind, [])) for d in (self.created, self.updated, self.unchanged))
+            if c or u or n:
+                detail = "; ".join(f"{label} {', '.join(d[kind])}" for label, d in
+                                   (("created", self.created), ("updated", self.updated)) if d.get(kind))
+                out.append(f"{_PLURAL[kind]}: {c} created, {u} updated, {n} unchanged" + (f" ({detail})" if detail else ""))
+        for kind, names in self.kept.items():
+            out.append(f"note: {len(names)} {kind}(s) not in the file kept as they are (never deleted): "
+                       + ", ".join(names))
+        if not self.changed:
+            out.append("nothing changed")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation (pure: no database)
+# --------------------------------------------------------------------------------------------
+
+def _key(name: str) -> str:
+    return name if _BARE_KEY.match(name) else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _path(*parts: str) -> str:
+    return ".".join(_key(p) for p in parts)
+
+
+class _Checker:
+    """Collects every error with its key path instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def table(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict | None:
+        if not isinstance(value, dict):
+            self.err(path, f"must be a table, got {_type(value)}")
+            return None
+        for k in sorted(set(value) - allowed):
+            self.err(f"{path}.{_key(k)}" if path else _key(k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for k in sorted(required - set(value)):
+            self.err(f"{path}.{_key(k)}" if path else _key(k), "is required")
+        return value
+
+    def string(self, value: Any, path: str, *, max_len: int = 100_000, pattern: re.Pattern | None = None,
+               what: str = "") -> str | None:
+        if not isinstance(value, str):
+            self.err(path, f"must be a string, got {_type(value)}")
+            return None
+        if not value.strip():
+            self.err(path, "must not be empty")
+            return None
+        if len(value) > max_len:
+            self.err(path, f"is longer than {max_len} characters")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.err(path, f"{value!r} is not a valid {what or 'name'}")
+            return None
+        return value
+
+    def integer(self, value: Any, path: str, lo: int, hi: int | None = None) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.err(path, f"must be an integer, got {_type(value)}")
+            return None
+        if value < lo or (hi is not None and value > hi):
+            self.err(path, f"{value} is out of range {lo}..{hi if hi is not None else 'inf'}")
+            return None
+        return value
+
+    def number(self, value: Any, path: str, lo: float = 0.0, hi: float = 86_400.0) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.err(path, f"must be a number, got {_type(value)}")
+            return None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            self.err(path, f"{value} is out of range {lo:g}..{hi:g}")
+            return None
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.err(path, f"must be true or false, got {_type(value)}")
+            return None
+        return value
+
+    def hhmm(self, value: Any, path: str, *, allow_24: bool) -> int | None:
+        if isinstance(value, dt.time) and not isinstance(value, dt.datetime):
+            if value.second or value.microsecond or value.tzinfo:
+                self.err(path, "must be a time \"HH:MM\" (no seconds, no offset)")
+                return None
+            return value.hour * 60 + value.minute
+        if not isinstance(value, str):
+            self.err(path, f"must be a time \"HH:MM\", got {_type(value)}")
+            return None
+        m = _TIME_RE.match(value)
+        if m is None:
+            self.err(path, f"{value!r} is not a time \"HH:MM\"")
+            return None
+        hours, minutes = int(m.group(1)), int(m.group(2))
+        total = hours * 60 + minutes
+        if minutes > 59 or hours > 24 or total > 1440 or (total == 1440 and not allow_24):
+            self.err(path, f"{value!r} is not a time of day (00:00..23:59{', or 24:00 as an end' if allow_24 else ''})")
+            return None
+        return total
+
+
+def _type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "a table", dt.datetime: "a date-time", dt.date: "a date", dt.time: "a time"}
+    return names.get(type(value), type(value).__name__)
+
+
+_WS_KEYS = {"columns", "inboxes", "campaigns"}
+_INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds"}
+_CAMPAIGN_KEYS = {"inbox", "source_column", "target_column", "weekdays", "window", "timezone", "daily_limit",
+                  "gap_seconds", "part_gap_seconds", "model", "system_prompt", "fallback_template", "split",
+                  "active"}
+_CAMPAIGN_REQUIRED = {"inbox", "source_column", "target_column", "daily_limit", "gap_seconds", "model",
+                      "system_prompt"}
+
+
+def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
+    if ck.string(name, path, max_len=100) is None:
+        return None
+    t = ck.table(raw, path, _INBOX_KEYS, {"instance"})
+    if t is None:
+        return None
+    n = len(ck.errors)
+    instance = ck.string(t.get("instance"), f"{path}.instance", max_len=200) if "instance" in t else None
+    per_hour = ck.integer(t["max_per_hour"], f"{path}.max_per_hour", 1) if "max_per_hour" in t else None
+    per_day = ck.integer(t["max_per_day"], f"{path}.max_per_day", 1) if "max_per_day" in t else None
+    gap = ck.number(t["min_gap_seconds"], f"{path}.min_gap_seconds", 0, 3600) if "min_gap_seconds" in t else 1.0
+    if len(ck.errors) > n or instance is None:
+        return None
+    return InboxSpec(name, instance, per_hour, per_day, gap, path)
+
+
+def _bounds(ck: _Checker, raw: Any, path: str, default: tuple[float, float] | None) -> tuple[float, float] | None:
+    if raw is None:
+        return default
+    t = ck.table(raw, path, {"min", "max"}, {"min", "max"})
+    if t is None or "min" not in t or "max" not in t:
+        return None
+    lo = ck.number(t["min"], f"{path}.min")
+    hi = ck.number(t["max"], f"{path}.max")
+    if lo is None or hi is None:
+        return None
+    if lo > hi:
+        ck.err(path, f"min ({lo:g}) must not exceed max ({hi:g})")
+        return None
+    return lo, hi
+
+
+def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | None:
+    n = len(ck.errors)
+    ck.string(name, path, max_len=64, pattern=_NAME_RE, what="campaign name (letters, digits, _ . -)")
+    t = ck.table(raw, path, _CAMPAIGN_KEYS, _CAMPAIGN_REQUIRED)
+    if t is None:
+        return None
+    get = t.get
+    inbox = ck.string(get("inbox"), f"{path}.inbox", max_len=100) if "inbox" in t else None
+    source = ck.string(get("source_column"), f"{path}.source_column", max_len=100) if "source_column" in t else None
+    target = ck.string(get("target_column"), f"{path}.target_column", max_len=100) if "target_column" in t else None
+    if source is not None and target is not None and source == target:
+        ck.err(f"{path}.target_column", f"must differ from source_column ({source!r})")
+
+    weekdays: tuple[int, ...] | None = tuple(range(7))
+    if "weekdays" in t:
+        raw_days = t["weekdays"]
+        if not isinstance(raw_days, list) or not raw_days:
+            ck.err(f"{path}.weekdays", f"must be a non-empty array of {', '.join(WEEKDAYS)}")
+            weekdays = None
+        else:
+            days: list[int] = []
+            for i, d in enumerate(raw_days):
+                key = d.strip().lower() if isinstance(d, str) else None
+                idx = WEEKDAYS.index(key) if key in WEEKDAYS else _FULL_DAYS.index(key) if key in _FULL_DAYS else None
+                if idx is None:
+                    ck.err(f"{path}.weekdays[{i}]", f"{d!r} is not a weekday ({', '.join(WEEKDAYS)})")
+                elif idx in days:
+                    ck.err(f"{path}.weekdays[{i}]", f"{d!r} is listed twice")
+                else:
+                    days.append(idx)
+            weekdays = tuple(sorted(set(days)))
+
+    start, end = 0, 1440
+    if "window" in t:
+        w = ck.table(t["window"], f"{path}.window", {"start", "end"}, {"start", "end"})
+        s = ck.hhmm(w["start"], f"{path}.window.start", allow_24=False) if w and "start" in w else None
+        e = ck.hhmm(w["end"], f"{path}.window.end", allow_24=True) if w and "end" in w else None
+        if s is not None and e is not None:
+            if e <= s:
+                ck.err(f"{path}.window.end", f"{w['end']} must be after start {w['start']} "
+                                             "(a window cannot cross midnight)")
+            start, end = s, e
+
+    timezone = "UTC"
+    if "timezone" in t:
+        tz = ck.string(t["timezone"], f"{path}.timezone", max_len=100)
+        if tz is not None:
+            try:
+                ZoneInfo(tz)
+                timezone = tz
+            except (ZoneInfoNotFoundError, ValueError):
+                ck.err(f"{path}.timezone", f"{tz!r} is not an IANA timezone (e.g. America/Sao_Paulo)")
+
+    daily_limit = ck.integer(get("daily_limit"), f"{path}.daily_limit", 1, 1_000_000) if "daily_limit" in t else None
+    gaps = _bounds(ck, get("gap_seconds"), f"{path}.gap_seconds", None) if "gap_seconds" in t else None
+    part_gaps = _bounds(ck, get("part_gap_seconds"), f"{path}.part_gap_seconds", (1.0, 4.0))
+    model = ck.string(get("model"), f"{path}.model", max_len=200) if "model" in t else None
+    prompt = ck.string(get("system_prompt"), f"{path}.system_prompt") if "system_prompt" in t else None
+
+    fallback = None
+    if "fallback_template" in t:
+        fallback = ck.string(t["fallback_template"], f"{path}.fallback_template", max_len=4000)
+        if fallback is not None:
+            try:
+                for _, field_name, _, _ in string.Formatter().parse(fallback):
+                    if field_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field_name):
+                        raise ValueError(f"placeholder {{{field_name}}} is not a lead field name")
+            except ValueError as exc:
+                ck.err(f"{path}.fallback_template", f"bad template: {exc}")
+
+    split_enabled, max_parts = False, 1
+    if "split" in t:
+        sp = ck.table(t["split"], f"{path}.split", {"enabled", "max_parts"}, {"enabled"})
+        if sp is not None and "enabled" in sp:
+            en = ck.boolean(sp["enabled"], f"{path}.split.enabled")
+            split_enabled = bool(en)
+            max_parts = 3 if split_enabled else 1
+            if "max_parts" in sp:
+                mp = ck.integer(sp["max_parts"], f"{path}.split.max_parts", 1, 10)
+                max_parts = mp if mp is not None else max_parts
+    active = True
+    if "active" in t:
+        a = ck.boolean(t["active"], f"{path}.active")
+        active = True if a is None else a
+
+    if len(ck.errors) > n or None in (inbox, source, target, weekdays, daily_limit, gaps, part_gaps, model, prompt):
+        return None
+    return CampaignSpec(name, inbox, source, target, weekdays, start, end, timezone, daily_limit, gaps[0], gaps[1],
+                        part_gaps[0], part_gaps[1], model, prompt, fallback, split_enabled, max_parts, active, path)
+
+
+_PLURAL = {"workspace": "workspaces", "column": "columns", "inbox": "inboxes", "campaign": "campaigns"}
+_FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
+    path = _path("workspaces", name)
+    ck.string(name, path, max_len=64, pattern=_NAME_RE, what="workspace name (letters, digits, _ . -)")
+    t = ck.table(raw, path, _WS_KEYS)
+    if t is None:
+        return None
+    columns: tuple[str, ...] | None = None
+    if "columns" in t:
+        cols = t["columns"]
+        if not isinstance(cols, list):
+            ck.err(f"{path}.columns", f"must be an array of column names, got {_type(cols)}")
+        else:
+            seen: list[str] = []
+            for i, c in enumerate(cols):
+                c = ck.string(c, f"{path}.columns[{i}]", max_len=100)
+                if c is None:
+                    continue
+                if c in seen:
+                    ck.err(f"{path}.columns[{i}]", f"column {c!r} is listed twice")
+                    continue
+                seen.append(c)
+            columns = tuple(seen)
+    inboxes: list[InboxSpec] = []
+    if "inboxes" in t:
+        tbl = ck.table(t["inboxes"], f"{path}.inboxes", set(t["inboxes"]) if isinstance(t["inboxes"], dict) else set())
+        for iname, iraw in (tbl or {}).items():
+            spec = _inbox(ck, iname, iraw, _path("workspaces", name, "inboxes", iname))
+            if spec is not None:
+                inboxes.append(spec)
+    campaigns: list[CampaignSpec] = []
+    if "campaigns" in t:
+        tbl = ck.table(t["campaigns"], f"{path}.campaigns",
+                       set(t["campaigns"]) if isinstance(t["campaigns"], dict) else set())
+        for cname, craw in (tbl or {}).items():
+            spec = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
+            if spec is not None:
+                campaigns.append(spec)
+    return WorkspaceSpec(name, columns, tuple(inboxes), tuple(campaigns), path)
+
+
+def parse_text(text: str, source: str = "<text>") -> list[WorkspaceSpec]:
+    """Parse and validate TOML text (no database); ConfigFileError lists every problem by key path."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError([f"{source}: invalid TOML: {exc}"]) from None
+    ck = _Checker()
+    top = ck.table(data, "", {"workspaces"}, {"workspaces"})
+    specs: list[WorkspaceSpec] = []
+    if top is not None and "workspaces" in top:
+        wss = top["workspaces"]
+        if not isinstance(wss, dict) or not wss:
+            ck.err("workspaces", "must be a table with at least one [workspaces.NAME]")
+        else:
+            for name, raw in wss.items():
+                spec = _workspace(ck, name, raw)
+                if spec is not None:
+                    specs.append(spec)
+    if ck.errors:
+        raise ConfigFileError(ck.errors)
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# references and writes (one transaction)
+# --------------------------------------------------------------------------------------------
+
+_CAMPAIGN_COLUMNS = ("inbox_id", "source_column_id", "target_column_id", "weekdays", "window_start_minute",
+                     "window_end_minute", "timezone", "daily_limit", "gap_min_seconds", "gap_max_seconds",
+                     "part_gap_min_seconds", "part_gap_max_seconds", "model", "system_prompt", "fallback_template",
+                     "split_enabled", "max_parts", "active")
+
+
+def _campaign_values(c: CampaignSpec, inbox_id: int, source_id: int, target_id: int) -> tuple:
+    return (inbox_id, source_id, target_id, list(c.weekdays), c.window_start_minute, c.window_end_minute,
+            c.timezone, c.daily_limit, c.gap_min_seconds, c.gap_max_seconds, c.part_gap_min_seconds,
+            c.part_gap_max_seconds, c.model, c.system_prompt, c.fallback_template, c.split_enabled, c.max_parts,
+            c.active)
+
+
+def _normalise(values: tuple) -> tuple:
+    return tuple(sorted(int(x) for x in v) if isinstance(v, list) else v for v in values)
+
+
+def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
+    """Database-side validation (same-workspace names, unique instances): errors by key path."""
+    errors: list[str] = []
+    existing_inboxes = db.execute_sql(
+        "SELECT w.name, i.name, i.instance_name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id").fetchall()
+    existing_columns = db.execute_sql(
+        "SELECT w.name, c.name FROM columns c JOIN workspaces w ON w.id = c.workspace_id").fetchall()
+    inboxes_by_ws: dict[str, set[str]] = {}
+    for ws, name, _ in existing_inboxes:
+        inboxes_by_ws.setdefault(ws, set()).add(name)
+    columns_by_ws: dict[str, set[str]] = {}
+    for ws, name in existing_columns:
+        columns_by_ws.setdefault(ws, set()).add(name)
+    # the instance of every inbox after this apply: unique across all workspaces
+    final_instance: dict[tuple[str, str], str] = {(ws, n): inst for ws, n, inst in existing_inboxes}
+    file_paths: dict[tuple[str, str], str] = {}
+    for s in specs:
+        for i in s.inboxes:
+            final_instance[(s.name, i.name)] = i.instance
+            file_paths[(s.name, i.name)] = i.path
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for key, inst in final_instance.items():
+        owners.setdefault(inst, []).append(key)
+    for inst, keys in owners.items():
+        if len(keys) > 1:
+            for key in keys:
+                if key in file_paths:
+                    others = ", ".join(f"{w}/{n}" for w, n in keys if (w, n) != key)
+                    errors.append(f"{file_paths[key]}.instance: instance {inst!r} is already used by inbox {others}")
+
+    def elsewhere(kind: str, name: str, this_ws: str) -> str:
+        """Why a name is unknown here: it may exist in another workspace (E-20)."""
+        found = set()
+        for ws, names in (inboxes_by_ws if kind == "inbox" else columns_by_ws).items():
+            if name in names:
+                found.add(ws)
+        for s in specs:
+            if name in ({i.name for i in s.inboxes} if kind == "inbox" else set(s.columns or ())):
+                found.add(s.name)
+        found.discard(this_ws)
+        if not found:
+            return ""
+        return (f" (it belongs to workspace {', '.join(repr(w) for w in sorted(found))}: "
+                "cross-workspace references are not allowed)")
+
+    for s in specs:
+        inbox_names = inboxes_by_ws.get(s.name, set()) | {i.name for i in s.inboxes}
+        column_names = columns_by_ws.get(s.name, set()) | set(s.columns or ())
+        for c in s.campaigns:
+            if c.inbox not in inbox_names:
+                errors.append(f"{c.path}.inbox: {c.inbox!r} is not an inbox of workspace {s.name!r}"
+                              + elsewhere("inbox", c.inbox, s.name))
+            for key, col in (("source_column", c.source_column), ("target_column", c.target_column)):
+                if col not in column_names:
+                    errors.append(f"{c.path}.{key}: {col!r} is not a column of workspace {s.name!r}"
+                                  + elsewhere("column", col, s.name))
+    return errors
+
+
+def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
+    summary = ApplySummary()
+    for s in specs:
+        row = db.execute_sql("SELECT id FROM workspaces WHERE name = %s", (s.name,)).fetchone()
+        if row is None:
+            ws_id = db.execute_sql("INSERT INTO workspaces (name) VALUES (%s) RETURNING id", (s.name,)).fetchone()[0]
+            summary.add("created", "workspace", s.name)
+        else:
+            ws_id = row[0]
+            summary.add("unchanged", "workspace", s.name)
+
+        columns = {name: (cid, pos) for cid, name, pos in db.execute_sql(
+            "SELECT id, name, position FROM columns WHERE workspace_id = %s ORDER BY position, id", (ws_id,))}
+        if s.columns is not None:
+            for pos, name in enumerate(s.columns):
+                if name not in columns:
+                    cid = db.execute_sql("INSERT INTO columns (workspace_id, name, position) VALUES (%s, %s, %s) "
+                                         "RETURNING id", (ws_id, name, pos)).fetchone()[0]
+                    columns[name] = (cid, pos)
+                    summary.add("created", "column", f"{s.name}/{name}")
+                elif columns[name][1] != pos:
+                    db.execute_sql("UPDATE columns SET position = %s WHERE id = %s", (pos, columns[name][0]))
+                    columns[name] = (columns[name][0], pos)
+                    summary.add("updated", "column", f"{s.name}/{name}")
+                else:
+                    summary.add("unchanged", "column", f"{s.name}/{name}")
+            for name in columns:
+                if name not in s.columns:
+                    summary.add("kept", "column", f"{s.name}/{name}")
+
+        inboxes = {name: (iid, (inst, ph, pd, gap)) for iid, name, inst, ph, pd, gap in db.execute_sql(
+            "SELECT id, name, instance_name, max_per_hour, max_per_day, min_gap_seconds FROM inboxes "
+            "WHERE workspace_id = %s", (ws_id,))}
+        file_inboxes = {i.name for i in s.inboxes}
+        for i in s.inboxes:
+            values = (i.instance, i.max_per_hour, i.max_per_day, i.min_gap_seconds)
+            if i.name not in inboxes:
+                iid = db.execute_sql(
+                    """INSERT INTO inboxes (workspace_id, name, instance_name, max_per_hour, max_per_day,
+                                            min_gap_seconds) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id""",
+                    (ws_id, i.name, *values)).fetchone()[0]
+                inboxes[i.name] = (iid, values)
+                summary.add("created", "inbox", f"{s.name}/{i.name}")
+            elif inboxes[i.name][1] != values:
+                db.execute_sql("""UPDATE inboxes SET instance_name = %s, max_per_hour = %s, max_per_day = %s,
+                                         min_gap_seconds = %s WHERE id = %s""", (*values, inboxes[i.name][0]))
+                summary.add("updated", "inbox", f"{s.name}/{i.name}")
+            else:
+                summary.add("unchanged", "inbox", f"{s.name}/{i.name}")
+        for name in inboxes:
+            if name not in file_inboxes and s.inboxes:
+                summary.add("kept", "inbox", f"{s.name}/{name}")
+
+        existing = {r[1]: (r[0], r[2], tuple(r[3:])) for r in db.execute_sql(
+            f"SELECT id, name, version, {', '.join(_CAMPAIGN_COLUMNS)} FROM campaign_configs "
+            "WHERE workspace_id = %s", (ws_id,))}
+        file_campaigns = {c.name for c in s.campaigns}
+        for c in s.campaigns:
+            values = _campaign_values(c, inboxes[c.inbox][0], columns[c.source_column][0],
+                                      columns[c.target_column][0])
+            label = f"{s.name}/{c.name}"
+            if c.name not in existing:
+                db.execute_sql(
+                    f"""INSERT INTO campaign_configs (workspace_id, name, {', '.join(_CAMPAIGN_COLUMNS)})
+                        VALUES (%s, %s, {', '.join(['%s'] * len(_CAMPAIGN_COLUMNS))})""", (ws_id, c.name, *values))
+                summary.add("created", "campaign", label)
+                continue
+            cid, version, current = existing[c.name]
+            if _normalise(current) == _normalise(values):
+                summary.add("unchanged", "campaign", label)
+                continue
+            cur = db.execute_sql(
+                f"""UPDATE campaign_configs SET {', '.join(f'{col} = %s' for col in _CAMPAIGN_COLUMNS)},
+                           version = version + 1
+                     WHERE id = %s AND version = %s""", (*values, cid, version))
+            if cur.rowcount != 1:
+                raise ConcurrentChangeError([f"{c.path}: campaign {label} was changed by someone else while "
+                                             f"applying (version {version} is stale); apply the file again"])
+            summary.add("updated", "campaign", f"{label} (version {version + 1})")
+        for name in existing:
+            if name not in file_campaigns and s.campaigns:
+                summary.add("kept", "campaign", f"{s.name}/{name}")
+    return summary
+
+
+def apply_text(text: str, source: str = "<text>") -> ApplySummary:
+    """Validate the whole TOML text, then write it in one transaction; idempotent."""
+    specs = parse_text(text, source)
+    try:
+        with db.atomic():
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (APPLY_LOCK_KEY,))
+            errors = _check_references(specs)
+            if errors:
+                raise ConfigFileError(errors)
+            summary = _apply(specs)
+    except peewee.IntegrityError as exc:  # a race or a swap the checks above could not see: nothing written
+        raise ConfigFileError([f"{source}: rejected by the database, nothing applied: "
+                               f"{str(exc).splitlines()[0]}"]) from None
+    log.info("applied %s: %s", source, "; ".join(summary.lines()))
+    return summary
+
+
+def apply_file(path: str | Path) -> ApplySummary:
+    """Read a TOML file (UTF-8) and :func:`apply_text` it."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigFileError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError([f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"]) from None
+    return apply_text(text, str(p))

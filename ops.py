@@ -1,0 +1,307 @@
+"""Operator read models: ``status`` snapshot, ``verify`` (counters vs rows) and alerts (R-OPS-1, R-OPS-4).
+
+Everything here only reads (no state changes), so ``status --watch`` can poll it freely. Queue
+depths come from RabbitMQ with a passive ``queue_declare`` per queue (a queue that does not exist
+yet shows 0); RabbitMQ being unreachable is shown, never fatal: PostgreSQL is the truth.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+from db import db
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "StatusSnapshot", "status_snapshot", "queue_depths",
+           "queue_names", "verify", "alerts", "log_alerts", "STUCK_AFTER", "HEARTBEAT_STALE_AFTER",
+           "INBOX_DOWN_AFTER", "ALERT_FAILURE_RATIO", "SCHEDULER_HEARTBEAT_NAME"]
+
+UTC = dt.timezone.utc
+STUCK_AFTER = dt.timedelta(hours=2)              # R-OPS-4: messages stuck > 2 h
+HEARTBEAT_STALE_AFTER = dt.timedelta(minutes=2)  # R-OPS-4: scheduler heartbeat older than 2 min
+INBOX_DOWN_AFTER = dt.timedelta(minutes=30)      # R-OPS-4: inbox disconnected > 30 min
+ALERT_FAILURE_RATIO = 0.10                       # R-OPS-4: run failure ratio > 10 %
+ALERT_MIN_PROCESSED = 10                         # ... once a run has processed this many (1 of 1 is noise)
+SCHEDULER_HEARTBEAT_NAME = "scheduler"
+SYSTEM_QUEUE = "campaign.system"
+LIST_LIMIT = 50                                  # in-doubt / failed lines shown by status
+IN_FLIGHT = ("queued", "generating", "splitting", "sending")
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One active (running/paused) run with its counters."""
+
+    id: int
+    campaign: str  # workspace/campaign
+    run_date: dt.date
+    status: str
+    pause_reason: str | None
+    manual: bool
+    total: int
+    processed: int
+    sent: int
+    failed: int
+    skipped: int
+    in_doubt: int
+    overflow: int
+    pending: int
+    in_flight: int
+    next_at: dt.datetime | None
+    started_at: dt.datetime | None
+
+    @property
+    def progress(self) -> float:
+        """Processed / total (1.0 for an empty run)."""
+        return self.processed / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class MessageLine:
+    """A message the operator must look at (in doubt, failed)."""
+
+    id: int
+    run_id: int
+    campaign: str
+    lead_id: int | None
+    phone: str | None
+    status: str
+    error: str | None
+    at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An R-OPS-4 alert: ``kind`` is stable (stuck_messages, failure_ratio, scheduler_heartbeat,
+    inbox_disconnected, dead_letters); ``text`` is for humans."""
+
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A run counter that disagrees with the message rows."""
+
+    run_id: int
+    field: str
+    counter: int | str
+    actual: int | str
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}: {self.field} = {self.counter} but the rows say {self.actual}"
+
+
+@dataclass
+class StatusSnapshot:
+    """Everything ``status`` shows."""
+
+    taken_at: dt.datetime
+    runs: list[RunStatus]
+    queues: dict[str, int | None]
+    queue_error: str | None
+    in_doubt: list[MessageLine]
+    failed: list[MessageLine]
+    alerts: list[Alert] = field(default_factory=list)
+
+
+_RUNS_SQL = """
+    SELECT r.id, w.name || '/' || c.name, r.run_date, r.status, r.pause_reason, r.manual, r.leads_total,
+           r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped, r.leads_in_doubt, r.leads_overflow,
+           coalesce(m.pending, 0), coalesce(m.in_flight, 0), m.next_at, r.started_at
+      FROM campaign_runs r
+      JOIN campaign_configs c ON c.id = r.config_id
+      JOIN workspaces w ON w.id = c.workspace_id
+      LEFT JOIN LATERAL (
+          SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                 count(*) FILTER (WHERE status IN ('queued', 'generating', 'splitting', 'sending')) AS in_flight,
+                 min(scheduled_at) FILTER (WHERE status = 'pending') AS next_at
+            FROM campaign_messages WHERE run_id = r.id) m ON true
+     WHERE r.status IN ('planning', 'running', 'paused')
+     ORDER BY r.id"""
+
+_MESSAGES_SQL = """
+    SELECT m.id, m.run_id, w.name || '/' || c.name, m.lead_id, l.phone, m.status,
+           coalesce(m.error_class || ': ', '') || coalesce(m.error_message, ''), m.finished_at
+      FROM campaign_messages m
+      JOIN campaign_runs r ON r.id = m.run_id
+      JOIN campaign_configs c ON c.id = r.config_id
+      JOIN workspaces w ON w.id = c.workspace_id
+      LEFT JOIN leads l ON l.id = m.lead_id
+     WHERE m.status = %s {extra}
+     ORDER BY m.finished_at DESC NULLS LAST, m.id DESC
+     LIMIT %s"""
+
+
+def _lines(status: str, extra: str = "") -> list[MessageLine]:
+    rows = db.execute_sql(_MESSAGES_SQL.format(extra=extra), (status, LIST_LIMIT)).fetchall()
+    return [MessageLine(*r[:6], r[6] or None, r[7]) for r in rows]
+
+
+def queue_names() -> list[str]:
+    """Every pipeline queue (campaign.*) and its .DQ / .XQ twins."""
+    try:
+        from pipeline import PIPELINE_QUEUES
+    except ImportError:  # pragma: no cover - pipeline is part of the engine
+        PIPELINE_QUEUES = ("campaign.generate", "campaign.split", "campaign.send")
+    names: list[str] = []
+    for q in (*PIPELINE_QUEUES, SYSTEM_QUEUE):
+        names += [q, f"{q}.DQ", f"{q}.XQ"]
+    return names
+
+
+def queue_depths(settings: Settings, names: list[str] | None = None,
+                 timeout: float = 3.0) -> tuple[dict[str, int | None], str | None]:
+    """Ready-message count per queue (0 when the queue does not exist); (all None, error) if unreachable."""
+    names = names or queue_names()
+    depths: dict[str, int | None] = {n: None for n in names}
+    # pika logs every 404 of a passive declare as a WARNING and a refused connection as a page of
+    # ERRORs; both are reported here in one line (a missing queue is simply 0)
+    channel_log = logging.getLogger("pika")
+    saved_level = channel_log.level
+    channel_log.setLevel(logging.CRITICAL)
+    try:
+        return _read_depths(settings, names, depths, timeout)
+    finally:
+        channel_log.setLevel(saved_level)
+
+
+def _read_depths(settings: Settings, names: list[str], depths: dict[str, int | None],
+                 timeout: float) -> tuple[dict[str, int | None], str | None]:
+    import pika
+    from pika.exceptions import AMQPError, ChannelClosedByBroker
+
+    from settings import redact_url
+
+    try:
+        params = pika.URLParameters(settings.rabbitmq_url)
+        params.socket_timeout = timeout
+        params.blocked_connection_timeout = timeout
+        params.connection_attempts = 1
+        params.stack_timeout = timeout
+        conn = pika.BlockingConnection(params)
+    except (AMQPError, OSError) as exc:
+        return depths, f"RabbitMQ unreachable at {redact_url(settings.rabbitmq_url)}: {type(exc).__name__}"
+    try:
+        channel = conn.channel()
+        for name in names:
+            try:
+                depths[name] = channel.queue_declare(queue=name, passive=True).method.message_count
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                depths[name] = 0  # not declared yet: nothing in it
+                channel = conn.channel()
+    except AMQPError as exc:
+        return depths, f"RabbitMQ error while reading queue depths: {type(exc).__name__}"
+    finally:
+        try:
+            conn.close()
+        except AMQPError:
+            pass
+    return depths, None
+
+
+def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.datetime | None = None) -> StatusSnapshot:
+    """Runs in progress, queue depths, in-doubt and failed messages, alerts."""
+    now = now or dt.datetime.now(UTC)
+    runs = [RunStatus(*r) for r in db.execute_sql(_RUNS_SQL).fetchall()]
+    active = [r.id for r in runs]
+    # in doubt: every unresolved one (the operator must decide); failed: those of active runs
+    in_doubt = _lines("in_doubt")
+    failed = _lines("failed", "AND r.status IN ('planning', 'running', 'paused')") if active else []
+    queues, queue_error = (queue_depths(settings) if with_queues else ({}, None))
+    snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
+    snap.alerts = alerts(settings, now=now)
+    return snap
+
+
+_VERIFY_SQL = """
+    SELECT r.id, r.status, r.leads_total, r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped,
+           r.leads_in_doubt,
+           count(m.id),
+           count(m.id) FILTER (WHERE m.status IN ('sent', 'failed', 'skipped', 'in_doubt')),
+           count(m.id) FILTER (WHERE m.status = 'sent'),
+           count(m.id) FILTER (WHERE m.status = 'failed'),
+           count(m.id) FILTER (WHERE m.status = 'skipped'),
+           count(m.id) FILTER (WHERE m.status = 'in_doubt')
+      FROM campaign_runs r LEFT JOIN campaign_messages m ON m.run_id = r.id
+     GROUP BY r.id
+     ORDER BY r.id"""
+
+
+def verify() -> list[Mismatch]:
+    """Counters vs row counts for every run (one query); empty list = everything adds up."""
+    out: list[Mismatch] = []
+    for row in db.execute_sql(_VERIFY_SQL).fetchall():
+        run_id, status = row[0], row[1]
+        counters = dict(zip(("leads_total", "leads_processed", "leads_sent", "leads_failed", "leads_skipped",
+                             "leads_in_doubt"), row[2:8]))
+        actual = dict(zip(counters, row[8:14]))
+        for name, value in counters.items():
+            if value != actual[name]:
+                out.append(Mismatch(run_id, name, value, actual[name]))
+        if status == "completed" and counters["leads_processed"] != counters["leads_total"]:
+            out.append(Mismatch(run_id, "status", "completed",
+                                f"{counters['leads_processed']} of {counters['leads_total']} processed"))
+    return out
+
+
+def alerts(settings: Settings, *, now: dt.datetime | None = None) -> list[Alert]:
+    """R-OPS-4 alerts, computed from PostgreSQL."""
+    now = now or dt.datetime.now(UTC)
+    out: list[Alert] = []
+
+    n, oldest, sample = db.execute_sql(
+        """SELECT count(*), min(status_changed_at), (array_agg(id ORDER BY status_changed_at))[1:5]
+             FROM campaign_messages WHERE status = ANY(%s) AND status_changed_at < %s""",
+        (list(IN_FLIGHT), now - STUCK_AFTER)).fetchone()
+    if n:
+        hours = (now - oldest).total_seconds() / 3600
+        out.append(Alert("stuck_messages", f"{n} message(s) stuck in flight for more than "
+                                           f"{STUCK_AFTER.total_seconds() / 3600:g} h (oldest {hours:.1f} h; "
+                                           f"e.g. ids {', '.join(map(str, sample))})"))
+
+    for run_id, label, failed, processed in db.execute_sql(
+            """SELECT r.id, w.name || '/' || c.name, r.leads_failed, r.leads_processed
+                 FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+                 JOIN workspaces w ON w.id = c.workspace_id
+                WHERE (r.status IN ('running', 'paused') OR r.finished_at > %s)
+                  AND r.leads_processed >= %s AND r.leads_failed::float / r.leads_processed > %s
+                ORDER BY r.id""", (now - dt.timedelta(hours=24), ALERT_MIN_PROCESSED, ALERT_FAILURE_RATIO)):
+        out.append(Alert("failure_ratio", f"run {run_id} ({label}): {failed} of {processed} processed failed "
+                                          f"({failed / processed:.0%} > {ALERT_FAILURE_RATIO:.0%})"))
+
+    row = db.execute_sql("SELECT holder, beat_at FROM scheduler_heartbeats WHERE name = %s",
+                         (SCHEDULER_HEARTBEAT_NAME,)).fetchone()
+    if row is None:
+        out.append(Alert("scheduler_heartbeat", "no scheduler heartbeat recorded: is `python scheduler.py` running?"))
+    elif now - row[1] > HEARTBEAT_STALE_AFTER:
+        out.append(Alert("scheduler_heartbeat", f"scheduler heartbeat is {(now - row[1]).total_seconds():.0f} s old "
+                                                f"(last holder {row[0]}): no active scheduler"))
+
+    for inbox_id, label, since, state in db.execute_sql(
+            """SELECT i.id, w.name || '/' || i.name, i.disconnected_since, i.connection_state
+                 FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
+                WHERE i.disconnected_since < %s ORDER BY i.id""", (now - INBOX_DOWN_AFTER,)):
+        out.append(Alert("inbox_disconnected", f"inbox {label} (id {inbox_id}) is {state} for "
+                                               f"{(now - since).total_seconds() / 60:.0f} min"))
+
+    total, by_queue = db.execute_sql(
+        """SELECT coalesce(sum(n), 0), string_agg(q || ': ' || n, ', ' ORDER BY q) FROM (
+               SELECT queue AS q, count(*) AS n FROM dead_letters WHERE status = 'dead' GROUP BY queue) d""").fetchone()
+    if total:
+        out.append(Alert("dead_letters", f"{total} dead letter(s) waiting ({by_queue}): "
+                                         "scripts/reprocess_dead_letters.py lists them"))
+    return out
+
+
+def log_alerts(settings: Settings) -> list[Alert]:
+    """Compute the alerts and log each at ERROR (the scheduler's alert job)."""
+    found = alerts(settings)
+    for a in found:
+        log.error("ALERT %s: %s", a.kind, a.text)
+    return found

@@ -1,0 +1,208 @@
+"""``apply`` of the operator's TOML (SPEC §4.8, R-OPS-1, R-PLAN-5, E-20, T-SEC-1 fuzzing)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+import configfile
+from configfile import ConcurrentChangeError, ConfigFileError, apply_file, apply_text
+from db import db
+from models import CampaignConfig, Column, Inbox, Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = (ROOT / "examples" / "acme.toml").read_text()
+CAMPAIGN = "workspaces.acme.campaigns.first-touch"
+
+
+def snapshot() -> list:
+    """Every row the apply may touch, with versions and updated_at (to prove 'nothing changed')."""
+    out = []
+    for table in ("workspaces", "columns", "inboxes", "campaign_configs"):
+        out.append(db.execute_sql(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id").fetchall())
+    return out
+
+
+def test_example_applies_with_every_value(clean_db):
+    summary = apply_file(ROOT / "examples" / "acme.toml")
+    assert summary.created == {"workspace": ["acme"], "column": ["acme/New", "acme/Contacted", "acme/Replied"],
+                               "inbox": ["acme/sales-1"], "campaign": ["acme/first-touch"]}
+    ws = Workspace.get(name="acme")
+    assert [(c.name, c.position) for c in Column.select().where(Column.workspace == ws).order_by(Column.position)] \
+        == [("New", 0), ("Contacted", 1), ("Replied", 2)]
+    ibx = Inbox.get(name="sales-1")
+    assert (ibx.instance_name, ibx.max_per_hour, ibx.max_per_day, ibx.min_gap_seconds) == ("acme-sales-1", 60, 300, 1.0)
+    c = CampaignConfig.get(name="first-touch")
+    assert c.inbox_id == ibx.id and c.source_column.name == "New" and c.target_column.name == "Contacted"
+    assert sorted(c.weekdays) == [0, 1, 2, 3, 4]
+    assert (c.window_start_minute, c.window_end_minute, c.timezone) == (540, 1080, "America/Sao_Paulo")
+    assert (c.daily_limit, c.gap_min_seconds, c.gap_max_seconds) == (200, 60.0, 180.0)
+    assert (c.part_gap_min_seconds, c.part_gap_max_seconds) == (1.0, 4.0)
+    assert c.model == "openai/gpt-4o-mini" and c.fallback_template == "Olá {name}, tudo bem?"
+    assert (c.split_enabled, c.max_parts, c.active, c.version) == (True, 3, True, 1)
+
+
+def test_apply_twice_changes_nothing(clean_db):
+    apply_text(EXAMPLE)
+    before = snapshot()
+    summary = apply_text(EXAMPLE)
+    assert not summary.changed and "nothing changed" in summary.lines()
+    assert snapshot() == before  # versions and updated_at included
+
+
+def test_changed_campaign_is_updated_in_place_with_version_bump(clean_db):
+    apply_text(EXAMPLE)
+    cid = CampaignConfig.get(name="first-touch").id
+    summary = apply_text(EXAMPLE.replace("daily_limit = 200", "daily_limit = 250")
+                         .replace('window = { start = "09:00", end = "18:00" }', ""))
+    assert summary.updated == {"campaign": ["acme/first-touch (version 2)"]}
+    c = CampaignConfig.get_by_id(cid)
+    assert (c.daily_limit, c.version, c.window_start_minute, c.window_end_minute) == (250, 2, 0, 1440)
+    assert CampaignConfig.select().count() == 1
+
+
+def test_optimistic_lock_conflict_applies_nothing(clean_db, monkeypatch):
+    apply_text(EXAMPLE)
+    before = snapshot()
+    real = db.obj.execute_sql
+
+    def racing(sql, params=None, *a, **kw):
+        if sql.lstrip().startswith("UPDATE campaign_configs SET"):  # someone else bumps the version first
+            real("UPDATE campaign_configs SET version = version + 1")
+        return real(sql, params, *a, **kw)
+
+    monkeypatch.setattr(db.obj, "execute_sql", racing)
+    changed = EXAMPLE.replace("daily_limit = 200", "daily_limit = 10").replace('"New", "Contacted", "Replied"',
+                                                                               '"New", "Contacted", "Replied", "Won"')
+    with pytest.raises(ConcurrentChangeError, match=rf"{CAMPAIGN}: campaign acme/first-touch was changed"):
+        apply_text(changed)
+    monkeypatch.undo()
+    assert snapshot() == before  # the new column was rolled back too
+
+
+def test_columns_absent_from_the_file_are_kept_and_reported(clean_db):
+    apply_text(EXAMPLE)
+    ws = Workspace.get(name="acme")
+    Column.create(workspace=ws, name="Archive", position=9)
+    summary = apply_text(EXAMPLE.replace('"New", "Contacted", "Replied"', '"Replied", "New", "Contacted"'))
+    assert Column.select().where(Column.workspace == ws).count() == 4
+    assert summary.kept == {"column": ["acme/Archive"]}
+    assert any("never deleted" in line for line in summary.lines())
+    assert {c.name: c.position for c in Column.select()} == {"Replied": 0, "New": 1, "Contacted": 2, "Archive": 9}
+
+
+def _edit(old: str, new: str):
+    def f(text: str) -> str:
+        assert old in text, old
+        return text.replace(old, new)
+    return f
+
+
+OTHER_WS = """
+[workspaces.other]
+columns = ["Inbox", "Done"]
+[workspaces.other.inboxes.other-inbox]
+instance = "other-1"
+"""
+
+BROKEN = [
+    (_edit("daily_limit = 200", "daily_limt = 200"), f"{CAMPAIGN}.daily_limt: unknown key"),
+    (_edit("daily_limit = 200", 'daily_limit = "200"'), f"{CAMPAIGN}.daily_limit: must be an integer"),
+    (_edit("daily_limit = 200", "daily_limit = true"), f"{CAMPAIGN}.daily_limit: must be an integer"),
+    (_edit("daily_limit = 200", "daily_limit = 0"), f"{CAMPAIGN}.daily_limit: 0 is out of range"),
+    (_edit('start = "09:00"', 'start = "9am"'), f"{CAMPAIGN}.window.start: '9am' is not a time"),
+    (_edit('start = "09:00"', 'start = "25:00"'), f"{CAMPAIGN}.window.start: '25:00' is not a time of day"),
+    (_edit('end = "18:00"', 'end = "08:00"'), f"{CAMPAIGN}.window.end: 08:00 must be after start"),
+    (_edit('"America/Sao_Paulo"', '"Mars/Olympus"'), f"{CAMPAIGN}.timezone: 'Mars/Olympus' is not an IANA"),
+    (_edit("min = 60, max = 180", "min = 200, max = 100"), f"{CAMPAIGN}.gap_seconds: min (200) must not exceed"),
+    (_edit("min = 60, max = 180", "min = nan, max = 100"), f"{CAMPAIGN}.gap_seconds.min: nan is out of range"),
+    (_edit('"mon", "tue"', '"mon", "funday"'), f"{CAMPAIGN}.weekdays[1]: 'funday' is not a weekday"),
+    (_edit('"mon", "tue"', '"mon", "mon"'), f"{CAMPAIGN}.weekdays[1]: 'mon' is listed twice"),
+    (_edit("max_parts = 3", "max_parts = 11"), f"{CAMPAIGN}.split.max_parts: 11 is out of range 1..10"),
+    (_edit('inbox = "sales-1"', 'inbox = "sales-9"'), f"{CAMPAIGN}.inbox: 'sales-9' is not an inbox of workspace"),
+    (_edit('source_column = "New"', 'source_column = "Nope"'), f"{CAMPAIGN}.source_column: 'Nope' is not a column"),
+    (_edit('target_column = "Contacted"', 'target_column = "New"'), f"{CAMPAIGN}.target_column: must differ"),
+    (_edit('model = "openai/gpt-4o-mini"\n', ""), f"{CAMPAIGN}.model: is required"),
+    (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name"'),
+     f"{CAMPAIGN}.fallback_template: bad template"),
+    (_edit("max_per_hour = 60", "max_per_hour = -1"), "workspaces.acme.inboxes.sales-1.max_per_hour: -1 is out"),
+    (_edit("[workspaces.acme]", "[workspaces.acme]\ncolour = 1"), "workspaces.acme.colour: unknown key"),
+    (_edit("[workspaces.acme]", '[workspaces."acme corp"]\n[workspaces.acme]'),
+     'workspaces."acme corp": \'acme corp\' is not a valid workspace name'),
+    (_edit("active = true", "active = 1"), f"{CAMPAIGN}.active: must be true or false"),
+    (_edit("daily_limit = 200", "daily_limit = = 200"), "invalid TOML"),
+    # E-20: naming an inbox / column that only exists in another workspace
+    (lambda t: t.replace('inbox = "sales-1"', 'inbox = "other-inbox"') + OTHER_WS,
+     f"{CAMPAIGN}.inbox: 'other-inbox' is not an inbox of workspace 'acme' (it belongs to workspace 'other'"),
+    (lambda t: t.replace('target_column = "Contacted"', 'target_column = "Done"') + OTHER_WS,
+     f"{CAMPAIGN}.target_column: 'Done' is not a column of workspace 'acme' (it belongs to workspace 'other'"),
+    (lambda t: t + OTHER_WS.replace('"other-1"', '"acme-sales-1"'),
+     "workspaces.other.inboxes.other-inbox.instance: instance 'acme-sales-1' is already used by inbox acme/sales-1"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", BROKEN, ids=[m.split(": ")[0].split(".")[-1] + f"-{i}"
+                                                         for i, (_, m) in enumerate(BROKEN)])
+def test_broken_file_changes_nothing_and_names_the_key(clean_db, mutate, message):
+    apply_text(EXAMPLE.replace("daily_limit = 200", "daily_limit = 150"))  # an existing state to keep
+    before = snapshot()
+    with pytest.raises(ConfigFileError) as info:
+        apply_text(mutate(EXAMPLE) + '\n[workspaces.newcomer]\ncolumns = ["A"]\n')
+    assert any(message in e for e in info.value.errors), info.value.errors
+    assert message.split(":")[0] in str(info.value) or len(info.value.errors) > 1
+    assert snapshot() == before  # the valid newcomer workspace was not written either
+
+
+def test_every_error_is_reported_at_once(clean_db):
+    text = EXAMPLE.replace("daily_limit = 200", "daily_limit = 0").replace('"America/Sao_Paulo"', '"X/Y"')
+    with pytest.raises(ConfigFileError) as info:
+        apply_text(text)
+    assert len(info.value.errors) == 2 and "(and 1 more error)" in str(info.value)
+
+
+def test_unreadable_files(clean_db, tmp_path):
+    binary = tmp_path / "x.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigFileError, match="not UTF-8 text"):
+        apply_file(binary)
+    with pytest.raises(ConfigFileError, match="cannot read"):
+        apply_file(tmp_path / "missing.toml")
+    with pytest.raises(ConfigFileError, match=r"^title: unknown key \(allowed: workspaces\) \(and 1 more error\)"):
+        apply_text("title = 'x'")
+    with pytest.raises(ConfigFileError, match=r"^workspaces: is required$"):
+        apply_text("")
+
+
+_value = st.one_of(st.integers(-5, 2000), st.floats(allow_nan=True), st.text(max_size=12), st.booleans(),
+                   st.lists(st.text(max_size=5), max_size=3))
+
+
+@hsettings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_toml_never_crashes(clean_db, data):
+    """T-SEC-1: garbage or randomly damaged files give a ConfigFileError (or apply cleanly), nothing else."""
+    kind = data.draw(st.sampled_from(["text", "line", "value"]))
+    if kind == "text":
+        text = data.draw(st.text(max_size=300))
+    else:
+        lines = EXAMPLE.splitlines()
+        i = data.draw(st.integers(0, len(lines) - 1))
+        if kind == "line":
+            del lines[i]
+        elif "=" in lines[i] and not lines[i].lstrip().startswith("#"):
+            key = lines[i].split("=", 1)[0]
+            v = data.draw(_value)
+            lines[i] = key + "= " + (repr(v).replace("'", '"') if not isinstance(v, bool) else str(v).lower())
+        text = "\n".join(lines)
+    with contextlib.suppress(ConfigFileError):
+        apply_text(text)
+    with db.atomic():  # a rolled-back apply never leaves the connection in a broken transaction
+        db.execute_sql("SELECT 1")
+
+
+def test_parse_only_needs_no_database():
+    specs = configfile.parse_text(EXAMPLE)
+    assert specs[0].campaigns[0].weekdays == (0, 1, 2, 3, 4)
+    assert specs[0].campaigns[0].path == CAMPAIGN
