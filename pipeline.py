@@ -345,13 +345,17 @@ class Context:
     generated_text: str | None
     attempts: int
     workspace_id: int
+    run_date: Any = None
+    timezone: str = "UTC"
+    window: tuple[int, int] = (0, 1440)
 
 
 _CONTEXT_SQL = """
 SELECT m.id, m.status, m.run_id, r.status, m.lead_id, l.name, l.phone, l.custom_fields, l.column_id,
        coalesce(l.opted_out, false), m.inbox_id, i.instance_name, i.disabled, c.source_column_id, c.model,
        c.system_prompt, c.fallback_template, c.split_enabled, c.max_parts,
-       c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text, m.attempts, c.workspace_id
+       c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text, m.attempts, c.workspace_id,
+       r.run_date, c.timezone, c.window_start_minute, c.window_end_minute
 FROM campaign_messages m
 JOIN campaign_runs r ON r.id = m.run_id
 JOIN campaign_configs c ON c.id = r.config_id
@@ -379,10 +383,24 @@ def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...]) -> C
 
 def _context_from_row(row: tuple) -> Context:
     (mid, status, run_id, run_status, lead_id, name, phone, fields, col, opted, inbox_id, instance, disabled,
-     src, model, prompt, fallback, split, max_parts, gmin, gmax, text, attempts, ws) = row
+     src, model, prompt, fallback, split, max_parts, gmin, gmax, text, attempts, ws, run_date, tz,
+     wstart, wend) = row
     return Context(mid, status, run_id, run_status, lead_id, name, phone, fields or {}, col, opted, inbox_id,
                    instance, disabled, src, model, prompt, fallback, split, max_parts, (gmin, gmax), text,
-                   attempts, ws)
+                   attempts, ws, run_date, tz, (wstart, wend))
+
+
+def _window_closed(ctx: Context) -> bool:
+    """Whether the run's local sending window has closed (R-DISP-4: nothing new starts after it)."""
+    import datetime as dt
+
+    import planner
+
+    try:
+        close = planner.window_close_at(ctx.run_date, ctx.timezone, *ctx.window)
+    except EngineError:
+        return False  # an unusable timezone is the planner's to report; do not strand the message
+    return close is None or dt.datetime.now(dt.timezone.utc) >= close
 
 
 def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bool:
@@ -409,6 +427,9 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
             return False
         if ctx.lead_opted_out:
             finish_message(ctx.message_id, "skipped", settings, skip_reason="opted_out")
+            return False
+        if _window_closed(ctx):
+            finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
             return False
     if ctx.inbox_disabled:
         _pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
@@ -954,7 +975,11 @@ def resume_paused_run(run_id: int, reason: str) -> bool:
         row = _one("SELECT status, pause_reason FROM campaign_runs WHERE id = %s", (run_id,))
         if row is None or row != ("paused", reason):
             return False
-        resume(run_id)
+        try:
+            resume(run_id)
+        except planner.RunStateError as exc:  # changed meanwhile (an operator, another scheduler)
+            log.info("run %s not resumed: %s", run_id, exc)
+            return False
     else:
         row = _one("""UPDATE campaign_runs SET status = 'running', pause_reason = NULL
                       WHERE id = %s AND status = 'paused' AND pause_reason = %s RETURNING id""", (run_id, reason))

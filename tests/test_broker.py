@@ -21,7 +21,6 @@ def test_broker_is_rabbitmq_with_confirms(services):
 
 
 def test_actor_processed_by_real_worker_process(clean_db, tmp_path):
-    import actors
     from actors.system import ping
 
     token = f"ping-{uuid.uuid4().hex}"
@@ -39,4 +38,3 @@ def test_actor_processed_by_real_worker_process(clean_db, tmp_path):
             wait_for(seen, timeout=60, message="the worker to record the ping")
         except AssertionError:
             pytest.fail("worker never processed the ping; log:\n" + (tmp_path / "worker.log").read_text())
-    actors.broker.close()

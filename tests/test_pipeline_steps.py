@@ -349,3 +349,19 @@ def test_error_threshold_pauses_run(clean_db, sb, llm, evo):
         drive(m.id, settings, llm, evo)
     c = run_counters(w.run.id)
     assert (c["status"], c["pause_reason"], c["leads_failed"]) == ("paused", "error_threshold", 4)
+
+
+def test_e06_window_closed_before_a_queued_message_starts(clean_db, sb, llm, evo, settings):
+    """R-DISP-4: a message claimed before the window closed but not started after it: skipped."""
+    import datetime as dt
+
+    from models import CampaignRun
+
+    w = make_world(timezone="America/Sao_Paulo")
+    # yesterday's run: its (always open) window closed at local midnight
+    CampaignRun.update(run_date=dt.date.today() - dt.timedelta(days=2)).where(CampaignRun.id == w.run.id).execute()
+    m1, = w.add_leads(1)
+    claim(m1.id)
+    assert drive(m1.id, settings, llm, evo) == "skipped"
+    assert CampaignMessage.get_by_id(m1.id).skip_reason == "window_closed"
+    assert _sends(sb) == [] and run_counters(w.run.id)["status"] == "completed"
