@@ -48,6 +48,10 @@ MAX_PART_CHARS = 700       # one WhatsApp bubble
 SPLIT_BELOW_CHARS = 160    # a text this short is sent as one part
 LLM_MAX_TOKENS = 400
 IN_FLIGHT = ("queued", "generating", "splitting", "sending")
+#: longest wait kept in RabbitMQ (a delayed message sits unacked in a worker: R-DISP-2)
+MAX_BROKER_DELAY_SECONDS = 600
+#: the statuses a message is in while each step owns it (a dead step settles only its own)
+STEP_STATUSES = {"generate": ("queued", "generating"), "split": ("splitting",), "send_part": ("sending",)}
 
 
 class StepFailed(EngineError):
@@ -135,7 +139,7 @@ WITH part AS (
     LEFT JOIN leads l ON l.id = m.lead_id
 ), lead_upd AS (
     UPDATE leads l SET last_activity_at = now(),
-        column_id = CASE WHEN ctx.old_col = ctx.src AND ctx.tgt IS NOT NULL THEN ctx.tgt ELSE l.column_id END
+        column_id = CASE WHEN l.column_id = ctx.src AND ctx.tgt IS NOT NULL THEN ctx.tgt ELSE l.column_id END
     FROM ctx WHERE %(st)s = 'sent' AND l.id = ctx.lead_id
     RETURNING l.id
 ), run_upd AS (
@@ -439,14 +443,17 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
     return True
 
 
-def _record_attempt(ctx: Context, exc: BaseException, settings: Settings) -> int:
-    """Persist one failed attempt of the current step on the row; return the attempt number."""
+def _record_attempt(ctx: Context, exc: BaseException, settings: Settings) -> int | None:
+    """Persist one failed attempt of the current step on the row; return the attempt number.
+
+    None: the message left this step meanwhile (a duplicate delivery won): nothing to retry.
+    """
     # status_changed_at moves too: a message waiting out its backoff is alive, not stuck (R-FAIL-8)
     row = _one("""UPDATE campaign_messages SET attempts = attempts + 1, error_class = %s, error_message = %s,
                       status_changed_at = now()
                   WHERE id = %s AND status = %s RETURNING attempts""",
                (getattr(exc, "code", None) or type(exc).__name__, str(exc)[:2000], ctx.message_id, ctx.status))
-    return row[0] if row else settings.max_attempts
+    return row[0] if row else None
 
 
 class RetryLater(Exception):
@@ -461,9 +468,20 @@ class RetryLater(Exception):
 def _transient(ctx: Context, exc: TransientError | BaseException, settings: Settings, step: str) -> None:
     """Count a transient failure; retry after backoff, or give up (message failed, dead letter)."""
     attempt = _record_attempt(ctx, exc, settings)
+    if attempt is None:
+        log.info("%s message=%s: moved on meanwhile (a duplicate delivery won); dropping this attempt",
+                 step, ctx.message_id)
+        return
     if attempt >= settings.max_attempts:
         raise StepFailed(f"{step}: {attempt} attempts failed, last: {exc}") from exc
     delay = backoff_seconds(attempt, settings, getattr(exc, "retry_after", None))
+    if delay > MAX_BROKER_DELAY_SECONDS and step == "generate":
+        # A Retry-After of many minutes: wait in PostgreSQL, not in a worker's memory (R-DISP-2).
+        _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now(),
+                    scheduled_at = now() + make_interval(secs => %s)
+                WHERE id = %s AND status = %s RETURNING id""", (delay, ctx.message_id, ctx.status))
+        return
+    delay = min(delay, MAX_BROKER_DELAY_SECONDS)
     log.info("%s message=%s attempt %s failed (%s); retry in %.2fs", step, ctx.message_id, attempt,
              getattr(exc, "code", type(exc).__name__), delay)
     raise RetryLater(delay, exc) from exc
@@ -682,15 +700,17 @@ def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
             if parts is None:
                 parts = local_split(text, ctx.max_parts)
     with db.atomic():
-        if parts:
-            db.execute_sql(
-                "INSERT INTO message_parts (message_id, inbox_id, idx, text) "
-                "SELECT %s, %s, i - 1, t FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, i) "
-                "ON CONFLICT (message_id, idx) DO NOTHING",
-                (message_id, ctx.inbox_id, parts))
+        # The transition first: it locks the row, so of two racing deliveries only the winner
+        # writes parts (a loser's different split must never add a part, R-PIPE-5).
         row = _one("""UPDATE campaign_messages SET status = 'sending', status_changed_at = now(), attempts = 0,
                           split_ms = coalesce(split_ms, %s)
                       WHERE id = %s AND status = 'splitting' RETURNING id""", (_ms(started), message_id))
+        if row is not None and parts and not _one(
+                "SELECT count(*) FROM message_parts WHERE message_id = %s", (message_id,))[0]:
+            db.execute_sql(
+                "INSERT INTO message_parts (message_id, inbox_id, idx, text) "
+                "SELECT %s, %s, i - 1, t FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, i)",
+                (message_id, ctx.inbox_id, parts))
     return ctx.inbox_id if row is not None else None
 
 
@@ -819,10 +839,12 @@ def _release_part(part_id: int, attempt: uuid.UUID, status: str, error: str) -> 
 def _mark_in_doubt(ctx: Context, part_id: int, reason: str, settings: Settings, *,
                    attempt: uuid.UUID | None = None) -> None:
     with db.atomic():
-        _one("""UPDATE message_parts SET status = 'in_doubt', error_message = %s
-                WHERE id = %s AND status IN ('sending', 'in_doubt')
-                  AND (%s::uuid IS NULL OR attempt_id = %s::uuid) RETURNING id""",
-             (reason[:2000], part_id, attempt and str(attempt), attempt and str(attempt)))
+        marked = _one("""UPDATE message_parts SET status = 'in_doubt', error_message = %s
+                         WHERE id = %s AND status IN ('sending', 'in_doubt')
+                           AND (%s::uuid IS NULL OR attempt_id = %s::uuid) RETURNING id""",
+                      (reason[:2000], part_id, attempt and str(attempt), attempt and str(attempt)))
+        if marked is None:
+            return  # the send recorded its outcome meanwhile: nothing is in doubt
         finish_message(ctx.message_id, "in_doubt", settings, from_statuses=("sending",),
                        error_class="ambiguous_send", error_message=reason)
 
@@ -875,13 +897,20 @@ def _reset_inbox_failures(ctx: Context) -> None:
 # dead letters and operator resolution
 
 
-def fail_exhausted(message_id: int, error: str, settings: Settings) -> Finished | None:
-    """A step's Dramatiq message died (retries exhausted): the campaign message fails, counters follow."""
+def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | None = None) -> Finished | None:
+    """A step's Dramatiq message died (retries exhausted): the campaign message fails, counters follow.
+
+    Only while the message is still in that step's statuses: a dead duplicate of an earlier
+    step must not fail a message another delivery has carried on (R-PIPE-5).
+    """
+    statuses = STEP_STATUSES.get(step or "", IN_FLIGHT)
     with db.atomic():
-        _one("""UPDATE message_parts SET status = 'failed', error_message = %s
-                WHERE message_id = %s AND status = 'pending' RETURNING id""", (error[:2000], message_id))
-        return finish_message(message_id, "failed", settings, from_statuses=IN_FLIGHT,
-                              error_class="retries_exhausted", error_message=error)
+        finished = finish_message(message_id, "failed", settings, from_statuses=statuses,
+                                  error_class="retries_exhausted", error_message=error)
+        if finished is not None:
+            _one("""UPDATE message_parts SET status = 'failed', error_message = %s
+                    WHERE message_id = %s AND status = 'pending' RETURNING id""", (error[:2000], message_id))
+        return finished
 
 
 # --------------------------------------------------------------------------------------------
@@ -896,13 +925,14 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
     """
     lease = settings.lease_seconds
     # A part left `sending` past the send lease had its worker die mid-call: outcome unknown.
-    orphans = _all("""SELECT p.id, p.message_id FROM message_parts p
+    orphans = _all("""SELECT p.id, p.message_id, p.attempt_id FROM message_parts p
                       WHERE p.status = 'sending' AND p.sending_at < now() - make_interval(secs => %s)""",
                    (settings.send_lease_seconds + 5,))
-    for part_id, message_id in orphans:
+    for part_id, message_id, attempt_id in orphans:
         row = _one(_CONTEXT_SQL, (message_id,))
         if row is not None:
-            _mark_in_doubt(_context_from_row(row), part_id, "send interrupted (worker lost mid-call)", settings)
+            _mark_in_doubt(_context_from_row(row), part_id, "send interrupted (worker lost mid-call)", settings,
+                           attempt=attempt_id)
     stale = _all("""UPDATE campaign_messages m SET status_changed_at = now()
                     WHERE m.status IN ('queued', 'generating', 'splitting', 'sending')
                       AND m.status_changed_at < now() - make_interval(secs => %s)

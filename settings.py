@@ -145,8 +145,13 @@ class Settings:
 
     @property
     def send_lease_seconds(self) -> float:
-        """How long an inbox's send slot is held at most: longer than the slowest send."""
-        return self.send_timeout_seconds + 15
+        """How long an inbox's send slot is held at most: longer than the send actor may live.
+
+        A send is pool 5 + connect 5 + write 10 + read SEND_TIMEOUT, plus a connectionState probe
+        after a failure; the send actor's time limit (this minus 10 s) kills anything slower, so a
+        live holder never outlives its lease (one send in flight per inbox, R-RATE-1).
+        """
+        return 2 * self.send_timeout_seconds + 40
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

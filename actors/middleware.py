@@ -14,16 +14,15 @@ import threading
 import time
 
 import dramatiq
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 
 import ratelimit
 from db import db, init_db
+from pipeline import MAX_BROKER_DELAY_SECONDS  # longer waits live in PostgreSQL (R-DISP-2)
 from settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: delays longer than this do not belong in RabbitMQ (R-DISP-2): messages wait in PostgreSQL
-MAX_BROKER_DELAY_SECONDS = 600
 #: a wait this short is spent in the worker thread (polling) instead of a round trip through the
 #: delay queue: the handover between two sends of one inbox stays fast, and a thread is held for
 #: at most this long, so other inboxes are not slowed (R-RATE-3)
@@ -97,7 +96,7 @@ class DeadLetters(Middleware):
         error = f"{type(exception).__name__}: {exception}"
         try:
             with db.atomic():
-                finished = pipeline.fail_exhausted(int(message_id), error, self.settings) \
+                finished = pipeline.fail_exhausted(int(message_id), error, self.settings, message.actor_name) \
                     if isinstance(message_id, int) else None
                 run_id = finished.run_id if finished else None
                 db.execute_sql(
@@ -116,6 +115,10 @@ class DeadLetters(Middleware):
                           message.queue_name)
 
 
+class RateLimitUnavailable(MiddlewareError):
+    """The shared pacing state could not be read or the delayed copy not published: do not run."""
+
+
 class RateLimits(Middleware):
     """Shared per-inbox and per-OpenRouter-key pacing before an actor runs (R-RATE-1..3).
 
@@ -132,6 +135,16 @@ class RateLimits(Middleware):
         return {"rate_limit"}
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        # dramatiq only propagates MiddlewareError from before-hooks; anything else would be
+        # logged and the actor would run unpaced. Fail closed: the message is retried instead.
+        try:
+            self._acquire(broker, message)
+        except (SkipMessage, MiddlewareError):
+            raise
+        except Exception as exc:
+            raise RateLimitUnavailable(f"rate limit check failed: {type(exc).__name__}: {exc}") from exc
+
+    def _acquire(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         self._local.grant = None
         self._local.sent = False
         actor = broker.get_actor(message.actor_name)
@@ -155,6 +168,10 @@ class RateLimits(Middleware):
             return
         delay = min(grant.wait, MAX_BROKER_DELAY_SECONDS)
         log.debug("rate limited %s args=%s: retry in %.2fs", message.actor_name, message.args, delay)
+        if delay > 5 and message.args:
+            # a long wait is not a stuck message: keep the recovery sweep from copying it (R-FAIL-8)
+            db.execute_sql("UPDATE campaign_messages SET status_changed_at = now() WHERE id = %s "
+                           "AND status IN ('queued', 'generating', 'splitting', 'sending')", (int(message.args[0]),))
         broker.enqueue(message.copy(), delay=int(delay * 1000) + 1)
         raise SkipMessage(f"rate limited for {delay:.2f}s")
 

@@ -11,7 +11,8 @@ from settings import get_settings
 _settings = get_settings()
 
 
-@dramatiq.actor(rate_limit="inbox", **step_options(_settings, pipeline.QUEUE_SEND, time_limit_s=90))
+@dramatiq.actor(rate_limit="inbox", **step_options(_settings, pipeline.QUEUE_SEND,
+                                                  time_limit_s=int(_settings.send_lease_seconds) - 10))
 @as_dramatiq_retry
 def send_part(message_id: int, inbox_id: int) -> None:
     """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""

@@ -5,6 +5,7 @@ each fails without its handling. Real worker processes are in test_pipeline_work
 """
 from __future__ import annotations
 
+import json
 import time
 
 import peewee
@@ -365,3 +366,64 @@ def test_e06_window_closed_before_a_queued_message_starts(clean_db, sb, llm, evo
     assert drive(m1.id, settings, llm, evo) == "skipped"
     assert CampaignMessage.get_by_id(m1.id).skip_reason == "window_closed"
     assert _sends(sb) == [] and run_counters(w.run.id)["status"] == "completed"
+
+
+def test_racing_split_loser_never_adds_parts(clean_db, sb, llm, evo, settings):
+    """Review finding: two split deliveries race; the loser's different split must add no part."""
+    from clients.openrouter import Completion
+    from errors import ProviderUnavailable
+
+    w = make_world(split=True, max_parts=3)
+    m1, = w.add_leads(1)
+    claim(m1.id)
+    pipeline.generate_step(m1.id, settings, llm)
+    text = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
+    CampaignMessage.update(generated_text=text).where(CampaignMessage.id == m1.id).execute()
+
+    class OnePart:  # the winner's LLM keeps the text in one bubble
+        def chat(self, *a, **k):
+            return Completion(json.dumps({"messages": [text]}), "stop", 1, 1, 2, "m", 1)
+
+    class LoserLLM:  # while the loser waits on its LLM, the winner completes the whole step
+        def chat(self, *a, **k):
+            assert pipeline.split_step(m1.id, settings, OnePart()) is not None
+            raise ProviderUnavailable("slow", provider="openrouter", code="timeout")  # -> local split
+
+    assert len(pipeline.local_split(text, 3)) > 1
+    assert pipeline.split_step(m1.id, settings, LoserLLM()) is None
+    assert [p.text for p in parts_of(m1.id)] == [text]
+
+
+def test_dead_duplicate_of_an_earlier_step_does_not_fail_the_message(clean_db, sb, llm, evo, settings):
+    """Review finding: generate copy G1 dies after copy G2 carried the message on to sending."""
+    w = make_world()
+    m1, = w.add_leads(1)
+    claim(m1.id)
+    pipeline.generate_step(m1.id, settings, llm)
+    pipeline.split_step(m1.id, settings, llm)
+    assert pipeline.fail_exhausted(m1.id, "G1 gave up", settings, "generate") is None
+    assert CampaignMessage.get_by_id(m1.id).status == "sending"
+    assert drive(m1.id, settings, llm, evo) == "sent"
+    # and a lost race in the retry bookkeeping returns quietly instead of dead-lettering
+    ctx = pipeline._context_from_row(db.execute_sql(pipeline._CONTEXT_SQL, (m1.id,)).fetchone())
+    ctx.status = "generating"
+    assert pipeline._transient(ctx, RuntimeError("429"), settings, "generate") is None
+
+
+def test_in_doubt_only_when_the_part_is_still_sending(clean_db, sb, llm, evo, settings):
+    """Review finding: the sweep must not settle a message whose send recorded its outcome meanwhile."""
+    w = make_world()
+    m1, = w.add_leads(1)
+    claim(m1.id)
+    pipeline.generate_step(m1.id, settings, llm)
+    pipeline.split_step(m1.id, settings, llm)
+    (part,) = parts_of(m1.id)
+    db.execute_sql("UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), sending_at = now() "
+                   "WHERE id = %s", (part.id,))
+    stale_attempt = parts_of(m1.id)[0].attempt_id
+    # the slow send finished and recorded `sent` with ITS attempt (a newer one)
+    db.execute_sql("UPDATE message_parts SET attempt_id = gen_random_uuid() WHERE id = %s", (part.id,))
+    ctx = pipeline._context_from_row(db.execute_sql(pipeline._CONTEXT_SQL, (m1.id,)).fetchone())
+    pipeline._mark_in_doubt(ctx, part.id, "sweep", settings, attempt=stale_attempt)
+    assert CampaignMessage.get_by_id(m1.id).status == "sending"
+    assert parts_of(m1.id)[0].status == "sending"
