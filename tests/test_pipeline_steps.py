@@ -427,3 +427,35 @@ def test_in_doubt_only_when_the_part_is_still_sending(clean_db, sb, llm, evo, se
     pipeline._mark_in_doubt(ctx, part.id, "sweep", settings, attempt=stale_attempt)
     assert CampaignMessage.get_by_id(m1.id).status == "sending"
     assert parts_of(m1.id)[0].status == "sending"
+
+
+def test_e07_inbox_disconnects_mid_run_pauses_and_resumes_on_reconnect(clean_db, sb, llm, evo, settings):
+    """E-07: runs on the disconnected inbox pause (message back to wait), others go on; the health
+    check resumes them once the inbox is open again."""
+    from tests import factories as f
+
+    w = make_world(n_inboxes=2)
+    other_cfg = f.config(w.ws, w.inboxes[1], w.cols["New"], w.cols["Contacted"], name="second")
+    other_run = f.run(other_cfg, leads_total=1)
+    m_a, = w.add_leads(1)
+    m_b = f.message(other_run, f.lead(w.ws, w.cols["New"]))
+    sb.set_faults(disconnected_instances=[w.inboxes[0].instance_name])
+    for m in (m_a, m_b):
+        claim(m.id)
+        drive(m.id, settings, llm, evo)
+    assert CampaignMessage.get_by_id(m_a.id).status == "pending"  # waits in PostgreSQL, not failed
+    assert run_counters(w.run.id)["status"] == "paused"
+    assert run_counters(w.run.id)["pause_reason"] == "inbox_disconnected"
+    assert CampaignMessage.get_by_id(m_b.id).status == "sent"  # the other inbox is unaffected
+    assert run_counters(other_run.id)["status"] == "completed"
+    # still down: the health check keeps it paused
+    pipeline.check_inboxes(settings, evo)
+    assert run_counters(w.run.id)["status"] == "paused"
+    sb.set_faults(disconnected_instances=[])
+    result = pipeline.check_inboxes(settings, evo)
+    assert result["resumed"] == [w.run.id]
+    assert run_counters(w.run.id)["status"] == "running"
+    claim(m_a.id)
+    assert drive(m_a.id, settings, llm, evo) == "sent"
+    assert run_counters(w.run.id)["status"] == "completed"
+    assert_counters_match(w.run.id)
