@@ -289,16 +289,7 @@ def test_factory_caches_and_resets() -> None:
 # -- against the real sandbox --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    with SandboxProcess(seed=11) as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    return sandbox
+# `sandbox` / `sb`: the session sandbox of tests/conftest.py (reset around each test)
 
 
 @pytest.fixture()

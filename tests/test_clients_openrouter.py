@@ -341,16 +341,7 @@ def test_factory_caches_one_client_per_process() -> None:
 # -- against the real sandbox --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    with SandboxProcess(seed=7) as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: SandboxProcess) -> SandboxProcess:
-    sandbox.reset()
-    return sandbox
+# `sandbox` / `sb`: the session sandbox of tests/conftest.py (reset around each test)
 
 
 @pytest.fixture()
