@@ -26,7 +26,8 @@ def middleware_list(settings: Settings) -> list[Middleware]:
 
     head, tail = engine_middleware(settings)
     return [
-        *head,                    # DbConnection (first in, last out), DeadLetters (after-hook runs after Retries')
+        *head,                    # StepLog (ids in every line), DbConnection (first in, last out),
+                                  # DeadLetters (its after-hook runs after Retries')
         AgeLimit(),               # honours an actor's max_age (unused by default)
         TimeLimit(),              # kills an actor stuck past its time_limit (set per actor)
         ShutdownNotifications(),  # lets long actors notice a worker shutdown

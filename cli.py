@@ -10,6 +10,7 @@ import peewee
 
 from db import db, init_db
 from errors import EngineError
+from logs import configure_logging
 from settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("cli")
@@ -289,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-        logging.basicConfig(level="DEBUG" if args.verbose else settings.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        configure_logging(settings, level="DEBUG" if args.verbose else None)
         init_db(settings, max_connections=4, application_name="campaign-cli")
         return _COMMANDS[args.command][0](args, settings)
     except EngineError as exc:

@@ -30,6 +30,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
+import logs
 from db import db
 from errors import (AmbiguousSend, AuthError, BadCompletion, CreditsExhausted, EngineError, InvalidNumber,
                     PermanentError, ProviderError, TransientError, UnknownInstance)
@@ -389,6 +390,7 @@ def _context_from_row(row: tuple) -> Context:
     (mid, status, run_id, run_status, lead_id, name, phone, fields, col, opted, inbox_id, instance, disabled,
      src, model, prompt, fallback, split, max_parts, gmin, gmax, text, attempts, ws, run_date, tz,
      wstart, wend) = row
+    logs.annotate(run=run_id, inbox=inbox_id)  # the step's log lines carry the run from here on (R-OPS-6)
     return Context(mid, status, run_id, run_status, lead_id, name, phone, fields or {}, col, opted, inbox_id,
                    instance, disabled, src, model, prompt, fallback, split, max_parts, (gmin, gmax), text,
                    attempts, ws, run_date, tz, (wstart, wend))

@@ -29,6 +29,7 @@ import psycopg2
 
 from db import close_db, connect_kwargs, db, init_db
 from errors import EngineError
+from logs import configure_logging
 from settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("scheduler")
@@ -288,10 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    # APScheduler logs every run of every job at INFO (the dispatcher ticks each second)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # structured lines, secrets masked; also quiets APScheduler, which logs every job run at INFO
+    configure_logging(settings)
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")
 

@@ -135,6 +135,9 @@ class Settings:
         "env": "DB_MAX_CONNECTIONS", "parse": _int_in("DB_MAX_CONNECTIONS", 1, 1000)})
     log_level: str = field(default="INFO", metadata={
         "env": "LOG_LEVEL", "parse": _choice("LOG_LEVEL", "DEBUG", "INFO", "WARNING", "ERROR")})
+    #: logfmt ``key=value`` lines (default) or one JSON object per line (R-OPS-6)
+    log_format: str = field(default="text", metadata={
+        "env": "LOG_FORMAT", "parse": _choice("LOG_FORMAT", "text", "json")})
 
     def __post_init__(self) -> None:
         if self.min_backoff_seconds > self.max_backoff_seconds:

@@ -199,7 +199,10 @@ class RateLimits(Middleware):
 
 def engine_middleware(settings: Settings) -> tuple[list[Middleware], list[Middleware]]:
     """The engine's own middleware: (before dramatiq's defaults, after them)."""
-    return [DbConnection(settings), DeadLetters(settings)], [RateLimits(settings)]
+    from actors.steplog import StepLog
+
+    # StepLog first: its context is bound before anything else logs, its line written last
+    return [StepLog(settings), DbConnection(settings), DeadLetters(settings)], [RateLimits(settings)]
 
 
 def current_rate_limits(broker: dramatiq.Broker) -> RateLimits | None:

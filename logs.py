@@ -1,0 +1,204 @@
+"""Structured logs (SPEC R-OPS-6): one ``key=value`` line per event, ids from context, secrets masked.
+
+Every entry point (CLI, scheduler, webhook, scripts, demo) calls :func:`configure_logging`; a
+``dramatiq`` worker process, whose handlers the dramatiq CLI already set up, gets the same
+formatter through :func:`install_on_existing_handlers` (called when ``actors`` is imported).
+
+A line looks like (logfmt, greppable and parseable; ``LOG_FORMAT=json`` gives one JSON object)::
+
+    ts=2026-11-22T10:00:01.234Z level=info logger=steps pid=812 actor=send_part run=3 message=1207 \
+step=send_part outcome=done ms=41 msg="step done"
+
+Context fields (``run``, ``message``, ``actor``, ``dramatiq_id``...) come from a context variable
+that the worker middleware binds per message and the pipeline annotates once it knows the run, so
+library code logs plain messages and still gets the ids.
+
+Secrets never reach a log line: the final text of every record (message, arguments and traceback
+alike) passes through :class:`Redactor`, which masks the configured API keys, the webhook secret,
+passwords inside URLs and ``Bearer``/``apikey`` values wherever they appear.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as dt
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from settings import Settings
+
+__all__ = ["configure_logging", "install_on_existing_handlers", "bind", "annotate", "log_context",
+           "current_context", "Redactor", "StructuredFormatter"]
+
+_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_context", default=None)
+
+#: context keys printed first, in this order; others follow alphabetically
+_ORDER = ("actor", "run", "message", "part", "inbox", "step", "outcome", "ms", "dramatiq_id")
+MASK = "***"
+
+
+def current_context() -> dict[str, Any]:
+    """The fields bound to the current thread/task (a copy)."""
+    return dict(_CONTEXT.get() or {})
+
+
+def bind(**fields: Any) -> contextvars.Token:
+    """Start a new context with ``fields`` (the worker middleware does this per message)."""
+    return _CONTEXT.set({k: v for k, v in fields.items() if v is not None})
+
+
+def unbind(token: contextvars.Token) -> None:
+    """Restore the context that was current before :func:`bind`."""
+    _CONTEXT.reset(token)
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields to the current context (e.g. ``run`` once a step has loaded its message)."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return  # outside a bound unit of work: nothing to annotate (callers log ids explicitly)
+    ctx.update({k: v for k, v in fields.items() if v is not None})
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Fields bound for the duration of the block (nested blocks extend the outer context)."""
+    token = _CONTEXT.set({**current_context(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+class Redactor:
+    """Masks secret values and secret-looking patterns in text."""
+
+    _PATTERNS = (
+        # scheme://user:password@host -> scheme://user:***@host
+        (re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)[^\s@/]+(?P<post>@)"), r"\g<pre>***\g<post>"),
+        (re.compile(r"(?i)(?P<pre>bearer\s+)[A-Za-z0-9._~+/=-]{6,}"), r"\g<pre>***"),
+        (re.compile(r"""(?i)(?P<pre>["']?(?:apikey|api_key|api-key|secret|password|token)["']?\s*[:=]\s*["']?)"""
+                    r"""[^\s"',}&]{4,}"""), r"\g<pre>***"),
+    )
+
+    def __init__(self, secrets: list[str] | tuple[str, ...] = ()) -> None:
+        # longest first, so a secret containing another is masked whole; very short values would
+        # mask ordinary words, so they are left to the patterns
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Redactor":
+        """The secrets of ``settings``: API keys, webhook secret, passwords in the service URLs."""
+        from urllib.parse import unquote, urlsplit
+
+        values = [settings.openrouter_api_key, settings.evolution_api_key, settings.webhook_secret]
+        for url in (settings.database_url, settings.rabbitmq_url):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            if password:
+                values += [password, unquote(password)]
+        return cls(values)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        for pattern, repl in self._PATTERNS:
+            text = pattern.sub(repl, text)
+        return text
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n\t\\'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+class StructuredFormatter(logging.Formatter):
+    """logfmt (default) or JSON lines with the context fields and every secret masked."""
+
+    def __init__(self, redactor: Redactor | None = None, *, json_lines: bool = False) -> None:
+        super().__init__()
+        self.redact = redactor or Redactor()
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+        }
+        if record.threadName and record.threadName != "MainThread":
+            fields["thread"] = record.threadName
+        ctx = getattr(record, "ctx", None)
+        if ctx is None:
+            ctx = current_context()
+        for key in _ORDER:
+            if key in ctx:
+                fields[key] = ctx[key]
+        for key in sorted(k for k in ctx if k not in _ORDER and k not in fields):
+            fields[key] = ctx[key]
+        fields["msg"] = record.getMessage()
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            fields["exc"] = record.exc_text
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
+        if self.json_lines:
+            line = json.dumps(fields, ensure_ascii=False, default=str)
+        else:
+            line = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        return self.redact(line)
+
+
+class _ContextFilter(logging.Filter):
+    """Freezes the context onto the record in the thread that logged it (handlers may run elsewhere)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "ctx"):
+            record.ctx = current_context()
+        return True
+
+
+def _formatter(settings: Settings) -> StructuredFormatter:
+    return StructuredFormatter(Redactor.from_settings(settings), json_lines=settings.log_format == "json")
+
+
+def _quiet_noisy_libraries() -> None:
+    # httpx logs every request at INFO (thousands per run); pika logs connection chatter at INFO
+    for name in ("httpx", "httpcore", "pika", "apscheduler"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def configure_logging(settings: Settings, *, level: str | int | None = None, stream: TextIO | None = None) -> None:
+    """Entry points: one stderr handler with the structured formatter (replaces earlier handlers)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_formatter(settings))
+    handler.addFilter(_ContextFilter())
+    root.addHandler(handler)
+    root.setLevel(level or settings.log_level)
+    _quiet_noisy_libraries()
+
+
+def install_on_existing_handlers(settings: Settings) -> None:
+    """Worker processes: put the structured formatter on the handlers the dramatiq CLI set up."""
+    formatter = _formatter(settings)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+        if not any(isinstance(f, _ContextFilter) for f in handler.filters):
+            handler.addFilter(_ContextFilter())
+    _quiet_noisy_libraries()

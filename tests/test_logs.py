@@ -1,0 +1,174 @@
+"""Structured logs (SPEC R-OPS-6, T-SEC-1): ids in every step line, secrets never in any log line."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+import logs
+from db import db
+from settings import get_settings
+from tests import factories as f
+from tests.pipeline_helpers import assert_counters_match, make_world
+from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
+
+# --------------------------------------------------------------------------------------------
+# unit: redaction and formatting
+
+
+def test_redactor_masks_configured_secrets_url_passwords_and_auth_values():
+    r = logs.Redactor(["sk-or-v1-abcdef123456", "evo-key-987654"])
+    text = ("POST with key sk-or-v1-abcdef123456 and apikey evo-key-987654; "
+            "amqp://user:pa55word@mq:5672/vh Authorization: Bearer tok_live_1234567 "
+            '{"apikey": "other-secret-value"} password=hunter2hunter')
+    out = r(text)
+    for secret in ("sk-or-v1-abcdef123456", "evo-key-987654", "pa55word", "tok_live_1234567",
+                   "other-secret-value", "hunter2hunter"):
+        assert secret not in out, (secret, out)
+    assert "amqp://user:***@mq:5672/vh" in out
+    assert "POST with key ***" in out
+
+
+def test_redactor_from_settings_covers_every_secret_setting():
+    s = dataclasses.replace(get_settings(), openrouter_api_key="sk-or-xyz-111", evolution_api_key="evo-222-key",
+                            webhook_secret="hook-333-secret",
+                            database_url="postgresql://app:db%2Fpass44@h:5432/d",
+                            rabbitmq_url="amqp://app:mqpass55@h:5672/v")
+    r = logs.Redactor.from_settings(s)
+    line = "sk-or-xyz-111 evo-222-key hook-333-secret db/pass44 db%2Fpass44 mqpass55"
+    assert r(line) == " ".join(["***"] * 6)
+
+
+def _format(record_msg: str, *args, exc: BaseException | None = None, json_lines: bool = False,
+            redactor: logs.Redactor | None = None) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.StructuredFormatter(redactor, json_lines=json_lines))
+    logger = logging.getLogger(f"test_logs.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    with logs.log_context(actor="send_part", message=12, run=3):
+        if exc is None:
+            logger.info(record_msg, *args)
+        else:
+            try:
+                raise exc
+            except BaseException:
+                logger.exception(record_msg, *args)
+    return stream.getvalue().strip()
+
+
+def test_formatter_puts_context_ids_in_the_line_and_quotes_values():
+    line = _format("sent part %s of %s", 1, 2)
+    assert line.startswith("ts=")
+    assert " actor=send_part run=3 message=12 " in line
+    assert line.endswith('msg="sent part 1 of 2"')
+
+
+def test_formatter_json_lines_parse_and_redact_tracebacks():
+    line = _format("failed", exc=RuntimeError("boom with key sk-live-000111222"), json_lines=True,
+                   redactor=logs.Redactor(["sk-live-000111222"]))
+    doc = json.loads(line)
+    assert doc["run"] == 3 and doc["message"] == 12 and doc["msg"] == "failed"
+    assert "RuntimeError: boom with key ***" in doc["exc"]
+    assert "sk-live-000111222" not in line
+
+
+def test_annotate_adds_to_the_bound_context_only():
+    logs.annotate(run=99)  # nothing bound: a no-op, not an error
+    assert logs.current_context() == {}
+    token = logs.bind(actor="generate", message=5)
+    try:
+        logs.annotate(run=7, inbox=None)
+        assert logs.current_context() == {"actor": "generate", "message": 5, "run": 7}
+    finally:
+        logs.unbind(token)
+    assert logs.current_context() == {}
+
+
+# --------------------------------------------------------------------------------------------
+# integration: a full run on real workers + the real scheduler, logs grepped for secrets
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username or 'postgres'}:{password}@{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+STEP_LINE = re.compile(r"logger=steps .*msg=\"step (done|retry|failed)")
+
+
+def test_full_run_logs_have_ids_and_never_a_secret(clean_db, tmp_path):
+    from sandbox.testing import SandboxProcess
+
+    import actors
+
+    chat_key = f"sk-or-v1-{uuid.uuid4().hex}"
+    evo_key = f"evo-{uuid.uuid4().hex}"
+    hook_secret = f"whsec-{uuid.uuid4().hex}"
+    # trust auth ignores the password, so it can be planted in the URL and looked for afterwards
+    db_password = f"dbpw-{uuid.uuid4().hex[:12]}"
+    settings = get_settings()
+    faults = {"chat": {"rate_429": 0.2, "retry_after": 0.1}, "send": {"rate_500": 0.15},
+              "invalid_numbers": ["5511900000099"]}
+    w = make_world("logs", n_inboxes=2, split=True, max_parts=3)
+    w.add_leads(10, inbox=w.inboxes[0])
+    w.add_leads(10, inbox=w.inboxes[1])
+    bad = f.lead(w.ws, w.cols["New"], phone="+5511900000099")
+    f.message(w.run, bad)
+    db.execute_sql("UPDATE campaign_runs SET leads_total = leads_total + 1 WHERE id = %s", (w.run.id,))
+
+    queues = tuple(sorted(actors.broker.get_declared_queues()))
+    purge_queues(settings.rabbitmq_url, queues)
+    worker_log, sched_log = tmp_path / "worker.log", tmp_path / "scheduler.log"
+    with SandboxProcess(seed=11, chat_key=chat_key, evolution_key=evo_key, faults=faults) as sb:
+        env = {"OPENROUTER_BASE_URL": sb.openrouter_url, "OPENROUTER_API_KEY": chat_key,
+               "EVOLUTION_API_URL": sb.evolution_url, "EVOLUTION_API_KEY": evo_key,
+               "WEBHOOK_SECRET": hook_secret, "DATABASE_URL": _with_password(settings.database_url, db_password),
+               "MIN_BACKOFF_SECONDS": "0.05", "MAX_BACKOFF_SECONDS": "1", "MAX_ATTEMPTS": "6",
+               "LEASE_SECONDS": "5", "SEND_TIMEOUT_SECONDS": "2", "DISPATCH_INTERVAL_SECONDS": "0.5",
+               "LOG_LEVEL": "DEBUG"}
+        worker = start_worker(processes=2, threads=4, extra_env=env, log_path=worker_log)
+        sched = subprocess.Popen([sys.executable, "scheduler.py"], cwd=ROOT, env={**os.environ, **env},
+                                 stdout=open(sched_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: db.execute_sql("SELECT status FROM campaign_runs WHERE id = %s",
+                                            (w.run.id,)).fetchone()[0] == "completed",
+                     timeout=90, interval=0.3, message="the run to complete")
+            cli = subprocess.run([sys.executable, "cli.py", "-v", "status"], cwd=ROOT, env={**os.environ, **env},
+                                 capture_output=True, text=True, timeout=60)
+            assert cli.returncode == 0, cli.stderr
+        finally:
+            stop_worker(sched)
+            stop_worker(worker)
+            purge_queues(settings.rabbitmq_url, queues)
+        summary = sb.summary()
+    assert summary["duplicate_sends"] == 0 and summary["early_retries"] == 0
+    assert summary["faults"], "the faults were meant to fire"
+
+    assert_counters_match(w.run.id)
+    text = worker_log.read_text() + sched_log.read_text() + cli.stdout + cli.stderr
+    for secret in (chat_key, evo_key, hook_secret, db_password):
+        assert secret not in text, f"a secret leaked into the logs: {secret[:8]}..."
+
+    step_lines = [line for line in worker_log.read_text().splitlines() if STEP_LINE.search(line)]
+    # 21 messages: at least a generate, a split and a send step each
+    assert len(step_lines) >= 3 * 21, worker_log.read_text()[-3000:]
+    for line in step_lines:
+        assert re.search(r" actor=(generate|split|send_part) ", line), line
+        assert re.search(r" message=\d+ ", line), line
+        assert re.search(fr" run={w.run.id} ", line), line
+    assert any("outcome=retry" in line for line in step_lines), "the injected faults should show as retries"
+    assert "was skipped" not in worker_log.read_text()
