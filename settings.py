@@ -6,6 +6,7 @@ Nothing here does I/O at import time: entry points call ``get_settings()`` (or
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping
@@ -80,6 +81,16 @@ def _url(name: str, *schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _host(name: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        # a hostname, an IPv4 address or an IPv6 address (bracketed or not); no scheme, port or path
+        if not re.fullmatch(r"\[?[A-Za-z0-9._:-]{1,253}\]?", raw):
+            raise ConfigError(f"{name}={raw!r} must be a host name or IP address (e.g. 0.0.0.0)")
+        return raw.strip("[]")
+
+    return parse
+
+
 def _secret(env: str) -> dict:
     return {"env": env, "secret": True}
 
@@ -135,6 +146,10 @@ class Settings:
         "env": "DB_MAX_CONNECTIONS", "parse": _int_in("DB_MAX_CONNECTIONS", 1, 1000)})
     log_level: str = field(default="INFO", metadata={
         "env": "LOG_LEVEL", "parse": _choice("LOG_LEVEL", "DEBUG", "INFO", "WARNING", "ERROR")})
+    webhook_host: str = field(default="0.0.0.0", metadata={"env": "WEBHOOK_HOST",
+                                                          "parse": _host("WEBHOOK_HOST")})
+    webhook_port: int = field(default=8090, metadata={"env": "WEBHOOK_PORT",
+                                                      "parse": _int_in("WEBHOOK_PORT", 1, 65535)})
     #: logfmt ``key=value`` lines (default) or one JSON object per line (R-OPS-6)
     log_format: str = field(default="text", metadata={
         "env": "LOG_FORMAT", "parse": _choice("LOG_FORMAT", "text", "json")})

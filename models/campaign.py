@@ -113,6 +113,7 @@ class MessagePart(BaseModel):
     sent_at = DateTimeTZField(null=True)
     delivery_status = TextField(null=True)
     delivery_updated_at = DateTimeTZField(null=True)
+    delivery_error_at = DateTimeTZField(null=True)  # first ERROR from the delivery webhook (V4)
     error_message = TextField(null=True)
 
     class Meta:

@@ -280,7 +280,14 @@ V3 = Migration(3, "pipeline: per-inbox send history for sliding hour/day caps", 
     "ALTER TABLE message_parts ADD COLUMN error_message text",
 ))
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3)
+V4 = Migration(4, "delivery webhook: provider-reported delivery errors", (
+    # Evolution's messages.update ERROR is recorded beside the rank-ordered delivery_status
+    # (server_ack < delivered < read) instead of in it: an ERROR must never downgrade a part
+    # that was already delivered or read, and an operator still wants to see that it happened.
+    "ALTER TABLE message_parts ADD COLUMN delivery_error_at timestamptz",
+))
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4)
 LATEST = MIGRATIONS[-1].version
 
 
