@@ -259,6 +259,42 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=int, help="run id (see `status`)")
+    p.add_argument("--picture", default=None, metavar="PATH",
+                   help="where to write the picture, .png or .svg (default reports/run-<id>.png)")
+    p.add_argument("--no-picture", action="store_true", help="print the text summary only")
+
+
+@command("report", "a run's summary (outcomes by reason, timings, tokens, per inbox) and a picture of its sends",
+         _report_args)
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    import report
+
+    if args.no_picture and args.picture:
+        print("error: --picture and --no-picture contradict each other; give one", file=sys.stderr)
+        return 2
+    picture = Path(args.picture or f"reports/run-{args.run}.png")
+    if not args.no_picture and picture.suffix.lower() not in report.PICTURE_SUFFIXES:
+        # checked before reading anything: a typo costs nothing
+        print(f"error: --picture {picture}: unsupported suffix {picture.suffix or '(none)'!r}; use .png or .svg",
+              file=sys.stderr)
+        return 2
+    with db.connection_context():
+        rep = report.build_report(args.run)
+    print(report.render_text(rep), end="")
+    if not args.no_picture:
+        try:
+            written = report.render_picture(rep, picture)
+        except OSError as exc:
+            print(f"error: cannot write the picture {picture}: {exc}", file=sys.stderr)
+            return 2
+        print(f"picture: {written}")
+    return 0
+
+
 @command("verify", "check every run's counters against its message rows (exit 1 on mismatch)")
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     import ops
