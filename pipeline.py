@@ -130,7 +130,7 @@ WITH part AS (
     UPDATE campaign_messages SET status = %(st)s, skip_reason = %(skip)s, error_class = %(err_class)s,
         error_message = %(err_msg)s, finished_at = now(), status_changed_at = now(),
         sent_at = CASE WHEN %(st)s = 'sent' THEN now() ELSE sent_at END,
-        send_ms = coalesce(%(send_ms)s, send_ms)
+        send_ms = CASE WHEN %(send_ms)s::int IS NULL THEN send_ms ELSE coalesce(send_ms, 0) + %(send_ms)s END
     WHERE id = %(id)s AND status = ANY(%(from)s)
       AND (%(part_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM part))
     RETURNING id, run_id, lead_id

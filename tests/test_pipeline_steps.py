@@ -459,3 +459,14 @@ def test_e07_inbox_disconnects_mid_run_pauses_and_resumes_on_reconnect(clean_db,
     assert drive(m_a.id, settings, llm, evo) == "sent"
     assert run_counters(w.run.id)["status"] == "completed"
     assert_counters_match(w.run.id)
+
+
+def test_send_ms_is_the_sum_over_every_part(clean_db, sb, llm, evo, settings):
+    """The message's send_ms adds up its parts' sends (the last part's time alone under-reports)."""
+    w = make_world(split=True, max_parts=3)
+    m1 = _two_part_message(w, settings, llm)
+    sb.set_faults(send={"latency_ms": 150})
+    assert drive(m1.id, settings, llm, evo) == "sent"
+    n_parts = len(parts_of(m1.id))
+    assert n_parts >= 2
+    assert CampaignMessage.get_by_id(m1.id).send_ms >= 150 * n_parts
