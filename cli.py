@@ -153,6 +153,39 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 # watching
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# repairs: dead letters (R-OPS-2) and in-doubt messages (R-FAIL-4)
+# --------------------------------------------------------------------------------------------
+
+def _dead_letters_args(p: argparse.ArgumentParser) -> None:
+    import deadletters
+
+    deadletters.add_arguments(p)
+
+
+@command("dead-letters", "list, requeue or purge the pipeline's dead letters (.XQ + PostgreSQL; "
+                         "same as scripts/reprocess_dead_letters.py)", _dead_letters_args)
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    import deadletters
+
+    return deadletters.run(args, settings)
+
+
+def _resolve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("message", type=int, help="id of the in_doubt campaign message (see `status`)")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--sent", action="store_true",
+                         help="the in-doubt part(s) reached the lead: count them sent, send what is left")
+    verdict.add_argument("--resend", action="store_true", help="they did not: send the in-doubt part(s) again")
+
+
+@command("resolve", "settle an in_doubt message: --sent (it reached the lead) or --resend", _resolve_args)
+def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    import deadletters
+
+    return deadletters.resolve(args.message, "sent" if args.sent else "resend", settings)
+
+
 def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="refresh interval in seconds (default 2)")

@@ -21,6 +21,7 @@ class DeadLetter(BaseModel):
     error_class = TextField(null=True)
     error_message = TextField(null=True)
     status = TextField(default="dead")
+    note = TextField(null=True)  # why it was resolved without a replay (V5)
     resolved_at = DateTimeTZField(null=True)
 
     class Meta:

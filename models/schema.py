@@ -287,7 +287,17 @@ V4 = Migration(4, "delivery webhook: provider-reported delivery errors", (
     "ALTER TABLE message_parts ADD COLUMN delivery_error_at timestamptz",
 ))
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4)
+V5 = Migration(5, "dead letters: resolved without a replay, with the operator's note", (
+    # A dead letter whose campaign message moved on (completed since, lead deleted, run
+    # cancelled) is settled without re-publishing anything: 'resolved', and the note says why
+    # (R-OPS-2). 'requeued' / 'purged' keep their meaning.
+    "ALTER TABLE dead_letters DROP CONSTRAINT IF EXISTS dead_letters_status_check",
+    """ALTER TABLE dead_letters ADD CONSTRAINT dead_letters_status_check
+       CHECK (status IN ('dead', 'requeued', 'purged', 'resolved'))""",
+    "ALTER TABLE dead_letters ADD COLUMN note text",
+))
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5)
 LATEST = MIGRATIONS[-1].version
 
 

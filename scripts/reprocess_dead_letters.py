@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""List, requeue or purge the dead letters of the campaign pipeline (SPEC R-OPS-2).
+
+    python scripts/reprocess_dead_letters.py                       # list (XQ copies + PostgreSQL records)
+    python scripts/reprocess_dead_letters.py --queue campaign.send --older-than 2h
+    python scripts/reprocess_dead_letters.py --requeue --dry-run   # what would change
+    python scripts/reprocess_dead_letters.py --requeue --run 42
+    python scripts/reprocess_dead_letters.py --purge --id 17
+
+Exit codes: 0 ok, 1 some dead letters could not be handled, 2 bad arguments. The logic lives in
+``deadletters.py`` (also reachable as ``python cli.py dead-letters``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Runnable as `python scripts/reprocess_dead_letters.py` from anywhere: the engine's modules
+# live one directory up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deadletters  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(deadletters.main())
