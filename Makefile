@@ -21,8 +21,10 @@ services: venv
 test: services
 	set -a; . ./$(VENV)/services.env; set +a; $(PY) -m pytest $(PYTEST_ARGS)
 
-demo: services
-	@echo "make demo arrives with issue 8 (the end-to-end demo); for now: make test"; exit 1
+# The whole engine end to end: real services when DATABASE_URL / RABBITMQ_URL answer (its own
+# database and vhost), else embedded PostgreSQL (pgserver) + StubBroker. Never starts services.
+demo: venv
+	$(PY) demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -344,6 +344,24 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
+# --------------------------------------------------------------------------------------------
+# demo (issue 8)
+# --------------------------------------------------------------------------------------------
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    import demo
+
+    demo.add_arguments(p)
+
+
+@command("demo", "run the whole engine end to end on this machine (sandbox providers; real services when they "
+         "answer, else embedded PostgreSQL + StubBroker)", _demo_args)
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import demo
+
+    return demo.run_from_args(args, verbose=args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     parser = argparse.ArgumentParser(prog="cli.py", description="Campaign engine operator CLI")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from peewee import DatabaseProxy
 from playhouse.postgres_ext import PooledPostgresqlExtDatabase
@@ -33,7 +33,11 @@ def connect_kwargs(url: str) -> dict:
     name = unquote(parts.path.lstrip("/"))
     if not name:
         raise ConfigError(f"DATABASE_URL {redact_url(url)!r} names no database")
-    kwargs: dict = {"database": name, "host": parts.hostname or "127.0.0.1", "port": parts.port or 5432}
+    # libpq's form for a Unix-socket directory, ``postgresql://user@/dbname?host=/run/dir`` (the
+    # embedded PostgreSQL of the demo listens on a socket only), wins over the URL's host part
+    socket_dir = (parse_qs(parts.query).get("host") or [""])[-1]
+    kwargs: dict = {"database": name, "host": socket_dir or parts.hostname or "127.0.0.1",
+                    "port": parts.port or 5432}
     if parts.username:
         kwargs["user"] = unquote(parts.username)
     if parts.password:
