@@ -180,17 +180,37 @@ def _quiet_noisy_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners and the demo swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # StreamHandler.__init__ assigns it; the live sys.stderr is always used
+
+
 def configure_logging(settings: Settings, *, level: str | int | None = None, stream: TextIO | None = None) -> None:
-    """Entry points: one stderr handler with the structured formatter (replaces earlier handlers)."""
+    """Entry points: one stderr handler with the structured formatter.
+
+    Like ``logging.basicConfig``, it leaves logging alone when someone else already configured
+    it (a test runner, an application embedding the CLI); calling it again replaces only the
+    handler it installed itself.
+    """
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, "_campaign_engine", False)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    _quiet_noisy_libraries()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
+    handler._campaign_engine = True  # type: ignore[attr-defined]
     handler.setFormatter(_formatter(settings))
     handler.addFilter(_ContextFilter())
     root.addHandler(handler)
     root.setLevel(level or settings.log_level)
-    _quiet_noisy_libraries()
 
 
 def install_on_existing_handlers(settings: Settings) -> None:

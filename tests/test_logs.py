@@ -97,6 +97,27 @@ def test_annotate_adds_to_the_bound_context_only():
     assert logs.current_context() == {}
 
 
+def test_configure_logging_is_basicconfig_polite_and_follows_the_live_stderr(monkeypatch):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        root.handlers[:] = []
+        logs.configure_logging(get_settings())
+        logs.configure_logging(get_settings())  # again: still one handler, its own replaced
+        assert len(root.handlers) == 1 and getattr(root.handlers[0], "_campaign_engine", False)
+        buf = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", buf)  # swapped after configuration, as test runners do
+        logging.getLogger("test_logs.live").warning("to the live stderr %s", 1)
+        assert 'msg="to the live stderr 1"' in buf.getvalue()
+        foreign = logging.StreamHandler(io.StringIO())
+        root.handlers[:] = [foreign]
+        logs.configure_logging(get_settings())  # someone else configured logging: left alone
+        assert root.handlers == [foreign]
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
 # --------------------------------------------------------------------------------------------
 # integration: a full run on real workers + the real scheduler, logs grepped for secrets
 

@@ -5,6 +5,7 @@ each fails without its handling. Real worker processes are in test_pipeline_work
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -149,6 +150,8 @@ def test_e13_number_not_on_whatsapp(clean_db, sb, llm, evo, settings):
 
 
 def test_e10_openrouter_429_retry_after_honoured(clean_db, sb, llm, evo, settings):
+    # enough attempts that 60 % 429s cannot exhaust them (0.6 ** 30): the point is Retry-After
+    settings = dataclasses.replace(settings, max_attempts=30)
     w = make_world()
     m1, = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=1.0)
