@@ -26,5 +26,12 @@ test: services
 demo: venv
 	$(PY) demo.py $(DEMO_ARGS)
 
+# SPEC T-REL-1 fault-injection suite: >= 2,000 messages on real services while workers are
+# killed, RabbitMQ restarts and worker connections are terminated; its own database + vhost.
+# Prints the seed and the replay command; CHAOS_ARGS="--seed N --keep" replays and keeps the
+# database for forensics, "--ci" is the small variant tests/test_chaos.py runs.
+chaos: services
+	set -a; . ./$(VENV)/services.env; set +a; $(PY) scripts/chaos.py $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,7 @@ import logging
 import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import peewee
 from peewee import DatabaseProxy
 from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
@@ -45,6 +46,40 @@ def connect_kwargs(url: str) -> dict:
     return kwargs
 
 
+class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
+    """The pool, plus: a statement run OUTSIDE a transaction whose connection turns out to be dead
+    (``pg_terminate_backend``, a server restart: E-16) runs once more on a fresh connection.
+
+    Without this, the first statement after a termination fails, so a worker that has just
+    sent a WhatsApp part cannot record it (the part becomes ``in_doubt`` although its outcome
+    was known) and cannot release its inbox's send slot (the inbox stalls until the lease
+    expires). Running a statement twice is safe here because every state change is a
+    conditional UPDATE (DESIGN #2): a second run finds nothing left to do. Inside a transaction
+    nothing is retried: the whole transaction is gone, the caller's error handling owns it.
+    """
+
+    def execute_sql(self, sql, params=None, named_cursor=None):
+        try:
+            return super().execute_sql(sql, params, named_cursor=named_cursor)
+        except (peewee.OperationalError, peewee.InterfaceError):
+            conn = self._state.conn
+            if self.in_transaction() or conn is None or not getattr(conn, "closed", 0):
+                raise
+            log.warning("database connection lost (terminated or server restarted); "
+                        "running the statement again on a fresh connection")
+            self._replace_connection()
+            return super().execute_sql(sql, params, named_cursor=named_cursor)
+
+    def _replace_connection(self) -> None:
+        """Discard this thread's dead connection, check out another; keep connection_context() state."""
+        with self._lock:
+            ctx = self._state.ctx
+            self._close(self._state.conn, close_conn=True)
+            self._state.set_connection(self._connect())
+            self._state.ctx = ctx
+            self._initialize_connection(self._state.conn)
+
+
 def init_db(settings: Settings, *, max_connections: int | None = None,
             application_name: str | None = None) -> PooledPostgresqlExtDatabase:
     """Bind ``db`` to the database of ``settings`` (idempotent per URL); return the real database."""
@@ -52,7 +87,7 @@ def init_db(settings: Settings, *, max_connections: int | None = None,
     if current is not None and getattr(current, "_campaign_url", None) == settings.database_url:
         return current
     kwargs = connect_kwargs(settings.database_url)
-    database = PooledPostgresqlExtDatabase(
+    database = ResilientPooledDatabase(
         kwargs.pop("database"),
         max_connections=max_connections or settings.db_max_connections,
         stale_timeout=300,

@@ -31,6 +31,7 @@ import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 import logs
+import ratelimit
 from db import db
 from errors import (AmbiguousSend, AuthError, BadCompletion, CreditsExhausted, EngineError, InvalidNumber,
                     PermanentError, ProviderError, TransientError, UnknownInstance)
@@ -57,6 +58,10 @@ STEP_STATUSES = {"generate": ("queued", "generating"), "split": ("splitting",), 
 
 class StepFailed(EngineError):
     """A step's retries are exhausted or its failure is final: dead-letter the Dramatiq message."""
+
+
+class RetryAfterPending(EngineError):
+    """A provider's Retry-After for an earlier attempt of this message has not elapsed yet."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +481,12 @@ def _transient(ctx: Context, exc: TransientError | BaseException, settings: Sett
         return
     if attempt >= settings.max_attempts:
         raise StepFailed(f"{step}: {attempt} attempts failed, last: {exc}") from exc
-    delay = backoff_seconds(attempt, settings, getattr(exc, "retry_after", None))
+    retry_after = getattr(exc, "retry_after", None)
+    delay = backoff_seconds(attempt, settings, retry_after)
+    if retry_after is not None:
+        # a duplicate delivery of this message (broker redelivery, a killed worker's message)
+        # must honour it too, not only the delayed retry below (E-10)
+        ratelimit.hold(ratelimit.retry_after_key(ctx.message_id), retry_after + 0.05)
     if delay > MAX_BROKER_DELAY_SECONDS and step == "generate":
         # A Retry-After of many minutes: wait in PostgreSQL, not in a worker's memory (R-DISP-2).
         _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now(),
@@ -487,6 +497,16 @@ def _transient(ctx: Context, exc: TransientError | BaseException, settings: Sett
     log.info("%s message=%s attempt %s failed (%s); retry in %.2fs", step, ctx.message_id, attempt,
              getattr(exc, "code", type(exc).__name__), delay)
     raise RetryLater(delay, exc) from exc
+
+
+def _honour_retry_after(ctx: Context) -> None:
+    """Raise RetryLater while an earlier attempt's Retry-After is pending (E-10, any delivery)."""
+    if not ctx.attempts:
+        return  # no failed attempt since the last success: nothing can be pending (no query)
+    wait = ratelimit.hold_remaining(ratelimit.retry_after_key(ctx.message_id))
+    if wait > 0:
+        log.info("message=%s: Retry-After of an earlier attempt pending for %.2fs; waiting", ctx.message_id, wait)
+        raise RetryLater(wait + 0.01, RetryAfterPending(f"Retry-After pending for {wait:.2f}s"))
 
 
 def _provider_pause(ctx: Context, exc: ProviderError) -> None:
@@ -554,6 +574,7 @@ def generate_step(message_id: int, settings: Settings, llm: Any) -> bool:
         return False
     if ctx.generated_text:  # resumed after a wait: the text is already there
         return _advance(ctx, "splitting")
+    _honour_retry_after(ctx)
     started = time.perf_counter()
     tokens = None
     try:
@@ -757,6 +778,7 @@ def send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rando
         # answer): it may have gone out. Never resend it automatically (R-FAIL-4).
         _mark_in_doubt(ctx, part_id, "part found in 'sending' without an outcome", settings)
         return SendOutcome(False, None)
+    _honour_retry_after(ctx)
     attempt = uuid.uuid4()
     claimed = _one("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
                       WHERE id = %s AND status IN ('pending', 'failed') RETURNING id""", (str(attempt), part_id))
@@ -952,6 +974,7 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
         if args:
             (publish or _publish_step)(queue, args)
     completed = complete_runs_if_done()
+    ratelimit.purge_expired_holds()
     result = {"in_doubt": len(orphans), "requeued": len(stale), "completed_runs": len(completed)}
     if orphans or stale or completed:
         log.warning("recovery sweep: %s", result)
@@ -1019,6 +1042,7 @@ def resume_paused_run(run_id: int, reason: str) -> bool:
             return False
     log_event("run", f"run resumed ({reason} cleared)", run_id=run_id)
     return True
+
 
 # --------------------------------------------------------------------------------------------
 # operator repairs: dead-letter requeue (R-OPS-2, R-FAIL-3) and in-doubt resolution (R-FAIL-4)

@@ -125,3 +125,34 @@ def acquire_minute(key: str, per_minute: int) -> Grant:
     wait = db.execute_sql("SELECT extract(epoch FROM date_trunc('minute', now()) + interval '1 minute' - now())"
                           ).fetchone()[0]
     return Grant(key, None, max(0.05, float(wait)))
+
+
+def retry_after_key(message_id: int) -> str:
+    """The key holding a campaign message's pending Retry-After (E-10)."""
+    return f"retry_after:message:{message_id}"
+
+
+def hold(key: str, seconds: float) -> None:
+    """Nobody calls the provider for ``key`` before ``seconds`` from now (a Retry-After the provider gave).
+
+    Kept in PostgreSQL, not only in the delayed Dramatiq retry: a duplicate delivery of the same
+    message (a redelivery after a broker restart or a worker kill) must honour it too.
+    """
+    db.execute_sql("""INSERT INTO rate_limits (key, lease_until) VALUES (%s, now() + make_interval(secs => %s))
+                      ON CONFLICT (key) DO UPDATE SET updated_at = now(),
+                          lease_until = greatest(rate_limits.lease_until, EXCLUDED.lease_until)""", (key, seconds))
+
+
+def hold_remaining(key: str) -> float:
+    """Seconds left of the hold on ``key`` (0 when none)."""
+    row = db.execute_sql("SELECT extract(epoch FROM lease_until - now())::float FROM rate_limits WHERE key = %s",
+                         (key,)).fetchone()
+    return max(0.0, row[0]) if row and row[0] is not None else 0.0
+
+
+def purge_expired_holds(older_than_seconds: float = 3600) -> int:
+    """Delete Retry-After holds that ended long ago (the recovery sweep calls this)."""
+    rows = db.execute_sql("""DELETE FROM rate_limits WHERE key LIKE 'retry_after:%%'
+                             AND lease_until < now() - make_interval(secs => %s) RETURNING key""",
+                          (older_than_seconds,)).fetchall()
+    return len(rows)

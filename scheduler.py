@@ -122,8 +122,8 @@ def job_specs(settings: Settings) -> list[JobSpec]:
         JobSpec("plan_due_runs", _plan, 60),
         JobSpec("dispatch_due", _dispatch, settings.dispatch_interval_seconds),
         JobSpec("window_guard", _window_guard, 15),   # too-late skips (R-DISP-3) + window close (R-DISP-4)
-        JobSpec("recovery_sweep", _recovery, 60),     # R-FAIL-8
-        JobSpec("inbox_health", _inbox_health, 60),   # R-FAIL-6
+        JobSpec("recovery_sweep", _recovery, settings.recovery_interval_seconds),     # R-FAIL-8
+        JobSpec("inbox_health", _inbox_health, settings.inbox_health_interval_seconds),   # R-FAIL-6
         JobSpec("alerts", _alerts, 60),               # R-OPS-4, logged at ERROR
     ]
 

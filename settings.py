@@ -121,6 +121,10 @@ class Settings:
                                                             "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)})
     dispatch_interval_seconds: float = field(default=1.0, metadata={
         "env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)})
+    recovery_interval_seconds: float = field(default=60.0, metadata={
+        "env": "RECOVERY_INTERVAL_SECONDS", "parse": _float_in("RECOVERY_INTERVAL_SECONDS", 1, 3600)})
+    inbox_health_interval_seconds: float = field(default=60.0, metadata={
+        "env": "INBOX_HEALTH_INTERVAL_SECONDS", "parse": _float_in("INBOX_HEALTH_INTERVAL_SECONDS", 1, 3600)})
     max_lateness_seconds: int = field(default=3600, metadata={
         "env": "MAX_LATENESS_SECONDS", "parse": _int_in("MAX_LATENESS_SECONDS", 60, 86400)})
     lease_seconds: int = field(default=600, metadata={"env": "LEASE_SECONDS",

@@ -168,10 +168,15 @@ class RateLimits(Middleware):
             return
         delay = min(grant.wait, MAX_BROKER_DELAY_SECONDS)
         log.debug("rate limited %s args=%s: retry in %.2fs", message.actor_name, message.args, delay)
-        if delay > 5 and message.args:
-            # a long wait is not a stuck message: keep the recovery sweep from copying it (R-FAIL-8)
-            db.execute_sql("UPDATE campaign_messages SET status_changed_at = now() WHERE id = %s "
-                           "AND status IN ('queued', 'generating', 'splitting', 'sending')", (int(message.args[0]),))
+        if message.args:
+            # A message waiting its turn is alive, not stuck: keep the recovery sweep from copying
+            # it (R-FAIL-8). Short waits too: behind a busy inbox one message is deferred many
+            # times in a row, and each copy the sweep made would join the queue of pollers. The
+            # row is written only when it would look stale before this delivery comes back.
+            db.execute_sql("""UPDATE campaign_messages SET status_changed_at = now() WHERE id = %s
+                              AND status IN ('queued', 'generating', 'splitting', 'sending')
+                              AND status_changed_at < now() + make_interval(secs => %s)""",
+                           (int(message.args[0]), delay - self.settings.lease_seconds / 2))
         broker.enqueue(message.copy(), delay=int(delay * 1000) + 1)
         raise SkipMessage(f"rate limited for {delay:.2f}s")
 

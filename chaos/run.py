@@ -1,0 +1,348 @@
+"""Orchestration of one suite run: ``python scripts/chaos.py [--ci] [--seed N] [--keep] [--report FILE]``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import psycopg2
+
+from chaos import checks, faults, services, world
+
+log = logging.getLogger("chaos")
+T = TypeVar("T")
+
+ADMIN_PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+RABBIT_BASE_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """The size of a run and the faults it injects."""
+
+    messages: int
+    campaigns: int
+    inboxes: int
+    workers: int
+    threads: int
+    schedule_seconds: float          # the span over which each campaign's messages are planned
+    fault_counts: dict[str, int]
+    progress_window: tuple[float, float]
+    fault_spacing: float
+    timeout_seconds: float           # from the first dispatch to quiescence, at most
+    hang_rate: float = 0.01          # sends accepted then never answered (read timeout)
+
+
+FULL = Profile(messages=2000, campaigns=6, inboxes=5, workers=3, threads=8, schedule_seconds=150,
+               fault_counts={faults.KILL_MID_SEND: 1, faults.KILL: 2, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 2},
+               progress_window=(0.08, 0.85), fault_spacing=0.1, timeout_seconds=720)
+CI = Profile(messages=320, campaigns=5, inboxes=5, workers=2, threads=6, schedule_seconds=35,
+             fault_counts={faults.KILL_MID_SEND: 1, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 1},
+             progress_window=(0.15, 0.7), fault_spacing=0.2, timeout_seconds=170,
+             # ~430 parts: at 1 % one run in ~70 would see no hang at all and prove nothing about
+             # read timeouts (E-14); at 2 % that is one in ~5,000
+             hang_rate=0.02)
+
+#: provider faults all along (T-REL-1): 10 % 429 with Retry-After, 5 % 500, 1 % accepted-then-hang
+#: on sends; some 429/500 on the LLM routes. Latencies make sends take real time (a kill can hit one).
+SANDBOX_FAULTS: dict[str, Any] = {
+    "send": {"rate_429": 0.10, "rate_500": 0.05, "rate_accept_then_hang": 0.01, "latency_ms": [15, 60]},
+    "chat": {"rate_429": 0.04, "rate_500": 0.02, "latency_ms": [5, 40]},
+    "split": {"rate_429": 0.04, "rate_500": 0.02, "latency_ms": [5, 40]},
+    "retry_after": 1.0,
+    "hang_seconds": 4.0,   # longer than SEND_TIMEOUT_SECONDS: the client's read times out
+}
+
+#: the engine's settings for the run (test speed; every one is a documented environment variable)
+ENGINE_ENV = {
+    "CAMPAIGN_BROKER": "rabbitmq",
+    "MIN_BACKOFF_SECONDS": "0.2",
+    "MAX_BACKOFF_SECONDS": "2",
+    "MAX_ATTEMPTS": "5",
+    "LEASE_SECONDS": "15",
+    "SEND_TIMEOUT_SECONDS": "2",
+    "LLM_TIMEOUT_SECONDS": "10",
+    "OPENROUTER_REQUESTS_PER_MINUTE": "100000",
+    # 15 % of sends fail on purpose: 5 in a row is expected now and then, and would disable an
+    # inbox for the rest of the run (an operator decision, not something this suite measures)
+    "INBOX_FAILURE_LIMIT": "50",
+    "DISPATCH_INTERVAL_SECONDS": "0.5",
+    "RECOVERY_INTERVAL_SECONDS": "3",
+    "INBOX_HEALTH_INTERVAL_SECONDS": "5",
+    "DB_MAX_CONNECTIONS": "16",
+    "LOG_LEVEL": "INFO",
+    "dramatiq_worker_timeout": "100",
+    "PYTHONUNBUFFERED": "1",
+}
+INBOX_MIN_GAP = 0.1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="scripts/chaos.py", description="Fault-injection suite (SPEC T-REL-1).")
+    p.add_argument("--ci", action="store_true", help="the small CI variant (>= 300 messages, one fault of each kind)")
+    p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
+    p.add_argument("--messages", type=int, default=None, help="override the profile's message count")
+    p.add_argument("--schedule-seconds", type=float, default=None, help="override the planned span per campaign")
+    p.add_argument("--timeout", type=float, default=None, help="override the quiescence timeout (s)")
+    p.add_argument("--keep", action="store_true", help="keep the database and vhost when a check fails (forensics)")
+    p.add_argument("--report", type=Path, default=None, help="write the verdict as JSON here")
+    p.add_argument("--log-dir", type=Path, default=None, help="worker/scheduler/sandbox logs (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.messages is not None and args.messages < 1:
+        p.error("--messages must be >= 1")
+    return args
+
+
+class Probe:
+    """The suite's own connection to the run's database (thread-safe, reconnects after a failure)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Run one read query; retried once on a fresh connection."""
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = psycopg2.connect(self.url, connect_timeout=5, application_name="campaign-chaos")
+                        self._conn.autocommit = True
+                    with self._conn.cursor() as cur:
+                        cur.execute(sql, params)
+                        return cur.fetchall()
+                except psycopg2.Error:
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    if attempt:
+                        raise
+        raise AssertionError("unreachable")
+
+    def cursor_run(self, fn: Callable[[Any], T]) -> T:
+        """Call ``fn(cursor)`` on the probe connection."""
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg2.connect(self.url, connect_timeout=5, application_name="campaign-chaos")
+                self._conn.autocommit = True
+            with self._conn.cursor() as cur:
+                return fn(cur)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def replay_command(args: argparse.Namespace, seed: int) -> str:
+    """The exact command that replays this run."""
+    parts = [sys.executable, "scripts/chaos.py", "--seed", str(seed)]
+    if args.ci:
+        parts.append("--ci")
+    if args.messages is not None:
+        parts += ["--messages", str(args.messages)]
+    if args.schedule_seconds is not None:
+        parts += ["--schedule-seconds", str(args.schedule_seconds)]
+    if args.timeout is not None:
+        parts += ["--timeout", str(args.timeout)]
+    if args.keep:
+        parts.append("--keep")
+    return shlex.join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; exit status 0 only when every check passed."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    profile = CI if args.ci else FULL
+    profile = dataclasses.replace(
+        profile, messages=args.messages or profile.messages,
+        schedule_seconds=args.schedule_seconds or profile.schedule_seconds,
+        timeout_seconds=args.timeout or profile.timeout_seconds)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
+    print(f"chaos: seed {seed} ({'CI' if args.ci else 'full'} profile: {profile.messages} messages, "
+          f"{profile.campaigns} campaigns, {profile.inboxes} inboxes, {profile.workers} workers x "
+          f"{profile.threads} threads)\nreplay: {replay_command(args, seed)}", flush=True)
+    started = time.monotonic()
+    name = f"chaos_{seed}_{uuid.uuid4().hex[:6]}"
+    svc = services.Services(name, ADMIN_PG_URL, RABBIT_BASE_URL, services.default_rabbitmqctl())
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"chaos: database and vhost {name!r}; logs in {log_dir} (kept when a check fails or --log-dir "
+          "is given)", flush=True)
+    ok = False
+    result: dict[str, Any] = {"seed": seed, "replay": replay_command(args, seed), "name": name, "log_dir": str(log_dir)}
+    try:
+        svc.create()
+        ok, result = _run(svc, profile, seed, log_dir, result)
+    except Exception as exc:
+        log.exception("chaos run aborted")
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        result["duration_s"] = round(time.monotonic() - started, 1)
+        if args.report:
+            args.report.write_text(json.dumps(result, indent=2, default=str))
+        if ok and args.log_dir is None:
+            shutil.rmtree(log_dir, ignore_errors=True)  # logs of a passing run in a temp dir: not worth keeping
+        if ok or not args.keep:
+            svc.drop()
+            print(f"chaos: dropped database and vhost {name!r}", flush=True)
+        else:
+            print(f"chaos: KEPT database {svc.database_url} and vhost {name!r} for forensics "
+                  f"(drop: psql -c 'DROP DATABASE \"{name}\"'; rabbitmqctl delete_vhost {name})", flush=True)
+    print(f"chaos: {'PASS' if ok else 'FAIL'} in {result['duration_s']:.0f} s (seed {seed}; replay: "
+          f"{result['replay']})", flush=True)
+    return 0 if ok else 1
+
+
+def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
+         result: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    from db import close_db, db, init_db
+    from models.schema import migrate
+    from sandbox.testing import SandboxProcess
+    from settings import Settings, reset_settings
+
+    rng = random.Random(seed)
+    env = {**os.environ, **ENGINE_ENV, "DATABASE_URL": svc.database_url, "RABBITMQ_URL": svc.rabbitmq_url}
+    sandbox_faults = json.loads(json.dumps(SANDBOX_FAULTS))
+    sandbox_faults["send"]["rate_accept_then_hang"] = profile.hang_rate
+    sandbox = SandboxProcess(seed=seed, faults=sandbox_faults)
+    supervisor: services.Supervisor | None = None
+    injector: faults.Injector | None = None
+    probe = Probe(svc.database_url)
+    try:
+        sandbox.start()
+        env.update({"OPENROUTER_BASE_URL": sandbox.openrouter_url, "OPENROUTER_API_KEY": sandbox.chat_key,
+                    "EVOLUTION_API_URL": sandbox.evolution_url, "EVOLUTION_API_KEY": sandbox.evolution_key})
+        os.environ.update({k: env[k] for k in ("DATABASE_URL", "RABBITMQ_URL", "CAMPAIGN_BROKER")})
+        reset_settings()
+        settings = Settings.from_env(env)
+        init_db(settings, application_name=f"campaign-chaos:{os.getpid()}")
+        per_campaign = profile.messages / profile.campaigns
+        mean_gap = profile.schedule_seconds / per_campaign
+        plan = world.plan_world(rng, messages=profile.messages, campaigns=profile.campaigns, inboxes=profile.inboxes,
+                                gap=(round(mean_gap * 0.5, 3), round(mean_gap * 1.5, 3)), part_gap=(0.1, 0.4),
+                                inbox_min_gap=INBOX_MIN_GAP, tag=str(seed % 10000))
+        with db.connection_context():
+            migrate(db)
+            world.build_world(plan, rng)
+        fault_plan = faults.plan_faults(rng, profile.fault_counts, lo=profile.progress_window[0],
+                                        hi=profile.progress_window[1], min_spacing=profile.fault_spacing)
+        print("chaos: fault plan (at progress = share of messages terminal): " + ", ".join(
+            f"{f.kind}@{f.at_progress:.0%}" + (f"(down {f.outage_s}s)" if f.outage_s else "") for f in fault_plan),
+            flush=True)
+        workers = [services.Proc(f"worker-{i}", services.dramatiq_cmd(profile.threads), env, log_dir / f"worker-{i}.log")
+                   for i in range(profile.workers)]
+        scheduler = services.Proc("scheduler", [sys.executable, "scheduler.py"], env, log_dir / "scheduler.log")
+        supervisor = services.Supervisor([*workers, scheduler])
+        t0 = time.time()
+        supervisor.start()
+        _wait_planned(probe, profile, plan.total_leads)
+        total = plan.total_leads
+
+        def progress() -> float:
+            done = probe.query("SELECT count(*) FROM campaign_messages WHERE status IN "
+                               "('sent', 'failed', 'skipped', 'in_doubt')")[0][0]
+            return done / total
+
+        def sending_parts() -> list[tuple[int, float]]:
+            return [(r[0], r[1]) for r in probe.query(
+                "SELECT id, extract(epoch FROM sending_at)::float FROM message_parts WHERE status = 'sending'")]
+
+        injector = faults.Injector(fault_plan, services=svc, supervisor=supervisor, workers=workers,
+                                   progress=progress, sending_parts=sending_parts)
+        injector.start()
+        quiescent, quiescence_s = _wait_quiescent(probe, injector, t0, profile.timeout_seconds)
+        injector.stop()
+        injector.join(30)
+        # collect before stopping anything: a late duplicate would show up in the ledger
+        time.sleep(1.0)
+        ledger = sandbox.ledger()
+        db_facts = probe.cursor_run(checks.collect_db)
+        import ops
+
+        with db.connection_context():
+            mismatches = ops.verify()
+        verdict = checks.judge(
+            db_facts=db_facts, ledger=ledger, events=injector.events, expected_faults=profile.fault_counts,
+            expected_messages=profile.messages, mismatches=mismatches, min_gap=INBOX_MIN_GAP,
+            send_reach_s=settings.send_timeout_seconds + 5, t0=t0, quiescent=quiescent, quiescence_s=quiescence_s,
+            injector_error=repr(injector.error) if injector.error else None)
+        verdict.facts["restarts"] = [(n, round(t - t0, 1)) for n, t in supervisor.restarts]
+        verdict.facts["run_seconds"] = round(quiescence_s or (time.time() - t0), 1)
+        print(checks.render(verdict), flush=True)
+        _print_facts(verdict)
+        if verdict.problems:
+            print("problems:\n  " + "\n  ".join(verdict.problems[:20]), flush=True)
+        result.update(verdict.as_dict())
+        return verdict.ok, result
+    finally:
+        if injector is not None:
+            injector.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        sandbox.stop()
+        probe.close()
+        close_db()
+
+
+def _print_facts(verdict: checks.Verdict) -> None:
+    f = verdict.facts
+    print(f"facts: messages {f['messages_by_status']}; parts {f['parts']} (per message {f['parts_by_message']}); "
+          f"sandbox sends {f['sandbox_sends']}, requests {f['sandbox_requests']}, faults {f['sandbox_faults']}; "
+          f"dead letters {f['dead_letters']}; not sent because {f['failed_or_skipped_reasons']}; "
+          f"process restarts {f['restarts']}; run {f['run_seconds']} s", flush=True)
+
+
+def _wait_planned(probe: Probe, profile: Profile, total: int, timeout: float = 90) -> None:
+    """The scheduler plans every campaign's run at its start; wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs, planned = probe.query("SELECT count(*), coalesce(sum(leads_total), 0) FROM campaign_runs")[0]
+        if runs >= profile.campaigns and planned >= total:
+            log.info("scheduler planned %s runs, %s messages", runs, planned)
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the scheduler planned {runs} runs / {planned} messages within {timeout}s "
+                               f"(expected {profile.campaigns} / {total}); see scheduler.log")
+        time.sleep(0.5)
+
+
+def _wait_quiescent(probe: Probe, injector: faults.Injector, t0: float, timeout: float) -> tuple[bool, float | None]:
+    """Every message terminal, no part `sending`, every run closed, every fault injected; or timeout."""
+    deadline = t0 + timeout
+    last_report = 0.0
+    while True:
+        counts = dict(probe.query("SELECT status, count(*) FROM campaign_messages GROUP BY status"))
+        open_runs = probe.query("SELECT count(*) FROM campaign_runs WHERE status IN ('planning', 'running', 'paused')")[0][0]
+        sending = probe.query("SELECT count(*) FROM message_parts WHERE status = 'sending'")[0][0]
+        busy = sum(n for s, n in counts.items() if s not in checks.TERMINAL)
+        now = time.time()
+        if now - last_report > 10:
+            log.info("progress %.0fs: %s; open runs %s; parts sending %s; faults injected %s/%s", now - t0,
+                     counts, open_runs, sending, len(injector.events), len(injector.plan))
+            last_report = now
+        if busy == 0 and open_runs == 0 and sending == 0 and injector.done:
+            return True, now - t0
+        if now > deadline:
+            log.error("no quiescence after %.0fs: %s; open runs %s; parts sending %s", timeout, counts, open_runs,
+                      sending)
+            return False, None
+        time.sleep(0.5)
