@@ -223,17 +223,11 @@ class XqBrowser:
 
     def browse(self, queues: Iterable[str]) -> list[XqMessage]:
         """Fetch every message of each ``queue``'s XQ without acknowledging it (a missing XQ is empty)."""
-        from pika.exceptions import ChannelClosedByBroker
-
         out: list[XqMessage] = []
         for queue in queues:
             xq = f"{queue}.XQ"
-            try:
-                depth = self._channel.queue_declare(queue=xq, passive=True).method.message_count
-            except ChannelClosedByBroker as exc:
-                if exc.reply_code != 404:
-                    raise
-                self._channel = self._conn.channel()  # never declared: nothing died there yet
+            depth = self._depth(xq)
+            if depth is None:  # never declared (or deleted): nothing died there
                 continue
             fetched = 0
             while fetched < BROWSE_LIMIT:
@@ -245,6 +239,26 @@ class XqBrowser:
             if fetched >= BROWSE_LIMIT and depth > fetched:
                 self.truncated.append(f"{xq}: only the first {fetched} of {depth} messages were read")
         return out
+
+    def _depth(self, xq: str) -> int | None:
+        """Messages in ``xq``, None when it does not exist.
+
+        Probed on a channel of its own: a 404 closes the channel it happens on, and closing the
+        browsing channel would give back every copy held so far while its delivery tags restart
+        at 1 on the next channel, so a later ack would remove a different dead letter.
+        """
+        from pika.exceptions import ChannelClosedByBroker
+
+        probe = self._conn.channel()
+        try:
+            return probe.queue_declare(queue=xq, passive=True).method.message_count
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            return None
+        finally:
+            if probe.is_open:
+                probe.close()
 
     def ack(self, msg: XqMessage) -> None:
         """Remove one XQ copy for good."""

@@ -442,6 +442,16 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
         if _window_closed(ctx):
             finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
             return False
+    elif ctx.lead_id is None or ctx.lead_opted_out:
+        # Mid-message, the lead was deleted (no number left to send to) or asked to stop (that
+        # wins over finishing the sentence): the rest is not sent; the message fails with why.
+        reason = "lead_deleted" if ctx.lead_id is None else "opted_out"
+        with db.atomic():
+            if finish_message(ctx.message_id, "failed", settings, from_statuses=("sending",), error_class=reason,
+                              error_message=f"{reason} after part(s) went out: the rest is not sent") is not None:
+                _one("""UPDATE message_parts SET status = 'failed', error_message = %s
+                        WHERE message_id = %s AND status = 'pending' RETURNING id""", (reason, ctx.message_id))
+        return False
     if ctx.inbox_disabled:
         _pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
         if not started:
@@ -1203,6 +1213,18 @@ def resolve_in_doubt(message_id: int, outcome: str, settings: Settings) -> Repai
         status, run_id, inbox_id = row
         if status != "in_doubt":
             raise RepairRefused(f"message {message_id} is '{status}', not in_doubt: nothing to resolve")
+        if outcome == "resend":
+            # A late answer of the interrupted send (or the webhook) left proof it went out: a
+            # resend would reach the lead twice (R-PIPE-5), whatever the operator believes.
+            proof = _all("""SELECT idx, provider_message_id, delivery_status FROM message_parts
+                            WHERE message_id = %s AND status = 'in_doubt'
+                              AND (provider_message_id IS NOT NULL OR delivery_status IS NOT NULL)
+                            ORDER BY idx""", (message_id,))
+            if proof:
+                found = ", ".join(f"part #{idx + 1} has Evolution key {key or '?'}"
+                                  + (f" (delivery: {delivery})" if delivery else "") for idx, key, delivery in proof)
+                raise RepairRefused(f"message {message_id}: {found}: Evolution accepted it, so it is not resent; "
+                                    f"use --sent")
         repair = Repair(message_id, True, status_from=status, status_to="sending", run_id=run_id,
                         run_before=run_snapshot(run_id))
         _one("""UPDATE campaign_messages SET status = 'sending', attempts = 0, error_class = NULL,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import io
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -250,11 +252,39 @@ _DB_ERRORS = (peewee.OperationalError, peewee.InterfaceError, peewee.DatabaseErr
               MaxConnectionsExceeded)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each bounded by the idle timeout AND the current request's deadline.
+
+    A socket timeout alone is per ``recv``: a sender trickling one byte every few seconds would
+    hold its thread (and the shutdown, which joins every handler thread) for as long as it likes.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self.idle_timeout = idle_timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request deadline exceeded")
+            timeout = min(timeout, left)
+        self._sock.settimeout(timeout)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One request: route, size checks, secret, envelope, update."""
 
     protocol_version = "HTTP/1.1"   # keep-alive: Evolution and the sandbox reuse their connections
-    timeout = 15                    # an idle or trickling connection frees its thread after this
+    timeout = 15                    # longest silence on a connection (an idle keep-alive one included)
+    request_deadline = 30.0         # longest a whole request may take to arrive, however it trickles
     # Status line, headers and body leave in one segment: written separately, Nagle's algorithm
     # and the peer's delayed ACK stall every answer by ~40 ms.
     disable_nagle_algorithm = True
@@ -264,6 +294,18 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """The stdlib setup, with the request line, headers and body read through a _DeadlineReader."""
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        buffered, self.rfile = self.rfile, io.BufferedReader(self._reader)
+        buffered.close()  # nothing read through it yet; the socket stays open
+
+    def handle_one_request(self) -> None:
+        """One request on the connection, which must arrive whole within ``request_deadline``."""
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        super().handle_one_request()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """No access log: the request line may carry ``?secret=``; outcomes are logged per update."""
@@ -275,6 +317,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, code: int, body: dict[str, Any]) -> None:
         payload = json.dumps(body).encode()
         try:
+            self.connection.settimeout(self.timeout)  # the last read may have left the deadline's rest
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))

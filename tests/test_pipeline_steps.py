@@ -473,3 +473,24 @@ def test_send_ms_is_the_sum_over_every_part(clean_db, sb, llm, evo, settings):
     n_parts = len(parts_of(m1.id))
     assert n_parts >= 2
     assert CampaignMessage.get_by_id(m1.id).send_ms >= 150 * n_parts
+
+
+@pytest.mark.parametrize("change", ["deleted", "opted_out"])
+def test_lead_deleted_or_opted_out_mid_message_stops_the_rest(clean_db, sb, llm, evo, settings, change):
+    """After part 1 went out, a deleted lead has no number and an opted-out one asked to stop: the
+    remaining parts are never sent, the message fails with the reason, counters stay exact."""
+    w = make_world(split=True, max_parts=3)
+    m1 = _two_part_message(w, settings, llm)
+    assert pipeline.send_step(m1.id, settings, evo).sent
+    if change == "deleted":
+        Lead.delete().where(Lead.id == m1.lead_id).execute()
+    else:
+        Lead.update(opted_out=True).where(Lead.id == m1.lead_id).execute()
+    assert pipeline.send_step(m1.id, settings, evo).sent is False
+    m = CampaignMessage.get_by_id(m1.id)
+    reason = "lead_deleted" if change == "deleted" else "opted_out"
+    assert (m.status, m.error_class) == ("failed", reason)
+    statuses = [p.status for p in parts_of(m1.id)]
+    assert statuses[0] == "sent" and set(statuses[1:]) == {"failed"}
+    assert len(_sends(sb)) == 1
+    assert_counters_match(w.run.id)
