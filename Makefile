@@ -26,6 +26,17 @@ test: services
 demo: venv
 	$(PY) demo.py $(DEMO_ARGS)
 
+# SPEC §7 benchmarks (T-PERF-1..5), one after the other, each on its own database + vhost + sandbox
+# + workers; each prints its figures, its reference and PASS/MISS. `make bench QUICK=1` runs the
+# small variants (minutes, not an hour); BENCH=... picks some (e.g. BENCH="pipeline scale");
+# BENCH_ARGS go to every script. Exit status non-zero when any target is missed.
+BENCH ?= pipeline latency ontime scale memory
+bench: services
+	@set -a; . ./$(VENV)/services.env; set +a; rc=0; \
+	for b in $(BENCH); do \
+	  echo; $(PY) bench/bench_$$b.py $(if $(QUICK),--quick) $(BENCH_ARGS) || rc=1; \
+	done; exit $$rc
+
 # SPEC T-REL-1 fault-injection suite: >= 2,000 messages on real services while workers are
 # killed, RabbitMQ restarts and worker connections are terminated; its own database + vhost.
 # Prints the seed and the replay command; CHAOS_ARGS="--seed N --keep" replays and keeps the
