@@ -44,5 +44,5 @@ bench: services
 chaos: services
 	set -a; . ./$(VENV)/services.env; set +a; $(PY) scripts/chaos.py $(CHAOS_ARGS)
 
-clean:
-	rm -rf $(VENV) .pytest_cache
+clean:  # the venv and everything the demo, reports and tests leave in the checkout
+	rm -rf $(VENV) .pytest_cache .demo demo-output reports
