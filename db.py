@@ -70,6 +70,41 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             self._replace_connection()
             return super().execute_sql(sql, params, named_cursor=named_cursor)
 
+    def _is_closed(self, conn) -> bool:
+        """Pool checkout test from psycopg2's own state: no ``SELECT 1`` round trip per checkout.
+
+        peewee's default pings the server on every checkout (once per actor delivery). A socket
+        that died while the connection sat in the pool is caught instead by the first statement
+        (``execute_sql``/``begin`` above re-run it once on a fresh connection), so the ping buys
+        nothing but a round trip.
+        """
+        if conn.closed:
+            return True
+        adapter = self._adapter
+        status = adapter.txn_status(conn)
+        if status == adapter.txn_unknown:
+            return True
+        if status != adapter.txn_idle:  # a transaction left open: never hand it out
+            try:
+                adapter.rollback(conn)
+            except Exception:
+                return True
+        return False
+
+    def begin(self, *args, **kwargs):
+        """BEGIN of an outermost transaction; on a connection found dead, once more on a fresh one."""
+        try:
+            return super().begin(*args, **kwargs)
+        except (peewee.OperationalError, peewee.InterfaceError):
+            conn = self._state.conn
+            # nested: the enclosing transaction is gone with the connection; the caller owns that
+            if self.transaction_depth() or conn is None or not getattr(conn, "closed", 0):
+                raise
+            log.warning("database connection lost (terminated or server restarted); "
+                        "starting the transaction on a fresh connection")
+            self._replace_connection()
+            return super().begin(*args, **kwargs)
+
     def _replace_connection(self) -> None:
         """Discard this thread's dead connection, check out another; keep connection_context() state."""
         with self._lock:

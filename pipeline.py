@@ -152,6 +152,11 @@ WITH part AS (
     UPDATE campaign_runs r SET """ + _RUN_COUNTERS_SET + """
     FROM m WHERE r.id = m.run_id
     RETURNING r.id, r.status, r.pause_reason
+), lease AS (
+    -- the send step's inbox slot, given back in the statement that records the send (T-PERF-1)
+    UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(), last_at = now()
+    WHERE %(lease_key)s::text IS NOT NULL AND key = %(lease_key)s AND lease_token = %(lease_token)s
+    RETURNING key
 )
 SELECT ctx.run_id, ctx.lead_id, ctx.src, ctx.tgt, ctx.old_col, run_upd.status, run_upd.pause_reason,
        (SELECT count(*) FROM part), (SELECT count(*) FROM lead_upd)
@@ -173,11 +178,14 @@ class Finished:
 def finish_message(message_id: int, status: str, settings: Settings, *, from_statuses: Iterable[str] = IN_FLIGHT,
                    skip_reason: str | None = None, error: BaseException | None = None,
                    error_class: str | None = None, error_message: str | None = None,
-                   last_part: tuple[int, uuid.UUID, str] | None = None, send_ms: int | None = None) -> Finished | None:
+                   last_part: tuple[int, uuid.UUID, str] | None = None, send_ms: int | None = None,
+                   lease: ratelimit.Grant | None = None) -> Finished | None:
     """Move one message to a terminal status with lead move, counters and run completion, atomically.
 
     ``last_part`` = (part id, attempt id, provider key id): that part becomes ``sent`` in the
     same statement, and nothing happens unless it was still ``sending`` with that attempt.
+    ``lease``: an inbox send slot released (a send happened: the gap counts from now) in the
+    same statement, whether or not the transition applies.
     """
     assert status in ("sent", "failed", "skipped", "in_doubt"), status
     if error is not None:
@@ -189,6 +197,8 @@ def finish_message(message_id: int, status: str, settings: Settings, *, from_sta
         "part_id": last_part[0] if last_part else None, "attempt": str(last_part[1]) if last_part else None,
         "key_id": last_part[2] if last_part else None, "send_ms": send_ms, "n": 1,
         "min_n": settings.error_threshold_min_processed, "ratio": settings.error_threshold_ratio,
+        "lease_key": lease.key if lease and lease.granted else None,
+        "lease_token": lease.token if lease and lease.granted else None,
     }
     row = _one(_FINISH_SQL, params)
     if row is None:
@@ -293,11 +303,16 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
     sweep re-enqueues any left queued by a crash).
     """
     limit = limit or settings.dispatch_batch_size
+    # The claim reads the partial due index (campaign_messages_due_idx) in scheduled_at order and
+    # keeps the rows whose run is running (T-PERF-4). ``m.run_id + 0`` is no indexable column,
+    # so the planner cannot turn the run check into a scan of campaign_messages_run_status_idx
+    # (which it picked on smaller tables: every pending message of the running runs, then a sort).
     rows = _all("""
         UPDATE campaign_messages SET status = 'queued', status_changed_at = now(), attempts = 0
         WHERE id IN (
-            SELECT m.id FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
-            WHERE m.status = 'pending' AND m.scheduled_at <= coalesce(%s, now()) AND r.status = 'running'
+            SELECT m.id FROM campaign_messages m
+            WHERE m.status = 'pending' AND m.scheduled_at <= coalesce(%s, now())
+              AND EXISTS (SELECT 1 FROM campaign_runs r WHERE r.id = m.run_id + 0 AND r.status = 'running')
             ORDER BY m.scheduled_at LIMIT %s
             FOR UPDATE OF m SKIP LOCKED)
         AND status = 'pending'
@@ -358,6 +373,8 @@ class Context:
     run_date: Any = None
     timezone: str = "UTC"
     window: tuple[int, int] = (0, 1440)
+    inbox_failures: int = 0  # the inbox's consecutive send failures (loaded by the send step only)
+    parts_count: int = 0     # parts the message already has (loaded by the split step only)
 
 
 _CONTEXT_SQL = """
@@ -374,27 +391,50 @@ LEFT JOIN leads l ON l.id = m.lead_id
 WHERE m.id = %s"""
 
 
-def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...]) -> Context | None:
-    """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context."""
+_CONTEXT_COLUMNS = 28
+
+# The send step's one read: the context, the inbox's failure streak and the first unsent part
+# (id, idx, text, status, last idx), in one statement (T-PERF-1).
+_SEND_CONTEXT_SQL = _CONTEXT_SQL.replace("\nFROM campaign_messages m", """,
+       i.consecutive_failures, np.id, np.idx, np.text, np.status,
+       (SELECT max(idx) FROM message_parts WHERE message_id = m.id)
+FROM campaign_messages m""").replace("LEFT JOIN leads l ON l.id = m.lead_id", """LEFT JOIN leads l ON l.id = m.lead_id
+LEFT JOIN LATERAL (SELECT id, idx, text, status FROM message_parts
+                   WHERE message_id = m.id AND status <> 'sent' ORDER BY idx LIMIT 1) np ON true""")
+
+
+def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], *,
+           count_parts: bool = False) -> Context | None:
+    """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
+
+    ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
+    """
+    context_sql = _CONTEXT_SQL.replace('WHERE m.id = %s', 'WHERE m.id = (SELECT id FROM claimed)')
+    if count_parts:
+        context_sql = context_sql.replace("\nFROM campaign_messages m", """,
+       (SELECT count(*) FROM message_parts WHERE message_id = m.id)
+FROM campaign_messages m""")
     row = _one(f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %s,
                 status_changed_at = now(),
                 attempts = CASE WHEN status = %s THEN attempts ELSE 0 END
             WHERE id = %s AND status = ANY(%s) RETURNING id
-        ) {_CONTEXT_SQL.replace('WHERE m.id = %s', 'WHERE m.id = (SELECT id FROM claimed)')}""",
+        ) {context_sql}""",
                (to_status, to_status, message_id, list(from_statuses)))
     if row is None:
         return None
     ctx = _context_from_row(row)
     ctx.status = to_status
+    if count_parts:
+        ctx.parts_count = row[_CONTEXT_COLUMNS]
     return ctx
 
 
 def _context_from_row(row: tuple) -> Context:
     (mid, status, run_id, run_status, lead_id, name, phone, fields, col, opted, inbox_id, instance, disabled,
      src, model, prompt, fallback, split, max_parts, gmin, gmax, text, attempts, ws, run_date, tz,
-     wstart, wend) = row
+     wstart, wend) = row[:_CONTEXT_COLUMNS]
     logs.annotate(run=run_id, inbox=inbox_id)  # the step's log lines carry the run from here on (R-OPS-6)
     return Context(mid, status, run_id, run_status, lead_id, name, phone, fields or {}, col, opted, inbox_id,
                    instance, disabled, src, model, prompt, fallback, split, max_parts, (gmin, gmax), text,
@@ -705,12 +745,12 @@ def local_split(text: str, max_parts: int, max_chars: int = MAX_PART_CHARS) -> l
 
 def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
     """splitting -> sending: store the parts. Returns the inbox id when sending should follow."""
-    ctx = _claim(message_id, "splitting", ("splitting",))
+    ctx = _claim(message_id, "splitting", ("splitting",), count_parts=True)
     if ctx is None:
         return None
     if not _preflight(ctx, settings):
         return None
-    existing = _one("SELECT count(*) FROM message_parts WHERE message_id = %s", (message_id,))[0]
+    existing = ctx.parts_count
     started = time.perf_counter()
     if existing:
         parts = None
@@ -732,18 +772,23 @@ def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
                 log.info("split message=%s: LLM failed (%s), splitting locally", message_id, exc.code)
             if parts is None:
                 parts = local_split(text, ctx.max_parts)
-    with db.atomic():
-        # The transition first: it locks the row, so of two racing deliveries only the winner
-        # writes parts (a loser's different split must never add a part, R-PIPE-5).
-        row = _one("""UPDATE campaign_messages SET status = 'sending', status_changed_at = now(), attempts = 0,
-                          split_ms = coalesce(split_ms, %s)
-                      WHERE id = %s AND status = 'splitting' RETURNING id""", (_ms(started), message_id))
-        if row is not None and parts and not _one(
-                "SELECT count(*) FROM message_parts WHERE message_id = %s", (message_id,))[0]:
-            db.execute_sql(
-                "INSERT INTO message_parts (message_id, inbox_id, idx, text) "
-                "SELECT %s, %s, i - 1, t FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, i)",
-                (message_id, ctx.inbox_id, parts))
+    # One statement: the transition and the parts. The parts hang off the transition's row, so
+    # of two racing deliveries only the winner writes parts (the loser's UPDATE waits on the row
+    # lock, then finds 'sending' and returns nothing): a loser's different split never adds a
+    # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
+    row = _one("""
+        WITH m AS (
+            UPDATE campaign_messages SET status = 'sending', status_changed_at = now(), attempts = 0,
+                split_ms = coalesce(split_ms, %(ms)s)
+            WHERE id = %(id)s AND status = 'splitting' RETURNING id
+        ), ins AS (
+            INSERT INTO message_parts (message_id, inbox_id, idx, text)
+            SELECT m.id, %(inbox)s, u.i - 1, u.t FROM m, unnest(%(parts)s::text[]) WITH ORDINALITY AS u(t, i)
+            WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
+            RETURNING id
+        )
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+               {"ms": _ms(started), "id": message_id, "inbox": ctx.inbox_id, "parts": list(parts or [])})
     return ctx.inbox_id if row is not None else None
 
 
@@ -758,22 +803,48 @@ class SendOutcome:
     next_delay: float | None
 
 
-def _next_part(message_id: int) -> tuple | None:
-    return _one("""SELECT id, idx, text, status, (SELECT max(idx) FROM message_parts WHERE message_id = %s)
-                   FROM message_parts WHERE message_id = %s AND status <> 'sent'
-                   ORDER BY idx LIMIT 1""", (message_id, message_id))
-
-
 def send_step(message_id: int, settings: Settings, evolution: Any, *, rng: random.Random | None = None,
-              on_http: Callable[[], None] | None = None) -> SendOutcome:
-    """Send the first unsent part of a ``sending`` message; finalize after the last one."""
-    row = _one(_CONTEXT_SQL, (message_id,))
+              on_http: Callable[[], None] | None = None, lease: ratelimit.Grant | None = None) -> SendOutcome:
+    """Send the first unsent part of a ``sending`` message; finalize after the last one.
+
+    ``lease``: the inbox send slot the caller holds; this step gives it back on every path (in
+    the statement recording the part sent, when there is one: no round trip of its own).
+    """
+    state = _LeaseState(lease)
+    try:
+        return _send_step(message_id, settings, evolution, rng=rng, on_http=on_http, lease=state)
+    finally:
+        if state.grant is not None and not state.released:
+            try:
+                ratelimit.release_inbox(state.grant, sent=state.http)
+            except Exception:  # the lease expires by itself (settings.send_lease_seconds)
+                log.warning("send message=%s: could not release %s; its lease will expire", message_id,
+                            state.grant.key, exc_info=True)
+
+
+@dataclasses.dataclass
+class _LeaseState:
+    """The send step's inbox slot: whether the HTTP call happened and whether it was given back."""
+
+    grant: ratelimit.Grant | None
+    http: bool = False
+    released: bool = False
+
+    @property
+    def to_release(self) -> ratelimit.Grant | None:
+        return self.grant if self.grant is not None and self.grant.granted else None
+
+
+def _send_step(message_id: int, settings: Settings, evolution: Any, *, rng: random.Random | None,
+               on_http: Callable[[], None] | None, lease: _LeaseState) -> SendOutcome:
+    row = _one(_SEND_CONTEXT_SQL, (message_id,))
     if row is None:
         return SendOutcome(False, None)
     ctx = _context_from_row(row)
     if ctx.status != "sending":
         return SendOutcome(False, None)
-    part = _next_part(message_id)
+    ctx.inbox_failures = row[_CONTEXT_COLUMNS] or 0
+    part = row[_CONTEXT_COLUMNS + 1:] if row[_CONTEXT_COLUMNS + 1] is not None else None
     if part is None:
         # Every part is sent but the message is not final: cannot happen through the last-part
         # statement; an operator's resolve may leave it. Finalize now.
@@ -795,6 +866,7 @@ def send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rando
     if claimed is None:
         return SendOutcome(False, None)  # another delivery got there first
     # committed (autocommit): from here on, an interruption leaves evidence (`sending`)
+    lease.http = True
     if on_http:
         on_http()
     started = time.perf_counter()
@@ -838,25 +910,33 @@ def send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rando
     send_ms = _ms(started)
     if idx >= last_idx:
         done = finish_message(message_id, "sent", settings, from_statuses=("sending",),
-                              last_part=(part_id, attempt, result.key_id), send_ms=send_ms)
+                              last_part=(part_id, attempt, result.key_id), send_ms=send_ms,
+                              lease=lease.to_release)
+        lease.released = True
         if done is None:
             _record_sent_part(part_id, attempt, result.key_id)
         _reset_inbox_failures(ctx)
         return SendOutcome(True, None)
-    _record_sent_part(part_id, attempt, result.key_id, message_id=message_id, send_ms=send_ms)
+    _record_sent_part(part_id, attempt, result.key_id, message_id=message_id, send_ms=send_ms,
+                      lease=lease.to_release)
+    lease.released = True
     _reset_inbox_failures(ctx)
     gap_min, gap_max = ctx.part_gap
     return SendOutcome(True, (rng or random).uniform(gap_min, gap_max))
 
 
 def _record_sent_part(part_id: int, attempt: uuid.UUID, key_id: str, *, message_id: int | None = None,
-                      send_ms: int | None = None) -> None:
+                      send_ms: int | None = None, lease: ratelimit.Grant | None = None) -> None:
     row = _one("""WITH p AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
-                             WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING message_id)
+                             WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING message_id),
+                  lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
+                                last_at = now()
+                            WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
                   UPDATE campaign_messages SET send_ms = coalesce(send_ms, 0) + %s, attempts = 0,
                       status_changed_at = now()
                   WHERE id = (SELECT message_id FROM p) RETURNING id""",
-               (key_id, part_id, str(attempt), send_ms or 0))
+               (key_id, part_id, str(attempt), lease and lease.key, lease and lease.key, lease and lease.token,
+                send_ms or 0))
     if row is None:
         # The part was moved meanwhile (an operator resolve, the sweep): keep the provider's id anyway.
         log.warning("part %s: sent (key %s) but no longer 'sending' with attempt %s", part_id, key_id, attempt)
@@ -923,6 +1003,10 @@ def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -
 
 
 def _reset_inbox_failures(ctx: Context) -> None:
+    if not ctx.inbox_failures:
+        # No failure streak when this send started, and none can have begun since: the inbox's
+        # send slot (one send in flight, R-RATE-1) is held by this step. Saves a round trip.
+        return
     _one("UPDATE inboxes SET consecutive_failures = 0 WHERE id = %s AND consecutive_failures > 0 RETURNING id",
          (ctx.inbox_id,))
 

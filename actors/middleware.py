@@ -180,6 +180,13 @@ class RateLimits(Middleware):
         broker.enqueue(message.copy(), delay=int(delay * 1000) + 1)
         raise SkipMessage(f"rate limited for {delay:.2f}s")
 
+    def take_grant(self) -> ratelimit.Grant | None:
+        """Hand this delivery's inbox slot to the step, which then owns its release (in the same
+        statement that records the send: one round trip less, T-PERF-1)."""
+        grant = getattr(self._local, "grant", None)
+        self._local.grant = None
+        return grant
+
     def mark_sent(self) -> None:
         """Called by the send step right before its HTTP call: the gap counts from this send."""
         self._local.sent = True

@@ -17,7 +17,14 @@ _settings = get_settings()
 def send_part(message_id: int, inbox_id: int) -> None:
     """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""
     limiter = current_rate_limits(dramatiq.get_broker())
+    # send_step releases the inbox slot itself, on every path (the middleware then has none left)
     outcome = pipeline.send_step(message_id, _settings, evolution(),
-                                 on_http=limiter.mark_sent if limiter else None)
+                                 on_http=limiter.mark_sent if limiter else None,
+                                 lease=limiter.take_grant() if limiter else None)
     if outcome.next_delay is not None:
-        send_part.send_with_options(args=(message_id, inbox_id), delay=int(outcome.next_delay * 1000))
+        delay_ms = int(outcome.next_delay * 1000)
+        if delay_ms > 0:
+            send_part.send_with_options(args=(message_id, inbox_id), delay=delay_ms)
+        else:
+            # a zero gap: straight onto the queue; delay=0 would hop through the delay queue (two publishes)
+            send_part.send(message_id, inbox_id)

@@ -149,9 +149,12 @@ def test_kill_9_mid_send_makes_that_part_in_doubt_and_the_run_completes(engine, 
     engine.dispatch_all()
     wait_for(lambda: db.execute_sql("SELECT count(*) FROM message_parts WHERE status = 'sending'").fetchone()[0],
              timeout=30, interval=0.05, message="a send in flight")
-    in_flight = {r[0] for r in db.execute_sql("SELECT message_id FROM message_parts WHERE status = 'sending'")}
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(10)
+    # read after the kill: another inbox's send may start between a read and the kill, and the
+    # dead worker can change nothing any more
+    in_flight = {r[0] for r in db.execute_sql("SELECT message_id FROM message_parts WHERE status = 'sending'")}
+    assert in_flight
     sb.set_faults(send={"latency_ms": 0})
     engine.start(processes=1, threads=4, SEND_TIMEOUT_SECONDS="10")
     deadline = time.monotonic() + 90

@@ -1,0 +1,112 @@
+"""Pool checkout without a `SELECT 1` per delivery (issue 7, T-PERF-1), and no loss of E-16 healing."""
+from __future__ import annotations
+
+import threading
+
+import psycopg2
+
+from db import db
+from settings import get_settings
+
+
+def _terminate(pid: int) -> None:
+    admin = psycopg2.connect(get_settings().database_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert cur.fetchone()[0]
+    finally:
+        admin.close()
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a fresh thread (its own pooled connection, as a worker thread); return its result."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # surfaced to the test below
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _checkout_and_backend_pid() -> int:
+    db.connect(reuse_if_open=True)
+    try:
+        return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _backends_state() -> dict[int, object]:
+    """pid -> time of its last state change, for every other backend of this test database."""
+    admin = psycopg2.connect(get_settings().database_url)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("""SELECT pid, state_change FROM pg_stat_activity
+                           WHERE datname = current_database() AND pid <> pg_backend_pid()""")
+            return dict(cur.fetchall())
+    finally:
+        admin.close()
+
+
+def test_checkout_sends_no_statement(services):
+    """A pooled connection handed out again costs no round trip (peewee's default pings with SELECT 1)."""
+    pid = _in_thread(_checkout_and_backend_pid)  # a connection now sits idle in the pool
+    before = _backends_state()
+    assert pid in before
+
+    def checkout_only() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.connection().get_backend_pid()
+        finally:
+            db.close()
+
+    reused = _in_thread(checkout_only)
+    assert reused in before, "the checkout opened a new connection instead of reusing the pooled one"
+    after = _backends_state()
+    assert after[reused] == before[reused], "the checkout sent a statement to the server"
+
+
+def test_a_pooled_connection_killed_while_idle_heals_on_the_first_statement(services):
+    """E-16: the backend of an idle pooled connection is terminated; the next unit of work runs normally."""
+    pid = _in_thread(_checkout_and_backend_pid)
+    _terminate(pid)
+
+    def work() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    new_pid = _in_thread(work)
+    assert new_pid != pid
+
+
+def test_a_transaction_on_a_pooled_connection_killed_while_idle_heals(services):
+    """E-16: the first thing of the unit of work is ``db.atomic()``: BEGIN runs again on a fresh connection."""
+    pid = _in_thread(_checkout_and_backend_pid)
+    _terminate(pid)
+
+    def work() -> tuple[int, int]:
+        db.connect(reuse_if_open=True)
+        try:
+            with db.atomic():
+                a = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+                b = db.execute_sql("SELECT txid_current()").fetchone()[0]
+            return a, b
+        finally:
+            db.close()
+
+    new_pid, txid = _in_thread(work)
+    assert new_pid != pid and txid > 0
