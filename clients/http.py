@@ -6,7 +6,10 @@ import datetime as dt
 import email.utils
 import json
 import math
+import os
 import re
+import ssl
+import threading
 from typing import Any
 
 import httpx
@@ -14,6 +17,7 @@ import httpx
 __all__ = [
     "DEFAULT_LIMITS",
     "build_http_client",
+    "shared_ssl_context",
     "parse_retry_after",
     "redact",
     "truncate",
@@ -32,6 +36,32 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100
 _USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 
 
+_ssl_lock = threading.Lock()
+_ssl_context: ssl.SSLContext | None = None
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """The process's one verifying TLS context (certifi's CA bundle), shared by every client.
+
+    httpx builds a context per client by default, and loading the CA bundle costs about 0.9 MiB of C
+    heap each: with one client per worker thread (see ``clients.get_openrouter``) that would be
+    ~30 MiB per worker process. An SSLContext is safe to share between threads and clients.
+    """
+    global _ssl_context
+    with _ssl_lock:
+        if _ssl_context is None:
+            _ssl_context = httpx.create_ssl_context()
+        return _ssl_context
+
+
+def _renew_ssl_lock_after_fork() -> None:
+    global _ssl_lock
+    _ssl_lock = threading.Lock()  # another thread may have held it at fork time; the context stays valid
+
+
+os.register_at_fork(after_in_child=_renew_ssl_lock_after_fork)
+
+
 def build_http_client(
     base_url: str,
     *,
@@ -46,6 +76,7 @@ def build_http_client(
         timeout=timeout,
         headers=headers,
         transport=transport,
+        verify=shared_ssl_context(),
         limits=limits,
         follow_redirects=False,
         trust_env=False,
