@@ -12,19 +12,12 @@ import ratelimit
 from db import db
 from settings import get_settings
 from tests import factories as f
+from tests.workers import terminate_backend
 
 
 def _terminate_own_connection() -> None:
     """pg_terminate_backend of this thread's pooled connection, from a separate admin connection."""
-    pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
-    admin = psycopg2.connect(get_settings().database_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            assert cur.fetchone()[0]
-    finally:
-        admin.close()
+    terminate_backend(db.execute_sql("SELECT pg_backend_pid()").fetchone()[0])
 
 
 def _lease(inbox_id: int) -> tuple:

@@ -7,17 +7,7 @@ import psycopg2
 
 from db import db
 from settings import get_settings
-
-
-def _terminate(pid: int) -> None:
-    admin = psycopg2.connect(get_settings().database_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            assert cur.fetchone()[0]
-    finally:
-        admin.close()
+from tests.workers import terminate_backend
 
 
 def _in_thread(fn):
@@ -80,7 +70,7 @@ def test_checkout_sends_no_statement(services):
 def test_a_pooled_connection_killed_while_idle_heals_on_the_first_statement(services):
     """E-16: the backend of an idle pooled connection is terminated; the next unit of work runs normally."""
     pid = _in_thread(_checkout_and_backend_pid)
-    _terminate(pid)
+    terminate_backend(pid)
 
     def work() -> int:
         db.connect(reuse_if_open=True)
@@ -96,7 +86,7 @@ def test_a_pooled_connection_killed_while_idle_heals_on_the_first_statement(serv
 def test_a_transaction_on_a_pooled_connection_killed_while_idle_heals(services):
     """E-16: the first thing of the unit of work is ``db.atomic()``: BEGIN runs again on a fresh connection."""
     pid = _in_thread(_checkout_and_backend_pid)
-    _terminate(pid)
+    terminate_backend(pid)
 
     def work() -> tuple[int, int]:
         db.connect(reuse_if_open=True)

@@ -79,3 +79,19 @@ def purge_queues(url: str, queues: tuple[str, ...]) -> None:
                     pass  # not declared yet
     finally:
         conn.close()
+
+
+def terminate_backend(pid: int) -> None:
+    """``pg_terminate_backend(pid)`` from a separate admin connection (the E-16 fault); asserts it hit."""
+    import psycopg2
+
+    from settings import get_settings
+
+    admin = psycopg2.connect(get_settings().database_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert cur.fetchone()[0]
+    finally:
+        admin.close()
