@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
+import peewee
+
 import logs
 import ratelimit
 from db import db
@@ -58,10 +60,6 @@ STEP_STATUSES = {"generate": ("queued", "generating"), "split": ("splitting",), 
 
 class StepFailed(EngineError):
     """A step's retries are exhausted or its failure is final: dead-letter the Dramatiq message."""
-
-
-class RetryAfterPending(EngineError):
-    """A provider's Retry-After for an earlier attempt of this message has not elapsed yet."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def _pause_inbox_runs(inbox_id: int, reason: str) -> list[int]:
 
 def _back_to_wait(message_id: int, from_status: str) -> bool:
     """Return an in-flight message to ``pending``: it waits (in PostgreSQL) for its run to run again."""
-    row = _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now()
+    row = _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL
                   WHERE id = %s AND status = %s RETURNING id""", (message_id, from_status))
     return row is not None
 
@@ -308,7 +306,8 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
     # so the planner cannot turn the run check into a scan of campaign_messages_run_status_idx
     # (which it picked on smaller tables: every pending message of the running runs, then a sort).
     rows = _all("""
-        UPDATE campaign_messages SET status = 'queued', status_changed_at = now(), attempts = 0
+        UPDATE campaign_messages SET status = 'queued', status_changed_at = now(),
+            wake_at = now() + make_interval(secs => %s)
         WHERE id IN (
             SELECT m.id FROM campaign_messages m
             WHERE m.status = 'pending' AND m.scheduled_at <= coalesce(%s, now())
@@ -316,7 +315,7 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
             ORDER BY m.scheduled_at LIMIT %s
             FOR UPDATE OF m SKIP LOCKED)
         AND status = 'pending'
-        RETURNING id""", (now, limit))
+        RETURNING id""", (settings.handoff_grace_seconds, now, limit))
     ids = [r[0] for r in rows]
     if not ids:
         return 0
@@ -325,7 +324,7 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
         publish(QUEUE_GENERATE, ids)
     except Exception:
         log.exception("publishing %s claimed message(s) failed; returning them to pending", len(ids))
-        _all("UPDATE campaign_messages SET status = 'pending', status_changed_at = now() "
+        _all("UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL "
              "WHERE id = ANY(%s) AND status = 'queued' RETURNING id", (ids,))
         raise
     log.info("dispatched %s message(s)", len(ids))
@@ -374,6 +373,9 @@ class Context:
     timezone: str = "UTC"
     window: tuple[int, int] = (0, 1440)
     inbox_failures: int = 0  # the inbox's consecutive send failures (loaded by the send step only)
+    gateway_failures: int = 0  # the inbox's consecutive gateway troubles: 429/5xx/timeouts (send step only)
+    connection_state: str = "unknown"  # the inbox's last known connection state (send step only)
+    state_age: float | None = None  # seconds since that state was observed; None: never (send step only)
     parts_count: int = 0     # parts the message already has (loaded by the split step only)
 
 
@@ -393,20 +395,24 @@ WHERE m.id = %s"""
 
 _CONTEXT_COLUMNS = 28
 
-# The send step's one read: the context, the inbox's failure streak and the first unsent part
-# (id, idx, text, status, last idx), in one statement (T-PERF-1).
+# The send step's one read: the context, the inbox's failure streaks and known connection state,
+# and the first unsent part (id, idx, text, status, last idx), in one statement (T-PERF-1).
 _SEND_CONTEXT_SQL = _CONTEXT_SQL.replace("\nFROM campaign_messages m", """,
-       i.consecutive_failures, np.id, np.idx, np.text, np.status,
-       (SELECT max(idx) FROM message_parts WHERE message_id = m.id)
+       i.consecutive_failures, i.gateway_failures, i.connection_state,
+       extract(epoch FROM now() - i.state_checked_at)::float, np.id, np.idx, np.text, np.status,
+       (SELECT max(idx) FROM message_parts WHERE message_id = m.id), np.attempt_id, np.provider_message_id
 FROM campaign_messages m""").replace("LEFT JOIN leads l ON l.id = m.lead_id", """LEFT JOIN leads l ON l.id = m.lead_id
-LEFT JOIN LATERAL (SELECT id, idx, text, status FROM message_parts
+LEFT JOIN LATERAL (SELECT id, idx, text, status, attempt_id, provider_message_id FROM message_parts
                    WHERE message_id = m.id AND status <> 'sent' ORDER BY idx LIMIT 1) np ON true""")
 
 
-def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], *,
+def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], settings: Settings, *,
            count_parts: bool = False) -> Context | None:
     """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
 
+    Attempts are kept: they survive every re-dispatch and are reset only by a step's success
+    (R-FAIL-2). The step now owns the message until ``wake_at`` (the lease): a worker that dies
+    mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
     """
     context_sql = _CONTEXT_SQL.replace('WHERE m.id = %s', 'WHERE m.id = (SELECT id FROM claimed)')
@@ -416,12 +422,11 @@ def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], *,
 FROM campaign_messages m""")
     row = _one(f"""
         WITH claimed AS (
-            UPDATE campaign_messages SET status = %s,
-                status_changed_at = now(),
-                attempts = CASE WHEN status = %s THEN attempts ELSE 0 END
+            UPDATE campaign_messages SET status = %s, status_changed_at = now(),
+                wake_at = now() + make_interval(secs => %s)
             WHERE id = %s AND status = ANY(%s) RETURNING id
         ) {context_sql}""",
-               (to_status, to_status, message_id, list(from_statuses)))
+               (to_status, settings.lease_seconds, message_id, list(from_statuses)))
     if row is None:
         return None
     ctx = _context_from_row(row)
@@ -500,21 +505,24 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
     return True
 
 
-def _record_attempt(ctx: Context, exc: BaseException, settings: Settings) -> int | None:
+def _record_attempt(ctx: Context, exc: BaseException, settings: Settings, wake_in: float) -> int | None:
     """Persist one failed attempt of the current step on the row; return the attempt number.
 
+    ``wake_in``: seconds until the retry is due (the sweep re-publishes it if it never comes).
     None: the message left this step meanwhile (a duplicate delivery won): nothing to retry.
     """
     # status_changed_at moves too: a message waiting out its backoff is alive, not stuck (R-FAIL-8)
     row = _one("""UPDATE campaign_messages SET attempts = attempts + 1, error_class = %s, error_message = %s,
-                      status_changed_at = now()
+                      status_changed_at = now(), wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = %s RETURNING attempts""",
-               (getattr(exc, "code", None) or type(exc).__name__, str(exc)[:2000], ctx.message_id, ctx.status))
+               (getattr(exc, "code", None) or type(exc).__name__, str(exc)[:2000], wake_in, ctx.message_id,
+                ctx.status))
     return row[0] if row else None
 
 
-class RetryLater(Exception):
-    """Raised by a step to be retried after ``delay`` seconds (the actor turns it into dramatiq.Retry)."""
+class RetryLater(EngineError):
+    """Raised by a step to be retried after ``delay`` seconds; the attempt was counted on the row
+    (the actor turns it into dramatiq.Retry)."""
 
     def __init__(self, delay: float, cause: BaseException) -> None:
         super().__init__(f"retry in {delay:.2f}s: {cause}")
@@ -522,41 +530,77 @@ class RetryLater(Exception):
         self.cause = cause
 
 
+class Deferred(EngineError):
+    """Raised by a step that must wait ``delay`` seconds without spending an attempt (a scope's
+    Retry-After, a gateway outage's hold): the actor re-enqueues a fresh copy with that delay,
+    outside Dramatiq's retry budget (R-RATE-2)."""
+
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(f"deferred {delay:.2f}s: {why}")
+        self.delay = delay
+
+
+def _wait(ctx: Context, delay: float, settings: Settings, why: str) -> None:
+    """Let the message wait ``delay`` seconds without spending an attempt, wherever it belongs.
+
+    Up to MAX_BROKER_DELAY_SECONDS in RabbitMQ (raises Deferred); longer it is parked in
+    PostgreSQL: ``wake_at`` is its due time and the recovery sweep re-publishes it then
+    (R-DISP-2: a delayed message waits unacked in a worker, and RabbitMQ's consumer timeout
+    redelivers it). The message keeps its status: a started one stays started.
+    """
+    parked = delay > MAX_BROKER_DELAY_SECONDS
+    _one("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+            WHERE id = %s AND status = %s RETURNING id""",
+         (delay if parked else delay + settings.handoff_grace_seconds, ctx.message_id, ctx.status))
+    if parked:
+        log.info("message=%s parked in PostgreSQL for %.0fs: %s", ctx.message_id, delay, why)
+        return
+    raise Deferred(delay, why)
+
+
 def _transient(ctx: Context, exc: TransientError | BaseException, settings: Settings, step: str) -> None:
     """Count a transient failure; retry after backoff, or give up (message failed, dead letter)."""
-    attempt = _record_attempt(ctx, exc, settings)
+    retry_after = getattr(exc, "retry_after", None)
+    expected = backoff_seconds(ctx.attempts + 1, settings, retry_after)
+    attempt = _record_attempt(ctx, exc, settings, expected + settings.handoff_grace_seconds)
     if attempt is None:
         log.info("%s message=%s: moved on meanwhile (a duplicate delivery won); dropping this attempt",
                  step, ctx.message_id)
         return
     if attempt >= settings.max_attempts:
         raise StepFailed(f"{step}: {attempt} attempts failed, last: {exc}") from exc
-    retry_after = getattr(exc, "retry_after", None)
-    delay = backoff_seconds(attempt, settings, retry_after)
+    delay = expected if attempt == ctx.attempts + 1 else backoff_seconds(attempt, settings, retry_after)
     if retry_after is not None:
         # a duplicate delivery of this message (broker redelivery, a killed worker's message)
         # must honour it too, not only the delayed retry below (E-10)
         ratelimit.hold(ratelimit.retry_after_key(ctx.message_id), retry_after + 0.05)
-    if delay > MAX_BROKER_DELAY_SECONDS and step == "generate":
-        # A Retry-After of many minutes: wait in PostgreSQL, not in a worker's memory (R-DISP-2).
-        _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now(),
-                    scheduled_at = now() + make_interval(secs => %s)
-                WHERE id = %s AND status = %s RETURNING id""", (delay, ctx.message_id, ctx.status))
+    if delay > MAX_BROKER_DELAY_SECONDS:
+        _wait(ctx, delay, settings, f"{step} retry after {getattr(exc, 'code', type(exc).__name__)}")
         return
-    delay = min(delay, MAX_BROKER_DELAY_SECONDS)
     log.info("%s message=%s attempt %s failed (%s); retry in %.2fs", step, ctx.message_id, attempt,
              getattr(exc, "code", type(exc).__name__), delay)
     raise RetryLater(delay, exc) from exc
 
 
-def _honour_retry_after(ctx: Context) -> None:
-    """Raise RetryLater while an earlier attempt's Retry-After is pending (E-10, any delivery)."""
+def _retry_after_pending(ctx: Context, settings: Settings) -> bool:
+    """Wait while an earlier attempt's Retry-After is pending (E-10, any delivery), spending no attempt.
+
+    Raises Deferred for a short wait; True: the message was parked in PostgreSQL (stop the step).
+    """
     if not ctx.attempts:
-        return  # no failed attempt since the last success: nothing can be pending (no query)
+        return False  # no failed attempt since the last success: nothing can be pending (no query)
     wait = ratelimit.hold_remaining(ratelimit.retry_after_key(ctx.message_id))
-    if wait > 0:
-        log.info("message=%s: Retry-After of an earlier attempt pending for %.2fs; waiting", ctx.message_id, wait)
-        raise RetryLater(wait + 0.01, RetryAfterPending(f"Retry-After pending for {wait:.2f}s"))
+    if wait <= 0:
+        return False
+    log.info("message=%s: Retry-After of an earlier attempt pending for %.2fs; waiting", ctx.message_id, wait)
+    _wait(ctx, wait + 0.01, settings, f"Retry-After pending for {wait:.2f}s")
+    return True
+
+
+def _hold_openrouter(exc: ProviderError, settings: Settings) -> None:
+    """An OpenRouter Retry-After holds the whole key, not just this message (R-FAIL-2, E-10)."""
+    if exc.retry_after is not None:
+        ratelimit.block_scope(ratelimit.openrouter_key(settings.openrouter_api_key), exc.retry_after + 0.05)
 
 
 def _provider_pause(ctx: Context, exc: ProviderError) -> None:
@@ -616,15 +660,16 @@ def validate_text(text: str | None) -> str:
 
 def generate_step(message_id: int, settings: Settings, llm: Any) -> bool:
     """queued -> generating -> splitting: write the message text. True when split should follow."""
-    ctx = _claim(message_id, "generating", ("queued", "generating"))
+    ctx = _claim(message_id, "generating", ("queued", "generating"), settings)
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
         return False
     if not _preflight(ctx, settings):
         return False
     if ctx.generated_text:  # resumed after a wait: the text is already there
-        return _advance(ctx, "splitting")
-    _honour_retry_after(ctx)
+        return _advance(ctx, "splitting", settings)
+    if _retry_after_pending(ctx, settings):
+        return False
     started = time.perf_counter()
     tokens = None
     try:
@@ -646,19 +691,23 @@ def generate_step(message_id: int, settings: Settings, llm: Any) -> bool:
             finish_message(message_id, "failed", settings, from_statuses=("generating",), error=exc)
             return False
     except TransientError as exc:
+        _hold_openrouter(exc, settings)
         _transient(ctx, exc, settings, "generate")
         return False
     row = _one("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
-                      error_message = NULL
+                      error_message = NULL, wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = 'generating' RETURNING id""",
-               (text, tokens, _ms(started), message_id))
+               (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id))
     return row is not None
 
 
-def _advance(ctx: Context, to_status: str) -> bool:
-    row = _one("""UPDATE campaign_messages SET status = %s, status_changed_at = now(), attempts = 0
-                  WHERE id = %s AND status = %s RETURNING id""", (to_status, ctx.message_id, ctx.status))
+def _advance(ctx: Context, to_status: str, settings: Settings) -> bool:
+    """Hand a resumed message straight to the next step (its work is done; attempts are kept)."""
+    row = _one("""UPDATE campaign_messages SET status = %s, status_changed_at = now(),
+                      wake_at = now() + make_interval(secs => %s)
+                  WHERE id = %s AND status = %s RETURNING id""",
+               (to_status, settings.handoff_grace_seconds, ctx.message_id, ctx.status))
     return row is not None
 
 
@@ -745,7 +794,7 @@ def local_split(text: str, max_parts: int, max_chars: int = MAX_PART_CHARS) -> l
 
 def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
     """splitting -> sending: store the parts. Returns the inbox id when sending should follow."""
-    ctx = _claim(message_id, "splitting", ("splitting",), count_parts=True)
+    ctx = _claim(message_id, "splitting", ("splitting",), settings, count_parts=True)
     if ctx is None:
         return None
     if not _preflight(ctx, settings):
@@ -770,6 +819,7 @@ def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
             except ProviderError as exc:
                 # The split is a nicety: any LLM trouble here falls back to the local split.
                 log.info("split message=%s: LLM failed (%s), splitting locally", message_id, exc.code)
+                _hold_openrouter(exc, settings)
             if parts is None:
                 parts = local_split(text, ctx.max_parts)
     # One statement: the transition and the parts. The parts hang off the transition's row, so
@@ -778,7 +828,9 @@ def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
     row = _one("""
         WITH m AS (
-            UPDATE campaign_messages SET status = 'sending', status_changed_at = now(), attempts = 0,
+            UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
+                attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
+                wake_at = now() + make_interval(secs => %(grace)s),
                 split_ms = coalesce(split_ms, %(ms)s)
             WHERE id = %(id)s AND status = 'splitting' RETURNING id
         ), ins AS (
@@ -788,7 +840,8 @@ def split_step(message_id: int, settings: Settings, llm: Any) -> int | None:
             RETURNING id
         )
         SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
-               {"ms": _ms(started), "id": message_id, "inbox": ctx.inbox_id, "parts": list(parts or [])})
+               {"ms": _ms(started), "id": message_id, "inbox": ctx.inbox_id, "parts": list(parts or []),
+                "fresh": not existing, "grace": settings.handoff_grace_seconds})
     return ctx.inbox_id if row is not None else None
 
 
@@ -843,23 +896,37 @@ def _send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rand
     ctx = _context_from_row(row)
     if ctx.status != "sending":
         return SendOutcome(False, None)
-    ctx.inbox_failures = row[_CONTEXT_COLUMNS] or 0
-    part = row[_CONTEXT_COLUMNS + 1:] if row[_CONTEXT_COLUMNS + 1] is not None else None
+    extra = row[_CONTEXT_COLUMNS:]
+    ctx.inbox_failures, ctx.gateway_failures = extra[0] or 0, extra[1] or 0
+    ctx.connection_state, ctx.state_age = extra[2], extra[3]
+    part = extra[4:] if extra[4] is not None else None
     if part is None:
         # Every part is sent but the message is not final: cannot happen through the last-part
         # statement; an operator's resolve may leave it. Finalize now.
         finish_message(message_id, "sent", settings, from_statuses=("sending",))
         return SendOutcome(False, None)
-    part_id, idx, text, part_status, last_idx = part
+    part_id, idx, text, part_status, last_idx, part_attempt, part_key = part
+    if part_status == "sending" and part_key is not None:
+        # Evolution accepted this part (its key.id was kept) but recording it failed (a lock
+        # timeout, a lost connection): a known outcome, never a doubt. Record it now.
+        log.warning("send message=%s: part %s was accepted (key %s) but not recorded; recording it",
+                    message_id, part_id, part_key)
+        return _sent(ctx, settings, part_id, uuid.UUID(str(part_attempt)), part_key, idx, last_idx, None, lease, rng)
+    if part_status in ("sending", "in_doubt"):
+        # Someone committed this part `sending` and never recorded an outcome (a crash, a lost
+        # answer): it may have gone out. Never resend it automatically (R-FAIL-4), and settle it
+        # BEFORE any other check: a cancel, a closed window, a moved or opted-out lead must not
+        # turn a possibly-delivered message into `skipped` or `failed` (R-PIPE-3, E-25).
+        _mark_in_doubt(ctx, part_id, "part found in 'sending' without an outcome", settings)
+        return SendOutcome(False, None)
     started_message = idx > 0
     if not _preflight(ctx, settings, started=started_message):
         return SendOutcome(False, None)
-    if part_status in ("sending", "in_doubt"):
-        # Someone committed this part `sending` and never recorded an outcome (a crash, a lost
-        # answer): it may have gone out. Never resend it automatically (R-FAIL-4).
-        _mark_in_doubt(ctx, part_id, "part found in 'sending' without an outcome", settings)
+    if not _inbox_connected(ctx, settings, evolution):
+        _inbox_went_down(ctx, settings, started_message)
         return SendOutcome(False, None)
-    _honour_retry_after(ctx)
+    if _retry_after_pending(ctx, settings):
+        return SendOutcome(False, None)
     attempt = uuid.uuid4()
     claimed = _one("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
                       WHERE id = %s AND status IN ('pending', 'failed') RETURNING id""", (str(attempt), part_id))
@@ -873,8 +940,8 @@ def _send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rand
     try:
         result = evolution.send_text(ctx.instance, ctx.lead_phone or "", text)
     except AmbiguousSend as exc:
+        # The gateway's fault or the network's, not the number's: in doubt, never counted (R-FAIL-6).
         _mark_in_doubt(ctx, part_id, str(exc), settings, attempt=attempt)
-        _count_inbox_failure(ctx, settings, exc)
         return SendOutcome(False, None)
     except InvalidNumber as exc:
         _release_part(part_id, attempt, "failed", str(exc))
@@ -882,61 +949,159 @@ def _send_step(message_id: int, settings: Settings, evolution: Any, *, rng: rand
                        error_class="invalid_number")
         return SendOutcome(False, None)
     except (AuthError, UnknownInstance) as exc:
+        # 401/404 of the instance: this number cannot send (a real failure, R-FAIL-6); its runs pause.
         _release_part(part_id, attempt, "pending", str(exc))
+        _count_inbox_failure(ctx, settings, exc)
         reason = "provider_auth" if isinstance(exc, AuthError) else "inbox_unknown_instance"
         _pause_inbox_runs(ctx.inbox_id, reason)
+        log.error("send message=%s inbox=%s: %s", message_id, ctx.inbox_id, exc)
         if not started_message:
             _back_to_wait(message_id, "sending")
-        log.error("send message=%s inbox=%s: %s", message_id, ctx.inbox_id, exc)
-        if started_message:
-            raise RetryLater(settings.max_backoff_seconds, exc) from exc
+        else:  # a started message waits for the inbox to be fixed, then continues (never fails)
+            _park(ctx, settings.max_backoff_seconds, f"inbox refused ({reason}): waiting for it")
         return SendOutcome(False, None)
     except TransientError as exc:
         _release_part(part_id, attempt, "pending", str(exc))
-        if getattr(exc, "code", None) == "instance_disconnected" or not _inbox_open(ctx, evolution):
-            _pause_inbox_runs(ctx.inbox_id, "inbox_disconnected")
-            _mark_disconnected(ctx.inbox_id)
-            if not started_message:
-                _back_to_wait(message_id, "sending")
-                return SendOutcome(False, None)
-        _count_inbox_failure(ctx, settings, exc)
-        _transient(ctx, exc, settings, "send")
-        return SendOutcome(False, None)
+        return _send_trouble(ctx, exc, settings, evolution, started_message)
     except PermanentError as exc:
         _release_part(part_id, attempt, "failed", str(exc))
-        _count_inbox_failure(ctx, settings, exc)
+        if getattr(exc, "code", None) == "forbidden":  # 403 of the instance: the number cannot send
+            _count_inbox_failure(ctx, settings, exc)
         finish_message(message_id, "failed", settings, from_statuses=("sending",), error=exc)
         return SendOutcome(False, None)
-    send_ms = _ms(started)
+    try:
+        return _sent(ctx, settings, part_id, attempt, result.key_id, idx, last_idx, _ms(started), lease, rng)
+    except peewee.DatabaseError:
+        # The part went out but its record failed (a lock timeout, the connection lost mid-way):
+        # keep the provider's key on the part alone (no lock on the run), so the redelivery of
+        # this step records the known outcome instead of calling it in doubt.
+        _one("""UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s)
+                WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
+             (result.key_id, part_id, str(attempt)))
+        raise
+
+
+def _sent(ctx: Context, settings: Settings, part_id: int, attempt: uuid.UUID, key_id: str, idx: int, last_idx: int,
+          send_ms: int | None, lease: _LeaseState, rng: random.Random | None) -> SendOutcome:
+    """Record a part Evolution accepted; after the last one the message finishes in the same statement."""
     if idx >= last_idx:
-        done = finish_message(message_id, "sent", settings, from_statuses=("sending",),
-                              last_part=(part_id, attempt, result.key_id), send_ms=send_ms,
+        done = finish_message(ctx.message_id, "sent", settings, from_statuses=("sending",),
+                              last_part=(part_id, attempt, key_id), send_ms=send_ms,
                               lease=lease.to_release)
         lease.released = True
         if done is None:
-            _record_sent_part(part_id, attempt, result.key_id)
+            _record_sent_part(part_id, attempt, key_id)
         _reset_inbox_failures(ctx)
         return SendOutcome(True, None)
-    _record_sent_part(part_id, attempt, result.key_id, message_id=message_id, send_ms=send_ms,
-                      lease=lease.to_release)
+    gap_min, gap_max = ctx.part_gap
+    delay = (rng or random).uniform(gap_min, gap_max)
+    _record_sent_part(part_id, attempt, key_id, message_id=ctx.message_id, send_ms=send_ms,
+                      lease=lease.to_release, wake_in=delay + settings.handoff_grace_seconds)
     lease.released = True
     _reset_inbox_failures(ctx)
-    gap_min, gap_max = ctx.part_gap
-    return SendOutcome(True, (rng or random).uniform(gap_min, gap_max))
+    return SendOutcome(True, delay)
+
+
+def _send_trouble(ctx: Context, exc: TransientError, settings: Settings, evolution: Any,
+                  started_message: bool) -> SendOutcome:
+    """A send refused for a reason that may pass: a disconnected number, or the gateway's trouble.
+
+    Disconnected (Evolution says so and ``connectionState`` agrees): the inbox's runs pause and
+    the message waits, a started one at its next part (E-07, E-24). "Connection Closed" while
+    ``connectionState`` says open is the number's own failure (R-FAIL-6). Anything else (429,
+    5xx, timeouts before the request left) is the gateway's: never counted against the number;
+    the whole instance is held for a backoff that grows with the inbox's streak (a Retry-After
+    is a floor), and the message spends an attempt only on the first failure of a streak — in a
+    gateway outage, waiting is not failing (E-23) — or once the trouble has lasted longer than
+    GATEWAY_OUTAGE_TOLERANCE_SECONDS (a message the gateway never takes still ends, failed).
+    """
+    disconnected_code = getattr(exc, "code", None) == "instance_disconnected"
+    state = _probe_state(ctx, evolution)
+    if state is not None and state != "open":
+        _inbox_went_down(ctx, settings, started_message)
+        return SendOutcome(False, None)
+    if disconnected_code and state == "open":
+        _count_inbox_failure(ctx, settings, exc)  # "Connection Closed" on an open number: real
+        _transient(ctx, exc, settings, "send")
+        return SendOutcome(False, None)
+    hold = backoff_seconds(ctx.gateway_failures + 1, settings, getattr(exc, "retry_after", None))
+    streak, lasted = _gateway_trouble(ctx, hold)
+    log.warning("send message=%s inbox=%s: gateway trouble #%s for %.0fs (%s); inbox held %.1fs", ctx.message_id,
+                ctx.inbox_id, streak, lasted, getattr(exc, "code", type(exc).__name__), hold)
+    if streak <= 1 or lasted >= settings.gateway_outage_tolerance_seconds:
+        _transient(ctx, exc, settings, "send")  # maybe this message's own trouble: it counts
+        return SendOutcome(False, None)
+    _wait(ctx, hold, settings, f"gateway trouble on inbox {ctx.inbox_id} ({getattr(exc, 'code', '')})")
+    return SendOutcome(False, None)
+
+
+def _gateway_trouble(ctx: Context, hold: float) -> tuple[int, float]:
+    """Count one gateway trouble on the inbox and hold its sends for ``hold`` s; return the
+    streak and how long the trouble has lasted (seconds)."""
+    row = _one("""WITH i AS (UPDATE inboxes SET gateway_failures = gateway_failures + 1,
+                                 gateway_trouble_since = coalesce(gateway_trouble_since, now())
+                             WHERE id = %(inbox)s
+                             RETURNING gateway_failures, extract(epoch FROM now() - gateway_trouble_since)::float AS lasted),
+                  h AS (INSERT INTO rate_limits (key, blocked_until)
+                        VALUES (%(key)s, now() + make_interval(secs => %(hold)s))
+                        ON CONFLICT (key) DO UPDATE SET updated_at = now(),
+                            blocked_until = greatest(rate_limits.blocked_until, EXCLUDED.blocked_until)
+                        RETURNING key)
+                  SELECT i.gateway_failures, i.lasted, (SELECT count(*) FROM h) FROM i""",
+               {"inbox": ctx.inbox_id, "key": ratelimit.inbox_key(ctx.inbox_id), "hold": hold})
+    return (int(row[0]), float(row[1] or 0)) if row else (1, 0.0)
+
+
+def _inbox_connected(ctx: Context, settings: Settings, evolution: Any) -> bool:
+    """Whether the inbox can send, from its known state (R-PIPE-3): ``connection.update`` events and
+    the health check keep it fresh; ``connectionState`` is polled only when it is older than
+    CONNECTION_STATE_MAX_AGE_SECONDS. A failed poll is no evidence: the send goes ahead."""
+    if ctx.state_age is not None and ctx.state_age <= settings.connection_state_max_age_seconds:
+        return ctx.connection_state not in ("close", "connecting")
+    state = _probe_state(ctx, evolution)
+    return state is None or state == "open"
+
+
+def _inbox_went_down(ctx: Context, settings: Settings, started_message: bool) -> None:
+    """The inbox is disconnected: its runs pause and this message waits (E-07, R-PIPE-3).
+
+    A message not started goes back to ``pending`` (PostgreSQL); a started one stays ``sending``,
+    parked, and goes on at its next part once the inbox is open again (E-24): it never fails
+    because of a disconnect, and the inbox's failure count is untouched (R-FAIL-6).
+    """
+    _pause_inbox_runs(ctx.inbox_id, "inbox_disconnected")
+    _mark_disconnected(ctx.inbox_id)
+    if not started_message:
+        _back_to_wait(ctx.message_id, "sending")
+        return
+    _park(ctx, settings.connection_state_max_age_seconds, f"inbox {ctx.inbox_id} disconnected mid-message")
+
+
+def _park(ctx: Context, seconds: float, why: str) -> None:
+    """Keep a started message ``sending`` and let the recovery sweep wake it in ``seconds`` (or
+    sooner: an inbox coming back wakes its parked messages)."""
+    row = _one("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+                  WHERE id = %s AND status = 'sending' RETURNING run_id""", (seconds, ctx.message_id))
+    if row is not None:
+        log_event("send", f"started message waits: {why}", run_id=ctx.run_id, message_id=ctx.message_id,
+                  lead_id=ctx.lead_id, level="warning", details={"retry_in_s": seconds})
 
 
 def _record_sent_part(part_id: int, attempt: uuid.UUID, key_id: str, *, message_id: int | None = None,
-                      send_ms: int | None = None, lease: ratelimit.Grant | None = None) -> None:
+                      send_ms: int | None = None, lease: ratelimit.Grant | None = None,
+                      wake_in: float | None = None) -> None:
     row = _one("""WITH p AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING message_id),
                   lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                                 last_at = now()
                             WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
                   UPDATE campaign_messages SET send_ms = coalesce(send_ms, 0) + %s, attempts = 0,
-                      status_changed_at = now()
+                      status_changed_at = now(),
+                      wake_at = CASE WHEN %s::float IS NULL THEN wake_at
+                                     ELSE now() + make_interval(secs => %s::float) END
                   WHERE id = (SELECT message_id FROM p) RETURNING id""",
                (key_id, part_id, str(attempt), lease and lease.key, lease and lease.key, lease and lease.token,
-                send_ms or 0))
+                send_ms or 0, wake_in, wake_in))
     if row is None:
         # The part was moved meanwhile (an operator resolve, the sweep): keep the provider's id anyway.
         log.warning("part %s: sent (key %s) but no longer 'sending' with attempt %s", part_id, key_id, attempt)
@@ -963,14 +1128,16 @@ def _mark_in_doubt(ctx: Context, part_id: int, reason: str, settings: Settings, 
                        error_class="ambiguous_send", error_message=reason)
 
 
-def _inbox_open(ctx: Context, evolution: Any) -> bool:
+def _probe_state(ctx: Context, evolution: Any) -> str | None:
+    """Ask Evolution for the inbox's connection state and store it; None when the probe failed
+    (unknown: never pause on a failed health probe alone, R-FAIL-6)."""
     try:
         state = evolution.connection_state(ctx.instance)
     except ProviderError as exc:
         log.info("inbox %s: connectionState failed (%s)", ctx.inbox_id, exc.code)
-        return True  # unknown: do not pause on a failed health probe alone (R-FAIL-6)
+        return None
     _store_state(ctx.inbox_id, state)
-    return state == "open"
+    return state
 
 
 def _store_state(inbox_id: int, state: str) -> None:
@@ -987,7 +1154,9 @@ def _mark_disconnected(inbox_id: int) -> None:
 
 
 def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -> None:
-    """A real send failure: N in a row disable the inbox and pause its runs (R-FAIL-6)."""
+    """A REAL send failure (this number cannot send: 401/403/404 of the instance, "Connection
+    Closed" while it says open): N in a row disable the inbox and pause its runs (R-FAIL-6).
+    Gateway trouble never comes here."""
     row = _one("""UPDATE inboxes SET consecutive_failures = consecutive_failures + 1,
                       disabled = disabled OR consecutive_failures + 1 >= %s,
                       disabled_reason = CASE WHEN disabled THEN disabled_reason
@@ -1003,12 +1172,13 @@ def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -
 
 
 def _reset_inbox_failures(ctx: Context) -> None:
-    if not ctx.inbox_failures:
-        # No failure streak when this send started, and none can have begun since: the inbox's
-        # send slot (one send in flight, R-RATE-1) is held by this step. Saves a round trip.
+    """A send went out: both streaks (real failures, gateway trouble) end."""
+    if not ctx.inbox_failures and not ctx.gateway_failures:
+        # No streak when this send started, and none can have begun since: the inbox's send
+        # slot (one send in flight, R-RATE-1) is held by this step. Saves a round trip.
         return
-    _one("UPDATE inboxes SET consecutive_failures = 0 WHERE id = %s AND consecutive_failures > 0 RETURNING id",
-         (ctx.inbox_id,))
+    _one("""UPDATE inboxes SET consecutive_failures = 0, gateway_failures = 0, gateway_trouble_since = NULL
+            WHERE id = %s AND (consecutive_failures > 0 OR gateway_failures > 0) RETURNING id""", (ctx.inbox_id,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1036,26 +1206,33 @@ def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | 
 
 
 def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], None] | None = None) -> dict:
-    """Nothing stays stuck (R-FAIL-8): re-enqueue stale in-flight messages, settle orphaned sends.
+    """Nothing stays stuck (R-FAIL-8): re-enqueue in-flight messages past their hand-off deadline,
+    wake parked ones that are due, settle orphaned sends.
 
-    Safe to re-enqueue because every step is idempotent (R-PIPE-5); this also covers messages
-    whose Dramatiq publish was lost.
+    Every step hand-off sets ``wake_at`` (when the next step must have started: its delay plus
+    HANDOFF_GRACE_SECONDS); a lost publish is re-published seconds after that, not after a
+    ten-minute lease. A re-published message gets the full lease before the next copy, so a
+    backlog in RabbitMQ is copied at most once. Safe because every step is idempotent (R-PIPE-5).
     """
     lease = settings.lease_seconds
     # A part left `sending` past the send lease had its worker die mid-call: outcome unknown.
+    # One that kept Evolution's key.id was accepted: its send step is re-published below to record it.
     orphans = _all("""SELECT p.id, p.message_id, p.attempt_id FROM message_parts p
-                      WHERE p.status = 'sending' AND p.sending_at < now() - make_interval(secs => %s)""",
+                      WHERE p.status = 'sending' AND p.sending_at < now() - make_interval(secs => %s)
+                        AND p.provider_message_id IS NULL""",
                    (settings.send_lease_seconds + 5,))
     for part_id, message_id, attempt_id in orphans:
         row = _one(_CONTEXT_SQL, (message_id,))
         if row is not None:
             _mark_in_doubt(_context_from_row(row), part_id, "send interrupted (worker lost mid-call)", settings,
                            attempt=attempt_id)
-    stale = _all("""UPDATE campaign_messages m SET status_changed_at = now()
+    stale = _all("""UPDATE campaign_messages m SET wake_at = now() + make_interval(secs => %(lease)s)
                     WHERE m.status IN ('queued', 'generating', 'splitting', 'sending')
-                      AND m.status_changed_at < now() - make_interval(secs => %s)
-                      AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sending')
-                    RETURNING m.id, m.status, m.inbox_id""", (lease,))
+                      AND (m.wake_at < now()
+                           OR (m.wake_at IS NULL AND m.status_changed_at < now() - make_interval(secs => %(lease)s)))
+                      AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sending'
+                                      AND p.provider_message_id IS NULL)
+                    RETURNING m.id, m.status, m.inbox_id""", {"lease": lease})
     jobs: dict[str, list[tuple]] = {QUEUE_GENERATE: [], QUEUE_SPLIT: [], QUEUE_SEND: []}
     for message_id, status, inbox_id in stale:
         if status in ("queued", "generating"):
@@ -1102,6 +1279,7 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         _store_state(inbox_id, state)
         states[inbox_id] = state
         if state == "open":
+            wake_parked(inbox_id)
             rows = _all("""SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
                            WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
                         (inbox_id,))
@@ -1111,6 +1289,16 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         else:
             log.warning("inbox %s (%s) is %s", inbox_id, instance, state)
     return {"states": states, "resumed": resumed}
+
+
+def wake_parked(inbox_id: int) -> int:
+    """An inbox is usable again: its parked started messages are due now (the next sweep
+    re-publishes them, E-24); returns how many."""
+    rows = _all("""UPDATE campaign_messages SET wake_at = now()
+                   WHERE inbox_id = %s AND status = 'sending' AND wake_at > now() RETURNING id""", (inbox_id,))
+    if rows:
+        log.info("inbox %s usable again: %s parked message(s) woken", inbox_id, len(rows))
+    return len(rows)
 
 
 def resume_paused_run(run_id: int, reason: str) -> bool:
@@ -1250,8 +1438,9 @@ def requeue_dead_step(message_id: int, actor: str, settings: Settings) -> Repair
             repair.notes.append(f"the dead letter is of {actor} but the message had reached {step}: "
                                 f"requeued at {step}")
         _one("""UPDATE campaign_messages SET status = %s, attempts = 0, error_class = NULL, error_message = NULL,
-                    finished_at = NULL, status_changed_at = now()
-                WHERE id = %s AND status = 'failed' RETURNING id""", (to_status, message_id))
+                    finished_at = NULL, status_changed_at = now(), wake_at = now() + make_interval(secs => %s)
+                WHERE id = %s AND status = 'failed' RETURNING id""",
+             (to_status, settings.handoff_grace_seconds, message_id))
         repair.parts = [tuple(r) for r in _all("""
             WITH before AS (SELECT id, idx, status FROM message_parts WHERE message_id = %s),
             upd AS (UPDATE message_parts p SET status = 'pending', error_message = NULL
@@ -1312,8 +1501,9 @@ def resolve_in_doubt(message_id: int, outcome: str, settings: Settings) -> Repai
         repair = Repair(message_id, True, status_from=status, status_to="sending", run_id=run_id,
                         run_before=run_snapshot(run_id))
         _one("""UPDATE campaign_messages SET status = 'sending', attempts = 0, error_class = NULL,
-                    error_message = NULL, finished_at = NULL, status_changed_at = now()
-                WHERE id = %s AND status = 'in_doubt' RETURNING id""", (message_id,))
+                    error_message = NULL, finished_at = NULL, status_changed_at = now(),
+                    wake_at = now() + make_interval(secs => %s)
+                WHERE id = %s AND status = 'in_doubt' RETURNING id""", (settings.handoff_grace_seconds, message_id))
         new_part_status = "sent" if outcome == "sent" else "pending"
         repair.parts = [tuple(r) for r in _all("""
             WITH before AS (SELECT id, idx, status FROM message_parts WHERE message_id = %s),

@@ -28,6 +28,7 @@ UPDATE rate_limits rl SET lease_token = %(token)s, lease_until = now() + make_in
 FROM inboxes i
 WHERE rl.key = %(key)s AND i.id = %(inbox)s
   AND (rl.lease_until IS NULL OR rl.lease_until < now())
+  AND (rl.blocked_until IS NULL OR rl.blocked_until <= now())
   AND (rl.last_at IS NULL OR rl.last_at + make_interval(secs => i.min_gap_seconds) <= now())
   AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w='1 hour')} < i.max_per_hour)
   AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w='1 day')} < i.max_per_day)
@@ -41,6 +42,7 @@ SELECT rl.key IS NOT NULL,
     coalesce(extract(epoch FROM rl.lease_until - now()), 0)::float,
     coalesce(extract(epoch FROM rl.last_at + make_interval(secs => i.min_gap_seconds) - now()), 0)::float,
     greatest(0,
+      extract(epoch FROM rl.blocked_until - now()),
       CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w='1 hour')} >= i.max_per_hour THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
@@ -126,20 +128,22 @@ MINUTE_BLOCK_MARGIN_SECONDS = 0.05
 # the clock AFTER the update: a block is never used past the minute it was counted in.
 _TAKE_MINUTE = """
 WITH cur AS (
-    SELECT key, minute_start, minute_count FROM rate_limits WHERE key = %(key)s FOR UPDATE
+    SELECT key, minute_start, minute_count, blocked_until FROM rate_limits WHERE key = %(key)s FOR UPDATE
 ), eff AS (
     SELECT key, greatest(minute_start, date_trunc('minute', now())) AS minute,
-           CASE WHEN minute_start >= date_trunc('minute', now()) THEN minute_count ELSE 0 END AS used
+           CASE WHEN minute_start >= date_trunc('minute', now()) THEN minute_count ELSE 0 END AS used,
+           blocked_until > now() AS blocked
     FROM cur
 ), upd AS (
     UPDATE rate_limits rl SET minute_start = eff.minute, updated_at = now(),
         minute_count = eff.used + least(%(want)s, %(limit)s - eff.used)
-    FROM eff WHERE rl.key = eff.key AND eff.used < %(limit)s
+    FROM eff WHERE rl.key = eff.key AND eff.used < %(limit)s AND eff.blocked IS NOT TRUE
     RETURNING least(%(want)s, %(limit)s - eff.used) AS n
 )
 SELECT EXISTS (SELECT 1 FROM cur), (SELECT n FROM upd),
        extract(epoch FROM coalesce((SELECT minute FROM eff), date_trunc('minute', now()))
-                          + interval '1 minute' - clock_timestamp())::float"""
+                          + interval '1 minute' - clock_timestamp())::float,
+       (SELECT extract(epoch FROM blocked_until - clock_timestamp())::float FROM cur WHERE blocked_until > now())"""
 
 _blocks: dict[str, tuple[float, int]] = {}  # key -> (monotonic deadline, requests left) in this process
 _blocks_lock = threading.Lock()
@@ -173,11 +177,13 @@ def acquire_minute(key: str, per_minute: int) -> Grant:
     params = {"key": key, "limit": per_minute, "want": _block_size(per_minute)}
     for _ in range(2):
         asked_at = time.monotonic()  # before the statement: the deadline below errs early, never late
-        exists, n, left = db.execute_sql(_TAKE_MINUTE, params).fetchone()
+        exists, n, left, blocked = db.execute_sql(_TAKE_MINUTE, params).fetchone()
         if not exists:
             db.execute_sql("INSERT INTO rate_limits (key, minute_start, minute_count) "
                            "VALUES (%s, date_trunc('minute', now()), 0) ON CONFLICT (key) DO NOTHING", (key,))
             continue
+        if blocked is not None:  # a Retry-After (or an outage's backoff) holds the whole key
+            return Grant(key, None, max(0.05, float(blocked)))
         if not n:
             return Grant(key, None, max(0.05, float(left)))
         if n > 1:
@@ -186,6 +192,24 @@ def acquire_minute(key: str, per_minute: int) -> Grant:
             log.debug("took %s requests of %s's per-minute budget (%.1fs left in the minute)", n, key, left)
         return Grant(key, "minute")
     return Grant(key, None, 0.05)
+
+
+def block_scope(key: str, seconds: float) -> None:
+    """No request of the scope ``key`` (an inbox, an OpenRouter key) starts for ``seconds`` (R-FAIL-2).
+
+    A provider's Retry-After holds the whole scope it was given for, not just the message that
+    got it; so does the backoff of a gateway outage (E-23). Waiting messages are deferred by the
+    pacing middleware (never counted as an attempt, R-RATE-2). A hold only ever grows. This
+    process's unspent per-minute tokens of the key are dropped; another process may still spend
+    the block it already took (at most ``MINUTE_BLOCK`` requests) — each message keeps its own
+    Retry-After hold besides (``retry_after_key``), which is exact.
+    """
+    db.execute_sql("""INSERT INTO rate_limits (key, blocked_until) VALUES (%s, now() + make_interval(secs => %s))
+                      ON CONFLICT (key) DO UPDATE SET updated_at = now(),
+                          blocked_until = greatest(rate_limits.blocked_until, EXCLUDED.blocked_until)""",
+                   (key, seconds))
+    with _blocks_lock:
+        _blocks.pop(key, None)
 
 
 def retry_after_key(message_id: int) -> str:

@@ -121,7 +121,7 @@ class Settings:
                                                             "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)})
     dispatch_interval_seconds: float = field(default=1.0, metadata={
         "env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)})
-    recovery_interval_seconds: float = field(default=60.0, metadata={
+    recovery_interval_seconds: float = field(default=10.0, metadata={
         "env": "RECOVERY_INTERVAL_SECONDS", "parse": _float_in("RECOVERY_INTERVAL_SECONDS", 1, 3600)})
     inbox_health_interval_seconds: float = field(default=60.0, metadata={
         "env": "INBOX_HEALTH_INTERVAL_SECONDS", "parse": _float_in("INBOX_HEALTH_INTERVAL_SECONDS", 1, 3600)})
@@ -138,6 +138,13 @@ class Settings:
         "env": "MIN_BACKOFF_SECONDS", "parse": _float_in("MIN_BACKOFF_SECONDS", 0.01, 3600)})
     max_backoff_seconds: float = field(default=300.0, metadata={
         "env": "MAX_BACKOFF_SECONDS", "parse": _float_in("MAX_BACKOFF_SECONDS", 0.01, 86400)})
+    handoff_grace_seconds: float = field(default=15.0, metadata={
+        "env": "HANDOFF_GRACE_SECONDS", "parse": _float_in("HANDOFF_GRACE_SECONDS", 1, 3600)})
+    connection_state_max_age_seconds: float = field(default=60.0, metadata={
+        "env": "CONNECTION_STATE_MAX_AGE_SECONDS", "parse": _float_in("CONNECTION_STATE_MAX_AGE_SECONDS", 1, 3600)})
+    gateway_outage_tolerance_seconds: float = field(default=900.0, metadata={
+        "env": "GATEWAY_OUTAGE_TOLERANCE_SECONDS",
+        "parse": _float_in("GATEWAY_OUTAGE_TOLERANCE_SECONDS", 0, 86400)})
     inbox_failure_limit: int = field(default=5, metadata={
         "env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)})
     error_threshold_ratio: float = field(default=0.10, metadata={

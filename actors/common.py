@@ -9,7 +9,7 @@ import dramatiq
 import httpx
 
 import clients
-from pipeline import RetryLater, StepFailed
+from pipeline import Deferred, RetryLater, StepFailed
 from settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,22 @@ def step_options(settings: Settings, queue: str, *, time_limit_s: int) -> dict:
 
 
 def as_dramatiq_retry(func: Callable) -> Callable:
-    """Turn the pipeline's RetryLater(delay) into dramatiq.Retry(delay=ms): quiet, backoff as computed."""
+    """Turn the pipeline's RetryLater(delay) into dramatiq.Retry(delay=ms): quiet, backoff as computed.
+
+    Deferred(delay) is a wait that spends no attempt (a scope's Retry-After, a gateway outage's
+    hold): a fresh copy of the message is enqueued with that delay, outside Dramatiq's retry
+    budget, and this delivery ends normally (acked after the publish was confirmed).
+    """
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except RetryLater as exc:
             raise dramatiq.Retry(str(exc), delay=max(1, int(exc.delay * 1000))) from exc
+        except Deferred as exc:
+            actor = dramatiq.get_broker().get_actor(func.__name__)
+            actor.send_with_options(args=args, kwargs=kwargs, delay=max(1, int(exc.delay * 1000)))
+            log.debug("%s%s deferred %.2fs", func.__name__, args, exc.delay)
     return wrapper
 
 

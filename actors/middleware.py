@@ -166,18 +166,25 @@ class RateLimits(Middleware):
         if grant.granted:
             self._local.grant = grant if kind == "inbox" else None
             return
-        delay = min(grant.wait, MAX_BROKER_DELAY_SECONDS)
+        delay = grant.wait
+        parked = delay > MAX_BROKER_DELAY_SECONDS
         log.debug("rate limited %s args=%s: retry in %.2fs", message.actor_name, message.args, delay)
         if message.args:
-            # A message waiting its turn is alive, not stuck: keep the recovery sweep from copying
-            # it (R-FAIL-8). Short waits too: behind a busy inbox one message is deferred many
-            # times in a row, and each copy the sweep made would join the queue of pollers. The
-            # row is written only when it would look stale before this delivery comes back.
-            db.execute_sql("""UPDATE campaign_messages SET status_changed_at = now() WHERE id = %s
-                              AND status IN ('queued', 'generating', 'splitting', 'sending')
-                              AND status_changed_at < now() + make_interval(secs => %s)""",
-                           (int(message.args[0]), delay - self.settings.lease_seconds / 2))
-        broker.enqueue(message.copy(), delay=int(delay * 1000) + 1)
+            # A message waiting its turn is alive, not stuck: its hand-off deadline moves past
+            # this wait, so the recovery sweep does not copy it (R-FAIL-8). Behind a busy inbox
+            # one message is deferred many times in a row, and each copy the sweep made would
+            # join the queue of pollers. The row is written only when the deadline would pass
+            # before this delivery comes back. A wait longer than RabbitMQ should hold a message
+            # (R-DISP-2: a daily cap, a long Retry-After) parks it in PostgreSQL instead: the
+            # sweep re-publishes it at its due time.
+            wake_in = delay if parked else delay + self.settings.handoff_grace_seconds
+            db.execute_sql("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+                              WHERE id = %s AND status IN ('queued', 'generating', 'splitting', 'sending')
+                                AND (wake_at IS NULL OR wake_at < now() + make_interval(secs => %s))""",
+                           (wake_in, int(message.args[0]), delay))
+        if parked and message.args:
+            raise SkipMessage(f"rate limited for {delay:.0f}s: parked in PostgreSQL until then")
+        broker.enqueue(message.copy(), delay=int(min(delay, MAX_BROKER_DELAY_SECONDS) * 1000) + 1)
         raise SkipMessage(f"rate limited for {delay:.2f}s")
 
     def take_grant(self) -> ratelimit.Grant | None:

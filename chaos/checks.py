@@ -88,8 +88,16 @@ def collect_db(cur) -> dict[str, Any]:
     cur.execute("SELECT coalesce(error_class, skip_reason, status), count(*) FROM campaign_messages "
                 "WHERE status IN ('failed', 'skipped') GROUP BY 1")
     not_sent_reasons = dict(cur.fetchall())
+    cur.execute("SELECT name FROM inboxes WHERE disabled ORDER BY name")
+    disabled = [r[0] for r in cur.fetchall()]
     return {"by_status": by_status, "runs": runs, "parts": parts, "dead_letters": dead, "parts_hist": parts_hist,
-            "not_sent_reasons": not_sent_reasons}
+            "not_sent_reasons": not_sent_reasons, "disabled_inboxes": disabled}
+
+
+#: what a message fails or is skipped with when gateway trouble or a disconnect got the better of
+#: it (T-REL-2 expects none: an outage is waited out, a started message waits for its inbox)
+OUTAGE_REASONS = ("retries_exhausted", "server_error", "rate_limited", "instance_disconnected", "connect_error",
+                  "timeout", "request_timeout", "window_closed", "too_late", "run_closed")
 
 
 def _near(events: list[FaultEvent], kinds: tuple[str, ...], sending_at: float, reach_s: float) -> FaultEvent | None:
@@ -283,6 +291,11 @@ def judge(*, db_facts: dict[str, Any], ledger: dict[str, Any], events: list[Faul
               (f"injector error: {injector_error}" if injector_error else "")
               + ("" if targeted or not expected_faults.get(KILL_MID_SEND) else "no kill hit a worker mid-send")),
     ]
+    outage_hits = {r: n for r, n in db_facts["not_sent_reasons"].items() if r in OUTAGE_REASONS}
+    checks.append(Check("messages failed/skipped by gateway trouble or a disconnect", sum(outage_hits.values()), "0",
+                        not outage_hits, ", ".join(f"{r}={n}" for r, n in outage_hits.items())))
+    disabled = db_facts["disabled_inboxes"]
+    checks.append(Check("inboxes left disabled", len(disabled), "0", not disabled, ", ".join(disabled)))
     hist = db_facts["parts_hist"]
     checks.append(Check("messages of 1, 2 and 3 parts", hist, "each > 0, none > 3",
                         all(hist.get(k, 0) > 0 for k in ("1", "2", "3")) and not hist.get(">3")))

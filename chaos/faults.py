@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from chaos.services import Proc, Services, Supervisor
 
@@ -20,7 +20,11 @@ KILL_MID_SEND = "kill_mid_send"
 KILL = "kill"
 RABBIT_RESTART = "rabbit_restart"
 PG_TERMINATE = "pg_terminate"
-KINDS = (KILL_MID_SEND, KILL, RABBIT_RESTART, PG_TERMINATE)
+#: T-REL-2: the gateway answers 5xx to every send for ``outage_s`` seconds
+GATEWAY_OUTAGE = "gateway_outage"
+#: T-REL-2 / E-24: one inbox disconnected for ``outage_s`` seconds, while messages are mid-parts
+DISCONNECT = "disconnect"
+KINDS = (KILL_MID_SEND, KILL, RABBIT_RESTART, PG_TERMINATE, GATEWAY_OUTAGE, DISCONNECT)
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class FaultSpec:
 
     kind: str
     at_progress: float
-    outage_s: float = 0.0      # RabbitMQ: seconds between stop_app and start_app
+    outage_s: float = 0.0      # RabbitMQ: seconds between stop_app and start_app; gateway/disconnect: duration
     victim: int = 0            # KILL: index of the worker group (modulo their number)
 
 
@@ -46,7 +50,7 @@ class FaultEvent:
 
 
 def plan_faults(rng: random.Random, counts: dict[str, int], *, lo: float, hi: float,
-                min_spacing: float) -> list[FaultSpec]:
+                min_spacing: float, durations: dict[str, float] | None = None) -> list[FaultSpec]:
     """Seeded progress points in [lo, hi], at least ``min_spacing`` apart, one per fault, shuffled kinds."""
     kinds = [k for k in KINDS for _ in range(counts.get(k, 0))]
     n = len(kinds)
@@ -59,8 +63,15 @@ def plan_faults(rng: random.Random, counts: dict[str, int], *, lo: float, hi: fl
     points = sorted(rng.uniform(0, slack) for _ in range(n))
     points = [lo + p + i * min_spacing for i, p in enumerate(points)]
     rng.shuffle(kinds)
-    return [FaultSpec(kind, round(at, 3), outage_s=round(rng.uniform(1.0, 3.0), 1) if kind == RABBIT_RESTART else 0.0,
-                      victim=rng.randrange(1000)) for kind, at in zip(kinds, points)]
+    durations = durations or {}
+
+    def outage(kind: str) -> float:
+        if kind == RABBIT_RESTART:
+            return round(rng.uniform(1.0, 3.0), 1)
+        return float(durations.get(kind, 0.0))
+
+    return [FaultSpec(kind, round(at, 3), outage_s=outage(kind), victim=rng.randrange(1000))
+            for kind, at in zip(kinds, points)]
 
 
 class Injector(threading.Thread):
@@ -68,7 +79,8 @@ class Injector(threading.Thread):
 
     def __init__(self, plan: list[FaultSpec], *, services: Services, supervisor: Supervisor, workers: list[Proc],
                  progress: Callable[[], float], sending_parts: Callable[[], list[tuple[int, float]]],
-                 mid_send_timeout: float = 30.0) -> None:
+                 sandbox: Any = None, instances: list[str] | None = None,
+                 mid_parts_instance: Callable[[], str | None] | None = None, mid_send_timeout: float = 30.0) -> None:
         super().__init__(name="chaos-injector", daemon=True)
         self.plan = plan
         self.services = services
@@ -77,6 +89,9 @@ class Injector(threading.Thread):
         self.progress = progress
         self.sending_parts = sending_parts
         self.mid_send_timeout = mid_send_timeout
+        self.sandbox = sandbox
+        self.instances = instances or []
+        self.mid_parts_instance = mid_parts_instance
         self.events: list[FaultEvent] = []
         self.error: BaseException | None = None
         self._halt = threading.Event()
@@ -118,6 +133,25 @@ class Injector(threading.Thread):
             return FaultEvent(spec.kind, spec.at_progress, t, time.time(), p, {"terminated": n})
         if spec.kind == KILL_MID_SEND:
             return self._kill_mid_send(spec, p)
+        if spec.kind == GATEWAY_OUTAGE:
+            # every send refused 503 (no Retry-After: a plain outage), the other faults' rates kept
+            t = time.time()
+            self.sandbox.set_faults(send={"always_status": 500})
+            self._halt.wait(spec.outage_s)
+            self.sandbox.set_faults(send={"always_status": None})
+            log.warning("gateway outage: every send answered 500 for %.1fs", time.time() - t)
+            return FaultEvent(spec.kind, spec.at_progress, t, time.time(), p, {"down_s": round(time.time() - t, 1)})
+        if spec.kind == DISCONNECT:
+            # the inbox of a message that has sent part 1 and not its last part, when there is one (E-24)
+            instance = (self.mid_parts_instance() if self.mid_parts_instance else None) \
+                or self.instances[spec.victim % len(self.instances)]
+            t = time.time()
+            self.sandbox.set_faults(disconnected_instances=[instance])
+            self._halt.wait(spec.outage_s)
+            self.sandbox.set_faults(disconnected_instances=[])
+            log.warning("inbox %s disconnected for %.1fs", instance, time.time() - t)
+            return FaultEvent(spec.kind, spec.at_progress, t, time.time(), p,
+                              {"instance": instance, "down_s": round(time.time() - t, 1)})
         victim = self.workers[spec.victim % len(self.workers)]
         t = time.time()
         self.supervisor.kill9(victim)

@@ -43,14 +43,20 @@ class Profile:
     fault_spacing: float
     timeout_seconds: float           # from the first dispatch to quiescence, at most
     hang_rate: float = 0.01          # sends accepted then never answered (read timeout)
+    #: T-REL-2: how long the gateway outage and the inbox disconnect last (seconds)
+    durations: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 FULL = Profile(messages=2000, campaigns=6, inboxes=5, workers=3, threads=8, schedule_seconds=150,
-               fault_counts={faults.KILL_MID_SEND: 1, faults.KILL: 2, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 2},
-               progress_window=(0.08, 0.85), fault_spacing=0.1, timeout_seconds=720)
+               fault_counts={faults.KILL_MID_SEND: 1, faults.KILL: 2, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 2,
+                             faults.GATEWAY_OUTAGE: 1, faults.DISCONNECT: 1},
+               progress_window=(0.08, 0.85), fault_spacing=0.1, timeout_seconds=900,
+               durations={faults.GATEWAY_OUTAGE: 60.0, faults.DISCONNECT: 30.0})
 CI = Profile(messages=320, campaigns=5, inboxes=5, workers=2, threads=6, schedule_seconds=35,
-             fault_counts={faults.KILL_MID_SEND: 1, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 1},
-             progress_window=(0.15, 0.7), fault_spacing=0.2, timeout_seconds=170,
+             fault_counts={faults.KILL_MID_SEND: 1, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 1,
+                           faults.GATEWAY_OUTAGE: 1, faults.DISCONNECT: 1},
+             progress_window=(0.15, 0.7), fault_spacing=0.12, timeout_seconds=200,
+             durations={faults.GATEWAY_OUTAGE: 8.0, faults.DISCONNECT: 6.0},
              # ~430 parts: at 1 % one run in ~70 would see no hang at all and prove nothing about
              # read timeouts (E-14); at 2 % that is one in ~5,000
              hang_rate=0.02)
@@ -75,9 +81,8 @@ ENGINE_ENV = {
     "SEND_TIMEOUT_SECONDS": "2",
     "LLM_TIMEOUT_SECONDS": "10",
     "OPENROUTER_REQUESTS_PER_MINUTE": "100000",
-    # 15 % of sends fail on purpose: 5 in a row is expected now and then, and would disable an
-    # inbox for the rest of the run (an operator decision, not something this suite measures)
-    "INBOX_FAILURE_LIMIT": "50",
+    # INBOX_FAILURE_LIMIT keeps its default (5): 429s, 5xx, timeouts and the outage are gateway
+    # trouble and must never disable an inbox (R-FAIL-6, E-23, T-REL-2)
     "DISPATCH_INTERVAL_SECONDS": "0.5",
     "RECOVERY_INTERVAL_SECONDS": "3",
     "INBOX_HEALTH_INTERVAL_SECONDS": "5",
@@ -244,7 +249,8 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
             migrate(db)
             world.build_world(plan, rng)
         fault_plan = faults.plan_faults(rng, profile.fault_counts, lo=profile.progress_window[0],
-                                        hi=profile.progress_window[1], min_spacing=profile.fault_spacing)
+                                        hi=profile.progress_window[1], min_spacing=profile.fault_spacing,
+                                        durations=profile.durations)
         print("chaos: fault plan (at progress = share of messages terminal): " + ", ".join(
             f"{f.kind}@{f.at_progress:.0%}" + (f"(down {f.outage_s}s)" if f.outage_s else "") for f in fault_plan),
             flush=True)
@@ -266,8 +272,19 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
             return [(r[0], r[1]) for r in probe.query(
                 "SELECT id, extract(epoch FROM sending_at)::float FROM message_parts WHERE status = 'sending'")]
 
+        def mid_parts_instance() -> str | None:
+            rows = probe.query("""SELECT i.instance_name FROM campaign_messages m JOIN inboxes i ON i.id = m.inbox_id
+                                  WHERE m.status = 'sending'
+                                    AND EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sent')
+                                    AND EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id
+                                                AND p.status = 'pending')
+                                  LIMIT 1""")
+            return rows[0][0] if rows else None
+
+        instances = [r[0] for r in probe.query("SELECT instance_name FROM inboxes ORDER BY id")]
         injector = faults.Injector(fault_plan, services=svc, supervisor=supervisor, workers=workers,
-                                   progress=progress, sending_parts=sending_parts)
+                                   progress=progress, sending_parts=sending_parts, sandbox=sandbox,
+                                   instances=instances, mid_parts_instance=mid_parts_instance)
         injector.start()
         quiescent, quiescence_s = _wait_quiescent(probe, injector, t0, profile.timeout_seconds)
         injector.stop()

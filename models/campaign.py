@@ -81,6 +81,7 @@ class CampaignMessage(BaseModel):
     status = TextField(default="pending")
     scheduled_at = DateTimeTZField()
     status_changed_at = DateTimeTZField(null=True)
+    wake_at = DateTimeTZField(null=True)
     generated_text = TextField(null=True)
     tokens_used = IntegerField(null=True)
     generation_ms = IntegerField(null=True)

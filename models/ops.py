@@ -35,6 +35,7 @@ class RateLimit(BaseModel):
     last_at = DateTimeTZField(null=True)
     lease_token = UUIDField(null=True)
     lease_until = DateTimeTZField(null=True)
+    blocked_until = DateTimeTZField(null=True)
     hour_start = DateTimeTZField()
     hour_count = IntegerField(default=0)
     day_start = DateTimeTZField()

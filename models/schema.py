@@ -297,7 +297,28 @@ V5 = Migration(5, "dead letters: resolved without a replay, with the operator's 
     "ALTER TABLE dead_letters ADD COLUMN note text",
 ))
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5)
+V6 = Migration(6, "failure paths: hand-off deadlines, parked messages, gateway outages per scope", (
+    # When the next step of an in-flight message must have started by (R-FAIL-8). Every step
+    # hand-off sets it (now + the delay it asked for + a short grace); a message parked in
+    # PostgreSQL (a long Retry-After, a started message waiting for its disconnected inbox,
+    # R-DISP-2, E-24) sets it to the time it is due again. The recovery sweep re-publishes what
+    # is past it: a lost publish costs seconds, not the old ten-minute lease.
+    "ALTER TABLE campaign_messages ADD COLUMN wake_at timestamptz",
+    """UPDATE campaign_messages SET wake_at = status_changed_at + interval '10 minutes'
+       WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
+    """CREATE INDEX campaign_messages_wake_idx ON campaign_messages (wake_at)
+        WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
+    # Gateway trouble (429, 5xx, timeouts, connect errors) is counted apart from real send
+    # failures (R-FAIL-6): it never disables an inbox; it holds the inbox's sends for a
+    # growing backoff instead (E-23).
+    "ALTER TABLE inboxes ADD COLUMN gateway_failures integer NOT NULL DEFAULT 0 CHECK (gateway_failures >= 0)",
+    "ALTER TABLE inboxes ADD COLUMN gateway_trouble_since timestamptz",
+    # No request of a scope (an inbox = Evolution instance, an OpenRouter key) before this:
+    # a provider's Retry-After or a gateway outage's backoff (R-FAIL-2).
+    "ALTER TABLE rate_limits ADD COLUMN blocked_until timestamptz",
+))
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -56,6 +56,8 @@ class Inbox(BaseModel):
     state_checked_at = DateTimeTZField(null=True)
     disconnected_since = DateTimeTZField(null=True)
     consecutive_failures = IntegerField(default=0)
+    gateway_failures = IntegerField(default=0)
+    gateway_trouble_since = DateTimeTZField(null=True)
     disabled = BooleanField(default=False)
     disabled_reason = TextField(null=True)
     min_gap_seconds = DoubleField(default=1.0)

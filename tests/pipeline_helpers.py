@@ -100,7 +100,7 @@ def drive(message_id: int, settings: Settings, llm, evo, *, max_rounds: int = 60
                     return CampaignMessage.get_by_id(message_id).status
             else:
                 return status
-        except pipeline.RetryLater as exc:
+        except (pipeline.RetryLater, pipeline.Deferred) as exc:
             time.sleep(exc.delay)
         except pipeline.StepFailed as exc:
             pipeline.fail_exhausted(message_id, str(exc), settings)

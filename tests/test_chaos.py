@@ -2,7 +2,7 @@
 
 The CI variant runs ``scripts/chaos.py --ci`` as a subprocess (its own database, vhost, sandbox,
 worker processes and scheduler; >= 300 messages; one kill -9 mid-send, one RabbitMQ restart, one
-pg_terminate_backend) and asserts every line of its verdict table from the JSON report.
+pg_terminate_backend, an 8 s gateway outage and a 6 s disconnect of one inbox) and asserts every line of its verdict table from the JSON report.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ EXPECTED_CHECKS = {
     "verify mismatches", "in_doubt parts without a hang/kill/termination", "ambiguous sends not left in_doubt",
     "requests before Retry-After elapsed", "sends closer than the inbox's min gap", "faults injected",
     "messages of 1, 2 and 3 parts", "sandbox fault 429 exercised", "sandbox fault 500 exercised", "sandbox fault accept_then_hang exercised",
+    # T-REL-2 / E-23 / E-24: a gateway outage and an inbox disconnect are waited out
+    "messages failed/skipped by gateway trouble or a disconnect", "inboxes left disabled",
 }
 
 
@@ -45,7 +47,8 @@ def test_ci_variant_passes_every_check(tmp_path):
     assert done.returncode == 0, out
     assert result["facts"]["messages_by_status"] and sum(result["facts"]["messages_by_status"].values()) >= 300
     kinds = sorted(r["kind"] for r in result["recoveries"])
-    assert kinds == sorted([faults.KILL_MID_SEND, faults.RABBIT_RESTART, faults.PG_TERMINATE]), kinds
+    assert kinds == sorted([faults.KILL_MID_SEND, faults.RABBIT_RESTART, faults.PG_TERMINATE, faults.GATEWAY_OUTAGE,
+                            faults.DISCONNECT]), kinds
     # every fault was followed by sends again (the engine recovered from each)
     assert all(r["next_send_s"] is not None for r in result["recoveries"]), result["recoveries"]
     assert result["duration_s"] < CI_BUDGET_S, f"CI variant took {result['duration_s']} s (budget {CI_BUDGET_S} s)"
@@ -106,3 +109,17 @@ def test_fault_plan_is_seeded_spaced_and_complete():
     assert points == sorted(points) and 0.08 <= points[0] and points[-1] <= 0.85
     assert all(b - a >= 0.1 - 1e-3 for a, b in zip(points, points[1:]))
     assert all(1.0 <= f.outage_s <= 3.0 for f in plan if f.kind == faults.RABBIT_RESTART)
+
+
+def test_both_profiles_plan_the_outage_and_the_disconnect():
+    """T-REL-2: the full run has a 60 s gateway outage and a 30 s disconnect; CI a short one of each."""
+    from chaos import run
+
+    for profile, outage, disconnect in ((run.FULL, 60.0, 30.0), (run.CI, 8.0, 6.0)):
+        plan = faults.plan_faults(random.Random(7), profile.fault_counts, lo=profile.progress_window[0],
+                                  hi=profile.progress_window[1], min_spacing=profile.fault_spacing,
+                                  durations=profile.durations)
+        by_kind = {f.kind: f for f in plan}
+        assert by_kind[faults.GATEWAY_OUTAGE].outage_s == outage
+        assert by_kind[faults.DISCONNECT].outage_s == disconnect
+    assert "INBOX_FAILURE_LIMIT" not in run.ENGINE_ENV  # no setting that keeps E-23 from showing

@@ -146,11 +146,12 @@ def test_a_duplicate_delivery_honours_the_retry_after_of_an_earlier_attempt(sb, 
     assert first_retry >= 1.0
     sb.set_faults(send={"always_status": None})
 
-    # the duplicate delivery, right away: it must wait too, without calling Evolution
+    # the duplicate delivery, right away: it must wait too, without calling Evolution (and
+    # without spending an attempt: the wait is the provider's, R-RATE-2)
     try:
         pipeline.send_step(msg.id, settings, evo)
         raise AssertionError("the duplicate sent before the Retry-After elapsed")
-    except pipeline.RetryLater as exc:
+    except pipeline.Deferred as exc:
         assert 0.5 < exc.delay <= 1.1, exc.delay
         time.sleep(exc.delay)
     assert sum(sb.summary()["by_route"]["send"].values()) == 1  # the 429 only

@@ -321,11 +321,15 @@ def test_e04_terminal_outcome_is_one_statement(clean_db, sb, llm, evo, settings)
     assert lead_column(m1.lead_id) == w.cols["New"].id
     assert run_counters(w.run.id)["leads_processed"] == 0
     (part,) = parts_of(m1.id)
-    assert part.status == "sending"  # the send happened; its `sent` did not commit: in_doubt later
+    # the send happened and its `sent` did not commit; Evolution's key was kept on the part, so
+    # the outcome is known, not in doubt (issue 12): the next delivery records it, sends nothing
+    assert part.status == "sending" and part.provider_message_id
     db.execute_sql("UPDATE campaign_runs SET leads_total = 1 WHERE id = %s", (w.run.id,))
     pipeline.send_step(m1.id, settings, evo)
-    assert CampaignMessage.get_by_id(m1.id).status == "in_doubt"
+    assert CampaignMessage.get_by_id(m1.id).status == "sent"
+    assert lead_column(m1.lead_id) == w.cols["Contacted"].id
     assert len(_sends(sb)) == 1
+    assert_counters_match(w.run.id)
 
 
 def test_e03_duplicate_step_calls_have_one_effect(clean_db, sb, llm, evo, settings):

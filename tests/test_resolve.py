@@ -158,10 +158,12 @@ def test_resolve_reopens_a_completed_run_on_resend(queues, evo):  # noqa: F811
     assert (c["status"], c["leads_in_doubt"], c["leads_processed"]) == ("running", 0, 0)
     assert db.execute_sql("SELECT finished_at FROM campaign_runs WHERE id = %s", (w.run.id,)).fetchone()[0] is None
 
-    # a publish lost after the commit: 'sending' with no part in flight is the sweep's to re-enqueue
+    # a publish lost after the commit: 'sending' with no part in flight is the sweep's to
+    # re-enqueue once its hand-off deadline passed (not before: the publish may be on its way)
     swept: list = []
-    db.execute_sql("UPDATE campaign_messages SET status_changed_at = now() - interval '1 hour' WHERE id = %s",
-                   (m.id,))
+    pipeline.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
+    assert swept == []
+    db.execute_sql("UPDATE campaign_messages SET wake_at = now() - interval '1 second' WHERE id = %s", (m.id,))
     pipeline.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
     assert swept == [("campaign.send", [(m.id, m.inbox_id)])]
 
