@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PlanError", "RunStateError", "window_bounds", "plan_schedule", "spread_times",
            "plan_run", "plan_due_runs", "skip_too_late", "close_windows", "due_window_closed_runs",
            "pause_run", "resume_run", "cancel_run", "replan_pending", "find_config", "window_close_at", "E164_SQL_REGEX",
-           "PLAN_AHEAD_SECONDS"]
+           "PLAN_AHEAD_SECONDS", "OPEN_RUN_STATUSES", "closed_while_paused"]
 
 UTC = dt.timezone.utc
 
@@ -442,7 +442,14 @@ def window_close_at(day: dt.date, timezone: str, start_minute: int, end_minute: 
     return bounds[1] if bounds else None
 
 
-def due_window_closed_runs(now: dt.datetime | None = None, statuses: Sequence[str] = ("running",)) -> list[int]:
+#: every status a run can still change in: the window guard closes all of them at day end (R-DISP-4, E-26)
+OPEN_RUN_STATUSES = ("planning", "running", "paused")
+#: the campaign_events step of the note that a run was closed at its window's end while paused
+WINDOW_STEP = "window"
+
+
+def due_window_closed_runs(now: dt.datetime | None = None,
+                           statuses: Sequence[str] = OPEN_RUN_STATUSES) -> list[int]:
     """Ids of runs (in ``statuses``) whose local window has closed by ``now``."""
     now = now or dt.datetime.now(UTC)
     rows = db.execute_sql(
@@ -460,18 +467,69 @@ def due_window_closed_runs(now: dt.datetime | None = None, statuses: Sequence[st
     return closed
 
 
+# Once per run (the guard comes back every 15 s to a run that a message mid-parts keeps open):
+# a paused run's reason, written before its completion clears ``campaign_runs.pause_reason``
+# (the schema ties pause_reason to status 'paused'), so the report still says why (E-26).
+_CLOSED_WHILE_PAUSED_SQL = f"""
+    INSERT INTO campaign_events (run_id, step, level, text, details)
+    SELECT r.id, '{WINDOW_STEP}', 'warning',
+           'window closed while the run was paused (' || r.pause_reason || '): not-started messages skipped '
+           || 'window_closed, its leads are eligible for the next run',
+           jsonb_build_object('closed_while_paused', true, 'pause_reason', r.pause_reason)
+      FROM campaign_runs r
+     WHERE r.id = ANY(%s) AND r.status = 'paused'
+       AND NOT EXISTS (SELECT 1 FROM campaign_events e
+                        WHERE e.run_id = r.id AND e.step = '{WINDOW_STEP}' AND e.details ? 'closed_while_paused')
+    RETURNING run_id, details ->> 'pause_reason'"""
+
+
 def close_windows(now: dt.datetime | None = None) -> dict[str, object]:
-    """Skip ('window_closed') the pending messages of running runs whose window closed; complete them."""
+    """Close every open run whose window closed: pending messages skipped 'window_closed', run completed.
+
+    Any non-final status (R-DISP-4, E-26): a run ``paused`` for any reason closes too (its reason
+    is kept in a ``campaign_events`` row the report shows), so its leads are eligible again for
+    the next run of its config. A run also ``planning`` at its window's end is closed: the
+    planner writes a run and its messages in one transaction, so such a run is stuck, and
+    nothing would ever dispatch it. Messages in flight (mid-parts, a part ``sending``) are not
+    processed yet: they keep their run open until they settle, and their last statement
+    completes it.
+    """
     import pipeline
 
     run_ids = due_window_closed_runs(now)
     if not run_ids:
         return {"runs": [], "skipped": 0, "completed": []}
-    skipped = pipeline.skip_pending_where("r.id = ANY(%s)", (run_ids,), "window_closed")
-    completed = pipeline.complete_runs_if_done(run_ids)
+    with db.atomic():
+        # no run lock up front: skip_pending_where locks messages then runs, the order every
+        # terminal statement of the chain uses, so the guard never deadlocks with a worker
+        noted = db.execute_sql(_CLOSED_WHILE_PAUSED_SQL, (run_ids,)).fetchall()
+        skipped = pipeline.skip_pending_where("r.id = ANY(%s)", (run_ids,), "window_closed")
+        pipeline.complete_runs_if_done(run_ids)
+        # complete_runs_if_done knows running and paused runs; a stuck 'planning' one is closed here
+        for (run_id,) in db.execute_sql(
+                """UPDATE campaign_runs SET status = 'completed', finished_at = now()
+                    WHERE id = ANY(%s) AND status = 'planning' AND leads_processed >= leads_total
+                    RETURNING id""", (run_ids,)).fetchall():
+            pipeline.log_event("run", "run completed (closed at its window's end while still planning)",
+                               run_id=run_id, level="warning")
+        # the skip's own statement completes most of them: report every one that is closed now
+        completed = [int(r[0]) for r in db.execute_sql(
+            "SELECT id FROM campaign_runs WHERE id = ANY(%s) AND status = 'completed' ORDER BY id",
+            (run_ids,)).fetchall()]
+    for run_id, reason in noted:
+        log.warning("run %s: window closed while paused (%s); not-started messages skipped", run_id, reason)
     if skipped:
         log.info("window closed on runs %s: %s pending messages skipped", run_ids, skipped)
     return {"runs": run_ids, "skipped": skipped, "completed": completed}
+
+
+def closed_while_paused(run_id: int) -> str | None:
+    """The pause reason of a run closed at its window's end while paused (E-26), else None."""
+    row = db.execute_sql(
+        f"""SELECT details ->> 'pause_reason' FROM campaign_events
+             WHERE run_id = %s AND step = '{WINDOW_STEP}' AND details ? 'closed_while_paused'
+             ORDER BY id DESC LIMIT 1""", (run_id,)).fetchone()
+    return row[0] if row else None
 
 
 # --------------------------------------------------------------------------------------------
