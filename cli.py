@@ -328,19 +328,21 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@command("verify", "check every run's counters against its message rows (exit 1 on mismatch)")
+@command("verify", "check every run's counters against its message rows, every message against its parts, "
+                  "and that finished runs are closed (exit 1 on any finding)")
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     import ops
 
     with db.connection_context():
         runs = db.execute_sql("SELECT count(*) FROM campaign_runs").fetchone()[0]
-        mismatches = ops.verify()
-    if not mismatches:
-        print(f"ok: the counters of all {runs} run(s) match their message rows")
+        findings = ops.verify()
+    if not findings:
+        print(f"ok: the counters of all {runs} run(s) match their message rows; every message agrees with its "
+              "parts; every finished run is closed")
         return 0
-    for m in mismatches:
-        print(f"MISMATCH {m}")
-    print(f"{len(mismatches)} mismatch(es) in {len({m.run_id for m in mismatches})} of {runs} run(s)")
+    for m in findings:
+        print(f"{'MISMATCH' if isinstance(m, ops.Mismatch) else 'INCONSISTENT'} {m}")
+    print(f"{len(findings)} finding(s) in {len({m.run_id for m in findings})} of {runs} run(s)")
     return 1
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import random
 import threading
+import uuid
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -670,7 +671,12 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
     assert CampaignMessage.get_by_id(queued.id).skip_reason == "window_closed"
     assert CampaignRun.get_by_id(run.id).status == "paused"
     # the started message's last part goes out: its statement completes the run
-    pipeline.finish_message(started.id, "sent", get_settings(), from_statuses=("sending",))
+    attempt = uuid.uuid4()
+    part_id, = db.execute_sql("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
+                                 WHERE message_id = %s AND idx = 1 RETURNING id""",
+                              (str(attempt), started.id)).fetchone()
+    pipeline.finish_message(started.id, "sent", get_settings(), from_statuses=("sending",),
+                            last_part=(part_id, attempt, "key-2"))
     run_row = CampaignRun.get_by_id(run.id)
     assert run_row.status == "completed" and (run_row.leads_sent, run_row.leads_skipped) == (1, 5)
     assert verify() == []
