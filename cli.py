@@ -150,6 +150,70 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# inboxes (R-FAIL-6)
+# --------------------------------------------------------------------------------------------
+
+def _inbox_args(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (
+            ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
+            ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled")):
+        a = actions.add_parser(action, help=help_text, description=help_text)
+        a.add_argument("name", help="the inbox name of [workspaces.W.inboxes.NAME], or W/NAME")
+        a.add_argument("--workspace", default=None, help="its workspace, when the name exists in several")
+        a.add_argument("--reason", required=action == "disable", default=None,
+                       help="why (kept on the inbox and in campaign_events)" + (" (optional)" if action == "enable"
+                                                                               else ""))
+
+
+def _run_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids)) if ids else "none"
+
+
+@command("inbox", "enable or disable an inbox by name (logged with who and why)", _inbox_args)
+def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
+    import inboxes
+
+    with db.connection_context():
+        if args.action == "disable":
+            change = inboxes.disable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+        else:
+            change = inboxes.enable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+    label = change.inbox.label
+    if not change.changed:
+        print(f"inbox {label}: {change.note}")
+    elif args.action == "disable":
+        print(f"inbox {label} disabled by {change.by}: {change.reason}; runs paused (inbox_disabled): "
+              f"{_run_ids(change.paused)}")
+    else:
+        print(f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
+              f"{_run_ids(change.resumed)}")
+    return 0
+
+
+@command("inboxes", "list the inboxes: connection state, disabled (why), consecutive send failures",
+         lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"))
+def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
+    import inboxes
+
+    with db.connection_context():
+        rows = inboxes.list_inboxes(args.workspace)
+    if not rows:
+        print("no inbox (apply a TOML file first)")
+        return 0
+    table = [("inbox", "instance", "state", "failures", "disabled")]
+    for r in rows:
+        state = r.connection_state + (f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC"
+                                      if r.disconnected_since else "")
+        table.append((r.label, r.instance_name, state, str(r.consecutive_failures),
+                      f"yes: {r.disabled_reason}" if r.disabled else "no"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # watching
 # --------------------------------------------------------------------------------------------
 
