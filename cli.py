@@ -118,13 +118,18 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=int, help="run id (see `status`)")
 
 
-@command("pause", "pause a running run (in-flight messages finish; nothing new starts)", _run_arg)
+@command("pause", "pause a running run (in-flight messages finish; nothing new starts); on a run the engine "
+                 "paused by itself, the pause becomes yours: only `resume` ends it", _run_arg)
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     import planner
 
     with db.connection_context():
-        planner.pause_run(args.run)
-    print(f"run {args.run} paused")
+        was = planner.pause_run(args.run)
+    if was:
+        print(f"run {args.run} paused (manual): it was paused automatically ({was}); it no longer resumes by "
+              "itself, only with `resume`")
+    else:
+        print(f"run {args.run} paused")
     return 0
 
 

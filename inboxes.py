@@ -153,15 +153,21 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
 
 
 def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
-    """Resume the runs paused ``inbox_disabled`` matching ``where`` (aliases r, c, i), each as the pipeline does."""
+    """Resume the runs paused ``inbox_disabled`` matching ``where`` (aliases r, c, i), each as the pipeline does.
+
+    The runs are locked first: an operator's pause of one of them lands either before (the run is
+    no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
+    """
     import pipeline
 
-    rows = db.execute_sql(f"""SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-                                JOIN inboxes i ON i.id = c.inbox_id
-                               WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled
-                                 AND ({where})
-                               ORDER BY r.id""", params).fetchall()
-    return [run_id for (run_id,) in rows if pipeline.resume_paused_run(run_id, "inbox_disabled")]
+    with db.atomic():
+        rows = db.execute_sql(f"""
+            SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+              JOIN inboxes i ON i.id = c.inbox_id
+             WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled AND ({where})
+             ORDER BY r.id
+               FOR UPDATE OF r""", params).fetchall()
+        return [run_id for (run_id,) in rows if pipeline.resume_paused_run(run_id, "inbox_disabled")]
 
 
 def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None = None,

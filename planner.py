@@ -545,16 +545,30 @@ def _state_error(run_id: int, action: str, allowed: str) -> RunStateError:
     return RunStateError(f"run {run_id} is {what}, cannot {action} (only a {allowed} run can)")
 
 
-def pause_run(run_id: int, reason: str = "manual") -> None:
-    """Pause a running run: nothing new is dispatched; in-flight messages finish (R-OPS-3)."""
+def pause_run(run_id: int, reason: str = "manual") -> str | None:
+    """Pause a running run: nothing new is dispatched; in-flight messages finish (R-OPS-3).
+
+    The operator's pause (``manual``) of a run the engine paused by itself (``inbox_disconnected``,
+    ``inbox_disabled``, ``provider_auth``, ``error_threshold``…) takes it over: the reason becomes
+    ``manual``, so no automatic resume (inbox back, inbox enabled, dead letter requeued) ends it,
+    only the operator's ``resume``. Returns the automatic reason taken over, None for a running run.
+    """
     with db.atomic():
-        row = db.execute_sql(
-            """UPDATE campaign_runs SET status = 'paused', pause_reason = %s
-                WHERE id = %s AND status = 'running' RETURNING id""", (reason, run_id)).fetchone()
-        if row is None:
-            raise _state_error(run_id, "pause", "running")
-        _event(run_id, "operator", f"run paused ({reason})", {"reason": reason})
-    log.info("run %s paused (%s)", run_id, reason)
+        row = db.execute_sql("SELECT status, pause_reason FROM campaign_runs WHERE id = %s FOR UPDATE",
+                             (run_id,)).fetchone()
+        status, was = row if row else (None, None)
+        takeover = reason == "manual" and status == "paused" and was != "manual"
+        if status != "running" and not takeover:
+            raise _state_error(run_id, "pause", "running or automatically paused")
+        db.execute_sql("UPDATE campaign_runs SET status = 'paused', pause_reason = %s WHERE id = %s",
+                       (reason, run_id))
+        if takeover:
+            _event(run_id, "operator", f"run paused ({reason}): the operator's pause replaces the automatic one "
+                                       f"({was}); only `resume` resumes it", {"reason": reason, "was": was})
+        else:
+            _event(run_id, "operator", f"run paused ({reason})", {"reason": reason})
+    log.info("run %s paused (%s)%s", run_id, reason, f", taking over its automatic pause ({was})" if takeover else "")
+    return was if takeover else None
 
 
 def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.Random | None = None) -> dict[str, int]:
@@ -610,16 +624,22 @@ def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.R
     return {"replanned": len(times), "skipped": skipped}
 
 
-def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None) -> dict[str, int]:
-    """Resume a paused run, re-planning overdue pending messages into the remaining window (E-22)."""
+def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None, *,
+               reason: str | None = None) -> dict[str, int]:
+    """Resume a paused run, re-planning overdue pending messages into the remaining window (E-22).
+
+    ``reason``: resume only a run paused for that reason (an automatic resume must never end a
+    pause the operator took over meanwhile); RunStateError otherwise.
+    """
     import pipeline
 
     with db.atomic():
         row = db.execute_sql(
             """UPDATE campaign_runs SET status = 'running', pause_reason = NULL
-                WHERE id = %s AND status = 'paused' RETURNING pause_reason""", (run_id,)).fetchone()
+                WHERE id = %s AND status = 'paused' AND (%s::text IS NULL OR pause_reason = %s)
+                RETURNING id""", (run_id, reason, reason)).fetchone()
         if row is None:
-            raise _state_error(run_id, "resume", "paused")
+            raise _state_error(run_id, "resume", f"paused ({reason})" if reason else "paused")
         result = replan_pending(run_id, now=now, rng=rng)
         pipeline.complete_runs_if_done([run_id])
         _event(run_id, "operator", "run resumed", result)

@@ -199,3 +199,19 @@ def test_scheduler_resumes_a_run_paused_inbox_disabled_after_its_inbox_came_back
     assert result["resumed_enabled"] == [runs["a"].id, runs["b"].id, runs["c"].id]
     assert _run(runs["a"]) == ("running", None) and _run(runs["d"]) == ("paused", "inbox_disabled")
     assert scheduler._inbox_health(get_settings(), lambda: True)["resumed_enabled"] == []
+
+
+def test_operator_pause_of_a_run_paused_inbox_disabled_survives_enable(world, capsys):
+    """Issue 12: `pause` of a run auto-paused inbox_disabled makes it the operator's; `inbox enable` leaves
+    it paused, `resume` ends it."""
+    ws, cols, one, two, runs = world
+    run_cli(capsys, "inbox", "disable", "sales-2", "--reason", "banned")
+    assert _run(runs["d"]) == ("paused", "inbox_disabled")
+    code, out, _ = run_cli(capsys, "pause", str(runs["d"].id))
+    assert code == 0 and out == (f"run {runs['d'].id} paused (manual): it was paused automatically (inbox_disabled); "
+                                 "it no longer resumes by itself, only with `resume`\n")
+    code, out, _ = run_cli(capsys, "inbox", "enable", "sales-2")
+    assert code == 0 and out.endswith("runs resumed: none\n")
+    assert _run(runs["d"]) == ("paused", "manual")
+    assert run_cli(capsys, "resume", str(runs["d"].id))[0] == 0
+    assert _run(runs["d"]) == ("running", None)

@@ -699,3 +699,75 @@ def test_run_still_planning_at_window_end_is_closed(world):
     assert CampaignRun.get_by_id(run.id).status == "completed"
     assert verify() == []
     assert planner.plan_run(cfg.id, now=nine + dt.timedelta(days=1)).leads_total == 3
+
+
+# --------------------------------------------------------------------------------------------
+# an operator's pause sticks (issue 12, "also settle"; E-07)
+# --------------------------------------------------------------------------------------------
+
+class _Gateway:
+    """The one Evolution call of the inbox health check: every instance reports ``state``."""
+
+    def __init__(self, state: str = "open") -> None:
+        self.state = state
+        self.asked: list[str] = []
+
+    def connection_state(self, instance: str) -> str:
+        self.asked.append(instance)
+        return self.state
+
+
+def test_operator_pause_of_a_run_paused_inbox_disconnected_sticks_when_the_inbox_comes_back(world):
+    """E-07 resumes runs paused inbox_disconnected once the inbox is open again, but not one the operator
+    paused meanwhile: `pause` turns the automatic pause into a manual one; only `resume` ends it."""
+    ws, cols, ibx, cfg = world
+    bulk_leads(ws, cols["New"], 4)
+    run = planner.plan_run(cfg.id)
+    other = planner.plan_run(f.config(ws, ibx, cols["New"], cols["Replied"], name="second").id)
+    assert pipeline.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (ibx.id,),
+                               "inbox_disconnected") == [run.id, other.id]
+    db.execute_sql("UPDATE inboxes SET connection_state = 'close', disconnected_since = now() WHERE id = %s",
+                   (ibx.id,))
+
+    assert planner.pause_run(run.id) == "inbox_disconnected"
+    r = CampaignRun.get_by_id(run.id)
+    assert (r.status, r.pause_reason) == ("paused", "manual")
+    text, details = db.execute_sql("SELECT text, details FROM campaign_events WHERE run_id = %s AND step = 'operator' "
+                                   "ORDER BY id DESC LIMIT 1", (run.id,)).fetchone()
+    assert details == {"reason": "manual", "was": "inbox_disconnected"} and "replaces the automatic one" in text
+    with pytest.raises(planner.RunStateError, match=rf"run {run.id} is paused \(manual\), cannot pause"):
+        planner.pause_run(run.id)
+
+    gateway = _Gateway("open")
+    result = pipeline.check_inboxes(get_settings(), gateway)
+    assert gateway.asked == [ibx.instance_name] and result["states"] == {ibx.id: "open"}
+    assert result["resumed"] == [other.id]          # the automatic pause ends by itself...
+    r = CampaignRun.get_by_id(run.id)
+    assert (r.status, r.pause_reason) == ("paused", "manual")  # ...the operator's does not
+    assert pipeline.check_inboxes(get_settings(), gateway)["resumed"] == []
+    planner.resume_run(run.id)
+    assert CampaignRun.get_by_id(run.id).status == "running"
+
+
+@pytest.mark.parametrize("reason", ["provider_auth", "provider_credits", "inbox_disabled", "error_threshold"])
+def test_operator_pause_takes_over_every_automatic_pause(world, reason):
+    ws, cols, _, cfg = world
+    bulk_leads(ws, cols["New"], 2)
+    run = planner.plan_run(cfg.id)
+    pipeline.pause_runs("r.id = %s", (run.id,), reason)
+    assert planner.pause_run(run.id) == reason
+    assert CampaignRun.get_by_id(run.id).pause_reason == "manual"
+    assert pipeline.resume_paused_run(run.id, reason) is False  # the automatic resume of that reason
+    assert CampaignRun.get_by_id(run.id).status == "paused"
+
+
+def test_resume_for_a_reason_leaves_other_pauses_alone(world):
+    ws, cols, _, cfg = world
+    bulk_leads(ws, cols["New"], 2)
+    run = planner.plan_run(cfg.id)
+    planner.pause_run(run.id)
+    with pytest.raises(planner.RunStateError, match=r"is paused \(manual\), cannot resume \(only a paused "
+                                                    r"\(inbox_disconnected\) run can\)"):
+        planner.resume_run(run.id, reason="inbox_disconnected")
+    planner.resume_run(run.id, reason="manual")
+    assert CampaignRun.get_by_id(run.id).status == "running"
