@@ -20,6 +20,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+import pipeline
 from db import db
 from errors import ConfigError
 
@@ -132,8 +133,6 @@ def _event(inbox: InboxRow, text: str, details: dict, level: str) -> None:
 
 def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: str | None = None) -> InboxChange:
     """Disable an inbox with the operator's reason and pause its running runs ``inbox_disabled``."""
-    import pipeline
-
     reason = (reason or "").strip()
     if not reason:
         raise InboxCommandError("disabling an inbox needs --reason TEXT (it is kept on the inbox and in the log)")
@@ -158,8 +157,6 @@ def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
     The runs are locked first: an operator's pause of one of them lands either before (the run is
     no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
     """
-    import pipeline
-
     with db.atomic():
         rows = db.execute_sql(f"""
             SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id

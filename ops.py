@@ -15,7 +15,8 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "Inconsistency", "Finding", "StatusSnapshot", "status_snapshot", "queue_depths",
+__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "Inconsistency", "Finding", "StatusSnapshot",
+           "status_snapshot", "queue_depths",
            "queue_names", "verify", "alerts", "log_alerts", "STUCK_AFTER", "HEARTBEAT_STALE_AFTER",
            "INBOX_DOWN_AFTER", "ALERT_FAILURE_RATIO", "SCHEDULER_HEARTBEAT_NAME"]
 

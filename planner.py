@@ -474,7 +474,7 @@ _CLOSED_WHILE_PAUSED_SQL = f"""
     INSERT INTO campaign_events (run_id, step, level, text, details)
     SELECT r.id, '{WINDOW_STEP}', 'warning',
            'window closed while the run was paused (' || r.pause_reason || '): not-started messages skipped '
-           || 'window_closed, its leads are eligible for the next run',
+           || 'window_closed; once its messages in flight settle it completes and its leads are free again',
            jsonb_build_object('closed_while_paused', true, 'pause_reason', r.pause_reason)
       FROM campaign_runs r
      WHERE r.id = ANY(%s) AND r.status = 'paused'

@@ -9,7 +9,6 @@ import getpass
 import pytest
 
 import cli
-import inboxes
 import pipeline
 import planner
 import scheduler
@@ -55,7 +54,8 @@ def _run(run) -> tuple[str, str | None]:
 
 
 def _inbox_events() -> list[tuple[str, str, dict]]:
-    return db.execute_sql("SELECT level, text, details FROM campaign_events WHERE step = 'inbox' ORDER BY id").fetchall()
+    return db.execute_sql("SELECT level, text, details FROM campaign_events WHERE step = 'inbox' ORDER BY id"
+                          ).fetchall()
 
 
 def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
@@ -141,7 +141,8 @@ def test_names_workspaces_and_bad_input(world, capsys):
     assert not Inbox.get_by_id(theirs.id).disabled
 
     code, _, err = run_cli(capsys, "inbox", "enable", "ghost")
-    assert code == 2 and err == "error: inbox 'ghost' does not exist (inboxes: acme/sales-1, acme/sales-2, beta/sales-1)\n"
+    assert code == 2 and err == ("error: inbox 'ghost' does not exist (inboxes: acme/sales-1, acme/sales-2, "
+                                 "beta/sales-1)\n")
     code, _, err = run_cli(capsys, "inbox", "enable", "ghost", "--workspace", "acme")
     assert code == 2 and err == ("error: inbox 'ghost' is not an inbox of workspace 'acme' (its inboxes: acme/sales-1, "
                                  "acme/sales-2)\n")

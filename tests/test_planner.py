@@ -654,7 +654,8 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
     CampaignMessage.update(status="sending", generated_text="Hello there, how are you today?").where(
         CampaignMessage.id == started.id).execute()
     db.execute_sql("""INSERT INTO message_parts (message_id, inbox_id, idx, text, status, sent_at)
-                      VALUES (%s, %s, 0, 'Hello there,', 'sent', now()), (%s, %s, 1, 'how are you?', 'pending', NULL)""",
+                      VALUES (%s, %s, 0, 'Hello there,', 'sent', now()),
+                             (%s, %s, 1, 'how are you?', 'pending', NULL)""",
                    (started.id, cfg.inbox_id, started.id, cfg.inbox_id))
     CampaignMessage.update(status="queued").where(CampaignMessage.id == queued.id).execute()
     pipeline.pause_runs("r.id = %s", (run.id,), "inbox_disconnected")
