@@ -118,13 +118,18 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=int, help="run id (see `status`)")
 
 
-@command("pause", "pause a running run (in-flight messages finish; nothing new starts)", _run_arg)
+@command("pause", "pause a running run (in-flight messages finish; nothing new starts); on a run the engine "
+                 "paused by itself, the pause becomes yours: only `resume` ends it", _run_arg)
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     import planner
 
     with db.connection_context():
-        planner.pause_run(args.run)
-    print(f"run {args.run} paused")
+        was = planner.pause_run(args.run)
+    if was:
+        print(f"run {args.run} paused (manual): it was paused automatically ({was}); it no longer resumes by "
+              "itself, only with `resume`")
+    else:
+        print(f"run {args.run} paused")
     return 0
 
 
@@ -146,6 +151,70 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     with db.connection_context():
         skipped = planner.cancel_run(args.run)
     print(f"run {args.run} cancelled: {skipped} pending message(s) skipped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# inboxes (R-FAIL-6)
+# --------------------------------------------------------------------------------------------
+
+def _inbox_args(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (
+            ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
+            ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled")):
+        a = actions.add_parser(action, help=help_text, description=help_text)
+        a.add_argument("name", help="the inbox name of [workspaces.W.inboxes.NAME], or W/NAME")
+        a.add_argument("--workspace", default=None, help="its workspace, when the name exists in several")
+        a.add_argument("--reason", required=action == "disable", default=None,
+                       help="why (kept on the inbox and in campaign_events)" + (" (optional)" if action == "enable"
+                                                                               else ""))
+
+
+def _run_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids)) if ids else "none"
+
+
+@command("inbox", "enable or disable an inbox by name (logged with who and why)", _inbox_args)
+def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
+    import inboxes
+
+    with db.connection_context():
+        if args.action == "disable":
+            change = inboxes.disable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+        else:
+            change = inboxes.enable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+    label = change.inbox.label
+    if not change.changed:
+        print(f"inbox {label}: {change.note}")
+    elif args.action == "disable":
+        print(f"inbox {label} disabled by {change.by}: {change.reason}; runs paused (inbox_disabled): "
+              f"{_run_ids(change.paused)}")
+    else:
+        print(f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
+              f"{_run_ids(change.resumed)}")
+    return 0
+
+
+@command("inboxes", "list the inboxes: connection state, disabled (why), consecutive send failures",
+         lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"))
+def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
+    import inboxes
+
+    with db.connection_context():
+        rows = inboxes.list_inboxes(args.workspace)
+    if not rows:
+        print("no inbox (apply a TOML file first)")
+        return 0
+    table = [("inbox", "instance", "state", "failures", "disabled")]
+    for r in rows:
+        state = r.connection_state + (f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC"
+                                      if r.disconnected_since else "")
+        table.append((r.label, r.instance_name, state, str(r.consecutive_failures),
+                      f"yes: {r.disabled_reason}" if r.disabled else "no"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
     return 0
 
 
@@ -328,19 +397,21 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@command("verify", "check every run's counters against its message rows (exit 1 on mismatch)")
+@command("verify", "check every run's counters against its message rows, every message against its parts, "
+                  "and that finished runs are closed (exit 1 on any finding)")
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     import ops
 
     with db.connection_context():
         runs = db.execute_sql("SELECT count(*) FROM campaign_runs").fetchone()[0]
-        mismatches = ops.verify()
-    if not mismatches:
-        print(f"ok: the counters of all {runs} run(s) match their message rows")
+        findings = ops.verify()
+    if not findings:
+        print(f"ok: the counters of all {runs} run(s) match their message rows; every message agrees with its "
+              "parts; every finished run is closed")
         return 0
-    for m in mismatches:
-        print(f"MISMATCH {m}")
-    print(f"{len(mismatches)} mismatch(es) in {len({m.run_id for m in mismatches})} of {runs} run(s)")
+    for m in findings:
+        print(f"{'MISMATCH' if isinstance(m, ops.Mismatch) else 'INCONSISTENT'} {m}")
+    print(f"{len(findings)} finding(s) in {len({m.run_id for m in findings})} of {runs} run(s)")
     return 1
 
 

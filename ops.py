@@ -15,7 +15,8 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "StatusSnapshot", "status_snapshot", "queue_depths",
+__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "Inconsistency", "Finding", "StatusSnapshot",
+           "status_snapshot", "queue_depths",
            "queue_names", "verify", "alerts", "log_alerts", "STUCK_AFTER", "HEARTBEAT_STALE_AFTER",
            "INBOX_DOWN_AFTER", "ALERT_FAILURE_RATIO", "SCHEDULER_HEARTBEAT_NAME"]
 
@@ -93,6 +94,23 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"run {self.run_id}: {self.field} = {self.counter} but the rows say {self.actual}"
+
+
+@dataclass(frozen=True)
+class Inconsistency:
+    """Rows a correct engine never leaves: a message and its parts that disagree, a finished run left open."""
+
+    run_id: int
+    message_id: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"run {self.run_id}" + (f" message {self.message_id}" if self.message_id is not None else "")
+        return f"{where}: {self.problem}"
+
+
+#: what ``verify`` reports
+Finding = Mismatch | Inconsistency
 
 
 @dataclass
@@ -233,9 +251,54 @@ _VERIFY_SQL = """
      ORDER BY r.id"""
 
 
-def verify() -> list[Mismatch]:
-    """Counters vs row counts for every run (one query); empty list = everything adds up."""
-    out: list[Mismatch] = []
+# Message <-> part combinations no transition of pipeline.py (nor resolve / requeue) ever commits,
+# one row per offending part (one join, not a query per message):
+# - a part `sending` is a send in flight: its message is `sending` (every step that moves a
+#   message elsewhere settles the part first, R-PIPE-3 / E-25);
+# - a part `in_doubt` makes its message `in_doubt` in the same transaction, and only `resolve`
+#   turns both back (R-FAIL-4);
+# - a part `sent` means the message started: it is `sending` or terminal, never back in
+#   `pending`..`splitting` (R-IN-3 calls those "not started") and never `skipped` (R-DISP-4:
+#   a started message finishes; a reply ends it `sent`);
+# - a `sent` message has no part left to send (`skipped` parts: a reply stopped the rest, R-IN-3).
+# Legitimate and NOT reported: `failed` with parts sent (lead opted out mid-message, a permanent
+# error at part 2), `in_doubt` with parts sent or pending, any status with pending/failed parts.
+_PART_PROBLEMS_SQL = """
+    SELECT m.run_id, m.id, m.status, p.idx, p.status
+      FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
+     WHERE (p.status = 'sending' AND m.status <> 'sending')
+        OR (p.status = 'in_doubt' AND m.status <> 'in_doubt')
+        OR (p.status = 'sent' AND m.status IN ('pending', 'queued', 'generating', 'splitting', 'skipped'))
+        OR (m.status = 'sent' AND p.status NOT IN ('sent', 'skipped'))
+     ORDER BY m.run_id, m.id, p.idx"""
+
+# An in-doubt message is one whose part's outcome is unknown: without such a part there is
+# nothing for `resolve` to settle.
+_IN_DOUBT_WITHOUT_PART_SQL = """
+    SELECT m.run_id, m.id FROM campaign_messages m
+     WHERE m.status = 'in_doubt'
+       AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'in_doubt')
+     ORDER BY m.run_id, m.id"""
+
+
+def _part_problem(message_status: str, part: int, part_status: str) -> str:
+    what = f"part #{part + 1} is '{part_status}'"
+    if part_status == "sending":
+        return f"{what} (a send in flight) but the message is '{message_status}', not 'sending'"
+    if part_status == "in_doubt":
+        return f"{what} but the message is '{message_status}', not 'in_doubt' (only `resolve` settles it)"
+    if part_status == "sent":
+        return f"{what}: the message started, yet it is '{message_status}'"
+    return f"the message is 'sent' but {what}, not sent"
+
+
+def verify() -> list[Finding]:
+    """Everything that does not add up, every run, in three set-based queries (R-OPS-1); [] = all is well.
+
+    Counters vs row counts (:class:`Mismatch`); messages whose parts contradict their status, and
+    runs whose counters say done but that are not closed (:class:`Inconsistency`).
+    """
+    out: list[Finding] = []
     for row in db.execute_sql(_VERIFY_SQL).fetchall():
         run_id, status = row[0], row[1]
         counters = dict(zip(("leads_total", "leads_processed", "leads_sent", "leads_failed", "leads_skipped",
@@ -247,6 +310,19 @@ def verify() -> list[Mismatch]:
         if status == "completed" and counters["leads_processed"] != counters["leads_total"]:
             out.append(Mismatch(run_id, "status", "completed",
                                 f"{counters['leads_processed']} of {counters['leads_total']} processed"))
+        if status not in ("completed", "cancelled", "failed") and \
+                counters["leads_processed"] >= counters["leads_total"]:
+            out.append(Inconsistency(run_id, None, f"status is '{status}' but leads_processed = "
+                                                   f"{counters['leads_processed']} of leads_total = "
+                                                   f"{counters['leads_total']}: it should be completed"))
+    by_message: dict[tuple[int, int], list[str]] = {}
+    for run_id, message_id, m_status, idx, p_status in db.execute_sql(_PART_PROBLEMS_SQL).fetchall():
+        by_message.setdefault((run_id, message_id), []).append(_part_problem(m_status, idx, p_status))
+    for run_id, message_id in db.execute_sql(_IN_DOUBT_WITHOUT_PART_SQL).fetchall():
+        by_message.setdefault((run_id, message_id), []).append(
+            "the message is 'in_doubt' but none of its parts is: nothing for `resolve` to settle")
+    out += [Inconsistency(run_id, message_id, "; ".join(problems))
+            for (run_id, message_id), problems in sorted(by_message.items())]
     return out
 
 

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PlanError", "RunStateError", "window_bounds", "plan_schedule", "spread_times",
            "plan_run", "plan_due_runs", "skip_too_late", "close_windows", "due_window_closed_runs",
            "pause_run", "resume_run", "cancel_run", "replan_pending", "find_config", "window_close_at", "E164_SQL_REGEX",
-           "PLAN_AHEAD_SECONDS"]
+           "PLAN_AHEAD_SECONDS", "OPEN_RUN_STATUSES", "closed_while_paused"]
 
 UTC = dt.timezone.utc
 
@@ -442,7 +442,14 @@ def window_close_at(day: dt.date, timezone: str, start_minute: int, end_minute: 
     return bounds[1] if bounds else None
 
 
-def due_window_closed_runs(now: dt.datetime | None = None, statuses: Sequence[str] = ("running",)) -> list[int]:
+#: every status a run can still change in: the window guard closes all of them at day end (R-DISP-4, E-26)
+OPEN_RUN_STATUSES = ("planning", "running", "paused")
+#: the campaign_events step of the note that a run was closed at its window's end while paused
+WINDOW_STEP = "window"
+
+
+def due_window_closed_runs(now: dt.datetime | None = None,
+                           statuses: Sequence[str] = OPEN_RUN_STATUSES) -> list[int]:
     """Ids of runs (in ``statuses``) whose local window has closed by ``now``."""
     now = now or dt.datetime.now(UTC)
     rows = db.execute_sql(
@@ -460,18 +467,69 @@ def due_window_closed_runs(now: dt.datetime | None = None, statuses: Sequence[st
     return closed
 
 
+# Once per run (the guard comes back every 15 s to a run that a message mid-parts keeps open):
+# a paused run's reason, written before its completion clears ``campaign_runs.pause_reason``
+# (the schema ties pause_reason to status 'paused'), so the report still says why (E-26).
+_CLOSED_WHILE_PAUSED_SQL = f"""
+    INSERT INTO campaign_events (run_id, step, level, text, details)
+    SELECT r.id, '{WINDOW_STEP}', 'warning',
+           'window closed while the run was paused (' || r.pause_reason || '): not-started messages skipped '
+           || 'window_closed; once its messages in flight settle it completes and its leads are free again',
+           jsonb_build_object('closed_while_paused', true, 'pause_reason', r.pause_reason)
+      FROM campaign_runs r
+     WHERE r.id = ANY(%s) AND r.status = 'paused'
+       AND NOT EXISTS (SELECT 1 FROM campaign_events e
+                        WHERE e.run_id = r.id AND e.step = '{WINDOW_STEP}' AND e.details ? 'closed_while_paused')
+    RETURNING run_id, details ->> 'pause_reason'"""
+
+
 def close_windows(now: dt.datetime | None = None) -> dict[str, object]:
-    """Skip ('window_closed') the pending messages of running runs whose window closed; complete them."""
+    """Close every open run whose window closed: pending messages skipped 'window_closed', run completed.
+
+    Any non-final status (R-DISP-4, E-26): a run ``paused`` for any reason closes too (its reason
+    is kept in a ``campaign_events`` row the report shows), so its leads are eligible again for
+    the next run of its config. A run also ``planning`` at its window's end is closed: the
+    planner writes a run and its messages in one transaction, so such a run is stuck, and
+    nothing would ever dispatch it. Messages in flight (mid-parts, a part ``sending``) are not
+    processed yet: they keep their run open until they settle, and their last statement
+    completes it.
+    """
     import pipeline
 
     run_ids = due_window_closed_runs(now)
     if not run_ids:
         return {"runs": [], "skipped": 0, "completed": []}
-    skipped = pipeline.skip_pending_where("r.id = ANY(%s)", (run_ids,), "window_closed")
-    completed = pipeline.complete_runs_if_done(run_ids)
+    with db.atomic():
+        # no run lock up front: skip_pending_where locks messages then runs, the order every
+        # terminal statement of the chain uses, so the guard never deadlocks with a worker
+        noted = db.execute_sql(_CLOSED_WHILE_PAUSED_SQL, (run_ids,)).fetchall()
+        skipped = pipeline.skip_pending_where("r.id = ANY(%s)", (run_ids,), "window_closed")
+        pipeline.complete_runs_if_done(run_ids)
+        # complete_runs_if_done knows running and paused runs; a stuck 'planning' one is closed here
+        for (run_id,) in db.execute_sql(
+                """UPDATE campaign_runs SET status = 'completed', finished_at = now()
+                    WHERE id = ANY(%s) AND status = 'planning' AND leads_processed >= leads_total
+                    RETURNING id""", (run_ids,)).fetchall():
+            pipeline.log_event("run", "run completed (closed at its window's end while still planning)",
+                               run_id=run_id, level="warning")
+        # the skip's own statement completes most of them: report every one that is closed now
+        completed = [int(r[0]) for r in db.execute_sql(
+            "SELECT id FROM campaign_runs WHERE id = ANY(%s) AND status = 'completed' ORDER BY id",
+            (run_ids,)).fetchall()]
+    for run_id, reason in noted:
+        log.warning("run %s: window closed while paused (%s); not-started messages skipped", run_id, reason)
     if skipped:
         log.info("window closed on runs %s: %s pending messages skipped", run_ids, skipped)
     return {"runs": run_ids, "skipped": skipped, "completed": completed}
+
+
+def closed_while_paused(run_id: int) -> str | None:
+    """The pause reason of a run closed at its window's end while paused (E-26), else None."""
+    row = db.execute_sql(
+        f"""SELECT details ->> 'pause_reason' FROM campaign_events
+             WHERE run_id = %s AND step = '{WINDOW_STEP}' AND details ? 'closed_while_paused'
+             ORDER BY id DESC LIMIT 1""", (run_id,)).fetchone()
+    return row[0] if row else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,16 +545,30 @@ def _state_error(run_id: int, action: str, allowed: str) -> RunStateError:
     return RunStateError(f"run {run_id} is {what}, cannot {action} (only a {allowed} run can)")
 
 
-def pause_run(run_id: int, reason: str = "manual") -> None:
-    """Pause a running run: nothing new is dispatched; in-flight messages finish (R-OPS-3)."""
+def pause_run(run_id: int, reason: str = "manual") -> str | None:
+    """Pause a running run: nothing new is dispatched; in-flight messages finish (R-OPS-3).
+
+    The operator's pause (``manual``) of a run the engine paused by itself (``inbox_disconnected``,
+    ``inbox_disabled``, ``provider_auth``, ``error_threshold``…) takes it over: the reason becomes
+    ``manual``, so no automatic resume (inbox back, inbox enabled, dead letter requeued) ends it,
+    only the operator's ``resume``. Returns the automatic reason taken over, None for a running run.
+    """
     with db.atomic():
-        row = db.execute_sql(
-            """UPDATE campaign_runs SET status = 'paused', pause_reason = %s
-                WHERE id = %s AND status = 'running' RETURNING id""", (reason, run_id)).fetchone()
-        if row is None:
-            raise _state_error(run_id, "pause", "running")
-        _event(run_id, "operator", f"run paused ({reason})", {"reason": reason})
-    log.info("run %s paused (%s)", run_id, reason)
+        row = db.execute_sql("SELECT status, pause_reason FROM campaign_runs WHERE id = %s FOR UPDATE",
+                             (run_id,)).fetchone()
+        status, was = row if row else (None, None)
+        takeover = reason == "manual" and status == "paused" and was != "manual"
+        if status != "running" and not takeover:
+            raise _state_error(run_id, "pause", "running or automatically paused")
+        db.execute_sql("UPDATE campaign_runs SET status = 'paused', pause_reason = %s WHERE id = %s",
+                       (reason, run_id))
+        if takeover:
+            _event(run_id, "operator", f"run paused ({reason}): the operator's pause replaces the automatic one "
+                                       f"({was}); only `resume` resumes it", {"reason": reason, "was": was})
+        else:
+            _event(run_id, "operator", f"run paused ({reason})", {"reason": reason})
+    log.info("run %s paused (%s)%s", run_id, reason, f", taking over its automatic pause ({was})" if takeover else "")
+    return was if takeover else None
 
 
 def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.Random | None = None) -> dict[str, int]:
@@ -552,16 +624,22 @@ def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.R
     return {"replanned": len(times), "skipped": skipped}
 
 
-def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None) -> dict[str, int]:
-    """Resume a paused run, re-planning overdue pending messages into the remaining window (E-22)."""
+def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None, *,
+               reason: str | None = None) -> dict[str, int]:
+    """Resume a paused run, re-planning overdue pending messages into the remaining window (E-22).
+
+    ``reason``: resume only a run paused for that reason (an automatic resume must never end a
+    pause the operator took over meanwhile); RunStateError otherwise.
+    """
     import pipeline
 
     with db.atomic():
         row = db.execute_sql(
             """UPDATE campaign_runs SET status = 'running', pause_reason = NULL
-                WHERE id = %s AND status = 'paused' RETURNING pause_reason""", (run_id,)).fetchone()
+                WHERE id = %s AND status = 'paused' AND (%s::text IS NULL OR pause_reason = %s)
+                RETURNING id""", (run_id, reason, reason)).fetchone()
         if row is None:
-            raise _state_error(run_id, "resume", "paused")
+            raise _state_error(run_id, "resume", f"paused ({reason})" if reason else "paused")
         result = replan_pending(run_id, now=now, rng=rng)
         pipeline.complete_runs_if_done([run_id])
         _event(run_id, "operator", "run resumed", result)

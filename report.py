@@ -130,11 +130,24 @@ class RunReport:
     invalid_phones: int | None  # leads of the source column not planned for a bad phone (plan event)
     inboxes: list[InboxReport] = field(default_factory=list)
     series: list[InboxSeries] = field(default_factory=list)
+    #: the pause reason of a run its window's end closed while paused (E-26): its counters say
+    #: `completed`, this says why most of it was skipped ``window_closed``
+    closed_while_paused: str | None = None
 
     @property
     def label(self) -> str:
         """``workspace/campaign``."""
         return f"{self.workspace}/{self.campaign}"
+
+    @property
+    def status_text(self) -> str:
+        """The status with its pause reason, also after a paused run was closed at its window's end."""
+        if self.pause_reason:
+            text = f"{self.status} ({self.pause_reason})"
+            return text + (" · window closed" if self.closed_while_paused else "")
+        if self.closed_while_paused:
+            return f"{self.status} (closed at its window's end while paused: {self.closed_while_paused})"
+        return self.status
 
     @property
     def pending(self) -> int:
@@ -247,7 +260,9 @@ def _window(run_date: dt.date, tz: str, start: int, end: int) -> tuple[dt.dateti
 
 
 def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
-    """Read one run's report from PostgreSQL (six queries, one consistent snapshot); RunNotFound if unknown."""
+    """Read one run's report from PostgreSQL (seven queries, one consistent snapshot); RunNotFound if unknown."""
+    import planner
+
     if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id <= 0:
         raise ConfigError(f"run id must be a positive integer, got {run_id!r}")
     now = now or dt.datetime.now(UTC)
@@ -264,7 +279,9 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         inbox_ids = sorted({int(r[1]) for r in messages} | {int(r[0]) for r in parts} | {int(run[20])})
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
+        closed_paused = planner.closed_while_paused(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
+    rep.closed_while_paused = closed_paused
     log.debug("report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts),
               len(inbox_rows))
     return rep
@@ -372,7 +389,7 @@ def _ids(ids: list[int], limit: int = 20) -> str:
 
 def render_text(rep: RunReport) -> str:
     """A compact plain-text summary of the report for a terminal (aligned columns, no colour codes)."""
-    status = rep.status + (f" ({rep.pause_reason})" if rep.pause_reason else "")
+    status = rep.status_text
     lines = [f"run {rep.run_id} · {rep.label} · {rep.run_date:%Y-%m-%d (%a)} · {status}"
              + (" · manual" if rep.manual else "")]
     if rep.failure_reason:
@@ -617,7 +634,7 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
 
     fig = Figure(figsize=(14, 6.2), dpi=110, layout="constrained")
     grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1])
-    status = rep.status + (f" ({rep.pause_reason})" if rep.pause_reason else "")
+    status = rep.status_text
     title = f"{rep.label} · run {rep.run_id} · {rep.run_date:%a %Y-%m-%d} · {status}"
     fig.suptitle(title, x=0.01, ha="left", fontsize=14, fontweight="bold")
     dur = rep.duration

@@ -103,11 +103,14 @@ def _recovery(settings: Settings, active: Callable[[], bool]) -> object:
 
 
 def _inbox_health(settings: Settings, active: Callable[[], bool]) -> object:
+    import inboxes
     import pipeline
     from clients import get_evolution
 
+    # a run paused inbox_disabled by a worker that raced the operator's `inbox enable` (R-FAIL-6)
+    resumed_enabled = inboxes.resume_runs_of_usable_inboxes()
     evolution = get_evolution(settings.evolution_api_url, settings.evolution_api_key, timeout=10.0)
-    return pipeline.check_inboxes(settings, evolution)
+    return {**pipeline.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled}
 
 
 def _alerts(settings: Settings, active: Callable[[], bool]) -> object:

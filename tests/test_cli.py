@@ -126,7 +126,7 @@ def test_run_now_pause_resume_cancel_status_verify(applied, capsys):
     assert code == 0 and "paused (manual)" in out and "campaign.generate" in out
     code, _, err = run_cli(capsys, "pause", str(run.id))
     assert code == 2 and _error_lines(err) == [f"error: run {run.id} is paused (manual), cannot pause "
-                                               "(only a running run can)"]
+                                               "(only a running or automatically paused run can)"]
     code, out, _ = run_cli(capsys, "resume", str(run.id))
     assert code == 0 and out.startswith(f"run {run.id} resumed")
     assert CampaignRun.get_by_id(run.id).status == "running"

@@ -1,0 +1,206 @@
+"""Operator commands on inboxes (SPEC R-FAIL-6): ``inbox enable|disable NAME`` and the ``inboxes`` listing.
+
+A disabled inbox comes back only by an operator: ``apply`` never touches ``disabled`` (configfile
+updates an inbox's instance and pacing only). Every change is one transaction and one
+``campaign_events`` row saying who (the OS user) and why:
+
+* disable: ``disabled = true`` with the reason; its running runs pause ``inbox_disabled``.
+* enable: ``disabled = false``, reason cleared, ``consecutive_failures = 0``; every run paused
+  ``inbox_disabled`` on it resumes (overdue messages re-planned into the window, E-22). A run the
+  operator paused (``manual``) stays paused.
+
+A worker that read the inbox as disabled just before an enable can still pause a run
+``inbox_disabled`` just after it; :func:`resume_runs_of_usable_inboxes` (the scheduler's inbox
+health job) resumes such a run, so none waits for an inbox that is no longer disabled.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pipeline
+from db import db
+from errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InboxCommandError", "InboxRow", "InboxChange", "find_inbox", "disable_inbox", "enable_inbox",
+           "list_inboxes", "resume_runs_of_usable_inboxes", "operator_name"]
+
+#: how many known inboxes an "unknown inbox" error lists
+LIST_IN_ERRORS = 20
+
+
+class InboxCommandError(ConfigError):
+    """An inbox command cannot apply: unknown or ambiguous inbox name, missing reason."""
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One inbox as the operator sees it."""
+
+    id: int
+    workspace: str
+    name: str
+    instance_name: str
+    connection_state: str
+    disconnected_since: object
+    disabled: bool
+    disabled_reason: str | None
+    consecutive_failures: int
+
+    @property
+    def label(self) -> str:
+        """``workspace/name``."""
+        return f"{self.workspace}/{self.name}"
+
+
+@dataclass
+class InboxChange:
+    """What an enable/disable did; ``changed`` False: nothing (``note`` says why)."""
+
+    inbox: InboxRow
+    changed: bool
+    by: str
+    reason: str | None
+    note: str | None = None
+    paused: list[int] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+
+
+_INBOX_SQL = """
+    SELECT i.id, w.name, i.name, i.instance_name, i.connection_state, i.disconnected_since, i.disabled,
+           i.disabled_reason, i.consecutive_failures
+      FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"""
+
+
+def operator_name() -> str:
+    """Who runs the command (the OS user), for the event row."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
+
+
+def _known(where: str = "", params: tuple = ()) -> str:
+    rows = db.execute_sql(f"SELECT w.name || '/' || i.name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"
+                          f" {where} ORDER BY 1 LIMIT %s", (*params, LIST_IN_ERRORS + 1)).fetchall()
+    names = [r[0] for r in rows]
+    more = " …" if len(names) > LIST_IN_ERRORS else ""
+    return ", ".join(names[:LIST_IN_ERRORS]) + more if names else "none"
+
+
+def find_inbox(name: str, workspace: str | None = None, *, lock: bool = False) -> InboxRow:
+    """The inbox called ``name`` (``[workspaces.W.inboxes.NAME]``), ``W/NAME`` accepted; clear errors."""
+    name = name.strip()
+    if not name:
+        raise InboxCommandError("an inbox name is needed (see `python cli.py inboxes`)")
+    candidates: list[tuple[str, str]] = []
+    if workspace is not None:
+        prefix = f"{workspace}/"
+        candidates.append((workspace, name))
+        if name.startswith(prefix):
+            candidates.append((workspace, name[len(prefix):]))
+    elif "/" in name:
+        ws, _, rest = name.partition("/")
+        candidates.append((ws, rest))
+    suffix = " FOR UPDATE OF i" if lock else ""
+    for ws, inbox in candidates:
+        row = db.execute_sql(_INBOX_SQL + " WHERE w.name = %s AND i.name = %s" + suffix, (ws, inbox)).fetchone()
+        if row is not None:
+            return InboxRow(*row)
+    if workspace is not None:
+        if db.execute_sql("SELECT 1 FROM workspaces WHERE name = %s", (workspace,)).fetchone() is None:
+            raise InboxCommandError(f"workspace {workspace!r} does not exist")
+        raise InboxCommandError(f"inbox {name!r} is not an inbox of workspace {workspace!r} (its inboxes: "
+                                f"{_known('WHERE w.name = %s', (workspace,))})")
+    rows = db.execute_sql(_INBOX_SQL + " WHERE i.name = %s ORDER BY w.name" + suffix, (name,)).fetchall()
+    if len(rows) == 1:
+        return InboxRow(*rows[0])
+    if len(rows) > 1:
+        spaces = ", ".join(r[1] for r in rows)
+        raise InboxCommandError(f"inbox {name!r} exists in {len(rows)} workspaces ({spaces}): name one with "
+                                f"--workspace W or as W/{name}")
+    raise InboxCommandError(f"inbox {name!r} does not exist (inboxes: {_known()})")
+
+
+def _event(inbox: InboxRow, text: str, details: dict, level: str) -> None:
+    db.execute_sql("INSERT INTO campaign_events (step, level, text, details) VALUES ('inbox', %s, %s, %s)",
+                   (level, text, json.dumps({"inbox_id": inbox.id, "inbox": inbox.label, **details})))
+
+
+def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: str | None = None) -> InboxChange:
+    """Disable an inbox with the operator's reason and pause its running runs ``inbox_disabled``."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise InboxCommandError("disabling an inbox needs --reason TEXT (it is kept on the inbox and in the log)")
+    by = by or operator_name()
+    with db.atomic():
+        inbox = find_inbox(name, workspace, lock=True)
+        if inbox.disabled:
+            return InboxChange(inbox, False, by, reason,
+                               note=f"already disabled ({inbox.disabled_reason}); nothing changed")
+        db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = %s WHERE id = %s", (reason, inbox.id))
+        paused = pipeline.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
+                                     (inbox.id,), "inbox_disabled")
+        _event(inbox, f"inbox {inbox.label} disabled by {by}: {reason}",
+               {"action": "disable", "by": by, "reason": reason, "paused_runs": paused}, "warning")
+    log.warning("inbox %s (id %s) disabled by %s: %s; paused runs %s", inbox.label, inbox.id, by, reason, paused)
+    return InboxChange(inbox, True, by, reason, paused=paused)
+
+
+def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
+    """Resume the runs paused ``inbox_disabled`` matching ``where`` (aliases r, c, i), each as the pipeline does.
+
+    The runs are locked first: an operator's pause of one of them lands either before (the run is
+    no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
+    """
+    with db.atomic():
+        rows = db.execute_sql(f"""
+            SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+              JOIN inboxes i ON i.id = c.inbox_id
+             WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled AND ({where})
+             ORDER BY r.id
+               FOR UPDATE OF r""", params).fetchall()
+        return [run_id for (run_id,) in rows if pipeline.resume_paused_run(run_id, "inbox_disabled")]
+
+
+def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None = None,
+                 by: str | None = None) -> InboxChange:
+    """Enable an inbox (failure count reset) and resume exactly its runs paused ``inbox_disabled``."""
+    reason = (reason or "").strip() or None
+    by = by or operator_name()
+    with db.atomic():
+        inbox = find_inbox(name, workspace, lock=True)
+        if inbox.disabled or inbox.consecutive_failures:
+            db.execute_sql("""UPDATE inboxes SET disabled = false, disabled_reason = NULL, consecutive_failures = 0
+                               WHERE id = %s""", (inbox.id,))
+        resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
+        if not inbox.disabled and not inbox.consecutive_failures and not resumed:
+            return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
+        why = reason or "no reason given"
+        _event(inbox, f"inbox {inbox.label} enabled by {by}: {why}",
+               {"action": "enable", "by": by, "reason": reason, "was_disabled": inbox.disabled,
+                "disabled_reason": inbox.disabled_reason, "failures_reset": inbox.consecutive_failures,
+                "resumed_runs": resumed}, "info")
+    log.info("inbox %s (id %s) enabled by %s (%s); resumed runs %s", inbox.label, inbox.id, by, why, resumed)
+    return InboxChange(inbox, True, by, reason, resumed=resumed)
+
+
+def resume_runs_of_usable_inboxes() -> list[int]:
+    """Resume runs paused ``inbox_disabled`` whose inbox is not disabled (a pause that raced an enable)."""
+    resumed = _resume_disabled_runs("true", ())
+    if resumed:
+        log.warning("resumed runs %s: paused inbox_disabled, but their inbox is enabled", resumed)
+    return resumed
+
+
+def list_inboxes(workspace: str | None = None) -> list[InboxRow]:
+    """Every inbox (of ``workspace``), by workspace and name."""
+    if workspace is not None and db.execute_sql("SELECT 1 FROM workspaces WHERE name = %s",
+                                                (workspace,)).fetchone() is None:
+        raise InboxCommandError(f"workspace {workspace!r} does not exist")
+    where, params = (" WHERE w.name = %s", (workspace,)) if workspace is not None else ("", ())
+    return [InboxRow(*r) for r in db.execute_sql(_INBOX_SQL + where + " ORDER BY w.name, i.name", params).fetchall()]
