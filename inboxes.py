@@ -178,6 +178,7 @@ def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None 
             db.execute_sql("""UPDATE inboxes SET disabled = false, disabled_reason = NULL, consecutive_failures = 0
                                WHERE id = %s""", (inbox.id,))
         resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
+        pipeline.wake_parked(inbox.id)  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
         why = reason or "no reason given"

@@ -1313,7 +1313,7 @@ def resume_paused_run(run_id: int, reason: str) -> bool:
         if row is None or row != ("paused", reason):
             return False
         try:
-            resume(run_id)
+            resume(run_id, reason=reason)
         except planner.RunStateError as exc:  # changed meanwhile (an operator, another scheduler)
             log.info("run %s not resumed: %s", run_id, exc)
             return False

@@ -82,6 +82,13 @@ def claim(message_id: int) -> None:
     assert n, f"message {message_id} was not pending"
 
 
+def to_sending(message_id: int, settings: Settings, llm) -> None:
+    """Dispatch, generate and split one pending message: it is ``sending``, its parts ``pending``."""
+    claim(message_id)
+    pipeline.generate_step(message_id, settings, llm)
+    pipeline.split_step(message_id, settings, llm)
+
+
 def drive(message_id: int, settings: Settings, llm, evo, *, max_rounds: int = 60) -> str:
     """Run the chain for one queued message in this process, retrying as Dramatiq would; return its status."""
     for _ in range(max_rounds):

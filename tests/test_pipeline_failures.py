@@ -20,7 +20,7 @@ from models import CampaignMessage, Inbox, Lead
 from settings import get_settings
 from tests import factories as f
 from tests.pipeline_helpers import (assert_counters_match, claim, drive, fast_settings, make_world, parts_of,
-                                    run_counters)
+                                    run_counters, to_sending)
 from tests.test_pipeline_steps import _two_part_message
 from tests.test_pipeline_workers import engine  # noqa: F401  (real worker processes fixture)
 
@@ -74,9 +74,7 @@ def test_gateway_trouble_holds_the_instance_and_spends_no_attempt_after_the_firs
     w = make_world(n_inboxes=2)
     m1, m2 = w.add_leads(2)
     for m in (m1, m2):
-        claim(m.id)
-        pipeline.generate_step(m.id, settings, llm)
-        pipeline.split_step(m.id, settings, llm)
+        to_sending(m.id, settings, llm)
     sb.set_faults(send={"always_status": 503})
     with pytest.raises(pipeline.RetryLater):
         pipeline.send_step(m1.id, settings, evo)
@@ -114,9 +112,7 @@ def test_connection_closed_while_the_state_says_open_is_a_real_failure(clean_db,
     """R-FAIL-6: Evolution's "Connection Closed" while connectionState answers open counts."""
     w = make_world()
     m, = w.add_leads(1)
-    claim(m.id)
-    pipeline.generate_step(m.id, settings, llm)
-    pipeline.split_step(m.id, settings, llm)
+    to_sending(m.id, settings, llm)
     # the instance is not in disconnected_instances (state: open) but its sends are refused so
     orig = evo.send_text
 
@@ -172,9 +168,7 @@ def test_e07_a_message_not_started_goes_back_to_wait_without_calling_send(clean_
     """R-PIPE-3: a known fresh 'close' state stops the send before any sendText."""
     w = make_world()
     m, = w.add_leads(1)
-    claim(m.id)
-    pipeline.generate_step(m.id, settings, llm)
-    pipeline.split_step(m.id, settings, llm)
+    to_sending(m.id, settings, llm)
     db.execute_sql("UPDATE inboxes SET connection_state = 'close', state_checked_at = now()")
     pipeline.send_step(m.id, settings, evo)
     assert CampaignMessage.get_by_id(m.id).status == "pending"
@@ -188,9 +182,7 @@ def test_e07_a_message_not_started_goes_back_to_wait_without_calling_send(clean_
 
 def _crashed_mid_send(w, settings, llm):
     m, = w.add_leads(1)
-    claim(m.id)
-    pipeline.generate_step(m.id, settings, llm)
-    pipeline.split_step(m.id, settings, llm)
+    to_sending(m.id, settings, llm)
     db.execute_sql("UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), "
                    "sending_at = now() WHERE message_id = %s", (m.id,))
     return m
@@ -238,9 +230,7 @@ def test_e25_the_sweep_settles_the_same_crash_in_doubt_after_a_cancel(clean_db, 
 def test_lock_timeout_on_recording_a_sent_part_does_not_make_it_in_doubt(clean_db, sb, llm, evo, settings):
     w = make_world()
     m, = w.add_leads(1)
-    claim(m.id)
-    pipeline.generate_step(m.id, settings, llm)
-    pipeline.split_step(m.id, settings, llm)
+    to_sending(m.id, settings, llm)
     # another transaction holds the run row: the statement recording the send times out
     import psycopg2
     blocker = psycopg2.connect(get_settings().database_url)
@@ -297,9 +287,7 @@ def test_openrouter_retry_after_holds_the_whole_key(clean_db, sb, llm, evo, sett
 def test_evolution_retry_after_holds_the_instance(clean_db, sb, llm, evo, settings):
     w = make_world(n_inboxes=2)
     m1, = w.add_leads(1)
-    claim(m1.id)
-    pipeline.generate_step(m1.id, settings, llm)
-    pipeline.split_step(m1.id, settings, llm)
+    to_sending(m1.id, settings, llm)
     sb.set_faults(send={"always_status": 429}, retry_after=3.0)
     with pytest.raises(pipeline.RetryLater):
         pipeline.send_step(m1.id, settings, evo)
