@@ -25,9 +25,10 @@ refuses to start while ``WEBHOOK_SECRET`` is empty. The secret is never logged: 
 is off and every line goes through the redacting formatter of ``logs``.
 
 Answers: 200 JSON ``{"result": "updated"|"unchanged"|"unknown"|"ignored", ...}``; 400 malformed
-body (the reason names the field); 401 secret; 404 path; 411/413 body length; 503 database
-unavailable (Evolution retries non-2xx answers). ``GET /healthz`` is 200 when PostgreSQL answers
-and the schema has V4, else 503.
+body (the reason names the field; every string field has a length limit, checked before anything
+logs it); 401 secret; 404 path; 411/413 body length (exactly one ``Content-Length`` of ASCII digits,
+no ``Transfer-Encoding``); 503 database unavailable (Evolution retries non-2xx answers).
+``GET /healthz`` is 200 when PostgreSQL answers and the schema has V4, else 503.
 
 Why the standard library (``http.server.ThreadingHTTPServer``) and not a framework: the surface is
 one POST route and one GET route with a JSON body each; every request is a single indexed UPDATE
@@ -45,6 +46,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -81,6 +83,9 @@ IGNORED_STATUSES = frozenset({"PENDING", "DELETED"})
 HANDLED_EVENT = "messages.update"
 MAX_BODY_BYTES = 256 * 1024   # an update envelope is ~500 bytes; anything this big is not one
 MAX_KEY_ID_LENGTH = 256
+MAX_INSTANCE_LENGTH = 200     # as inboxes.instance_name (schema CHECK, `apply`)
+MAX_JID_LENGTH = 256          # a JID is ~30-60 characters
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # RFC 9110: 1*DIGIT; no sign, no spaces, no underscores
 
 _RANKS = list(DELIVERY_STATUSES)
 
@@ -154,13 +159,16 @@ def _normalise_event(value: str) -> str:
     return value.strip().lower().replace("_", ".").replace("-", ".")
 
 
-def _text(value: Any, name: str, *, required: bool) -> str | None:
-    """A string field PostgreSQL can store (UTF-8, no NUL), or None when absent and optional."""
+def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
+    """A string field PostgreSQL can store (UTF-8, no NUL, at most ``max_len`` characters), or None
+    when absent and optional. The value never goes into the error: it may be huge or hostile."""
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
         raise EnvelopeError(f"field {name!r} is missing or not a non-empty string" if required
                             else f"field {name!r} must be a string")
+    if len(value) > max_len:
+        raise EnvelopeError(f"field {name!r} is longer than {max_len} characters")
     if "\x00" in value:
         raise EnvelopeError(f"field {name!r} contains a NUL character")
     try:
@@ -182,14 +190,12 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
         raise EnvelopeError("field 'event' is missing or not a string")
     if _normalise_event(event) != HANDLED_EVENT:
         return f"event {event[:64]!r} is not handled"
-    instance = _text(doc.get("instance"), "instance", required=False)
+    instance = _text(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
     data = doc.get("data")
     if not isinstance(data, dict):
         raise EnvelopeError("field 'data' is missing or not an object")
-    key_id = _text(data.get("keyId"), "data.keyId", required=True)
+    key_id = _text(data.get("keyId"), "data.keyId", required=True, max_len=MAX_KEY_ID_LENGTH)
     assert key_id is not None
-    if len(key_id) > MAX_KEY_ID_LENGTH:
-        raise EnvelopeError(f"field 'data.keyId' is longer than {MAX_KEY_ID_LENGTH} characters")
     status = data.get("status")
     if not isinstance(status, str) or not status.strip():
         raise EnvelopeError("field 'data.status' is missing or not a string")
@@ -197,7 +203,7 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
         raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {status[:32]!r}")
-    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False)
+    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):
         raise EnvelopeError("field 'data.fromMe' must be a boolean")
@@ -366,20 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/webhook" and not path.startswith("/webhook/"):
             self._error(HTTPStatus.NOT_FOUND, f"no route POST {path[:100]}", close=True)
             return
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._error(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: send Content-Length",
-                        close=True)
-            return
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required", close=True)
-            return
-        try:
-            length = int(raw_length)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._error(HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer", close=True)
+        length = self._content_length()
+        if length is None:
             return
         if length > MAX_BODY_BYTES:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes",
@@ -422,6 +416,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.OK, {"result": "ignored", "reason": parsed})
             return
         self._apply(parsed)
+
+    def _content_length(self) -> int | None:
+        """The body length from exactly one strict ``Content-Length``, or None after answering.
+
+        Two lengths, a sign, spaces inside, ``_`` or non-ASCII digits (all of which ``int()``
+        accepts) are how request smuggling starts behind a proxy that reads them differently.
+        """
+        if self.headers.get_all("Transfer-Encoding"):
+            self._error(HTTPStatus.LENGTH_REQUIRED, "chunked or other Transfer-Encoding bodies are not accepted: "
+                        "send Content-Length", close=True)
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required", close=True)
+            return None
+        if len(values) > 1:
+            self._error(HTTPStatus.BAD_REQUEST, "Content-Length header appears more than once", close=True)
+            return None
+        if not _CONTENT_LENGTH.fullmatch(values[0].strip(" \t")):
+            self._error(HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer (ASCII digits only)",
+                        close=True)
+            return None
+        return int(values[0])
 
     def _apply(self, update: DeliveryUpdate) -> None:
         try:
