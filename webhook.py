@@ -1,7 +1,9 @@
 """Delivery webhook receiver: ``python webhook.py`` (SPEC R-OPS-5, §5).
 
 Evolution API posts ``messages.update`` events here; each one moves the delivery status of the
-message part whose ``provider_message_id`` is the event's ``data.keyId``:
+message part that the event's ``instance`` sent with the provider id ``data.keyId`` (T-SEC-1: the
+pair identifies a part, through the inbox of that instance and so its workspace; an event naming
+another instance never touches it):
 
     SERVER_ACK -> server_ack    DELIVERY_ACK -> delivered    READ, PLAYED -> read
 
@@ -94,8 +96,9 @@ _RANKS = list(DELIVERY_STATUSES)
 _UPGRADE_SQL = """
 UPDATE message_parts p
    SET delivery_status = %(status)s, delivery_updated_at = now()
-  FROM campaign_messages m
+  FROM campaign_messages m, inboxes i
  WHERE p.provider_message_id = %(key_id)s
+   AND i.id = p.inbox_id AND i.instance_name = %(instance)s
    AND m.id = p.message_id
    AND coalesce(array_position(%(ranks)s::text[], p.delivery_status), 0)
        < array_position(%(ranks)s::text[], %(status)s)
@@ -105,8 +108,9 @@ RETURNING p.id, p.message_id, m.run_id, p.delivery_status"""
 _ERROR_SQL = """
 WITH hit AS (
     UPDATE message_parts p SET delivery_error_at = now()
-      FROM campaign_messages m
-     WHERE p.provider_message_id = %(key_id)s AND m.id = p.message_id AND p.delivery_error_at IS NULL
+      FROM campaign_messages m, inboxes i
+     WHERE p.provider_message_id = %(key_id)s AND i.id = p.inbox_id AND i.instance_name = %(instance)s
+       AND m.id = p.message_id AND p.delivery_error_at IS NULL
     RETURNING p.id, p.idx, p.message_id, p.delivery_status, m.run_id, m.lead_id)
 INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details)
 SELECT run_id, message_id, lead_id, 'delivery', 'warning',
@@ -118,8 +122,8 @@ RETURNING (details->>'part_id')::bigint, message_id, run_id, details->>'delivery
 
 _LOOKUP_SQL = """
 SELECT p.id, p.message_id, m.run_id, p.delivery_status
-  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
- WHERE p.provider_message_id = %s"""
+  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id JOIN inboxes i ON i.id = p.inbox_id
+ WHERE p.provider_message_id = %(key_id)s AND i.instance_name = %(instance)s"""
 
 
 class EnvelopeError(ValueError):
@@ -132,7 +136,7 @@ class DeliveryUpdate:
 
     key_id: str
     status: str          # Evolution's status, upper case (SERVER_ACK, ..., ERROR)
-    instance: str | None
+    instance: str        # the Evolution instance that sent the part: with key_id, what identifies it
     remote_jid: str | None
     from_me: bool | None
 
@@ -211,6 +215,9 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
         return f"status {status} carries no delivery progress"
     if from_me is False:
         return "update of a message the contact sent (fromMe false)"
+    if instance is None or not instance.strip():
+        raise EnvelopeError("field 'instance' is missing or not a non-empty string "
+                            "(a key id is only meaningful with the instance that sent it)")
     return DeliveryUpdate(key_id=key_id.strip(), status=status, instance=instance,
                           remote_jid=remote_jid, from_me=from_me)
 
@@ -228,22 +235,22 @@ def secret_matches(secret: str, candidates: Sequence[Any]) -> bool:
 
 def apply_update(update: DeliveryUpdate) -> UpdateResult:
     """Record one status change on its part (never downgrading); the caller holds a connection."""
+    ident = {"key_id": update.key_id, "instance": update.instance}
     if update.status == ERROR_STATUS:
-        row = db.execute_sql(_ERROR_SQL, {"key_id": update.key_id, "instance": update.instance}).fetchone()
+        row = db.execute_sql(_ERROR_SQL, ident).fetchone()
         if row is not None:
             return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
                                 run_id=row[2], reason="delivery error recorded")
     else:
         status = STATUS_MAP[update.status]
-        row = db.execute_sql(_UPGRADE_SQL, {"key_id": update.key_id, "status": status,
-                                            "ranks": _RANKS}).fetchone()
+        row = db.execute_sql(_UPGRADE_SQL, {**ident, "status": status, "ranks": _RANKS}).fetchone()
         if row is not None:
             return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
                                 run_id=row[2])
     # nothing changed: tell a duplicate / late update apart from an id that is not ours
-    row = db.execute_sql(_LOOKUP_SQL, (update.key_id,)).fetchone()
+    row = db.execute_sql(_LOOKUP_SQL, ident).fetchone()
     if row is None:
-        return UpdateResult("unknown", reason="no message part has this keyId")
+        return UpdateResult("unknown", reason="no message part of this instance has this keyId")
     return UpdateResult("unchanged", delivery_status=row[3], part_id=row[0], message_id=row[1], run_id=row[2],
                         reason="already recorded" if update.status == ERROR_STATUS else "already at or above")
 

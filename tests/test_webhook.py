@@ -368,6 +368,30 @@ def test_overlong_envelope_fields_are_400_and_never_logged(receiver, clean_db, f
     assert "Z" * 300 not in receiver.log_path.read_text(errors="replace")
 
 
+def test_receipt_of_another_instance_never_touches_a_part(receiver, clean_db) -> None:
+    """Issue 23 item 7 (T-SEC-1, R-OPS-5): receipts are matched on (instance, keyId); an event
+    naming another workspace's instance used to change this part and record an error under it."""
+    from models import CampaignEvent
+
+    (mine,) = make_parts(1, instance="acme-1")
+    (theirs,) = make_parts(1, instance="other-1")
+    for status in ("READ", "ERROR", "DELIVERY_ACK"):
+        r = receiver.post(envelope(mine.provider_message_id, status, instance="other-1"))
+        assert r.status_code == 200 and r.json()["result"] == "unknown", r.text
+    assert part_state(mine.id) == (None, None, None)
+    assert CampaignEvent.select().where(CampaignEvent.step == "delivery").count() == 0
+    # the same key id from the instance that sent it lands; the other workspace's part does not move
+    assert receiver.post(envelope(mine.provider_message_id, "ERROR", instance="acme-1")).json()["result"] == "updated"
+    assert receiver.post(envelope(mine.provider_message_id, "READ", instance="acme-1")).json()["result"] == "updated"
+    assert part_state(mine.id)[0] == "read" and part_state(theirs.id) == (None, None, None)
+    (event,) = CampaignEvent.select().where(CampaignEvent.step == "delivery")
+    assert event.details["instance"] == "acme-1" and event.message_id == mine.message_id
+    # without an instance there is nothing to match on: 400 naming the field
+    r = receiver.post({k: v for k, v in envelope(theirs.provider_message_id, "READ").items() if k != "instance"})
+    assert r.status_code == 400 and "'instance'" in r.json()["error"]
+    assert part_state(theirs.id) == (None, None, None)
+
+
 def test_length_and_routes(receiver, clean_db) -> None:
     (part,) = make_parts(1)
     body = json.dumps({**envelope(part.provider_message_id, "READ"), "apikey": SECRET}).encode()
@@ -496,7 +520,7 @@ def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(event, in
         assert len(out) < 200
         return
     assert isinstance(out, DeliveryUpdate)
-    assert out.instance is None or len(out.instance) <= MAX_INSTANCE_LENGTH
+    assert 0 < len(out.instance) <= MAX_INSTANCE_LENGTH and out.instance.strip()
     assert 0 < len(out.key_id) <= MAX_KEY_ID_LENGTH
     assert out.remote_jid is None or len(out.remote_jid) <= MAX_JID_LENGTH
 
