@@ -24,7 +24,6 @@ import datetime as dt
 import logging
 import math
 import re
-import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee
 
+import leadtext
 from db import db
 from errors import ConfigError
 
@@ -347,11 +347,9 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if "fallback_template" in t:
         fallback = ck.string(t["fallback_template"], f"{path}.fallback_template", max_len=4000)
         if fallback is not None:
-            try:
-                for _, field_name, _, _ in string.Formatter().parse(fallback):
-                    if field_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field_name):
-                        raise ValueError(f"placeholder {{{field_name}}} is not a lead field name")
-            except ValueError as exc:
+            try:  # rendered by the pipeline's own renderer: what passes here renders as written
+                leadtext.check_template(fallback)
+            except leadtext.TemplateError as exc:
                 ck.err(f"{path}.fallback_template", f"bad template: {exc}")
 
     split_enabled, max_parts = False, 1

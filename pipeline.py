@@ -574,9 +574,7 @@ def _provider_pause(ctx: Context, exc: ProviderError) -> None:
 # generate (R-PIPE-1)
 
 # Imported here, beside their only users, so this section merges independently of the rest.
-import leadtext  # noqa: E402  (lead data escaping)
-
-_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+import leadtext  # noqa: E402  (lead data escaping and the fallback template's rules, shared with apply)
 
 
 def _clean(value: Any, limit: int = leadtext.MAX_FIELD_VALUE_CHARS) -> str:
@@ -594,12 +592,20 @@ def build_prompt(ctx: Context) -> list[dict[str, str]]:
 
 
 def render_fallback(template: str, ctx: Context) -> str:
-    """Fill ``{field}`` placeholders from the lead (name + custom fields); unknown ones become empty."""
+    """Fill ``{field}`` placeholders from the lead (name + custom fields); unknown ones become empty.
+
+    The rules are leadtext's (``apply`` validates with them); a template stored before they were
+    enforced and that breaks them renders as "" (the message then fails with the LLM's error).
+    """
     values = {k: str(v) for k, v in (ctx.lead_fields or {}).items() if v is not None}
     values["name"] = ctx.lead_name or ""
     first = (ctx.lead_name or "").split(" ")[0]
     values.setdefault("first_name", first)
-    return _TEMPLATE_FIELD.sub(lambda m: values.get(m.group(1), ""), template).strip()
+    try:
+        return leadtext.render_template(template, values).strip()
+    except leadtext.TemplateError as exc:
+        log.warning("fallback template not used: %s (fix it and apply the config again)", exc)
+        return ""
 
 
 def validate_text(text: str | None) -> str:

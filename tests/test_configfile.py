@@ -127,6 +127,11 @@ BROKEN = [
     (_edit('model = "openai/gpt-4o-mini"\n', ""), f"{CAMPAIGN}.model: is required"),
     (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name"'),
      f"{CAMPAIGN}.fallback_template: bad template"),
+    # issue 23 item 5: accepted, then rendered as "Olá {name!r} {} {name:>10}"
+    (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name!r}"'),
+     f"{CAMPAIGN}.fallback_template: bad template: placeholder {{name!r}}: conversions"),
+    (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name:>10}"'),
+     f"{CAMPAIGN}.fallback_template: bad template: placeholder {{name:>10}}: format specs"),
     (_edit("max_per_hour = 60", "max_per_hour = -1"), "workspaces.acme.inboxes.sales-1.max_per_hour: -1 is out"),
     (_edit("[workspaces.acme]", "[workspaces.acme]\ncolour = 1"), "workspaces.acme.colour: unknown key"),
     (_edit("[workspaces.acme]", '[workspaces."acme corp"]\n[workspaces.acme]'),

@@ -97,3 +97,58 @@ def test_ordinary_data_reaches_the_model_as_it_is():
     fields = {"company": "Silva & Filhos \"Ltda\"", "city": "São Paulo 🌞", "empty": "", "none": None}
     block = _data_block(pipeline.build_prompt(_ctx("Ana  Souza\n", fields)))
     assert block == "\nname: Ana Souza\ncity: São Paulo 🌞\ncompany: Silva & Filhos \"Ltda\"\n"
+
+
+# --------------------------------------------------------------------------------------------
+# the fallback template
+
+
+def _fallback(template: str, name: str = "Ana Souza", **fields: str) -> str:
+    return pipeline.render_fallback(template, _ctx(name, fields))
+
+
+def test_template_renders_fields_and_literal_braces():
+    """Issue 23 item 5: '{{literal}}' used to render as '{}' and '{name!r}', '{name:>10}' passed
+    through untouched; the renderer now implements str.format's brace rules for {field}."""
+    assert _fallback("Olá {first_name}, {{literal}} de {city}{missing}!", city="Recife") \
+        == "Olá Ana, {literal} de Recife!"
+    assert _fallback("{{{name}}}") == "{Ana Souza}"
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("Olá {name!r}", "conversions"),
+    ("Olá {name:>10}", "format specs"),
+    ("Olá {}", "not a lead field name"),
+    ("Olá {0}", "not a lead field name"),
+    ("Olá {name.upper}", "not a lead field name"),
+    ("Olá {name[0]}", "not a lead field name"),
+    ("Olá {name", "expected '}'"),
+    ("Olá name}", "Single '}'"),
+])
+def test_templates_the_renderer_does_not_implement_are_refused(template, reason):
+    """Issue 23 item 5: what apply accepts is what render_fallback renders; the rest is refused
+    (and a stored one renders as nothing instead of sending braces to a lead)."""
+    with pytest.raises(leadtext.TemplateError, match=reason.replace("[", r"\[")):
+        leadtext.check_template(template)
+    assert _fallback(template) == ""
+
+
+_TEMPLATE_PIECES = st.sampled_from(["{", "}", "{{", "}}", "{name}", "{city}", "{first_name}", "{0}", "{}",
+                                    "{name!r}", "{name:>10}", "{name!s:^5}", "{x.y}", "{a[1]}", "Olá ", ", ", "!"])
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(template=st.lists(_TEMPLATE_PIECES | st.text(max_size=5), max_size=12).map("".join),
+       city=st.text(max_size=10))
+def test_an_accepted_template_renders_exactly_as_str_format(template, city):
+    """Issue 23 item 5, as a property: a template check_template accepts renders in the pipeline
+    exactly as Python's str.format would render it with the lead's values (unknown fields empty),
+    so no brace syntax is ever accepted and then rendered differently."""
+    try:
+        leadtext.check_template(template)
+    except leadtext.TemplateError:
+        assert _fallback(template, city=city) == ""
+        return
+    values = {"name": "Ana Souza", "first_name": "Ana", "city": city}
+    values.update({f: "" for f in leadtext.template_fields(template) if f not in values})
+    assert _fallback(template, city=city) == template.format(**values).strip()
