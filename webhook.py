@@ -85,6 +85,7 @@ IGNORED_STATUSES = frozenset({"PENDING", "DELETED"})
 HANDLED_EVENT = "messages.update"
 MAX_BODY_BYTES = 256 * 1024   # an update envelope is ~500 bytes; anything this big is not one
 MAX_KEY_ID_LENGTH = 256
+MAX_EVENT_LENGTH = 64         # Evolution's longest event name is about 25
 MAX_INSTANCE_LENGTH = 200     # as inboxes.instance_name (schema CHECK, `apply`)
 MAX_JID_LENGTH = 256          # a JID is ~30-60 characters
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # RFC 9110: 1*DIGIT; no sign, no spaces, no underscores
@@ -189,11 +190,10 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     """
     if not isinstance(doc, dict):
         raise EnvelopeError(f"body must be a JSON object, got {type(doc).__name__}")
-    event = doc.get("event")
-    if not isinstance(event, str) or not event.strip():
-        raise EnvelopeError("field 'event' is missing or not a string")
+    event = _text(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
+    assert event is not None
     if _normalise_event(event) != HANDLED_EVENT:
-        return f"event {event[:64]!r} is not handled"
+        return f"event {event!r} is not handled"
     instance = _text(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
     data = doc.get("data")
     if not isinstance(data, dict):
