@@ -1,0 +1,264 @@
+"""Webhook under hostile load (issue 23 item 1, R-OPS-5 "answers 2xx fast", T-SEC-1): while 20
+hostile 250 KB bodies keep arriving, a valid ``messages.update`` still answers within 100 ms.
+
+    .venv/bin/python bench/bench_webhook.py [--updates 400] [--hostile 20] [--quick]
+
+The receiver is the real ``python webhook.py`` process at ``LOG_LEVEL=DEBUG`` (every rejection and
+http.server error is logged, the worst case for the redactor) on this run's own database, with
+sent parts to update. Hostile senders, ``--hostile`` threads each with its own keep-alive
+connection, post 250 KB bodies back to back, cycling through what stalled the receiver before:
+an authenticated envelope whose ``instance`` is a 250 KB alphanumeric run (logged at INFO, then
+quadratic in the redactor), the same in ``data.remoteJid``, a 250 KB unauthenticated body, and a
+65 KB malformed request line (logged whole at DEBUG). Meanwhile one client posts valid updates
+(each one a real UPDATE of a part) one after the other, and ``GET /healthz`` is asked now and then.
+
+Reference measured in the same run: the same valid updates with no hostile load. Target: p99 of
+a valid update under the hostile load <= 100 ms (max and /healthz printed beside it). Absolute
+times on a shared 2-core machine are noisy: the reference says what "quiet" was in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import queue
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (ROOT, BenchServices, create_config, create_run, create_world, header, percentile,  # noqa: E402
+                          q, result_line, row, verdict)
+
+TARGET_MS = 100.0
+TIMEOUT_S = 30.0   # a valid update without an answer by then counts as this long (and is not a 200)
+BODY_BYTES = 250_000
+STATUSES = ("SERVER_ACK", "DELIVERY_ACK", "READ")
+
+
+class Receiver:
+    """``python webhook.py --port 0`` with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "webhook.py", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
+                                     env=env, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        buf, deadline = b"", time.monotonic() + 30
+        while b"\n" not in buf:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"error: webhook.py did not start: {log_path.read_text()[-2000:]}")
+            if sel.select(0.2):
+                buf += os.read(self.proc.stdout.fileno(), 4096)
+        sel.close()
+        host_port = buf.split(b"\n", 1)[0].decode().rsplit("//", 1)[1]
+        self.host, port = host_port.split(":")
+        self.port = int(port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> int:
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def _hostile_bodies(secret: str, key_id: str) -> list[tuple[str, bytes | None]]:
+    """(kind, body); a None body means the malformed 65 KB request line, sent on a raw socket."""
+    run = "A9" * (BODY_BYTES // 2)
+    base = {"event": "messages.update", "apikey": secret,
+            "data": {"keyId": key_id, "status": "READ", "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"}}
+    instance = json.dumps({**base, "instance": run}).encode()
+    jid = json.dumps({**base, "instance": "bench-1", "data": {**base["data"], "remoteJid": run}}).encode()
+    noauth = json.dumps({"event": "messages.update", "instance": run, "data": {"keyId": "K"}}).encode()
+    return [("instance", instance), ("remoteJid", jid), ("no secret", noauth), ("request line", None)]
+
+
+def _hostile(host: str, port: int, bodies: list[tuple[str, bytes | None]], offset: int, stop: Any,
+             counts: dict[str, int], lock: threading.Lock) -> None:
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+    i = offset
+    while not stop.is_set():
+        kind, body = bodies[i % len(bodies)]
+        i += 1
+        try:
+            if body is None:
+                line = b"POST /webhook?x=" + b"Q7" * 32_000 + b" HTTP/1.1 junk\r\nHost: x\r\n\r\n"
+                with socket.create_connection((host, port), timeout=TIMEOUT_S) as s:
+                    s.sendall(line)
+                    s.recv(4096)
+                status = 400
+            else:
+                status = _post(conn, "/webhook", body)
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+            status = -1
+        with lock:
+            counts[f"{kind} {status}"] = counts.get(f"{kind} {status}", 0) + 1
+    conn.close()
+
+
+def _hostile_process(host: str, port: int, bodies: list[tuple[str, bytes | None]], senders: int, stop: Any,
+                     results: Any) -> None:
+    """``senders`` hostile threads in a process of their own: the timed client in the benchmark's
+    process never waits for their GIL (the receiver's GIL is the one under test)."""
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+    threads = [threading.Thread(target=_hostile, args=(host, port, bodies, i, stop, counts, lock), daemon=True)
+               for i in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(counts)
+
+
+def _valid_updates(recv: Receiver, secret: str, keys: list[str], rounds: int, *,
+                   healthz_every: int = 0) -> tuple[list[float], list[float], list[int]]:
+    """Latency (ms) of ``rounds`` valid updates sent one after the other, /healthz latencies, statuses."""
+    conn = http.client.HTTPConnection(recv.host, recv.port, timeout=TIMEOUT_S)
+    health = http.client.HTTPConnection(recv.host, recv.port, timeout=TIMEOUT_S)
+    lat, hlat, codes = [], [], []
+    for i in range(rounds):
+        body = json.dumps({"event": "messages.update", "instance": "bench-1", "apikey": secret,
+                           "data": {"keyId": keys[i % len(keys)], "status": STATUSES[(i // len(keys)) % 3],
+                                    "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"}}).encode()
+        t = time.perf_counter()
+        try:
+            codes.append(_post(conn, "/webhook", body))
+        except (OSError, http.client.HTTPException):  # no answer within the client's timeout
+            codes.append(-1)
+            conn.close()
+            conn = http.client.HTTPConnection(recv.host, recv.port, timeout=TIMEOUT_S)
+        lat.append((time.perf_counter() - t) * 1000)
+        if healthz_every and i % healthz_every == 0:
+            t = time.perf_counter()
+            try:
+                health.request("GET", "/healthz")
+                health.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                health.close()
+                health = http.client.HTTPConnection(recv.host, recv.port, timeout=TIMEOUT_S)
+            hlat.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.005)
+    conn.close()
+    health.close()
+    return lat, hlat, codes
+
+
+def _figures(lat: list[float]) -> str:
+    return (f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
+            f"max {max(lat):.1f} ms ({len(lat)} updates)")
+
+
+def main() -> int:
+    """Run the benchmark and print the figures."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--updates", type=int, default=400, help="valid updates timed in each phase")
+    p.add_argument("--hostile", type=int, default=20, help="concurrent hostile senders")
+    p.add_argument("--quick", action="store_true", help="150 updates per phase")
+    args = p.parse_args()
+    if args.quick:
+        args.updates = min(args.updates, 150)
+    if args.updates < 10 or args.hostile < 1:
+        p.error("--updates must be >= 10 and --hostile >= 1")
+    header("webhook under hostile load (issue 23 item 1, R-OPS-5)",
+           f"{args.hostile} senders of 250 KB bodies vs valid messages.update, receiver at LOG_LEVEL=DEBUG")
+    secret = f"whsec-{uuid.uuid4().hex}"
+    with BenchServices("webhook") as services, tempfile.TemporaryDirectory() as tmp:
+        from db import db
+
+        db.connect(reuse_if_open=True)
+        world = create_world("bench", 1)
+        q("UPDATE inboxes SET instance_name = 'bench-1' WHERE id = %s", (world.inbox_ids[0],))
+        run_id = create_run(create_config(world, "hooks", world.inbox_ids[0]))
+        keys = [r[0] for r in q(
+            """WITH l AS (INSERT INTO leads (workspace_id, column_id, name, phone)
+                          SELECT %s, %s, 'Lead ' || i, '+55119' || lpad(i::text, 8, '0') FROM generate_series(1, 100) i
+                          RETURNING id),
+                    m AS (INSERT INTO campaign_messages (run_id, lead_id, inbox_id, status, scheduled_at, sent_at)
+                          SELECT %s, id, %s, 'sent', now(), now() FROM l RETURNING id)
+               INSERT INTO message_parts (message_id, inbox_id, idx, text, status, sent_at, provider_message_id)
+               SELECT id, %s, 0, 'hello', 'sent', now(), 'BENCHKEY' || id FROM m RETURNING provider_message_id""",
+            (world.ws_id, world.src_col, run_id, world.inbox_ids[0], world.inbox_ids[0]))]
+        db.close()
+        env = {**os.environ, **services.env, "WEBHOOK_SECRET": secret, "LOG_LEVEL": "DEBUG",
+               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        recv = Receiver(env, Path(tmp) / "webhook.log")
+        try:
+            _valid_updates(recv, secret, keys, 30)  # warm-up: pool, code paths
+            quiet, quiet_health, quiet_codes = _valid_updates(recv, secret, keys, args.updates, healthz_every=10)
+
+            mp = multiprocessing.get_context("fork")
+            stop, results = mp.Event(), mp.Queue()
+            attacker = mp.Process(target=_hostile_process, daemon=True,
+                                  args=(recv.host, recv.port, _hostile_bodies(secret, keys[0]), args.hostile, stop,
+                                        results))
+            attacker.start()
+            try:
+                time.sleep(1.0)  # the hostile load is on before the first timed update
+                started = time.perf_counter()
+                loaded, loaded_health, loaded_codes = _valid_updates(recv, secret, keys, args.updates,
+                                                                     healthz_every=10)
+                elapsed = time.perf_counter() - started + 1.0
+            finally:
+                stop.set()
+            try:
+                counts = results.get(timeout=2 * TIMEOUT_S)
+            except queue.Empty:
+                counts = {"(attacker did not report)": 0}
+            attacker.join(5)
+            if attacker.is_alive():
+                attacker.kill()
+        finally:
+            recv.stop()
+        log_text = recv.log_path.read_text(errors="replace")
+
+    hostile_total = sum(counts.values())
+    longest_line = max((len(line) for line in log_text.splitlines()), default=0)
+    ok_codes = all(c == 200 for c in quiet_codes + loaded_codes)
+    p99 = percentile(loaded, 99)
+    passed = p99 <= TARGET_MS and ok_codes and secret not in log_text
+    row("reference: valid update, no hostile load", _figures(quiet))
+    row("valid update under hostile load", _figures(loaded))
+    row("ratio p99 loaded / p99 reference", f"{p99 / percentile(quiet, 99):.1f}x")
+    row("/healthz (reference / under load)", f"max {max(quiet_health):.1f} ms / max {max(loaded_health):.1f} ms")
+    row("hostile requests answered", f"{hostile_total} in {elapsed:.1f} s ({hostile_total / elapsed:.0f}/s, "
+        f"{hostile_total * BODY_BYTES / elapsed / 1e6:.0f} MB/s): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    row("valid updates answered 200", "all" if ok_codes else "NOT ALL")
+    row("receiver log", f"{len(log_text) / 1e6:.1f} MB, longest line {longest_line} chars, secret "
+        f"{'absent' if secret not in log_text else 'PRESENT'}")
+    row(f"target p99 <= {TARGET_MS:.0f} ms under load", verdict(passed))
+    result_line("webhook", {"p50_ms": round(percentile(loaded, 50), 2), "p99_ms": round(p99, 2),
+                            "max_ms": round(max(loaded), 2), "ref_p50_ms": round(percentile(quiet, 50), 2),
+                            "ref_p99_ms": round(percentile(quiet, 99), 2), "healthz_max_ms": round(max(loaded_health), 2),
+                            "hostile_per_s": round(hostile_total / elapsed, 1), "passed": passed})
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
