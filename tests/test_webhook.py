@@ -591,6 +591,21 @@ def test_raw_socket_garbage_never_crashes_the_server(receiver, clean_db) -> None
     assert receiver.http.get("/healthz").status_code == 200
 
 
+def test_a_65_kb_request_line_at_debug_is_logged_bounded_and_masked(receiver, clean_db) -> None:
+    """Issue 23 item 1: at DEBUG, http.server logs a malformed request line whole; 65 KB of it went
+    through the quadratic redactor (no secret needed). It is now one bounded, masked log line."""
+    from logs import MAX_VALUE_CHARS
+
+    line = b"POST /webhook?secret=" + SECRET.encode() + b"&x=" + b"Q7" * 32_500 + b" junk HTTP/1.1\r\n"
+    assert len(line) > 65_000
+    _raw_request(receiver, line + b"Host: x\r\n\r\n")  # http.server answers a bad line without a status line
+    assert receiver.http.get("/healthz").status_code == 200
+    time.sleep(0.3)
+    logged = [ln for ln in receiver.log_path.read_text(errors="replace").splitlines() if "Bad request syntax" in ln]
+    assert logged and all(len(ln) < MAX_VALUE_CHARS + 1_000 for ln in logged), [len(ln) for ln in logged]
+    assert all(SECRET not in ln for ln in logged)
+
+
 # -- end to end with the sandbox ------------------------------------------------------------------------
 
 
