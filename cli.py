@@ -279,8 +279,17 @@ def _bar(run, width: int = 24):
     return text
 
 
+def _plain(value) -> "Text":
+    """A table cell from data (provider errors, names, queue names): rich ``Text`` is never parsed
+    as markup, so "[/x] is not a valid model ID" prints as it is instead of raising MarkupError,
+    and "[bold]" or "[link=...]" in an error text is shown, not obeyed."""
+    from rich.text import Text
+
+    return Text("-" if value is None else str(value))
+
+
 def render_status(snap):
-    """The rich renderable of a status snapshot."""
+    """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -293,7 +302,8 @@ def render_status(snap):
         runs.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
     for r in snap.runs:
         status = r.status + (f" ({r.pause_reason})" if r.pause_reason else "")
-        runs.add_row(str(r.id), r.campaign, str(r.run_date), Text(status, style="yellow" if r.pause_reason else ""),
+        runs.add_row(str(r.id), _plain(r.campaign), str(r.run_date),
+                     Text(status, style="yellow" if r.pause_reason else ""),
                      _bar(r), str(r.sent), str(r.skipped), str(r.failed), str(r.in_doubt), str(r.total),
                      str(r.pending), str(r.in_flight), str(r.overflow),
                      f"{r.next_at:%H:%M:%S}" if r.next_at else "-")
@@ -306,7 +316,7 @@ def render_status(snap):
         bases = [q for q in snap.queues if not q.endswith((".DQ", ".XQ"))]
         fmt = (lambda v: "?" if v is None else str(v))
         for q in bases:
-            queues.add_row(q, fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")),
+            queues.add_row(_plain(q), fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")),
                            fmt(snap.queues.get(f"{q}.XQ")))
         parts.append(queues)
         if snap.queue_error:
@@ -318,8 +328,8 @@ def render_status(snap):
             for col in ("message", "run", "campaign", "lead", "phone", "error"):
                 t.add_column(col, overflow="fold")
             for m in lines:
-                t.add_row(str(m.id), str(m.run_id), m.campaign, str(m.lead_id or "-"), m.phone or "-",
-                          (m.error or "")[:120])
+                t.add_row(str(m.id), str(m.run_id), _plain(m.campaign), str(m.lead_id or "-"), _plain(m.phone),
+                          _plain((m.error or "")[:120]))
             parts.append(t)
 
     if snap.alerts:

@@ -3,13 +3,17 @@
 Rules:
 
 * Everything is validated before anything is written (types, unknown keys, "HH:MM" times,
-  timezones, gap bounds, weekday names, references by name inside the SAME workspace, E-20);
-  every error names its key path (``workspaces.acme.campaigns.first-touch.inbox: ...``).
+  IANA timezone names, gap bounds, weekday names, references by name inside the SAME workspace,
+  E-20, and what PostgreSQL itself would refuse: integers past its ``integer`` range, NUL
+  characters, nesting deeper than ``MAX_DEPTH``); every error names its key path
+  (``workspaces.acme.campaigns.first-touch.inbox: ...``), so the database never has to.
 * Then one transaction writes it all (nothing half-applied), under an advisory lock so two
   concurrent applies queue instead of interleaving.
 * Applying the same file twice changes nothing: a row is written only when a value differs, so
   ``version`` and ``updated_at`` stay put. A changed campaign is updated in place with an
   optimistic lock (``UPDATE ... WHERE version = expected``, version + 1).
+* Two inboxes may swap (or rotate) their instances in one file: the inboxes whose instance
+  changes get a placeholder first, so the UNIQUE instance never sees a half-applied state.
 * Nothing is deleted: columns, inboxes and campaigns absent from the file are kept (the summary
   lists them), because rows of leads and runs hang on them. Columns listed in the file get
   ``position`` = their index in the list.
@@ -21,10 +25,12 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib.resources
+import json
 import logging
 import math
 import re
-import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee
 
+import leadtext
 from db import db
 from errors import ConfigError
 
@@ -42,9 +49,13 @@ __all__ = ["ConfigFileError", "ConcurrentChangeError", "ApplySummary", "Workspac
            "CampaignSpec", "parse_text", "apply_text", "apply_file", "WEEKDAYS"]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = PostgreSQL weekdays value, 0 = Monday
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # workspaces and campaigns (CHECK in schema)
-_TIME_RE = re.compile(r"^(\d{2}):(\d{2})$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+# \Z, not $: '$' also matches before a final newline, so "acme\n" passed here and failed the
+# schema's CHECK with a database message naming no key
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # workspaces and campaigns (CHECK in schema)
+_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})\Z")         # [0-9]: \d takes any script's digits
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+PG_INT_MAX = 2**31 - 1   # PostgreSQL ``integer``: every integer column this file writes
+MAX_DEPTH = 16           # tables and arrays; the format needs 6 (workspaces.W.campaigns.C.window.start)
 APPLY_LOCK_KEY = 0x61706C79  # "aply": serialises concurrent applies
 
 
@@ -150,7 +161,8 @@ class ApplySummary:
 # --------------------------------------------------------------------------------------------
 
 def _key(name: str) -> str:
-    return name if _BARE_KEY.match(name) else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # a quoted TOML key; JSON's escapes are TOML's, and control characters come out visible
+    return name if _BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
 
 
 def _path(*parts: str) -> str:
@@ -187,17 +199,20 @@ class _Checker:
         if len(value) > max_len:
             self.err(path, f"is longer than {max_len} characters")
             return None
+        if "\x00" in value:
+            self.err(path, "contains a NUL character (U+0000), which PostgreSQL cannot store")
+            return None
         if pattern is not None and not pattern.match(value):
             self.err(path, f"{value!r} is not a valid {what or 'name'}")
             return None
         return value
 
-    def integer(self, value: Any, path: str, lo: int, hi: int | None = None) -> int | None:
+    def integer(self, value: Any, path: str, lo: int, hi: int = PG_INT_MAX) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
             self.err(path, f"must be an integer, got {_type(value)}")
             return None
-        if value < lo or (hi is not None and value > hi):
-            self.err(path, f"{value} is out of range {lo}..{hi if hi is not None else 'inf'}")
+        if not lo <= value <= hi:
+            self.err(path, f"{value} is out of range {lo}..{hi}")
             return None
         return value
 
@@ -332,10 +347,13 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         tz = ck.string(t["timezone"], f"{path}.timezone", max_len=100)
         if tz is not None:
             try:
+                if tz not in _iana_zones():
+                    raise ZoneInfoNotFoundError(tz)
                 ZoneInfo(tz)
                 timezone = tz
             except (ZoneInfoNotFoundError, ValueError):
-                ck.err(f"{path}.timezone", f"{tz!r} is not an IANA timezone (e.g. America/Sao_Paulo)")
+                ck.err(f"{path}.timezone", f"{tz!r} is not an IANA timezone (e.g. America/Sao_Paulo; host "
+                                           "names like 'localtime' are refused: hosts would disagree)")
 
     daily_limit = ck.integer(get("daily_limit"), f"{path}.daily_limit", 1, 1_000_000) if "daily_limit" in t else None
     gaps = _bounds(ck, get("gap_seconds"), f"{path}.gap_seconds", None) if "gap_seconds" in t else None
@@ -347,11 +365,9 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if "fallback_template" in t:
         fallback = ck.string(t["fallback_template"], f"{path}.fallback_template", max_len=4000)
         if fallback is not None:
-            try:
-                for _, field_name, _, _ in string.Formatter().parse(fallback):
-                    if field_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", field_name):
-                        raise ValueError(f"placeholder {{{field_name}}} is not a lead field name")
-            except ValueError as exc:
+            try:  # rendered by the pipeline's own renderer: what passes here renders as written
+                leadtext.check_template(fallback)
+            except leadtext.TemplateError as exc:
                 ck.err(f"{path}.fallback_template", f"bad template: {exc}")
 
     split_enabled, max_parts = False, 1
@@ -373,6 +389,16 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         return None
     return CampaignSpec(name, inbox, source, target, weekdays, start, end, timezone, daily_limit, gaps[0], gaps[1],
                         part_gaps[0], part_gaps[1], model, prompt, fallback, split_enabled, max_parts, active, path)
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """IANA zone names, from the pinned ``tzdata`` package's list (the one zoneinfo's
+    ``available_timezones`` reads), so every host accepts the same names. The system's zoneinfo
+    directory also answers to ``localtime``, ``posixrules`` and ``Factory``, which mean "whatever
+    this host is set to" or "no zone": two hosts would disagree on a campaign's window."""
+    with importlib.resources.files("tzdata").joinpath("zones").open("r", encoding="utf-8") as f:
+        return frozenset(line.strip() for line in f if line.strip()) - {"Factory"}
 
 
 _PLURAL = {"workspace": "workspaces", "column": "columns", "inbox": "inboxes", "campaign": "campaigns"}
@@ -419,12 +445,32 @@ def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
     return WorkspaceSpec(name, columns, tuple(inboxes), tuple(campaigns), path)
 
 
+def _too_deep(data: dict) -> str | None:
+    """The key path of the first value nested deeper than MAX_DEPTH (iterative: no recursion)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return path
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{_key(str(k))}" if path else _key(str(k)), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return None
+
+
 def parse_text(text: str, source: str = "<text>") -> list[WorkspaceSpec]:
     """Parse and validate TOML text (no database); ConfigFileError lists every problem by key path."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError([f"{source}: invalid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigFileError([f"{source}: invalid TOML: arrays or tables nested too deeply "
+                               f"(more than {MAX_DEPTH} levels are never needed)"]) from None
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigFileError([f"{deep}: nested more than {MAX_DEPTH} levels deep"])
     ck = _Checker()
     top = ck.table(data, "", {"workspaces"}, {"workspaces"})
     specs: list[WorkspaceSpec] = []
@@ -522,8 +568,25 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
     return errors
 
 
+def _free_moving_instances(specs: list[WorkspaceSpec]) -> None:
+    """Give every inbox whose instance changes a unique placeholder first, in one statement.
+
+    Two inboxes swapping instances in one file would otherwise trip the UNIQUE instance on the
+    first UPDATE. _check_references has already proved the final assignment unique.
+    """
+    moves = [(s.name, i.name, i.instance) for s in specs for i in s.inboxes]
+    if moves:
+        db.execute_sql("""
+            UPDATE inboxes i SET instance_name = 'apply-swap-' || gen_random_uuid()
+              FROM workspaces w, unnest(%s::text[], %s::text[], %s::text[]) AS f(ws, name, instance)
+             WHERE w.id = i.workspace_id AND w.name = f.ws AND i.name = f.name
+               AND i.instance_name <> f.instance""",
+                       ([m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]))
+
+
 def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
     summary = ApplySummary()
+    _free_moving_instances(specs)
     for s in specs:
         row = db.execute_sql("SELECT id FROM workspaces WHERE name = %s", (s.name,)).fetchone()
         if row is None:

@@ -106,11 +106,21 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             return super().begin(*args, **kwargs)
 
     def _replace_connection(self) -> None:
-        """Discard this thread's dead connection, check out another; keep connection_context() state."""
+        """Discard this thread's dead connection and open a NEW one; keep connection_context() state.
+
+        Not another pooled one: what killed this connection (``pg_terminate_backend`` of every
+        backend, a server restart) most likely killed the idle ones too, and the pool cannot tell
+        without a round trip, so a checkout could spend the single retry on another dead
+        connection. The idle connections are closed (public ``close_idle``; a healthy one costs a
+        reconnect later), then ``_connect`` finds the pool empty and connects afresh.
+        """
         with self._lock:
             ctx = self._state.ctx
             self._close(self._state.conn, close_conn=True)
-            self._state.set_connection(self._connect())
+            with self._pool_lock:  # no other thread returns a connection in between
+                self.close_idle()
+                conn = self._connect()
+            self._state.set_connection(conn)
             self._state.ctx = ctx
             self._initialize_connection(self._state.conn)
 

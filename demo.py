@@ -657,7 +657,8 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
 
     with db.connection_context():
         summary = apply_file(config)
-    console.print(f"[3/6] applied {_display(Path(config))}: " + "; ".join(summary.lines()))
+    # markup=False wherever file or database text is printed: a name like "[bold]" is data (issue 23)
+    console.print(f"[3/6] applied {_display(Path(config))}: " + "; ".join(summary.lines()), markup=False)
 
     with db.connection_context():
         rep = import_file(leads, workspace=WORKSPACE, column=IMPORT_COLUMN)
@@ -677,7 +678,7 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
                   f"({rep.inserted} new), {len(rejected)} row(s) rejected; moved {', '.join(moved)} "
                   "(as an operator drags cards)")
     for line in rejected:
-        console.print(f"      rejected {line}", style="yellow")
+        console.print(f"      rejected {line}", style="yellow", markup=False)
 
     run_ids: list[int] = []
     with db.connection_context():
@@ -699,7 +700,7 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
     opted_name = opted[0] if opted else None
     if opted_name:
         console.print(f"      {opted_name} ({OPTS_OUT}) replied STOP after planning: opted out "
-                      "(leads.opted_out), so the pipeline skips that message")
+                      "(leads.opted_out), so the pipeline skips that message", markup=False)
 
     if services.broker == "rabbitmq":
         _queues_of_vhost(services.rabbitmq_url, purge=services.own_vhost)

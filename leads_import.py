@@ -7,7 +7,9 @@ country code use ``region``, default BR).
 * A problem with the FILE (not UTF-8, binary garbage, no header, no name/phone column,
   duplicate header names, unknown workspace or column) is one clear error: nothing is written.
 * A problem with a ROW (missing name or phone, invalid phone, wrong field count, the same phone
-  twice in the file) is reported with its line number; every good row is still imported.
+  twice in the file, and CSV damage inside it: a stray quote, a quote never closed, a cell over
+  ``MAX_FIELD_LENGTH``) is reported with its line number; every good row is still imported. After
+  damage, reading starts again on the next physical line, so one bad row costs that row only.
 * All good rows go in with one bulk upsert (``INSERT ... ON CONFLICT (workspace_id, phone)
   DO UPDATE``). Re-importing a phone that already exists in the workspace updates that lead:
   its name, and its custom fields merged (file values win; empty cells never erase a value).
@@ -108,10 +110,48 @@ def _resolve(workspace: str, column: str) -> tuple[int, int]:
     return ws_id, row[0]
 
 
+class _Lines:
+    """The file's physical lines for ``csv.reader``, with the index of the next one to read.
+
+    Knowing where a record started is what lets the import report a damaged row by its line and
+    start reading again on the line after it (``csv`` itself would carry an open quote to EOF).
+    """
+
+    def __init__(self, lines: list[str], pos: int = 0) -> None:
+        self.lines = lines
+        self.pos = pos
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
+
+
+def _damage(exc: csv.Error, lines_read: int) -> str:
+    """A row error's reason for what ``csv`` (strict) found wrong in it."""
+    text = str(exc)
+    if "field limit" in text:
+        reason = f"a field is longer than {MAX_FIELD_LENGTH} characters"
+        return reason + (" (a quote that is never closed?)" if lines_read > 1 else "")
+    if "unexpected end of data" in text:
+        return "a quoted field is never closed (unterminated quote)"
+    if "expected after" in text:
+        return ("stray quote: a quoted field must end with '\"' followed by ',' or the end of the line "
+                "(write a quote inside a quoted field as \"\")")
+    return f"unreadable CSV row: {text}"
+
+
 def _parse(text: str, source: str, region: str) -> tuple[list[tuple[str, str, dict]], list[RowError]]:
     """Good rows ``(name, e164, custom_fields)`` and row errors; LeadImportError for a broken file."""
+    # the limit is one cell and the state global to the csv module: a cell past it is one row's error
     csv.field_size_limit(MAX_FIELD_LENGTH * 10)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    # newline="": lines split at \r\n, \n and \r exactly as csv.reader sees them, endings kept
+    feed = _Lines(io.StringIO(text, newline="").readlines())
+    reader = csv.reader(feed, strict=True)
     try:
         header = next(reader, None)
     except csv.Error as exc:
@@ -134,20 +174,27 @@ def _parse(text: str, source: str, region: str) -> tuple[list[tuple[str, str, di
     rows: list[tuple[str, str, dict]] = []
     errors: list[RowError] = []
     first_line: dict[str, int] = {}
-    line = reader.line_num
     while True:
-        start = line + 1
+        begin = feed.pos
+        start = begin + 1  # the record's first line, 1-based
         try:
             record = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
-            raise LeadImportError(f"{source}: line {reader.line_num}: unreadable CSV: {exc}; nothing imported") from None
-        line = reader.line_num
+            errors.append(RowError(start, _damage(exc, feed.pos - begin)))
+            feed.pos = begin + 1  # the damaged row's first line is lost, nothing after it
+            reader = csv.reader(feed, strict=True)
+            continue
         if not record or all(not c.strip() for c in record):
             continue  # blank line
         if len(record) != len(header):
             errors.append(RowError(start, f"has {len(record)} fields, the header has {len(header)}"))
+            if feed.pos - begin > 1:
+                # a record over several lines with the wrong field count is a quote gone wrong, not
+                # a multi-line cell: the lines it swallowed are read again as rows of their own
+                feed.pos = begin + 1
+                reader = csv.reader(feed, strict=True)
             continue
         if any(len(c) > MAX_FIELD_LENGTH for c in record):
             errors.append(RowError(start, f"a field is longer than {MAX_FIELD_LENGTH} characters"))

@@ -1,7 +1,9 @@
 """Delivery webhook receiver: ``python webhook.py`` (SPEC R-OPS-5, §5).
 
 Evolution API posts ``messages.update`` events here; each one moves the delivery status of the
-message part whose ``provider_message_id`` is the event's ``data.keyId``:
+message part that the event's ``instance`` sent with the provider id ``data.keyId`` (T-SEC-1: the
+pair identifies a part, through the inbox of that instance and so its workspace; an event naming
+another instance never touches it):
 
     SERVER_ACK -> server_ack    DELIVERY_ACK -> delivered    READ, PLAYED -> read
 
@@ -25,9 +27,10 @@ refuses to start while ``WEBHOOK_SECRET`` is empty. The secret is never logged: 
 is off and every line goes through the redacting formatter of ``logs``.
 
 Answers: 200 JSON ``{"result": "updated"|"unchanged"|"unknown"|"ignored", ...}``; 400 malformed
-body (the reason names the field); 401 secret; 404 path; 411/413 body length; 503 database
-unavailable (Evolution retries non-2xx answers). ``GET /healthz`` is 200 when PostgreSQL answers
-and the schema has V4, else 503.
+body (the reason names the field; every string field has a length limit, checked before anything
+logs it); 401 secret; 404 path; 411/413 body length (exactly one ``Content-Length`` of ASCII digits,
+no ``Transfer-Encoding``); 503 database unavailable (Evolution retries non-2xx answers).
+``GET /healthz`` is 200 when PostgreSQL answers and the schema has V4, else 503.
 
 Why the standard library (``http.server.ThreadingHTTPServer``) and not a framework: the surface is
 one POST route and one GET route with a JSON body each; every request is a single indexed UPDATE
@@ -45,6 +48,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -81,6 +85,10 @@ IGNORED_STATUSES = frozenset({"PENDING", "DELETED"})
 HANDLED_EVENT = "messages.update"
 MAX_BODY_BYTES = 256 * 1024   # an update envelope is ~500 bytes; anything this big is not one
 MAX_KEY_ID_LENGTH = 256
+MAX_EVENT_LENGTH = 64         # Evolution's longest event name is about 25
+MAX_INSTANCE_LENGTH = 200     # as inboxes.instance_name (schema CHECK, `apply`)
+MAX_JID_LENGTH = 256          # a JID is ~30-60 characters
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # RFC 9110: 1*DIGIT; no sign, no spaces, no underscores
 
 _RANKS = list(DELIVERY_STATUSES)
 
@@ -89,8 +97,9 @@ _RANKS = list(DELIVERY_STATUSES)
 _UPGRADE_SQL = """
 UPDATE message_parts p
    SET delivery_status = %(status)s, delivery_updated_at = now()
-  FROM campaign_messages m
+  FROM campaign_messages m, inboxes i
  WHERE p.provider_message_id = %(key_id)s
+   AND i.id = p.inbox_id AND i.instance_name = %(instance)s
    AND m.id = p.message_id
    AND coalesce(array_position(%(ranks)s::text[], p.delivery_status), 0)
        < array_position(%(ranks)s::text[], %(status)s)
@@ -100,8 +109,9 @@ RETURNING p.id, p.message_id, m.run_id, p.delivery_status"""
 _ERROR_SQL = """
 WITH hit AS (
     UPDATE message_parts p SET delivery_error_at = now()
-      FROM campaign_messages m
-     WHERE p.provider_message_id = %(key_id)s AND m.id = p.message_id AND p.delivery_error_at IS NULL
+      FROM campaign_messages m, inboxes i
+     WHERE p.provider_message_id = %(key_id)s AND i.id = p.inbox_id AND i.instance_name = %(instance)s
+       AND m.id = p.message_id AND p.delivery_error_at IS NULL
     RETURNING p.id, p.idx, p.message_id, p.delivery_status, m.run_id, m.lead_id)
 INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details)
 SELECT run_id, message_id, lead_id, 'delivery', 'warning',
@@ -113,8 +123,8 @@ RETURNING (details->>'part_id')::bigint, message_id, run_id, details->>'delivery
 
 _LOOKUP_SQL = """
 SELECT p.id, p.message_id, m.run_id, p.delivery_status
-  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
- WHERE p.provider_message_id = %s"""
+  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id JOIN inboxes i ON i.id = p.inbox_id
+ WHERE p.provider_message_id = %(key_id)s AND i.instance_name = %(instance)s"""
 
 
 class EnvelopeError(ValueError):
@@ -127,7 +137,7 @@ class DeliveryUpdate:
 
     key_id: str
     status: str          # Evolution's status, upper case (SERVER_ACK, ..., ERROR)
-    instance: str | None
+    instance: str        # the Evolution instance that sent the part: with key_id, what identifies it
     remote_jid: str | None
     from_me: bool | None
 
@@ -154,13 +164,16 @@ def _normalise_event(value: str) -> str:
     return value.strip().lower().replace("_", ".").replace("-", ".")
 
 
-def _text(value: Any, name: str, *, required: bool) -> str | None:
-    """A string field PostgreSQL can store (UTF-8, no NUL), or None when absent and optional."""
+def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
+    """A string field PostgreSQL can store (UTF-8, no NUL, at most ``max_len`` characters), or None
+    when absent and optional. The value never goes into the error: it may be huge or hostile."""
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
         raise EnvelopeError(f"field {name!r} is missing or not a non-empty string" if required
                             else f"field {name!r} must be a string")
+    if len(value) > max_len:
+        raise EnvelopeError(f"field {name!r} is longer than {max_len} characters")
     if "\x00" in value:
         raise EnvelopeError(f"field {name!r} contains a NUL character")
     try:
@@ -177,19 +190,16 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     """
     if not isinstance(doc, dict):
         raise EnvelopeError(f"body must be a JSON object, got {type(doc).__name__}")
-    event = doc.get("event")
-    if not isinstance(event, str) or not event.strip():
-        raise EnvelopeError("field 'event' is missing or not a string")
+    event = _text(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
+    assert event is not None
     if _normalise_event(event) != HANDLED_EVENT:
-        return f"event {event[:64]!r} is not handled"
-    instance = _text(doc.get("instance"), "instance", required=False)
+        return f"event {event!r} is not handled"
+    instance = _text(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
     data = doc.get("data")
     if not isinstance(data, dict):
         raise EnvelopeError("field 'data' is missing or not an object")
-    key_id = _text(data.get("keyId"), "data.keyId", required=True)
+    key_id = _text(data.get("keyId"), "data.keyId", required=True, max_len=MAX_KEY_ID_LENGTH)
     assert key_id is not None
-    if len(key_id) > MAX_KEY_ID_LENGTH:
-        raise EnvelopeError(f"field 'data.keyId' is longer than {MAX_KEY_ID_LENGTH} characters")
     status = data.get("status")
     if not isinstance(status, str) or not status.strip():
         raise EnvelopeError("field 'data.status' is missing or not a string")
@@ -197,7 +207,7 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
         raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {status[:32]!r}")
-    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False)
+    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):
         raise EnvelopeError("field 'data.fromMe' must be a boolean")
@@ -205,6 +215,9 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
         return f"status {status} carries no delivery progress"
     if from_me is False:
         return "update of a message the contact sent (fromMe false)"
+    if instance is None or not instance.strip():
+        raise EnvelopeError("field 'instance' is missing or not a non-empty string "
+                            "(a key id is only meaningful with the instance that sent it)")
     return DeliveryUpdate(key_id=key_id.strip(), status=status, instance=instance,
                           remote_jid=remote_jid, from_me=from_me)
 
@@ -222,22 +235,22 @@ def secret_matches(secret: str, candidates: Sequence[Any]) -> bool:
 
 def apply_update(update: DeliveryUpdate) -> UpdateResult:
     """Record one status change on its part (never downgrading); the caller holds a connection."""
+    ident = {"key_id": update.key_id, "instance": update.instance}
     if update.status == ERROR_STATUS:
-        row = db.execute_sql(_ERROR_SQL, {"key_id": update.key_id, "instance": update.instance}).fetchone()
+        row = db.execute_sql(_ERROR_SQL, ident).fetchone()
         if row is not None:
             return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
                                 run_id=row[2], reason="delivery error recorded")
     else:
         status = STATUS_MAP[update.status]
-        row = db.execute_sql(_UPGRADE_SQL, {"key_id": update.key_id, "status": status,
-                                            "ranks": _RANKS}).fetchone()
+        row = db.execute_sql(_UPGRADE_SQL, {**ident, "status": status, "ranks": _RANKS}).fetchone()
         if row is not None:
             return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
                                 run_id=row[2])
     # nothing changed: tell a duplicate / late update apart from an id that is not ours
-    row = db.execute_sql(_LOOKUP_SQL, (update.key_id,)).fetchone()
+    row = db.execute_sql(_LOOKUP_SQL, ident).fetchone()
     if row is None:
-        return UpdateResult("unknown", reason="no message part has this keyId")
+        return UpdateResult("unknown", reason="no message part of this instance has this keyId")
     return UpdateResult("unchanged", delivery_status=row[3], part_id=row[0], message_id=row[1], run_id=row[2],
                         reason="already recorded" if update.status == ERROR_STATUS else "already at or above")
 
@@ -366,20 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/webhook" and not path.startswith("/webhook/"):
             self._error(HTTPStatus.NOT_FOUND, f"no route POST {path[:100]}", close=True)
             return
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._error(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: send Content-Length",
-                        close=True)
-            return
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required", close=True)
-            return
-        try:
-            length = int(raw_length)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._error(HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer", close=True)
+        length = self._content_length()
+        if length is None:
             return
         if length > MAX_BODY_BYTES:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes",
@@ -422,6 +423,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.OK, {"result": "ignored", "reason": parsed})
             return
         self._apply(parsed)
+
+    def _content_length(self) -> int | None:
+        """The body length from exactly one strict ``Content-Length``, or None after answering.
+
+        Two lengths, a sign, spaces inside, ``_`` or non-ASCII digits (all of which ``int()``
+        accepts) are how request smuggling starts behind a proxy that reads them differently.
+        """
+        if self.headers.get_all("Transfer-Encoding"):
+            self._error(HTTPStatus.LENGTH_REQUIRED, "chunked or other Transfer-Encoding bodies are not accepted: "
+                        "send Content-Length", close=True)
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length header is required", close=True)
+            return None
+        if len(values) > 1:
+            self._error(HTTPStatus.BAD_REQUEST, "Content-Length header appears more than once", close=True)
+            return None
+        if not _CONTENT_LENGTH.fullmatch(values[0].strip(" \t")):
+            self._error(HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer (ASCII digits only)",
+                        close=True)
+            return None
+        return int(values[0])
 
     def _apply(self, update: DeliveryUpdate) -> None:
         try:

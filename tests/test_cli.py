@@ -6,9 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datetime as dt
+import io
+
 import pytest
+from hypothesis import example, given, settings as hsettings, strategies as st
 
 import cli
+import ops
 from db import db
 from models import CampaignConfig, CampaignMessage, CampaignRun, Lead
 from tests.test_configfile import EXAMPLE, snapshot
@@ -173,3 +178,55 @@ def test_cli_runs_as_a_script(applied):
     proc = subprocess.run([sys.executable, "cli.py", "pause", "777"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "error: run 777 does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# status renders data as data (issue 23 item 3)
+
+
+def _render(snap) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=2000, color_system=None, force_terminal=False).print(cli.render_status(snap))
+    return out.getvalue()
+
+
+def _snapshot(text: str) -> ops.StatusSnapshot:
+    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.timezone.utc)
+    run = ops.RunStatus(7, f"acme/{text}", now.date(), "running", None, False, 3, 1, 0, 1, 0, 0, 0, 2, 0, None, now)
+    line = ops.MessageLine(12, 7, f"acme/{text}", 5, text, "failed", f"PermanentError: {text}", now)
+    return ops.StatusSnapshot(now, [run], {text: 1, f"{text}.DQ": 0, f"{text}.XQ": 2}, None, [line], [line],
+                              [ops.Alert("dead_letters", text)])
+
+
+_MARKUP = st.text(st.sampled_from("[]/=:@#\\ ablinkcoredt_-."), min_size=1, max_size=40) | \
+    st.text(st.characters(min_codepoint=33, max_codepoint=0x24F, blacklist_categories=("Cc", "Cf", "Zs")),
+            min_size=1, max_size=40)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(text=_MARKUP)
+@example(text="[/x] is not a valid model ID")
+@example(text="[bold]boom[/bold] [link=http://evil.example]click[/link]")
+@example(text="[/]")
+def test_status_shows_provider_and_data_text_verbatim(text):
+    """Issue 23 item 3 (R-OPS-1): a provider error "[/x] is not a valid model ID" made `status`
+    exit 1 with MarkupError, and "[bold]" or "[link=...]" in any error text was silently rewritten.
+    Every value from outside (errors, names, phones, queue names, alerts) is now plain text."""
+    rendered = _render(_snapshot(text))
+    for shown in (f"PermanentError: {text}"[:120], f"acme/{text}", f"! dead_letters: {text}"):
+        assert shown in rendered, (shown, rendered)
+
+
+def test_status_command_with_a_markup_like_provider_error(clean_db, capsys):
+    """Issue 23 item 3, end to end: the reproduction through `cli.py status`."""
+    from tests import factories as f
+
+    ws, cols = f.workspace("acme")
+    run = f.run(f.config(ws, f.inbox(ws), cols["New"], cols["Contacted"], name="first-touch"), leads_total=1)
+    f.message(run, f.lead(ws, cols["New"]), status="failed", error_class="PermanentError",
+              error_message="[/x] is not a valid model ID [bold]", finished_at=dt.datetime.now(dt.timezone.utc))
+    code, out, err = run_cli(capsys, "status", "--no-queues")
+    assert code == 0, err
+    assert "[/x] is not a valid model ID [bold]" in out

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 import configfile
 from configfile import ConcurrentChangeError, ConfigFileError, apply_file, apply_text
@@ -127,8 +128,36 @@ BROKEN = [
     (_edit('model = "openai/gpt-4o-mini"\n', ""), f"{CAMPAIGN}.model: is required"),
     (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name"'),
      f"{CAMPAIGN}.fallback_template: bad template"),
+    # issue 23 item 5: accepted, then rendered as "Olá {name!r} {} {name:>10}"
+    (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name!r}"'),
+     f"{CAMPAIGN}.fallback_template: bad template: placeholder {{name!r}}: conversions"),
+    (_edit('fallback_template = "Olá {name}, tudo bem?"', 'fallback_template = "Olá {name:>10}"'),
+     f"{CAMPAIGN}.fallback_template: bad template: placeholder {{name:>10}}: format specs"),
     (_edit("max_per_hour = 60", "max_per_hour = -1"), "workspaces.acme.inboxes.sales-1.max_per_hour: -1 is out"),
     (_edit("[workspaces.acme]", "[workspaces.acme]\ncolour = 1"), "workspaces.acme.colour: unknown key"),
+    # issue 23 item 4: each of these used to reach PostgreSQL and come back as a traceback or a
+    # database message naming no key
+    (_edit("max_per_hour = 60", "max_per_hour = 2147483648"),
+     "workspaces.acme.inboxes.sales-1.max_per_hour: 2147483648 is out of range 1..2147483647"),
+    (_edit("max_per_day = 300", "max_per_day = 9223372036854775807"),
+     "workspaces.acme.inboxes.sales-1.max_per_day: 9223372036854775807 is out of range"),
+    (_edit('model = "openai/gpt-4o-mini"', 'model = "openai/\\u0000gpt"'), f"{CAMPAIGN}.model: contains a NUL character"),
+    (_edit('"New", "Contacted"', '"New\\u0000", "New", "Contacted"'), "workspaces.acme.columns[0]: contains a NUL"),
+    (_edit("[workspaces.acme.inboxes.sales-1]", '[workspaces.acme.inboxes."sales\\u0000"]\ninstance = "x"\n'
+                                                 "[workspaces.acme.inboxes.sales-1]"),
+     'workspaces.acme.inboxes."sales\\u0000": contains a NUL character'),
+    (_edit("[workspaces.acme.campaigns.first-touch]", '[workspaces.acme.campaigns."first-touch\\n"]'),
+     'workspaces.acme.campaigns."first-touch\\n": \'first-touch\\n\' is not a valid campaign name'),
+    (_edit("[workspaces.acme]", '[workspaces."acme\\n"]\n[workspaces.acme]'),
+     'workspaces."acme\\n": \'acme\\n\' is not a valid workspace name'),
+    (_edit('end = "18:00"', 'end = "18:00\\n"'), f"{CAMPAIGN}.window.end: '18:00\\n' is not a time"),
+    (_edit('end = "18:00"', 'end = "١٨:٠٠"'), f"{CAMPAIGN}.window.end: '١٨:٠٠' is not a time"),
+    (_edit("[workspaces.acme]", "[workspaces.acme]\ncolour = " + "[" * 5000 + "]" * 5000), "nested too deeply"),
+    (_edit("active = true", "active = " + "[" * 20 + "]" * 20), f"{CAMPAIGN}.active" + "[0]" * 12 + ": nested more than 16 levels deep"),
+    # issue 23 item 8: host-specific zone names: hosts could disagree on the window
+    (_edit('"America/Sao_Paulo"', '"localtime"'), f"{CAMPAIGN}.timezone: 'localtime' is not an IANA timezone"),
+    (_edit('"America/Sao_Paulo"', '"posixrules"'), f"{CAMPAIGN}.timezone: 'posixrules' is not an IANA timezone"),
+    (_edit('"America/Sao_Paulo"', '"Factory"'), f"{CAMPAIGN}.timezone: 'Factory' is not an IANA timezone"),
     (_edit("[workspaces.acme]", '[workspaces."acme corp"]\n[workspaces.acme]'),
      'workspaces."acme corp": \'acme corp\' is not a valid workspace name'),
     (_edit("active = true", "active = 1"), f"{CAMPAIGN}.active: must be true or false"),
@@ -153,6 +182,32 @@ def test_broken_file_changes_nothing_and_names_the_key(clean_db, mutate, message
     assert any(message in e for e in info.value.errors), info.value.errors
     assert message.split(":")[0] in str(info.value) or len(info.value.errors) > 1
     assert snapshot() == before  # the valid newcomer workspace was not written either
+
+
+def test_inboxes_can_swap_instances_in_one_file(clean_db):
+    """Issue 23 item 4: swapping (or rotating) two inboxes' instances in one file was refused by
+    the UNIQUE instance with a database message naming no key."""
+    three = EXAMPLE + "".join(f'\n[workspaces.acme.inboxes.sales-{n}]\ninstance = "acme-sales-{n}"\n' for n in (2, 3))
+    apply_text(three)
+    swapped = (three.replace('"acme-sales-1"', '"tmp-a"').replace('"acme-sales-2"', '"acme-sales-1"')
+               .replace('"tmp-a"', '"acme-sales-2"'))
+    summary = apply_text(swapped)
+    assert sorted(summary.updated["inbox"]) == ["acme/sales-1", "acme/sales-2"]
+    assert {i.name: i.instance_name for i in Inbox.select()} == {
+        "sales-1": "acme-sales-2", "sales-2": "acme-sales-1", "sales-3": "acme-sales-3"}
+    rotated = (three.replace('"acme-sales-1"', '"x1"').replace('"acme-sales-2"', '"x2"').replace('"acme-sales-3"', '"x3"')
+               .replace('"x1"', '"acme-sales-2"').replace('"x2"', '"acme-sales-3"').replace('"x3"', '"acme-sales-1"'))
+    apply_text(rotated)
+    assert {i.name: i.instance_name for i in Inbox.select()} == {
+        "sales-1": "acme-sales-2", "sales-2": "acme-sales-3", "sales-3": "acme-sales-1"}
+    assert not apply_text(rotated).changed
+    # a real clash is still named by key path, and nothing moves
+    before = snapshot()
+    with pytest.raises(ConfigFileError) as info:
+        apply_text(rotated.replace('instance = "acme-sales-3"', 'instance = "acme-sales-2"'))
+    assert "workspaces.acme.inboxes.sales-2.instance: instance 'acme-sales-2' is already used by inbox " \
+           "acme/sales-1" in info.value.errors
+    assert snapshot() == before
 
 
 def test_every_error_is_reported_at_once(clean_db):
@@ -199,6 +254,59 @@ def test_fuzzed_toml_never_crashes(clean_db, data):
     with contextlib.suppress(ConfigFileError):
         apply_text(text)
     with db.atomic():  # a rolled-back apply never leaves the connection in a broken transaction
+        db.execute_sql("SELECT 1")
+
+
+def _toml(value) -> str:
+    """A TOML value (JSON's string escapes are TOML's; DEL must be escaped too)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value == float("inf") else "-inf" if value == float("-inf")
+                                             else repr(value))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return str(value)  # int, date, time
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_SCALAR = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-3, 3000), st.integers(2**31 - 3, 2**31 + 3),
+                    st.floats(), _TEXT,
+                    st.sampled_from(["", " ", "\x00", "x\n", "America/Sao_Paulo", "localtime", "Factory", "09:00",
+                                     "24:00", "sales-1", "New", "mon", "{name!r}", "{{x}}", "a" * 300]),
+                    st.booleans(), st.dates(), st.times())
+_VALUE = st.recursive(_SCALAR, lambda v: st.lists(v, max_size=3) | st.dictionaries(
+    st.sampled_from(["min", "max", "start", "end", "enabled", "max_parts", "x"]) | _TEXT, v, max_size=3),
+    max_leaves=6)
+_KEYS = [(CAMPAIGN, k) for k in sorted(configfile._CAMPAIGN_KEYS)] + \
+    [("workspaces.acme.inboxes.sales-1", k) for k in sorted(configfile._INBOX_KEYS)] + \
+    [("workspaces.acme", "columns")]
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(_KEYS), value=_VALUE)
+@example(key=("workspaces.acme.inboxes.sales-1", "max_per_hour"), value=2147483648)
+@example(key=(CAMPAIGN, "system_prompt"), value="be nice\x00")
+def test_any_toml_value_is_refused_by_key_path_or_applied(clean_db, key, value):
+    """Issue 23 item 4 (T-SEC-1, R-OPS-1), as a property: whatever value a key gets, apply either
+    writes it or refuses it with an error naming a key path; PostgreSQL never has to refuse it
+    (its messages name no key) and nothing else escapes."""
+    table, name = key
+    header = "[" + table + "]"
+    lines = [ln for ln in EXAMPLE.splitlines() if not ln.startswith(name + " ")] if table != "workspaces.acme" \
+        else [ln for ln in EXAMPLE.splitlines() if not ln.startswith("columns ")]
+    text = "\n".join(lines).replace(header, f"{header}\n{name} = {_toml(value)}", 1)
+    try:
+        apply_text(text)
+    except ConfigFileError as exc:
+        for error in exc.errors:
+            assert "rejected by the database" not in error, error
+            assert error.startswith(("workspaces", "<text>: invalid TOML")), error
+    with db.atomic():
         db.execute_sql("SELECT 1")
 
 

@@ -107,13 +107,69 @@ def test_region_option(acme):
     (b"Ana,+5511912345601\n", "the header must have 'name' and 'phone' columns (missing name, phone"),
     (b"name,telefone\nAna,+5511912345601\n", "missing phone"),
     (b"name,phone,name\nAna,+5511912345601,x\n", "header column 'name' appears twice"),
-    (b'name,phone\n"Ana,+5511912345601\n', "unreadable CSV"),
+    (b'"name,phone\nAna,+5511912345601\n', "line 1: unreadable CSV header"),
 ])
 def test_broken_files_import_nothing(acme, content, message):
     f.lead(acme[0], acme[1]["New"], phone="+5511999999999")
     with pytest.raises(LeadImportError, match=message.replace("(", r"\(").replace(")", r"\)")):
         import_bytes(content, workspace="acme", column="New")
     assert Lead.select().count() == 1
+
+
+def test_damaged_rows_are_reported_by_line_and_good_rows_import(acme):
+    """Issue 23 item 6 (R-OPS-1): a stray quote, an unterminated quote or a cell over the field
+    limit used to reject the whole file; now that row is reported by its line and the rest import."""
+    text = ('name,phone,notes\n'
+            'Ana,+5511912345601,"two\nlines"\n'                  # 2-3: a legit multi-line cell
+            '"Bia"x,+5511912345602,stray\n'                      # 4: stray quote
+            'Caio,+5511912345603,ok\n'                           # 5
+            'Duda,"+5511912345604,unterminated\n'                # 6: a quote never closed
+            'Edu,+5511912345605,ok\n'                            # 7
+            f'Fabi,+5511912345606,{"x" * 150_000}\n'             # 8: past the csv module's own limit
+            f'Gil,+5511912345607,{"y" * 10_001}\n'               # 9: past MAX_FIELD_LENGTH
+            'Hugo,+5511912345608,ok\n'                           # 10
+            '"Ivo,+5511912345609,last one, never closed')        # 11: quote open at the end
+    report = import_text(text, workspace="acme", column="New")
+    assert [(e.line, e.reason.split(" (")[0].split(":")[0]) for e in report.errors] == [
+        (4, "stray quote"),
+        (6, "a field is longer than 10000 characters"),
+        (8, "a field is longer than 10000 characters"),
+        (9, "a field is longer than 10000 characters"),
+        (11, "a quoted field is never closed"),
+    ]
+    assert sorted(leads_by_phone()) == ["+5511912345601", "+5511912345603", "+5511912345605", "+5511912345608"]
+    assert Lead.get(phone="+5511912345601").custom_fields == {"notes": "two\nlines"}
+
+
+_PLAIN = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters='",'),
+                 min_size=1, max_size=12).filter(str.strip)
+_DAMAGE = {
+    "stray quote": lambda name, phone: f'"{name}"x,{phone},x',
+    "never closed": lambda name, phone: f'"{name},{phone},x',
+    "over the limit": lambda name, phone: f'{name},{phone},' + "z" * 10_001,
+}
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.sampled_from([None, *_DAMAGE]), _PLAIN, _PLAIN), min_size=1, max_size=25),
+       crlf=st.booleans())
+def test_fuzzed_rows_good_ones_import_bad_ones_are_reported_by_line(acme, rows, crlf):
+    """Issue 23 item 6 (R-OPS-1, T-SEC-1), as a property: in any mix of good and damaged rows,
+    exactly the damaged rows are reported, each by its own line, and every good row imports."""
+    lines, good, bad_lines = ["name,phone,note"], set(), []
+    for i, (damage, name, note) in enumerate(rows):
+        phone = f"+5511912345{i:03d}"
+        if damage is None:
+            lines.append(f"{name},{phone},{note}")
+            good.add(phone)
+        else:
+            lines.append(_DAMAGE[damage](name, phone))
+            bad_lines.append(i + 2)
+    text = ("\r\n" if crlf else "\n").join(lines) + "\n"
+    report = import_text(text, workspace="acme", column="New")
+    assert [e.line for e in report.errors] == bad_lines, report.errors
+    assert report.imported == len(good)
+    assert good <= set(leads_by_phone())
 
 
 @pytest.mark.parametrize("workspace, column, region, message", [

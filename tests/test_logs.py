@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 import logs
 from db import db
@@ -83,6 +84,63 @@ def test_formatter_json_lines_parse_and_redact_tracebacks():
     assert doc["run"] == 3 and doc["message"] == 12 and doc["msg"] == "failed"
     assert "RuntimeError: boom with key ***" in doc["exc"]
     assert "sk-live-000111222" not in line
+
+
+_SECRET_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="*"), min_size=4,
+                       max_size=24).filter(lambda s: s.strip() == s and len(s.strip()) >= 4)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(secret=st.one_of(_SECRET_TEXT, _SECRET_TEXT.map(lambda s: s[:2] + '"\\\t' + s[2:])),
+       json_lines=st.booleans())
+def test_secret_with_quote_backslash_or_tab_is_masked_in_every_line_format(secret, json_lines):
+    """Issue 23 item 8 (T-SEC-1, R-OPS-6): masking happens before JSON/logfmt quoting, so a secret
+    containing '"', '\\' or a tab is masked too (it used to survive in its escaped form)."""
+    line = _format("connecting with %s now", secret, exc=RuntimeError(f"refused {secret}"),
+                   json_lines=json_lines, redactor=logs.Redactor([secret]))
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    assert secret not in line and escaped not in line, line
+    assert "connecting with *** now" in (json.loads(line)["msg"] if json_lines else line)
+
+
+def test_redactor_work_is_bounded_and_a_cut_never_leaves_the_head_of_a_secret(monkeypatch):
+    """Issue 23 item 1 (R-OPS-5, R-OPS-6): a 250 KB value (the webhook's hostile ``instance``, a
+    65 KB request line at DEBUG) used to go whole through the patterns, one of them quadratic on
+    alphanumeric runs. The patterns now only ever see bounded text, and a token cut in two by the
+    bound (a bearer token, a URL password the patterns would have masked) is dropped whole."""
+    seen: list[int] = []
+
+    class Spy:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def sub(self, repl, text):
+            seen.append(len(text))
+            return self.pattern.sub(repl, text)
+
+    monkeypatch.setattr(logs.Redactor, "_PATTERNS", tuple((Spy(p), r) for p, r in logs.Redactor._PATTERNS))
+    limit = logs.MAX_VALUE_CHARS
+    for straddler in ("Bearer tok_live_abcdefghijklmnop", "amqp://user:pa55word-long-one@mq:5672/vh"):
+        for shift in range(1, len(straddler), 3):
+            seen.clear()
+            filler = "x" * 40 + " "
+            msg = (filler * (limit // len(filler) + 1))[:limit - shift] + straddler + " " + "A" * 250_000
+            line = _format("%s", msg)
+            assert max(seen) <= limit + 200, max(seen)          # never the 250 KB
+            assert len(line) < limit + 1000
+            for head in ("tok_live_abc", "pa55word"):
+                assert head not in line, (shift, line[-200:])
+            assert "more chars cut]" in line
+    seen.clear()
+    line = _format("%s", "a" * 250_000)                          # the issue's alphanumeric run
+    assert max(seen) <= limit + 200 and "a" * 100 not in line
+
+
+def test_redactor_masks_the_same_with_a_bound():
+    """The bound changes nothing for ordinary text: same masks as before."""
+    r = logs.Redactor(["sk-or-v1-abcdef123456"])
+    text = "key sk-or-v1-abcdef123456 amqp://u:pw12345@h/v Bearer tok_live_1234567 apikey=abcdefgh"
+    assert r(text, 10_000) == r(text) == "key *** amqp://u:***@h/v Bearer *** apikey=***"
 
 
 def test_annotate_adds_to_the_bound_context_only():

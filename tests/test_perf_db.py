@@ -100,3 +100,54 @@ def test_a_transaction_on_a_pooled_connection_killed_while_idle_heals(services):
 
     new_pid, txid = _in_thread(work)
     assert new_pid != pid and txid > 0
+
+
+def _fill_pool_and_terminate_every_idle_backend(n: int = 3) -> list[int]:
+    """``n`` connections (at least) idle in the pool, then every idle pooled backend terminated:
+    the "full pool termination" of a server restart or a chaos fault."""
+    barrier = threading.Barrier(n)
+
+    def hold() -> None:
+        db.connect(reuse_if_open=True)
+        try:
+            db.execute_sql("SELECT 1")
+            barrier.wait(10)  # n connections checked out at once, so n distinct ones go back
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pids = [conn.get_backend_pid() for _, _, conn in list(db.obj._connections)]
+    assert len(pids) >= n
+    for pid in pids:
+        terminate_backend(pid)
+    return pids
+
+
+def test_after_a_full_pool_termination_the_retry_gets_a_fresh_connection(services):
+    """Issue 23 item 8 (E-16): after every pooled connection was terminated, the single retry used
+    to check out another dead connection from the pool and fail; it now opens a new one."""
+    dead = _fill_pool_and_terminate_every_idle_backend()
+
+    def work() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    assert _in_thread(work) not in dead
+    dead = _fill_pool_and_terminate_every_idle_backend()
+
+    def transaction() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            with db.atomic():
+                return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    assert _in_thread(transaction) not in dead

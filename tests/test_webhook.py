@@ -22,13 +22,14 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st
 
 from tests import factories as f
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec-" + "".join(random.choices(string.ascii_letters + string.digits, k=24))
 WRONG = "wrong-" + "".join(random.choices(string.ascii_letters, k=24))
+INSTANCE = "acme-1"  # the instance of make_parts' inbox, named by envelope()
 RANK = {None: 0, "server_ack": 1, "delivered": 2, "read": 3}
 MAPPED = {"SERVER_ACK": "server_ack", "DELIVERY_ACK": "delivered", "READ": "read", "PLAYED": "read"}
 
@@ -112,12 +113,12 @@ def receiver(services, tmp_path_factory) -> Iterator[Receiver]:
 # -- rows ------------------------------------------------------------------------------------------
 
 
-def make_parts(n: int, *, prefix: str | None = None) -> list[Any]:
-    """``n`` sent parts (one message each) with unique provider ids; returns the MessagePart rows."""
+def make_parts(n: int, *, prefix: str | None = None, instance: str = INSTANCE) -> list[Any]:
+    """``n`` sent parts (one message each) with unique provider ids, sent by ``instance``."""
     from models import MessagePart
 
     ws, cols = f.workspace()
-    ibx = f.inbox(ws)
+    ibx = f.inbox(ws, instance_name=instance)
     run = f.run(f.config(ws, ibx, cols["New"], cols["Contacted"]))
     prefix = prefix or f"KEY{random.randrange(10**9):09d}"
     now = dt.datetime.now(dt.timezone.utc)
@@ -139,9 +140,9 @@ def part_state(part_id: int) -> tuple[str | None, Any, Any]:
 
 def envelope(key_id: str, status: str, **over: Any) -> dict[str, Any]:
     """A messages.update envelope as Evolution v2 posts it (apikey added by Receiver.post)."""
-    doc = {"event": "messages.update", "instance": "acme-1",
+    doc = {"event": "messages.update", "instance": INSTANCE,
            "data": {"keyId": key_id, "remoteJid": "5511987654321@s.whatsapp.net", "fromMe": True,
-                    "status": status, "instanceId": "acme-1"},
+                    "status": status, "instanceId": "4f1c-instance-uuid"},
            "date_time": "2026-01-05T12:00:00.000Z", "destination": "http://x/webhook",
            "sender": "5511987654321@s.whatsapp.net", "server_url": "http://evolution"}
     doc.update(over)
@@ -306,6 +307,91 @@ def test_malformed_body_is_400_with_reason(receiver, clean_db, raw: bytes, reaso
     assert part_state(part.id) == (None, None, None)
 
 
+def _raw_request(receiver: Receiver, head: bytes, body: bytes = b"") -> bytes:
+    """Send bytes on a fresh connection; the status line of the answer (b"" if none)."""
+    import socket
+
+    host, port = receiver.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError:
+            pass
+    return answer.split(b"\r\n", 1)[0]
+
+
+def test_content_length_must_be_one_plain_number(receiver, clean_db) -> None:
+    """Issue 23 item 8 (R-OPS-5): duplicate, signed or underscored lengths (all of which int()
+    accepted) and Transfer-Encoding are refused: they are how request smuggling starts."""
+    (part,) = make_parts(1)
+    body = json.dumps({**envelope(part.provider_message_id, "READ"), "apikey": SECRET}).encode()
+    n = len(body)
+    assert n >= 100
+    bad = {
+        b"Content-Length: %d\r\nContent-Length: %d\r\n" % (n, n): b"400",
+        b"Content-Length: +%d\r\n" % n: b"400",
+        b"Content-Length: %s_%s\r\n" % (str(n)[:1].encode(), str(n)[1:].encode()): b"400",
+        b"Content-Length: %d\r\nTransfer-Encoding: identity\r\n" % n: b"411",
+    }
+    for headers, code in bad.items():
+        status = _raw_request(receiver, b"POST /webhook HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n", body)
+        assert status.startswith(b"HTTP/1.1 " + code), (headers, status)
+    assert part_state(part.id) == (None, None, None)
+    ok = _raw_request(receiver, b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n, body)
+    assert ok.startswith(b"HTTP/1.1 200"), ok
+    assert part_state(part.id)[0] == "read"
+
+
+@pytest.mark.parametrize("field", ["instance", "data.remoteJid", "data.keyId", "event"])
+def test_overlong_envelope_fields_are_400_and_never_logged(receiver, clean_db, field: str) -> None:
+    """Issue 23 item 1 (R-OPS-5): a 250 KB field is refused by its length before anything logs it
+    (it used to be logged at INFO and stall every request thread in the redactor)."""
+    (part,) = make_parts(1)
+    doc = envelope(part.provider_message_id, "READ")
+    huge = "Z" * 250_000
+    if field in ("instance", "event"):
+        doc[field] = huge
+    else:
+        doc["data"][field.split(".")[1]] = huge
+    r = receiver.post(doc)
+    assert r.status_code == 400 and f"'{field}' is longer than" in r.json()["error"], r.text[:300]
+    assert len(r.content) < 300
+    assert part_state(part.id) == (None, None, None)
+    time.sleep(0.2)
+    assert "Z" * 300 not in receiver.log_path.read_text(errors="replace")
+
+
+def test_receipt_of_another_instance_never_touches_a_part(receiver, clean_db) -> None:
+    """Issue 23 item 7 (T-SEC-1, R-OPS-5): receipts are matched on (instance, keyId); an event
+    naming another workspace's instance used to change this part and record an error under it."""
+    from models import CampaignEvent
+
+    (mine,) = make_parts(1, instance="acme-1")
+    (theirs,) = make_parts(1, instance="other-1")
+    for status in ("READ", "ERROR", "DELIVERY_ACK"):
+        r = receiver.post(envelope(mine.provider_message_id, status, instance="other-1"))
+        assert r.status_code == 200 and r.json()["result"] == "unknown", r.text
+    assert part_state(mine.id) == (None, None, None)
+    assert CampaignEvent.select().where(CampaignEvent.step == "delivery").count() == 0
+    # the same key id from the instance that sent it lands; the other workspace's part does not move
+    assert receiver.post(envelope(mine.provider_message_id, "ERROR", instance="acme-1")).json()["result"] == "updated"
+    assert receiver.post(envelope(mine.provider_message_id, "READ", instance="acme-1")).json()["result"] == "updated"
+    assert part_state(mine.id)[0] == "read" and part_state(theirs.id) == (None, None, None)
+    (event,) = CampaignEvent.select().where(CampaignEvent.step == "delivery")
+    assert event.details["instance"] == "acme-1" and event.message_id == mine.message_id
+    # without an instance there is nothing to match on: 400 naming the field
+    r = receiver.post({k: v for k, v in envelope(theirs.provider_message_id, "READ").items() if k != "instance"})
+    assert r.status_code == 400 and "'instance'" in r.json()["error"]
+    assert part_state(theirs.id) == (None, None, None)
+
+
 def test_length_and_routes(receiver, clean_db) -> None:
     (part,) = make_parts(1)
     body = json.dumps({**envelope(part.provider_message_id, "READ"), "apikey": SECRET}).encode()
@@ -407,6 +493,38 @@ def test_parse_envelope_never_raises_anything_but_envelope_error(doc: Any) -> No
             assert out.key_id.strip() and len(out.key_id) <= 256
 
 
+_LONG = st.text(max_size=40) | st.builds(lambda c, n: c * n, st.sampled_from("aZ9é/:@ "), st.integers(150, 2000))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(event=st.sampled_from(["messages.update", "MESSAGES_UPDATE"]) | _LONG,
+       instance=st.none() | _LONG, key_id=_LONG, remote_jid=st.none() | _LONG,
+       status=st.sampled_from(["READ", "ERROR", "SERVER_ACK"]) | _LONG)
+@example(event="messages.update", instance="a" * 250_000, key_id="K1", remote_jid=None, status="READ")
+@example(event="messages.update", instance="acme-1", key_id="K1", remote_jid="5" * 65_000, status="ERROR")
+def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(event, instance, key_id, remote_jid,
+                                                                        status) -> None:
+    """Issue 23 item 1 (T-SEC-1, R-OPS-5): whatever lengths arrive, an accepted update carries only
+    bounded fields (they go into log lines), and a rejection's reason is short."""
+    from webhook import (MAX_INSTANCE_LENGTH, MAX_JID_LENGTH, MAX_KEY_ID_LENGTH, DeliveryUpdate, EnvelopeError,
+                         parse_envelope)
+
+    doc = {"event": event, "instance": instance,
+           "data": {"keyId": key_id, "remoteJid": remote_jid, "status": status, "fromMe": True}}
+    try:
+        out = parse_envelope(doc)
+    except EnvelopeError as exc:
+        assert len(str(exc)) < 200
+        return
+    if isinstance(out, str):
+        assert len(out) < 200
+        return
+    assert isinstance(out, DeliveryUpdate)
+    assert 0 < len(out.instance) <= MAX_INSTANCE_LENGTH and out.instance.strip()
+    assert 0 < len(out.key_id) <= MAX_KEY_ID_LENGTH
+    assert out.remote_jid is None or len(out.remote_jid) <= MAX_JID_LENGTH
+
+
 def _garbage(rng: random.Random, key: str) -> bytes:
     kind = rng.randrange(6)
     if kind == 0:
@@ -471,6 +589,21 @@ def test_raw_socket_garbage_never_crashes_the_server(receiver, clean_db) -> None
             assert answer.startswith(b"HTTP/1.1 400"), answer
     assert receiver.proc.poll() is None
     assert receiver.http.get("/healthz").status_code == 200
+
+
+def test_a_65_kb_request_line_at_debug_is_logged_bounded_and_masked(receiver, clean_db) -> None:
+    """Issue 23 item 1: at DEBUG, http.server logs a malformed request line whole; 65 KB of it went
+    through the quadratic redactor (no secret needed). It is now one bounded, masked log line."""
+    from logs import MAX_VALUE_CHARS
+
+    line = b"POST /webhook?secret=" + SECRET.encode() + b"&x=" + b"Q7" * 32_500 + b" junk HTTP/1.1\r\n"
+    assert len(line) > 65_000
+    _raw_request(receiver, line + b"Host: x\r\n\r\n")  # http.server answers a bad line without a status line
+    assert receiver.http.get("/healthz").status_code == 200
+    time.sleep(0.3)
+    logged = [ln for ln in receiver.log_path.read_text(errors="replace").splitlines() if "Bad request syntax" in ln]
+    assert logged and all(len(ln) < MAX_VALUE_CHARS + 1_000 for ln in logged), [len(ln) for ln in logged]
+    assert all(SECRET not in ln for ln in logged)
 
 
 # -- end to end with the sandbox ------------------------------------------------------------------------
