@@ -4,15 +4,30 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv services clean chaos bench
+.PHONY: test test-unit lint typecheck demo venv services clean chaos bench
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11+ needed; set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# the project itself, editable: its packages import from anywhere (scripts/, bench/), no sys.path edits
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+
+# ruff check (pyflakes, pycodestyle, isort, bugbear, complexity <= 20 ...) + ruff format --check
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# mypy with check_untyped_defs everywhere, disallow_untyped_defs for campaign.* (pyproject.toml)
+typecheck: venv
+	$(PY) -m mypy
+
+# the tests that need no service (seconds)
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 services: venv
 	@scripts/ensure_services.sh > $(VENV)/services.env
@@ -43,7 +58,7 @@ bench: services
 # Prints the seed and the replay command; CHAOS_ARGS="--seed N --keep" replays and keeps the
 # database for forensics, "--ci" is the small variant tests/test_chaos.py runs.
 chaos: services
-	set -a; . ./$(VENV)/services.env; set +a; $(PY) scripts/chaos.py $(CHAOS_ARGS)
+	set -a; . ./$(VENV)/services.env; set +a; $(PY) scripts/fault_suite.py $(CHAOS_ARGS)
 
 clean:  # the venv and everything the demo, reports and tests leave in the checkout
 	rm -rf $(VENV) .pytest_cache .demo demo-output reports

@@ -27,10 +27,11 @@ from typing import Callable
 
 import psycopg2
 
-from db import close_db, connect_kwargs, db, init_db
-from errors import EngineError
-from logs import configure_logging
-from settings import Settings, get_settings, redact_url
+from campaign import dispatch, recovery, runs
+from campaign.db import close_db, connect_kwargs, db, init_db
+from campaign.errors import EngineError
+from campaign.logs import configure_logging
+from campaign.settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("scheduler")
 
@@ -71,17 +72,15 @@ def beat(settings: Settings, holder: str, started_at: dt.datetime) -> None:
 
 
 def _plan(settings: Settings, active: Callable[[], bool]) -> object:
-    import planner
+    from campaign import planner
 
     return planner.plan_due_runs(settings)
 
 
 def _dispatch(settings: Settings, active: Callable[[], bool]) -> int:
-    import pipeline
-
     total = 0
     for _ in range(MAX_DISPATCH_ROUNDS):
-        n = pipeline.dispatch_due(settings)
+        n = dispatch.dispatch_due(settings)
         total += n
         if n < settings.dispatch_batch_size or not active():
             break
@@ -89,34 +88,30 @@ def _dispatch(settings: Settings, active: Callable[[], bool]) -> int:
 
 
 def _window_guard(settings: Settings, active: Callable[[], bool]) -> object:
-    import planner
 
-    too_late = planner.skip_too_late(settings)
-    closed = planner.close_windows()
+    too_late = runs.skip_too_late(settings)
+    closed = runs.close_windows()
     return {"too_late": too_late, **closed}
 
 
 def _recovery(settings: Settings, active: Callable[[], bool]) -> object:
-    import pipeline
-
-    return pipeline.recovery_sweep(settings)
+    return recovery.recovery_sweep(settings)
 
 
 def _inbox_health(settings: Settings, active: Callable[[], bool]) -> object:
-    import inboxes
-    import pipeline
+    from campaign import inboxes
     from clients import get_evolution
 
     # a run paused inbox_disabled by a worker that raced the operator's `inbox enable` (R-FAIL-6)
     resumed_enabled = inboxes.resume_runs_of_usable_inboxes()
     evolution = get_evolution(settings.evolution_api_url, settings.evolution_api_key, timeout=10.0)
-    return {**pipeline.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled}
+    return {**recovery.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled}
 
 
 def _alerts(settings: Settings, active: Callable[[], bool]) -> object:
-    import ops
+    from campaign.ops import monitor
 
-    return ops.log_alerts(settings)
+    return monitor.log_alerts(settings)
 
 
 def job_specs(settings: Settings) -> list[JobSpec]:
@@ -294,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # structured lines, secrets masked; also quiets APScheduler, which logs every job run at INFO
     configure_logging(settings)
+    # the engine's broker (publisher confirms, the steps' queues): the dispatcher and the sweep
+    # publish through it by step name (campaign.enqueue refuses dramatiq's implicit default)
+    import actors  # noqa: F401
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")
 

@@ -64,11 +64,11 @@ import peewee
 import psycopg2
 from playhouse.pool import MaxConnectionsExceeded
 
-from db import close_db, db, init_db
-from errors import EngineError
-from logs import configure_logging, log_context
+from campaign.db import close_db, db, init_db
+from campaign.errors import EngineError
+from campaign.logs import configure_logging, log_context
+from campaign.settings import Settings, get_settings
 from models import DELIVERY_STATUSES
-from settings import Settings, get_settings
 
 log = logging.getLogger("webhook")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dramatiq
 
-from broker import setup_broker
-from settings import get_settings
+from actors.broker import setup_broker
+from campaign.settings import get_settings
 
 broker: dramatiq.Broker = setup_broker(get_settings())
 

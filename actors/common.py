@@ -9,8 +9,8 @@ import dramatiq
 import httpx
 
 import clients
-from pipeline import Deferred, RetryLater, StepFailed
-from settings import Settings, get_settings
+from campaign.errors import Deferred, RetryLater, StepFailed
+from campaign.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

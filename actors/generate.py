@@ -5,16 +5,17 @@ import dramatiq
 
 import pipeline
 from actors.common import as_dramatiq_retry, openrouter, step_options
-from settings import get_settings
+from campaign import steps
+from campaign.enqueue import enqueue
+from campaign.settings import get_settings
 
 _settings = get_settings()
 
 
-@dramatiq.actor(rate_limit="openrouter", **step_options(_settings, pipeline.QUEUE_GENERATE, time_limit_s=150))
+@dramatiq.actor(actor_name=steps.GENERATE.actor, rate_limit="openrouter",
+                **step_options(_settings, steps.GENERATE.queue, time_limit_s=150))
 @as_dramatiq_retry
 def generate(message_id: int) -> None:
     """Generate the text of campaign message ``message_id``, then enqueue its split."""
     if pipeline.generate_step(message_id, _settings, openrouter()):
-        from actors.split import split
-
-        split.send(message_id)
+        enqueue(steps.SPLIT, steps.SPLIT.args(message_id))

@@ -16,10 +16,11 @@ import time
 import dramatiq
 from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 
-import ratelimit
-from db import db, init_db
-from pipeline import MAX_BROKER_DELAY_SECONDS  # longer waits live in PostgreSQL (R-DISP-2)
-from settings import Settings
+from actors.steplog import StepLog
+from campaign import outcomes, ratelimit
+from campaign.db import db, init_db
+from campaign.settings import Settings
+from campaign.steps import MAX_BROKER_DELAY_SECONDS  # longer waits live in PostgreSQL (R-DISP-2)
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,11 @@ class DeadLetters(Middleware):
             actor = None
         if actor is None or not actor.options.get("campaign_step"):
             return
-        import pipeline
-
         message_id = message.args[0] if message.args else None
         error = f"{type(exception).__name__}: {exception}"
         try:
             with db.atomic():
-                finished = pipeline.fail_exhausted(int(message_id), error, self.settings, message.actor_name) \
+                finished = outcomes.fail_exhausted(int(message_id), error, self.settings, message.actor_name) \
                     if isinstance(message_id, int) else None
                 run_id = finished.run_id if finished else None
                 db.execute_sql(
@@ -218,7 +217,6 @@ class RateLimits(Middleware):
 
 def engine_middleware(settings: Settings) -> tuple[list[Middleware], list[Middleware]]:
     """The engine's own middleware: (before dramatiq's defaults, after them)."""
-    from actors.steplog import StepLog
 
     # StepLog first: its context is bound before anything else logs, its line written last
     return [StepLog(settings), DbConnection(settings), DeadLetters(settings)], [RateLimits(settings)]

@@ -5,17 +5,18 @@ import dramatiq
 
 import pipeline
 from actors.common import as_dramatiq_retry, openrouter, step_options
-from settings import get_settings
+from campaign import steps
+from campaign.enqueue import enqueue
+from campaign.settings import get_settings
 
 _settings = get_settings()
 
 
-@dramatiq.actor(rate_limit="openrouter", **step_options(_settings, pipeline.QUEUE_SPLIT, time_limit_s=150))
+@dramatiq.actor(actor_name=steps.SPLIT.actor, rate_limit="openrouter",
+                **step_options(_settings, steps.SPLIT.queue, time_limit_s=150))
 @as_dramatiq_retry
 def split(message_id: int) -> None:
     """Split the text of campaign message ``message_id`` into parts, then enqueue its first send."""
-    ctx_inbox = pipeline.split_step(message_id, _settings, openrouter())
-    if ctx_inbox:
-        from actors.send import send_part
-
-        send_part.send(message_id, ctx_inbox)
+    inbox_id = pipeline.split_step(message_id, _settings, openrouter())
+    if inbox_id:
+        enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id))

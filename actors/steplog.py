@@ -14,8 +14,8 @@ import time
 import dramatiq
 from dramatiq.middleware import Middleware
 
-import logs
-from settings import Settings
+from campaign import logs
+from campaign.settings import Settings
 
 log = logging.getLogger("steps")
 

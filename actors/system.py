@@ -5,7 +5,7 @@ import logging
 
 import dramatiq
 
-from db import db
+from campaign.db import db
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import dbcount  # noqa: E402,F401  (first: every connection after this counts)
-from bench.bench_pipeline import abandon, run_pipeline  # noqa: E402
-from bench.common import BenchServices, engine_env, header, print_counts, result_line, row, verdict  # noqa: E402
+from bench.bench_pipeline import abandon, run_pipeline
+from bench.common import BenchServices, engine_env, header, print_counts, result_line, row, verdict
 
 TARGET = 0.90
 
@@ -60,8 +57,8 @@ def main() -> int:
 
     with BenchServices("latency") as svc, SandboxProcess(seed=2, faults=faults) as sb:
         svc.set_env(engine_env(sb))
-        from db import db
-        from settings import get_settings
+        from campaign.db import db
+        from campaign.settings import get_settings
 
         db.connect(reuse_if_open=True)
         for attempt in range(1, 4):

@@ -28,10 +28,23 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (BenchServices, Workers, add_leads, add_messages, create_config, create_run,  # noqa: E402
-                          create_world, engine_env, header, q1, result_line, row, status_counts, verdict)
+from bench.common import (
+    BenchServices,
+    Workers,
+    add_leads,
+    add_messages,
+    create_config,
+    create_run,
+    create_world,
+    engine_env,
+    header,
+    q1,
+    result_line,
+    row,
+    status_counts,
+    verdict,
+)
+from campaign import dispatch, recovery
 
 TARGET_GROWTH = 0.10
 
@@ -100,10 +113,11 @@ def main() -> int:
     with BenchServices("memory") as svc, SandboxProcess(seed=5) as sb:
         env = engine_env(sb)
         svc.set_env(env)
-        import pipeline
-        from db import db
         from dramatiq.errors import BrokerConnectionError
-        from settings import get_settings
+
+        import actors  # noqa: F401  (the engine's broker, as scheduler.py sets it up)
+        from campaign.db import db
+        from campaign.settings import get_settings
 
         settings = get_settings()
         # the scheduler's recovery sweep, with a short lease: a message lost in flight (another
@@ -131,7 +145,7 @@ def main() -> int:
                                "('queued', 'generating', 'splitting', 'sending')", (run_id,))
                 if in_flight < args.window // 2:
                     try:
-                        pipeline.dispatch_due(settings, limit=args.window - in_flight)
+                        dispatch.dispatch_due(settings, limit=args.window - in_flight)
                     except BrokerConnectionError as exc:
                         # another job on this shared machine restarted RabbitMQ: the claimed messages
                         # went back to pending; the next round dispatches them again
@@ -151,7 +165,7 @@ def main() -> int:
                               f"{[round(v / 1024, 1) for v in per.values()]}", flush=True)
                 if now >= next_sweep:
                     try:
-                        pipeline.recovery_sweep(sweep_settings)
+                        recovery.recovery_sweep(sweep_settings)
                     except BrokerConnectionError as exc:
                         print(f"   (recovery sweep failed, RabbitMQ unreachable: {exc}; next round)", flush=True)
                     next_sweep = now + 30

@@ -24,11 +24,24 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (ROOT, BenchServices, Workers, add_leads, create_config,  # noqa: E402
-                          create_world, engine_env, header, percentile, q, q1, result_line, row,
-                          status_counts, verdict, wait_until)
+from bench.common import (
+    ROOT,
+    BenchServices,
+    Workers,
+    add_leads,
+    create_config,
+    create_world,
+    engine_env,
+    header,
+    percentile,
+    q,
+    q1,
+    result_line,
+    row,
+    status_counts,
+    verdict,
+    wait_until,
+)
 
 P99_TARGET_S = 2.0
 
@@ -80,7 +93,7 @@ def main() -> int:
     with BenchServices("ontime") as svc, SandboxProcess(seed=3) as sb:
         env = engine_env(sb)
         svc.set_env(env)
-        from db import db
+        from campaign.db import db
 
         db.connect(reuse_if_open=True)
         worlds = []

@@ -22,13 +22,35 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import dbcount  # noqa: E402  (first: every connection after this counts)
-from bench.common import (BenchServices, Counts, Workers, add_leads, add_messages, create_config,  # noqa: E402
-                          create_run, create_world, db_now, purge_queues, dispatch_all, engine_env, header, median,
-                          parts_per_message, print_counts, q, q1, read_counts, result_line, row, runs_done,
-                          status_counts, verdict, wait_progress, wait_until)
+from bench import dbcount
+from bench.common import (
+    BenchServices,
+    Counts,
+    Workers,
+    add_leads,
+    add_messages,
+    create_config,
+    create_run,
+    create_world,
+    db_now,
+    dispatch_all,
+    engine_env,
+    header,
+    median,
+    parts_per_message,
+    print_counts,
+    purge_queues,
+    q,
+    q1,
+    read_counts,
+    result_line,
+    row,
+    runs_done,
+    status_counts,
+    verdict,
+    wait_progress,
+    wait_until,
+)
 
 TARGET_RATIO = 1.0
 
@@ -163,8 +185,8 @@ def main() -> int:
     pipe_runs: list[dict] = []
     with BenchServices("pipeline") as svc, SandboxProcess(seed=1) as sb:
         svc.set_env(engine_env(sb))
-        from db import db
-        from settings import get_settings
+        from campaign.db import db
+        from campaign.settings import get_settings
 
         settings = get_settings()
         db.connect(reuse_if_open=True)

@@ -19,13 +19,10 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from sandbox.testing import SandboxProcess  # noqa: E402
+from sandbox.testing import SandboxProcess
 
 TARGET_RPS = 1000.0
 

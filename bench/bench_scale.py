@@ -7,7 +7,7 @@ Data (bulk SQL, in this run's own database): one workspace, one inbox, one confi
 leads in its source column; ``--history`` sent messages in completed runs of earlier days (the
 same config, so the planner's "not already messaged" check meets all of them). Then
 ``planner.plan_run`` plans today's run (timed; every lead eligible, none overflowing), and
-``pipeline.dispatch_due`` claims the 500 first due messages (timed, repeated, publish left out:
+``dispatch.dispatch_due`` claims the 500 first due messages (timed, repeated, publish left out:
 the claim is the statement under test). The claim's statement is captured as the engine runs it
 and explained (in a transaction rolled back); the plan must use an index on campaign_messages.
 
@@ -22,13 +22,24 @@ import datetime as dt
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import dbcount  # noqa: E402  (first: every connection after this counts)
-from bench.common import (UTC, BenchServices, Counts, create_config, create_world, header, median,  # noqa: E402
-                          print_counts, q, q1, result_line, row, verdict)
+from bench import dbcount
+from bench.common import (
+    UTC,
+    BenchServices,
+    Counts,
+    create_config,
+    create_world,
+    header,
+    median,
+    print_counts,
+    q,
+    q1,
+    result_line,
+    row,
+    verdict,
+)
+from campaign import dispatch
 
 PLAN_TARGET_S = 5.0
 CLAIM_TARGET_MS = 20.0
@@ -82,10 +93,9 @@ def main() -> int:
     header("T-PERF-4 scale: planning and one dispatcher claim",
            f"{args.leads} eligible leads, {args.history} historical message rows, claim of {CLAIM}")
     with BenchServices("scale"):
-        import pipeline
-        import planner
-        from db import db
-        from settings import get_settings
+        from campaign import planner
+        from campaign.db import db
+        from campaign.settings import get_settings
 
         settings = get_settings()
         db.connect(reuse_if_open=True)
@@ -133,7 +143,7 @@ def main() -> int:
         claimed: list[int] = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            n = pipeline.dispatch_due(settings, now=due_at, limit=CLAIM, publish=lambda queue, ids: None)
+            n = dispatch.dispatch_due(settings, now=due_at, limit=CLAIM, publish=lambda queue, ids: None)
             claim_ms.append(1000 * (time.perf_counter() - t))
             claimed.append(n)
             q("UPDATE campaign_messages SET status = 'pending' WHERE run_id = %s AND status = 'queued'", (run.id,))
@@ -148,7 +158,7 @@ def main() -> int:
         # EXPLAIN of the claim as the engine runs it
         dbcount.start_capture()
         try:
-            pipeline.dispatch_due(settings, now=due_at, limit=CLAIM, publish=lambda queue, ids: None)
+            dispatch.dispatch_due(settings, now=due_at, limit=CLAIM, publish=lambda queue, ids: None)
         finally:
             statements = dbcount.stop_capture()
         q("UPDATE campaign_messages SET status = 'pending' WHERE run_id = %s AND status = 'queued'", (run.id,))

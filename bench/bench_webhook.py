@@ -40,10 +40,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (ROOT, BenchServices, create_config, create_run, create_world, header, percentile,  # noqa: E402
-                          q, result_line, row, verdict)
+from bench.common import (
+    ROOT,
+    BenchServices,
+    create_config,
+    create_run,
+    create_world,
+    header,
+    percentile,
+    q,
+    result_line,
+    row,
+    verdict,
+)
 
 TARGET_MS = 100.0
 TIMEOUT_S = 30.0   # a valid update without an answer by then counts as this long (and is not a 200)
@@ -240,7 +249,7 @@ def main() -> int:
            f"{args.hostile} senders of 250 KB bodies vs valid messages.update, receiver at LOG_LEVEL=DEBUG")
     secret = f"whsec-{uuid.uuid4().hex}"
     with BenchServices("webhook") as services, tempfile.TemporaryDirectory() as tmp:
-        from db import db
+        from campaign.db import db
 
         db.connect(reuse_if_open=True)
         world = create_world("bench", 1)

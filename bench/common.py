@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from campaign import dispatch
+from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 
-import psycopg2  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
+import psycopg2
 
 log = logging.getLogger("bench")
 
@@ -163,9 +164,9 @@ class BenchServices:
                 "CAMPAIGN_BROKER": "rabbitmq",
             }
             self.set_env(self.env)
-            from db import db, init_db
+            from campaign.db import db, init_db
+            from campaign.settings import get_settings
             from models.schema import migrate
-            from settings import get_settings
 
             init_db(get_settings())
             with db.connection_context():
@@ -180,13 +181,13 @@ class BenchServices:
         for k, v in env.items():
             self._saved.setdefault(k, os.environ.get(k))
             os.environ[k] = v
-        from settings import reset_settings
+        from campaign.settings import reset_settings
 
         reset_settings()
 
     def __exit__(self, *exc: object) -> None:
         try:
-            from db import close_db
+            from campaign.db import close_db
 
             close_db()
         except Exception:
@@ -364,7 +365,7 @@ class World:
 
 def q(sql: str, params: Sequence[Any] | dict = ()) -> list[tuple]:
     """Run one statement on the engine's pool and return its rows (none for a statement without)."""
-    from db import db
+    from campaign.db import db
 
     cur = db.execute_sql(sql, params)
     return cur.fetchall() if cur.description else []
@@ -415,14 +416,13 @@ def two_part_name(i: int, fields: dict[str, str] = LEAD_FIELDS, system_prompt: s
     The sandbox's text is a function of the prompt (1-4 sentences); a name is searched whose text is
     longer than the engine's no-split threshold and has at least two sentences.
     """
-    import pipeline
     from sandbox.llm import generate_text, split_sentences
 
     for k in range(500):
         name = f"Ana {i}-{k}"
         ctx = types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=system_prompt)
-        text = generate_text(pipeline.build_prompt(ctx))
-        if len(text) > pipeline.SPLIT_BELOW_CHARS and len(split_sentences(text)) >= 2:
+        text = generate_text(build_prompt(ctx))
+        if len(text) > SPLIT_BELOW_CHARS and len(split_sentences(text)) >= 2:
             return name
     raise RuntimeError(f"no two-part lead name found for lead {i}")
 
@@ -479,11 +479,11 @@ def db_now() -> dt.datetime:
 
 def dispatch_all(settings: Any, *, until_empty: bool = True) -> int:
     """Dispatch due messages as the scheduler's dispatch job does (batches until one is short)."""
-    import pipeline
+    import actors  # noqa: F401  (the engine's broker, as scheduler.py sets it up)
 
     total = 0
     while True:
-        n = pipeline.dispatch_due(settings)
+        n = dispatch.dispatch_due(settings)
         total += n
         if n < settings.dispatch_batch_size or not until_empty:
             return total

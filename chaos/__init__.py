@@ -1,4 +1,4 @@
-"""The fault-injection suite (SPEC T-REL-1, E-14, E-15, E-16): ``python scripts/chaos.py``.
+"""The fault-injection suite (SPEC T-REL-1, E-14, E-15, E-16): ``python scripts/fault_suite.py``.
 
 It builds a world through the operator paths (``configfile.apply_text`` + ``leads_import``), lets
 the real scheduler process plan and dispatch it, runs real ``dramatiq`` workers against the sandbox

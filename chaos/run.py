@@ -1,4 +1,4 @@
-"""Orchestration of one suite run: ``python scripts/chaos.py [--ci] [--seed N] [--keep] [--report FILE]``."""
+"""Orchestration of one suite run: ``python scripts/fault_suite.py [--ci] [--seed N] [--keep] [--report FILE]``."""
 from __future__ import annotations
 
 import argparse
@@ -96,7 +96,7 @@ INBOX_MIN_GAP = 0.1
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="scripts/chaos.py", description="Fault-injection suite (SPEC T-REL-1).")
+    p = argparse.ArgumentParser(prog="scripts/fault_suite.py", description="Fault-injection suite (SPEC T-REL-1).")
     p.add_argument("--ci", action="store_true", help="the small CI variant (>= 300 messages, one fault of each kind)")
     p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
     p.add_argument("--messages", type=int, default=None, help="override the profile's message count")
@@ -157,7 +157,7 @@ class Probe:
 
 def replay_command(args: argparse.Namespace, seed: int) -> str:
     """The exact command that replays this run."""
-    parts = [sys.executable, "scripts/chaos.py", "--seed", str(seed)]
+    parts = [sys.executable, "scripts/fault_suite.py", "--seed", str(seed)]
     if args.ci:
         parts.append("--ci")
     if args.messages is not None:
@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
          result: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    from db import close_db, db, init_db
+    from campaign.db import close_db, db, init_db
+    from campaign.settings import Settings, reset_settings
     from models.schema import migrate
     from sandbox.testing import SandboxProcess
-    from settings import Settings, reset_settings
 
     rng = random.Random(seed)
     env = {**os.environ, **ENGINE_ENV, "DATABASE_URL": svc.database_url, "RABBITMQ_URL": svc.rabbitmq_url}
@@ -293,10 +293,10 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
         time.sleep(1.0)
         ledger = sandbox.ledger()
         db_facts = probe.cursor_run(checks.collect_db)
-        import ops
+        from campaign.ops import monitor
 
         with db.connection_context():
-            mismatches = ops.verify()
+            mismatches = monitor.verify()
         verdict = checks.judge(
             db_facts=db_facts, ledger=ledger, events=injector.events, expected_faults=profile.fault_counts,
             expected_messages=profile.messages, mismatches=mismatches, min_gap=INBOX_MIN_GAP,

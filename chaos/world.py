@@ -117,8 +117,7 @@ def leads_csv(rng: random.Random, plan: CampaignPlan, first_number: int) -> str:
 
 def build_world(plan: WorldPlan, rng: random.Random) -> dict[str, int]:
     """Apply the config and import every campaign's leads (the db must be bound); returns leads per campaign."""
-    import configfile
-    import leads_import
+    from campaign.ops import configfile, leads_import
 
     summary = configfile.apply_text(plan.toml, source="chaos.toml")
     log.info("config applied: %s", "; ".join(summary.lines()))

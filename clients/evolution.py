@@ -31,8 +31,7 @@ from typing import Any
 
 import httpx
 
-from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
-from errors import (
+from campaign.errors import (
     AmbiguousSend,
     AuthError,
     BadRequest,
@@ -42,6 +41,7 @@ from errors import (
     RateLimited,
     UnknownInstance,
 )
+from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
 
 __all__ = ["EvolutionClient", "SendResult", "DEFAULT_TIMEOUT", "normalize_number", "parse_retry_after"]
 

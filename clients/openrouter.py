@@ -26,8 +26,7 @@ from typing import Any
 
 import httpx
 
-from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
-from errors import (
+from campaign.errors import (
     AuthError,
     BadCompletion,
     BadRequest,
@@ -36,6 +35,7 @@ from errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
 
 __all__ = ["OpenRouterClient", "Completion", "DEFAULT_TIMEOUT", "parse_retry_after"]
 

@@ -1,7 +1,17 @@
 """Peewee models of every table (SPEC §3); the DDL and migrations live in ``models.schema``."""
-from models.campaign import (ACTIVE_RUN_STATUSES, DELIVERY_STATUSES, MESSAGE_STATUSES, PART_STATUSES,
-                             RUN_STATUSES, TERMINAL_MESSAGE_STATUSES, CampaignConfig, CampaignEvent,
-                             CampaignMessage, CampaignRun, MessagePart)
+from models.campaign import (
+                             ACTIVE_RUN_STATUSES,
+                             DELIVERY_STATUSES,
+                             MESSAGE_STATUSES,
+                             PART_STATUSES,
+                             RUN_STATUSES,
+                             TERMINAL_MESSAGE_STATUSES,
+                             CampaignConfig,
+                             CampaignEvent,
+                             CampaignMessage,
+                             CampaignRun,
+                             MessagePart,
+)
 from models.ops import DeadLetter, RateLimit, SchedulerHeartbeat
 from models.workspace import Column, Conversation, Inbox, Lead, Workspace
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from peewee import Model
 from playhouse.postgres_ext import DateTimeTZField
 
-from db import db
+from campaign.db import db
 
 
 class BaseModel(Model):

@@ -1,8 +1,16 @@
 """Campaign tables: configs, runs, messages, parts, events (SPEC §3)."""
 from __future__ import annotations
 
-from peewee import (BigAutoField, BooleanField, DateField, DoubleField, ForeignKeyField, IntegerField,
-                    TextField, UUIDField)
+from peewee import (
+    BigAutoField,
+    BooleanField,
+    DateField,
+    DoubleField,
+    ForeignKeyField,
+    IntegerField,
+    TextField,
+    UUIDField,
+)
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from models.base import BaseModel

@@ -8,18 +8,13 @@
     python scripts/reprocess_dead_letters.py --purge --id 17
 
 Exit codes: 0 ok, 1 some dead letters could not be handled, 2 bad arguments. The logic lives in
-``deadletters.py`` (also reachable as ``python cli.py dead-letters``).
+``dead_letters.py`` (also reachable as ``python cli.py dead-letters``).
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# Runnable as `python scripts/reprocess_dead_letters.py` from anywhere: the engine's modules
-# live one directory up.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import deadletters  # noqa: E402
+from campaign.ops import dead_letters
 
 if __name__ == "__main__":
-    sys.exit(deadletters.main())
+    sys.exit(dead_letters.main())

@@ -66,10 +66,10 @@ def services() -> Iterator[dict[str, str]]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from settings import get_settings, reset_settings
+    from campaign.settings import get_settings, reset_settings
 
     reset_settings()
-    from db import close_db, db, init_db
+    from campaign.db import close_db, db, init_db
     from models.schema import migrate
 
     init_db(get_settings())
@@ -108,7 +108,7 @@ def fresh_database() -> Iterator[str]:
 @pytest.fixture
 def clean_db(services) -> Iterator[None]:
     """The run's database with every domain table emptied before the test."""
-    from db import db
+    from campaign.db import db
 
     tables = ("campaign_events", "message_parts", "campaign_messages", "campaign_runs", "campaign_configs",
               "conversations", "leads", "inboxes", "columns", "workspaces", "dead_letters", "rate_limits",

@@ -6,9 +6,11 @@ import datetime as dt
 import time
 
 import pipeline
-from db import db
+from campaign import outcomes
+from campaign.db import db
+from campaign.errors import Deferred, RetryLater, StepFailed
+from campaign.settings import Settings, get_settings
 from models import CampaignMessage, CampaignRun, Lead, MessagePart
-from settings import Settings, get_settings
 from tests import factories as f
 
 FAST = dict(min_backoff_seconds=0.05, max_backoff_seconds=1.0, max_attempts=4, lease_seconds=5,
@@ -107,10 +109,10 @@ def drive(message_id: int, settings: Settings, llm, evo, *, max_rounds: int = 60
                     return CampaignMessage.get_by_id(message_id).status
             else:
                 return status
-        except (pipeline.RetryLater, pipeline.Deferred) as exc:
+        except (RetryLater, Deferred) as exc:
             time.sleep(exc.delay)
-        except pipeline.StepFailed as exc:
-            pipeline.fail_exhausted(message_id, str(exc), settings)
+        except StepFailed as exc:
+            outcomes.fail_exhausted(message_id, str(exc), settings)
             return CampaignMessage.get_by_id(message_id).status
     raise AssertionError(f"message {message_id} not settled after {max_rounds} rounds")
 

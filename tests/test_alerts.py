@@ -1,4 +1,4 @@
-"""R-OPS-4 alerts: computed in one place (ops.alerts), logged at ERROR by the scheduler's job, shown by
+"""R-OPS-4 alerts: computed in one place (monitor.alerts), logged at ERROR by the scheduler's job, shown by
 ``status``. Each condition is checked just past its threshold and just before it."""
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import os
 import subprocess
 import sys
 
-import ops
-from db import db
-from models import CampaignMessage, CampaignRun, DeadLetter, Inbox, SchedulerHeartbeat
-from settings import get_settings
+from campaign.ops import monitor
+from campaign.settings import get_settings
+from models import CampaignMessage, DeadLetter, Inbox, SchedulerHeartbeat
 from tests import factories as f
 from tests.workers import ROOT
 
@@ -21,13 +20,13 @@ NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 def _kinds(now: dt.datetime = NOW) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for a in ops.alerts(get_settings(), now=now):
+    for a in monitor.alerts(get_settings(), now=now):
         out.setdefault(a.kind, []).append(a.text)
     return out
 
 
 def _fresh_heartbeat(now: dt.datetime = NOW) -> None:
-    SchedulerHeartbeat.insert(name=ops.SCHEDULER_HEARTBEAT_NAME, holder="h:1", started_at=now, beat_at=now).on_conflict(
+    SchedulerHeartbeat.insert(name=monitor.SCHEDULER_HEARTBEAT_NAME, holder="h:1", started_at=now, beat_at=now).on_conflict(
         conflict_target=[SchedulerHeartbeat.name], update={SchedulerHeartbeat.beat_at: now}).execute()
 
 
@@ -105,7 +104,7 @@ def test_dead_letters_present_until_resolved(clean_db):
 def test_log_alerts_logs_each_at_error(clean_db, caplog):
     _world()  # no heartbeat row: one alert
     with caplog.at_level(logging.ERROR, logger="ops"):
-        found = ops.log_alerts(get_settings())
+        found = monitor.log_alerts(get_settings())
     assert [a.kind for a in found] == ["scheduler_heartbeat"]
     assert [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records] == [
         (logging.ERROR, "ALERT scheduler_heartbeat")]

@@ -6,7 +6,7 @@ import uuid
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from db import db
+from campaign.db import db
 from tests.workers import wait_for, worker
 
 
@@ -18,6 +18,17 @@ def test_broker_is_rabbitmq_with_confirms(services):
     names = [type(m).__name__ for m in actors.broker.middleware]
     assert names.index("DbConnection") < names.index("DeadLetters") < names.index("Retries") < names.index("RateLimits")
     assert "campaign.system" in actors.broker.get_declared_queues()
+    assert actors.broker.campaign_engine is True  # the one campaign.enqueue publishes through
+
+
+def test_every_step_of_the_table_is_an_actor_on_its_queue(services):
+    """campaign.steps is the one map: the actor of each step exists under the step's name, on its queue."""
+    import actors
+    from campaign import steps
+
+    for step in steps.STEPS:
+        assert actors.broker.get_actor(step.actor).queue_name == step.queue
+        assert step.queue in actors.broker.get_declared_queues()
 
 
 def test_actor_processed_by_real_worker_process(clean_db, tmp_path):

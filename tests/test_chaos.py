@@ -1,6 +1,6 @@
 """The fault-injection suite (SPEC T-REL-1, E-14/15/16): its CI variant end to end, and its judge.
 
-The CI variant runs ``scripts/chaos.py --ci`` as a subprocess (its own database, vhost, sandbox,
+The CI variant runs ``scripts/fault_suite.py --ci`` as a subprocess (its own database, vhost, sandbox,
 worker processes and scheduler; >= 300 messages; one kill -9 mid-send, one RabbitMQ restart, one
 pg_terminate_backend, an 8 s gateway outage and a 6 s disconnect of one inbox) and asserts every line of its verdict table from the JSON report.
 """
@@ -33,7 +33,7 @@ def test_ci_variant_passes_every_check(tmp_path):
     only where ambiguous, Retry-After honoured, inbox gaps kept; under 4 minutes."""
     seed = random.SystemRandom().randrange(1, 2**31)
     report = tmp_path / "chaos.json"
-    cmd = [sys.executable, "scripts/chaos.py", "--ci", "--seed", str(seed), "--report", str(report),
+    cmd = [sys.executable, "scripts/fault_suite.py", "--ci", "--seed", str(seed), "--report", str(report),
            "--log-dir", str(tmp_path / "logs")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CI_BUDGET_S + 60)
     out = done.stdout + done.stderr[-6000:]

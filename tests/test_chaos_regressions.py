@@ -1,4 +1,4 @@
-"""Engine bugs found by the fault-injection suite (scripts/chaos.py), one focused test each.
+"""Engine bugs found by the fault-injection suite (scripts/fault_suite.py), one focused test each.
 
 Each test fails on the code before its fix; the docstring names the seed that exposed it.
 """
@@ -8,9 +8,10 @@ import threading
 
 import psycopg2
 
-import ratelimit
-from db import db
-from settings import get_settings
+from campaign import ratelimit, recovery, steps
+from campaign.db import db
+from campaign.errors import Deferred, RetryLater
+from campaign.settings import get_settings
 from tests import factories as f
 from tests.workers import terminate_backend
 
@@ -141,7 +142,7 @@ def test_a_duplicate_delivery_honours_the_retry_after_of_an_earlier_attempt(sb, 
     try:
         pipeline.send_step(msg.id, settings, evo)
         raise AssertionError("a 429 must be retried later")
-    except pipeline.RetryLater as exc:
+    except RetryLater as exc:
         first_retry = exc.delay
     assert first_retry >= 1.0
     sb.set_faults(send={"always_status": None})
@@ -151,7 +152,7 @@ def test_a_duplicate_delivery_honours_the_retry_after_of_an_earlier_attempt(sb, 
     try:
         pipeline.send_step(msg.id, settings, evo)
         raise AssertionError("the duplicate sent before the Retry-After elapsed")
-    except pipeline.Deferred as exc:
+    except Deferred as exc:
         assert 0.5 < exc.delay <= 1.1, exc.delay
         time.sleep(exc.delay)
     assert sum(sb.summary()["by_route"]["send"].values()) == 1  # the 429 only
@@ -174,7 +175,6 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
     import dramatiq
     from dramatiq.middleware import SkipMessage
 
-    import pipeline
     from actors.middleware import RateLimits
     from tests.pipeline_helpers import fast_settings
 
@@ -194,7 +194,7 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
             self.enqueued.append((message, delay))
 
     broker = Broker()
-    message = dramatiq.Message(queue_name=pipeline.QUEUE_SEND, actor_name="send_part",
+    message = dramatiq.Message(queue_name=steps.SEND_PART.queue, actor_name="send_part",
                                args=(msg.id, w.inboxes[0].id), kwargs={}, options={})
     try:
         RateLimits(settings).before_process_message(broker, message)
@@ -205,5 +205,5 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
 
     time.sleep(2.0)  # without the refresh the row is now 6.5 s old: past the 5 s lease
     copies: list = []
-    pipeline.recovery_sweep(settings, publish=lambda queue, args: copies.extend(args))
+    recovery.recovery_sweep(settings, publish=lambda queue, args: copies.extend(args))
     assert copies == [], "the sweep copied a message that was only waiting its turn"

@@ -2,19 +2,19 @@
 pause/resume/cancel, status, verify — exit codes and one-line errors."""
 from __future__ import annotations
 
+import datetime as dt
+import io
 import subprocess
 import sys
 from pathlib import Path
 
-import datetime as dt
-import io
-
 import pytest
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-import cli
-import ops
-from db import db
+from campaign.db import db
+from campaign.ops import cli, monitor
 from models import CampaignConfig, CampaignMessage, CampaignRun, Lead
 from tests.test_configfile import EXAMPLE, snapshot
 
@@ -192,12 +192,12 @@ def _render(snap) -> str:
     return out.getvalue()
 
 
-def _snapshot(text: str) -> ops.StatusSnapshot:
+def _snapshot(text: str) -> monitor.StatusSnapshot:
     now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.timezone.utc)
-    run = ops.RunStatus(7, f"acme/{text}", now.date(), "running", None, False, 3, 1, 0, 1, 0, 0, 0, 2, 0, None, now)
-    line = ops.MessageLine(12, 7, f"acme/{text}", 5, text, "failed", f"PermanentError: {text}", now)
-    return ops.StatusSnapshot(now, [run], {text: 1, f"{text}.DQ": 0, f"{text}.XQ": 2}, None, [line], [line],
-                              [ops.Alert("dead_letters", text)])
+    run = monitor.RunStatus(7, f"acme/{text}", now.date(), "running", None, False, 3, 1, 0, 1, 0, 0, 0, 2, 0, None, now)
+    line = monitor.MessageLine(12, 7, f"acme/{text}", 5, text, "failed", f"PermanentError: {text}", now)
+    return monitor.StatusSnapshot(now, [run], {text: 1, f"{text}.DQ": 0, f"{text}.XQ": 2}, None, [line], [line],
+                              [monitor.Alert("dead_letters", text)])
 
 
 _MARKUP = st.text(st.sampled_from("[]/=:@#\\ ablinkcoredt_-."), min_size=1, max_size=40) | \

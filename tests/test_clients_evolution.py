@@ -11,9 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clients import close_clients, get_evolution
-from clients.evolution import EvolutionClient, SendResult, normalize_number
-from errors import (
+from campaign.errors import (
     AmbiguousSend,
     AuthError,
     BadRequest,
@@ -24,6 +22,8 @@ from errors import (
     TransientError,
     UnknownInstance,
 )
+from clients import close_clients, get_evolution
+from clients.evolution import EvolutionClient, SendResult, normalize_number
 from sandbox.testing import SandboxProcess
 
 KEY = "evo-SUPERSECRET-abcdef0123"

@@ -15,10 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import errors
-from clients import close_clients, get_openrouter
-from clients.openrouter import Completion, OpenRouterClient, parse_retry_after
-from errors import (
+from campaign import errors
+from campaign.errors import (
     AuthError,
     BadCompletion,
     BadRequest,
@@ -29,6 +27,8 @@ from errors import (
     RateLimited,
     TransientError,
 )
+from clients import close_clients, get_openrouter
+from clients.openrouter import Completion, OpenRouterClient, parse_retry_after
 from sandbox.testing import SandboxProcess
 
 KEY = "sk-or-v1-SUPERSECRET0123456789"

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-import configfile
-from configfile import ConcurrentChangeError, ConfigFileError, apply_file, apply_text
-from db import db
+from campaign.db import db
+from campaign.ops import configfile
+from campaign.ops.configfile import ConcurrentChangeError, ConfigFileError, apply_file, apply_text
 from models import CampaignConfig, Column, Inbox, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,12 +21,12 @@ import dramatiq
 import pika
 import pytest
 
-import deadletters
-import ops
-import pipeline
-from db import db
+from campaign import dispatch, recovery, steps
+from campaign.db import db
+from campaign.errors import StepFailed
+from campaign.ops import dead_letters, monitor, repairs
+from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun, DeadLetter, Lead, MessagePart
-from settings import get_settings
 from tests.pipeline_helpers import assert_counters_match, fast_settings, make_world, run_counters
 from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
 
@@ -45,7 +45,7 @@ def queues(clean_db):
     """The pipeline queues (declared, with .DQ/.XQ) emptied before and after the test."""
     import actors
 
-    for q in pipeline.PIPELINE_QUEUES:
+    for q in steps.QUEUES:
         actors.broker.declare_queue(q, ensure=True)
     names = tuple(sorted(actors.broker.get_declared_queues()))
     purge_queues(get_settings().rabbitmq_url, names)
@@ -99,7 +99,7 @@ def depths() -> dict[str, int]:
     conn, ch = _channel()
     try:
         out = {}
-        for q in pipeline.PIPELINE_QUEUES:
+        for q in steps.QUEUES:
             for name in (q, f"{q}.XQ"):
                 out[name] = ch.queue_declare(queue=name, passive=True).method.message_count
         return out
@@ -128,18 +128,19 @@ def dead_letter_via_rabbitmq(body: bytes, queue: str) -> None:
 def kill_step(msg_id: int, actor: str, settings=None, *, error: str = "send_part: 3 attempts failed, last: 500",
               inbox_id: int | None = None) -> dramatiq.Message:
     """What a dead step leaves behind: DeadLetters' row + failed message, and the XQ copy."""
-    import actors
-    from actors.middleware import DeadLetters
     from dramatiq.broker import MessageProxy
 
-    queue = pipeline.REQUEUE_TARGETS[actor][1]
+    import actors
+    from actors.middleware import DeadLetters
+
+    queue = repairs.REQUEUE_TARGETS[actor][1]
     args = (msg_id, inbox_id) if actor == "send_part" else (msg_id,)
     message = dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={},
                                options={"retries": 2, "traceback": f"Traceback...\npipeline.StepFailed: {error}"})
     proxy = MessageProxy(message)
     proxy.fail()
     DeadLetters(settings or fast_settings()).after_process_message(actors.broker, proxy,
-                                                                   exception=pipeline.StepFailed(error))
+                                                                   exception=StepFailed(error))
     dead_letter_via_rabbitmq(message.encode(), queue)
     return message
 
@@ -179,7 +180,7 @@ def test_poisoned_send_is_dead_lettered_listed_and_requeued_once(engine, sb):
     (m,) = w.add_leads(1)
     sb.set_faults({"send": {"always_status": 500}})
     engine.start()
-    pipeline.dispatch_due(get_settings())
+    dispatch.dispatch_due(get_settings())
     wait_for(lambda: DeadLetter.select().count() == 1 and depths()["campaign.send.XQ"] == 1, timeout=60,
              message="the poisoned send to reach campaign.send.XQ and dead_letters")
     msg = CampaignMessage.get_by_id(m.id)
@@ -206,7 +207,7 @@ def test_poisoned_send_is_dead_lettered_listed_and_requeued_once(engine, sb):
     assert Lead.get_by_id(m.lead_id).column_id == w.cols["Contacted"].id
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_sent"], c["leads_failed"], c["leads_processed"]) == ("completed", 1, 0, 1)
-    assert ops.verify() == []
+    assert monitor.verify() == []
     assert DeadLetter.get().status == "requeued" and DeadLetter.get().resolved_at is not None
     assert depths()["campaign.send.XQ"] == 0
 
@@ -216,7 +217,7 @@ def test_poisoned_send_is_dead_lettered_listed_and_requeued_once(engine, sb):
     time.sleep(1.5)  # anything wrongly published would be sent by now
     assert list(_sends_by_text(sb).values()) == [1]
     assert sb.summary()["duplicate_sends"] == 0
-    assert ops.verify() == []
+    assert monitor.verify() == []
 
 
 def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb):
@@ -225,7 +226,7 @@ def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb)
     (m,) = w.add_leads(1)
     CampaignMessage.update(generated_text=LONG_TEXT).where(CampaignMessage.id == m.id).execute()
     engine.start()
-    pipeline.dispatch_due(get_settings())
+    dispatch.dispatch_due(get_settings())
     wait_for(lambda: MessagePart.select().where(MessagePart.message == m.id, MessagePart.idx == 0,
                                                 MessagePart.status == "sent").exists(),
              timeout=30, interval=0.02, message=f"part 1 to be sent\n{engine.tail()}")
@@ -251,7 +252,7 @@ def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb)
     time.sleep(1.0)
     assert sum(_sends_by_text(sb).values()) == len(all_parts)
     assert_counters_match(w.run.id)
-    assert ops.verify() == []
+    assert monitor.verify() == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def test_expired_xq_copy_is_still_listed_and_requeued_from_postgresql(queues):
     published: list = []
     with db.connection_context():
         args = _args("--requeue")
-        assert deadletters.run(args, get_settings(), publish=lambda q, a: published.append((q, a))) == 0
+        assert dead_letters.run(args, get_settings(), publish=lambda q, a: published.append((q, a))) == 0
     assert published == [("campaign.split", (m.id,))]
     assert CampaignMessage.get_by_id(m.id).status == "splitting"
 
@@ -392,7 +393,7 @@ def _args(*argv: str):
     import argparse
 
     p = argparse.ArgumentParser()
-    deadletters.add_arguments(p)
+    dead_letters.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -414,7 +415,7 @@ def test_requeue_of_a_message_that_completed_since_publishes_nothing(queues, sb,
     before = run_counters(w.run.id)
     published: list = []
     out = _Capture()
-    assert deadletters.run(_args("--requeue"), get_settings(), out=out,
+    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
                            publish=lambda q, a: published.append((q, a))) == 0
     assert published == []
     assert "resolved" in out.text and "nothing published" in out.text and "'sent'" in out.text
@@ -440,7 +441,7 @@ class _Capture:
     ("send_part", "sending", "Olá! Tudo bem?", ["Olá!", "Tudo bem?"], "sending", "campaign.send"),
 ])
 def test_lost_publish_after_commit_is_recovered_by_the_sweep(queues, actor, status, text, parts, target, queue):
-    """Each target status is re-enqueued by pipeline.recovery_sweep when the publish fails (R-FAIL-8)."""
+    """Each target status is re-enqueued by recovery.recovery_sweep when the publish fails (R-FAIL-8)."""
     s = fast_settings()
     w = make_world()
     m = message_in(w, status, text=text, parts=parts)
@@ -451,7 +452,7 @@ def test_lost_publish_after_commit_is_recovered_by_the_sweep(queues, actor, stat
         raise ConnectionError("broker down")
 
     out = _Capture()
-    assert deadletters.run(_args("--requeue"), get_settings(), out=out, publish=broken) == 1
+    assert dead_letters.run(_args("--requeue"), get_settings(), out=out, publish=broken) == 1
     assert "PUBLISH FAILED" in out.text and "recovery sweep" in out.text
     msg = CampaignMessage.get_by_id(m.id)
     assert (msg.status, msg.attempts, msg.error_class, msg.finished_at) == (target, 0, None, None)
@@ -462,17 +463,17 @@ def test_lost_publish_after_commit_is_recovered_by_the_sweep(queues, actor, stat
 
     swept: list = []
     sweep_settings = fast_settings(lease_seconds=1, max_backoff_seconds=1.0)
-    pipeline.recovery_sweep(sweep_settings, publish=lambda q, args: swept.append((q, args)))
+    recovery.recovery_sweep(sweep_settings, publish=lambda q, args: swept.append((q, args)))
     assert swept == []  # within its hand-off grace: the publish may still be on its way
     db.execute_sql("UPDATE campaign_messages SET wake_at = now() - interval '1 second' WHERE id = %s", (m.id,))
-    pipeline.recovery_sweep(sweep_settings, publish=lambda q, args: swept.append((q, args)))
+    recovery.recovery_sweep(sweep_settings, publish=lambda q, args: swept.append((q, args)))
     expected_args = (m.id, m.inbox_id) if queue == "campaign.send" else (m.id,)
     assert swept == [(queue, [expected_args])]
 
     # the next --requeue only removes the stale XQ copy
     published: list = []
     out = _Capture()
-    assert deadletters.run(_args("--requeue"), get_settings(), out=out,
+    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
                            publish=lambda q, a: published.append((q, a))) == 0
     assert published == [] and "stale XQ copy removed" in out.text
     assert depths()[f"{queue}.XQ"] == 0
@@ -488,7 +489,7 @@ def test_requeue_resumes_a_run_paused_for_error_threshold_and_keeps_other_pauses
     assert (c["status"], c["pause_reason"]) == ("paused", "error_threshold")
     published: list = []
     out = _Capture()
-    assert deadletters.run(_args("--requeue"), get_settings(), out=out,
+    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
                            publish=lambda q, a_: published.append((q, a_))) == 0
     assert f"run {w.run.id} resumed (it was paused: error_threshold)" in out.text
     c = run_counters(w.run.id)
@@ -501,7 +502,7 @@ def test_requeue_resumes_a_run_paused_for_error_threshold_and_keeps_other_pauses
     kill_step(b.id, "generate", fast_settings())
     CampaignRun.update(status="paused", pause_reason="manual").where(CampaignRun.id == w.run.id).execute()
     out = _Capture()
-    assert deadletters.run(_args("--requeue"), get_settings(), out=out, publish=lambda q, a_: None) == 0
+    assert dead_letters.run(_args("--requeue"), get_settings(), out=out, publish=lambda q, a_: None) == 0
     assert "stays paused (manual)" in out.text
     assert run_counters(w.run.id)["status"] == "paused"
     assert_counters_match(w.run.id)
@@ -521,9 +522,9 @@ def test_concurrent_requeues_of_one_dead_letter_have_one_effect(queues):
 
     def operator() -> None:
         with db.connection_context():
-            items = deadletters.collect([], include_resolved=False)
+            items = dead_letters.collect([], include_resolved=False)
             both_listed.wait()  # both saw it 'dead' before either acts
-            codes.append([deadletters.requeue(items, s, None, publish=lambda q, a: published.append(a))])
+            codes.append([dead_letters.requeue(items, s, None, publish=lambda q, a: published.append(a))])
 
     threads = [threading.Thread(target=operator) for _ in range(2)]
     for t in threads:

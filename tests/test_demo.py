@@ -19,8 +19,8 @@ from urllib.parse import unquote, urlsplit
 import psycopg2
 import pytest
 
-import demo
-from db import connect_kwargs
+from campaign.db import connect_kwargs
+from devtools import demo
 from tests.workers import ROOT
 
 pytestmark = pytest.mark.timeout(150)

@@ -8,12 +8,11 @@ import threading
 
 import pytest
 
-import pipeline
-import planner
-from db import db
+from campaign import dispatch, outcomes, runs, steps
+from campaign.db import db
+from campaign.ops.monitor import verify
+from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun
-from ops import verify
-from settings import get_settings
 from tests import factories as f
 from tests.test_planner import bulk_leads, recorded_sql
 
@@ -27,7 +26,7 @@ def purge_queues() -> None:
     import pika
     from pika.exceptions import ChannelClosedByBroker
 
-    from ops import queue_names
+    from campaign.ops.monitor import queue_names
 
     conn = pika.BlockingConnection(pika.URLParameters(get_settings().rabbitmq_url))
     try:
@@ -102,7 +101,7 @@ def test_two_dispatchers_claim_each_message_exactly_once(world, broker_queues):
         try:
             with db.connection_context():
                 barrier.wait()
-                while (n := pipeline.dispatch_due(settings)) > 0:
+                while (n := dispatch.dispatch_due(settings)) > 0:
                     total += n
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -118,7 +117,7 @@ def test_two_dispatchers_claim_each_message_exactly_once(world, broker_queues):
     statuses = dict(db.execute_sql("SELECT status, count(*) FROM campaign_messages WHERE run_id = %s GROUP BY 1",
                                    (run.id,)).fetchall())
     assert statuses == {"queued": 5000}
-    published = _drain(pipeline.QUEUE_GENERATE)
+    published = _drain(steps.GENERATE.queue)
     assert len(published) == 5000 and len(set(published)) == 5000
     assert set(published) == {m.id for m in CampaignMessage.select(CampaignMessage.id)}
 
@@ -131,8 +130,8 @@ def test_dispatch_claims_only_due_messages_of_running_runs(world, broker_queues)
              run_date=now.date() - dt.timedelta(days=1))
     cfg2 = f.config(ws, cfg.inbox, cols["New"], cols["Replied"], name="later")
     _due_run(ws, cols, cfg2, 5, scheduled_at=now + dt.timedelta(hours=1))
-    assert pipeline.dispatch_due(get_settings()) == 3
-    assert sorted(_drain(pipeline.QUEUE_GENERATE)) == sorted(m.id for m in due.messages)
+    assert dispatch.dispatch_due(get_settings()) == 3
+    assert sorted(_drain(steps.GENERATE.queue)) == sorted(m.id for m in due.messages)
 
 
 def test_window_closes_mid_run(world):
@@ -145,17 +144,17 @@ def test_window_closes_mid_run(world):
     msgs = list(CampaignMessage.select().where(CampaignMessage.run == run).order_by(CampaignMessage.id))
     s = get_settings()
     for m in msgs[:2]:
-        pipeline.finish_message(m.id, "sent", s, from_statuses=("pending",))
+        outcomes.finish_message(m.id, "sent", s, from_statuses=("pending",))
     CampaignMessage.update(status="sending").where(CampaignMessage.id == msgs[2].id).execute()
 
-    assert planner.close_windows(now=nine + dt.timedelta(minutes=59))["runs"] == []  # still open
-    result = planner.close_windows(now=nine + dt.timedelta(hours=1))
+    assert runs.close_windows(now=nine + dt.timedelta(minutes=59))["runs"] == []  # still open
+    result = runs.close_windows(now=nine + dt.timedelta(hours=1))
     assert result["runs"] == [run.id] and result["skipped"] == 7
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "running"  # the part already going out finishes first (R-DISP-4)
     assert CampaignMessage.select().where(CampaignMessage.skip_reason == "window_closed").count() == 7
     assert CampaignMessage.get_by_id(msgs[2].id).status == "sending"
-    pipeline.finish_message(msgs[2].id, "sent", s, from_statuses=("sending",))
+    outcomes.finish_message(msgs[2].id, "sent", s, from_statuses=("sending",))
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "completed" and (run.leads_sent, run.leads_skipped) == (3, 7)
     assert verify() == []
@@ -166,7 +165,7 @@ def test_run_of_a_past_local_date_is_closed(world):
     ws, cols, _, cfg = world
     yesterday = dt.datetime(2026, 6, 9, 12, 0, tzinfo=UTC)
     run = _due_run(ws, cols, cfg, 4, scheduled_at=yesterday)
-    result = planner.close_windows(now=yesterday + dt.timedelta(days=1, hours=-11))  # 01:00 next day
+    result = runs.close_windows(now=yesterday + dt.timedelta(days=1, hours=-11))  # 01:00 next day
     assert result["runs"] == [run.id] and result["completed"] in ([], [run.id])
     assert CampaignRun.get_by_id(run.id).status == "completed"
 
@@ -181,7 +180,7 @@ def test_too_late_skip_is_one_set_based_statement(world):
     cfg3 = f.config(ws, cfg.inbox, cols["New"], cols["Replied"], name="c")
     paused = _due_run(ws, cols, cfg3, 10, scheduled_at=now - dt.timedelta(hours=3), status="paused")
     with recorded_sql() as seen:
-        n = planner.skip_too_late(get_settings(), now=now)
+        n = runs.skip_too_late(get_settings(), now=now)
     assert n == 1000
     updates = [s for s in seen if "UPDATE campaign_messages" in s]
     assert len(updates) == 1, updates

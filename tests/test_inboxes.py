@@ -8,13 +8,13 @@ import getpass
 
 import pytest
 
-import cli
-import pipeline
-import planner
 import scheduler
-from db import db
+from campaign import dispatch, recovery
+from campaign import runs as run_ops
+from campaign.db import db
+from campaign.ops import cli
+from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun, Inbox
-from settings import get_settings
 from tests import factories as f
 from tests.test_configfile import EXAMPLE
 
@@ -60,7 +60,7 @@ def _inbox_events() -> list[tuple[str, str, dict]]:
 
 def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
     ws, cols, one, two, runs = world
-    planner.pause_run(runs["b"].id)  # the operator's own pause stays what it is
+    run_ops.pause_run(runs["b"].id)  # the operator's own pause stays what it is
     code, out, err = run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "number reported as spam")
     assert code == 0, err
     assert out == (f"inbox acme/sales-1 disabled by alice: number reported as spam; runs paused (inbox_disabled): "
@@ -75,7 +75,7 @@ def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
     assert details == {"inbox_id": one.id, "inbox": "acme/sales-1", "action": "disable", "by": "alice",
                        "reason": "number reported as spam", "paused_runs": [runs["a"].id, runs["c"].id]}
     # nothing is dispatched for a paused run
-    assert pipeline.dispatch_due(get_settings(), publish=lambda q, ids: None) == 2  # run d's two only
+    assert dispatch.dispatch_due(get_settings(), publish=lambda q, ids: None) == 2  # run d's two only
     # disabling again changes nothing
     code, out, _ = run_cli(capsys, "inbox", "disable", "acme/sales-1", "--reason", "again")
     assert code == 0 and out == "inbox acme/sales-1: already disabled (number reported as spam); nothing changed\n"
@@ -85,9 +85,9 @@ def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
 def test_enable_resumes_exactly_the_runs_paused_inbox_disabled(world, capsys):
     ws, cols, one, two, runs = world
     db.execute_sql("UPDATE inboxes SET consecutive_failures = 5 WHERE id = %s", (one.id,))
-    planner.pause_run(runs["b"].id)  # paused by the operator before the inbox was disabled
+    run_ops.pause_run(runs["b"].id)  # paused by the operator before the inbox was disabled
     run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "5 consecutive send failures")
-    planner.pause_run(runs["d"].id)  # manual, on the other inbox
+    run_ops.pause_run(runs["d"].id)  # manual, on the other inbox
     # run c: the operator took over its pause (issue 12: an operator pause sticks)
     db.execute_sql("UPDATE campaign_runs SET pause_reason = 'manual' WHERE id = %s", (runs["c"].id,))
     before = {m.id: m.scheduled_at for m in CampaignMessage.select().where(CampaignMessage.run == runs["a"].id)}
@@ -193,9 +193,9 @@ def test_scheduler_resumes_a_run_paused_inbox_disabled_after_its_inbox_came_back
     """A worker that read the inbox as disabled just before `inbox enable` pauses its run just after:
     the scheduler's inbox health job resumes it; a run on a still-disabled inbox stays paused."""
     ws, cols, one, two, runs = world
-    monkeypatch.setattr(pipeline, "check_inboxes", lambda settings, evolution: {"states": {}, "resumed": []})
+    monkeypatch.setattr(recovery, "check_inboxes", lambda settings, evolution: {"states": {}, "resumed": []})
     db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = 'banned' WHERE id = %s", (two.id,))
-    pipeline.pause_runs("true", (), "inbox_disabled")  # every run; only sales-2 is disabled
+    run_ops.pause_runs("true", (), "inbox_disabled")  # every run; only sales-2 is disabled
     result = scheduler._inbox_health(get_settings(), lambda: True)
     assert result["resumed_enabled"] == [runs["a"].id, runs["b"].id, runs["c"].id]
     assert _run(runs["a"]) == ("running", None) and _run(runs["d"]) == ("paused", "inbox_disabled")

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from db import db
-from leads_import import LeadImportError, import_bytes, import_file, import_text
+from campaign.db import db
+from campaign.ops.leads_import import LeadImportError, import_bytes, import_file, import_text
 from models import Lead
 from tests import factories as f
 from tests.test_planner import recorded_sql

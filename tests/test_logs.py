@@ -10,15 +10,15 @@ import re
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-import logs
-from db import db
-from settings import get_settings
+from campaign import logs
+from campaign.db import db
+from campaign.settings import get_settings
 from tests import factories as f
 from tests.pipeline_helpers import assert_counters_match, make_world
 from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
@@ -190,9 +190,8 @@ STEP_LINE = re.compile(r"logger=steps .*msg=\"step (done|retry|failed)")
 
 
 def test_full_run_logs_have_ids_and_never_a_secret(clean_db, tmp_path):
-    from sandbox.testing import SandboxProcess
-
     import actors
+    from sandbox.testing import SandboxProcess
 
     chat_key = f"sk-or-v1-{uuid.uuid4().hex}"
     evo_key = f"evo-{uuid.uuid4().hex}"

@@ -8,9 +8,8 @@ import uuid
 
 import pytest
 
-import cli
-import ops
-from db import db
+from campaign.db import db
+from campaign.ops import cli, monitor
 from models import MessagePart
 from tests import factories as f
 
@@ -81,7 +80,7 @@ def test_engine_states_that_are_legitimate_report_nothing(world):
     cancelled = f.run(cfg, run_date=dt.date(2026, 6, 11))
     plant(cancelled, "skipped")
     settle_counters(cancelled, "cancelled")
-    assert ops.verify() == []
+    assert monitor.verify() == []
 
 
 @pytest.mark.parametrize("status, parts, problem", [
@@ -107,10 +106,10 @@ def test_message_and_parts_that_disagree_are_named(world, status, parts, problem
     bad = plant(run, status, parts)
     plant(run, "pending")           # keeps the run open, so only the message is wrong
     settle_counters(run)
-    findings = ops.verify()
+    findings = monitor.verify()
     assert len(findings) == 1, findings
     found = findings[0]
-    assert isinstance(found, ops.Inconsistency) and (found.run_id, found.message_id) == (run.id, bad)
+    assert isinstance(found, monitor.Inconsistency) and (found.run_id, found.message_id) == (run.id, bad)
     assert problem in found.problem
     assert str(found).startswith(f"run {run.id} message {bad}: ")
 
@@ -121,7 +120,7 @@ def test_every_problem_of_one_message_in_one_finding(world):
     bad = plant(run, "skipped", ("sent", "in_doubt", "sending"))
     plant(run, "pending")
     settle_counters(run)
-    found, = ops.verify()
+    found, = monitor.verify()
     assert found.message_id == bad
     assert found.problem.count("part #") == 3
 
@@ -134,8 +133,8 @@ def test_finished_run_left_open_is_named(world, status):
     plant(run, "sent", ("sent",))
     plant(run, "skipped")
     settle_counters(run, status)
-    found, = ops.verify()
-    assert isinstance(found, ops.Inconsistency) and found.run_id == run.id and found.message_id is None
+    found, = monitor.verify()
+    assert isinstance(found, monitor.Inconsistency) and found.run_id == run.id and found.message_id is None
     assert found.problem == f"status is '{status}' but leads_processed = 2 of leads_total = 2: it should be completed"
 
 

@@ -5,8 +5,8 @@ import threading
 
 import psycopg2
 
-from db import db
-from settings import get_settings
+from campaign.db import db
+from campaign.settings import get_settings
 from tests.workers import terminate_backend
 
 

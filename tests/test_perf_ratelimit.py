@@ -9,17 +9,17 @@ import time
 import uuid
 from pathlib import Path
 
-import ratelimit
-from db import db
+from campaign import ratelimit
+from campaign.db import db
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # One process: take requests as fast as possible from START for SECONDS; print each grant's wall time.
 _HAMMER = """
 import json, sys, time
-from settings import get_settings
-from db import db, init_db
-import ratelimit
+from campaign.settings import get_settings
+from campaign.db import db, init_db
+from campaign import ratelimit
 key, per_minute, start, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 init_db(get_settings(), max_connections=2)
 db.connect(reuse_if_open=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline
-from db import db
+from campaign.db import db
 from models import CampaignMessage, MessagePart
 from tests.pipeline_helpers import claim, drive, fast_settings, make_world, parts_of
 
@@ -68,7 +68,7 @@ def test_split_of_a_message_that_already_has_parts_keeps_them(clean_db, sb, llm,
 
 
 def _slot(inbox_id: int) -> tuple:
-    import ratelimit
+    from campaign import ratelimit
     return db.execute_sql("SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
                           (ratelimit.inbox_key(inbox_id),)).fetchone()
 
@@ -76,7 +76,7 @@ def _slot(inbox_id: int) -> tuple:
 @pytest.mark.parametrize("outcome", ["sent", "invalid_number"])
 def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm, evo, settings, outcome):
     """The slot handed to send_step is released (gap counted from the send) whether the part went out or not."""
-    import ratelimit
+    from campaign import ratelimit
 
     w = make_world()
     (msg,) = w.add_leads(1)
@@ -96,7 +96,7 @@ def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm
 
 def test_the_send_step_releases_the_slot_when_it_does_not_send(clean_db, sb, llm, evo, settings):
     """A delivery that finds nothing to send gives the slot back without starting the gap."""
-    import ratelimit
+    from campaign import ratelimit
 
     w = make_world()
     (msg,) = w.add_leads(1)

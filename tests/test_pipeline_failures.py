@@ -13,14 +13,21 @@ import peewee
 import pytest
 
 import pipeline
-import planner
-import ratelimit
-from db import db
+from campaign import dispatch, outcomes, ratelimit, recovery, runs
+from campaign.db import db
+from campaign.errors import Deferred, RetryLater, StepFailed
+from campaign.settings import get_settings
 from models import CampaignMessage, Inbox, Lead
-from settings import get_settings
-from tests import factories as f
-from tests.pipeline_helpers import (assert_counters_match, claim, drive, fast_settings, make_world, parts_of,
-                                    run_counters, to_sending)
+from tests.pipeline_helpers import (
+    assert_counters_match,
+    claim,
+    drive,
+    fast_settings,
+    make_world,
+    parts_of,
+    run_counters,
+    to_sending,
+)
 from tests.test_pipeline_steps import _two_part_message
 from tests.test_pipeline_workers import engine  # noqa: F401  (real worker processes fixture)
 
@@ -76,9 +83,9 @@ def test_gateway_trouble_holds_the_instance_and_spends_no_attempt_after_the_firs
     for m in (m1, m2):
         to_sending(m.id, settings, llm)
     sb.set_faults(send={"always_status": 503})
-    with pytest.raises(pipeline.RetryLater):
+    with pytest.raises(RetryLater):
         pipeline.send_step(m1.id, settings, evo)
-    with pytest.raises(pipeline.Deferred) as waited:
+    with pytest.raises(Deferred) as waited:
         pipeline.send_step(m2.id, settings, evo)
     assert waited.value.delay > 0
     assert [CampaignMessage.get_by_id(m.id).attempts for m in (m1, m2)] == [1, 0]
@@ -102,7 +109,7 @@ def test_real_send_failures_still_disable_the_inbox(clean_db, sb, llm, evo):
     for m in msgs:
         claim(m.id)
         drive(m.id, settings, llm, evo)
-        pipeline.resume_paused_run(w.run.id, "provider_auth")
+        runs.resume_paused_run(w.run.id, "provider_auth")
     inbox = _inbox(w.inboxes[0].id)
     assert inbox.disabled and inbox.consecutive_failures == 2
     assert run_counters(w.run.id)["pause_reason"] == "inbox_disabled"
@@ -117,12 +124,12 @@ def test_connection_closed_while_the_state_says_open_is_a_real_failure(clean_db,
     orig = evo.send_text
 
     def closed(instance, number, text):
-        from errors import ProviderUnavailable
+        from campaign.errors import ProviderUnavailable
         raise ProviderUnavailable("evolution sendText: HTTP 400: Connection Closed", provider="evolution",
                                   status_code=400, code="instance_disconnected")
     evo.send_text = closed
     try:
-        with pytest.raises(pipeline.RetryLater):
+        with pytest.raises(RetryLater):
             pipeline.send_step(m.id, settings, evo)
     finally:
         evo.send_text = orig
@@ -153,9 +160,9 @@ def test_e24_disconnect_after_part_one_waits_and_sends_the_rest_after_reconnecti
     assert len(_sends(sb)) == before and CampaignMessage.get_by_id(m1.id).status == "sending"
 
     sb.set_faults(disconnected_instances=[])
-    assert pipeline.check_inboxes(settings, evo)["resumed"] == [w.run.id]
+    assert recovery.check_inboxes(settings, evo)["resumed"] == [w.run.id]
     swept: list = []
-    pipeline.recovery_sweep(settings, publish=lambda q, args: swept.extend((q, a) for a in args))
+    recovery.recovery_sweep(settings, publish=lambda q, args: swept.extend((q, a) for a in args))
     assert swept == [("campaign.send", (m1.id, m1.inbox_id))]  # woken by the reconnection
     assert drive(m1.id, settings, llm, evo) == "sent"
     sent_texts = [s["text"] for s in _sends(sb)]
@@ -193,7 +200,7 @@ def test_e25_crash_mid_send_then_a_decision_is_in_doubt_never_skipped(clean_db, 
     w = make_world()
     m = _crashed_mid_send(w, settings, llm)
     if change == "cancelled":
-        planner.cancel_run(w.run.id)
+        runs.cancel_run(w.run.id)
     elif change == "window_closed":
         db.execute_sql("UPDATE campaign_runs SET run_date = run_date - 2 WHERE id = %s", (w.run.id,))
     elif change == "lead_moved":
@@ -216,9 +223,9 @@ def test_e25_the_sweep_settles_the_same_crash_in_doubt_after_a_cancel(clean_db, 
     settings = fast_settings(send_timeout_seconds=1.0)
     w = make_world()
     m = _crashed_mid_send(w, settings, llm)
-    planner.cancel_run(w.run.id)
+    runs.cancel_run(w.run.id)
     db.execute_sql("UPDATE message_parts SET sending_at = now() - interval '1 hour' WHERE message_id = %s", (m.id,))
-    assert pipeline.recovery_sweep(settings, publish=lambda q, a: None)["in_doubt"] == 1
+    assert recovery.recovery_sweep(settings, publish=lambda q, a: None)["in_doubt"] == 1
     assert CampaignMessage.get_by_id(m.id).status == "in_doubt"
     assert_counters_match(w.run.id)
 
@@ -261,8 +268,8 @@ def test_a_terminal_statement_run_twice_counts_once(clean_db, sb, llm, evo, sett
     w = make_world()
     m1, m2 = w.add_leads(2)
     for _ in range(2):
-        pipeline.finish_message(m1.id, "skipped", settings, from_statuses=("pending",), skip_reason="lead_moved")
-        pipeline.skip_pending_where("m.id = %s", (m2.id,), "cancelled")
+        outcomes.finish_message(m1.id, "skipped", settings, from_statuses=("pending",), skip_reason="lead_moved")
+        outcomes.skip_pending_where("m.id = %s", (m2.id,), "cancelled")
     c = run_counters(w.run.id)
     assert (c["leads_skipped"], c["leads_processed"]) == (2, 2)
     assert_counters_match(w.run.id)
@@ -277,7 +284,7 @@ def test_openrouter_retry_after_holds_the_whole_key(clean_db, sb, llm, evo, sett
     m1, = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=2.0)
     claim(m1.id)
-    with pytest.raises(pipeline.RetryLater):
+    with pytest.raises(RetryLater):
         pipeline.generate_step(m1.id, settings, llm)
     key = ratelimit.openrouter_key(settings.openrouter_api_key)
     grant = ratelimit.acquire_minute(key, 600)
@@ -289,7 +296,7 @@ def test_evolution_retry_after_holds_the_instance(clean_db, sb, llm, evo, settin
     m1, = w.add_leads(1)
     to_sending(m1.id, settings, llm)
     sb.set_faults(send={"always_status": 429}, retry_after=3.0)
-    with pytest.raises(pipeline.RetryLater):
+    with pytest.raises(RetryLater):
         pipeline.send_step(m1.id, settings, evo)
     held = ratelimit.acquire_inbox(w.inboxes[0].id, 30)
     assert not held.granted and 2.0 < held.wait <= 3.1
@@ -309,10 +316,10 @@ def test_a_long_retry_after_waits_in_postgresql_not_in_rabbitmq(clean_db, sb, ll
     wait = (msg.wake_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
     assert msg.status == "generating" and msg.attempts == 1 and 1700 < wait <= 1801
     swept: list = []
-    pipeline.recovery_sweep(settings, publish=lambda q, a: swept.extend(a))
+    recovery.recovery_sweep(settings, publish=lambda q, a: swept.extend(a))
     assert swept == []
     db.execute_sql("UPDATE campaign_messages SET wake_at = now() - interval '1 second' WHERE id = %s", (m1.id,))
-    pipeline.recovery_sweep(settings, publish=lambda q, a: swept.extend(a))
+    recovery.recovery_sweep(settings, publish=lambda q, a: swept.extend(a))
     assert swept == [(m1.id,)]
 
 
@@ -333,10 +340,10 @@ def test_attempts_survive_a_re_dispatch(clean_db, sb, llm, evo, settings):
     w = make_world()
     m1, = w.add_leads(1)
     db.execute_sql("UPDATE campaign_messages SET attempts = 3 WHERE id = %s", (m1.id,))
-    assert pipeline.dispatch_due(settings, publish=lambda q, ids: None) == 1
+    assert dispatch.dispatch_due(settings, publish=lambda q, ids: None) == 1
     assert CampaignMessage.get_by_id(m1.id).attempts == 3
     sb.set_faults(chat={"always_status": 500})
-    with pytest.raises(pipeline.StepFailed):  # max_attempts = 4: the 4th attempt is the last
+    with pytest.raises(StepFailed):  # max_attempts = 4: the 4th attempt is the last
         pipeline.generate_step(m1.id, settings, llm)
 
 
@@ -351,10 +358,10 @@ def test_a_lost_next_step_publish_is_republished_after_its_grace(clean_db, sb, l
     claim(m1.id)
     assert pipeline.generate_step(m1.id, settings, llm)  # committed 'splitting'; its publish "lost"
     swept: list = []
-    pipeline.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
+    recovery.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
     assert swept == []
     time.sleep(1.2)
-    pipeline.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
+    recovery.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
     assert swept == [("campaign.split", [(m1.id,)])]  # seconds, not the 600 s lease
-    pipeline.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
+    recovery.recovery_sweep(settings, publish=lambda q, a: swept.append((q, a)))
     assert len(swept) == 1  # one copy; the next only after the full lease

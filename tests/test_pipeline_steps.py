@@ -13,10 +13,21 @@ import peewee
 import pytest
 
 import pipeline
-from db import db
-from models import CampaignEvent, CampaignMessage, Column, Lead, MessagePart
-from tests.pipeline_helpers import (assert_counters_match, claim, drive, fast_settings, lead_column, make_world,
-                                    parts_of, run_counters)
+from campaign import outcomes, recovery
+from campaign.db import db
+from campaign.errors import RetryLater
+from campaign.text import MAX_PART_CHARS, _norm, build_prompt, local_split, parse_split_answer
+from models import CampaignEvent, CampaignMessage, Column, Lead
+from tests.pipeline_helpers import (
+    assert_counters_match,
+    claim,
+    drive,
+    fast_settings,
+    lead_column,
+    make_world,
+    parts_of,
+    run_counters,
+)
 
 
 @pytest.fixture
@@ -51,7 +62,7 @@ def test_prompt_keeps_lead_fields_out_of_system_prompt(clean_db, sb, llm, evo, s
     claim(msg.id)
     assert drive(msg.id, settings, llm, evo) == "sent"
     ctx = pipeline._context_from_row(db.execute_sql(pipeline._CONTEXT_SQL, (msg.id,)).fetchone())
-    prompt = pipeline.build_prompt(ctx)
+    prompt = build_prompt(ctx)
     assert prompt[0]["content"] == w.config.system_prompt  # nothing of the lead in the system prompt
     assert prompt[1]["content"].count("</lead>") == 1 and "city: Recife" in prompt[1]["content"]
 
@@ -156,7 +167,7 @@ def test_e10_openrouter_429_retry_after_honoured(clean_db, sb, llm, evo, setting
     m1, = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=1.0)
     claim(m1.id)
-    with pytest.raises(pipeline.RetryLater) as exc:
+    with pytest.raises(RetryLater) as exc:
         pipeline.generate_step(m1.id, settings, llm)
     assert exc.value.delay >= 1.0  # Retry-After is a floor even though max_backoff is 1.0 s
     time.sleep(exc.value.delay)  # what the Dramatiq delay does
@@ -173,7 +184,7 @@ def test_e11_error_inside_200_or_empty_is_transient(clean_db, sb, llm, evo, sett
     m1, = w.add_leads(1)
     sb.set_faults(chat={fault: 1.0})
     claim(m1.id)
-    with pytest.raises(pipeline.RetryLater):
+    with pytest.raises(RetryLater):
         pipeline.generate_step(m1.id, settings, llm)
     m = CampaignMessage.get_by_id(m1.id)
     assert m.status == "generating" and m.attempts == 1 and m.generated_text is None
@@ -226,8 +237,8 @@ def test_e12_bad_split_answers_never_lose_text(clean_db, sb, llm, evo, settings,
     pipeline.split_step(m1.id, settings, llm)
     parts = parts_of(m1.id)
     assert 1 <= len(parts) <= 3
-    assert pipeline._norm("".join(p.text for p in parts)) == pipeline._norm(long_text)
-    assert all(len(p.text) <= pipeline.MAX_PART_CHARS for p in parts)
+    assert _norm("".join(p.text for p in parts)) == _norm(long_text)
+    assert all(len(p.text) <= MAX_PART_CHARS for p in parts)
     assert drive(m1.id, settings, llm, evo) == "sent"
 
 
@@ -242,18 +253,18 @@ def test_e12_bad_split_answers_never_lose_text(clean_db, sb, llm, evo, settings,
     ('', None),
 ])
 def test_parse_split_answer(answer, expected):
-    assert pipeline.parse_split_answer(answer, "Olá Ana! Tudo bem?", 3) == expected
+    assert parse_split_answer(answer, "Olá Ana! Tudo bem?", 3) == expected
 
 
 def test_local_split_is_deterministic_and_lossless():
     text = ("Oi Carla, tudo bem? Vi que a sua loja em Recife cresceu muito este ano. "
             "Trabalhamos com empresas como a sua há dez anos.\n\nPodemos conversar quinze minutos amanhã? "
             "Acho que temos algo útil para você.")
-    parts = pipeline.local_split(text, 3)
-    assert parts == pipeline.local_split(text, 3)
+    parts = local_split(text, 3)
+    assert parts == local_split(text, 3)
     assert 2 <= len(parts) <= 3
-    assert pipeline._norm("".join(parts)) == pipeline._norm(text)
-    assert pipeline.local_split("Curto.", 3) == ["Curto."]
+    assert _norm("".join(parts)) == _norm(text)
+    assert local_split("Curto.", 3) == ["Curto."]
 
 
 def test_e08_part_two_fails_part_one_never_resent(clean_db, sb, llm, evo, settings):
@@ -262,7 +273,7 @@ def test_e08_part_two_fails_part_one_never_resent(clean_db, sb, llm, evo, settin
     first = pipeline.send_step(m1.id, settings, evo)
     assert first.sent
     sb.set_faults(send={"always_status": 500})
-    with pytest.raises(pipeline.RetryLater):
+    with pytest.raises(RetryLater):
         pipeline.send_step(m1.id, settings, evo)
     p = parts_of(m1.id)
     assert p[0].status == "sent" and p[1].status == "pending"
@@ -377,8 +388,8 @@ def test_e06_window_closed_before_a_queued_message_starts(clean_db, sb, llm, evo
 
 def test_racing_split_loser_never_adds_parts(clean_db, sb, llm, evo, settings):
     """Review finding: two split deliveries race; the loser's different split must add no part."""
+    from campaign.errors import ProviderUnavailable
     from clients.openrouter import Completion
-    from errors import ProviderUnavailable
 
     w = make_world(split=True, max_parts=3)
     m1, = w.add_leads(1)
@@ -396,7 +407,7 @@ def test_racing_split_loser_never_adds_parts(clean_db, sb, llm, evo, settings):
             assert pipeline.split_step(m1.id, settings, OnePart()) is not None
             raise ProviderUnavailable("slow", provider="openrouter", code="timeout")  # -> local split
 
-    assert len(pipeline.local_split(text, 3)) > 1
+    assert len(local_split(text, 3)) > 1
     assert pipeline.split_step(m1.id, settings, LoserLLM()) is None
     assert [p.text for p in parts_of(m1.id)] == [text]
 
@@ -408,7 +419,7 @@ def test_dead_duplicate_of_an_earlier_step_does_not_fail_the_message(clean_db, s
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     pipeline.split_step(m1.id, settings, llm)
-    assert pipeline.fail_exhausted(m1.id, "G1 gave up", settings, "generate") is None
+    assert outcomes.fail_exhausted(m1.id, "G1 gave up", settings, "generate") is None
     assert CampaignMessage.get_by_id(m1.id).status == "sending"
     assert drive(m1.id, settings, llm, evo) == "sent"
     # and a lost race in the retry bookkeeping returns quietly instead of dead-lettering
@@ -430,8 +441,7 @@ def test_in_doubt_only_when_the_part_is_still_sending(clean_db, sb, llm, evo, se
     stale_attempt = parts_of(m1.id)[0].attempt_id
     # the slow send finished and recorded `sent` with ITS attempt (a newer one)
     db.execute_sql("UPDATE message_parts SET attempt_id = gen_random_uuid() WHERE id = %s", (part.id,))
-    ctx = pipeline._context_from_row(db.execute_sql(pipeline._CONTEXT_SQL, (m1.id,)).fetchone())
-    pipeline._mark_in_doubt(ctx, part.id, "sweep", settings, attempt=stale_attempt)
+    outcomes.mark_in_doubt(m1.id, part.id, "sweep", settings, attempt=stale_attempt)
     assert CampaignMessage.get_by_id(m1.id).status == "sending"
     assert parts_of(m1.id)[0].status == "sending"
 
@@ -456,10 +466,10 @@ def test_e07_inbox_disconnects_mid_run_pauses_and_resumes_on_reconnect(clean_db,
     assert CampaignMessage.get_by_id(m_b.id).status == "sent"  # the other inbox is unaffected
     assert run_counters(other_run.id)["status"] == "completed"
     # still down: the health check keeps it paused
-    pipeline.check_inboxes(settings, evo)
+    recovery.check_inboxes(settings, evo)
     assert run_counters(w.run.id)["status"] == "paused"
     sb.set_faults(disconnected_instances=[])
-    result = pipeline.check_inboxes(settings, evo)
+    result = recovery.check_inboxes(settings, evo)
     assert result["resumed"] == [w.run.id]
     assert run_counters(w.run.id)["status"] == "running"
     claim(m_a.id)

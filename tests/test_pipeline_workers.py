@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-import pipeline
-from db import db
+from campaign import dispatch, recovery, steps
+from campaign.db import db
+from campaign.settings import get_settings
 from models import CampaignMessage, DeadLetter, Lead
-from settings import get_settings
 from tests import factories as f
 from tests.pipeline_helpers import assert_counters_match, fast_settings, make_world, run_counters
 from tests.workers import purge_queues, start_worker, stop_worker, wait_for
@@ -44,7 +44,7 @@ def engine(clean_db, sb, tmp_path):
             settings = get_settings()
             deadline = time.monotonic() + timeout
             while True:
-                pipeline.dispatch_due(settings)
+                dispatch.dispatch_due(settings)
                 left = db.execute_sql("SELECT count(*) FROM campaign_messages WHERE status = 'pending'").fetchone()[0]
                 if not left:
                     return
@@ -159,7 +159,7 @@ def test_kill_9_mid_send_makes_that_part_in_doubt_and_the_run_completes(engine, 
     engine.start(processes=1, threads=4, SEND_TIMEOUT_SECONDS="10")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # the scheduler's sweep, at test speed
-        pipeline.recovery_sweep(fast_settings(send_timeout_seconds=10))
+        recovery.recovery_sweep(fast_settings(send_timeout_seconds=10))
         if db.execute_sql("SELECT count(*) FROM campaign_messages WHERE status NOT IN "
                           "('sent', 'failed', 'skipped', 'in_doubt')").fetchone()[0] == 0:
             break
@@ -212,7 +212,7 @@ def _xq_depth() -> int:
     try:
         ch = conn.channel()
         total = 0
-        for q in pipeline.PIPELINE_QUEUES:
+        for q in steps.QUEUES:
             total += ch.queue_declare(queue=f"{q}.XQ", passive=True).method.message_count
         return total
     finally:

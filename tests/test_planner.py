@@ -15,15 +15,17 @@ import uuid
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, assume, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 import pipeline
-import planner
-from db import db
+from campaign import outcomes, planner, recovery, runs
+from campaign.db import db
+from campaign.ops.monitor import verify
+from campaign.planner import plan_schedule, window_bounds
+from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun, Column, Lead
-from ops import verify
-from planner import plan_schedule, window_bounds
-from settings import get_settings
 from tests import factories as f
 
 UTC = dt.timezone.utc
@@ -334,7 +336,7 @@ def test_window_too_small_records_overflow_and_run_completes(world):
     assert all(NOON <= m.scheduled_at < NOON + dt.timedelta(minutes=5) for m in msgs)
     s = get_settings()
     for m in msgs:  # every message reaches a terminal state the way the pipeline finalizes one
-        assert pipeline.finish_message(m.id, "sent", s, from_statuses=("pending",)) is not None
+        assert outcomes.finish_message(m.id, "sent", s, from_statuses=("pending",)) is not None
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "completed" and run.finished_at is not None
     assert Lead.select().where(Lead.column == cols["New"]).count() == run.leads_overflow
@@ -351,7 +353,7 @@ def test_two_configs_same_lead_and_never_two_active_runs_of_one_config(world):
     run_b = planner.plan_run(cfg_b.id, now=NOON)
     assert run_a.leads_total == run_b.leads_total == 10
     # next day, config A's first run still active (paused): none of its leads is planned again
-    planner.pause_run(run_a.id)
+    runs.pause_run(run_a.id)
     bulk_leads(ws, cols["New"], 3, start=100)
     run_a2 = planner.plan_run(cfg_a.id, now=NOON + dt.timedelta(days=1))
     assert run_a2.leads_total == 3
@@ -361,7 +363,7 @@ def test_two_configs_same_lead_and_never_two_active_runs_of_one_config(world):
                             GROUP BY 1, 2 HAVING count(*) > 1""").fetchall()
     assert dup == []
     # once the first run is over (cancelled: not messaged), its leads are eligible again
-    planner.cancel_run(run_a.id)
+    runs.cancel_run(run_a.id)
     run_a3 = planner.plan_run(cfg_a.id, now=NOON + dt.timedelta(days=2))
     assert run_a3.leads_total == 10  # the 3 newer ones are still in run_a2 (active)
 
@@ -381,7 +383,7 @@ def test_cross_workspace_config_is_rejected(world):
     """E-20: apply refuses an inbox of another workspace; the database refuses it too (composite FKs)."""
     import peewee
 
-    from configfile import ConfigFileError, apply_text
+    from campaign.ops.configfile import ConfigFileError, apply_text
 
     ws, cols, ibx, cfg = world
     other_ws, other_cols = f.workspace("other")
@@ -481,13 +483,13 @@ def test_pause_then_resume_replans_without_burst(world):
     # the first 3 were dispatched before the pause (one still in flight)
     s = get_settings()
     for m in msgs[:2]:
-        pipeline.finish_message(m.id, "sent", s, from_statuses=("pending",))
+        outcomes.finish_message(m.id, "sent", s, from_statuses=("pending",))
     CampaignMessage.update(status="sending").where(CampaignMessage.id == msgs[2].id).execute()
-    planner.pause_run(run.id)
+    runs.pause_run(run.id)
     with pytest.raises(planner.RunStateError, match=rf"run {run.id} is paused \(manual\), cannot pause"):
-        planner.pause_run(run.id)
+        runs.pause_run(run.id)
     resume_at = NOON
-    result = planner.resume_run(run.id, now=resume_at, rng=random.Random(6))
+    result = runs.resume_run(run.id, now=resume_at, rng=random.Random(6))
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "running" and run.pause_reason is None
     pending = [m for m in messages_of(run.id) if m.status == "pending"]
@@ -512,8 +514,8 @@ def test_resume_after_window_closed_skips_everything_and_completes(world):
     _office_hours(cfg)
     bulk_leads(ws, cols["New"], 10)
     run = planner.plan_run(cfg.id, now=NOON.replace(hour=9))
-    planner.pause_run(run.id)
-    result = planner.resume_run(run.id, now=NOON.replace(hour=19))
+    runs.pause_run(run.id)
+    result = runs.resume_run(run.id, now=NOON.replace(hour=19))
     run = CampaignRun.get_by_id(run.id)
     assert result == {"replanned": 0, "skipped": 10}
     assert run.status == "completed" and run.leads_skipped == 10
@@ -526,8 +528,8 @@ def test_resume_with_nothing_overdue_keeps_the_schedule(world):
     bulk_leads(ws, cols["New"], 10)
     run = planner.plan_run(cfg.id, now=NOON.replace(hour=9))
     before = [m.scheduled_at for m in messages_of(run.id)]
-    planner.pause_run(run.id)
-    assert planner.resume_run(run.id, now=NOON.replace(hour=8)) == {"replanned": 0, "skipped": 0}
+    runs.pause_run(run.id)
+    assert runs.resume_run(run.id, now=NOON.replace(hour=8)) == {"replanned": 0, "skipped": 0}
     assert [m.scheduled_at for m in messages_of(run.id)] == before
 
 
@@ -538,29 +540,29 @@ def test_cancel_skips_pending_and_leaves_in_flight(world):
     run = planner.plan_run(cfg.id, now=NOON)
     msgs = messages_of(run.id)
     CampaignMessage.update(status="sending").where(CampaignMessage.id == msgs[0].id).execute()
-    assert planner.cancel_run(run.id) == 5
+    assert runs.cancel_run(run.id) == 5
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "cancelled" and run.leads_skipped == 5 and run.finished_at is not None
     assert CampaignMessage.get_by_id(msgs[0].id).status == "sending"
-    pipeline.finish_message(msgs[0].id, "sent", get_settings(), from_statuses=("sending",))
+    outcomes.finish_message(msgs[0].id, "sent", get_settings(), from_statuses=("sending",))
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "cancelled" and run.leads_sent == 1 and run.leads_processed == 6
     assert verify() == []
     with pytest.raises(planner.RunStateError, match=rf"run {run.id} is cancelled, cannot resume"):
-        planner.resume_run(run.id)
+        runs.resume_run(run.id)
     with pytest.raises(planner.RunStateError, match=r"run 999999999 does not exist"):
-        planner.cancel_run(999_999_999)
+        runs.cancel_run(999_999_999)
 
 
 def test_state_errors_are_clear(world):
     ws, cols, _, cfg = world
     bulk_leads(ws, cols["New"], 1)
     run = planner.plan_run(cfg.id, now=NOON)
-    pipeline.skip_pending_where("m.run_id = %s", (run.id,), "test")
+    outcomes.skip_pending_where("m.run_id = %s", (run.id,), "test")
     with pytest.raises(planner.RunStateError, match=rf"run {run.id} is completed, cannot pause"):
-        planner.pause_run(run.id)
+        runs.pause_run(run.id)
     with pytest.raises(planner.RunStateError, match="cannot cancel"):
-        planner.cancel_run(run.id)
+        runs.cancel_run(run.id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,12 +570,12 @@ def test_state_errors_are_clear(world):
 # --------------------------------------------------------------------------------------------
 
 def _pause_automatically(reason: str):
-    """Pause a run the way the engine does for ``reason`` (every automatic pause is pipeline.pause_runs)."""
+    """Pause a run the way the engine does for ``reason`` (every automatic pause is runs.pause_runs)."""
     def pause(run, cfg):
         if reason in ("provider_auth", "provider_credits"):  # OpenRouter: every run of the engine
-            assert pipeline.pause_runs("true", (), reason) == [run.id]
+            assert runs.pause_runs("true", (), reason) == [run.id]
         else:  # the inbox's runs
-            assert pipeline.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
+            assert runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
                                        (cfg.inbox_id,), reason) == [run.id]
     return pause
 
@@ -582,11 +584,11 @@ def _pause_by_failures(run, cfg):
     """error_threshold: failures past the ratio pause the run in their own terminal statement."""
     s = dataclasses.replace(get_settings(), error_threshold_min_processed=2, error_threshold_ratio=0.1)
     for m in messages_of(run.id)[:2]:
-        pipeline.finish_message(m.id, "failed", s, from_statuses=("pending",), error_class="test")
+        outcomes.finish_message(m.id, "failed", s, from_statuses=("pending",), error_class="test")
 
 
 PAUSE_FAMILIES = {
-    "manual": lambda run, cfg: planner.pause_run(run.id),
+    "manual": lambda run, cfg: runs.pause_run(run.id),
     "provider_auth": _pause_automatically("provider_auth"),
     "provider_credits": _pause_automatically("provider_credits"),
     "inbox_disconnected": _pause_automatically("inbox_disconnected"),
@@ -605,7 +607,7 @@ def _nine_to_ten(cfg):
 def test_e26_paused_run_closes_at_window_end_and_its_leads_come_back_tomorrow(world, reason):
     """E-26 / R-DISP-4: a run still paused (any reason) when its window ends is completed, its pending
     messages skipped window_closed, the reason stays in the report, and tomorrow's run plans its leads."""
-    import report
+    from campaign.ops import report
 
     ws, cols, _, cfg = world
     _nine_to_ten(cfg)
@@ -615,12 +617,12 @@ def test_e26_paused_run_closes_at_window_end_and_its_leads_come_back_tomorrow(wo
     assert run.leads_total == 10
     if reason != "error_threshold":
         for m in messages_of(run.id)[:2]:  # two went out before the pause
-            pipeline.finish_message(m.id, "sent", get_settings(), from_statuses=("pending",))
+            outcomes.finish_message(m.id, "sent", get_settings(), from_statuses=("pending",))
     PAUSE_FAMILIES[reason](run, cfg)
     assert (CampaignRun.get_by_id(run.id).status, CampaignRun.get_by_id(run.id).pause_reason) == ("paused", reason)
 
-    assert planner.close_windows(now=nine + dt.timedelta(minutes=59))["runs"] == []  # still open
-    result = planner.close_windows(now=nine + dt.timedelta(hours=1))
+    assert runs.close_windows(now=nine + dt.timedelta(minutes=59))["runs"] == []  # still open
+    result = runs.close_windows(now=nine + dt.timedelta(hours=1))
     assert result["runs"] == [run.id] and result["skipped"] == 8 and result["completed"] == [run.id]
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "completed" and run.finished_at is not None and run.leads_skipped == 8
@@ -628,7 +630,7 @@ def test_e26_paused_run_closes_at_window_end_and_its_leads_come_back_tomorrow(wo
                                           CampaignMessage.skip_reason == "window_closed").count() == 8
     assert verify() == []
     # the reason is still there for the report (the row's pause_reason belongs to 'paused' only)
-    assert planner.closed_while_paused(run.id) == reason
+    assert runs.closed_while_paused(run.id) == reason
     rep = report.build_report(run.id)
     assert rep.status_text == f"completed (closed at its window's end while paused: {reason})"
     assert rep.status_text in report.render_text(rep)
@@ -658,17 +660,17 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
                              (%s, %s, 1, 'how are you?', 'pending', NULL)""",
                    (started.id, cfg.inbox_id, started.id, cfg.inbox_id))
     CampaignMessage.update(status="queued").where(CampaignMessage.id == queued.id).execute()
-    pipeline.pause_runs("r.id = %s", (run.id,), "inbox_disconnected")
+    runs.pause_runs("r.id = %s", (run.id,), "inbox_disconnected")
 
     ten = nine + dt.timedelta(hours=1)
-    result = planner.close_windows(now=ten)
+    result = runs.close_windows(now=ten)
     assert result["runs"] == [run.id] and result["skipped"] == 4 and result["completed"] == []
     run_row = CampaignRun.get_by_id(run.id)
     assert (run_row.status, run_row.pause_reason) == ("paused", "inbox_disconnected")
     assert CampaignMessage.get_by_id(started.id).status == "sending"  # not counted, not skipped
     # the queued one's actor finds the run paused and puts it back to wait: the next guard skips it
     assert pipeline._back_to_wait(queued.id, "queued")
-    assert planner.close_windows(now=ten + dt.timedelta(seconds=15))["skipped"] == 1
+    assert runs.close_windows(now=ten + dt.timedelta(seconds=15))["skipped"] == 1
     assert CampaignMessage.get_by_id(queued.id).skip_reason == "window_closed"
     assert CampaignRun.get_by_id(run.id).status == "paused"
     # the started message's last part goes out: its statement completes the run
@@ -676,14 +678,14 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
     part_id, = db.execute_sql("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
                                  WHERE message_id = %s AND idx = 1 RETURNING id""",
                               (str(attempt), started.id)).fetchone()
-    pipeline.finish_message(started.id, "sent", get_settings(), from_statuses=("sending",),
+    outcomes.finish_message(started.id, "sent", get_settings(), from_statuses=("sending",),
                             last_part=(part_id, attempt, "key-2"))
     run_row = CampaignRun.get_by_id(run.id)
     assert run_row.status == "completed" and (run_row.leads_sent, run_row.leads_skipped) == (1, 5)
     assert verify() == []
     notes = db.execute_sql("SELECT count(*) FROM campaign_events WHERE run_id = %s AND step = %s",
-                           (run.id, planner.WINDOW_STEP)).fetchone()[0]
-    assert notes == 1 and planner.closed_while_paused(run.id) == "inbox_disconnected"
+                           (run.id, runs.WINDOW_STEP)).fetchone()[0]
+    assert notes == 1 and runs.closed_while_paused(run.id) == "inbox_disconnected"
 
 
 def test_run_still_planning_at_window_end_is_closed(world):
@@ -695,7 +697,7 @@ def test_run_still_planning_at_window_end_is_closed(world):
     run = f.run(cfg, run_date=nine.date(), status="planning", leads_total=3)
     for _ in range(3):
         f.message(run, f.lead(ws, cols["New"]), scheduled_at=nine)
-    result = planner.close_windows(now=nine + dt.timedelta(hours=1))
+    result = runs.close_windows(now=nine + dt.timedelta(hours=1))
     assert result["runs"] == [run.id] and result["skipped"] == 3 and result["completed"] == [run.id]
     assert CampaignRun.get_by_id(run.id).status == "completed"
     assert verify() == []
@@ -725,28 +727,28 @@ def test_operator_pause_of_a_run_paused_inbox_disconnected_sticks_when_the_inbox
     bulk_leads(ws, cols["New"], 4)
     run = planner.plan_run(cfg.id)
     other = planner.plan_run(f.config(ws, ibx, cols["New"], cols["Replied"], name="second").id)
-    assert pipeline.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (ibx.id,),
+    assert runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (ibx.id,),
                                "inbox_disconnected") == [run.id, other.id]
     db.execute_sql("UPDATE inboxes SET connection_state = 'close', disconnected_since = now() WHERE id = %s",
                    (ibx.id,))
 
-    assert planner.pause_run(run.id) == "inbox_disconnected"
+    assert runs.pause_run(run.id) == "inbox_disconnected"
     r = CampaignRun.get_by_id(run.id)
     assert (r.status, r.pause_reason) == ("paused", "manual")
     text, details = db.execute_sql("SELECT text, details FROM campaign_events WHERE run_id = %s AND step = 'operator' "
                                    "ORDER BY id DESC LIMIT 1", (run.id,)).fetchone()
     assert details == {"reason": "manual", "was": "inbox_disconnected"} and "replaces the automatic one" in text
     with pytest.raises(planner.RunStateError, match=rf"run {run.id} is paused \(manual\), cannot pause"):
-        planner.pause_run(run.id)
+        runs.pause_run(run.id)
 
     gateway = _Gateway("open")
-    result = pipeline.check_inboxes(get_settings(), gateway)
+    result = recovery.check_inboxes(get_settings(), gateway)
     assert gateway.asked == [ibx.instance_name] and result["states"] == {ibx.id: "open"}
     assert result["resumed"] == [other.id]          # the automatic pause ends by itself...
     r = CampaignRun.get_by_id(run.id)
     assert (r.status, r.pause_reason) == ("paused", "manual")  # ...the operator's does not
-    assert pipeline.check_inboxes(get_settings(), gateway)["resumed"] == []
-    planner.resume_run(run.id)
+    assert recovery.check_inboxes(get_settings(), gateway)["resumed"] == []
+    runs.resume_run(run.id)
     assert CampaignRun.get_by_id(run.id).status == "running"
 
 
@@ -755,10 +757,10 @@ def test_operator_pause_takes_over_every_automatic_pause(world, reason):
     ws, cols, _, cfg = world
     bulk_leads(ws, cols["New"], 2)
     run = planner.plan_run(cfg.id)
-    pipeline.pause_runs("r.id = %s", (run.id,), reason)
-    assert planner.pause_run(run.id) == reason
+    runs.pause_runs("r.id = %s", (run.id,), reason)
+    assert runs.pause_run(run.id) == reason
     assert CampaignRun.get_by_id(run.id).pause_reason == "manual"
-    assert pipeline.resume_paused_run(run.id, reason) is False  # the automatic resume of that reason
+    assert runs.resume_paused_run(run.id, reason) is False  # the automatic resume of that reason
     assert CampaignRun.get_by_id(run.id).status == "paused"
 
 
@@ -766,9 +768,9 @@ def test_resume_for_a_reason_leaves_other_pauses_alone(world):
     ws, cols, _, cfg = world
     bulk_leads(ws, cols["New"], 2)
     run = planner.plan_run(cfg.id)
-    planner.pause_run(run.id)
+    runs.pause_run(run.id)
     with pytest.raises(planner.RunStateError, match=r"is paused \(manual\), cannot resume \(only a paused "
                                                     r"\(inbox_disconnected\) run can\)"):
-        planner.resume_run(run.id, reason="inbox_disconnected")
-    planner.resume_run(run.id, reason="manual")
+        runs.resume_run(run.id, reason="inbox_disconnected")
+    runs.resume_run(run.id, reason="manual")
     assert CampaignRun.get_by_id(run.id).status == "running"

@@ -13,9 +13,11 @@ import pika
 import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 
-import deadletters
 import pipeline
-from settings import get_settings
+from campaign import steps
+from campaign.errors import RepairRefused
+from campaign.ops import dead_letters, repairs
+from campaign.settings import get_settings
 from tests.test_deadletters import _args, _Capture, _raw_dramatiq, dead_letter_via_rabbitmq, queues  # noqa: F401
 
 
@@ -44,9 +46,9 @@ def test_missing_xq_between_two_browsed_ones_never_acks_another_dead_letter(queu
     try:
         conn.channel().queue_delete("campaign.split.XQ")
         try:
-            browser = deadletters.XqBrowser(get_settings()).open()
+            browser = dead_letters.XqBrowser(get_settings()).open()
             try:
-                got = browser.browse(pipeline.PIPELINE_QUEUES)
+                got = browser.browse(steps.QUEUES)
                 assert sorted(m.actor for m in got) == ["generate", "send_part"]
                 (gen,) = [m for m in got if m.actor == "generate"]
                 browser.ack(gen)  # what --purge/--requeue of the generate dead letter does
@@ -145,8 +147,8 @@ def test_resolve_resend_refuses_a_part_evolution_accepted(queues, evo):  # noqa:
                                        MessagePart.select().where(MessagePart.message == m.id)])
 
     published: list = []
-    with pytest.raises(pipeline.RepairRefused) as refused:
-        deadletters.resolve(m.id, "resend", s, out=_Capture(), publish=lambda q, a: published.append((q, a)))
+    with pytest.raises(RepairRefused) as refused:
+        dead_letters.resolve(m.id, "resend", s, out=_Capture(), publish=lambda q, a: published.append((q, a)))
     assert "#1" in str(refused.value) and key in str(refused.value) and "--sent" in str(refused.value)
     assert published == []
     assert CampaignMessage.get_by_id(m.id).status == "in_doubt"
@@ -154,7 +156,7 @@ def test_resolve_resend_refuses_a_part_evolution_accepted(queues, evo):  # noqa:
                                      MessagePart.select().where(MessagePart.message == m.id)]) == before
 
     # --sent is the verdict the evidence supports: part 1 kept as sent, part 2 goes out
-    repair = pipeline.resolve_in_doubt(m.id, "sent", s)
+    repair = repairs.resolve_in_doubt(m.id, "sent", s)
     assert repair.publish == ("campaign.send", (m.id, m.inbox_id))
     assert [p.status for p in MessagePart.select().where(MessagePart.message == m.id)
             .order_by(MessagePart.idx)] == ["sent", "pending"]

@@ -14,12 +14,19 @@ from pathlib import Path
 import pytest
 
 import pipeline
-import report
-from db import db
-from errors import ConfigError
+from campaign.db import db
+from campaign.errors import ConfigError
+from campaign.ops import report
 from models import CampaignMessage, CampaignRun, Lead
-from tests.pipeline_helpers import (assert_counters_match, claim, drive, fast_settings, make_world, parts_of,
-                                    run_counters)
+from tests.pipeline_helpers import (
+    assert_counters_match,
+    claim,
+    drive,
+    fast_settings,
+    make_world,
+    parts_of,
+    run_counters,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,12 +10,13 @@ import uuid
 
 import pytest
 
-import deadletters
-import ops
 import pipeline
-from db import db
+from campaign import dispatch, recovery
+from campaign.db import db
+from campaign.errors import RepairRefused
+from campaign.ops import dead_letters, monitor, repairs
+from campaign.settings import get_settings
 from models import CampaignMessage, Lead, MessagePart
-from settings import get_settings
 from tests.pipeline_helpers import assert_counters_match, fast_settings, make_world, run_counters
 from tests.test_deadletters import LONG_TEXT, depths, engine, queues  # noqa: F401  (fixtures)
 from tests.workers import ROOT, wait_for
@@ -66,7 +67,7 @@ def test_resolve_sent_after_an_accepted_then_lost_send_continues_with_the_rest(e
     CampaignMessage.update(generated_text=LONG_TEXT).where(CampaignMessage.id == m.id).execute()
     sb.set_faults({"send": {"rate_accept_then_hang": 1.0, "hang_mode": "close"}})
     engine.start()
-    pipeline.dispatch_due(get_settings())
+    dispatch.dispatch_due(get_settings())
     wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "in_doubt", timeout=40,
              message=f"the lost send to make the message in_doubt\n{engine.tail()}")
     parts = parts_of(m.id)
@@ -87,7 +88,7 @@ def test_resolve_sent_after_an_accepted_then_lost_send_continues_with_the_rest(e
     assert Lead.get_by_id(m.lead_id).column_id == w.cols["Contacted"].id
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_sent"], c["leads_in_doubt"], c["leads_processed"]) == ("completed", 1, 0, 1)
-    assert ops.verify() == []
+    assert monitor.verify() == []
 
     again = cli("resolve", str(m.id), "--sent")
     assert again.returncode == 2 and f"message {m.id} is 'sent', not in_doubt" in again.stderr
@@ -111,7 +112,7 @@ def test_resolve_sent_of_the_last_part_finishes_the_message_in_one_transaction(q
     assert (c["status"], c["leads_sent"], c["leads_in_doubt"], c["leads_processed"]) == ("completed", 1, 0, 1)
     assert depths()["campaign.send"] == 0  # nothing to publish
     assert sb.ledger()["sends"] == []     # and nothing was sent: the operator said it arrived
-    assert ops.verify() == []
+    assert monitor.verify() == []
 
 
 def test_resolve_resend_sends_the_doubtful_part_again_and_never_the_sent_one(queues, sb, evo):  # noqa: F811
@@ -149,7 +150,7 @@ def test_resolve_reopens_a_completed_run_on_resend(queues, evo):  # noqa: F811
     published: list = []
     out = _Out()
     with db.connection_context():
-        code = deadletters.resolve(m.id, "resend", get_settings(), out=out,
+        code = dead_letters.resolve(m.id, "resend", get_settings(), out=out,
                                    publish=lambda q, a: published.append((q, a)))
     assert code == 0
     assert published == [("campaign.send", (m.id, m.inbox_id))]
@@ -161,10 +162,10 @@ def test_resolve_reopens_a_completed_run_on_resend(queues, evo):  # noqa: F811
     # a publish lost after the commit: 'sending' with no part in flight is the sweep's to
     # re-enqueue once its hand-off deadline passed (not before: the publish may be on its way)
     swept: list = []
-    pipeline.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
+    recovery.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
     assert swept == []
     db.execute_sql("UPDATE campaign_messages SET wake_at = now() - interval '1 second' WHERE id = %s", (m.id,))
-    pipeline.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
+    recovery.recovery_sweep(s, publish=lambda q, args: swept.append((q, args)))
     assert swept == [("campaign.send", [(m.id, m.inbox_id)])]
 
 
@@ -207,8 +208,8 @@ def test_two_operators_resolving_at_once_have_one_effect(queues, evo):  # noqa: 
         with db.connection_context():
             start.wait()
             try:
-                results.append(pipeline.resolve_in_doubt(m.id, outcome, s))
-            except pipeline.RepairRefused as exc:
+                results.append(repairs.resolve_in_doubt(m.id, outcome, s))
+            except RepairRefused as exc:
                 results.append(exc)
 
     threads = [threading.Thread(target=operator, args=(o,)) for o in ("sent", "resend")]
@@ -230,7 +231,7 @@ def test_resolve_in_a_run_paused_by_the_operator_keeps_the_pause(queues, evo, ou
     w.add_leads(1)
     m = in_doubt_message(w, evo, s, ["Oi!", "Tudo bem?"], doubt_idx=0)
     db.execute_sql("UPDATE campaign_runs SET status = 'paused', pause_reason = 'manual' WHERE id = %s", (w.run.id,))
-    repair = pipeline.resolve_in_doubt(m.id, outcome, s)
+    repair = repairs.resolve_in_doubt(m.id, outcome, s)
     assert run_counters(w.run.id)["status"] == "paused"
     assert any("paused (manual)" in n for n in repair.notes)
     assert repair.publish == ("campaign.send", (m.id, m.inbox_id))

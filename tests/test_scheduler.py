@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import scheduler
-from db import db
+from campaign.db import db
+from campaign.settings import get_settings
 from models import CampaignRun, SchedulerHeartbeat
 from scheduler import JobSpec, LeaderLock, SchedulerProcess
-from settings import get_settings
 from tests import factories as f
 from tests.test_dispatch import purge_queues
 from tests.test_planner import bulk_leads

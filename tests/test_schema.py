@@ -11,7 +11,7 @@ import peewee
 import psycopg2
 import pytest
 
-from db import db
+from campaign.db import db
 from models import CampaignMessage, CampaignRun, Lead, MessagePart
 from models.schema import LATEST, MIGRATIONS
 from tests import factories as f

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from errors import ConfigError
-from settings import Settings, redact_url
+from campaign.errors import ConfigError
+from campaign.settings import Settings, redact_url
 
 
 def test_reads_interface_names():

@@ -22,7 +22,9 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests import factories as f
 
@@ -132,7 +134,7 @@ def make_parts(n: int, *, prefix: str | None = None, instance: str = INSTANCE) -
 
 def part_state(part_id: int) -> tuple[str | None, Any, Any]:
     """(delivery_status, delivery_updated_at, delivery_error_at) read fresh from PostgreSQL."""
-    from db import db
+    from campaign.db import db
 
     return db.execute_sql("SELECT delivery_status, delivery_updated_at, delivery_error_at FROM message_parts "
                           "WHERE id = %s", (part_id,)).fetchone()
@@ -438,7 +440,7 @@ def test_burst_of_1000_concurrent_updates(receiver, clean_db) -> None:
     elapsed = time.perf_counter() - started
     print(f"\nwebhook burst: 1000 updates from 16 threads in {elapsed:.2f}s ({1000 / elapsed:.0f}/s)")
     assert codes == [200] * 1000
-    from db import db
+    from campaign.db import db
 
     got = dict(db.execute_sql("SELECT id, delivery_status FROM message_parts WHERE id = ANY(%s)",
                               ([p.id for p in parts],)).fetchall())
@@ -506,8 +508,14 @@ def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(event, in
                                                                         status) -> None:
     """Issue 23 item 1 (T-SEC-1, R-OPS-5): whatever lengths arrive, an accepted update carries only
     bounded fields (they go into log lines), and a rejection's reason is short."""
-    from webhook import (MAX_INSTANCE_LENGTH, MAX_JID_LENGTH, MAX_KEY_ID_LENGTH, DeliveryUpdate, EnvelopeError,
-                         parse_envelope)
+    from webhook import (
+        MAX_INSTANCE_LENGTH,
+        MAX_JID_LENGTH,
+        MAX_KEY_ID_LENGTH,
+        DeliveryUpdate,
+        EnvelopeError,
+        parse_envelope,
+    )
 
     doc = {"event": event, "instance": instance,
            "data": {"keyId": key_id, "remoteJid": remote_jid, "status": status, "fromMe": True}}
@@ -594,7 +602,7 @@ def test_raw_socket_garbage_never_crashes_the_server(receiver, clean_db) -> None
 def test_a_65_kb_request_line_at_debug_is_logged_bounded_and_masked(receiver, clean_db) -> None:
     """Issue 23 item 1: at DEBUG, http.server logs a malformed request line whole; 65 KB of it went
     through the quadratic redactor (no secret needed). It is now one bounded, masked log line."""
-    from logs import MAX_VALUE_CHARS
+    from campaign.logs import MAX_VALUE_CHARS
 
     line = b"POST /webhook?secret=" + SECRET.encode() + b"&x=" + b"Q7" * 32_500 + b" junk HTTP/1.1\r\n"
     assert len(line) > 65_000
@@ -663,8 +671,8 @@ def test_refuses_to_start_with_bad_settings(services, env: dict[str, str], needl
 
 
 def test_settings_defaults_and_validation() -> None:
-    from errors import ConfigError
-    from settings import Settings
+    from campaign.errors import ConfigError
+    from campaign.settings import Settings
 
     s = Settings.from_env({})
     assert (s.webhook_host, s.webhook_port) == ("0.0.0.0", 8090)

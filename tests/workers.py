@@ -85,7 +85,7 @@ def terminate_backend(pid: int) -> None:
     """``pg_terminate_backend(pid)`` from a separate admin connection (the E-16 fault); asserts it hit."""
     import psycopg2
 
-    from settings import get_settings
+    from campaign.settings import get_settings
 
     admin = psycopg2.connect(get_settings().database_url)
     admin.autocommit = True

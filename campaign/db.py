@@ -16,8 +16,8 @@ import peewee
 from peewee import DatabaseProxy
 from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
-from errors import ConfigError
-from settings import Settings, redact_url
+from campaign.errors import ConfigError
+from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 

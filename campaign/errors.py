@@ -181,3 +181,47 @@ class AmbiguousSend(ProviderError):
     """The sendText outcome is unknown (the request may have been accepted): never retried automatically."""
 
     default_code = "ambiguous_send"
+
+
+# -- the chain and the operator repairs -------------------------------------------------------
+
+class PipelineSignal(EngineError):
+    """What a step raises to tell its actor how the delivery ends (retry, defer, dead-letter)."""
+
+
+class StepFailed(PipelineSignal):
+    """A step's retries are exhausted or its failure is final: dead-letter the Dramatiq message."""
+
+
+class RetryLater(PipelineSignal):
+    """Raised by a step to be retried after ``delay`` seconds; the attempt was counted on the row
+    (the actor turns it into dramatiq.Retry)."""
+
+    def __init__(self, delay: float, cause: BaseException) -> None:
+        super().__init__(f"retry in {delay:.2f}s: {cause}")
+        self.delay = delay
+        self.cause = cause
+
+
+class Deferred(PipelineSignal):
+    """Raised by a step that must wait ``delay`` seconds without spending an attempt (a scope's
+    Retry-After, a gateway outage's hold): the actor re-enqueues a fresh copy with that delay,
+    outside Dramatiq's retry budget (R-RATE-2)."""
+
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(f"deferred {delay:.2f}s: {why}")
+        self.delay = delay
+
+
+class RepairRefused(EngineError):
+    """An operator repair does not apply to the message as it is now; nothing was changed."""
+
+
+# -- planning and run transitions ----------------------------------------------------------------
+
+class PlanError(ConfigError):
+    """A run cannot be planned (unknown config, window closed, already planned today...)."""
+
+
+class RunStateError(ConfigError):
+    """An operator transition found the run in another state (e.g. pause of a completed run)."""

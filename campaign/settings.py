@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from errors import ConfigError
+from campaign.errors import ConfigError
 
 __all__ = ["Settings", "get_settings", "reset_settings", "redact_url"]
 

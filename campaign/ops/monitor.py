@@ -10,8 +10,9 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from db import db
-from settings import Settings
+from campaign import steps
+from campaign.db import db
+from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,8 @@ def _lines(status: str, extra: str = "") -> list[MessageLine]:
 
 def queue_names() -> list[str]:
     """Every pipeline queue (campaign.*) and its .DQ / .XQ twins."""
-    try:
-        from pipeline import PIPELINE_QUEUES
-    except ImportError:  # pragma: no cover - pipeline is part of the engine
-        PIPELINE_QUEUES = ("campaign.generate", "campaign.split", "campaign.send")
     names: list[str] = []
-    for q in (*PIPELINE_QUEUES, SYSTEM_QUEUE):
+    for q in (*steps.QUEUES, SYSTEM_QUEUE):
         names += [q, f"{q}.DQ", f"{q}.XQ"]
     return names
 
@@ -192,7 +189,6 @@ def _read_depths(settings: Settings, names: list[str], depths: dict[str, int | N
     import pika
     from pika.exceptions import AMQPError, ChannelClosedByBroker
 
-    from settings import redact_url
 
     try:
         params = pika.URLParameters(settings.rabbitmq_url)

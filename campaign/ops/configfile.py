@@ -39,9 +39,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee
 
-import leadtext
-from db import db
-from errors import ConfigError
+from campaign import leadtext
+from campaign.db import db
+from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-import pipeline
-from db import db
-from errors import ConfigError
+from campaign import runs
+from campaign.db import db
+from campaign.errors import ConfigError
+from campaign.sql import fetch_all as _all
+from campaign.sql import fetch_one as _one
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
             return InboxChange(inbox, False, by, reason,
                                note=f"already disabled ({inbox.disabled_reason}); nothing changed")
         db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = %s WHERE id = %s", (reason, inbox.id))
-        paused = pipeline.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
+        paused = runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
                                      (inbox.id,), "inbox_disabled")
         _event(inbox, f"inbox {inbox.label} disabled by {by}: {reason}",
                {"action": "disable", "by": by, "reason": reason, "paused_runs": paused}, "warning")
@@ -164,7 +166,7 @@ def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
              WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled AND ({where})
              ORDER BY r.id
                FOR UPDATE OF r""", params).fetchall()
-        return [run_id for (run_id,) in rows if pipeline.resume_paused_run(run_id, "inbox_disabled")]
+        return [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disabled")]
 
 
 def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None = None,
@@ -178,7 +180,7 @@ def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None 
             db.execute_sql("""UPDATE inboxes SET disabled = false, disabled_reason = NULL, consecutive_failures = 0
                                WHERE id = %s""", (inbox.id,))
         resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
-        pipeline.wake_parked(inbox.id)  # its started messages waiting for it go on now (E-24)
+        wake_parked(inbox.id)  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
         why = reason or "no reason given"
@@ -205,3 +207,30 @@ def list_inboxes(workspace: str | None = None) -> list[InboxRow]:
         raise InboxCommandError(f"workspace {workspace!r} does not exist")
     where, params = (" WHERE w.name = %s", (workspace,)) if workspace is not None else ("", ())
     return [InboxRow(*r) for r in db.execute_sql(_INBOX_SQL + where + " ORDER BY w.name, i.name", params).fetchall()]
+
+
+# -- connection state (the send step, the health check, connection.update) ----------------------
+
+def store_state(inbox_id: int, state: str) -> None:
+    """Record an observed connection state (anything but open/close/connecting is 'error')."""
+    state = state if state in ("open", "close", "connecting") else "error"
+    _one("""UPDATE inboxes SET connection_state = %s, state_checked_at = now(),
+                disconnected_since = CASE WHEN %s = 'open' THEN NULL ELSE coalesce(disconnected_since, now()) END
+            WHERE id = %s RETURNING id""", (state, state, inbox_id))
+
+
+def mark_disconnected(inbox_id: int) -> None:
+    """A send found the inbox disconnected: note since when (the health check confirms the state)."""
+    _one("""UPDATE inboxes SET disconnected_since = coalesce(disconnected_since, now()),
+                connection_state = CASE WHEN connection_state = 'open' THEN 'close' ELSE connection_state END
+            WHERE id = %s RETURNING id""", (inbox_id,))
+
+
+def wake_parked(inbox_id: int) -> int:
+    """An inbox is usable again: its parked started messages are due now (the next sweep
+    re-publishes them, E-24); returns how many."""
+    rows = _all("""UPDATE campaign_messages SET wake_at = now()
+                   WHERE inbox_id = %s AND status = 'sending' AND wake_at > now() RETURNING id""", (inbox_id,))
+    if rows:
+        log.info("inbox %s usable again: %s parked message(s) woken", inbox_id, len(rows))
+    return len(rows)

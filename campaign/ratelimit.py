@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from db import db
+from campaign.db import db
 
 log = logging.getLogger(__name__)
 

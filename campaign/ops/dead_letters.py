@@ -14,7 +14,7 @@ requeues what it holds).
 ``--requeue``, per dead letter, in this order:
 
 1. ONE transaction: the campaign message goes back to the step that failed
-   (``pipeline.requeue_dead_step``: status, parts, attempts, run counters, run reopened or
+   (``repairs.requeue_dead_step``: status, parts, attempts, run counters, run reopened or
    resumed) and the row becomes ``requeued``; or, if the message moved on since, nothing
    changes and the row becomes ``resolved`` with a note;
 2. after the commit, the step's actor message is published (publisher confirms);
@@ -41,11 +41,15 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import peewee
 
-import pipeline
-from db import db
-from errors import ConfigError
-from pipeline import PIPELINE_QUEUES, REQUEUE_TARGETS, Repair
-from settings import Settings, redact_url
+from campaign import events, steps
+from campaign.db import db, init_db
+from campaign.enqueue import enqueue
+from campaign.errors import ConfigError
+from campaign.logs import configure_logging
+from campaign.ops import repairs
+from campaign.ops.repairs import REQUEUE_TARGETS, Repair
+from campaign.settings import Settings, get_settings, redact_url
+from campaign.steps import QUEUES as PIPELINE_QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -449,13 +453,10 @@ class Outcome:
 
 
 def _publish_via_broker(queue: str, args: tuple) -> None:
-    """Publish the step's actor message through the engine's broker (publisher confirms on)."""
-    from actors.generate import generate
-    from actors.send import send_part
-    from actors.split import split
+    """Publish the step's actor message by name through the engine's broker (publisher confirms on)."""
+    import actors  # noqa: F401  (builds the engine's broker: confirms on, the steps' queues declared)
 
-    actor = {pipeline.QUEUE_GENERATE: generate, pipeline.QUEUE_SPLIT: split, pipeline.QUEUE_SEND: send_part}[queue]
-    actor.send(*args)
+    enqueue(steps.BY_QUEUE[queue], args)
 
 
 def _lock_row(row_id: int) -> str | None:
@@ -476,7 +477,7 @@ def describe_repair(r: Repair) -> str:
                                          for i, a, b in r.parts))
     if r.run_before and r.run_after:
         changes = [f"{k.removeprefix('leads_')} {r.run_before[k]}->{r.run_after[k]}"
-                   for k in pipeline.RUN_SNAPSHOT_FIELDS if k.startswith("leads_") and r.run_before[k] != r.run_after[k]]
+                   for k in repairs.RUN_SNAPSHOT_FIELDS if k.startswith("leads_") and r.run_before[k] != r.run_after[k]]
         if r.run_before["status"] != r.run_after["status"]:
             changes.append(f"status {r.run_before['status']}->{r.run_after['status']}")
         bits.append(f"run {r.run_id}: " + (", ".join(changes) or "unchanged"))
@@ -514,7 +515,7 @@ def _requeue_one(item: Item, settings: Settings, dry_run: bool) -> Outcome:
         if mid is None:
             repair = Repair(0, False, note="its campaign message no longer exists (its run was deleted)")
         else:
-            repair = pipeline.requeue_dead_step(mid, item.row.actor, settings)
+            repair = repairs.requeue_dead_step(mid, item.row.actor, settings)
         if repair.changed:
             text = describe_repair(repair)
             _mark(item.row.id, "requeued", text)
@@ -524,7 +525,7 @@ def _requeue_one(item: Item, settings: Settings, dry_run: bool) -> Outcome:
             _mark(item.row.id, "resolved", text)
             action = "resolved"
         if not dry_run and repair.run_id is not None:  # the message and its run exist: an audit line
-            pipeline.log_event("dead_letters", f"dead letter {item.row.id} {action}: {text}",
+            events.log_event("dead_letters", f"dead letter {item.row.id} {action}: {text}",
                                run_id=repair.run_id, message_id=mid,
                                details={"dead_letter": item.row.id, "dramatiq_id": item.key})
     return Outcome(item, action, text, True, repair)
@@ -771,9 +772,6 @@ def _filtered(args: argparse.Namespace) -> bool:
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "reprocess_dead_letters.py") -> int:
     """Script entry point: parse, set up logging and the database, run; exit codes 0/1/2."""
-    from db import init_db
-    from logs import configure_logging
-    from settings import get_settings
 
     parser = argparse.ArgumentParser(prog=prog, description="List, requeue or purge the dead letters of the "
                                                             "campaign pipeline (SPEC R-OPS-2).")
@@ -800,13 +798,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "reprocess_dead_lette
 
 def resolve(message_id: int, outcome: str, settings: Settings, *, out: TextIO | None = None,
             publish: Publisher | None = None) -> int:
-    """Settle one in_doubt message (pipeline.resolve_in_doubt), then publish its next send if any.
+    """Settle one in_doubt message (repairs.resolve_in_doubt), then publish its next send if any.
 
-    Raises pipeline.RepairRefused (exit 2 in the CLI) when the message is not in_doubt.
+    Raises RepairRefused (exit 2 in the CLI) when the message is not in_doubt.
     """
     out = out or sys.stdout
     with db.connection_context():
-        repair = pipeline.resolve_in_doubt(message_id, outcome, settings)
+        repair = repairs.resolve_in_doubt(message_id, outcome, settings)
     out.write(f"resolved ({outcome}): {describe_repair(repair)}\n")
     log.info("message %s resolved %s run=%s: %s -> %s", message_id, outcome, repair.run_id, repair.status_from,
              repair.status_to)

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from db import db
-from errors import ConfigError
+from campaign import planner, runs
+from campaign.db import db
+from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,6 @@ def _dist(n: int, pcts: list[float] | None, mx: float | None) -> Dist:
 
 def _window(run_date: dt.date, tz: str, start: int, end: int) -> tuple[dt.datetime | None, dt.datetime | None]:
     """UTC bounds of the campaign's local window on the run's date (same rule as the planner)."""
-    import planner
 
     try:
         bounds = planner.window_bounds(run_date, tz, start, end)
@@ -261,7 +261,6 @@ def _window(run_date: dt.date, tz: str, start: int, end: int) -> tuple[dt.dateti
 
 def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
     """Read one run's report from PostgreSQL (seven queries, one consistent snapshot); RunNotFound if unknown."""
-    import planner
 
     if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id <= 0:
         raise ConfigError(f"run id must be a positive integer, got {run_id!r}")
@@ -279,7 +278,7 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         inbox_ids = sorted({int(r[1]) for r in messages} | {int(r[0]) for r in parts} | {int(run[20])})
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
-        closed_paused = planner.closed_while_paused(run_id)
+        closed_paused = runs.closed_while_paused(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
     rep.closed_while_paused = closed_paused
     log.debug("report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts),

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import phonenumbers
 
-from db import db
-from errors import ConfigError
+from campaign.db import db
+from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from settings import Settings
+from campaign.settings import Settings
 
 __all__ = ["configure_logging", "install_on_existing_handlers", "bind", "annotate", "log_context",
            "current_context", "Redactor", "StructuredFormatter", "MAX_VALUE_CHARS", "MAX_TRACE_CHARS"]

@@ -10,10 +10,19 @@ import logging
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import (AgeLimit, Callbacks, CurrentMessage, Middleware, Pipelines, Retries,
-                                 ShutdownNotifications, TimeLimit)
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Middleware,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
 
-from settings import Settings, redact_url
+from actors.middleware import engine_middleware
+from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +31,6 @@ __all__ = ["build_broker", "setup_broker", "middleware_list"]
 
 def middleware_list(settings: Settings) -> list[Middleware]:
     """The middleware every broker of the engine runs, in order."""
-    from actors.middleware import engine_middleware  # local: actors imports broker
 
     head, tail = engine_middleware(settings)
     return [
@@ -56,5 +64,6 @@ def build_broker(settings: Settings) -> dramatiq.Broker:
 def setup_broker(settings: Settings) -> dramatiq.Broker:
     """Build the broker and make it dramatiq's global one (actors declared after this use it)."""
     broker = build_broker(settings)
+    broker.campaign_engine = True  # type: ignore[attr-defined]  # campaign.enqueue publishes only through this one
     dramatiq.set_broker(broker)
     return broker

@@ -1,0 +1,462 @@
+"""Operator CLI (SPEC R-OPS-1): ``python cli.py COMMAND ...``; ``--help`` lists the commands."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+import peewee
+
+from campaign import inboxes, planner, runs
+from campaign.db import db, init_db
+from campaign.errors import ConfigError, EngineError
+from campaign.logs import configure_logging
+from campaign.ops import dead_letters, monitor, report
+from campaign.ops.configfile import ConfigFileError, apply_file
+from campaign.ops.leads_import import import_file
+from campaign.settings import Settings, get_settings, redact_url
+from devtools import demo
+from models.schema import LATEST, current_version, migrate
+
+log = logging.getLogger("cli")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register ``func`` as the handler of sub-command ``name``."""
+    def register(func: Handler) -> Handler:
+        _COMMANDS[name] = (func, args, help)
+        return func
+    return register
+
+
+@command("init-db", "create or upgrade the schema (idempotent)",
+         lambda p: p.add_argument("--target", type=int, default=None, help="stop at this schema version"))
+def cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        applied = migrate(db, args.target)
+        version = current_version(db)
+    if applied:
+        print(f"schema upgraded to version {version} (applied {', '.join(map(str, applied))})")
+    else:
+        print(f"schema already at version {version} (latest {LATEST}); nothing to do")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and leads
+# --------------------------------------------------------------------------------------------
+
+@command("apply", "apply a TOML file of workspaces, columns, inboxes and campaigns (idempotent)",
+         lambda p: p.add_argument("file", help="the TOML file (format: SPEC §4.8, example: examples/acme.toml)"))
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+
+    try:
+        with db.connection_context():
+            summary = apply_file(args.file)
+    except ConfigFileError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        print("nothing was applied", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="CSV with a header: name,phone[,extra columns...]")
+    p.add_argument("--workspace", required=True, help="workspace name")
+    p.add_argument("--column", required=True, help="column new leads go into")
+    p.add_argument("--region", default="BR", help="default phone region for numbers without +country (default BR)")
+
+
+@command("import-leads", "import leads from CSV (exit 1 when some rows were rejected, 2 when nothing was imported)",
+         _import_args)
+def cmd_import_leads(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        report = import_file(args.file, workspace=args.workspace, column=args.column, region=args.region)
+    print(f"{report.imported} lead(s) imported into {args.workspace}/{args.column}: {report.inserted} new, "
+          f"{report.updated} updated, {report.unchanged} unchanged; {len(report.errors)} row(s) rejected")
+    for err in report.errors:
+        print(f"rejected {err}")
+    return 1 if report.errors else 0
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------
+
+@command("run-now", "plan today's run of a campaign now (manual run)",
+         lambda p: p.add_argument("campaign", help="WORKSPACE/CAMPAIGN, e.g. acme/first-touch"))
+def cmd_run_now(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        config_id = planner.find_config(args.campaign)
+        run = planner.plan_run(config_id, manual=True)
+        if run is None:
+            row = db.execute_sql("""SELECT id, status, run_date FROM campaign_runs WHERE config_id = %s
+                                    ORDER BY run_date DESC, id DESC LIMIT 1""", (config_id,)).fetchone()
+            raise planner.PlanError(f"campaign {args.campaign} already has run {row[0]} for {row[2]} ({row[1]}); "
+                                    "one run per campaign and day" if row else
+                                    f"campaign {args.campaign} could not be planned")
+        first_last = db.execute_sql("SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages "
+                                    "WHERE run_id = %s", (run.id,)).fetchone()
+    if run.status == "failed":
+        print(f"error: run {run.id} of {args.campaign} failed: {run.failure_reason}", file=sys.stderr)
+        return 2
+    when = (f", from {first_last[0]:%Y-%m-%d %H:%M:%S} to {first_last[1]:%H:%M:%S} UTC" if first_last[0] else "")
+    print(f"run {run.id} of {args.campaign} planned for {run.run_date}: {run.leads_total} message(s){when}; "
+          f"overflow {run.leads_overflow}; status {run.status}")
+    return 0
+
+
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=int, help="run id (see `status`)")
+
+
+@command("pause", "pause a running run (in-flight messages finish; nothing new starts); on a run the engine "
+                 "paused by itself, the pause becomes yours: only `resume` ends it", _run_arg)
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        was = runs.pause_run(args.run)
+    if was:
+        print(f"run {args.run} paused (manual): it was paused automatically ({was}); it no longer resumes by "
+              "itself, only with `resume`")
+    else:
+        print(f"run {args.run} paused")
+    return 0
+
+
+@command("resume", "resume a paused run (overdue messages are re-planned into the remaining window)", _run_arg)
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        result = runs.resume_run(args.run)
+    print(f"run {args.run} resumed: {result['replanned']} message(s) re-planned, "
+          f"{result['skipped']} skipped (window closed)")
+    return 0
+
+
+@command("cancel", "cancel a run (pending messages skipped 'cancelled'; in-flight ones finish)", _run_arg)
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        skipped = runs.cancel_run(args.run)
+    print(f"run {args.run} cancelled: {skipped} pending message(s) skipped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# inboxes (R-FAIL-6)
+# --------------------------------------------------------------------------------------------
+
+def _inbox_args(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (
+            ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
+            ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled")):
+        a = actions.add_parser(action, help=help_text, description=help_text)
+        a.add_argument("name", help="the inbox name of [workspaces.W.inboxes.NAME], or W/NAME")
+        a.add_argument("--workspace", default=None, help="its workspace, when the name exists in several")
+        a.add_argument("--reason", required=action == "disable", default=None,
+                       help="why (kept on the inbox and in campaign_events)" + (" (optional)" if action == "enable"
+                                                                               else ""))
+
+
+def _run_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids)) if ids else "none"
+
+
+@command("inbox", "enable or disable an inbox by name (logged with who and why)", _inbox_args)
+def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        if args.action == "disable":
+            change = inboxes.disable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+        else:
+            change = inboxes.enable_inbox(args.name, workspace=args.workspace, reason=args.reason)
+    label = change.inbox.label
+    if not change.changed:
+        print(f"inbox {label}: {change.note}")
+    elif args.action == "disable":
+        print(f"inbox {label} disabled by {change.by}: {change.reason}; runs paused (inbox_disabled): "
+              f"{_run_ids(change.paused)}")
+    else:
+        print(f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
+              f"{_run_ids(change.resumed)}")
+    return 0
+
+
+@command("inboxes", "list the inboxes: connection state, disabled (why), consecutive send failures",
+         lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"))
+def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        rows = inboxes.list_inboxes(args.workspace)
+    if not rows:
+        print("no inbox (apply a TOML file first)")
+        return 0
+    table = [("inbox", "instance", "state", "failures", "disabled")]
+    for r in rows:
+        state = r.connection_state + (f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC"
+                                      if r.disconnected_since else "")
+        table.append((r.label, r.instance_name, state, str(r.consecutive_failures),
+                      f"yes: {r.disabled_reason}" if r.disabled else "no"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# watching
+# --------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------
+# repairs: dead letters (R-OPS-2) and in-doubt messages (R-FAIL-4)
+# --------------------------------------------------------------------------------------------
+
+def _dead_letters_args(p: argparse.ArgumentParser) -> None:
+
+    dead_letters.add_arguments(p)
+
+
+@command("dead-letters", "list, requeue or purge the pipeline's dead letters (.XQ + PostgreSQL; "
+                         "same as scripts/reprocess_dead_letters.py)", _dead_letters_args)
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+
+    return dead_letters.run(args, settings)
+
+
+def _resolve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("message", type=int, help="id of the in_doubt campaign message (see `status`)")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--sent", action="store_true",
+                         help="the in-doubt part(s) reached the lead: count them sent, send what is left")
+    verdict.add_argument("--resend", action="store_true", help="they did not: send the in-doubt part(s) again")
+
+
+@command("resolve", "settle an in_doubt message: --sent (it reached the lead) or --resend", _resolve_args)
+def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+
+    return dead_letters.resolve(args.message, "sent" if args.sent else "resend", settings)
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="refresh interval in seconds (default 2)")
+    p.add_argument("--no-queues", action="store_true", help="do not ask RabbitMQ for queue depths")
+
+
+def _bar(run, width: int = 24):
+    """A stacked bar: sent / skipped / failed / in doubt of total."""
+    from rich.text import Text
+
+    text = Text()
+    total = max(run.total, 1)
+    used = 0
+    for count, char, style in ((run.sent, "█", "green"), (run.skipped, "█", "yellow"), (run.failed, "█", "red"),
+                               (run.in_doubt, "█", "magenta")):
+        n = round(width * count / total)
+        n = min(n, width - used)
+        text.append(char * n, style=style)
+        used += n
+    text.append("░" * (width - used), style="grey50")
+    text.append(f" {run.progress:4.0%}")
+    return text
+
+
+def _plain(value) -> "Text":
+    """A table cell from data (provider errors, names, queue names): rich ``Text`` is never parsed
+    as markup, so "[/x] is not a valid model ID" prints as it is instead of raising MarkupError,
+    and "[bold]" or "[link=...]" in an error text is shown, not obeyed."""
+    from rich.text import Text
+
+    return Text("-" if value is None else str(value))
+
+
+def render_status(snap):
+    """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list = [Text(f"campaign engine status at {snap.taken_at:%Y-%m-%d %H:%M:%S} UTC", style="bold")]
+    runs = Table(title=f"runs in progress ({len(snap.runs)})", title_justify="left", expand=False)
+    numeric = ("run", "sent", "skipped", "failed", "in doubt", "total", "pending", "in flight", "overflow")
+    for col in ("run", "campaign", "date", "status", "sent/skipped/failed/in doubt", "sent", "skipped", "failed",
+                "in doubt", "total", "pending", "in flight", "overflow", "next due (UTC)"):
+        runs.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
+    for r in snap.runs:
+        status = r.status + (f" ({r.pause_reason})" if r.pause_reason else "")
+        runs.add_row(str(r.id), _plain(r.campaign), str(r.run_date),
+                     Text(status, style="yellow" if r.pause_reason else ""),
+                     _bar(r), str(r.sent), str(r.skipped), str(r.failed), str(r.in_doubt), str(r.total),
+                     str(r.pending), str(r.in_flight), str(r.overflow),
+                     f"{r.next_at:%H:%M:%S}" if r.next_at else "-")
+    parts.append(runs if snap.runs else Text("no run in progress"))
+
+    if snap.queues or snap.queue_error:
+        queues = Table(title="queues (ready messages)", title_justify="left")
+        for col in ("queue", "ready", ".DQ (delayed)", ".XQ (dead)"):
+            queues.add_column(col, justify="left" if col == "queue" else "right")
+        bases = [q for q in snap.queues if not q.endswith((".DQ", ".XQ"))]
+        fmt = (lambda v: "?" if v is None else str(v))
+        for q in bases:
+            queues.add_row(_plain(q), fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")),
+                           fmt(snap.queues.get(f"{q}.XQ")))
+        parts.append(queues)
+        if snap.queue_error:
+            parts.append(Text(snap.queue_error, style="red"))
+
+    for title, lines in (("in doubt (resolve with `resolve`)", snap.in_doubt), ("failed (runs in progress)", snap.failed)):
+        if lines:
+            t = Table(title=f"{title}: {len(lines)}", title_justify="left")
+            for col in ("message", "run", "campaign", "lead", "phone", "error"):
+                t.add_column(col, overflow="fold")
+            for m in lines:
+                t.add_row(str(m.id), str(m.run_id), _plain(m.campaign), str(m.lead_id or "-"), _plain(m.phone),
+                          _plain((m.error or "")[:120]))
+            parts.append(t)
+
+    if snap.alerts:
+        parts.append(Text("alerts:", style="bold red"))
+        parts += [Text(f"  ! {a.kind}: {a.text}", style="red") for a in snap.alerts]
+    else:
+        parts.append(Text("no alerts", style="green"))
+    return Group(*parts)
+
+
+@command("status", "runs in progress, queue depths, in-doubt and failed messages, alerts", _status_args)
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+
+    if not 0.2 <= args.interval <= 3600:
+        raise ConfigError(f"--interval {args.interval} must be between 0.2 and 3600 seconds")
+
+    def snapshot():
+        with db.connection_context():
+            return monitor.status_snapshot(settings, with_queues=not args.no_queues)
+
+    probe = Console()
+    console = probe if probe.is_terminal else Console(width=220)  # piped: never truncate the table
+    if not args.watch:
+        console.print(render_status(snapshot()))
+        return 0
+    try:
+        with Live(render_status(snapshot()), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(render_status(snapshot()))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=int, help="run id (see `status`)")
+    p.add_argument("--picture", default=None, metavar="PATH",
+                   help="where to write the picture, .png or .svg (default reports/run-<id>.png)")
+    p.add_argument("--no-picture", action="store_true", help="print the text summary only")
+
+
+@command("report", "a run's summary (outcomes by reason, timings, tokens, per inbox) and a picture of its sends",
+         _report_args)
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+
+    if args.no_picture and args.picture:
+        print("error: --picture and --no-picture contradict each other; give one", file=sys.stderr)
+        return 2
+    picture = Path(args.picture or f"reports/run-{args.run}.png")
+    if not args.no_picture and picture.suffix.lower() not in report.PICTURE_SUFFIXES:
+        # checked before reading anything: a typo costs nothing
+        print(f"error: --picture {picture}: unsupported suffix {picture.suffix or '(none)'!r}; use .png or .svg",
+              file=sys.stderr)
+        return 2
+    with db.connection_context():
+        rep = report.build_report(args.run)
+    print(report.render_text(rep), end="")
+    if not args.no_picture:
+        try:
+            written = report.render_picture(rep, picture)
+        except OSError as exc:
+            print(f"error: cannot write the picture {picture}: {exc}", file=sys.stderr)
+            return 2
+        print(f"picture: {written}")
+    return 0
+
+
+@command("verify", "check every run's counters against its message rows, every message against its parts, "
+                  "and that finished runs are closed (exit 1 on any finding)")
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        runs = db.execute_sql("SELECT count(*) FROM campaign_runs").fetchone()[0]
+        findings = monitor.verify()
+    if not findings:
+        print(f"ok: the counters of all {runs} run(s) match their message rows; every message agrees with its "
+              "parts; every finished run is closed")
+        return 0
+    for m in findings:
+        print(f"{'MISMATCH' if isinstance(m, monitor.Mismatch) else 'INCONSISTENT'} {m}")
+    print(f"{len(findings)} finding(s) in {len({m.run_id for m in findings})} of {runs} run(s)")
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# demo (issue 8)
+# --------------------------------------------------------------------------------------------
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+
+    demo.add_arguments(p)
+
+
+@command("demo", "run the whole engine end to end on this machine (sandbox providers; real services when they "
+         "answer, else embedded PostgreSQL + StubBroker)", _demo_args)
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+
+    return demo.run_from_args(args, verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(prog="cli.py", description="Campaign engine operator CLI")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, add_args, help_text) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, bind the database, run the command; errors print one clear line."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        configure_logging(settings, level="DEBUG" if args.verbose else None)
+        init_db(settings, max_connections=4, application_name="campaign-cli")
+        return _COMMANDS[args.command][0](args, settings)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:  # database down or unreachable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: database unavailable ({redact_url(get_settings().database_url)}): {first}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Terminal transitions of campaign messages: status, lead move, run counters and run completion in
+ONE statement each (E-04), so a crash can never separate them.
+
+Every transition is conditional on the status it expects (DESIGN #2): run twice, it changes
+nothing the second time (R-PIPE-5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from typing import Any, Iterable, Sequence
+
+from campaign import ratelimit
+from campaign.db import db
+from campaign.events import log_event
+from campaign.settings import Settings
+from campaign.sql import fetch_all as _all
+from campaign.sql import fetch_one as _one
+from campaign.steps import BY_NAME, IN_FLIGHT
+
+log = logging.getLogger(__name__)
+
+
+_RUN_COUNTERS_SET = """
+    leads_sent = r.leads_sent + (%(st)s = 'sent')::int * %(n)s,
+    leads_failed = r.leads_failed + (%(st)s = 'failed')::int * %(n)s,
+    leads_skipped = r.leads_skipped + (%(st)s = 'skipped')::int * %(n)s,
+    leads_in_doubt = r.leads_in_doubt + (%(st)s = 'in_doubt')::int * %(n)s,
+    leads_processed = r.leads_processed + %(n)s,
+    status = CASE
+        WHEN r.status IN ('running', 'paused') AND r.leads_processed + %(n)s >= r.leads_total THEN 'completed'
+        WHEN r.status = 'running' AND %(st)s = 'failed' AND r.leads_processed + %(n)s >= %(min_n)s
+             AND (r.leads_failed + %(n)s)::float / (r.leads_processed + %(n)s) > %(ratio)s THEN 'paused'
+        ELSE r.status END,
+    pause_reason = CASE
+        WHEN r.status IN ('running', 'paused') AND r.leads_processed + %(n)s >= r.leads_total THEN NULL
+        WHEN r.status = 'running' AND %(st)s = 'failed' AND r.leads_processed + %(n)s >= %(min_n)s
+             AND (r.leads_failed + %(n)s)::float / (r.leads_processed + %(n)s) > %(ratio)s THEN 'error_threshold'
+        ELSE r.pause_reason END,
+    finished_at = CASE
+        WHEN r.status IN ('running', 'paused') AND r.leads_processed + %(n)s >= r.leads_total THEN now()
+        ELSE r.finished_at END"""
+
+
+# The counters' %(n)s is 1 here: one message per statement.
+_FINISH_SQL = """
+WITH part AS (
+    UPDATE message_parts SET status = 'sent', provider_message_id = %(key_id)s, sent_at = now()
+    WHERE id = %(part_id)s AND attempt_id = %(attempt)s AND status = 'sending'
+    RETURNING id
+), m AS (
+    UPDATE campaign_messages SET status = %(st)s, skip_reason = %(skip)s, error_class = %(err_class)s,
+        error_message = %(err_msg)s, finished_at = now(), status_changed_at = now(),
+        sent_at = CASE WHEN %(st)s = 'sent' THEN now() ELSE sent_at END,
+        send_ms = CASE WHEN %(send_ms)s::int IS NULL THEN send_ms ELSE coalesce(send_ms, 0) + %(send_ms)s END
+    WHERE id = %(id)s AND status = ANY(%(from)s)
+      AND (%(part_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM part))
+    RETURNING id, run_id, lead_id
+), ctx AS (
+    SELECT m.run_id, m.lead_id, c.source_column_id AS src, c.target_column_id AS tgt, l.column_id AS old_col
+    FROM m JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
+    LEFT JOIN leads l ON l.id = m.lead_id
+), lead_upd AS (
+    UPDATE leads l SET last_activity_at = now(),
+        column_id = CASE WHEN l.column_id = ctx.src AND ctx.tgt IS NOT NULL THEN ctx.tgt ELSE l.column_id END
+    FROM ctx WHERE %(st)s = 'sent' AND l.id = ctx.lead_id
+    RETURNING l.id
+), run_upd AS (
+    UPDATE campaign_runs r SET """ + _RUN_COUNTERS_SET + """
+    FROM m WHERE r.id = m.run_id
+    RETURNING r.id, r.status, r.pause_reason
+), lease AS (
+    -- the send step's inbox slot, given back in the statement that records the send (T-PERF-1)
+    UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(), last_at = now()
+    WHERE %(lease_key)s::text IS NOT NULL AND key = %(lease_key)s AND lease_token = %(lease_token)s
+    RETURNING key
+)
+SELECT ctx.run_id, ctx.lead_id, ctx.src, ctx.tgt, ctx.old_col, run_upd.status, run_upd.pause_reason,
+       (SELECT count(*) FROM part), (SELECT count(*) FROM lead_upd)
+FROM ctx LEFT JOIN run_upd ON run_upd.id = ctx.run_id
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What a terminal transition did (None of it happened when the transition lost a race)."""
+
+    run_id: int
+    lead_id: int | None
+    run_status: str
+    pause_reason: str | None
+    lead_note: str | None  # why the lead was not moved, when it was not
+
+
+def finish_message(message_id: int, status: str, settings: Settings, *, from_statuses: Iterable[str] = IN_FLIGHT,
+                   skip_reason: str | None = None, error: BaseException | None = None,
+                   error_class: str | None = None, error_message: str | None = None,
+                   last_part: tuple[int, uuid.UUID, str] | None = None, send_ms: int | None = None,
+                   lease: ratelimit.Grant | None = None) -> Finished | None:
+    """Move one message to a terminal status with lead move, counters and run completion, atomically.
+
+    ``last_part`` = (part id, attempt id, provider key id): that part becomes ``sent`` in the
+    same statement, and nothing happens unless it was still ``sending`` with that attempt.
+    ``lease``: an inbox send slot released (a send happened: the gap counts from now) in the
+    same statement, whether or not the transition applies.
+    """
+    assert status in ("sent", "failed", "skipped", "in_doubt"), status
+    if error is not None:
+        error_class = error_class or getattr(error, "code", None) or type(error).__name__
+        error_message = error_message or str(error)
+    params = {
+        "id": message_id, "st": status, "from": list(from_statuses), "skip": skip_reason,
+        "err_class": error_class, "err_msg": (error_message or None) and error_message[:2000],
+        "part_id": last_part[0] if last_part else None, "attempt": str(last_part[1]) if last_part else None,
+        "key_id": last_part[2] if last_part else None, "send_ms": send_ms, "n": 1,
+        "min_n": settings.error_threshold_min_processed, "ratio": settings.error_threshold_ratio,
+        "lease_key": lease.key if lease and lease.granted else None,
+        "lease_token": lease.token if lease and lease.granted else None,
+    }
+    row = _one(_FINISH_SQL, params)
+    if row is None:
+        return None
+    run_id, lead_id, src, tgt, old_col, run_status, pause_reason, _, _ = row
+    note = None
+    if status == "sent":
+        if lead_id is None:
+            note = "lead deleted: nothing to move"
+        elif tgt is None:
+            note = "target column gone: move skipped"
+            log_event("finalize", note, run_id=run_id, message_id=message_id, lead_id=lead_id, level="warning")
+        elif old_col == tgt:
+            note = "lead already in the target column"
+        elif old_col != src:
+            note = "lead moved by hand meanwhile: left where it is"
+            log_event("finalize", note, run_id=run_id, message_id=message_id, lead_id=lead_id, level="warning",
+                      details={"column_id": old_col})
+    elif status in ("failed", "in_doubt"):
+        log_event("finalize", f"message {status}: {error_class}: {error_message}", run_id=run_id,
+                  message_id=message_id, lead_id=lead_id, level="warning" if status == "in_doubt" else "error")
+    if run_status == "paused" and pause_reason == "error_threshold":
+        log_event("run", "run paused: failure ratio above the threshold", run_id=run_id, level="error")
+    log.info("message %s %s run=%s lead=%s%s", message_id, status, run_id, lead_id, f" ({note})" if note else "")
+    return Finished(run_id, lead_id, run_status, pause_reason, note)
+
+
+def skip_pending_where(condition_sql: str, params: Sequence[Any], reason: str) -> int:
+    """Skip every pending message matching ``condition_sql`` (aliases m, r, c) in one statement."""
+    sql = f"""
+    WITH s AS (
+        UPDATE campaign_messages m SET status = 'skipped', skip_reason = %s, finished_at = now(),
+            status_changed_at = now()
+        FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+        WHERE m.run_id = r.id AND m.status = 'pending' AND ({condition_sql})
+        RETURNING m.run_id
+    ), agg AS (SELECT run_id, count(*)::int AS n FROM s GROUP BY run_id)
+    UPDATE campaign_runs r SET
+        leads_skipped = r.leads_skipped + agg.n,
+        leads_processed = r.leads_processed + agg.n,
+        status = CASE WHEN r.status IN ('running', 'paused') AND r.leads_processed + agg.n >= r.leads_total
+                      THEN 'completed' ELSE r.status END,
+        pause_reason = CASE WHEN r.status IN ('running', 'paused') AND r.leads_processed + agg.n >= r.leads_total
+                            THEN NULL ELSE r.pause_reason END,
+        finished_at = CASE WHEN r.status IN ('running', 'paused') AND r.leads_processed + agg.n >= r.leads_total
+                           THEN now() ELSE r.finished_at END
+    FROM agg WHERE r.id = agg.run_id
+    RETURNING r.id, agg.n
+    """
+    rows = _all(sql, (reason, *params))
+    total = sum(n for _, n in rows)
+    for run_id, n in rows:
+        log_event("skip", f"{n} pending message(s) skipped: {reason}", run_id=run_id, details={"count": n})
+    return total
+
+
+def mark_in_doubt(message_id: int, part_id: int, reason: str, settings: Settings, *,
+                  attempt: uuid.UUID | str | None = None) -> None:
+    """A part whose send may have gone out (R-FAIL-4): the part and its message become ``in_doubt``,
+    one transaction; nothing happens when the send recorded its outcome meanwhile."""
+    with db.atomic():
+        marked = _one("""UPDATE message_parts SET status = 'in_doubt', error_message = %s
+                         WHERE id = %s AND status IN ('sending', 'in_doubt')
+                           AND (%s::uuid IS NULL OR attempt_id = %s::uuid) RETURNING id""",
+                      (reason[:2000], part_id, attempt and str(attempt), attempt and str(attempt)))
+        if marked is None:
+            return  # the send recorded its outcome meanwhile: nothing is in doubt
+        finish_message(message_id, "in_doubt", settings, from_statuses=("sending",),
+                       error_class="ambiguous_send", error_message=reason)
+
+
+def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | None = None) -> Finished | None:
+    """A step's Dramatiq message died (retries exhausted): the campaign message fails, counters follow.
+
+    Only while the message is still in that step's statuses: a dead duplicate of an earlier
+    step must not fail a message another delivery has carried on (R-PIPE-5).
+    """
+    statuses = BY_NAME[step].statuses if step in BY_NAME else IN_FLIGHT
+    with db.atomic():
+        finished = finish_message(message_id, "failed", settings, from_statuses=statuses,
+                                  error_class="retries_exhausted", error_message=error)
+        if finished is not None:
+            _one("""UPDATE message_parts SET status = 'failed', error_message = %s
+                    WHERE message_id = %s AND status = 'pending' RETURNING id""", (error[:2000], message_id))
+        return finished

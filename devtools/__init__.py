@@ -1,0 +1,1 @@
+"""Development tools: the throw-away services helper shared by tests, bench, chaos and the demo."""
