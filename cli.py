@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """``python cli.py …``: the operator CLI (R-OPS-1). The commands live in ``campaign.ops.cli``."""
+
 from __future__ import annotations
 
 import sys

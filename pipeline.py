@@ -19,6 +19,7 @@ Every terminal outcome is ONE SQL statement (``campaign.outcomes``); the last pa
 in that same statement: finalize needs no hop of its own. Dispatching is ``campaign.dispatch``,
 the sweep ``campaign.recovery``, the texts ``campaign.text``, the repairs ``campaign.ops.repairs``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,8 @@ import logging
 import random
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import peewee
 
@@ -77,8 +79,9 @@ def _ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
 
-def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None = None,
-                    rng: random.Random | None = None) -> float:
+def backoff_seconds(
+    attempt: int, settings: Settings, retry_after: float | None = None, rng: random.Random | None = None
+) -> float:
     """Exponential backoff with full jitter for ``attempt`` (1-based), never below Retry-After."""
     rng = rng or random
     ceiling = min(settings.max_backoff_seconds, settings.min_backoff_seconds * 2 ** (attempt - 1))
@@ -91,8 +94,11 @@ def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None 
 
 def _back_to_wait(message_id: int, from_status: str) -> bool:
     """Return an in-flight message to ``pending``: it waits (in PostgreSQL) for its run to run again."""
-    row = _one("""UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL
-                  WHERE id = %s AND status = %s RETURNING id""", (message_id, from_status))
+    row = _one(
+        """UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL
+                  WHERE id = %s AND status = %s RETURNING id""",
+        (message_id, from_status),
+    )
     return row is not None
 
 
@@ -138,7 +144,7 @@ class Context:
     gateway_failures: int = 0  # the inbox's consecutive gateway troubles: 429/5xx/timeouts (send step only)
     connection_state: str = "unknown"  # the inbox's last known connection state (send step only)
     state_age: float | None = None  # seconds since that state was observed; None: never (send step only)
-    parts_count: int = 0     # parts the message already has (loaded by the split step only)
+    parts_count: int = 0  # parts the message already has (loaded by the split step only)
 
 
 _CONTEXT_SQL = """
@@ -159,17 +165,24 @@ _CONTEXT_COLUMNS = 28
 
 # The send step's one read: the context, the inbox's failure streaks and known connection state,
 # and the first unsent part (id, idx, text, status, last idx), in one statement (T-PERF-1).
-_SEND_CONTEXT_SQL = _CONTEXT_SQL.replace("\nFROM campaign_messages m", """,
+_SEND_CONTEXT_SQL = _CONTEXT_SQL.replace(
+    "\nFROM campaign_messages m",
+    """,
        i.consecutive_failures, i.gateway_failures, i.connection_state,
        extract(epoch FROM now() - i.state_checked_at)::float, np.id, np.idx, np.text, np.status,
        (SELECT max(idx) FROM message_parts WHERE message_id = m.id), np.attempt_id, np.provider_message_id
-FROM campaign_messages m""").replace("LEFT JOIN leads l ON l.id = m.lead_id", """LEFT JOIN leads l ON l.id = m.lead_id
+FROM campaign_messages m""",
+).replace(
+    "LEFT JOIN leads l ON l.id = m.lead_id",
+    """LEFT JOIN leads l ON l.id = m.lead_id
 LEFT JOIN LATERAL (SELECT id, idx, text, status, attempt_id, provider_message_id FROM message_parts
-                   WHERE message_id = m.id AND status <> 'sent' ORDER BY idx LIMIT 1) np ON true""")
+                   WHERE message_id = m.id AND status <> 'sent' ORDER BY idx LIMIT 1) np ON true""",
+)
 
 
-def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], settings: Settings, *,
-           count_parts: bool = False) -> Context | None:
+def _claim(
+    message_id: int, to_status: str, from_statuses: tuple[str, ...], settings: Settings, *, count_parts: bool = False
+) -> Context | None:
     """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
 
     Attempts are kept: they survive every re-dispatch and are reset only by a step's success
@@ -177,18 +190,23 @@ def _claim(message_id: int, to_status: str, from_statuses: tuple[str, ...], sett
     mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
     """
-    context_sql = _CONTEXT_SQL.replace('WHERE m.id = %s', 'WHERE m.id = (SELECT id FROM claimed)')
+    context_sql = _CONTEXT_SQL.replace("WHERE m.id = %s", "WHERE m.id = (SELECT id FROM claimed)")
     if count_parts:
-        context_sql = context_sql.replace("\nFROM campaign_messages m", """,
+        context_sql = context_sql.replace(
+            "\nFROM campaign_messages m",
+            """,
        (SELECT count(*) FROM message_parts WHERE message_id = m.id)
-FROM campaign_messages m""")
-    row = _one(f"""
+FROM campaign_messages m""",
+        )
+    row = _one(
+        f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %s, status_changed_at = now(),
                 wake_at = now() + make_interval(secs => %s)
             WHERE id = %s AND status = ANY(%s) RETURNING id
         ) {context_sql}""",
-               (to_status, settings.lease_seconds, message_id, list(from_statuses)))
+        (to_status, settings.lease_seconds, message_id, list(from_statuses)),
+    )
     if row is None:
         return None
     ctx = _context_from_row(row)
@@ -199,13 +217,65 @@ FROM campaign_messages m""")
 
 
 def _context_from_row(row: tuple) -> Context:
-    (mid, status, run_id, run_status, lead_id, name, phone, fields, col, opted, inbox_id, instance, disabled,
-     src, model, prompt, fallback, split, max_parts, gmin, gmax, text, attempts, ws, run_date, tz,
-     wstart, wend) = row[:_CONTEXT_COLUMNS]
+    (
+        mid,
+        status,
+        run_id,
+        run_status,
+        lead_id,
+        name,
+        phone,
+        fields,
+        col,
+        opted,
+        inbox_id,
+        instance,
+        disabled,
+        src,
+        model,
+        prompt,
+        fallback,
+        split,
+        max_parts,
+        gmin,
+        gmax,
+        text,
+        attempts,
+        ws,
+        run_date,
+        tz,
+        wstart,
+        wend,
+    ) = row[:_CONTEXT_COLUMNS]
     logs.annotate(run=run_id, inbox=inbox_id)  # the step's log lines carry the run from here on (R-OPS-6)
-    return Context(mid, status, run_id, run_status, lead_id, name, phone, fields or {}, col, opted, inbox_id,
-                   instance, disabled, src, model, prompt, fallback, split, max_parts, (gmin, gmax), text,
-                   attempts, ws, run_date, tz, (wstart, wend))
+    return Context(
+        mid,
+        status,
+        run_id,
+        run_status,
+        lead_id,
+        name,
+        phone,
+        fields or {},
+        col,
+        opted,
+        inbox_id,
+        instance,
+        disabled,
+        src,
+        model,
+        prompt,
+        fallback,
+        split,
+        max_parts,
+        (gmin, gmax),
+        text,
+        attempts,
+        ws,
+        run_date,
+        tz,
+        (wstart, wend),
+    )
 
 
 def _window_closed(ctx: Context) -> bool:
@@ -214,7 +284,7 @@ def _window_closed(ctx: Context) -> bool:
         close = window_close_at(ctx.run_date, ctx.timezone, *ctx.window)
     except EngineError:
         return False  # an unusable timezone is the planner's to report; do not strand the message
-    return close is None or dt.datetime.now(dt.timezone.utc) >= close
+    return close is None or dt.datetime.now(dt.UTC) >= close
 
 
 def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bool:
@@ -250,10 +320,22 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
         # wins over finishing the sentence): the rest is not sent; the message fails with why.
         reason = "lead_deleted" if ctx.lead_id is None else "opted_out"
         with db.atomic():
-            if finish_message(ctx.message_id, "failed", settings, from_statuses=("sending",), error_class=reason,
-                              error_message=f"{reason} after part(s) went out: the rest is not sent") is not None:
-                _one("""UPDATE message_parts SET status = 'failed', error_message = %s
-                        WHERE message_id = %s AND status = 'pending' RETURNING id""", (reason, ctx.message_id))
+            if (
+                finish_message(
+                    ctx.message_id,
+                    "failed",
+                    settings,
+                    from_statuses=("sending",),
+                    error_class=reason,
+                    error_message=f"{reason} after part(s) went out: the rest is not sent",
+                )
+                is not None
+            ):
+                _one(
+                    """UPDATE message_parts SET status = 'failed', error_message = %s
+                        WHERE message_id = %s AND status = 'pending' RETURNING id""",
+                    (reason, ctx.message_id),
+                )
         return False
     if ctx.inbox_disabled:
         runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
@@ -270,11 +352,12 @@ def _record_attempt(ctx: Context, exc: BaseException, settings: Settings, wake_i
     None: the message left this step meanwhile (a duplicate delivery won): nothing to retry.
     """
     # status_changed_at moves too: a message waiting out its backoff is alive, not stuck (R-FAIL-8)
-    row = _one("""UPDATE campaign_messages SET attempts = attempts + 1, error_class = %s, error_message = %s,
+    row = _one(
+        """UPDATE campaign_messages SET attempts = attempts + 1, error_class = %s, error_message = %s,
                       status_changed_at = now(), wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = %s RETURNING attempts""",
-               (getattr(exc, "code", None) or type(exc).__name__, str(exc)[:2000], wake_in, ctx.message_id,
-                ctx.status))
+        (getattr(exc, "code", None) or type(exc).__name__, str(exc)[:2000], wake_in, ctx.message_id, ctx.status),
+    )
     return row[0] if row else None
 
 
@@ -287,9 +370,11 @@ def _wait(ctx: Context, delay: float, settings: Settings, why: str) -> None:
     redelivers it). The message keeps its status: a started one stays started.
     """
     parked = delay > MAX_BROKER_DELAY_SECONDS
-    _one("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+    _one(
+        """UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
             WHERE id = %s AND status = %s RETURNING id""",
-         (delay if parked else delay + settings.handoff_grace_seconds, ctx.message_id, ctx.status))
+        (delay if parked else delay + settings.handoff_grace_seconds, ctx.message_id, ctx.status),
+    )
     if parked:
         log.info("message=%s parked in PostgreSQL for %.0fs: %s", ctx.message_id, delay, why)
         return
@@ -302,8 +387,9 @@ def _transient(ctx: Context, exc: TransientError | BaseException, settings: Sett
     expected = backoff_seconds(ctx.attempts + 1, settings, retry_after)
     attempt = _record_attempt(ctx, exc, settings, expected + settings.handoff_grace_seconds)
     if attempt is None:
-        log.info("%s message=%s: moved on meanwhile (a duplicate delivery won); dropping this attempt",
-                 step, ctx.message_id)
+        log.info(
+            "%s message=%s: moved on meanwhile (a duplicate delivery won); dropping this attempt", step, ctx.message_id
+        )
         return
     if attempt >= settings.max_attempts:
         raise StepFailed(f"{step}: {attempt} attempts failed, last: {exc}") from exc
@@ -315,8 +401,14 @@ def _transient(ctx: Context, exc: TransientError | BaseException, settings: Sett
     if delay > MAX_BROKER_DELAY_SECONDS:
         _wait(ctx, delay, settings, f"{step} retry after {getattr(exc, 'code', type(exc).__name__)}")
         return
-    log.info("%s message=%s attempt %s failed (%s); retry in %.2fs", step, ctx.message_id, attempt,
-             getattr(exc, "code", type(exc).__name__), delay)
+    log.info(
+        "%s message=%s attempt %s failed (%s); retry in %.2fs",
+        step,
+        ctx.message_id,
+        attempt,
+        getattr(exc, "code", type(exc).__name__),
+        delay,
+    )
     raise RetryLater(delay, exc) from exc
 
 
@@ -385,8 +477,14 @@ def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
             finish_message(message_id, "failed", settings, from_statuses=("generating",), error=exc)
             return False
         text = render_fallback(ctx.fallback_template, ctx)
-        log_event("generate", f"LLM failed permanently ({exc.code}); fallback template used",
-                  run_id=ctx.run_id, message_id=message_id, lead_id=ctx.lead_id, level="warning")
+        log_event(
+            "generate",
+            f"LLM failed permanently ({exc.code}); fallback template used",
+            run_id=ctx.run_id,
+            message_id=message_id,
+            lead_id=ctx.lead_id,
+            level="warning",
+        )
         if len(text) < 1:
             finish_message(message_id, "failed", settings, from_statuses=("generating",), error=exc)
             return False
@@ -394,20 +492,24 @@ def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
         _hold_openrouter(exc, settings)
         _transient(ctx, exc, settings, "generate")
         return False
-    row = _one("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+    row = _one(
+        """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = 'generating' RETURNING id""",
-               (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id))
+        (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
+    )
     return row is not None
 
 
 def _advance(ctx: Context, to_status: str, settings: Settings) -> bool:
     """Hand a resumed message straight to the next step (its work is done; attempts are kept)."""
-    row = _one("""UPDATE campaign_messages SET status = %s, status_changed_at = now(),
+    row = _one(
+        """UPDATE campaign_messages SET status = %s, status_changed_at = now(),
                       wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = %s RETURNING id""",
-               (to_status, settings.handoff_grace_seconds, ctx.message_id, ctx.status))
+        (to_status, settings.handoff_grace_seconds, ctx.message_id, ctx.status),
+    )
     return row is not None
 
 
@@ -432,10 +534,16 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
         if ctx.split_enabled and ctx.max_parts > 1 and len(text) > SPLIT_BELOW_CHARS:
             parts = None
             try:
-                completion = llm.chat(ctx.model, [
-                    {"role": "system", "content": SPLIT_SYSTEM_PROMPT.format(n=ctx.max_parts)},
-                    {"role": "user", "content": text}], max_tokens=LLM_MAX_TOKENS * 2, temperature=0.0,
-                    json_mode=True)
+                completion = llm.chat(
+                    ctx.model,
+                    [
+                        {"role": "system", "content": SPLIT_SYSTEM_PROMPT.format(n=ctx.max_parts)},
+                        {"role": "user", "content": text},
+                    ],
+                    max_tokens=LLM_MAX_TOKENS * 2,
+                    temperature=0.0,
+                    json_mode=True,
+                )
                 parts = parse_split_answer(completion.text, text, ctx.max_parts)
                 if parts is None:
                     log.info("split message=%s: LLM answer unusable, splitting locally", message_id)
@@ -449,7 +557,8 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
     # of two racing deliveries only the winner writes parts (the loser's UPDATE waits on the row
     # lock, then finds 'sending' and returns nothing): a loser's different split never adds a
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
-    row = _one("""
+    row = _one(
+        """
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -463,13 +572,21 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
             RETURNING id
         )
         SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
-               {"ms": _ms(started), "id": message_id, "inbox": ctx.inbox_id, "parts": list(parts or []),
-                "fresh": not existing, "grace": settings.handoff_grace_seconds})
+        {
+            "ms": _ms(started),
+            "id": message_id,
+            "inbox": ctx.inbox_id,
+            "parts": list(parts or []),
+            "fresh": not existing,
+            "grace": settings.handoff_grace_seconds,
+        },
+    )
     return ctx.inbox_id if row is not None else None
 
 
 # --------------------------------------------------------------------------------------------
 # send part (R-PIPE-3, R-PIPE-4, R-FAIL-4/5)
+
 
 @dataclasses.dataclass(frozen=True)
 class SendOutcome:
@@ -479,8 +596,15 @@ class SendOutcome:
     next_delay: float | None
 
 
-def send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng: random.Random | None = None,
-              on_http: Callable[[], None] | None = None, lease: ratelimit.Grant | None = None) -> SendOutcome:
+def send_step(
+    message_id: int,
+    settings: Settings,
+    evolution: Messenger,
+    *,
+    rng: random.Random | None = None,
+    on_http: Callable[[], None] | None = None,
+    lease: ratelimit.Grant | None = None,
+) -> SendOutcome:
     """Send the first unsent part of a ``sending`` message; finalize after the last one.
 
     ``lease``: the inbox send slot the caller holds; this step gives it back on every path (in
@@ -494,8 +618,12 @@ def send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng:
             try:
                 ratelimit.release_inbox(state.grant, sent=state.http)
             except Exception:  # the lease expires by itself (settings.send_lease_seconds)
-                log.warning("send message=%s: could not release %s; its lease will expire", message_id,
-                            state.grant.key, exc_info=True)
+                log.warning(
+                    "send message=%s: could not release %s; its lease will expire",
+                    message_id,
+                    state.grant.key,
+                    exc_info=True,
+                )
 
 
 @dataclasses.dataclass
@@ -511,8 +639,15 @@ class _LeaseState:
         return self.grant if self.grant is not None and self.grant.granted else None
 
 
-def _send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng: random.Random | None,
-               on_http: Callable[[], None] | None, lease: _LeaseState) -> SendOutcome:
+def _send_step(
+    message_id: int,
+    settings: Settings,
+    evolution: Messenger,
+    *,
+    rng: random.Random | None,
+    on_http: Callable[[], None] | None,
+    lease: _LeaseState,
+) -> SendOutcome:
     row = _one(_SEND_CONTEXT_SQL, (message_id,))
     if row is None:
         return SendOutcome(False, None)
@@ -532,8 +667,12 @@ def _send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng
     if part_status == "sending" and part_key is not None:
         # Evolution accepted this part (its key.id was kept) but recording it failed (a lock
         # timeout, a lost connection): a known outcome, never a doubt. Record it now.
-        log.warning("send message=%s: part %s was accepted (key %s) but not recorded; recording it",
-                    message_id, part_id, part_key)
+        log.warning(
+            "send message=%s: part %s was accepted (key %s) but not recorded; recording it",
+            message_id,
+            part_id,
+            part_key,
+        )
         return _sent(ctx, settings, part_id, uuid.UUID(str(part_attempt)), part_key, idx, last_idx, None, lease, rng)
     if part_status in ("sending", "in_doubt"):
         # Someone committed this part `sending` and never recorded an outcome (a crash, a lost
@@ -551,8 +690,11 @@ def _send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng
     if _retry_after_pending(ctx, settings):
         return SendOutcome(False, None)
     attempt = uuid.uuid4()
-    claimed = _one("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
-                      WHERE id = %s AND status IN ('pending', 'failed') RETURNING id""", (str(attempt), part_id))
+    claimed = _one(
+        """UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
+                      WHERE id = %s AND status IN ('pending', 'failed') RETURNING id""",
+        (str(attempt), part_id),
+    )
     if claimed is None:
         return SendOutcome(False, None)  # another delivery got there first
     # committed (autocommit): from here on, an interruption leaves evidence (`sending`)
@@ -568,8 +710,9 @@ def _send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng
         return SendOutcome(False, None)
     except InvalidNumber as exc:
         _release_part(part_id, attempt, "failed", str(exc))
-        finish_message(message_id, "failed", settings, from_statuses=("sending",), error=exc,
-                       error_class="invalid_number")
+        finish_message(
+            message_id, "failed", settings, from_statuses=("sending",), error=exc, error_class="invalid_number"
+        )
         return SendOutcome(False, None)
     except (AuthError, UnknownInstance) as exc:
         # 401/404 of the instance: this number cannot send (a real failure, R-FAIL-6); its runs pause.
@@ -598,19 +741,37 @@ def _send_step(message_id: int, settings: Settings, evolution: Messenger, *, rng
         # The part went out but its record failed (a lock timeout, the connection lost mid-way):
         # keep the provider's key on the part alone (no lock on the run), so the redelivery of
         # this step records the known outcome instead of calling it in doubt.
-        _one("""UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s)
+        _one(
+            """UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s)
                 WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
-             (result.key_id, part_id, str(attempt)))
+            (result.key_id, part_id, str(attempt)),
+        )
         raise
 
 
-def _sent(ctx: Context, settings: Settings, part_id: int, attempt: uuid.UUID, key_id: str, idx: int, last_idx: int,
-          send_ms: int | None, lease: _LeaseState, rng: random.Random | None) -> SendOutcome:
+def _sent(
+    ctx: Context,
+    settings: Settings,
+    part_id: int,
+    attempt: uuid.UUID,
+    key_id: str,
+    idx: int,
+    last_idx: int,
+    send_ms: int | None,
+    lease: _LeaseState,
+    rng: random.Random | None,
+) -> SendOutcome:
     """Record a part Evolution accepted; after the last one the message finishes in the same statement."""
     if idx >= last_idx:
-        done = finish_message(ctx.message_id, "sent", settings, from_statuses=("sending",),
-                              last_part=(part_id, attempt, key_id), send_ms=send_ms,
-                              lease=lease.to_release)
+        done = finish_message(
+            ctx.message_id,
+            "sent",
+            settings,
+            from_statuses=("sending",),
+            last_part=(part_id, attempt, key_id),
+            send_ms=send_ms,
+            lease=lease.to_release,
+        )
         lease.released = True
         if done is None:
             _record_sent_part(part_id, attempt, key_id)
@@ -618,15 +779,23 @@ def _sent(ctx: Context, settings: Settings, part_id: int, attempt: uuid.UUID, ke
         return SendOutcome(True, None)
     gap_min, gap_max = ctx.part_gap
     delay = (rng or random).uniform(gap_min, gap_max)
-    _record_sent_part(part_id, attempt, key_id, message_id=ctx.message_id, send_ms=send_ms,
-                      lease=lease.to_release, wake_in=delay + settings.handoff_grace_seconds)
+    _record_sent_part(
+        part_id,
+        attempt,
+        key_id,
+        message_id=ctx.message_id,
+        send_ms=send_ms,
+        lease=lease.to_release,
+        wake_in=delay + settings.handoff_grace_seconds,
+    )
     lease.released = True
     _reset_inbox_failures(ctx)
     return SendOutcome(True, delay)
 
 
-def _send_trouble(ctx: Context, exc: TransientError, settings: Settings, evolution: Messenger,
-                  started_message: bool) -> SendOutcome:
+def _send_trouble(
+    ctx: Context, exc: TransientError, settings: Settings, evolution: Messenger, started_message: bool
+) -> SendOutcome:
     """A send refused for a reason that may pass: a disconnected number, or the gateway's trouble.
 
     Disconnected (Evolution says so and ``connectionState`` agrees): the inbox's runs pause and
@@ -649,8 +818,15 @@ def _send_trouble(ctx: Context, exc: TransientError, settings: Settings, evoluti
         return SendOutcome(False, None)
     hold = backoff_seconds(ctx.gateway_failures + 1, settings, getattr(exc, "retry_after", None))
     streak, lasted = _gateway_trouble(ctx, hold)
-    log.warning("send message=%s inbox=%s: gateway trouble #%s for %.0fs (%s); inbox held %.1fs", ctx.message_id,
-                ctx.inbox_id, streak, lasted, getattr(exc, "code", type(exc).__name__), hold)
+    log.warning(
+        "send message=%s inbox=%s: gateway trouble #%s for %.0fs (%s); inbox held %.1fs",
+        ctx.message_id,
+        ctx.inbox_id,
+        streak,
+        lasted,
+        getattr(exc, "code", type(exc).__name__),
+        hold,
+    )
     if streak <= 1 or lasted >= settings.gateway_outage_tolerance_seconds:
         _transient(ctx, exc, settings, "send")  # maybe this message's own trouble: it counts
         return SendOutcome(False, None)
@@ -661,17 +837,20 @@ def _send_trouble(ctx: Context, exc: TransientError, settings: Settings, evoluti
 def _gateway_trouble(ctx: Context, hold: float) -> tuple[int, float]:
     """Count one gateway trouble on the inbox and hold its sends for ``hold`` s; return the
     streak and how long the trouble has lasted (seconds)."""
-    row = _one("""WITH i AS (UPDATE inboxes SET gateway_failures = gateway_failures + 1,
+    row = _one(
+        """WITH i AS (UPDATE inboxes SET gateway_failures = gateway_failures + 1,
                                  gateway_trouble_since = coalesce(gateway_trouble_since, now())
                              WHERE id = %(inbox)s
-                             RETURNING gateway_failures, extract(epoch FROM now() - gateway_trouble_since)::float AS lasted),
+                             RETURNING gateway_failures,
+                                 extract(epoch FROM now() - gateway_trouble_since)::float AS lasted),
                   h AS (INSERT INTO rate_limits (key, blocked_until)
                         VALUES (%(key)s, now() + make_interval(secs => %(hold)s))
                         ON CONFLICT (key) DO UPDATE SET updated_at = now(),
                             blocked_until = greatest(rate_limits.blocked_until, EXCLUDED.blocked_until)
                         RETURNING key)
                   SELECT i.gateway_failures, i.lasted, (SELECT count(*) FROM h) FROM i""",
-               {"inbox": ctx.inbox_id, "key": ratelimit.inbox_key(ctx.inbox_id), "hold": hold})
+        {"inbox": ctx.inbox_id, "key": ratelimit.inbox_key(ctx.inbox_id), "hold": hold},
+    )
     return (int(row[0]), float(row[1] or 0)) if row else (1, 0.0)
 
 
@@ -703,17 +882,35 @@ def _inbox_went_down(ctx: Context, settings: Settings, started_message: bool) ->
 def _park(ctx: Context, seconds: float, why: str) -> None:
     """Keep a started message ``sending`` and let the recovery sweep wake it in ``seconds`` (or
     sooner: an inbox coming back wakes its parked messages)."""
-    row = _one("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'sending' RETURNING run_id""", (seconds, ctx.message_id))
+    row = _one(
+        """UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+                  WHERE id = %s AND status = 'sending' RETURNING run_id""",
+        (seconds, ctx.message_id),
+    )
     if row is not None:
-        log_event("send", f"started message waits: {why}", run_id=ctx.run_id, message_id=ctx.message_id,
-                  lead_id=ctx.lead_id, level="warning", details={"retry_in_s": seconds})
+        log_event(
+            "send",
+            f"started message waits: {why}",
+            run_id=ctx.run_id,
+            message_id=ctx.message_id,
+            lead_id=ctx.lead_id,
+            level="warning",
+            details={"retry_in_s": seconds},
+        )
 
 
-def _record_sent_part(part_id: int, attempt: uuid.UUID, key_id: str, *, message_id: int | None = None,
-                      send_ms: int | None = None, lease: ratelimit.Grant | None = None,
-                      wake_in: float | None = None) -> None:
-    row = _one("""WITH p AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
+def _record_sent_part(
+    part_id: int,
+    attempt: uuid.UUID,
+    key_id: str,
+    *,
+    message_id: int | None = None,
+    send_ms: int | None = None,
+    lease: ratelimit.Grant | None = None,
+    wake_in: float | None = None,
+) -> None:
+    row = _one(
+        """WITH p AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING message_id),
                   lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                                 last_at = now()
@@ -723,19 +920,34 @@ def _record_sent_part(part_id: int, attempt: uuid.UUID, key_id: str, *, message_
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
                   WHERE id = (SELECT message_id FROM p) RETURNING id""",
-               (key_id, part_id, str(attempt), lease and lease.key, lease and lease.key, lease and lease.token,
-                send_ms or 0, wake_in, wake_in))
+        (
+            key_id,
+            part_id,
+            str(attempt),
+            lease and lease.key,
+            lease and lease.key,
+            lease and lease.token,
+            send_ms or 0,
+            wake_in,
+            wake_in,
+        ),
+    )
     if row is None:
         # The part was moved meanwhile (an operator resolve, the sweep): keep the provider's id anyway.
         log.warning("part %s: sent (key %s) but no longer 'sending' with attempt %s", part_id, key_id, attempt)
-        _one("UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s) WHERE id = %s "
-             "RETURNING id", (key_id, part_id))
+        _one(
+            "UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s) WHERE id = %s "
+            "RETURNING id",
+            (key_id, part_id),
+        )
 
 
 def _release_part(part_id: int, attempt: uuid.UUID, status: str, error: str) -> None:
-    _one("""UPDATE message_parts SET status = %s, error_message = %s
+    _one(
+        """UPDATE message_parts SET status = %s, error_message = %s
             WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
-         (status, error[:2000], part_id, str(attempt)))
+        (status, error[:2000], part_id, str(attempt)),
+    )
 
 
 def _probe_state(ctx: Context, evolution: Messenger) -> str | None:
@@ -754,17 +966,26 @@ def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -
     """A REAL send failure (this number cannot send: 401/403/404 of the instance, "Connection
     Closed" while it says open): N in a row disable the inbox and pause its runs (R-FAIL-6).
     Gateway trouble never comes here."""
-    row = _one("""UPDATE inboxes SET consecutive_failures = consecutive_failures + 1,
+    row = _one(
+        """UPDATE inboxes SET consecutive_failures = consecutive_failures + 1,
                       disabled = disabled OR consecutive_failures + 1 >= %s,
                       disabled_reason = CASE WHEN disabled THEN disabled_reason
                           WHEN consecutive_failures + 1 >= %s THEN %s ELSE NULL END
                   WHERE id = %s RETURNING disabled, consecutive_failures""",
-               (settings.inbox_failure_limit, settings.inbox_failure_limit,
-                f"{settings.inbox_failure_limit} consecutive send failures, last: {getattr(exc, 'code', '')}",
-                ctx.inbox_id))
+        (
+            settings.inbox_failure_limit,
+            settings.inbox_failure_limit,
+            f"{settings.inbox_failure_limit} consecutive send failures, last: {getattr(exc, 'code', '')}",
+            ctx.inbox_id,
+        ),
+    )
     if row and row[0] and row[1] == settings.inbox_failure_limit:
-        log_event("inbox", f"inbox {ctx.inbox_id} disabled after {row[1]} consecutive send failures",
-                  run_id=ctx.run_id, level="error")
+        log_event(
+            "inbox",
+            f"inbox {ctx.inbox_id} disabled after {row[1]} consecutive send failures",
+            run_id=ctx.run_id,
+            level="error",
+        )
         runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
 
 
@@ -774,8 +995,11 @@ def _reset_inbox_failures(ctx: Context) -> None:
         # No streak when this send started, and none can have begun since: the inbox's send
         # slot (one send in flight, R-RATE-1) is held by this step. Saves a round trip.
         return
-    _one("""UPDATE inboxes SET consecutive_failures = 0, gateway_failures = 0, gateway_trouble_since = NULL
-            WHERE id = %s AND (consecutive_failures > 0 OR gateway_failures > 0) RETURNING id""", (ctx.inbox_id,))
+    _one(
+        """UPDATE inboxes SET consecutive_failures = 0, gateway_failures = 0, gateway_trouble_since = NULL
+            WHERE id = %s AND (consecutive_failures > 0 OR gateway_failures > 0) RETURNING id""",
+        (ctx.inbox_id,),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,5 +1018,3 @@ def _reset_inbox_failures(ctx: Context) -> None:
 # caller publishes the next step only once it committed. A publish lost after the commit is the
 # recovery sweep's: it re-enqueues queued/generating/splitting/sending messages idle past the
 # lease (R-FAIL-8), which is why every repair stamps status_changed_at.
-
-

@@ -13,6 +13,7 @@ slow job is never run twice at once, missed runs are merged). Each job only does
 amount of work and every one of them is safe to run twice (planning is idempotent per
 config/date, dispatch claims with SKIP LOCKED), so a short overlap during a failover is harmless.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,8 +23,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import psycopg2
 
@@ -35,15 +36,25 @@ from campaign.settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("scheduler")
 
-__all__ = ["JobSpec", "job_specs", "LeaderLock", "SchedulerProcess", "beat", "main", "LOCK_NAMESPACE",
-           "STANDBY_RETRY_SECONDS", "LOCK_CHECK_SECONDS", "HEARTBEAT_NAME"]
+__all__ = [
+    "JobSpec",
+    "job_specs",
+    "LeaderLock",
+    "SchedulerProcess",
+    "beat",
+    "main",
+    "LOCK_NAMESPACE",
+    "STANDBY_RETRY_SECONDS",
+    "LOCK_CHECK_SECONDS",
+    "HEARTBEAT_NAME",
+]
 
-UTC = dt.timezone.utc
-LOCK_NAMESPACE = 0x73636864      # "schd": advisory lock (LOCK_NAMESPACE, LOCK_ID) = the active scheduler
+UTC = dt.UTC
+LOCK_NAMESPACE = 0x73636864  # "schd": advisory lock (LOCK_NAMESPACE, LOCK_ID) = the active scheduler
 LOCK_ID = 1
-STANDBY_RETRY_SECONDS = 2.0      # a standby retries the lock this often (takeover well within 15 s)
-LOCK_CHECK_SECONDS = 2.0         # the active one checks its lock connection this often
-MAX_DISPATCH_ROUNDS = 50         # full batches dispatched back to back in one tick, at most
+STANDBY_RETRY_SECONDS = 2.0  # a standby retries the lock this often (takeover well within 15 s)
+LOCK_CHECK_SECONDS = 2.0  # the active one checks its lock connection this often
+MAX_DISPATCH_ROUNDS = 50  # full batches dispatched back to back in one tick, at most
 HEARTBEAT_NAME = "scheduler"
 
 JobFunc = Callable[[Settings, Callable[[], bool]], object]
@@ -63,12 +74,15 @@ class JobSpec:
 # the jobs (each runs inside a pooled connection, only while the lock is held)
 # --------------------------------------------------------------------------------------------
 
+
 def beat(settings: Settings, holder: str, started_at: dt.datetime) -> None:
     """UPSERT this process's heartbeat row (R-OPS-4 alerts when it is older than 2 min)."""
     db.execute_sql(
         """INSERT INTO scheduler_heartbeats (name, holder, started_at, beat_at) VALUES (%s, %s, %s, now())
            ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, started_at = EXCLUDED.started_at,
-                                            beat_at = now()""", (HEARTBEAT_NAME, holder, started_at))
+                                            beat_at = now()""",
+        (HEARTBEAT_NAME, holder, started_at),
+    )
 
 
 def _plan(settings: Settings, active: Callable[[], bool]) -> object:
@@ -119,16 +133,17 @@ def job_specs(settings: Settings) -> list[JobSpec]:
     return [
         JobSpec("plan_due_runs", _plan, 60),
         JobSpec("dispatch_due", _dispatch, settings.dispatch_interval_seconds),
-        JobSpec("window_guard", _window_guard, 15),   # too-late skips (R-DISP-3) + window close (R-DISP-4)
-        JobSpec("recovery_sweep", _recovery, settings.recovery_interval_seconds),     # R-FAIL-8
-        JobSpec("inbox_health", _inbox_health, settings.inbox_health_interval_seconds),   # R-FAIL-6
-        JobSpec("alerts", _alerts, 60),               # R-OPS-4, logged at ERROR
+        JobSpec("window_guard", _window_guard, 15),  # too-late skips (R-DISP-3) + window close (R-DISP-4)
+        JobSpec("recovery_sweep", _recovery, settings.recovery_interval_seconds),  # R-FAIL-8
+        JobSpec("inbox_health", _inbox_health, settings.inbox_health_interval_seconds),  # R-FAIL-6
+        JobSpec("alerts", _alerts, 60),  # R-OPS-4, logged at ERROR
     ]
 
 
 # --------------------------------------------------------------------------------------------
 # the leader lock
 # --------------------------------------------------------------------------------------------
+
 
 class LeaderLock:
     """A session-level advisory lock on a dedicated connection (not from the pool)."""
@@ -140,12 +155,17 @@ class LeaderLock:
 
     def _connect(self) -> psycopg2.extensions.connection:
         conn = psycopg2.connect(
-            **connect_kwargs(self.settings.database_url), connect_timeout=5,
+            **connect_kwargs(self.settings.database_url),
+            connect_timeout=5,
             application_name=f"campaign-scheduler-lock:{self.holder}"[:63],
             # a dead peer is noticed by the kernel within ~25 s even without traffic; the
             # check every LOCK_CHECK_SECONDS notices much sooner
-            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            options="-c statement_timeout=5000")
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            options="-c statement_timeout=5000",
+        )
         conn.autocommit = True
         return conn
 
@@ -158,8 +178,11 @@ class LeaderLock:
                 cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_ID))
                 return bool(cur.fetchone()[0])
         except psycopg2.Error as exc:
-            log.warning("scheduler lock: PostgreSQL unreachable (%s): %s", redact_url(self.settings.database_url),
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            log.warning(
+                "scheduler lock: PostgreSQL unreachable (%s): %s",
+                redact_url(self.settings.database_url),
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            )
             self._drop()
             return False
 
@@ -169,9 +192,12 @@ class LeaderLock:
             return False
         try:
             with self._conn.cursor() as cur:
-                cur.execute("""SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                cur.execute(
+                    """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
                                   AND pid = pg_backend_pid() AND classid = %s::oid AND objid = %s::oid
-                                  AND objsubid = 2""", (LOCK_NAMESPACE, LOCK_ID))
+                                  AND objsubid = 2""",
+                    (LOCK_NAMESPACE, LOCK_ID),
+                )
                 return cur.fetchone()[0] > 0
         except psycopg2.Error:
             self._drop()
@@ -199,6 +225,7 @@ class LeaderLock:
 # --------------------------------------------------------------------------------------------
 # the process
 # --------------------------------------------------------------------------------------------
+
 
 class SchedulerProcess:
     """Standby until the lock is ours, then run the jobs until it is lost or we are told to stop."""
@@ -241,13 +268,22 @@ class SchedulerProcess:
 
         specs = [JobSpec("heartbeat", self._heartbeat, 10), *self.jobs]
         sched = BackgroundScheduler(
-            timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=len(specs))},
-            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30})
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max_workers=len(specs))},
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30},
+        )
         now = dt.datetime.now(UTC)
         for spec in specs:
-            sched.add_job(self._run_job, "interval", args=(spec,), id=spec.id, name=spec.id,
-                          seconds=spec.seconds, next_run_time=now if spec.run_at_start else None,
-                          replace_existing=True)
+            sched.add_job(
+                self._run_job,
+                "interval",
+                args=(spec,),
+                id=spec.id,
+                name=spec.id,
+                seconds=spec.seconds,
+                next_run_time=now if spec.run_at_start else None,
+                replace_existing=True,
+            )
         sched.start()
         return sched
 
@@ -257,8 +293,11 @@ class SchedulerProcess:
         while not self._stop.is_set():
             if not self.lock.try_acquire():
                 if not announced_standby:
-                    log.info("standby (%s): another scheduler holds the lock; retrying every %ss",
-                             self.holder, STANDBY_RETRY_SECONDS)
+                    log.info(
+                        "standby (%s): another scheduler holds the lock; retrying every %ss",
+                        self.holder,
+                        STANDBY_RETRY_SECONDS,
+                    )
                     announced_standby = True
                 self._stop.wait(STANDBY_RETRY_SECONDS)
                 continue
@@ -292,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     # the engine's broker (publisher confirms, the steps' queues): the dispatcher and the sweep
     # publish through it by step name (campaign.enqueue refuses dramatiq's implicit default)
     import actors  # noqa: F401
+
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")
 

@@ -40,6 +40,7 @@ it keeps the blocking peewee/psycopg2 pool the rest of the engine uses, which an
 would have to wrap in threads anyway. Concurrency is bounded by the database pool
 (``DB_MAX_CONNECTIONS``): extra requests wait for a connection instead of failing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import peewee
@@ -72,8 +74,19 @@ from models import DELIVERY_STATUSES
 
 log = logging.getLogger("webhook")
 
-__all__ = ["DeliveryUpdate", "EnvelopeError", "STATUS_MAP", "IGNORED_STATUSES", "READY_PREFIX",
-           "parse_envelope", "secret_matches", "apply_update", "WebhookServer", "make_server", "main"]
+__all__ = [
+    "DeliveryUpdate",
+    "EnvelopeError",
+    "STATUS_MAP",
+    "IGNORED_STATUSES",
+    "READY_PREFIX",
+    "parse_envelope",
+    "secret_matches",
+    "apply_update",
+    "WebhookServer",
+    "make_server",
+    "main",
+]
 
 #: first stdout line once the socket is bound (tests and supervisors read the URL from it)
 READY_PREFIX = "webhook listening on"
@@ -83,11 +96,11 @@ ERROR_STATUS = "ERROR"
 #: real Evolution statuses that carry no delivery progress: acknowledged, nothing changes
 IGNORED_STATUSES = frozenset({"PENDING", "DELETED"})
 HANDLED_EVENT = "messages.update"
-MAX_BODY_BYTES = 256 * 1024   # an update envelope is ~500 bytes; anything this big is not one
+MAX_BODY_BYTES = 256 * 1024  # an update envelope is ~500 bytes; anything this big is not one
 MAX_KEY_ID_LENGTH = 256
-MAX_EVENT_LENGTH = 64         # Evolution's longest event name is about 25
-MAX_INSTANCE_LENGTH = 200     # as inboxes.instance_name (schema CHECK, `apply`)
-MAX_JID_LENGTH = 256          # a JID is ~30-60 characters
+MAX_EVENT_LENGTH = 64  # Evolution's longest event name is about 25
+MAX_INSTANCE_LENGTH = 200  # as inboxes.instance_name (schema CHECK, `apply`)
+MAX_JID_LENGTH = 256  # a JID is ~30-60 characters
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # RFC 9110: 1*DIGIT; no sign, no spaces, no underscores
 
 _RANKS = list(DELIVERY_STATUSES)
@@ -136,8 +149,8 @@ class DeliveryUpdate:
     """One validated ``messages.update`` status change."""
 
     key_id: str
-    status: str          # Evolution's status, upper case (SERVER_ACK, ..., ERROR)
-    instance: str        # the Evolution instance that sent the part: with key_id, what identifies it
+    status: str  # Evolution's status, upper case (SERVER_ACK, ..., ERROR)
+    instance: str  # the Evolution instance that sent the part: with key_id, what identifies it
     remote_jid: str | None
     from_me: bool | None
 
@@ -170,8 +183,9 @@ def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
-        raise EnvelopeError(f"field {name!r} is missing or not a non-empty string" if required
-                            else f"field {name!r} must be a string")
+        raise EnvelopeError(
+            f"field {name!r} is missing or not a non-empty string" if required else f"field {name!r} must be a string"
+        )
     if len(value) > max_len:
         raise EnvelopeError(f"field {name!r} is longer than {max_len} characters")
     if "\x00" in value:
@@ -216,10 +230,13 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     if from_me is False:
         return "update of a message the contact sent (fromMe false)"
     if instance is None or not instance.strip():
-        raise EnvelopeError("field 'instance' is missing or not a non-empty string "
-                            "(a key id is only meaningful with the instance that sent it)")
-    return DeliveryUpdate(key_id=key_id.strip(), status=status, instance=instance,
-                          remote_jid=remote_jid, from_me=from_me)
+        raise EnvelopeError(
+            "field 'instance' is missing or not a non-empty string "
+            "(a key id is only meaningful with the instance that sent it)"
+        )
+    return DeliveryUpdate(
+        key_id=key_id.strip(), status=status, instance=instance, remote_jid=remote_jid, from_me=from_me
+    )
 
 
 def secret_matches(secret: str, candidates: Sequence[Any]) -> bool:
@@ -239,20 +256,31 @@ def apply_update(update: DeliveryUpdate) -> UpdateResult:
     if update.status == ERROR_STATUS:
         row = db.execute_sql(_ERROR_SQL, ident).fetchone()
         if row is not None:
-            return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
-                                run_id=row[2], reason="delivery error recorded")
+            return UpdateResult(
+                "updated",
+                delivery_status=row[3],
+                part_id=row[0],
+                message_id=row[1],
+                run_id=row[2],
+                reason="delivery error recorded",
+            )
     else:
         status = STATUS_MAP[update.status]
         row = db.execute_sql(_UPGRADE_SQL, {**ident, "status": status, "ranks": _RANKS}).fetchone()
         if row is not None:
-            return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1],
-                                run_id=row[2])
+            return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1], run_id=row[2])
     # nothing changed: tell a duplicate / late update apart from an id that is not ours
     row = db.execute_sql(_LOOKUP_SQL, ident).fetchone()
     if row is None:
         return UpdateResult("unknown", reason="no message part of this instance has this keyId")
-    return UpdateResult("unchanged", delivery_status=row[3], part_id=row[0], message_id=row[1], run_id=row[2],
-                        reason="already recorded" if update.status == ERROR_STATUS else "already at or above")
+    return UpdateResult(
+        "unchanged",
+        delivery_status=row[3],
+        part_id=row[0],
+        message_id=row[1],
+        run_id=row[2],
+        reason="already recorded" if update.status == ERROR_STATUS else "already at or above",
+    )
 
 
 def _schema_version() -> int:
@@ -261,8 +289,13 @@ def _schema_version() -> int:
 
 
 # MaxConnectionsExceeded: every pooled connection stayed busy for the pool's whole timeout
-_DB_ERRORS = (peewee.OperationalError, peewee.InterfaceError, peewee.DatabaseError, psycopg2.Error,
-              MaxConnectionsExceeded)
+_DB_ERRORS = (
+    peewee.OperationalError,
+    peewee.InterfaceError,
+    peewee.DatabaseError,
+    psycopg2.Error,
+    MaxConnectionsExceeded,
+)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -295,14 +328,14 @@ class _DeadlineReader(io.RawIOBase):
 class _Handler(BaseHTTPRequestHandler):
     """One request: route, size checks, secret, envelope, update."""
 
-    protocol_version = "HTTP/1.1"   # keep-alive: Evolution and the sandbox reuse their connections
-    timeout = 15                    # longest silence on a connection (an idle keep-alive one included)
-    request_deadline = 30.0         # longest a whole request may take to arrive, however it trickles
+    protocol_version = "HTTP/1.1"  # keep-alive: Evolution and the sandbox reuse their connections
+    timeout = 15  # longest silence on a connection (an idle keep-alive one included)
+    request_deadline = 30.0  # longest a whole request may take to arrive, however it trickles
     # Status line, headers and body leave in one segment: written separately, Nagle's algorithm
     # and the peer's delayed ACK stall every answer by ~40 ms.
     disable_nagle_algorithm = True
-    wbufsize = 64 * 1024            # flushed once per request by http.server
-    server: "WebhookServer"
+    wbufsize = 64 * 1024  # flushed once per request by http.server
+    server: WebhookServer
     server_version = "campaign-webhook"
     sys_version = ""
 
@@ -323,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """No access log: the request line may carry ``?secret=``; outcomes are logged per update."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         """http.server's own errors (bad request lines, timeouts) at debug, through the redactor."""
         log.debug("http: %s", format % args)
 
@@ -354,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+    def do_GET(self) -> None:
         """GET /healthz: 200 when PostgreSQL answers with the schema this code needs."""
         path, _ = self._path()
         if path != "/healthz":
@@ -368,12 +401,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "error", "error": "database unavailable"})
             return
         if version < 4:
-            self._reply(HTTPStatus.SERVICE_UNAVAILABLE,
-                        {"status": "error", "error": f"schema version {version} < 4: run `python cli.py init-db`"})
+            self._reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"status": "error", "error": f"schema version {version} < 4: run `python cli.py init-db`"},
+            )
             return
         self._reply(HTTPStatus.OK, {"status": "ok", "schema": version})
 
-    def do_POST(self) -> None:  # noqa: N802 (stdlib naming)
+    def do_POST(self) -> None:
         """POST /webhook (or /webhook/<event>, Evolution's per-event URLs): one messages.update."""
         path, query = self._path()
         if path != "/webhook" and not path.startswith("/webhook/"):
@@ -383,8 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None:
             return
         if length > MAX_BODY_BYTES:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes",
-                        close=True)
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes", close=True)
             return
         try:
             body = self.rfile.read(length)
@@ -431,8 +465,11 @@ class _Handler(BaseHTTPRequestHandler):
         accepts) are how request smuggling starts behind a proxy that reads them differently.
         """
         if self.headers.get_all("Transfer-Encoding"):
-            self._error(HTTPStatus.LENGTH_REQUIRED, "chunked or other Transfer-Encoding bodies are not accepted: "
-                        "send Content-Length", close=True)
+            self._error(
+                HTTPStatus.LENGTH_REQUIRED,
+                "chunked or other Transfer-Encoding bodies are not accepted: send Content-Length",
+                close=True,
+            )
             return None
         values = self.headers.get_all("Content-Length") or []
         if not values:
@@ -442,8 +479,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, "Content-Length header appears more than once", close=True)
             return None
         if not _CONTENT_LENGTH.fullmatch(values[0].strip(" \t")):
-            self._error(HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer (ASCII digits only)",
-                        close=True)
+            self._error(
+                HTTPStatus.BAD_REQUEST, "Content-Length is not a non-negative integer (ASCII digits only)", close=True
+            )
             return None
         return int(values[0])
 
@@ -452,12 +490,23 @@ class _Handler(BaseHTTPRequestHandler):
             with db.connection_context():
                 outcome = apply_update(update)
         except _DB_ERRORS as exc:
-            log.warning("delivery update key_id=%s status=%s not recorded: database error %s (answering 503 "
-                        "so Evolution retries)", update.key_id, update.status, type(exc).__name__)
+            log.warning(
+                "delivery update key_id=%s status=%s not recorded: database error %s (answering 503 "
+                "so Evolution retries)",
+                update.key_id,
+                update.status,
+                type(exc).__name__,
+            )
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "database unavailable, retry later"})
             return
-        with log_context(run=outcome.run_id, message=outcome.message_id, part=outcome.part_id,
-                         key_id=update.key_id, instance=update.instance, outcome=outcome.result):
+        with log_context(
+            run=outcome.run_id,
+            message=outcome.message_id,
+            part=outcome.part_id,
+            key_id=update.key_id,
+            instance=update.instance,
+            outcome=outcome.result,
+        ):
             if outcome.result == "unknown":
                 log.debug("delivery %s ignored: no part has this key id", update.status)
             elif update.status == ERROR_STATUS and outcome.result == "updated":
@@ -474,7 +523,7 @@ class WebhookServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 256   # listen backlog: a burst waits in the kernel instead of being refused
+    request_queue_size = 256  # listen backlog: a burst waits in the kernel instead of being refused
 
     def __init__(self, address: tuple[str, int], secret: str) -> None:
         if not secret:
@@ -494,22 +543,31 @@ class WebhookServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that broke mid-request: one log line instead of a stderr traceback."""
         exc = sys.exc_info()[1]
-        log.info("webhook connection from %s ended: %s", client_address[0] if client_address else "?",
-                 type(exc).__name__ if exc else "unknown error")
+        log.info(
+            "webhook connection from %s ended: %s",
+            client_address[0] if client_address else "?",
+            type(exc).__name__ if exc else "unknown error",
+        )
 
 
 def make_server(settings: Settings, host: str | None = None, port: int | None = None) -> WebhookServer:
     """Bind the receiver (not yet serving); raises EngineError when WEBHOOK_SECRET is empty."""
-    return WebhookServer((host if host is not None else settings.webhook_host,
-                          settings.webhook_port if port is None else port), settings.webhook_secret)
+    return WebhookServer(
+        (host if host is not None else settings.webhook_host, settings.webhook_port if port is None else port),
+        settings.webhook_secret,
+    )
 
 
 def parse_args(argv: Sequence[str] | None, settings: Settings) -> argparse.Namespace:
     """Command-line options (defaults from WEBHOOK_HOST / WEBHOOK_PORT)."""
     p = argparse.ArgumentParser(prog="python webhook.py", description="Evolution messages.update receiver")
     p.add_argument("--host", default=settings.webhook_host, help="listen address (WEBHOOK_HOST)")
-    p.add_argument("--port", type=int, default=settings.webhook_port,
-                   help="listen port (WEBHOOK_PORT); 0 picks a free one, printed on stdout")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=settings.webhook_port,
+        help="listen port (WEBHOOK_PORT); 0 picks a free one, printed on stdout",
+    )
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port} is out of range 0..65535")
@@ -525,8 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parse_args(argv, settings)
     if not settings.webhook_secret:
-        print("error: WEBHOOK_SECRET is empty: set the shared secret of the delivery webhook "
-              "(the same value Evolution sends) before starting the receiver", file=sys.stderr)
+        print(
+            "error: WEBHOOK_SECRET is empty: set the shared secret of the delivery webhook "
+            "(the same value Evolution sends) before starting the receiver",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings)
     init_db(settings, application_name=f"campaign-webhook:{os.getpid()}")
@@ -543,8 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="webhook-serve", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="webhook-serve", daemon=True
+    )
     thread.start()
     print(f"{READY_PREFIX} {server.url}", flush=True)
     log.info("webhook receiver listening on %s:%s", args.host, server.server_address[1])

@@ -3,6 +3,7 @@
 Importing this package builds the broker from the environment (RabbitMQ with publisher
 confirms unless CAMPAIGN_BROKER=stub) and declares every actor on it.
 """
+
 from __future__ import annotations
 
 import dramatiq

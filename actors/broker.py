@@ -3,6 +3,7 @@
 The middleware list is explicit so an operator can read, in one place, everything that runs
 around each actor call (and in which order).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,16 +35,16 @@ def middleware_list(settings: Settings) -> list[Middleware]:
 
     head, tail = engine_middleware(settings)
     return [
-        *head,                    # StepLog (ids in every line), DbConnection (first in, last out),
-                                  # DeadLetters (its after-hook runs after Retries')
-        AgeLimit(),               # honours an actor's max_age (unused by default)
-        TimeLimit(),              # kills an actor stuck past its time_limit (set per actor)
+        *head,  # StepLog (ids in every line), DbConnection (first in, last out),
+        # DeadLetters (its after-hook runs after Retries')
+        AgeLimit(),  # honours an actor's max_age (unused by default)
+        TimeLimit(),  # kills an actor stuck past its time_limit (set per actor)
         ShutdownNotifications(),  # lets long actors notice a worker shutdown
-        Callbacks(),              # on_success / on_failure hooks
-        Pipelines(),              # dramatiq pipelines (unused by the chain: each step enqueues the next)
-        Retries(),                # backoff policy per actor (max_retries, min/max_backoff, retry_when)
-        CurrentMessage(),         # lets a step see its own Dramatiq message (id, retries)
-        *tail,                    # RateLimits: per-inbox / per-LLM-key pacing, right before the actor
+        Callbacks(),  # on_success / on_failure hooks
+        Pipelines(),  # dramatiq pipelines (unused by the chain: each step enqueues the next)
+        Retries(),  # backoff policy per actor (max_retries, min/max_backoff, retry_when)
+        CurrentMessage(),  # lets a step see its own Dramatiq message (id, retries)
+        *tail,  # RateLimits: per-inbox / per-LLM-key pacing, right before the actor
     ]
 
 

@@ -1,9 +1,10 @@
 """What every pipeline actor shares: retry policy, provider clients, RetryLater -> dramatiq.Retry."""
+
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import dramatiq
 import httpx
@@ -28,9 +29,9 @@ def step_options(settings: Settings, queue: str, *, time_limit_s: int) -> dict:
         min_backoff=int(settings.min_backoff_seconds * 1000),
         max_backoff=int(settings.max_backoff_seconds * 1000),
         retry_when=retry_when,
-        throws=(StepFailed,),      # final: straight to .XQ, no retry
+        throws=(StepFailed,),  # final: straight to .XQ, no retry
         time_limit=time_limit_s * 1000,
-        campaign_step=True,        # DeadLetters records and settles it when it dies
+        campaign_step=True,  # DeadLetters records and settles it when it dies
     )
 
 
@@ -41,6 +42,7 @@ def as_dramatiq_retry(func: Callable) -> Callable:
     hold): a fresh copy of the message is enqueued with that delay, outside Dramatiq's retry
     budget, and this delivery ends normally (acked after the publish was confirmed).
     """
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -51,18 +53,25 @@ def as_dramatiq_retry(func: Callable) -> Callable:
             actor = dramatiq.get_broker().get_actor(func.__name__)
             actor.send_with_options(args=args, kwargs=kwargs, delay=max(1, int(exc.delay * 1000)))
             log.debug("%s%s deferred %.2fs", func.__name__, args, exc.delay)
+
     return wrapper
 
 
 def openrouter():
     """The process's shared OpenRouter client."""
     s = get_settings()
-    return clients.get_openrouter(s.openrouter_base_url, s.openrouter_api_key,
-                                  timeout=httpx.Timeout(connect=5.0, read=s.llm_timeout_seconds, write=10.0, pool=5.0))
+    return clients.get_openrouter(
+        s.openrouter_base_url,
+        s.openrouter_api_key,
+        timeout=httpx.Timeout(connect=5.0, read=s.llm_timeout_seconds, write=10.0, pool=5.0),
+    )
 
 
 def evolution():
     """The process's shared Evolution API client."""
     s = get_settings()
-    return clients.get_evolution(s.evolution_api_url, s.evolution_api_key,
-                                 timeout=httpx.Timeout(connect=5.0, read=s.send_timeout_seconds, write=10.0, pool=5.0))
+    return clients.get_evolution(
+        s.evolution_api_url,
+        s.evolution_api_key,
+        timeout=httpx.Timeout(connect=5.0, read=s.send_timeout_seconds, write=10.0, pool=5.0),
+    )

@@ -1,4 +1,5 @@
 """Step 1: write the personal message with the LLM (queue ``campaign.generate``)."""
+
 from __future__ import annotations
 
 import dramatiq
@@ -12,8 +13,11 @@ from campaign.settings import get_settings
 _settings = get_settings()
 
 
-@dramatiq.actor(actor_name=steps.GENERATE.actor, rate_limit="openrouter",
-                **step_options(_settings, steps.GENERATE.queue, time_limit_s=150))
+@dramatiq.actor(
+    actor_name=steps.GENERATE.actor,
+    rate_limit="openrouter",
+    **step_options(_settings, steps.GENERATE.queue, time_limit_s=150),
+)
 @as_dramatiq_retry
 def generate(message_id: int) -> None:
     """Generate the text of campaign message ``message_id``, then enqueue its split."""

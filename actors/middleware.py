@@ -6,6 +6,7 @@ hooks in reverse. DbConnection comes first (its connection is there for everyone
 released last); DeadLetters sits before Retries so that its after-hook runs once Retries has
 decided whether the message failed for good; RateLimits runs last before the actor.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,14 @@ class DbConnection(Middleware):
         init_db(self.settings)
         db.connect(reuse_if_open=True)
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
-                              result: object = None, exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
         self._release()
 
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
@@ -81,8 +88,14 @@ class DeadLetters(Middleware):
     def actor_options(self) -> set[str]:
         return {"campaign_step"}
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
-                              result: object = None, exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
         if exception is None or not message.failed:
             return
         try:
@@ -95,23 +108,43 @@ class DeadLetters(Middleware):
         error = f"{type(exception).__name__}: {exception}"
         try:
             with db.atomic():
-                finished = outcomes.fail_exhausted(int(message_id), error, self.settings, message.actor_name) \
-                    if isinstance(message_id, int) else None
+                finished = (
+                    outcomes.fail_exhausted(int(message_id), error, self.settings, message.actor_name)
+                    if isinstance(message_id, int)
+                    else None
+                )
                 run_id = finished.run_id if finished else None
                 db.execute_sql(
                     """INSERT INTO dead_letters (queue, actor, dramatiq_message_id, campaign_message_id, run_id,
                                                  payload, error_class, error_message)
                        VALUES (%s, %s, %s, (SELECT id FROM campaign_messages WHERE id = %s),
                                coalesce(%s, (SELECT run_id FROM campaign_messages WHERE id = %s)), %s, %s, %s)
-                       ON CONFLICT (dramatiq_message_id) DO UPDATE SET status = 'dead', error_class = EXCLUDED.error_class,
-                           error_message = EXCLUDED.error_message, resolved_at = NULL""",
-                    (message.queue_name, message.actor_name, message.message_id, message_id, run_id, message_id,
-                     json.dumps(message.asdict(), default=str), type(exception).__name__, str(exception)[:2000]))
-            log.error("dead letter: %s message=%s dramatiq_id=%s: %s", message.actor_name, message_id,
-                      message.message_id, error)
+                       ON CONFLICT (dramatiq_message_id) DO UPDATE SET status = 'dead',
+                           error_class = EXCLUDED.error_class, error_message = EXCLUDED.error_message,
+                           resolved_at = NULL""",
+                    (
+                        message.queue_name,
+                        message.actor_name,
+                        message.message_id,
+                        message_id,
+                        run_id,
+                        message_id,
+                        json.dumps(message.asdict(), default=str),
+                        type(exception).__name__,
+                        str(exception)[:2000],
+                    ),
+                )
+            log.error(
+                "dead letter: %s message=%s dramatiq_id=%s: %s",
+                message.actor_name,
+                message_id,
+                message.message_id,
+                error,
+            )
         except Exception:
-            log.exception("could not record dead letter %s (it is still in %s.XQ)", message.message_id,
-                          message.queue_name)
+            log.exception(
+                "could not record dead letter %s (it is still in %s.XQ)", message.message_id, message.queue_name
+            )
 
 
 class RateLimitUnavailable(MiddlewareError):
@@ -157,8 +190,10 @@ class RateLimits(Middleware):
             if kind == "inbox":
                 grant = ratelimit.acquire_inbox(int(message.args[1]), self.settings.send_lease_seconds)
             else:
-                grant = ratelimit.acquire_minute(ratelimit.openrouter_key(self.settings.openrouter_api_key),
-                                                 self.settings.openrouter_requests_per_minute)
+                grant = ratelimit.acquire_minute(
+                    ratelimit.openrouter_key(self.settings.openrouter_api_key),
+                    self.settings.openrouter_requests_per_minute,
+                )
             if grant.granted or time.monotonic() + grant.wait > deadline:
                 break
             time.sleep(grant.wait)
@@ -177,10 +212,12 @@ class RateLimits(Middleware):
             # (R-DISP-2: a daily cap, a long Retry-After) parks it in PostgreSQL instead: the
             # sweep re-publishes it at its due time.
             wake_in = delay if parked else delay + self.settings.handoff_grace_seconds
-            db.execute_sql("""UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
+            db.execute_sql(
+                """UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
                               WHERE id = %s AND status IN ('queued', 'generating', 'splitting', 'sending')
                                 AND (wake_at IS NULL OR wake_at < now() + make_interval(secs => %s))""",
-                           (wake_in, int(message.args[0]), delay))
+                (wake_in, int(message.args[0]), delay),
+            )
         if parked and message.args:
             raise SkipMessage(f"rate limited for {delay:.0f}s: parked in PostgreSQL until then")
         broker.enqueue(message.copy(), delay=int(min(delay, MAX_BROKER_DELAY_SECONDS) * 1000) + 1)
@@ -197,8 +234,14 @@ class RateLimits(Middleware):
         """Called by the send step right before its HTTP call: the gap counts from this send."""
         self._local.sent = True
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
-                              result: object = None, exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
         self._release()
 
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:

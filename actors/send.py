@@ -1,4 +1,5 @@
 """Step 3: send the next part through Evolution API, finalize after the last (queue ``campaign.send``)."""
+
 from __future__ import annotations
 
 import dramatiq
@@ -13,16 +14,23 @@ from campaign.settings import get_settings
 _settings = get_settings()
 
 
-@dramatiq.actor(actor_name=steps.SEND_PART.actor, rate_limit="inbox",
-                **step_options(_settings, steps.SEND_PART.queue, time_limit_s=int(_settings.send_lease_seconds) - 10))
+@dramatiq.actor(
+    actor_name=steps.SEND_PART.actor,
+    rate_limit="inbox",
+    **step_options(_settings, steps.SEND_PART.queue, time_limit_s=int(_settings.send_lease_seconds) - 10),
+)
 @as_dramatiq_retry
 def send_part(message_id: int, inbox_id: int) -> None:
     """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""
     limiter = current_rate_limits(dramatiq.get_broker())
     # send_step releases the inbox slot itself, on every path (the middleware then has none left)
-    outcome = pipeline.send_step(message_id, _settings, evolution(),
-                                 on_http=limiter.mark_sent if limiter else None,
-                                 lease=limiter.take_grant() if limiter else None)
+    outcome = pipeline.send_step(
+        message_id,
+        _settings,
+        evolution(),
+        on_http=limiter.mark_sent if limiter else None,
+        lease=limiter.take_grant() if limiter else None,
+    )
     if outcome.next_delay is not None:
         # a zero gap goes straight onto the queue (a delay would hop through the delay queue)
         enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id), delay_s=outcome.next_delay)

@@ -1,4 +1,5 @@
 """Step 2: split the text into 1..N parts (queue ``campaign.split``)."""
+
 from __future__ import annotations
 
 import dramatiq
@@ -12,8 +13,11 @@ from campaign.settings import get_settings
 _settings = get_settings()
 
 
-@dramatiq.actor(actor_name=steps.SPLIT.actor, rate_limit="openrouter",
-                **step_options(_settings, steps.SPLIT.queue, time_limit_s=150))
+@dramatiq.actor(
+    actor_name=steps.SPLIT.actor,
+    rate_limit="openrouter",
+    **step_options(_settings, steps.SPLIT.queue, time_limit_s=150),
+)
 @as_dramatiq_retry
 def split(message_id: int) -> None:
     """Split the text of campaign message ``message_id`` into parts, then enqueue its first send."""

@@ -5,6 +5,7 @@ Dramatiq id, retry number); the pipeline adds the run once it has loaded the mes
 after-hook writes the step's single summary line (outcome and duration), so every other line the
 step logs in between carries the same ids.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,13 +44,23 @@ class StepLog(Middleware):
         args = message.args or ()
         campaign_id = args[0] if args and isinstance(args[0], int) else None
         inbox_id = args[1] if len(args) > 1 and isinstance(args[1], int) else None
-        self._local.token = logs.bind(actor=message.actor_name, message=campaign_id, inbox=inbox_id,
-                                      dramatiq_id=message.message_id,
-                                      retry=message.options.get("retries") or None)
+        self._local.token = logs.bind(
+            actor=message.actor_name,
+            message=campaign_id,
+            inbox=inbox_id,
+            dramatiq_id=message.message_id,
+            retry=message.options.get("retries") or None,
+        )
         self._local.started = time.monotonic()
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
-                              result: object = None, exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
         if exception is None:
             outcome, level = "done", logging.INFO
         elif isinstance(exception, dramatiq.Retry) or not message.failed:

@@ -14,6 +14,7 @@ and 3 HTTP posts per message".
 
 Environment: DATABASE_URL, RABBITMQ_URL, BENCH_SANDBOX_URL, BENCH_CHAT_KEY, BENCH_EVOLUTION_KEY.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ _http: httpx.Client | None = None
 OPTIONS = dict(max_retries=3, min_backoff=100, max_backoff=1000, time_limit=60_000)
 
 
-def _db() -> "psycopg2.extensions.connection":
+def _db() -> psycopg2.extensions.connection:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed:
         conn = psycopg2.connect(os.environ["DATABASE_URL"])
@@ -68,14 +69,21 @@ def _client() -> httpx.Client:
 
 
 def _chat(content: str, json_mode: bool) -> str:
-    body = {"model": "bench/model", "max_tokens": 400, "temperature": 0.7,
-            "messages": [{"role": "system", "content": "Write a short friendly WhatsApp message."},
-                         {"role": "user", "content": content}]}
+    body = {
+        "model": "bench/model",
+        "max_tokens": 400,
+        "temperature": 0.7,
+        "messages": [
+            {"role": "system", "content": "Write a short friendly WhatsApp message."},
+            {"role": "user", "content": content},
+        ],
+    }
     if json_mode:
         body["response_format"] = {"type": "json_object"}
         body["messages"][0]["content"] = 'Split into at most 2 parts. Answer {"messages": [...]}'
-    r = _client().post("/api/v1/chat/completions", json=body,
-                       headers={"Authorization": f"Bearer {os.environ['BENCH_CHAT_KEY']}"})
+    r = _client().post(
+        "/api/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {os.environ['BENCH_CHAT_KEY']}"}
+    )
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"]
 
@@ -83,12 +91,17 @@ def _chat(content: str, json_mode: bool) -> str:
 @dramatiq.actor(queue_name="bench.bare.generate", **OPTIONS)
 def bare_generate(row_id: int) -> None:
     """Hop 1: claim, write the text."""
-    if _commit("UPDATE bench_bare SET status = 'generating', updated_at = now() WHERE id = %s AND status = 'queued' "
-               "RETURNING phone", (row_id,)) is None:
+    if (
+        _commit(
+            "UPDATE bench_bare SET status = 'generating', updated_at = now() WHERE id = %s AND status = 'queued' "
+            "RETURNING phone",
+            (row_id,),
+        )
+        is None
+    ):
         return
     text = _chat(f"<lead>\nname: Ana {row_id}\ncompany: Comercial Atlântico\ncity: Recife\n</lead>", False)
-    _commit("UPDATE bench_bare SET status = 'splitting', text = %s, updated_at = now() WHERE id = %s",
-            (text, row_id))
+    _commit("UPDATE bench_bare SET status = 'splitting', text = %s, updated_at = now() WHERE id = %s", (text, row_id))
     bare_split.send(row_id)
 
 
@@ -96,28 +109,42 @@ def bare_generate(row_id: int) -> None:
 def bare_split(row_id: int) -> None:
     """Hop 2: split the text."""
     parts = _chat("Olá! Tudo bem? Vi que você está na Comercial Atlântico. Como estão as coisas em Recife?", True)
-    _commit("UPDATE bench_bare SET status = 'sending', parts = %s, updated_at = now() WHERE id = %s "
-            "AND status = 'splitting'", (json.dumps({"raw": parts}), row_id))
+    _commit(
+        "UPDATE bench_bare SET status = 'sending', parts = %s, updated_at = now() WHERE id = %s "
+        "AND status = 'splitting'",
+        (json.dumps({"raw": parts}), row_id),
+    )
     bare_send.send(row_id)
 
 
 @dramatiq.actor(queue_name="bench.bare.send", **OPTIONS)
 def bare_send(row_id: int) -> None:
     """Hop 3: mark sending, send, record."""
-    row = _commit("UPDATE bench_bare SET status = 'sending_part', updated_at = now() WHERE id = %s "
-                  "AND status = 'sending' RETURNING phone", (row_id,))
+    row = _commit(
+        "UPDATE bench_bare SET status = 'sending_part', updated_at = now() WHERE id = %s "
+        "AND status = 'sending' RETURNING phone",
+        (row_id,),
+    )
     if row is None:
         return
-    r = _client().post("/message/sendText/bench-bare", json={"number": row[0], "text": f"bench part {row_id}"},
-                       headers={"apikey": os.environ["BENCH_EVOLUTION_KEY"]})
+    r = _client().post(
+        "/message/sendText/bench-bare",
+        json={"number": row[0], "text": f"bench part {row_id}"},
+        headers={"apikey": os.environ["BENCH_EVOLUTION_KEY"]},
+    )
     r.raise_for_status()
-    _commit("UPDATE bench_bare SET status = 'sent_part', key_id = %s, updated_at = now() WHERE id = %s",
-            (r.json()["key"]["id"], row_id))
+    _commit(
+        "UPDATE bench_bare SET status = 'sent_part', key_id = %s, updated_at = now() WHERE id = %s",
+        (r.json()["key"]["id"], row_id),
+    )
     bare_finalize.send(row_id)
 
 
 @dramatiq.actor(queue_name="bench.bare.finalize", **OPTIONS)
 def bare_finalize(row_id: int) -> None:
     """Hop 4: done."""
-    _commit("UPDATE bench_bare SET status = 'done', done_at = clock_timestamp(), updated_at = now() "
-            "WHERE id = %s AND status = 'sent_part'", (row_id,))
+    _commit(
+        "UPDATE bench_bare SET status = 'done', done_at = clock_timestamp(), updated_at = now() "
+        "WHERE id = %s AND status = 'sent_part'",
+        (row_id,),
+    )

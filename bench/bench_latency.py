@@ -10,6 +10,7 @@ reference, the "concurrency bound". Pacing is kept out of the way (many inboxes,
 part gap 0, the per-key LLM budget lifted). Throughput = N / (dispatch of N due messages ->
 run completed), on the database clock. Target (SPEC §7): >= 90 % of the bound.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,17 @@ def main() -> int:
     bound = threads / latency_s
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="bench-latency-"))
     logdir.mkdir(parents=True, exist_ok=True)
-    header("T-PERF-2 latency-bound throughput vs the concurrency bound",
-           f"{args.messages} messages (+{args.warmup} warm-up), sandbox latency generate {args.generate_ms:.0f} ms, "
-           f"split {args.split_ms:.0f} ms, send {args.send_ms:.0f} ms x {parts} parts; {args.processes} x "
-           f"{args.threads} worker threads; worker logs in {logdir}")
-    faults = {"chat": {"latency_ms": args.generate_ms}, "split": {"latency_ms": args.split_ms},
-              "send": {"latency_ms": args.send_ms}}
+    header(
+        "T-PERF-2 latency-bound throughput vs the concurrency bound",
+        f"{args.messages} messages (+{args.warmup} warm-up), sandbox latency generate {args.generate_ms:.0f} ms, "
+        f"split {args.split_ms:.0f} ms, send {args.send_ms:.0f} ms x {parts} parts; {args.processes} x "
+        f"{args.threads} worker threads; worker logs in {logdir}",
+    )
+    faults = {
+        "chat": {"latency_ms": args.generate_ms},
+        "split": {"latency_ms": args.split_ms},
+        "send": {"latency_ms": args.send_ms},
+    }
     from sandbox.testing import SandboxProcess
 
     with BenchServices("latency") as svc, SandboxProcess(seed=2, faults=faults) as sb:
@@ -63,8 +69,18 @@ def main() -> int:
         db.connect(reuse_if_open=True)
         for attempt in range(1, 4):
             try:
-                res = run_pipeline(sb, get_settings(), args.messages, args.warmup, args.inboxes, args.processes,
-                                   args.threads, max(300.0, 4 * args.messages / bound), logdir, attempt)
+                res = run_pipeline(
+                    sb,
+                    get_settings(),
+                    args.messages,
+                    args.warmup,
+                    args.inboxes,
+                    args.processes,
+                    args.threads,
+                    max(300.0, 4 * args.messages / bound),
+                    logdir,
+                    attempt,
+                )
                 break
             except TimeoutError as exc:
                 # another job on this shared machine restarted RabbitMQ mid-measurement: again
@@ -78,17 +94,30 @@ def main() -> int:
     row("reference: concurrency bound T / L", f"{bound:7.2f} msg/s  (T = {threads} threads, L = {latency_s:.2f} s)")
     row("pipeline", f"{res['rate']:7.2f} msg/s  ({args.messages} in {res['seconds']:.1f} s)")
     row("share of the bound", f"{100 * share:6.1f} %   target >= {100 * TARGET:.0f} %   {verdict(share >= TARGET)}")
-    row("pipeline outcome", f"{res['statuses']}, {res['parts_per_message']:.2f} parts/message, "
-        f"{res['worker_log_errors']} ERROR lines in the worker log")
-    row("engine overhead per message (thread time)",
+    row(
+        "pipeline outcome",
+        f"{res['statuses']}, {res['parts_per_message']:.2f} parts/message, "
+        f"{res['worker_log_errors']} ERROR lines in the worker log",
+    )
+    row(
+        "engine overhead per message (thread time)",
         f"{1000 * (threads / res['rate'] - latency_s):7.0f} ms  (of which DB wait {res['db_ms_per_message']:.0f} ms, "
-        f"{res['round_trips']:.1f} round trips)")
+        f"{res['round_trips']:.1f} round trips)",
+    )
     row("sandbox ledger", f"{summary.get('requests')} requests")
     print_counts(res["counts"], args.messages, top=15)
     ok = share >= TARGET and res["statuses"] == {"sent": args.messages} and res["parts_per_message"] == parts
-    result_line("T-PERF-2", {"bound_msg_s": round(bound, 2), "pipeline_msg_s": round(res["rate"], 2),
-                             "share": round(share, 3), "messages": args.messages,
-                             "round_trips_per_msg": round(res["round_trips"], 2), "pass": ok})
+    result_line(
+        "T-PERF-2",
+        {
+            "bound_msg_s": round(bound, 2),
+            "pipeline_msg_s": round(res["rate"], 2),
+            "share": round(share, 3),
+            "messages": args.messages,
+            "round_trips_per_msg": round(res["round_trips"], 2),
+            "pass": ok,
+        },
+    )
     return 0 if ok else 1
 
 

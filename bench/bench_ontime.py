@@ -13,6 +13,7 @@ lateness = first part's arrival - scheduled_at, per message (p50/p99/max), and t
 between two consecutive sends of one inbox against its configured minimum.
 Targets (SPEC §7): p99 <= 2 s; no gap below the inbox's minimum.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,14 +81,18 @@ def main() -> int:
     mean_gap = args.minutes * 60.0 / per_inbox
     gap = (round(0.6 * mean_gap, 3), round(1.4 * mean_gap, 3))
     if gap[0] < args.min_gap + 2.0:
-        p.error(f"messages too dense: a gap of {gap[0]} s between leads leaves no room for 2 parts "
-                f"at a {args.min_gap} s minimum gap; use more --minutes or fewer --messages")
+        p.error(
+            f"messages too dense: a gap of {gap[0]} s between leads leaves no room for 2 parts "
+            f"at a {args.min_gap} s minimum gap; use more --minutes or fewer --messages"
+        )
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="bench-ontime-"))
     logdir.mkdir(parents=True, exist_ok=True)
-    header("T-PERF-3 on time: lateness of the first part and per-inbox gaps",
-           f"{per_inbox * args.inboxes} messages over {args.minutes:g} min across {args.inboxes} inboxes "
-           f"(gaps {gap[0]}-{gap[1]} s between leads, part gap 0.5-1.5 s, inbox min gap {args.min_gap} s), "
-           f"real scheduler + {args.processes} x {args.threads} workers; logs in {logdir}")
+    header(
+        "T-PERF-3 on time: lateness of the first part and per-inbox gaps",
+        f"{per_inbox * args.inboxes} messages over {args.minutes:g} min across {args.inboxes} inboxes "
+        f"(gaps {gap[0]}-{gap[1]} s between leads, part gap 0.5-1.5 s, inbox min gap {args.min_gap} s), "
+        f"real scheduler + {args.processes} x {args.threads} workers; logs in {logdir}",
+    )
     from sandbox.testing import SandboxProcess
 
     with BenchServices("ontime") as svc, SandboxProcess(seed=3) as sb:
@@ -99,29 +104,56 @@ def main() -> int:
         worlds = []
         for i in range(args.inboxes):
             w = create_world(f"ontime{i}", 1, min_gap=args.min_gap)
-            create_config(w, "paced", w.inbox_ids[0], split=True, max_parts=2, part_gap=(0.5, 1.5), gap=gap,
-                          daily_limit=per_inbox, active=True)
+            create_config(
+                w,
+                "paced",
+                w.inbox_ids[0],
+                split=True,
+                max_parts=2,
+                part_gap=(0.5, 1.5),
+                gap=gap,
+                daily_limit=per_inbox,
+                active=True,
+            )
             add_leads(w, per_inbox)
             worlds.append(w)
         db.close()
         sched_log = open(logdir / "scheduler.log", "wb")
-        with Workers(["actors"], processes=args.processes, threads=args.threads, env=env,
-                     log_path=logdir / "worker.log") as workers:
-            scheduler = subprocess.Popen([sys.executable, "scheduler.py"], cwd=ROOT, env={**os.environ, **env},
-                                         stdout=sched_log, stderr=subprocess.STDOUT, start_new_session=True)
+        with Workers(
+            ["actors"], processes=args.processes, threads=args.threads, env=env, log_path=logdir / "worker.log"
+        ) as workers:
+            scheduler = subprocess.Popen(
+                [sys.executable, "scheduler.py"],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=sched_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 db.connect(reuse_if_open=True)
-                wait_until(lambda: q1("SELECT count(*) FROM campaign_runs") == args.inboxes, timeout=120,
-                           what="the scheduler to plan every run")
+                wait_until(
+                    lambda: q1("SELECT count(*) FROM campaign_runs") == args.inboxes,
+                    timeout=120,
+                    what="the scheduler to plan every run",
+                )
                 t0 = time.monotonic()
                 last_at = q1("SELECT max(scheduled_at) FROM campaign_messages")
                 first_at = q1("SELECT min(scheduled_at) FROM campaign_messages")
-                print(f"   runs planned by the scheduler: {q1('SELECT sum(leads_total) FROM campaign_runs')} messages "
-                      f"from {first_at:%H:%M:%S} to {last_at:%H:%M:%S} UTC; waiting...", flush=True)
-                wait_until(lambda: q1("SELECT count(*) FROM campaign_runs WHERE status <> 'completed'") == 0,
-                           timeout=args.minutes * 60 + 300, interval=1.0, what="every run to complete",
-                           on_timeout=lambda: f"\n{status_counts(q('SELECT array_agg(id) FROM campaign_runs')[0][0])}"
-                                              f"\n{workers.log_tail()}")
+                print(
+                    f"   runs planned by the scheduler: {q1('SELECT sum(leads_total) FROM campaign_runs')} messages "
+                    f"from {first_at:%H:%M:%S} to {last_at:%H:%M:%S} UTC; waiting...",
+                    flush=True,
+                )
+                wait_until(
+                    lambda: q1("SELECT count(*) FROM campaign_runs WHERE status <> 'completed'") == 0,
+                    timeout=args.minutes * 60 + 300,
+                    interval=1.0,
+                    what="every run to complete",
+                    on_timeout=lambda: (
+                        f"\n{status_counts(q('SELECT array_agg(id) FROM campaign_runs')[0][0])}\n{workers.log_tail()}"
+                    ),
+                )
                 elapsed = time.monotonic() - t0
             finally:
                 scheduler.terminate()
@@ -174,21 +206,37 @@ def main() -> int:
     row("messages", f"{statuses} in {elapsed:.0f} s after planning; {len(sends)} sends in the ledger")
     row("reference: inbox minimum gap (configured)", f"{args.min_gap:.3f} s")
     worst = max(lateness, default=float("nan"))
-    row("lateness of first part: p50 / p99 / max", f"{p50:.3f} / {p99:.3f} / {worst:.3f} s "
+    row(
+        "lateness of first part: p50 / p99 / max",
+        f"{p50:.3f} / {p99:.3f} / {worst:.3f} s "
         f" (min {min(lateness, default=float('nan')):.3f} s)   target p99 <= {P99_TARGET_S:.0f} s   "
-        f"{verdict(p99 <= P99_TARGET_S and not missing)}")
+        f"{verdict(p99 <= P99_TARGET_S and not missing)}",
+    )
     print("   latest first parts (lateness s, message, inbox, scheduled after planning s, DB sending_at lateness s):")
     for d in sorted(detail, reverse=True)[:5]:
         print(f"     {d[0]:7.3f}  {d[1]:6d}  {d[2]:<22} {d[3]:8.1f}  {d[4]:7.3f}")
     if missing:
         row("messages without a send in the ledger", str(missing))
     if worst_inbox:
-        row("smallest gap between two sends of one inbox", f"{gaps[worst_inbox]:.3f} s ({worst_inbox}) vs minimum "
-            f"{min_gap_of.get(worst_inbox, 0):.3f} s; {below} gaps below the minimum   {verdict(below == 0)}")
+        row(
+            "smallest gap between two sends of one inbox",
+            f"{gaps[worst_inbox]:.3f} s ({worst_inbox}) vs minimum "
+            f"{min_gap_of.get(worst_inbox, 0):.3f} s; {below} gaps below the minimum   {verdict(below == 0)}",
+        )
     ok = p99 <= P99_TARGET_S and not missing and below == 0 and statuses.get("sent", 0) == per_inbox * args.inboxes
-    result_line("T-PERF-3", {"p50_s": round(p50, 3), "p99_s": round(p99, 3), "max_s": round(worst, 3),
-                             "min_gap_s": round(min(gaps.values(), default=0), 3), "gaps_below_min": below,
-                             "messages": per_inbox * args.inboxes, "minutes": args.minutes, "pass": ok})
+    result_line(
+        "T-PERF-3",
+        {
+            "p50_s": round(p50, 3),
+            "p99_s": round(p99, 3),
+            "max_s": round(worst, 3),
+            "min_gap_s": round(min(gaps.values(), default=0), 3),
+            "gaps_below_min": below,
+            "messages": per_inbox * args.inboxes,
+            "minutes": args.minutes,
+            "pass": ok,
+        },
+    )
     return 0 if ok else 1
 
 

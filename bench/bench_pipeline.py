@@ -14,6 +14,7 @@ DB round trips are counted in the workers by bench/dbcount.py (a counting psycop
 loaded as an extra dramatiq module: no server setting changes), per actor and per statement.
 Target (SPEC §7): pipeline msg/s >= 1.0 x the bare chain's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,19 +63,39 @@ def run_bare(sb, n: int, warmup: int, processes: int, threads: int, timeout: flo
     q(TABLE_SQL)
     q("TRUNCATE bench_bare")
     counters = Path(tempfile.mkdtemp(prefix="bench-bare-counts-"))
-    env = {"BENCH_SANDBOX_URL": sb.url, "BENCH_CHAT_KEY": sb.chat_key, "BENCH_EVOLUTION_KEY": sb.evolution_key,
-           "BENCH_DBCOUNT_DIR": str(counters)}
-    with Workers(["bench.bare_chain", "bench.dbcount"], processes=processes, threads=threads, env=env,
-                 log_path=logdir / "bare-worker.log") as workers:
+    env = {
+        "BENCH_SANDBOX_URL": sb.url,
+        "BENCH_CHAT_KEY": sb.chat_key,
+        "BENCH_EVOLUTION_KEY": sb.evolution_key,
+        "BENCH_DBCOUNT_DIR": str(counters),
+    }
+    with Workers(
+        ["bench.bare_chain", "bench.dbcount"],
+        processes=processes,
+        threads=threads,
+        env=env,
+        log_path=logdir / "bare-worker.log",
+    ) as workers:
+
         def batch(count: int) -> tuple[float, list[int]]:
-            ids = [r[0] for r in q("INSERT INTO bench_bare (phone) SELECT '5511' || (900000000 + i) "
-                                   "FROM generate_series(1, %s) i RETURNING id", (count,))]
+            ids = [
+                r[0]
+                for r in q(
+                    "INSERT INTO bench_bare (phone) SELECT '5511' || (900000000 + i) "
+                    "FROM generate_series(1, %s) i RETURNING id",
+                    (count,),
+                )
+            ]
             t0 = db_now()
             for i in ids:
                 bare_generate.send(i)
-            wait_progress(lambda: q1("SELECT count(*) FROM bench_bare WHERE id = ANY(%s) AND status = 'done'",
-                                     (ids,)), count, timeout=timeout, what="the bare chain",
-                          on_timeout=lambda: "\n" + workers.log_tail())
+            wait_progress(
+                lambda: q1("SELECT count(*) FROM bench_bare WHERE id = ANY(%s) AND status = 'done'", (ids,)),
+                count,
+                timeout=timeout,
+                what="the bare chain",
+                on_timeout=lambda: "\n" + workers.log_tail(),
+            )
             t_end = q1("SELECT max(done_at) FROM bench_bare WHERE id = ANY(%s)", (ids,))
             return (t_end - t0).total_seconds(), ids
 
@@ -94,8 +115,11 @@ def abandon(settings) -> None:
     q("UPDATE campaign_runs SET status = 'cancelled', pause_reason = NULL WHERE status IN ('running', 'paused')")
     if q1("SELECT to_regclass('bench_bare') IS NOT NULL"):
         q("UPDATE bench_bare SET status = 'abandoned' WHERE status <> 'done'")
-    purge_queues(settings.rabbitmq_url, [f"bench.bare.{h}" for h in ("generate", "split", "send", "finalize")]
-                 + ["campaign.generate", "campaign.split", "campaign.send"])
+    purge_queues(
+        settings.rabbitmq_url,
+        [f"bench.bare.{h}" for h in ("generate", "split", "send", "finalize")]
+        + ["campaign.generate", "campaign.split", "campaign.send"],
+    )
 
 
 def processed(run_id: int) -> int:
@@ -103,8 +127,18 @@ def processed(run_id: int) -> int:
     return q1("SELECT leads_processed FROM campaign_runs WHERE id = %s", (run_id,))
 
 
-def run_pipeline(sb, settings, n: int, warmup: int, inboxes: int, processes: int, threads: int, timeout: float,
-                 logdir: Path, round_no: int) -> dict:
+def run_pipeline(
+    sb,
+    settings,
+    n: int,
+    warmup: int,
+    inboxes: int,
+    processes: int,
+    threads: int,
+    timeout: float,
+    logdir: Path,
+    round_no: int,
+) -> dict:
     """N two-part messages through the engine's workers; msg/s from dispatch to run completed."""
     world = create_world(f"bench{round_no}", inboxes, min_gap=0.0)
     warm_cfg = create_config(world, "warmup", world.inbox_ids[0], split=True, max_parts=2, part_gap=(0, 0))
@@ -113,15 +147,19 @@ def run_pipeline(sb, settings, n: int, warmup: int, inboxes: int, processes: int
     timed_leads = add_leads(world, n)
     counters = Path(tempfile.mkdtemp(prefix="bench-pipeline-counts-"))
     env = engine_env(sb, BENCH_DBCOUNT_DIR=str(counters))
-    with Workers(["actors", "bench.dbcount"], processes=processes, threads=threads, env=env,
-                 log_path=logdir / "pipeline-worker.log") as workers:
+    with Workers(
+        ["actors", "bench.dbcount"],
+        processes=processes,
+        threads=threads,
+        env=env,
+        log_path=logdir / "pipeline-worker.log",
+    ) as workers:
         tail = lambda: "\n" + workers.log_tail()  # noqa: E731
         if warmup:
             warm_run = create_run(warm_cfg)
             add_messages(warm_run, warm_leads, world.inbox_ids)
             dispatch_all(settings)
-            wait_progress(lambda: processed(warm_run), warmup, timeout=timeout, what="the warm-up run",
-                          on_timeout=tail)
+            wait_progress(lambda: processed(warm_run), warmup, timeout=timeout, what="the warm-up run", on_timeout=tail)
         time.sleep(0.6)
         before = read_counts(counters)
         run_id = create_run(timed_cfg)
@@ -148,9 +186,17 @@ def run_pipeline(sb, settings, n: int, warmup: int, inboxes: int, processes: int
         ppm = parts_per_message([run_id])
         errors = workers.log_tail(200_000).count("ERROR")
     seconds = (t_end - t0).total_seconds()
-    return {"seconds": seconds, "rate": n / seconds, "dispatch_seconds": (dispatched_at - t0).total_seconds(),
-            "statuses": statuses, "parts_per_message": ppm, "round_trips": counts.statements / n,
-            "db_ms_per_message": 1000 * counts.db_seconds / n, "counts": counts, "worker_log_errors": errors}
+    return {
+        "seconds": seconds,
+        "rate": n / seconds,
+        "dispatch_seconds": (dispatched_at - t0).total_seconds(),
+        "statuses": statuses,
+        "parts_per_message": ppm,
+        "round_trips": counts.statements / n,
+        "db_ms_per_message": 1000 * counts.db_seconds / n,
+        "counts": counts,
+        "worker_log_errors": errors,
+    }
 
 
 def main() -> int:
@@ -175,10 +221,12 @@ def main() -> int:
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     logdir.mkdir(parents=True, exist_ok=True)
 
-    header("T-PERF-1 orchestration overhead: pipeline vs a bare Dramatiq 4-hop chain",
-           f"{args.messages} messages (+{args.warmup} warm-up) per side, {args.processes} worker processes x "
-           f"{args.threads} threads, zero-latency sandbox, {args.inboxes} inboxes (min gap 0, part gap 0), "
-           f"2 parts/message, {args.rounds} round(s); worker logs in {logdir}")
+    header(
+        "T-PERF-1 orchestration overhead: pipeline vs a bare Dramatiq 4-hop chain",
+        f"{args.messages} messages (+{args.warmup} warm-up) per side, {args.processes} worker processes x "
+        f"{args.threads} threads, zero-latency sandbox, {args.inboxes} inboxes (min gap 0, part gap 0), "
+        f"2 parts/message, {args.rounds} round(s); worker logs in {logdir}",
+    )
     from sandbox.testing import SandboxProcess
 
     bare_runs: list[dict] = []
@@ -196,8 +244,18 @@ def main() -> int:
                 attempt += 1
                 try:
                     bare = run_bare(sb, args.messages, args.warmup, args.processes, args.threads, timeout, logdir)
-                    pipe = run_pipeline(sb, settings, args.messages, args.warmup, args.inboxes, args.processes,
-                                        args.threads, timeout, logdir, attempt)
+                    pipe = run_pipeline(
+                        sb,
+                        settings,
+                        args.messages,
+                        args.warmup,
+                        args.inboxes,
+                        args.processes,
+                        args.threads,
+                        timeout,
+                        logdir,
+                        attempt,
+                    )
                     break
                 except TimeoutError as exc:
                     # another job on this shared machine restarting RabbitMQ mid-measurement
@@ -208,10 +266,16 @@ def main() -> int:
                     abandon(settings)
             bare_runs.append(bare)
             pipe_runs.append(pipe)
-            row(f"round {r + 1}: reference bare 4-hop chain", f"{bare['rate']:7.1f} msg/s  "
-                f"({args.messages} in {bare['seconds']:.2f} s, {bare['round_trips']:.2f} DB round trips/msg)")
-            row(f"round {r + 1}: pipeline", f"{pipe['rate']:7.1f} msg/s  ({args.messages} in {pipe['seconds']:.2f} s, "
-                f"dispatch {pipe['dispatch_seconds']:.2f} s, {pipe['round_trips']:.2f} DB round trips/msg)")
+            row(
+                f"round {r + 1}: reference bare 4-hop chain",
+                f"{bare['rate']:7.1f} msg/s  "
+                f"({args.messages} in {bare['seconds']:.2f} s, {bare['round_trips']:.2f} DB round trips/msg)",
+            )
+            row(
+                f"round {r + 1}: pipeline",
+                f"{pipe['rate']:7.1f} msg/s  ({args.messages} in {pipe['seconds']:.2f} s, "
+                f"dispatch {pipe['dispatch_seconds']:.2f} s, {pipe['round_trips']:.2f} DB round trips/msg)",
+            )
         db.close()
     bare_rate = median([b["rate"] for b in bare_runs])
     pipe_rate = median([p_["rate"] for p_ in pipe_runs])
@@ -221,18 +285,32 @@ def main() -> int:
     row("reference: bare 4-hop chain (6 commits, 3 posts)", f"{bare_rate:7.1f} msg/s")
     row("pipeline (generate, split, send x2)", f"{pipe_rate:7.1f} msg/s")
     row("ratio pipeline / reference", f"{ratio:7.2f}   target >= {TARGET_RATIO:.1f}   {verdict(ratio >= TARGET_RATIO)}")
-    row("DB round trips per message: pipeline", f"{last['round_trips']:7.2f}  "
-        f"({last['db_ms_per_message']:.1f} ms of DB wait per message, summed over threads)")
+    row(
+        "DB round trips per message: pipeline",
+        f"{last['round_trips']:7.2f}  ({last['db_ms_per_message']:.1f} ms of DB wait per message, summed over threads)",
+    )
     row("DB round trips per message: reference", f"{median([b['round_trips'] for b in bare_runs]):7.2f}")
-    row("pipeline outcome", f"{last['statuses']}, {last['parts_per_message']:.2f} parts/message, "
-        f"{last['worker_log_errors']} ERROR lines in the worker log")
+    row(
+        "pipeline outcome",
+        f"{last['statuses']}, {last['parts_per_message']:.2f} parts/message, "
+        f"{last['worker_log_errors']} ERROR lines in the worker log",
+    )
     print("   where the pipeline's round trips go (last round):")
     print_counts(last["counts"], args.messages)
     ok = ratio >= TARGET_RATIO and last["statuses"] == {"sent": args.messages}
-    result_line("T-PERF-1", {"bare_msg_s": round(bare_rate, 2), "pipeline_msg_s": round(pipe_rate, 2),
-                             "ratio": round(ratio, 3), "round_trips_per_msg": round(last["round_trips"], 2),
-                             "parts_per_message": round(last["parts_per_message"], 2), "messages": args.messages,
-                             "rounds": args.rounds, "pass": ok})
+    result_line(
+        "T-PERF-1",
+        {
+            "bare_msg_s": round(bare_rate, 2),
+            "pipeline_msg_s": round(pipe_rate, 2),
+            "ratio": round(ratio, 3),
+            "round_trips_per_msg": round(last["round_trips"], 2),
+            "parts_per_message": round(last["parts_per_message"], 2),
+            "messages": args.messages,
+            "rounds": args.rounds,
+            "pass": ok,
+        },
+    )
     return 0 if ok else 1
 
 

@@ -34,7 +34,7 @@ def _worker(
     threads: int,
     seconds: float,
     start_at: float,
-    out: "mp.Queue[tuple[int, int]]",
+    out: mp.Queue[tuple[int, int]],
 ) -> None:
     """One client process: ``threads`` threads, each with its own keep-alive client."""
     counts = [0] * threads
@@ -92,7 +92,7 @@ def run_load(
 ) -> tuple[float, int]:
     """Run the load; return (successful requests/s, errors)."""
     ctx = mp.get_context("spawn")
-    out: "mp.Queue[tuple[int, int]]" = ctx.Queue()
+    out: mp.Queue[tuple[int, int]] = ctx.Queue()
     per = max(1, clients // processes)
     start_at = time.time() + 1.5  # let every process import httpx and connect first
     procs = [
@@ -117,13 +117,13 @@ class _BareHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = b"{}"
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n" + body)
 
 
-def _bare_server(port_out: "mp.Queue[int]") -> None:
+def _bare_server(port_out: mp.Queue[int]) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _BareHandler)
     server.daemon_threads = True
     port_out.put(server.server_address[1])
@@ -147,7 +147,7 @@ def main() -> int:
     )
     if not args.no_reference:
         ctx = mp.get_context("spawn")
-        q: "mp.Queue[int]" = ctx.Queue()
+        q: mp.Queue[int] = ctx.Queue()
         bare = ctx.Process(target=_bare_server, args=(q,), daemon=True)
         bare.start()
         port = q.get(timeout=30)

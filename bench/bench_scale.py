@@ -15,6 +15,7 @@ References measured in the same run: a bare ``INSERT ... SELECT`` of as many mes
 floor under planning) and a single-row UPDATE by primary key (the floor under one claim).
 Targets (SPEC §7): planning <= 5 s; claim <= 20 ms; an index scan in the claim's plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,12 @@ CLAIM = 500
 
 def load_history(world, config_id: int, leads: int, history: int) -> None:
     """``leads`` leads and ``history`` sent messages in completed runs of earlier days."""
-    q("""INSERT INTO leads (workspace_id, column_id, name, phone, custom_fields)
+    q(
+        """INSERT INTO leads (workspace_id, column_id, name, phone, custom_fields)
          SELECT %s, %s, 'Lead ' || i, '+55119' || lpad(i::text, 8, '0'), '{"city": "Recife"}'::jsonb
-         FROM generate_series(1, %s) i""", (world.ws_id, world.src_col, leads))
+         FROM generate_series(1, %s) i""",
+        (world.ws_id, world.src_col, leads),
+    )
     per_run = leads
     runs = (history + per_run - 1) // per_run
     today = dt.datetime.now(UTC).date()
@@ -58,20 +62,35 @@ def load_history(world, config_id: int, leads: int, history: int) -> None:
     for d in range(1, runs + 1):
         n = min(per_run, left)
         left -= n
-        run_id = q1("""INSERT INTO campaign_runs (config_id, run_date, status, leads_total, leads_processed,
+        run_id = q1(
+            """INSERT INTO campaign_runs (config_id, run_date, status, leads_total, leads_processed,
                            leads_sent, started_at, finished_at)
                        VALUES (%s, %s, 'completed', %s, %s, %s, %s, %s) RETURNING id""",
-                    (config_id, today - dt.timedelta(days=d), n, n, n,
-                     dt.datetime.combine(today - dt.timedelta(days=d), dt.time(9), UTC),
-                     dt.datetime.combine(today - dt.timedelta(days=d), dt.time(18), UTC)))
-        q("""INSERT INTO campaign_messages (run_id, lead_id, inbox_id, status, scheduled_at, status_changed_at,
+            (
+                config_id,
+                today - dt.timedelta(days=d),
+                n,
+                n,
+                n,
+                dt.datetime.combine(today - dt.timedelta(days=d), dt.time(9), UTC),
+                dt.datetime.combine(today - dt.timedelta(days=d), dt.time(18), UTC),
+            ),
+        )
+        q(
+            """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, status, scheduled_at, status_changed_at,
                  sent_at, finished_at, generated_text, tokens_used)
              SELECT %s, l.id, %s, 'sent', t.at, t.at, t.at + interval '3 seconds', t.at + interval '3 seconds',
                     'Olá! Tudo bem? Mensagem de um dia anterior.', 42
              FROM (SELECT id FROM leads WHERE workspace_id = %s ORDER BY id LIMIT %s) l,
                   LATERAL (SELECT %s::timestamptz + (l.id %% 32400) * interval '1 second' AS at) t""",
-          (run_id, world.inbox_ids[0], world.ws_id, n,
-           dt.datetime.combine(today - dt.timedelta(days=d), dt.time(9), UTC)))
+            (
+                run_id,
+                world.inbox_ids[0],
+                world.ws_id,
+                n,
+                dt.datetime.combine(today - dt.timedelta(days=d), dt.time(9), UTC),
+            ),
+        )
         print(f"   ... history: run of {today - dt.timedelta(days=d)} with {n} sent messages", flush=True)
     q("VACUUM ANALYZE leads")
     q("VACUUM ANALYZE campaign_messages")
@@ -90,8 +109,10 @@ def main() -> int:
         args.leads, args.history = min(args.leads, 20_000), min(args.history, 200_000)
     if args.leads < CLAIM or args.history < 0 or args.repeat < 1:
         p.error(f"--leads must be >= {CLAIM}, --history >= 0, --repeat >= 1")
-    header("T-PERF-4 scale: planning and one dispatcher claim",
-           f"{args.leads} eligible leads, {args.history} historical message rows, claim of {CLAIM}")
+    header(
+        "T-PERF-4 scale: planning and one dispatcher claim",
+        f"{args.leads} eligible leads, {args.history} historical message rows, claim of {CLAIM}",
+    )
     with BenchServices("scale"):
         from campaign import planner
         from campaign.db import db
@@ -102,19 +123,35 @@ def main() -> int:
         world = create_world("scale", 1, min_gap=0.0)
         # Today's schedule must fit the whole list: gaps of 0..20 ms from 00:00:30 UTC (about
         # 17 minutes for 100,000 leads), inside an always-open window.
-        config_id = create_config(world, "big", world.inbox_ids[0], split=False, max_parts=1,
-                                  gap=(0.0, 0.02), daily_limit=args.leads, active=True)
+        config_id = create_config(
+            world,
+            "big",
+            world.inbox_ids[0],
+            split=False,
+            max_parts=1,
+            gap=(0.0, 0.02),
+            daily_limit=args.leads,
+            active=True,
+        )
         t = time.perf_counter()
         load_history(world, config_id, args.leads, args.history)
-        row("data loaded", f"{time.perf_counter() - t:.1f} s "
-            f"({q1('SELECT count(*) FROM campaign_messages')} message rows)")
+        row(
+            "data loaded",
+            f"{time.perf_counter() - t:.1f} s ({q1('SELECT count(*) FROM campaign_messages')} message rows)",
+        )
 
         # reference: the bare insert of as many message rows (then removed again)
-        ref_run = q1("""INSERT INTO campaign_runs (config_id, run_date, status) VALUES (%s, '2000-01-01', 'completed')
-                        RETURNING id""", (config_id,))
+        ref_run = q1(
+            """INSERT INTO campaign_runs (config_id, run_date, status) VALUES (%s, '2000-01-01', 'completed')
+                        RETURNING id""",
+            (config_id,),
+        )
         t = time.perf_counter()
-        q("""INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
-             SELECT %s, id, %s, now() FROM leads WHERE workspace_id = %s""", (ref_run, world.inbox_ids[0], world.ws_id))
+        q(
+            """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
+             SELECT %s, id, %s, now() FROM leads WHERE workspace_id = %s""",
+            (ref_run, world.inbox_ids[0], world.ws_id),
+        )
         ref_insert_s = time.perf_counter() - t
         q("DELETE FROM campaign_messages WHERE run_id = %s", (ref_run,))
         q("DELETE FROM campaign_runs WHERE id = %s", (ref_run,))
@@ -137,8 +174,10 @@ def main() -> int:
         q("VACUUM ANALYZE campaign_messages")
 
         # one claim of 500 due messages (timed, repeated)
-        due_at = q1("SELECT scheduled_at FROM campaign_messages WHERE run_id = %s ORDER BY scheduled_at "
-                    "OFFSET %s LIMIT 1", (run.id, CLAIM - 1))
+        due_at = q1(
+            "SELECT scheduled_at FROM campaign_messages WHERE run_id = %s ORDER BY scheduled_at OFFSET %s LIMIT 1",
+            (run.id, CLAIM - 1),
+        )
         claim_ms: list[float] = []
         claimed: list[int] = []
         for _ in range(args.repeat):
@@ -183,30 +222,52 @@ def main() -> int:
     claim_med = median(claim_ms)
     print()
     row("reference: bare INSERT...SELECT of the rows", f"{ref_insert_s:7.2f} s  ({args.leads} rows)")
-    row("planning (planner.plan_run)", f"{plan_s:7.2f} s  = {plan_s / ref_insert_s:.1f} x reference   "
-        f"target <= {PLAN_TARGET_S:.0f} s   {verdict(plan_s <= PLAN_TARGET_S and planned_ok)}")
-    row("  planned", f"leads_total {run.leads_total}, overflow {run.leads_overflow} "
-        f"({'as expected' if planned_ok else 'NOT every lead planned'})")
+    row(
+        "planning (planner.plan_run)",
+        f"{plan_s:7.2f} s  = {plan_s / ref_insert_s:.1f} x reference   "
+        f"target <= {PLAN_TARGET_S:.0f} s   {verdict(plan_s <= PLAN_TARGET_S and planned_ok)}",
+    )
+    row(
+        "  planned",
+        f"leads_total {run.leads_total}, overflow {run.leads_overflow} "
+        f"({'as expected' if planned_ok else 'NOT every lead planned'})",
+    )
     print("   where the planning time goes:")
     print_counts(plan_counts, 1, top=10)
     row("  python (planning time minus DB wait)", f"{plan_s - plan_counts.db_seconds:7.2f} s")
     row("reference: single-row UPDATE by primary key", f"{median(ref_ms):7.2f} ms (median of {len(ref_ms)})")
-    row(f"claim of {CLAIM} due messages (dispatch_due)",
+    row(
+        f"claim of {CLAIM} due messages (dispatch_due)",
         f"{claim_med:7.2f} ms median, min {min(claim_ms):.2f}, max {max(claim_ms):.2f} ({args.repeat} runs; "
         f"claimed {sorted(set(claimed))})   target <= {CLAIM_TARGET_MS:.0f} ms   "
-        f"{verdict(claim_med <= CLAIM_TARGET_MS and set(claimed) == {CLAIM})}")
-    row("index scan in the claim's plan", f"{verdict(index_ok)}  "
+        f"{verdict(claim_med <= CLAIM_TARGET_MS and set(claimed) == {CLAIM})}",
+    )
+    row(
+        "index scan in the claim's plan",
+        f"{verdict(index_ok)}  "
         f"({'; '.join(ln.strip() for ln in index_lines) or 'none'}"
-        f"{'; SEQ SCAN on campaign_messages' if seq_scan else ''})")
+        f"{'; SEQ SCAN on campaign_messages' if seq_scan else ''})",
+    )
     print("   EXPLAIN (ANALYZE, BUFFERS) of the claim:")
     for ln in plan.splitlines():
         print("     " + ln)
-    ok = plan_s <= PLAN_TARGET_S and planned_ok and claim_med <= CLAIM_TARGET_MS and set(claimed) == {CLAIM} \
-        and index_ok
-    result_line("T-PERF-4", {"plan_s": round(plan_s, 3), "ref_insert_s": round(ref_insert_s, 3),
-                             "claim_ms_median": round(claim_med, 2), "claim_ms_min": round(min(claim_ms), 2),
-                             "ref_update_ms": round(median(ref_ms), 3), "index_scan": index_ok,
-                             "leads": args.leads, "history": args.history, "pass": ok})
+    ok = (
+        plan_s <= PLAN_TARGET_S and planned_ok and claim_med <= CLAIM_TARGET_MS and set(claimed) == {CLAIM} and index_ok
+    )
+    result_line(
+        "T-PERF-4",
+        {
+            "plan_s": round(plan_s, 3),
+            "ref_insert_s": round(ref_insert_s, 3),
+            "claim_ms_median": round(claim_med, 2),
+            "claim_ms_min": round(min(claim_ms), 2),
+            "ref_update_ms": round(median(ref_ms), 3),
+            "index_scan": index_ok,
+            "leads": args.leads,
+            "history": args.history,
+            "pass": ok,
+        },
+    )
     return 0 if ok else 1
 
 

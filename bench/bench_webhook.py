@@ -20,6 +20,7 @@ is not the timed client's), ``--hostile`` keep-alive connections:
 same valid updates with no hostile load. Target: p99 of a valid update amid the waves <= 100 ms.
 Absolute times on a shared 2-core machine are noisy: the reference says what "quiet" was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ from bench.common import (
 )
 
 TARGET_MS = 100.0
-TIMEOUT_S = 30.0   # a valid update without an answer by then counts as this long (and is not a 200)
+TIMEOUT_S = 30.0  # a valid update without an answer by then counts as this long (and is not a 200)
 BODY_BYTES = 250_000
 STATUSES = ("SERVER_ACK", "DELIVERY_ACK", "READ")
 
@@ -66,8 +67,14 @@ class Receiver:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "webhook.py", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
-                                     env=env, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "webhook.py", "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+        )
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -102,16 +109,27 @@ def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> int:
 def _hostile_bodies(secret: str, key_id: str) -> list[tuple[str, bytes | None]]:
     """(kind, body); a None body means the malformed 65 KB request line, sent on a raw socket."""
     run = "A9" * (BODY_BYTES // 2)
-    base = {"event": "messages.update", "apikey": secret,
-            "data": {"keyId": key_id, "status": "READ", "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"}}
+    base = {
+        "event": "messages.update",
+        "apikey": secret,
+        "data": {"keyId": key_id, "status": "READ", "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"},
+    }
     instance = json.dumps({**base, "instance": run}).encode()
     jid = json.dumps({**base, "instance": "bench-1", "data": {**base["data"], "remoteJid": run}}).encode()
     noauth = json.dumps({"event": "messages.update", "instance": run, "data": {"keyId": "K"}}).encode()
     return [("instance", instance), ("remoteJid", jid), ("no secret", noauth), ("request line", None)]
 
 
-def _hostile(host: str, port: int, bodies: list[tuple[str, bytes | None]], offset: int, stop: Any,
-             barrier: Any, counts: dict[str, int], lock: threading.Lock) -> None:
+def _hostile(
+    host: str,
+    port: int,
+    bodies: list[tuple[str, bytes | None]],
+    offset: int,
+    stop: Any,
+    barrier: Any,
+    counts: dict[str, int],
+    lock: threading.Lock,
+) -> None:
     """Post hostile bodies back to back (flood), or one per wave when ``barrier`` is given."""
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
     i = offset
@@ -141,14 +159,17 @@ def _hostile(host: str, port: int, bodies: list[tuple[str, bytes | None]], offse
     conn.close()
 
 
-def _hostile_process(host: str, port: int, bodies: list[tuple[str, bytes | None]], senders: int, stop: Any,
-                     barrier: Any, results: Any) -> None:
+def _hostile_process(
+    host: str, port: int, bodies: list[tuple[str, bytes | None]], senders: int, stop: Any, barrier: Any, results: Any
+) -> None:
     """``senders`` hostile threads in a process of their own: the timed client in the benchmark's
     process never waits for their GIL (the receiver's GIL is the one under test)."""
     counts: dict[str, int] = {}
     lock = threading.Lock()
-    threads = [threading.Thread(target=_hostile, args=(host, port, bodies, i, stop, barrier, counts, lock),
-                                daemon=True) for i in range(senders)]
+    threads = [
+        threading.Thread(target=_hostile, args=(host, port, bodies, i, stop, barrier, counts, lock), daemon=True)
+        for i in range(senders)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -156,8 +177,9 @@ def _hostile_process(host: str, port: int, bodies: list[tuple[str, bytes | None]
     results.put(counts)
 
 
-def _valid_updates(recv: Receiver, secret: str, keys: list[str], rounds: int, *, healthz_every: int = 0,
-                   barrier: Any = None) -> tuple[list[float], list[float], list[int]]:
+def _valid_updates(
+    recv: Receiver, secret: str, keys: list[str], rounds: int, *, healthz_every: int = 0, barrier: Any = None
+) -> tuple[list[float], list[float], list[int]]:
     """Latency (ms) of ``rounds`` valid updates sent one after the other, /healthz latencies, statuses.
 
     With ``barrier``: each update goes out 0-5 ms after a wave of hostile bodies was released.
@@ -170,9 +192,19 @@ def _valid_updates(recv: Receiver, secret: str, keys: list[str], rounds: int, *,
         if barrier is not None:
             barrier.wait(2 * TIMEOUT_S)
             time.sleep(rng.uniform(0, 0.005))  # the hostile bodies are arriving now
-        body = json.dumps({"event": "messages.update", "instance": "bench-1", "apikey": secret,
-                           "data": {"keyId": keys[i % len(keys)], "status": STATUSES[(i // len(keys)) % 3],
-                                    "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"}}).encode()
+        body = json.dumps(
+            {
+                "event": "messages.update",
+                "instance": "bench-1",
+                "apikey": secret,
+                "data": {
+                    "keyId": keys[i % len(keys)],
+                    "status": STATUSES[(i // len(keys)) % 3],
+                    "fromMe": True,
+                    "remoteJid": "5511987654321@s.whatsapp.net",
+                },
+            }
+        ).encode()
         t = time.perf_counter()
         try:
             codes.append(_post(conn, "/webhook", body))
@@ -197,16 +229,24 @@ def _valid_updates(recv: Receiver, secret: str, keys: list[str], rounds: int, *,
     return lat, hlat, codes
 
 
-def _under_attack(recv: Receiver, secret: str, keys: list[str], bodies: list[tuple[str, bytes | None]],
-                  senders: int, rounds: int, *, waves_mode: bool) -> tuple[list[float], list[float], list[int],
-                                                                            dict[str, int], float]:
+def _under_attack(
+    recv: Receiver,
+    secret: str,
+    keys: list[str],
+    bodies: list[tuple[str, bytes | None]],
+    senders: int,
+    rounds: int,
+    *,
+    waves_mode: bool,
+) -> tuple[list[float], list[float], list[int], dict[str, int], float]:
     """Valid updates timed while an attacker process posts hostile bodies: in waves of ``senders``
     bodies at once (one valid update per wave), or as a flood of ``senders`` connections back to back."""
     mp = multiprocessing.get_context("fork")
     stop, results = mp.Event(), mp.Queue()
     barrier = mp.Barrier(senders + 1) if waves_mode else None
-    attacker = mp.Process(target=_hostile_process, daemon=True,
-                          args=(recv.host, recv.port, bodies, senders, stop, barrier, results))
+    attacker = mp.Process(
+        target=_hostile_process, daemon=True, args=(recv.host, recv.port, bodies, senders, stop, barrier, results)
+    )
     attacker.start()
     try:
         if not waves_mode:
@@ -229,8 +269,10 @@ def _under_attack(recv: Receiver, secret: str, keys: list[str], bodies: list[tup
 
 
 def _figures(lat: list[float]) -> str:
-    return (f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
-            f"max {max(lat):.1f} ms ({len(lat)} updates)")
+    return (
+        f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, "
+        f"max {max(lat):.1f} ms ({len(lat)} updates)"
+    )
 
 
 def main() -> int:
@@ -245,8 +287,10 @@ def main() -> int:
         args.waves, args.updates = min(args.waves, 100), min(args.updates, 150)
     if args.waves < 10 or args.updates < 10 or args.hostile < 1:
         p.error("--waves and --updates must be >= 10, --hostile >= 1")
-    header("webhook under hostile load (issue 23 item 1, R-OPS-5)",
-           f"{args.hostile} senders of 250 KB bodies vs valid messages.update, receiver at LOG_LEVEL=DEBUG")
+    header(
+        "webhook under hostile load (issue 23 item 1, R-OPS-5)",
+        f"{args.hostile} senders of 250 KB bodies vs valid messages.update, receiver at LOG_LEVEL=DEBUG",
+    )
     secret = f"whsec-{uuid.uuid4().hex}"
     with BenchServices("webhook") as services, tempfile.TemporaryDirectory() as tmp:
         from campaign.db import db
@@ -255,18 +299,28 @@ def main() -> int:
         world = create_world("bench", 1)
         q("UPDATE inboxes SET instance_name = 'bench-1' WHERE id = %s", (world.inbox_ids[0],))
         run_id = create_run(create_config(world, "hooks", world.inbox_ids[0]))
-        keys = [r[0] for r in q(
-            """WITH l AS (INSERT INTO leads (workspace_id, column_id, name, phone)
+        keys = [
+            r[0]
+            for r in q(
+                """WITH l AS (INSERT INTO leads (workspace_id, column_id, name, phone)
                           SELECT %s, %s, 'Lead ' || i, '+55119' || lpad(i::text, 8, '0') FROM generate_series(1, 100) i
                           RETURNING id),
                     m AS (INSERT INTO campaign_messages (run_id, lead_id, inbox_id, status, scheduled_at, sent_at)
                           SELECT %s, id, %s, 'sent', now(), now() FROM l RETURNING id)
                INSERT INTO message_parts (message_id, inbox_id, idx, text, status, sent_at, provider_message_id)
                SELECT id, %s, 0, 'hello', 'sent', now(), 'BENCHKEY' || id FROM m RETURNING provider_message_id""",
-            (world.ws_id, world.src_col, run_id, world.inbox_ids[0], world.inbox_ids[0]))]
+                (world.ws_id, world.src_col, run_id, world.inbox_ids[0], world.inbox_ids[0]),
+            )
+        ]
         db.close()
-        env = {**os.environ, **services.env, "WEBHOOK_SECRET": secret, "LOG_LEVEL": "DEBUG",
-               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **services.env,
+            "WEBHOOK_SECRET": secret,
+            "LOG_LEVEL": "DEBUG",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
         recv = Receiver(env, Path(tmp) / "webhook.log")
         try:
             _valid_updates(recv, secret, keys, 30)  # warm-up: pool, code paths
@@ -274,9 +328,11 @@ def main() -> int:
 
             bodies = _hostile_bodies(secret, keys[0])
             waves, wave_health, wave_codes, wave_counts, _ = _under_attack(
-                recv, secret, keys, bodies, args.hostile, args.waves, waves_mode=True)
+                recv, secret, keys, bodies, args.hostile, args.waves, waves_mode=True
+            )
             flood, flood_health, flood_codes, flood_counts, elapsed = _under_attack(
-                recv, secret, keys, bodies, args.hostile, args.updates, waves_mode=False)
+                recv, secret, keys, bodies, args.hostile, args.updates, waves_mode=False
+            )
         finally:
             recv.stop()
         log_text = recv.log_path.read_text(errors="replace")
@@ -289,23 +345,47 @@ def main() -> int:
     row("reference: valid update, no hostile load", _figures(quiet))
     row(f"valid update amid {args.hostile} hostile bodies", _figures(waves))
     row("ratio p99 / p99 reference", f"{p99 / percentile(quiet, 99):.1f}x")
-    row("stress: valid update under a flood", _figures(flood) + f" (no target: {args.hostile} connections "
-        f"back to back, {flood_total / elapsed:.0f} bodies/s, {flood_total * BODY_BYTES / elapsed / 1e6:.0f} MB/s)")
-    row("/healthz max (reference / waves / flood)",
-        f"{max(quiet_health):.1f} / {max(wave_health):.1f} / {max(flood_health):.1f} ms")
-    row("hostile requests answered", ", ".join(f"{k}: {v}" for k, v in sorted(
-        {k: wave_counts.get(k, 0) + flood_counts.get(k, 0) for k in {*wave_counts, *flood_counts}}.items())))
+    row(
+        "stress: valid update under a flood",
+        _figures(flood) + f" (no target: {args.hostile} connections "
+        f"back to back, {flood_total / elapsed:.0f} bodies/s, {flood_total * BODY_BYTES / elapsed / 1e6:.0f} MB/s)",
+    )
+    row(
+        "/healthz max (reference / waves / flood)",
+        f"{max(quiet_health):.1f} / {max(wave_health):.1f} / {max(flood_health):.1f} ms",
+    )
+    row(
+        "hostile requests answered",
+        ", ".join(
+            f"{k}: {v}"
+            for k, v in sorted(
+                {k: wave_counts.get(k, 0) + flood_counts.get(k, 0) for k in {*wave_counts, *flood_counts}}.items()
+            )
+        ),
+    )
     row("valid updates answered 200", "all" if ok_codes else "NOT ALL")
-    row("receiver log", f"{len(log_text) / 1e6:.1f} MB, longest line {longest_line} chars, secret "
-        f"{'absent' if secret not in log_text else 'PRESENT'}")
+    row(
+        "receiver log",
+        f"{len(log_text) / 1e6:.1f} MB, longest line {longest_line} chars, secret "
+        f"{'absent' if secret not in log_text else 'PRESENT'}",
+    )
     row(f"target: p99 amid the hostile bodies <= {TARGET_MS:.0f} ms", verdict(passed))
-    result_line("webhook", {"p50_ms": round(percentile(waves, 50), 2), "p99_ms": round(p99, 2),
-                            "max_ms": round(max(waves), 2), "ref_p50_ms": round(percentile(quiet, 50), 2),
-                            "ref_p99_ms": round(percentile(quiet, 99), 2),
-                            "flood_p50_ms": round(percentile(flood, 50), 2),
-                            "flood_p99_ms": round(percentile(flood, 99), 2), "flood_max_ms": round(max(flood), 2),
-                            "flood_bodies_per_s": round(flood_total / elapsed, 1),
-                            "healthz_max_ms": round(max(wave_health + flood_health), 2), "passed": passed})
+    result_line(
+        "webhook",
+        {
+            "p50_ms": round(percentile(waves, 50), 2),
+            "p99_ms": round(p99, 2),
+            "max_ms": round(max(waves), 2),
+            "ref_p50_ms": round(percentile(quiet, 50), 2),
+            "ref_p99_ms": round(percentile(quiet, 99), 2),
+            "flood_p50_ms": round(percentile(flood, 50), 2),
+            "flood_p99_ms": round(percentile(flood, 99), 2),
+            "flood_max_ms": round(max(flood), 2),
+            "flood_bodies_per_s": round(flood_total / elapsed, 1),
+            "healthz_max_ms": round(max(wave_health + flood_health), 2),
+            "passed": passed,
+        },
+    )
     return 0 if passed else 1
 
 

@@ -7,6 +7,7 @@ are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres), 
 (default amqp://guest:guest@127.0.0.1:5672/), RABBITMQCTL (default ``rabbitmqctl``): the same names
 ``make test`` uses.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,17 +23,18 @@ import tempfile
 import time
 import types
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg2
 
 from campaign import dispatch
 from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-
-import psycopg2
 
 log = logging.getLogger("bench")
 
@@ -41,7 +43,7 @@ RABBIT_BASE_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.
 RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
 DRAMATIQ = str(Path(sys.executable).with_name("dramatiq"))
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 SYSTEM_PROMPT = "You write short, friendly first-contact WhatsApp messages in Portuguese."
 #: lead fields that make the sandbox LLM write sentences long enough to be split
 LEAD_FIELDS = {"city": "Recife", "company": "Comercial Atlântico de Alimentos e Bebidas do Nordeste"}
@@ -63,8 +65,10 @@ def header(title: str, detail: str = "") -> None:
     print(f"== {title}")
     if detail:
         print(f"   {detail}")
-    print(f"   machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          "(shared with other jobs: absolute figures are noisy, ratios are the claim)")
+    print(
+        f"   machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+        "(shared with other jobs: absolute figures are noisy, ratios are the claim)"
+    )
 
 
 def row(label: str, value: str) -> None:
@@ -102,7 +106,7 @@ def _with_path(url: str, path: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + path, parts.query, parts.fragment))
 
 
-def admin_pg() -> "psycopg2.extensions.connection":
+def admin_pg() -> psycopg2.extensions.connection:
     """An autocommit connection to the maintenance database (clear error when PostgreSQL is down)."""
     try:
         conn = psycopg2.connect(ADMIN_PG_URL, connect_timeout=5)
@@ -136,7 +140,7 @@ class BenchServices:
         self._saved: dict[str, str | None] = {}
         self._made_db = self._made_vhost = False
 
-    def __enter__(self) -> "BenchServices":
+    def __enter__(self) -> BenchServices:
         signal.signal(signal.SIGTERM, _raise_interrupt)
         admin = admin_pg()
         try:
@@ -156,8 +160,9 @@ class BenchServices:
                         raise
                     time.sleep(2)
             self._made_vhost = True
-            rabbitmqctl("set_permissions", "-p", self.name, urlsplit(RABBIT_BASE_URL).username or "guest",
-                        ".*", ".*", ".*")
+            rabbitmqctl(
+                "set_permissions", "-p", self.name, urlsplit(RABBIT_BASE_URL).username or "guest", ".*", ".*", ".*"
+            )
             self.env = {
                 "DATABASE_URL": _with_path(ADMIN_PG_URL, self.name),
                 "RABBITMQ_URL": _with_path(RABBIT_BASE_URL, quote(self.name, safe="")),
@@ -212,8 +217,10 @@ def engine_env(sb: Any, **extra: str) -> dict[str, str]:
     """Environment of engine processes wired to the sandbox ``sb``; the per-key LLM budget is lifted
     so the benchmark measures the pipeline, not OpenRouter's pacing (each bench says which limits it keeps)."""
     return {
-        "OPENROUTER_BASE_URL": sb.openrouter_url, "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url, "EVOLUTION_API_KEY": sb.evolution_key,
+        "OPENROUTER_BASE_URL": sb.openrouter_url,
+        "OPENROUTER_API_KEY": sb.chat_key,
+        "EVOLUTION_API_URL": sb.evolution_url,
+        "EVOLUTION_API_KEY": sb.evolution_key,
         "OPENROUTER_REQUESTS_PER_MINUTE": "1000000",
         **extra,
     }
@@ -262,8 +269,15 @@ def rss_kb(pid: int) -> int:
 class Workers:
     """A real ``dramatiq`` command (like tests/workers.py) on the current environment plus ``env``."""
 
-    def __init__(self, modules: Sequence[str], *, processes: int, threads: int, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        modules: Sequence[str],
+        *,
+        processes: int,
+        threads: int,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.modules = list(modules)
         self.processes = processes
         self.threads = threads
@@ -271,18 +285,27 @@ class Workers:
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="bench-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 60) -> "Workers":
+    def start(self, ready_timeout: float = 60) -> Workers:
         """Start the command and wait until every worker process says it is ready."""
-        cmd = [DRAMATIQ, *self.modules, "--processes", str(self.processes), "--threads", str(self.threads),
-               "--path", str(ROOT)]
+        cmd = [
+            DRAMATIQ,
+            *self.modules,
+            "--processes",
+            str(self.processes),
+            "--threads",
+            str(self.threads),
+            "--path",
+            str(ROOT),
+        ]
         # dramatiq_worker_timeout: how often a consumer wakes to release due delayed messages (ms);
         # dramatiq's 1 s default would make every pacing delay up to a second late (tests/workers.py).
         env = {**os.environ, "dramatiq_worker_timeout": "100", **self.env, "PYTHONUNBUFFERED": "1"}
         self.log_path.write_bytes(b"")
         out = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             out.close()
         deadline = time.monotonic() + ready_timeout
@@ -320,7 +343,7 @@ class Workers:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
-    def __enter__(self) -> "Workers":
+    def __enter__(self) -> Workers:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -377,37 +400,75 @@ def q1(sql: str, params: Sequence[Any] | dict = ()) -> Any:
     return rows[0][0] if rows else None
 
 
-def create_world(name: str, n_inboxes: int, *, min_gap: float = 0.0, max_per_hour: int | None = None,
-                 max_per_day: int | None = None) -> World:
+def create_world(
+    name: str, n_inboxes: int, *, min_gap: float = 0.0, max_per_hour: int | None = None, max_per_day: int | None = None
+) -> World:
     """A workspace ``name`` with columns New/Contacted and ``n_inboxes`` inboxes paced as given."""
     ws_id = q1("INSERT INTO workspaces (name) VALUES (%s) RETURNING id", (name,))
-    cols = dict(q("""INSERT INTO columns (workspace_id, name, position)
-                     VALUES (%s, 'New', 0), (%s, 'Contacted', 1) RETURNING name, id""", (ws_id, ws_id)))
-    rows = q("""INSERT INTO inboxes (workspace_id, name, instance_name, min_gap_seconds, max_per_hour, max_per_day)
+    cols = dict(
+        q(
+            """INSERT INTO columns (workspace_id, name, position)
+                     VALUES (%s, 'New', 0), (%s, 'Contacted', 1) RETURNING name, id""",
+            (ws_id, ws_id),
+        )
+    )
+    rows = q(
+        """INSERT INTO inboxes (workspace_id, name, instance_name, min_gap_seconds, max_per_hour, max_per_day)
                 SELECT %s, 'inbox-' || i, %s || '-inbox-' || i, %s, %s, %s FROM generate_series(1, %s) i
                 ORDER BY i RETURNING id, instance_name""",
-             (ws_id, name, min_gap, max_per_hour, max_per_day, n_inboxes))
+        (ws_id, name, min_gap, max_per_hour, max_per_day, n_inboxes),
+    )
     return World(ws_id, name, cols["New"], cols["Contacted"], [r[0] for r in rows], [r[1] for r in rows])
 
 
-def create_config(world: World, name: str, inbox_id: int, *, split: bool = True, max_parts: int = 2,
-                  part_gap: tuple[float, float] = (0.0, 0.0), gap: tuple[float, float] = (0.0, 0.0),
-                  daily_limit: int = 1_000_000, active: bool = False, timezone: str = "UTC") -> int:
+def create_config(
+    world: World,
+    name: str,
+    inbox_id: int,
+    *,
+    split: bool = True,
+    max_parts: int = 2,
+    part_gap: tuple[float, float] = (0.0, 0.0),
+    gap: tuple[float, float] = (0.0, 0.0),
+    daily_limit: int = 1_000_000,
+    active: bool = False,
+    timezone: str = "UTC",
+) -> int:
     """A campaign config of ``world`` (always-open window, every day)."""
-    cid = q1("""INSERT INTO campaign_configs (workspace_id, name, inbox_id, source_column_id, target_column_id,
+    cid = q1(
+        """INSERT INTO campaign_configs (workspace_id, name, inbox_id, source_column_id, target_column_id,
                     timezone, daily_limit, gap_min_seconds, gap_max_seconds, part_gap_min_seconds,
                     part_gap_max_seconds, model, system_prompt, split_enabled, max_parts, active)
                 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'bench/model', %s, %s, %s, %s) RETURNING id""",
-             (world.ws_id, name, inbox_id, world.src_col, world.tgt_col, timezone, daily_limit, gap[0], gap[1],
-              part_gap[0], part_gap[1], SYSTEM_PROMPT, split, max_parts, active))
+        (
+            world.ws_id,
+            name,
+            inbox_id,
+            world.src_col,
+            world.tgt_col,
+            timezone,
+            daily_limit,
+            gap[0],
+            gap[1],
+            part_gap[0],
+            part_gap[1],
+            SYSTEM_PROMPT,
+            split,
+            max_parts,
+            active,
+        ),
+    )
     world.configs.append(cid)
     return cid
 
 
 def create_run(config_id: int, *, status: str = "running", run_date: dt.date | None = None) -> int:
     """A run of ``config_id`` (its leads_total grows with :func:`add_messages`)."""
-    return q1("""INSERT INTO campaign_runs (config_id, run_date, status, started_at) VALUES (%s, %s, %s, now())
-                 RETURNING id""", (config_id, run_date or dt.datetime.now(UTC).date(), status))
+    return q1(
+        """INSERT INTO campaign_runs (config_id, run_date, status, started_at) VALUES (%s, %s, %s, now())
+                 RETURNING id""",
+        (config_id, run_date or dt.datetime.now(UTC).date(), status),
+    )
 
 
 def two_part_name(i: int, fields: dict[str, str] = LEAD_FIELDS, system_prompt: str = SYSTEM_PROMPT) -> str:
@@ -433,15 +494,21 @@ def add_leads(world: World, n: int, *, two_parts: bool = True, column_id: int | 
     world.next_phone += n
     names = [two_part_name(start + i) if two_parts else f"Lead {start + i}" for i in range(n)]
     phones = [f"+55119{start + i:08d}" for i in range(n)]
-    rows = q("""INSERT INTO leads (workspace_id, column_id, name, phone, custom_fields)
+    rows = q(
+        """INSERT INTO leads (workspace_id, column_id, name, phone, custom_fields)
                 SELECT %s, %s, t.name, t.phone, %s::jsonb FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY
                        AS t(name, phone, i) ORDER BY t.i RETURNING id""",
-             (world.ws_id, column_id or world.src_col, json.dumps(LEAD_FIELDS), names, phones))
+        (world.ws_id, column_id or world.src_col, json.dumps(LEAD_FIELDS), names, phones),
+    )
     return [r[0] for r in rows]
 
 
-def add_messages(run_id: int, lead_ids: Sequence[int], inbox_ids: Sequence[int],
-                 scheduled_at: dt.datetime | Sequence[dt.datetime] | None = None) -> int:
+def add_messages(
+    run_id: int,
+    lead_ids: Sequence[int],
+    inbox_ids: Sequence[int],
+    scheduled_at: dt.datetime | Sequence[dt.datetime] | None = None,
+) -> int:
     """Pending messages of ``run_id`` for ``lead_ids`` (inboxes round-robin), due at ``scheduled_at``
     (one time or one per lead; default now); the run's leads_total grows to match."""
     n = len(lead_ids)
@@ -450,25 +517,33 @@ def add_messages(run_id: int, lead_ids: Sequence[int], inbox_ids: Sequence[int],
     else:
         times = list(scheduled_at)
     inboxes = [inbox_ids[i % len(inbox_ids)] for i in range(n)]
-    q("""INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
+    q(
+        """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
          SELECT %s, t.lead, t.inbox, t.at
          FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[]) AS t(lead, inbox, at)""",
-      (run_id, list(lead_ids), inboxes, times))
+        (run_id, list(lead_ids), inboxes, times),
+    )
     q("UPDATE campaign_runs SET leads_total = leads_total + %s WHERE id = %s", (n, run_id))
     return n
 
 
 def status_counts(run_ids: Sequence[int]) -> dict[str, int]:
     """Messages of the runs by status."""
-    return dict(q("SELECT status, count(*) FROM campaign_messages WHERE run_id = ANY(%s) GROUP BY 1 ORDER BY 1",
-                  (list(run_ids),)))
+    return dict(
+        q(
+            "SELECT status, count(*) FROM campaign_messages WHERE run_id = ANY(%s) GROUP BY 1 ORDER BY 1",
+            (list(run_ids),),
+        )
+    )
 
 
 def parts_per_message(run_ids: Sequence[int]) -> float:
     """Average number of parts of the runs' sent messages."""
-    v = q1("""SELECT count(p.id)::float / nullif(count(DISTINCT m.id), 0) FROM campaign_messages m
+    v = q1(
+        """SELECT count(p.id)::float / nullif(count(DISTINCT m.id), 0) FROM campaign_messages m
               JOIN message_parts p ON p.message_id = m.id WHERE m.run_id = ANY(%s) AND m.status = 'sent'""",
-           (list(run_ids),))
+        (list(run_ids),),
+    )
     return float(v or 0.0)
 
 
@@ -489,8 +564,14 @@ def dispatch_all(settings: Any, *, until_empty: bool = True) -> int:
             return total
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2,
-               what: str = "condition", on_timeout: Callable[[], str] | None = None) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+    on_timeout: Callable[[], str] | None = None,
+) -> Any:
     """Poll ``predicate`` until truthy; a clear error naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -503,8 +584,16 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float 
         time.sleep(interval)
 
 
-def wait_progress(count: Callable[[], int], total: int, *, timeout: float, stall: float = 60.0, what: str = "work",
-                  on_timeout: Callable[[], str] | None = None, interval: float = 0.2) -> None:
+def wait_progress(
+    count: Callable[[], int],
+    total: int,
+    *,
+    timeout: float,
+    stall: float = 60.0,
+    what: str = "work",
+    on_timeout: Callable[[], str] | None = None,
+    interval: float = 0.2,
+) -> None:
     """Wait until ``count()`` reaches ``total``; fail early when it stops moving for ``stall`` seconds
     (another job restarting RabbitMQ mid-measurement makes the figure worthless anyway: rerun)."""
     deadline = time.monotonic() + timeout
@@ -518,15 +607,16 @@ def wait_progress(count: Callable[[], int], total: int, *, timeout: float, stall
             last, moved = n, now
         if now - moved > stall or now > deadline:
             extra = on_timeout() if on_timeout else ""
-            raise TimeoutError(f"{what}: {n} of {total} after {timeout - (deadline - now):.0f}s, no progress for "
-                               f"{now - moved:.0f}s (was RabbitMQ restarted by another job? rerun){extra}")
+            raise TimeoutError(
+                f"{what}: {n} of {total} after {timeout - (deadline - now):.0f}s, no progress for "
+                f"{now - moved:.0f}s (was RabbitMQ restarted by another job? rerun){extra}"
+            )
         time.sleep(interval)
 
 
 def runs_done(run_ids: Sequence[int]) -> bool:
     """Whether every run is completed (its last message terminal)."""
-    return q1("SELECT count(*) FROM campaign_runs WHERE id = ANY(%s) AND status <> 'completed'",
-              (list(run_ids),)) == 0
+    return q1("SELECT count(*) FROM campaign_runs WHERE id = ANY(%s) AND status <> 'completed'", (list(run_ids),)) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,7 +631,7 @@ class Counts:
     publishes: dict[str, int] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
 
-    def add(self, other: "Counts", sign: int = 1) -> None:
+    def add(self, other: Counts, sign: int = 1) -> None:
         """Add (or subtract) another snapshot."""
         for k, (n, s) in other.stmts.items():
             cur = self.stmts.setdefault(k, [0, 0.0])
@@ -587,8 +677,11 @@ def read_counts(directory: Path) -> Counts:
 def print_counts(c: Counts, per: int, *, top: int = 40) -> None:
     """Round trips per message by actor and the most frequent statements."""
     for actor, (n, s) in c.by_actor().items():
-        row(f"  {actor}", f"{n / per:6.2f} round trips/msg  {1000 * s / per:7.2f} ms DB/msg "
-                          f"({c.processed.get(actor, 0) / per:.2f} deliveries/msg)")
+        row(
+            f"  {actor}",
+            f"{n / per:6.2f} round trips/msg  {1000 * s / per:7.2f} ms DB/msg "
+            f"({c.processed.get(actor, 0) / per:.2f} deliveries/msg)",
+        )
     print("   most frequent statements (per message, then mean ms):")
     for k, (n, s) in sorted(c.stmts.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"     {n / per:5.2f}  {1000 * s / max(n, 1):6.2f} ms  {k}")

@@ -10,6 +10,7 @@ Every 0.25 s the totals are written to ``$BENCH_DBCOUNT_DIR/<pid>.json``.
 
 No server setting is touched (pg_stat_statements would need a PostgreSQL restart).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def _record(query: Any, seconds: float, n: int = 1) -> None:
 class CountingCursor(psycopg2.extensions.cursor):
     """A psycopg2 cursor that counts its round trips."""
 
-    def execute(self, query: Any, vars: Any = None) -> Any:  # noqa: A002 - psycopg2's name
+    def execute(self, query: Any, vars: Any = None) -> Any:
         if _capture is not None:
             _capture.append((query, vars))
         started = time.perf_counter()
@@ -115,8 +116,12 @@ def stop_capture() -> list[tuple[Any, Any]]:
 def snapshot() -> dict[str, Any]:
     """The process's totals so far."""
     with _lock:
-        return {"pid": os.getpid(), "stmts": {k: list(v) for k, v in _stmts.items()},
-                "publishes": dict(_publishes), "processed": dict(_processed)}
+        return {
+            "pid": os.getpid(),
+            "stmts": {k: list(v) for k, v in _stmts.items()},
+            "publishes": dict(_publishes),
+            "processed": dict(_processed),
+        }
 
 
 def dump(directory: str | os.PathLike[str]) -> None:
@@ -160,8 +165,9 @@ def _register_middleware() -> None:
             with _lock:
                 _processed[message.actor_name] = _processed.get(message.actor_name, 0) + 1
 
-        def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                                  exception: Any = None) -> None:
+        def after_process_message(
+            self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+        ) -> None:
             pass  # the actor name stays until the next message: DbConnection's release runs after this
 
         def before_enqueue(self, broker: Any, message: Any, delay: Any) -> None:

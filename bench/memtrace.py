@@ -21,6 +21,7 @@ Analysis (in the benchmark process, or by hand)::
 
     .venv/bin/python bench/memtrace.py DIR            # series + top growth between first/last snapshots
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,9 +47,21 @@ _thread: threading.Thread | None = None
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _libc() -> Any:
@@ -69,8 +82,7 @@ def mallinfo() -> dict[str, int]:
     if _LIBC is None:
         return {}
     mi = _LIBC.mallinfo2()
-    return {"arena": mi.arena, "used": mi.uordblks, "free": mi.fordblks, "mmap": mi.hblkhd,
-            "keepcost": mi.keepcost}
+    return {"arena": mi.arena, "used": mi.uordblks, "free": mi.fordblks, "mmap": mi.hblkhd, "keepcost": mi.keepcost}
 
 
 def malloc_info(path: Path) -> None:
@@ -115,10 +127,21 @@ def sample() -> dict[str, Any]:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:
         fds = -1
-    return {"t": time.time(), "pid": os.getpid(), "processed": _processed, "rss_kb": st.get("VmRSS", 0),
-            "anon_kb": st.get("RssAnon", 0), "data_kb": st.get("VmData", 0), "threads": st.get("Threads", 0),
-            "traced": current, "traced_peak": peak, "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory(),
-            "gc_objects": len(gc.get_objects()), "fds": fds, "malloc": mallinfo()}
+    return {
+        "t": time.time(),
+        "pid": os.getpid(),
+        "processed": _processed,
+        "rss_kb": st.get("VmRSS", 0),
+        "anon_kb": st.get("RssAnon", 0),
+        "data_kb": st.get("VmData", 0),
+        "threads": st.get("Threads", 0),
+        "traced": current,
+        "traced_peak": peak,
+        "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory(),
+        "gc_objects": len(gc.get_objects()),
+        "fds": fds,
+        "malloc": mallinfo(),
+    }
 
 
 def type_counts(top: int = 60) -> dict[str, int]:
@@ -137,17 +160,21 @@ def _snapshot(directory: Path, label: str) -> None:
     malloc_info(directory / f"{os.getpid()}-{label}.malloc.xml")
     if not tracemalloc.is_tracing():  # light mode (BENCH_MEMTRACE_FRAMES=0): object counts only
         (directory / f"{os.getpid()}-{label}.types.json").write_text(
-            json.dumps({"processed": _processed, "sample": sample(), "types": type_counts()}))
+            json.dumps({"processed": _processed, "sample": sample(), "types": type_counts()})
+        )
         return
-    snap = tracemalloc.take_snapshot().filter_traces((
-        tracemalloc.Filter(False, tracemalloc.__file__),
-        tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
-        tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
-    ))
+    snap = tracemalloc.take_snapshot().filter_traces(
+        (
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+        )
+    )
     path = directory / f"{os.getpid()}-{label}.snap"
     snap.dump(str(path))
     (directory / f"{os.getpid()}-{label}.types.json").write_text(
-        json.dumps({"processed": _processed, "sample": sample(), "types": type_counts()}))
+        json.dumps({"processed": _processed, "sample": sample(), "types": type_counts()})
+    )
     log.info("memtrace pid=%s: snapshot %s at %s messages", os.getpid(), path, _processed)
 
 
@@ -162,7 +189,9 @@ def _loop(directory: Path, every: float, snap_at: list[int]) -> None:
         if trim_every and time.monotonic() >= next_trim:
             started = time.perf_counter()
             malloc_trim()
-            log.info("memtrace pid=%s: malloc_trim(0) took %.1f ms", os.getpid(), 1000 * (time.perf_counter() - started))
+            log.info(
+                "memtrace pid=%s: malloc_trim(0) took %.1f ms", os.getpid(), 1000 * (time.perf_counter() - started)
+            )
             next_trim = time.monotonic() + trim_every
         try:
             with out.open("a") as f:
@@ -170,7 +199,7 @@ def _loop(directory: Path, every: float, snap_at: list[int]) -> None:
             while pending and _processed >= pending[0]:
                 _snapshot(directory, str(pending.pop(0)))
             for req in sorted(directory.glob("request-*")):
-                label = req.name[len("request-"):]
+                label = req.name[len("request-") :]
                 if label not in served:
                     served.add(label)
                     _snapshot(directory, label)
@@ -189,8 +218,12 @@ def _start() -> None:
     if os.environ.get("BENCH_MEMTRACE_FRAMES", "10") != "0" and not tracemalloc.is_tracing():
         tracemalloc.start(int(os.environ.get("BENCH_MEMTRACE_FRAMES", "10")))
     snap_at = [int(x) for x in os.environ.get("BENCH_MEMTRACE_SNAP_AT", "").split(",") if x.strip()]
-    _thread = threading.Thread(target=_loop, args=(d, float(os.environ.get("BENCH_MEMTRACE_EVERY", "5")), snap_at),
-                               name="bench-memtrace", daemon=True)
+    _thread = threading.Thread(
+        target=_loop,
+        args=(d, float(os.environ.get("BENCH_MEMTRACE_EVERY", "5")), snap_at),
+        name="bench-memtrace",
+        daemon=True,
+    )
     _thread.start()
 
 
@@ -204,8 +237,9 @@ def _register_middleware() -> None:
         def before_worker_boot(self, broker: Any, worker: Any) -> None:
             _start()
 
-        def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                                  exception: Any = None) -> None:
+        def after_process_message(
+            self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+        ) -> None:
             global _processed
             with _lock:
                 _processed += 1
@@ -252,10 +286,12 @@ def read_series(directory: Path) -> dict[int, list[dict[str, Any]]]:
 
 def _fmt_row(r: dict[str, Any]) -> str:
     mi = r.get("malloc") or {}
-    return (f"msgs={r['processed']:6d} rss={r['rss_kb'] / 1024:7.1f} anon={r['anon_kb'] / 1024:7.1f} "
-            f"py_heap={r['traced'] / 2**20:6.1f} tm_overhead={r['tracemalloc_overhead'] / 2**20:5.1f} "
-            f"malloc_used={mi.get('used', 0) / 2**20:6.1f} malloc_free={mi.get('free', 0) / 2**20:6.1f} "
-            f"mmap={mi.get('mmap', 0) / 2**20:5.1f} gc_objs={r['gc_objects']:7d} thr={r['threads']} fds={r['fds']}")
+    return (
+        f"msgs={r['processed']:6d} rss={r['rss_kb'] / 1024:7.1f} anon={r['anon_kb'] / 1024:7.1f} "
+        f"py_heap={r['traced'] / 2**20:6.1f} tm_overhead={r['tracemalloc_overhead'] / 2**20:5.1f} "
+        f"malloc_used={mi.get('used', 0) / 2**20:6.1f} malloc_free={mi.get('free', 0) / 2**20:6.1f} "
+        f"mmap={mi.get('mmap', 0) / 2**20:5.1f} gc_objs={r['gc_objects']:7d} thr={r['threads']} fds={r['fds']}"
+    )
 
 
 def print_series(directory: Path, points: int = 8) -> None:
@@ -272,8 +308,10 @@ def print_trim(directory: Path) -> None:
     for path in sorted(directory.glob("*-trim.json")):
         doc = json.loads(path.read_text())
         b, a = doc["before"], doc["after"]
-        print(f"   pid {b['pid']}: malloc_trim(0): RSS {b['rss_kb'] / 1024:.1f} -> {a['rss_kb'] / 1024:.1f} MiB, "
-              f"malloc free {b['malloc'].get('free', 0) / 2**20:.1f} -> {a['malloc'].get('free', 0) / 2**20:.1f} MiB")
+        print(
+            f"   pid {b['pid']}: malloc_trim(0): RSS {b['rss_kb'] / 1024:.1f} -> {a['rss_kb'] / 1024:.1f} MiB, "
+            f"malloc free {b['malloc'].get('free', 0) / 2**20:.1f} -> {a['malloc'].get('free', 0) / 2**20:.1f} MiB"
+        )
 
 
 def compare(directory: Path, first: str, last: str, top: int = 15, key: str = "traceback") -> None:
@@ -286,10 +324,12 @@ def compare(directory: Path, first: str, last: str, top: int = 15, key: str = "t
         tb = json.loads((directory / f"{pid}-{last}.types.json").read_text())
         n = max(1, tb["processed"] - ta["processed"])
         sa, sb = ta["sample"], tb["sample"]
-        print(f"   pid {pid}: {first} -> {last} ({n} deliveries): RSS {sb['rss_kb'] - sa['rss_kb']:+d} KiB, "
-              f"gc objects {sb['gc_objects'] - sa['gc_objects']:+d}, malloc used "
-              f"{(sb['malloc'].get('used', 0) - sa['malloc'].get('used', 0)) / 1024:+.0f} KiB, free "
-              f"{(sb['malloc'].get('free', 0) - sa['malloc'].get('free', 0)) / 1024:+.0f} KiB")
+        print(
+            f"   pid {pid}: {first} -> {last} ({n} deliveries): RSS {sb['rss_kb'] - sa['rss_kb']:+d} KiB, "
+            f"gc objects {sb['gc_objects'] - sa['gc_objects']:+d}, malloc used "
+            f"{(sb['malloc'].get('used', 0) - sa['malloc'].get('used', 0)) / 1024:+.0f} KiB, free "
+            f"{(sb['malloc'].get('free', 0) - sa['malloc'].get('free', 0)) / 1024:+.0f} KiB"
+        )
         print("   object count growth by type:")
         grow = {t: tb["types"].get(t, 0) - ta["types"].get(t, 0) for t in set(ta["types"]) | set(tb["types"])}
         for t, d in sorted(grow.items(), key=lambda kv: -abs(kv[1]))[:12]:
@@ -317,10 +357,14 @@ def main(argv: list[str]) -> int:
     d = Path(argv[0])
     print_series(d)
     # labels in the order they were taken
-    labels = [p.name.split("-", 1)[1][:-len(".types.json")]
-              for p in sorted(d.glob("*.types.json"), key=lambda p: p.stat().st_mtime)]
+    labels = [
+        p.name.split("-", 1)[1][: -len(".types.json")]
+        for p in sorted(d.glob("*.types.json"), key=lambda p: p.stat().st_mtime)
+    ]
     labels = list(dict.fromkeys(labels))
-    first, last = (argv[1], argv[2]) if len(argv) >= 3 else (labels[0], labels[-1]) if len(labels) >= 2 else (None, None)
+    first, last = (
+        (argv[1], argv[2]) if len(argv) >= 3 else (labels[0], labels[-1]) if len(labels) >= 2 else (None, None)
+    )
     if first:
         compare(d, first, last)
     print_trim(d)

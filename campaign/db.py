@@ -6,6 +6,7 @@ work (one actor message, one scheduler job, one CLI command) checks a connection
 ``db.close()``. A connection that broke (server restart, ``pg_terminate_backend``, E-16) is
 detected by the pool (``conn.closed``) and replaced instead of being handed out again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,7 @@ def connect_kwargs(url: str) -> dict:
     # libpq's form for a Unix-socket directory, ``postgresql://user@/dbname?host=/run/dir`` (the
     # embedded PostgreSQL of the demo listens on a socket only), wins over the URL's host part
     socket_dir = (parse_qs(parts.query).get("host") or [""])[-1]
-    kwargs: dict = {"database": name, "host": socket_dir or parts.hostname or "127.0.0.1",
-                    "port": parts.port or 5432}
+    kwargs: dict = {"database": name, "host": socket_dir or parts.hostname or "127.0.0.1", "port": parts.port or 5432}
     if parts.username:
         kwargs["user"] = unquote(parts.username)
     if parts.password:
@@ -65,8 +65,10 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             conn = self._state.conn
             if self.in_transaction() or conn is None or not getattr(conn, "closed", 0):
                 raise
-            log.warning("database connection lost (terminated or server restarted); "
-                        "running the statement again on a fresh connection")
+            log.warning(
+                "database connection lost (terminated or server restarted); "
+                "running the statement again on a fresh connection"
+            )
             self._replace_connection()
             return super().execute_sql(sql, params, named_cursor=named_cursor)
 
@@ -100,8 +102,10 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             # nested: the enclosing transaction is gone with the connection; the caller owns that
             if self.transaction_depth() or conn is None or not getattr(conn, "closed", 0):
                 raise
-            log.warning("database connection lost (terminated or server restarted); "
-                        "starting the transaction on a fresh connection")
+            log.warning(
+                "database connection lost (terminated or server restarted); "
+                "starting the transaction on a fresh connection"
+            )
             self._replace_connection()
             return super().begin(*args, **kwargs)
 
@@ -125,8 +129,9 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             self._initialize_connection(self._state.conn)
 
 
-def init_db(settings: Settings, *, max_connections: int | None = None,
-            application_name: str | None = None) -> PooledPostgresqlExtDatabase:
+def init_db(
+    settings: Settings, *, max_connections: int | None = None, application_name: str | None = None
+) -> PooledPostgresqlExtDatabase:
     """Bind ``db`` to the database of ``settings`` (idempotent per URL); return the real database."""
     current = db.obj
     if current is not None and getattr(current, "_campaign_url", None) == settings.database_url:

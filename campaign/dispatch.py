@@ -1,8 +1,10 @@
 """The dispatcher (scheduler side): claim due messages and hand them to the first step (R-DISP-1)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from campaign import enqueue, steps
 from campaign.settings import Settings
@@ -14,8 +16,9 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[str, list[int]], None]
 
 
-def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = None,
-                 publish: Publisher | None = None) -> int:
+def dispatch_due(
+    settings: Settings, *, now: Any = None, limit: int | None = None, publish: Publisher | None = None
+) -> int:
     """Claim due pending messages of running runs, mark them queued, enqueue ``generate`` (R-DISP-1).
 
     ``FOR UPDATE SKIP LOCKED`` lets any number of dispatchers claim side by side, each message
@@ -27,7 +30,8 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
     # keeps the rows whose run is running (T-PERF-4). ``m.run_id + 0`` is no indexable column,
     # so the planner cannot turn the run check into a scan of campaign_messages_run_status_idx
     # (which it picked on smaller tables: every pending message of the running runs, then a sort).
-    rows = _all("""
+    rows = _all(
+        """
         UPDATE campaign_messages SET status = 'queued', status_changed_at = now(),
             wake_at = now() + make_interval(secs => %s)
         WHERE id IN (
@@ -37,7 +41,9 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
             ORDER BY m.scheduled_at LIMIT %s
             FOR UPDATE OF m SKIP LOCKED)
         AND status = 'pending'
-        RETURNING id""", (settings.handoff_grace_seconds, now, limit))
+        RETURNING id""",
+        (settings.handoff_grace_seconds, now, limit),
+    )
     ids = [r[0] for r in rows]
     if not ids:
         return 0
@@ -46,8 +52,11 @@ def dispatch_due(settings: Settings, *, now: Any = None, limit: int | None = Non
         publish(steps.GENERATE.queue, ids)
     except Exception:
         log.exception("publishing %s claimed message(s) failed; returning them to pending", len(ids))
-        _all("UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL "
-             "WHERE id = ANY(%s) AND status = 'queued' RETURNING id", (ids,))
+        _all(
+            "UPDATE campaign_messages SET status = 'pending', status_changed_at = now(), wake_at = NULL "
+            "WHERE id = ANY(%s) AND status = 'queued' RETURNING id",
+            (ids,),
+        )
         raise
     log.info("dispatched %s message(s)", len(ids))
     return len(ids)

@@ -5,9 +5,10 @@ recovery sweep and the operator tools name the step (``campaign.steps``) and thi
 the message. The broker is the one ``actors`` set up (publisher confirms on, queues declared
 on first use), so whoever calls this must have imported ``actors`` (the entry points do).
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import dramatiq
 
@@ -23,16 +24,16 @@ def engine_broker() -> dramatiq.Broker:
     vhost "/", no publisher confirms), which would lose every message silently."""
     broker = dramatiq.get_broker()
     if not getattr(broker, "campaign_engine", False):
-        raise BrokerNotSetUp("the engine's broker is not set up in this process: import actors first "
-                             "(the entry points do)")
+        raise BrokerNotSetUp(
+            "the engine's broker is not set up in this process: import actors first (the entry points do)"
+        )
     return broker
 
 
 def enqueue(step: Step, args: tuple, *, delay_s: float | None = None) -> dramatiq.Message:
     """Publish one message for ``step`` with ``args``; ``delay_s`` through its delay queue."""
     broker = engine_broker()
-    message = dramatiq.Message(queue_name=step.queue, actor_name=step.actor, args=tuple(args), kwargs={},
-                               options={})
+    message = dramatiq.Message(queue_name=step.queue, actor_name=step.actor, args=tuple(args), kwargs={}, options={})
     delay = None if delay_s is None or delay_s <= 0 else max(1, int(delay_s * 1000))
     return broker.enqueue(message, delay=delay)
 

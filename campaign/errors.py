@@ -185,6 +185,7 @@ class AmbiguousSend(ProviderError):
 
 # -- the chain and the operator repairs -------------------------------------------------------
 
+
 class PipelineSignal(EngineError):
     """What a step raises to tell its actor how the delivery ends (retry, defer, dead-letter)."""
 
@@ -218,6 +219,7 @@ class RepairRefused(EngineError):
 
 
 # -- planning and run transitions ----------------------------------------------------------------
+
 
 class PlanError(ConfigError):
     """A run cannot be planned (unknown config, window closed, already planned today...)."""

@@ -1,4 +1,5 @@
 """The append-only ``campaign_events`` log (and the process log beside it)."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,22 @@ from campaign.db import db
 log = logging.getLogger(__name__)
 
 
-def log_event(step: str, text: str, *, run_id: int | None = None, message_id: int | None = None,
-              lead_id: int | None = None, level: str = "info", details: dict | None = None) -> None:
+def log_event(
+    step: str,
+    text: str,
+    *,
+    run_id: int | None = None,
+    message_id: int | None = None,
+    lead_id: int | None = None,
+    level: str = "info",
+    details: dict | None = None,
+) -> None:
     """Append a line to ``campaign_events`` (and the process log)."""
     getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
-        "%s run=%s message=%s lead=%s: %s", step, run_id, message_id, lead_id, text)
-    db.execute_sql("INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details) "
-                   "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                   (run_id, message_id, lead_id, step, level, text, json.dumps(details or {})))
+        "%s run=%s message=%s lead=%s: %s", step, run_id, message_id, lead_id, text
+    )
+    db.execute_sql(
+        "INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (run_id, message_id, lead_id, step, level, text, json.dumps(details or {})),
+    )

@@ -13,6 +13,7 @@ A worker that read the inbox as disabled just before an enable can still pause a
 ``inbox_disabled`` just after it; :func:`resume_runs_of_usable_inboxes` (the scheduler's inbox
 health job) resumes such a run, so none waits for an inbox that is no longer disabled.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -28,8 +29,17 @@ from campaign.sql import fetch_one as _one
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InboxCommandError", "InboxRow", "InboxChange", "find_inbox", "disable_inbox", "enable_inbox",
-           "list_inboxes", "resume_runs_of_usable_inboxes", "operator_name"]
+__all__ = [
+    "InboxCommandError",
+    "InboxRow",
+    "InboxChange",
+    "find_inbox",
+    "disable_inbox",
+    "enable_inbox",
+    "list_inboxes",
+    "resume_runs_of_usable_inboxes",
+    "operator_name",
+]
 
 #: how many known inboxes an "unknown inbox" error lists
 LIST_IN_ERRORS = 20
@@ -87,8 +97,11 @@ def operator_name() -> str:
 
 
 def _known(where: str = "", params: tuple = ()) -> str:
-    rows = db.execute_sql(f"SELECT w.name || '/' || i.name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"
-                          f" {where} ORDER BY 1 LIMIT %s", (*params, LIST_IN_ERRORS + 1)).fetchall()
+    rows = db.execute_sql(
+        f"SELECT w.name || '/' || i.name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"
+        f" {where} ORDER BY 1 LIMIT %s",
+        (*params, LIST_IN_ERRORS + 1),
+    ).fetchall()
     names = [r[0] for r in rows]
     more = " …" if len(names) > LIST_IN_ERRORS else ""
     return ", ".join(names[:LIST_IN_ERRORS]) + more if names else "none"
@@ -104,7 +117,7 @@ def find_inbox(name: str, workspace: str | None = None, *, lock: bool = False) -
         prefix = f"{workspace}/"
         candidates.append((workspace, name))
         if name.startswith(prefix):
-            candidates.append((workspace, name[len(prefix):]))
+            candidates.append((workspace, name[len(prefix) :]))
     elif "/" in name:
         ws, _, rest = name.partition("/")
         candidates.append((ws, rest))
@@ -116,21 +129,26 @@ def find_inbox(name: str, workspace: str | None = None, *, lock: bool = False) -
     if workspace is not None:
         if db.execute_sql("SELECT 1 FROM workspaces WHERE name = %s", (workspace,)).fetchone() is None:
             raise InboxCommandError(f"workspace {workspace!r} does not exist")
-        raise InboxCommandError(f"inbox {name!r} is not an inbox of workspace {workspace!r} (its inboxes: "
-                                f"{_known('WHERE w.name = %s', (workspace,))})")
+        raise InboxCommandError(
+            f"inbox {name!r} is not an inbox of workspace {workspace!r} (its inboxes: "
+            f"{_known('WHERE w.name = %s', (workspace,))})"
+        )
     rows = db.execute_sql(_INBOX_SQL + " WHERE i.name = %s ORDER BY w.name" + suffix, (name,)).fetchall()
     if len(rows) == 1:
         return InboxRow(*rows[0])
     if len(rows) > 1:
         spaces = ", ".join(r[1] for r in rows)
-        raise InboxCommandError(f"inbox {name!r} exists in {len(rows)} workspaces ({spaces}): name one with "
-                                f"--workspace W or as W/{name}")
+        raise InboxCommandError(
+            f"inbox {name!r} exists in {len(rows)} workspaces ({spaces}): name one with --workspace W or as W/{name}"
+        )
     raise InboxCommandError(f"inbox {name!r} does not exist (inboxes: {_known()})")
 
 
 def _event(inbox: InboxRow, text: str, details: dict, level: str) -> None:
-    db.execute_sql("INSERT INTO campaign_events (step, level, text, details) VALUES ('inbox', %s, %s, %s)",
-                   (level, text, json.dumps({"inbox_id": inbox.id, "inbox": inbox.label, **details})))
+    db.execute_sql(
+        "INSERT INTO campaign_events (step, level, text, details) VALUES ('inbox', %s, %s, %s)",
+        (level, text, json.dumps({"inbox_id": inbox.id, "inbox": inbox.label, **details})),
+    )
 
 
 def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: str | None = None) -> InboxChange:
@@ -142,13 +160,19 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
     with db.atomic():
         inbox = find_inbox(name, workspace, lock=True)
         if inbox.disabled:
-            return InboxChange(inbox, False, by, reason,
-                               note=f"already disabled ({inbox.disabled_reason}); nothing changed")
+            return InboxChange(
+                inbox, False, by, reason, note=f"already disabled ({inbox.disabled_reason}); nothing changed"
+            )
         db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = %s WHERE id = %s", (reason, inbox.id))
-        paused = runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
-                                     (inbox.id,), "inbox_disabled")
-        _event(inbox, f"inbox {inbox.label} disabled by {by}: {reason}",
-               {"action": "disable", "by": by, "reason": reason, "paused_runs": paused}, "warning")
+        paused = runs.pause_runs(
+            "r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (inbox.id,), "inbox_disabled"
+        )
+        _event(
+            inbox,
+            f"inbox {inbox.label} disabled by {by}: {reason}",
+            {"action": "disable", "by": by, "reason": reason, "paused_runs": paused},
+            "warning",
+        )
     log.warning("inbox %s (id %s) disabled by %s: %s; paused runs %s", inbox.label, inbox.id, by, reason, paused)
     return InboxChange(inbox, True, by, reason, paused=paused)
 
@@ -160,34 +184,51 @@ def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
     no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
     """
     with db.atomic():
-        rows = db.execute_sql(f"""
+        rows = db.execute_sql(
+            f"""
             SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
               JOIN inboxes i ON i.id = c.inbox_id
              WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled AND ({where})
              ORDER BY r.id
-               FOR UPDATE OF r""", params).fetchall()
+               FOR UPDATE OF r""",
+            params,
+        ).fetchall()
         return [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disabled")]
 
 
-def enable_inbox(name: str, *, workspace: str | None = None, reason: str | None = None,
-                 by: str | None = None) -> InboxChange:
+def enable_inbox(
+    name: str, *, workspace: str | None = None, reason: str | None = None, by: str | None = None
+) -> InboxChange:
     """Enable an inbox (failure count reset) and resume exactly its runs paused ``inbox_disabled``."""
     reason = (reason or "").strip() or None
     by = by or operator_name()
     with db.atomic():
         inbox = find_inbox(name, workspace, lock=True)
         if inbox.disabled or inbox.consecutive_failures:
-            db.execute_sql("""UPDATE inboxes SET disabled = false, disabled_reason = NULL, consecutive_failures = 0
-                               WHERE id = %s""", (inbox.id,))
+            db.execute_sql(
+                """UPDATE inboxes SET disabled = false, disabled_reason = NULL, consecutive_failures = 0
+                               WHERE id = %s""",
+                (inbox.id,),
+            )
         resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
         wake_parked(inbox.id)  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
         why = reason or "no reason given"
-        _event(inbox, f"inbox {inbox.label} enabled by {by}: {why}",
-               {"action": "enable", "by": by, "reason": reason, "was_disabled": inbox.disabled,
-                "disabled_reason": inbox.disabled_reason, "failures_reset": inbox.consecutive_failures,
-                "resumed_runs": resumed}, "info")
+        _event(
+            inbox,
+            f"inbox {inbox.label} enabled by {by}: {why}",
+            {
+                "action": "enable",
+                "by": by,
+                "reason": reason,
+                "was_disabled": inbox.disabled,
+                "disabled_reason": inbox.disabled_reason,
+                "failures_reset": inbox.consecutive_failures,
+                "resumed_runs": resumed,
+            },
+            "info",
+        )
     log.info("inbox %s (id %s) enabled by %s (%s); resumed runs %s", inbox.label, inbox.id, by, why, resumed)
     return InboxChange(inbox, True, by, reason, resumed=resumed)
 
@@ -202,8 +243,10 @@ def resume_runs_of_usable_inboxes() -> list[int]:
 
 def list_inboxes(workspace: str | None = None) -> list[InboxRow]:
     """Every inbox (of ``workspace``), by workspace and name."""
-    if workspace is not None and db.execute_sql("SELECT 1 FROM workspaces WHERE name = %s",
-                                                (workspace,)).fetchone() is None:
+    if (
+        workspace is not None
+        and db.execute_sql("SELECT 1 FROM workspaces WHERE name = %s", (workspace,)).fetchone() is None
+    ):
         raise InboxCommandError(f"workspace {workspace!r} does not exist")
     where, params = (" WHERE w.name = %s", (workspace,)) if workspace is not None else ("", ())
     return [InboxRow(*r) for r in db.execute_sql(_INBOX_SQL + where + " ORDER BY w.name, i.name", params).fetchall()]
@@ -211,26 +254,36 @@ def list_inboxes(workspace: str | None = None) -> list[InboxRow]:
 
 # -- connection state (the send step, the health check, connection.update) ----------------------
 
+
 def store_state(inbox_id: int, state: str) -> None:
     """Record an observed connection state (anything but open/close/connecting is 'error')."""
     state = state if state in ("open", "close", "connecting") else "error"
-    _one("""UPDATE inboxes SET connection_state = %s, state_checked_at = now(),
+    _one(
+        """UPDATE inboxes SET connection_state = %s, state_checked_at = now(),
                 disconnected_since = CASE WHEN %s = 'open' THEN NULL ELSE coalesce(disconnected_since, now()) END
-            WHERE id = %s RETURNING id""", (state, state, inbox_id))
+            WHERE id = %s RETURNING id""",
+        (state, state, inbox_id),
+    )
 
 
 def mark_disconnected(inbox_id: int) -> None:
     """A send found the inbox disconnected: note since when (the health check confirms the state)."""
-    _one("""UPDATE inboxes SET disconnected_since = coalesce(disconnected_since, now()),
+    _one(
+        """UPDATE inboxes SET disconnected_since = coalesce(disconnected_since, now()),
                 connection_state = CASE WHEN connection_state = 'open' THEN 'close' ELSE connection_state END
-            WHERE id = %s RETURNING id""", (inbox_id,))
+            WHERE id = %s RETURNING id""",
+        (inbox_id,),
+    )
 
 
 def wake_parked(inbox_id: int) -> int:
     """An inbox is usable again: its parked started messages are due now (the next sweep
     re-publishes them, E-24); returns how many."""
-    rows = _all("""UPDATE campaign_messages SET wake_at = now()
-                   WHERE inbox_id = %s AND status = 'sending' AND wake_at > now() RETURNING id""", (inbox_id,))
+    rows = _all(
+        """UPDATE campaign_messages SET wake_at = now()
+                   WHERE inbox_id = %s AND status = 'sending' AND wake_at > now() RETURNING id""",
+        (inbox_id,),
+    )
     if rows:
         log.info("inbox %s usable again: %s parked message(s) woken", inbox_id, len(rows))
     return len(rows)

@@ -31,6 +31,7 @@ specs (``{name:>10}``), positional or empty fields (``{0}``, ``{}``), attribute 
 and unbalanced braces are :class:`TemplateError`, and ``apply`` refuses them by rendering the
 template with :func:`check_template`, the same code the pipeline renders with.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,15 +40,26 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["MAX_PROMPT_FIELDS", "MAX_FIELD_KEY_CHARS", "MAX_FIELD_VALUE_CHARS", "MAX_LEAD_BLOCK_CHARS",
-           "OPEN", "CLOSE", "data_value", "lead_block", "TemplateError", "template_fields", "render_template",
-           "check_template"]
+__all__ = [
+    "MAX_PROMPT_FIELDS",
+    "MAX_FIELD_KEY_CHARS",
+    "MAX_FIELD_VALUE_CHARS",
+    "MAX_LEAD_BLOCK_CHARS",
+    "OPEN",
+    "CLOSE",
+    "data_value",
+    "lead_block",
+    "TemplateError",
+    "template_fields",
+    "render_template",
+    "check_template",
+]
 
 OPEN, CLOSE = "<lead>", "</lead>"
-MAX_PROMPT_FIELDS = 20          # custom fields in one prompt (the name comes on top)
+MAX_PROMPT_FIELDS = 20  # custom fields in one prompt (the name comes on top)
 MAX_FIELD_KEY_CHARS = 60
 MAX_FIELD_VALUE_CHARS = 300
-MAX_LEAD_BLOCK_CHARS = 4_000    # the whole block, escapes included
+MAX_LEAD_BLOCK_CHARS = 4_000  # the whole block, escapes included
 
 _ESCAPES = str.maketrans({"<": "&lt;", ">": "&gt;"})
 _SPACE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Zs"})
@@ -101,13 +113,15 @@ def _parse(template: str) -> Iterator[tuple[str, str | None]]:
         if field is not None:
             shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             if conversion is not None:
-                raise TemplateError(f"placeholder {shown}: conversions (!r, !s, !a) are not supported; "
-                                    f"write {{{field}}}")
+                raise TemplateError(
+                    f"placeholder {shown}: conversions (!r, !s, !a) are not supported; write {{{field}}}"
+                )
             if spec:
                 raise TemplateError(f"placeholder {shown}: format specs are not supported; write {{{field}}}")
             if not _FIELD_NAME.fullmatch(field):
-                raise TemplateError(f"placeholder {shown} is not a lead field name (letters, digits and _, "
-                                    "e.g. {name})")
+                raise TemplateError(
+                    f"placeholder {shown} is not a lead field name (letters, digits and _, e.g. {{name}})"
+                )
         yield literal, field
 
 

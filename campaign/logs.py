@@ -22,6 +22,7 @@ values wherever they appear. Its work is linear in the text and bounded: a value
 masked and before the patterns run, at a whitespace boundary so no head of a secret survives the
 cut. One hostile request (a 250 KB field, a 65 KB request line) costs the same as a short one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,18 @@ from typing import Any, TextIO
 
 from campaign.settings import Settings
 
-__all__ = ["configure_logging", "install_on_existing_handlers", "bind", "annotate", "log_context",
-           "current_context", "Redactor", "StructuredFormatter", "MAX_VALUE_CHARS", "MAX_TRACE_CHARS"]
+__all__ = [
+    "configure_logging",
+    "install_on_existing_handlers",
+    "bind",
+    "annotate",
+    "log_context",
+    "current_context",
+    "Redactor",
+    "StructuredFormatter",
+    "MAX_VALUE_CHARS",
+    "MAX_TRACE_CHARS",
+]
 
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_context", default=None)
 
@@ -105,11 +116,18 @@ class Redactor:
 
     _PATTERNS = (
         # scheme://user:password@host -> scheme://user:***@host
-        (re.compile(r"(?<![A-Za-z0-9+.-])(?P<pre>[A-Za-z][A-Za-z0-9+.-]*+://[^\s:/@]++:)[^\s@/]++(?P<post>@)"),
-         r"\g<pre>***\g<post>"),
+        (
+            re.compile(r"(?<![A-Za-z0-9+.-])(?P<pre>[A-Za-z][A-Za-z0-9+.-]*+://[^\s:/@]++:)[^\s@/]++(?P<post>@)"),
+            r"\g<pre>***\g<post>",
+        ),
         (re.compile(r"(?i)(?P<pre>bearer\s++)[A-Za-z0-9._~+/=-]{6,}+"), r"\g<pre>***"),
-        (re.compile(r"""(?i)(?P<pre>["']?(?:apikey|api_key|api-key|secret|password|token)["']?\s*+[:=]\s*+["']?)"""
-                    r"""[^\s"',}&]{4,}+"""), r"\g<pre>***"),
+        (
+            re.compile(
+                r"""(?i)(?P<pre>["']?(?:apikey|api_key|api-key|secret|password|token)["']?\s*+[:=]\s*+["']?)"""
+                r"""[^\s"',}&]{4,}+"""
+            ),
+            r"\g<pre>***",
+        ),
     )
 
     def __init__(self, secrets: list[str] | tuple[str, ...] = ()) -> None:
@@ -118,7 +136,7 @@ class Redactor:
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Redactor":
+    def from_settings(cls, settings: Settings) -> Redactor:
         """The secrets of ``settings``: API keys, webhook secret, passwords in the service URLs."""
         from urllib.parse import unquote, urlsplit
 
@@ -165,7 +183,8 @@ class StructuredFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds")
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,

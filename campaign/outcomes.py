@@ -4,12 +4,14 @@ ONE statement each (E-04), so a crash can never separate them.
 Every transition is conditional on the status it expects (DESIGN #2): run twice, it changes
 nothing the second time (R-PIPE-5).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import uuid
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from campaign import ratelimit
 from campaign.db import db
@@ -44,7 +46,8 @@ _RUN_COUNTERS_SET = """
 
 
 # The counters' %(n)s is 1 here: one message per statement.
-_FINISH_SQL = """
+_FINISH_SQL = (
+    """
 WITH part AS (
     UPDATE message_parts SET status = 'sent', provider_message_id = %(key_id)s, sent_at = now()
     WHERE id = %(part_id)s AND attempt_id = %(attempt)s AND status = 'sending'
@@ -67,7 +70,9 @@ WITH part AS (
     FROM ctx WHERE %(st)s = 'sent' AND l.id = ctx.lead_id
     RETURNING l.id
 ), run_upd AS (
-    UPDATE campaign_runs r SET """ + _RUN_COUNTERS_SET + """
+    UPDATE campaign_runs r SET """
+    + _RUN_COUNTERS_SET
+    + """
     FROM m WHERE r.id = m.run_id
     RETURNING r.id, r.status, r.pause_reason
 ), lease AS (
@@ -80,6 +85,7 @@ SELECT ctx.run_id, ctx.lead_id, ctx.src, ctx.tgt, ctx.old_col, run_upd.status, r
        (SELECT count(*) FROM part), (SELECT count(*) FROM lead_upd)
 FROM ctx LEFT JOIN run_upd ON run_upd.id = ctx.run_id
 """
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +99,20 @@ class Finished:
     lead_note: str | None  # why the lead was not moved, when it was not
 
 
-def finish_message(message_id: int, status: str, settings: Settings, *, from_statuses: Iterable[str] = IN_FLIGHT,
-                   skip_reason: str | None = None, error: BaseException | None = None,
-                   error_class: str | None = None, error_message: str | None = None,
-                   last_part: tuple[int, uuid.UUID, str] | None = None, send_ms: int | None = None,
-                   lease: ratelimit.Grant | None = None) -> Finished | None:
+def finish_message(
+    message_id: int,
+    status: str,
+    settings: Settings,
+    *,
+    from_statuses: Iterable[str] = IN_FLIGHT,
+    skip_reason: str | None = None,
+    error: BaseException | None = None,
+    error_class: str | None = None,
+    error_message: str | None = None,
+    last_part: tuple[int, uuid.UUID, str] | None = None,
+    send_ms: int | None = None,
+    lease: ratelimit.Grant | None = None,
+) -> Finished | None:
     """Move one message to a terminal status with lead move, counters and run completion, atomically.
 
     ``last_part`` = (part id, attempt id, provider key id): that part becomes ``sent`` in the
@@ -110,11 +125,19 @@ def finish_message(message_id: int, status: str, settings: Settings, *, from_sta
         error_class = error_class or getattr(error, "code", None) or type(error).__name__
         error_message = error_message or str(error)
     params = {
-        "id": message_id, "st": status, "from": list(from_statuses), "skip": skip_reason,
-        "err_class": error_class, "err_msg": (error_message or None) and error_message[:2000],
-        "part_id": last_part[0] if last_part else None, "attempt": str(last_part[1]) if last_part else None,
-        "key_id": last_part[2] if last_part else None, "send_ms": send_ms, "n": 1,
-        "min_n": settings.error_threshold_min_processed, "ratio": settings.error_threshold_ratio,
+        "id": message_id,
+        "st": status,
+        "from": list(from_statuses),
+        "skip": skip_reason,
+        "err_class": error_class,
+        "err_msg": (error_message or None) and error_message[:2000],
+        "part_id": last_part[0] if last_part else None,
+        "attempt": str(last_part[1]) if last_part else None,
+        "key_id": last_part[2] if last_part else None,
+        "send_ms": send_ms,
+        "n": 1,
+        "min_n": settings.error_threshold_min_processed,
+        "ratio": settings.error_threshold_ratio,
         "lease_key": lease.key if lease and lease.granted else None,
         "lease_token": lease.token if lease and lease.granted else None,
     }
@@ -133,11 +156,24 @@ def finish_message(message_id: int, status: str, settings: Settings, *, from_sta
             note = "lead already in the target column"
         elif old_col != src:
             note = "lead moved by hand meanwhile: left where it is"
-            log_event("finalize", note, run_id=run_id, message_id=message_id, lead_id=lead_id, level="warning",
-                      details={"column_id": old_col})
+            log_event(
+                "finalize",
+                note,
+                run_id=run_id,
+                message_id=message_id,
+                lead_id=lead_id,
+                level="warning",
+                details={"column_id": old_col},
+            )
     elif status in ("failed", "in_doubt"):
-        log_event("finalize", f"message {status}: {error_class}: {error_message}", run_id=run_id,
-                  message_id=message_id, lead_id=lead_id, level="warning" if status == "in_doubt" else "error")
+        log_event(
+            "finalize",
+            f"message {status}: {error_class}: {error_message}",
+            run_id=run_id,
+            message_id=message_id,
+            lead_id=lead_id,
+            level="warning" if status == "in_doubt" else "error",
+        )
     if run_status == "paused" and pause_reason == "error_threshold":
         log_event("run", "run paused: failure ratio above the threshold", run_id=run_id, level="error")
     log.info("message %s %s run=%s lead=%s%s", message_id, status, run_id, lead_id, f" ({note})" if note else "")
@@ -173,19 +209,28 @@ def skip_pending_where(condition_sql: str, params: Sequence[Any], reason: str) -
     return total
 
 
-def mark_in_doubt(message_id: int, part_id: int, reason: str, settings: Settings, *,
-                  attempt: uuid.UUID | str | None = None) -> None:
+def mark_in_doubt(
+    message_id: int, part_id: int, reason: str, settings: Settings, *, attempt: uuid.UUID | str | None = None
+) -> None:
     """A part whose send may have gone out (R-FAIL-4): the part and its message become ``in_doubt``,
     one transaction; nothing happens when the send recorded its outcome meanwhile."""
     with db.atomic():
-        marked = _one("""UPDATE message_parts SET status = 'in_doubt', error_message = %s
+        marked = _one(
+            """UPDATE message_parts SET status = 'in_doubt', error_message = %s
                          WHERE id = %s AND status IN ('sending', 'in_doubt')
                            AND (%s::uuid IS NULL OR attempt_id = %s::uuid) RETURNING id""",
-                      (reason[:2000], part_id, attempt and str(attempt), attempt and str(attempt)))
+            (reason[:2000], part_id, attempt and str(attempt), attempt and str(attempt)),
+        )
         if marked is None:
             return  # the send recorded its outcome meanwhile: nothing is in doubt
-        finish_message(message_id, "in_doubt", settings, from_statuses=("sending",),
-                       error_class="ambiguous_send", error_message=reason)
+        finish_message(
+            message_id,
+            "in_doubt",
+            settings,
+            from_statuses=("sending",),
+            error_class="ambiguous_send",
+            error_message=reason,
+        )
 
 
 def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | None = None) -> Finished | None:
@@ -196,9 +241,13 @@ def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | 
     """
     statuses = BY_NAME[step].statuses if step in BY_NAME else IN_FLIGHT
     with db.atomic():
-        finished = finish_message(message_id, "failed", settings, from_statuses=statuses,
-                                  error_class="retries_exhausted", error_message=error)
+        finished = finish_message(
+            message_id, "failed", settings, from_statuses=statuses, error_class="retries_exhausted", error_message=error
+        )
         if finished is not None:
-            _one("""UPDATE message_parts SET status = 'failed', error_message = %s
-                    WHERE message_id = %s AND status = 'pending' RETURNING id""", (error[:2000], message_id))
+            _one(
+                """UPDATE message_parts SET status = 'failed', error_message = %s
+                    WHERE message_id = %s AND status = 'pending' RETURNING id""",
+                (error[:2000], message_id),
+            )
         return finished

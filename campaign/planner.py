@@ -27,6 +27,7 @@ time is before the window end and the count below ``min(daily_limit, n_leads)``.
 ``len(times) + overflow == n_leads`` always: overflow counts eligible leads NOT scheduled (daily
 limit or window too short, E-05); they stay in the source column for the next run.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -35,8 +36,8 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign.db import db
@@ -46,12 +47,21 @@ from models import CampaignRun
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlanError", "RunStateError", "window_bounds", "plan_schedule", "spread_times",
-           "plan_run", "plan_due_runs", "skip_too_late", "close_windows", "due_window_closed_runs",
-           "pause_run", "resume_run", "cancel_run", "replan_pending", "find_config", "window_close_at", "E164_SQL_REGEX",
-           "PLAN_AHEAD_SECONDS", "OPEN_RUN_STATUSES", "closed_while_paused"]
+__all__ = [
+    "PlanError",
+    "RunStateError",
+    "window_bounds",
+    "plan_schedule",
+    "spread_times",
+    "plan_run",
+    "plan_due_runs",
+    "find_config",
+    "window_close_at",
+    "E164_SQL_REGEX",
+    "PLAN_AHEAD_SECONDS",
+]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 #: PostgreSQL regex of a valid E.164 phone (R-PLAN-2, E-18): '+', no leading 0, 7..15 digits
 E164_SQL_REGEX = r"^\+[1-9][0-9]{6,14}$"
@@ -63,11 +73,10 @@ PLAN_LOCK_NAMESPACE = 0x706C616E  # "plan"
 _SAMPLE = dt.timedelta(minutes=30)  # zone offsets are sampled this often, changes bisected to the second
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # pure time arithmetic
 # --------------------------------------------------------------------------------------------
+
 
 def _zone(tz: dt.tzinfo | str) -> dt.tzinfo:
     if isinstance(tz, str):
@@ -111,8 +120,9 @@ def _segments(tz: dt.tzinfo, lo: dt.datetime, hi: dt.datetime) -> list[tuple[dt.
 
 
 @functools.lru_cache(maxsize=4096)
-def _window_bounds_cached(tz: dt.tzinfo, day: dt.date, start_minute: int,
-                          end_minute: int) -> tuple[dt.datetime, dt.datetime] | None:
+def _window_bounds_cached(
+    tz: dt.tzinfo, day: dt.date, start_minute: int, end_minute: int
+) -> tuple[dt.datetime, dt.datetime] | None:
     midnight = dt.datetime.combine(day, dt.time(0))  # naive local wall clock
     wall_lo = midnight + dt.timedelta(minutes=start_minute)
     wall_hi = midnight + dt.timedelta(minutes=end_minute)
@@ -135,8 +145,9 @@ def _window_bounds_cached(tz: dt.tzinfo, day: dt.date, start_minute: int,
     return best[0], best[1]
 
 
-def window_bounds(day: dt.date, tz: dt.tzinfo | str, start_minute: int,
-                  end_minute: int) -> tuple[dt.datetime, dt.datetime] | None:
+def window_bounds(
+    day: dt.date, tz: dt.tzinfo | str, start_minute: int, end_minute: int
+) -> tuple[dt.datetime, dt.datetime] | None:
     """UTC ``(open, close)`` of the local window ``[start, end)`` minutes on ``day``; None if it never exists."""
     if not 0 <= start_minute < end_minute <= 1440:
         raise PlanError(f"window {start_minute}..{end_minute} minutes is not 0 <= start < end <= 1440")
@@ -151,9 +162,18 @@ def _gap_us(gap_min: float, gap_max: float) -> tuple[int, int]:
     return lo, hi
 
 
-def spread_times(start: dt.datetime, end: dt.datetime, *, gap_min: float, gap_max: float, count: int,
-                 rng: random.Random, first_offset_max: float | None = None) -> list[dt.datetime]:
-    """Up to ``count`` instants in ``[start, end)``: first at start + U(0, first_offset_max), then gaps in [min, max]."""
+def spread_times(
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    gap_min: float,
+    gap_max: float,
+    count: int,
+    rng: random.Random,
+    first_offset_max: float | None = None,
+) -> list[dt.datetime]:
+    """Up to ``count`` instants in ``[start, end)``: the first at start + U(0, first_offset_max), then
+    gaps in [min, max]."""
     lo_us, hi_us = _gap_us(gap_min, gap_max)
     span_us = (end - start) // dt.timedelta(microseconds=1)
     if count <= 0 or span_us <= 0:
@@ -167,9 +187,19 @@ def spread_times(start: dt.datetime, end: dt.datetime, *, gap_min: float, gap_ma
     return times
 
 
-def plan_schedule(*, now_utc: dt.datetime, tz: dt.tzinfo | str, weekdays: Iterable[int], window_start_minute: int,
-                  window_end_minute: int, gap_min: float, gap_max: float, daily_limit: int, n_leads: int,
-                  rng: random.Random) -> tuple[list[dt.datetime], int]:
+def plan_schedule(
+    *,
+    now_utc: dt.datetime,
+    tz: dt.tzinfo | str,
+    weekdays: Iterable[int],
+    window_start_minute: int,
+    window_end_minute: int,
+    gap_min: float,
+    gap_max: float,
+    daily_limit: int,
+    n_leads: int,
+    rng: random.Random,
+) -> tuple[list[dt.datetime], int]:
     """Today's send times (UTC, ascending) for ``n_leads`` leads and the overflow (leads not scheduled)."""
     if now_utc.tzinfo is None:
         raise PlanError("now_utc must be timezone-aware")
@@ -181,14 +211,14 @@ def plan_schedule(*, now_utc: dt.datetime, tz: dt.tzinfo | str, weekdays: Iterab
     if bounds is None:
         return [], n_leads
     start, end = max(bounds[0], now_utc.astimezone(UTC)), bounds[1]
-    times = spread_times(start, end, gap_min=gap_min, gap_max=gap_max,
-                         count=min(daily_limit, n_leads), rng=rng)
+    times = spread_times(start, end, gap_min=gap_min, gap_max=gap_max, count=min(daily_limit, n_leads), rng=rng)
     return times, n_leads - len(times)
 
 
 # --------------------------------------------------------------------------------------------
 # database: planning
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Config:
@@ -229,8 +259,29 @@ _CONFIG_SQL = """
 
 
 def _config_from_row(row: Sequence) -> _Config:
-    (cid, ws_id, ws, name, inbox_id, src, tgt, weekdays, ws_min, we_min, tz, limit, gmin, gmax, active,
-     inbox_ok, inbox_same, src_ok, src_same, tgt_ok, tgt_same) = row
+    (
+        cid,
+        ws_id,
+        ws,
+        name,
+        inbox_id,
+        src,
+        tgt,
+        weekdays,
+        ws_min,
+        we_min,
+        tz,
+        limit,
+        gmin,
+        gmax,
+        active,
+        inbox_ok,
+        inbox_same,
+        src_ok,
+        src_same,
+        tgt_ok,
+        tgt_same,
+    ) = row
     broken = None
     if not inbox_ok:
         broken = "inbox does not exist"
@@ -249,8 +300,24 @@ def _config_from_row(row: Sequence) -> _Config:
             _zone(tz)
         except PlanError as exc:
             broken = str(exc)
-    return _Config(cid, ws_id, ws, name, inbox_id, src, tgt, tuple(weekdays or ()), ws_min, we_min, tz, limit,
-                   float(gmin), float(gmax), active, broken)
+    return _Config(
+        cid,
+        ws_id,
+        ws,
+        name,
+        inbox_id,
+        src,
+        tgt,
+        tuple(weekdays or ()),
+        ws_min,
+        we_min,
+        tz,
+        limit,
+        float(gmin),
+        float(gmax),
+        active,
+        broken,
+    )
 
 
 def _load_config(config_id: int) -> _Config:
@@ -265,8 +332,11 @@ def find_config(label: str) -> int:
     ws, sep, name = label.partition("/")
     if not sep or not ws or not name:
         raise PlanError(f"campaign {label!r} must be named WORKSPACE/CAMPAIGN (e.g. acme/first-touch)")
-    row = db.execute_sql("""SELECT c.id FROM campaign_configs c JOIN workspaces w ON w.id = c.workspace_id
-                             WHERE w.name = %s AND c.name = %s""", (ws, name)).fetchone()
+    row = db.execute_sql(
+        """SELECT c.id FROM campaign_configs c JOIN workspaces w ON w.id = c.workspace_id
+                             WHERE w.name = %s AND c.name = %s""",
+        (ws, name),
+    ).fetchone()
     if row is None:
         raise PlanError(f"campaign {label!r} does not exist (workspace {ws!r}, campaign {name!r})")
     return int(row[0])
@@ -280,8 +350,10 @@ def _local_date(cfg: _Config, now: dt.datetime) -> dt.date:
 
 
 def _event(run_id: int | None, step: str, text: str, details: dict, level: str = "info") -> None:
-    db.execute_sql("INSERT INTO campaign_events (run_id, step, level, text, details) VALUES (%s, %s, %s, %s, %s)",
-                   (run_id, step, level, text, json.dumps(details)))
+    db.execute_sql(
+        "INSERT INTO campaign_events (run_id, step, level, text, details) VALUES (%s, %s, %s, %s, %s)",
+        (run_id, step, level, text, json.dumps(details)),
+    )
 
 
 # One query (R-PLAN-2, no N+1): every lead of the source column with a flag for its phone, minus the
@@ -304,7 +376,8 @@ def _insert_run(cfg: _Config, day: dt.date, status: str, manual: bool, failure: 
         """INSERT INTO campaign_runs (config_id, run_date, status, manual, failure_reason, started_at, finished_at)
            VALUES (%s, %s, %s, %s, %s, now(), CASE WHEN %s = 'failed' THEN now() END)
            ON CONFLICT (config_id, run_date) DO NOTHING RETURNING id""",
-        (cfg.id, day, status, manual, failure, status)).fetchone()
+        (cfg.id, day, status, manual, failure, status),
+    ).fetchone()
     return int(row[0]) if row else None
 
 
@@ -314,17 +387,20 @@ def _check_window_open(cfg: _Config, day: dt.date, now: dt.datetime) -> None:
         raise PlanError(f"campaign {cfg.label} does not run on {day:%A}s (weekdays in its config)")
     bounds = window_bounds(day, cfg.timezone, cfg.window_start_minute, cfg.window_end_minute)
     if bounds is None or now >= bounds[1]:
-        raise PlanError(f"the window of campaign {cfg.label} is closed for the rest of {day} "
-                        f"({cfg.window_start_minute // 60:02d}:{cfg.window_start_minute % 60:02d}-"
-                        f"{cfg.window_end_minute // 60:02d}:{cfg.window_end_minute % 60:02d} {cfg.timezone})")
+        raise PlanError(
+            f"the window of campaign {cfg.label} is closed for the rest of {day} "
+            f"({cfg.window_start_minute // 60:02d}:{cfg.window_start_minute % 60:02d}-"
+            f"{cfg.window_end_minute // 60:02d}:{cfg.window_end_minute % 60:02d} {cfg.timezone})"
+        )
 
 
 def _ts_array(times: Sequence[dt.datetime]) -> str:
     return "{" + ",".join(t.isoformat() for t in times) + "}"
 
 
-def plan_run(config_id: int, *, now: dt.datetime | None = None, manual: bool = False,
-             rng: random.Random | None = None) -> CampaignRun | None:
+def plan_run(
+    config_id: int, *, now: dt.datetime | None = None, manual: bool = False, rng: random.Random | None = None
+) -> CampaignRun | None:
     """Plan today's run of a config in one transaction; None when today already has one (R-PLAN-1..6)."""
     now = now or dt.datetime.now(UTC)
     rng = rng or random.Random()
@@ -351,35 +427,64 @@ def plan_run(config_id: int, *, now: dt.datetime | None = None, manual: bool = F
             return None
         zone = _zone(cfg.timezone)
         day_start = window_bounds(day, zone, 0, 1440)
-        rows = db.execute_sql(_LEADS_SQL, (cfg.workspace_id, cfg.source_column_id, cfg.id, run_id,
-                                           day_start[0] if day_start else now)).fetchall()
+        rows = db.execute_sql(
+            _LEADS_SQL, (cfg.workspace_id, cfg.source_column_id, cfg.id, run_id, day_start[0] if day_start else now)
+        ).fetchall()
         lead_ids = [r[0] for r in rows if r[1]]
         bad_phones = len(rows) - len(lead_ids)
         times, overflow = plan_schedule(
-            now_utc=now, tz=zone, weekdays=cfg.weekdays, window_start_minute=cfg.window_start_minute,
-            window_end_minute=cfg.window_end_minute, gap_min=cfg.gap_min, gap_max=cfg.gap_max,
-            daily_limit=cfg.daily_limit, n_leads=len(lead_ids), rng=rng)
+            now_utc=now,
+            tz=zone,
+            weekdays=cfg.weekdays,
+            window_start_minute=cfg.window_start_minute,
+            window_end_minute=cfg.window_end_minute,
+            gap_min=cfg.gap_min,
+            gap_max=cfg.gap_max,
+            daily_limit=cfg.daily_limit,
+            n_leads=len(lead_ids),
+            rng=rng,
+        )
         if times:
             db.execute_sql(
                 """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
                    SELECT %s, t.lead_id, %s, t.at
                      FROM unnest(%s::bigint[], %s::timestamptz[]) AS t(lead_id, at)""",
-                (run_id, cfg.inbox_id, "{" + ",".join(map(str, lead_ids[:len(times)])) + "}", _ts_array(times)))
+                (run_id, cfg.inbox_id, "{" + ",".join(map(str, lead_ids[: len(times)])) + "}", _ts_array(times)),
+            )
         db.execute_sql(
             """UPDATE campaign_runs SET leads_total = %s, leads_overflow = %s,
                       status = CASE WHEN %s = 0 THEN 'completed' ELSE status END,
                       finished_at = CASE WHEN %s = 0 THEN now() END
-                WHERE id = %s""", (len(times), overflow, len(times), len(times), run_id))
-        details = {"config_id": cfg.id, "leads_total": len(times),
-                   "leads_overflow": overflow, "invalid_phones": bad_phones, "manual": manual,
-                   "first_at": times[0].isoformat() if times else None,
-                   "last_at": times[-1].isoformat() if times else None}
+                WHERE id = %s""",
+            (len(times), overflow, len(times), len(times), run_id),
+        )
+        details = {
+            "config_id": cfg.id,
+            "leads_total": len(times),
+            "leads_overflow": overflow,
+            "invalid_phones": bad_phones,
+            "manual": manual,
+            "first_at": times[0].isoformat() if times else None,
+            "last_at": times[-1].isoformat() if times else None,
+        }
         _event(run_id, "plan", f"planned {len(times)} messages of {cfg.label} for {day}", details)
         if bad_phones:
-            _event(run_id, "plan", f"{bad_phones} leads of {cfg.label} have an invalid phone and were not planned",
-                   {"invalid_phones": bad_phones}, "warning")
-    log.info("run %s of %s planned for %s: %s messages, overflow %s, invalid phones %s",
-             run_id, cfg.label, day, len(times), overflow, bad_phones)
+            _event(
+                run_id,
+                "plan",
+                f"{bad_phones} leads of {cfg.label} have an invalid phone and were not planned",
+                {"invalid_phones": bad_phones},
+                "warning",
+            )
+    log.info(
+        "run %s of %s planned for %s: %s messages, overflow %s, invalid phones %s",
+        run_id,
+        cfg.label,
+        day,
+        len(times),
+        overflow,
+        bad_phones,
+    )
     return CampaignRun.get_by_id(run_id)
 
 
@@ -390,9 +495,13 @@ def plan_due_runs(settings: Settings, *, now: dt.datetime | None = None) -> list
     configs = [_config_from_row(r) for r in rows]
     if not configs:
         return []
-    existing = {(int(c), d) for c, d in db.execute_sql(
-        "SELECT config_id, run_date FROM campaign_runs WHERE run_date BETWEEN %s AND %s",
-        (now.date() - dt.timedelta(days=2), now.date() + dt.timedelta(days=2))).fetchall()}
+    existing = {
+        (int(c), d)
+        for c, d in db.execute_sql(
+            "SELECT config_id, run_date FROM campaign_runs WHERE run_date BETWEEN %s AND %s",
+            (now.date() - dt.timedelta(days=2), now.date() + dt.timedelta(days=2)),
+        ).fetchall()
+    }
     planned: list[int] = []
     for cfg in configs:
         day = _local_date(cfg, now)
@@ -428,5 +537,3 @@ def window_close_at(day: dt.date, timezone: str, start_minute: int, end_minute: 
 # --------------------------------------------------------------------------------------------
 # database: operator transitions (R-OPS-3, E-22)
 # --------------------------------------------------------------------------------------------
-
-

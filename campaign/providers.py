@@ -1,8 +1,10 @@
 """What the chain needs of its providers, as Protocols: the real httpx clients (``clients/``), the
 sandbox-backed ones in tests and any fake satisfy them (DESIGN: clients are typed, never Any)."""
+
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 
 class Completion(Protocol):
@@ -15,8 +17,15 @@ class Completion(Protocol):
 class LLM(Protocol):
     """An OpenRouter-compatible chat API (``clients.openrouter.OpenRouterClient``)."""
 
-    def chat(self, model: str, messages: Sequence[dict[str, Any]], *, max_tokens: int = ...,
-             temperature: float = ..., json_mode: bool = ...) -> Completion:
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_tokens: int = ...,
+        temperature: float = ...,
+        json_mode: bool = ...,
+    ) -> Completion:
         """One completion, or a classified ProviderError."""
         ...
 

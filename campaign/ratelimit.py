@@ -5,6 +5,7 @@ inbox forever), a minimum gap between consecutive sends (measured from the end o
 one), and sliding hour/day caps counted from the inbox's own send history. Per OpenRouter
 key: requests per minute. Acquiring is one statement; a refusal says how long to wait.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ WHERE rl.key = %(key)s AND i.id = %(inbox)s
   AND (rl.lease_until IS NULL OR rl.lease_until < now())
   AND (rl.blocked_until IS NULL OR rl.blocked_until <= now())
   AND (rl.last_at IS NULL OR rl.last_at + make_interval(secs => i.min_gap_seconds) <= now())
-  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w='1 hour')} < i.max_per_hour)
-  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w='1 day')} < i.max_per_day)
+  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < i.max_per_hour)
+  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < i.max_per_day)
 RETURNING rl.key"""
 
 #: expected wait when another send of the inbox is in flight (its lease says only the worst case)
@@ -43,11 +44,11 @@ SELECT rl.key IS NOT NULL,
     coalesce(extract(epoch FROM rl.last_at + make_interval(secs => i.min_gap_seconds) - now()), 0)::float,
     greatest(0,
       extract(epoch FROM rl.blocked_until - now()),
-      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w='1 hour')} >= i.max_per_hour THEN
+      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= i.max_per_hour THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
             + interval '1 hour' - now()) END,
-      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w='1 day')} >= i.max_per_day THEN
+      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= i.max_per_day THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
             + interval '1 day' - now()) END)::float,
@@ -109,9 +110,12 @@ def release_inbox(grant: Grant, *, sent: bool) -> None:
     """Give the slot back; ``sent``: a send was attempted, so the gap counts from now."""
     if not grant.granted:
         return
-    db.execute_sql("""UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
+    db.execute_sql(
+        """UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                           last_at = CASE WHEN %s THEN now() ELSE last_at END
-                      WHERE key = %s AND lease_token = %s""", (sent, grant.key, grant.token))
+                      WHERE key = %s AND lease_token = %s""",
+        (sent, grant.key, grant.token),
+    )
 
 
 #: most requests of a per-minute budget one process takes from PostgreSQL at once (T-PERF-1: one
@@ -179,8 +183,11 @@ def acquire_minute(key: str, per_minute: int) -> Grant:
         asked_at = time.monotonic()  # before the statement: the deadline below errs early, never late
         exists, n, left, blocked = db.execute_sql(_TAKE_MINUTE, params).fetchone()
         if not exists:
-            db.execute_sql("INSERT INTO rate_limits (key, minute_start, minute_count) "
-                           "VALUES (%s, date_trunc('minute', now()), 0) ON CONFLICT (key) DO NOTHING", (key,))
+            db.execute_sql(
+                "INSERT INTO rate_limits (key, minute_start, minute_count) "
+                "VALUES (%s, date_trunc('minute', now()), 0) ON CONFLICT (key) DO NOTHING",
+                (key,),
+            )
             continue
         if blocked is not None:  # a Retry-After (or an outage's backoff) holds the whole key
             return Grant(key, None, max(0.05, float(blocked)))
@@ -204,10 +211,12 @@ def block_scope(key: str, seconds: float) -> None:
     the block it already took (at most ``MINUTE_BLOCK`` requests) — each message keeps its own
     Retry-After hold besides (``retry_after_key``), which is exact.
     """
-    db.execute_sql("""INSERT INTO rate_limits (key, blocked_until) VALUES (%s, now() + make_interval(secs => %s))
+    db.execute_sql(
+        """INSERT INTO rate_limits (key, blocked_until) VALUES (%s, now() + make_interval(secs => %s))
                       ON CONFLICT (key) DO UPDATE SET updated_at = now(),
                           blocked_until = greatest(rate_limits.blocked_until, EXCLUDED.blocked_until)""",
-                   (key, seconds))
+        (key, seconds),
+    )
     with _blocks_lock:
         _blocks.pop(key, None)
 
@@ -223,21 +232,27 @@ def hold(key: str, seconds: float) -> None:
     Kept in PostgreSQL, not only in the delayed Dramatiq retry: a duplicate delivery of the same
     message (a redelivery after a broker restart or a worker kill) must honour it too.
     """
-    db.execute_sql("""INSERT INTO rate_limits (key, lease_until) VALUES (%s, now() + make_interval(secs => %s))
+    db.execute_sql(
+        """INSERT INTO rate_limits (key, lease_until) VALUES (%s, now() + make_interval(secs => %s))
                       ON CONFLICT (key) DO UPDATE SET updated_at = now(),
-                          lease_until = greatest(rate_limits.lease_until, EXCLUDED.lease_until)""", (key, seconds))
+                          lease_until = greatest(rate_limits.lease_until, EXCLUDED.lease_until)""",
+        (key, seconds),
+    )
 
 
 def hold_remaining(key: str) -> float:
     """Seconds left of the hold on ``key`` (0 when none)."""
-    row = db.execute_sql("SELECT extract(epoch FROM lease_until - now())::float FROM rate_limits WHERE key = %s",
-                         (key,)).fetchone()
+    row = db.execute_sql(
+        "SELECT extract(epoch FROM lease_until - now())::float FROM rate_limits WHERE key = %s", (key,)
+    ).fetchone()
     return max(0.0, row[0]) if row and row[0] is not None else 0.0
 
 
 def purge_expired_holds(older_than_seconds: float = 3600) -> int:
     """Delete Retry-After holds that ended long ago (the recovery sweep calls this)."""
-    rows = db.execute_sql("""DELETE FROM rate_limits WHERE key LIKE 'retry_after:%%'
+    rows = db.execute_sql(
+        """DELETE FROM rate_limits WHERE key LIKE 'retry_after:%%'
                              AND lease_until < now() - make_interval(secs => %s) RETURNING key""",
-                          (older_than_seconds,)).fetchall()
+        (older_than_seconds,),
+    ).fetchall()
     return len(rows)

@@ -1,9 +1,11 @@
 """Nothing stays stuck (R-FAIL-8) and inboxes are watched (R-FAIL-6): the scheduler's recovery
 sweep and inbox health check."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from campaign import enqueue, ratelimit, runs, steps
 from campaign.errors import ProviderError
@@ -27,19 +29,24 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
     lease = settings.lease_seconds
     # A part left `sending` past the send lease had its worker die mid-call: outcome unknown.
     # One that kept Evolution's key.id was accepted: its send step is re-published below to record it.
-    orphans = _all("""SELECT p.id, p.message_id, p.attempt_id FROM message_parts p
+    orphans = _all(
+        """SELECT p.id, p.message_id, p.attempt_id FROM message_parts p
                       WHERE p.status = 'sending' AND p.sending_at < now() - make_interval(secs => %s)
                         AND p.provider_message_id IS NULL""",
-                   (settings.send_lease_seconds + 5,))
+        (settings.send_lease_seconds + 5,),
+    )
     for part_id, message_id, attempt_id in orphans:
         mark_in_doubt(message_id, part_id, "send interrupted (worker lost mid-call)", settings, attempt=attempt_id)
-    stale = _all("""UPDATE campaign_messages m SET wake_at = now() + make_interval(secs => %(lease)s)
+    stale = _all(
+        """UPDATE campaign_messages m SET wake_at = now() + make_interval(secs => %(lease)s)
                     WHERE m.status IN ('queued', 'generating', 'splitting', 'sending')
                       AND (m.wake_at < now()
                            OR (m.wake_at IS NULL AND m.status_changed_at < now() - make_interval(secs => %(lease)s)))
                       AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sending'
                                       AND p.provider_message_id IS NULL)
-                    RETURNING m.id, m.status, m.inbox_id""", {"lease": lease})
+                    RETURNING m.id, m.status, m.inbox_id""",
+        {"lease": lease},
+    )
     jobs: dict[str, list[tuple]] = {step.queue: [] for step in steps.STEPS}
     for message_id, status, inbox_id in stale:
         step = steps.for_status(status)
@@ -77,9 +84,11 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         states[inbox_id] = state
         if state == "open":
             wake_parked(inbox_id)
-            rows = _all("""SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+            rows = _all(
+                """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
                            WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
-                        (inbox_id,))
+                (inbox_id,),
+            )
             for (run_id,) in rows:
                 if runs.resume_paused_run(run_id, "inbox_disconnected"):
                     resumed.append(run_id)

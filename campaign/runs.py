@@ -1,11 +1,13 @@
 """Run transitions: pause, resume (re-planned into the window, E-22), cancel, completion, and the
 window guard that closes runs at the end of their day (R-OPS-3, R-DISP-4, E-26)."""
+
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from campaign import events, outcomes
 from campaign.db import db
@@ -20,10 +22,13 @@ log = logging.getLogger(__name__)
 
 def complete_runs_if_done(run_ids: list[int] | None = None) -> list[int]:
     """Complete running/paused runs whose every message is processed; return their ids."""
-    rows = _all("""UPDATE campaign_runs SET status = 'completed', pause_reason = NULL, finished_at = now()
+    rows = _all(
+        """UPDATE campaign_runs SET status = 'completed', pause_reason = NULL, finished_at = now()
                    WHERE status IN ('running', 'paused') AND leads_processed >= leads_total
                      AND (%s::bigint[] IS NULL OR id = ANY(%s::bigint[]))
-                   RETURNING id""", (run_ids, run_ids))
+                   RETURNING id""",
+        (run_ids, run_ids),
+    )
     done = [r[0] for r in rows]
     for run_id in done:
         log_event("run", "run completed", run_id=run_id)
@@ -32,8 +37,11 @@ def complete_runs_if_done(run_ids: list[int] | None = None) -> list[int]:
 
 def pause_runs(condition_sql: str, params: Sequence[Any], reason: str) -> list[int]:
     """Pause running runs matching ``condition_sql`` (alias r) with ``reason``; return their ids."""
-    rows = _all(f"""UPDATE campaign_runs r SET status = 'paused', pause_reason = %s
-                    WHERE r.status = 'running' AND ({condition_sql}) RETURNING r.id""", (reason, *params))
+    rows = _all(
+        f"""UPDATE campaign_runs r SET status = 'paused', pause_reason = %s
+                    WHERE r.status = 'running' AND ({condition_sql}) RETURNING r.id""",
+        (reason, *params),
+    )
     paused = [r[0] for r in rows]
     for run_id in paused:
         log_event("run", f"run paused: {reason}", run_id=run_id, level="warning")
@@ -75,14 +83,15 @@ OPEN_RUN_STATUSES = ("planning", "running", "paused")
 WINDOW_STEP = "window"
 
 
-def due_window_closed_runs(now: dt.datetime | None = None,
-                           statuses: Sequence[str] = OPEN_RUN_STATUSES) -> list[int]:
+def due_window_closed_runs(now: dt.datetime | None = None, statuses: Sequence[str] = OPEN_RUN_STATUSES) -> list[int]:
     """Ids of runs (in ``statuses``) whose local window has closed by ``now``."""
     now = now or dt.datetime.now(UTC)
     rows = db.execute_sql(
         """SELECT r.id, r.run_date, c.timezone, c.window_start_minute, c.window_end_minute
              FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-            WHERE r.status = ANY(%s)""", (list(statuses),)).fetchall()
+            WHERE r.status = ANY(%s)""",
+        (list(statuses),),
+    ).fetchall()
     closed: list[int] = []
     for run_id, day, tz, ws_min, we_min in rows:
         try:
@@ -132,15 +141,21 @@ def close_windows(now: dt.datetime | None = None) -> dict[str, object]:
         complete_runs_if_done(run_ids)
         # complete_runs_if_done knows running and paused runs; a stuck 'planning' one is closed here
         for (run_id,) in db.execute_sql(
-                """UPDATE campaign_runs SET status = 'completed', finished_at = now()
+            """UPDATE campaign_runs SET status = 'completed', finished_at = now()
                     WHERE id = ANY(%s) AND status = 'planning' AND leads_processed >= leads_total
-                    RETURNING id""", (run_ids,)).fetchall():
-            events.log_event("run", "run completed (closed at its window's end while still planning)",
-                               run_id=run_id, level="warning")
+                    RETURNING id""",
+            (run_ids,),
+        ).fetchall():
+            events.log_event(
+                "run", "run completed (closed at its window's end while still planning)", run_id=run_id, level="warning"
+            )
         # the skip's own statement completes most of them: report every one that is closed now
-        completed = [int(r[0]) for r in db.execute_sql(
-            "SELECT id FROM campaign_runs WHERE id = ANY(%s) AND status = 'completed' ORDER BY id",
-            (run_ids,)).fetchall()]
+        completed = [
+            int(r[0])
+            for r in db.execute_sql(
+                "SELECT id FROM campaign_runs WHERE id = ANY(%s) AND status = 'completed' ORDER BY id", (run_ids,)
+            ).fetchall()
+        ]
     for run_id, reason in noted:
         log.warning("run %s: window closed while paused (%s); not-started messages skipped", run_id, reason)
     if skipped:
@@ -153,7 +168,9 @@ def closed_while_paused(run_id: int) -> str | None:
     row = db.execute_sql(
         f"""SELECT details ->> 'pause_reason' FROM campaign_events
              WHERE run_id = %s AND step = '{WINDOW_STEP}' AND details ? 'closed_while_paused'
-             ORDER BY id DESC LIMIT 1""", (run_id,)).fetchone()
+             ORDER BY id DESC LIMIT 1""",
+        (run_id,),
+    ).fetchone()
     return row[0] if row else None
 
 
@@ -175,17 +192,22 @@ def pause_run(run_id: int, reason: str = "manual") -> str | None:
     only the operator's ``resume``. Returns the automatic reason taken over, None for a running run.
     """
     with db.atomic():
-        row = db.execute_sql("SELECT status, pause_reason FROM campaign_runs WHERE id = %s FOR UPDATE",
-                             (run_id,)).fetchone()
+        row = db.execute_sql(
+            "SELECT status, pause_reason FROM campaign_runs WHERE id = %s FOR UPDATE", (run_id,)
+        ).fetchone()
         status, was = row if row else (None, None)
         takeover = reason == "manual" and status == "paused" and was != "manual"
         if status != "running" and not takeover:
             raise _state_error(run_id, "pause", "running or automatically paused")
-        db.execute_sql("UPDATE campaign_runs SET status = 'paused', pause_reason = %s WHERE id = %s",
-                       (reason, run_id))
+        db.execute_sql("UPDATE campaign_runs SET status = 'paused', pause_reason = %s WHERE id = %s", (reason, run_id))
         if takeover:
-            _event(run_id, "operator", f"run paused ({reason}): the operator's pause replaces the automatic one "
-                                       f"({was}); only `resume` resumes it", {"reason": reason, "was": was})
+            _event(
+                run_id,
+                "operator",
+                f"run paused ({reason}): the operator's pause replaces the automatic one "
+                f"({was}); only `resume` resumes it",
+                {"reason": reason, "was": was},
+            )
         else:
             _event(run_id, "operator", f"run paused ({reason})", {"reason": reason})
     log.info("run %s paused (%s)%s", run_id, reason, f", taking over its automatic pause ({was})" if takeover else "")
@@ -207,18 +229,21 @@ def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.R
         """SELECT r.run_date, c.timezone, c.window_start_minute, c.window_end_minute, c.gap_min_seconds,
                   c.gap_max_seconds
              FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id WHERE r.id = %s""",
-        (run_id,)).fetchone()
+        (run_id,),
+    ).fetchone()
     if cfg_row is None:
         raise RunStateError(f"run {run_id} does not exist")
     day, tz, ws_min, we_min, gmin, gmax = cfg_row
     pending = db.execute_sql(
         """SELECT id, scheduled_at FROM campaign_messages WHERE run_id = %s AND status = 'pending'
-            ORDER BY scheduled_at, id FOR UPDATE""", (run_id,)).fetchall()
+            ORDER BY scheduled_at, id FOR UPDATE""",
+        (run_id,),
+    ).fetchall()
     if not pending or pending[0][1] >= now:
         return {"replanned": 0, "skipped": 0}
     last_row = db.execute_sql(
-        "SELECT max(scheduled_at) FROM campaign_messages WHERE run_id = %s AND status <> 'pending'",
-        (run_id,)).fetchone()
+        "SELECT max(scheduled_at) FROM campaign_messages WHERE run_id = %s AND status <> 'pending'", (run_id,)
+    ).fetchone()
     try:
         bounds = window_bounds(day, tz, ws_min, we_min)
     except PlanError:
@@ -228,23 +253,32 @@ def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.R
         start = max(now, bounds[0])
         if last_row[0] is not None:
             start = max(start, last_row[0] + dt.timedelta(seconds=float(gmin)))
-        times = spread_times(start, bounds[1], gap_min=float(gmin), gap_max=float(gmax), count=len(pending),
-                             rng=rng, first_offset_max=float(gmax) - float(gmin))
+        times = spread_times(
+            start,
+            bounds[1],
+            gap_min=float(gmin),
+            gap_max=float(gmax),
+            count=len(pending),
+            rng=rng,
+            first_offset_max=float(gmax) - float(gmin),
+        )
     ids = [int(p[0]) for p in pending]
     if times:
         db.execute_sql(
             """UPDATE campaign_messages m SET scheduled_at = t.at
                  FROM unnest(%s::bigint[], %s::timestamptz[]) AS t(id, at)
                 WHERE m.id = t.id AND m.status = 'pending'""",
-            ("{" + ",".join(map(str, ids[:len(times)])) + "}", _ts_array(times)))
-    rest = ids[len(times):]
+            ("{" + ",".join(map(str, ids[: len(times)])) + "}", _ts_array(times)),
+        )
+    rest = ids[len(times) :]
     skipped = outcomes.skip_pending_where("m.id = ANY(%s)", (rest,), "window_closed") if rest else 0
     log.info("run %s re-planned: %s pending messages moved, %s skipped window_closed", run_id, len(times), skipped)
     return {"replanned": len(times), "skipped": skipped}
 
 
-def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None, *,
-               reason: str | None = None) -> dict[str, int]:
+def resume_run(
+    run_id: int, now: dt.datetime | None = None, rng: random.Random | None = None, *, reason: str | None = None
+) -> dict[str, int]:
     """Resume a paused run, re-planning overdue pending messages into the remaining window (E-22).
 
     ``reason``: resume only a run paused for that reason (an automatic resume must never end a
@@ -254,7 +288,9 @@ def resume_run(run_id: int, now: dt.datetime | None = None, rng: random.Random |
         row = db.execute_sql(
             """UPDATE campaign_runs SET status = 'running', pause_reason = NULL
                 WHERE id = %s AND status = 'paused' AND (%s::text IS NULL OR pause_reason = %s)
-                RETURNING id""", (run_id, reason, reason)).fetchone()
+                RETURNING id""",
+            (run_id, reason, reason),
+        ).fetchone()
         if row is None:
             raise _state_error(run_id, "resume", f"paused ({reason})" if reason else "paused")
         result = replan_pending(run_id, now=now, rng=rng)
@@ -270,7 +306,8 @@ def cancel_run(run_id: int) -> int:
         row = db.execute_sql(
             """UPDATE campaign_runs SET status = 'cancelled', pause_reason = NULL, finished_at = now()
                 WHERE id = %s AND status IN ('planning', 'running', 'paused') RETURNING id""",
-            (run_id,)).fetchone()
+            (run_id,),
+        ).fetchone()
         if row is None:
             raise _state_error(run_id, "cancel", "running or paused")
         skipped = outcomes.skip_pending_where("m.run_id = %s", (run_id,), "cancelled")

@@ -3,13 +3,14 @@
 Nothing here does I/O at import time: entry points call ``get_settings()`` (or
 ``Settings.from_env()``) and pass the object on. ``os.environ`` is read in this module only.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from campaign.errors import ConfigError
@@ -100,70 +101,113 @@ class Settings:
     """Every setting of the engine; field metadata names its environment variable."""
 
     # -- interface names (SPEC §4.7) --------------------------------------------------------
-    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/campaigns",
-                              metadata={"env": "DATABASE_URL", "parse": _url("DATABASE_URL", "postgresql", "postgres")})
-    rabbitmq_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/%2F",
-                              metadata={"env": "RABBITMQ_URL", "parse": _url("RABBITMQ_URL", "amqp", "amqps")})
-    openrouter_base_url: str = field(default="https://openrouter.ai/api/v1",
-                                     metadata={"env": "OPENROUTER_BASE_URL",
-                                               "parse": _url("OPENROUTER_BASE_URL", "http", "https")})
+    database_url: str = field(
+        default="postgresql://postgres@127.0.0.1:5432/campaigns",
+        metadata={"env": "DATABASE_URL", "parse": _url("DATABASE_URL", "postgresql", "postgres")},
+    )
+    rabbitmq_url: str = field(
+        default="amqp://guest:guest@127.0.0.1:5672/%2F",
+        metadata={"env": "RABBITMQ_URL", "parse": _url("RABBITMQ_URL", "amqp", "amqps")},
+    )
+    openrouter_base_url: str = field(
+        default="https://openrouter.ai/api/v1",
+        metadata={"env": "OPENROUTER_BASE_URL", "parse": _url("OPENROUTER_BASE_URL", "http", "https")},
+    )
     openrouter_api_key: str = field(default="", repr=False, metadata=_secret("OPENROUTER_API_KEY"))
-    evolution_api_url: str = field(default="http://127.0.0.1:8080",
-                                   metadata={"env": "EVOLUTION_API_URL",
-                                             "parse": _url("EVOLUTION_API_URL", "http", "https")})
+    evolution_api_url: str = field(
+        default="http://127.0.0.1:8080",
+        metadata={"env": "EVOLUTION_API_URL", "parse": _url("EVOLUTION_API_URL", "http", "https")},
+    )
     evolution_api_key: str = field(default="", repr=False, metadata=_secret("EVOLUTION_API_KEY"))
     webhook_secret: str = field(default="", repr=False, metadata=_secret("WEBHOOK_SECRET"))
 
     # -- engine tuning (validated: a bad value is a start-up error, R-DISP-5) ---------------
-    broker: str = field(default="rabbitmq", metadata={"env": "CAMPAIGN_BROKER",
-                                                      "parse": _choice("CAMPAIGN_BROKER", "rabbitmq", "stub")})
-    dispatch_batch_size: int = field(default=200, metadata={"env": "DISPATCH_BATCH_SIZE",
-                                                            "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)})
-    dispatch_interval_seconds: float = field(default=1.0, metadata={
-        "env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)})
-    recovery_interval_seconds: float = field(default=10.0, metadata={
-        "env": "RECOVERY_INTERVAL_SECONDS", "parse": _float_in("RECOVERY_INTERVAL_SECONDS", 1, 3600)})
-    inbox_health_interval_seconds: float = field(default=60.0, metadata={
-        "env": "INBOX_HEALTH_INTERVAL_SECONDS", "parse": _float_in("INBOX_HEALTH_INTERVAL_SECONDS", 1, 3600)})
-    max_lateness_seconds: int = field(default=3600, metadata={
-        "env": "MAX_LATENESS_SECONDS", "parse": _int_in("MAX_LATENESS_SECONDS", 60, 86400)})
-    lease_seconds: int = field(default=600, metadata={"env": "LEASE_SECONDS",
-                                                      "parse": _int_in("LEASE_SECONDS", 5, 86400)})
-    send_timeout_seconds: float = field(default=30.0, metadata={
-        "env": "SEND_TIMEOUT_SECONDS", "parse": _float_in("SEND_TIMEOUT_SECONDS", 1, 300)})
-    llm_timeout_seconds: float = field(default=60.0, metadata={
-        "env": "LLM_TIMEOUT_SECONDS", "parse": _float_in("LLM_TIMEOUT_SECONDS", 1, 600)})
+    broker: str = field(
+        default="rabbitmq", metadata={"env": "CAMPAIGN_BROKER", "parse": _choice("CAMPAIGN_BROKER", "rabbitmq", "stub")}
+    )
+    dispatch_batch_size: int = field(
+        default=200, metadata={"env": "DISPATCH_BATCH_SIZE", "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)}
+    )
+    dispatch_interval_seconds: float = field(
+        default=1.0,
+        metadata={"env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)},
+    )
+    recovery_interval_seconds: float = field(
+        default=10.0,
+        metadata={"env": "RECOVERY_INTERVAL_SECONDS", "parse": _float_in("RECOVERY_INTERVAL_SECONDS", 1, 3600)},
+    )
+    inbox_health_interval_seconds: float = field(
+        default=60.0,
+        metadata={"env": "INBOX_HEALTH_INTERVAL_SECONDS", "parse": _float_in("INBOX_HEALTH_INTERVAL_SECONDS", 1, 3600)},
+    )
+    max_lateness_seconds: int = field(
+        default=3600, metadata={"env": "MAX_LATENESS_SECONDS", "parse": _int_in("MAX_LATENESS_SECONDS", 60, 86400)}
+    )
+    lease_seconds: int = field(
+        default=600, metadata={"env": "LEASE_SECONDS", "parse": _int_in("LEASE_SECONDS", 5, 86400)}
+    )
+    send_timeout_seconds: float = field(
+        default=30.0, metadata={"env": "SEND_TIMEOUT_SECONDS", "parse": _float_in("SEND_TIMEOUT_SECONDS", 1, 300)}
+    )
+    llm_timeout_seconds: float = field(
+        default=60.0, metadata={"env": "LLM_TIMEOUT_SECONDS", "parse": _float_in("LLM_TIMEOUT_SECONDS", 1, 600)}
+    )
     max_attempts: int = field(default=5, metadata={"env": "MAX_ATTEMPTS", "parse": _int_in("MAX_ATTEMPTS", 1, 50)})
-    min_backoff_seconds: float = field(default=2.0, metadata={
-        "env": "MIN_BACKOFF_SECONDS", "parse": _float_in("MIN_BACKOFF_SECONDS", 0.01, 3600)})
-    max_backoff_seconds: float = field(default=300.0, metadata={
-        "env": "MAX_BACKOFF_SECONDS", "parse": _float_in("MAX_BACKOFF_SECONDS", 0.01, 86400)})
-    handoff_grace_seconds: float = field(default=15.0, metadata={
-        "env": "HANDOFF_GRACE_SECONDS", "parse": _float_in("HANDOFF_GRACE_SECONDS", 1, 3600)})
-    connection_state_max_age_seconds: float = field(default=60.0, metadata={
-        "env": "CONNECTION_STATE_MAX_AGE_SECONDS", "parse": _float_in("CONNECTION_STATE_MAX_AGE_SECONDS", 1, 3600)})
-    gateway_outage_tolerance_seconds: float = field(default=900.0, metadata={
-        "env": "GATEWAY_OUTAGE_TOLERANCE_SECONDS",
-        "parse": _float_in("GATEWAY_OUTAGE_TOLERANCE_SECONDS", 0, 86400)})
-    inbox_failure_limit: int = field(default=5, metadata={
-        "env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)})
-    error_threshold_ratio: float = field(default=0.10, metadata={
-        "env": "ERROR_THRESHOLD_RATIO", "parse": _float_in("ERROR_THRESHOLD_RATIO", 0.0, 1.0)})
-    error_threshold_min_processed: int = field(default=20, metadata={
-        "env": "ERROR_THRESHOLD_MIN_PROCESSED", "parse": _int_in("ERROR_THRESHOLD_MIN_PROCESSED", 1, 100000)})
-    openrouter_requests_per_minute: int = field(default=600, metadata={
-        "env": "OPENROUTER_REQUESTS_PER_MINUTE", "parse": _int_in("OPENROUTER_REQUESTS_PER_MINUTE", 1, 1000000)})
-    db_max_connections: int = field(default=32, metadata={
-        "env": "DB_MAX_CONNECTIONS", "parse": _int_in("DB_MAX_CONNECTIONS", 1, 1000)})
-    log_level: str = field(default="INFO", metadata={
-        "env": "LOG_LEVEL", "parse": _choice("LOG_LEVEL", "DEBUG", "INFO", "WARNING", "ERROR")})
-    webhook_host: str = field(default="0.0.0.0", metadata={"env": "WEBHOOK_HOST",
-                                                          "parse": _host("WEBHOOK_HOST")})
-    webhook_port: int = field(default=8090, metadata={"env": "WEBHOOK_PORT",
-                                                      "parse": _int_in("WEBHOOK_PORT", 1, 65535)})
+    min_backoff_seconds: float = field(
+        default=2.0, metadata={"env": "MIN_BACKOFF_SECONDS", "parse": _float_in("MIN_BACKOFF_SECONDS", 0.01, 3600)}
+    )
+    max_backoff_seconds: float = field(
+        default=300.0, metadata={"env": "MAX_BACKOFF_SECONDS", "parse": _float_in("MAX_BACKOFF_SECONDS", 0.01, 86400)}
+    )
+    handoff_grace_seconds: float = field(
+        default=15.0, metadata={"env": "HANDOFF_GRACE_SECONDS", "parse": _float_in("HANDOFF_GRACE_SECONDS", 1, 3600)}
+    )
+    connection_state_max_age_seconds: float = field(
+        default=60.0,
+        metadata={
+            "env": "CONNECTION_STATE_MAX_AGE_SECONDS",
+            "parse": _float_in("CONNECTION_STATE_MAX_AGE_SECONDS", 1, 3600),
+        },
+    )
+    gateway_outage_tolerance_seconds: float = field(
+        default=900.0,
+        metadata={
+            "env": "GATEWAY_OUTAGE_TOLERANCE_SECONDS",
+            "parse": _float_in("GATEWAY_OUTAGE_TOLERANCE_SECONDS", 0, 86400),
+        },
+    )
+    inbox_failure_limit: int = field(
+        default=5, metadata={"env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)}
+    )
+    error_threshold_ratio: float = field(
+        default=0.10, metadata={"env": "ERROR_THRESHOLD_RATIO", "parse": _float_in("ERROR_THRESHOLD_RATIO", 0.0, 1.0)}
+    )
+    error_threshold_min_processed: int = field(
+        default=20,
+        metadata={"env": "ERROR_THRESHOLD_MIN_PROCESSED", "parse": _int_in("ERROR_THRESHOLD_MIN_PROCESSED", 1, 100000)},
+    )
+    openrouter_requests_per_minute: int = field(
+        default=600,
+        metadata={
+            "env": "OPENROUTER_REQUESTS_PER_MINUTE",
+            "parse": _int_in("OPENROUTER_REQUESTS_PER_MINUTE", 1, 1000000),
+        },
+    )
+    db_max_connections: int = field(
+        default=32, metadata={"env": "DB_MAX_CONNECTIONS", "parse": _int_in("DB_MAX_CONNECTIONS", 1, 1000)}
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata={"env": "LOG_LEVEL", "parse": _choice("LOG_LEVEL", "DEBUG", "INFO", "WARNING", "ERROR")},
+    )
+    webhook_host: str = field(default="0.0.0.0", metadata={"env": "WEBHOOK_HOST", "parse": _host("WEBHOOK_HOST")})
+    webhook_port: int = field(
+        default=8090, metadata={"env": "WEBHOOK_PORT", "parse": _int_in("WEBHOOK_PORT", 1, 65535)}
+    )
     #: logfmt ``key=value`` lines (default) or one JSON object per line (R-OPS-6)
-    log_format: str = field(default="text", metadata={
-        "env": "LOG_FORMAT", "parse": _choice("LOG_FORMAT", "text", "json")})
+    log_format: str = field(
+        default="text", metadata={"env": "LOG_FORMAT", "parse": _choice("LOG_FORMAT", "text", "json")}
+    )
 
     def __post_init__(self) -> None:
         if self.min_backoff_seconds > self.max_backoff_seconds:
@@ -183,7 +227,7 @@ class Settings:
         return 2 * self.send_timeout_seconds + 40
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``); raise ConfigError naming the variable."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}

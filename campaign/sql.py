@@ -1,7 +1,9 @@
 """Two one-line helpers for raw SQL on the bound database (rows as tuples)."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from campaign.db import db
 

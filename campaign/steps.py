@@ -4,6 +4,7 @@ Everything that needs to know which queue carries which step, which statuses a s
 where a dead step's message goes back to reads it here (the chain, the recovery sweep, the
 dead-letter tools, ``status``'s queue depths, the broker's declarations).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def for_status(status: str) -> Step:
         if status in step.statuses:
             return step
     raise KeyError(f"no pipeline step owns status {status!r}")
+
 
 #: longest wait kept in RabbitMQ: a delayed message sits unacked in a worker and RabbitMQ's
 #: consumer timeout (30 min) redelivers it; longer waits are parked in PostgreSQL (R-DISP-2)

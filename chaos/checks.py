@@ -1,5 +1,6 @@
 """The verdict of a suite run: every check of T-REL-1 from PostgreSQL + the sandbox ledger, and the
 time each fault took to recover from."""
+
 from __future__ import annotations
 
 import bisect
@@ -59,9 +60,14 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (the CI test reads it)."""
-        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks],
-                "recoveries": [asdict(r) for r in self.recoveries], "facts": self.facts,
-                "in_doubt_causes": self.in_doubt_causes, "problems": self.problems[:50]}
+        return {
+            "ok": self.ok,
+            "checks": [asdict(c) for c in self.checks],
+            "recoveries": [asdict(r) for r in self.recoveries],
+            "facts": self.facts,
+            "in_doubt_causes": self.in_doubt_causes,
+            "problems": self.problems[:50],
+        }
 
 
 def _digits(number: str | None) -> str:
@@ -85,19 +91,38 @@ def collect_db(cur) -> dict[str, Any]:
                           count(*) FILTER (WHERE n > 3) FROM (SELECT count(*) AS n FROM message_parts
                           GROUP BY message_id) x""")
     parts_hist = dict(zip(("1", "2", "3", ">3"), cur.fetchone()))
-    cur.execute("SELECT coalesce(error_class, skip_reason, status), count(*) FROM campaign_messages "
-                "WHERE status IN ('failed', 'skipped') GROUP BY 1")
+    cur.execute(
+        "SELECT coalesce(error_class, skip_reason, status), count(*) FROM campaign_messages "
+        "WHERE status IN ('failed', 'skipped') GROUP BY 1"
+    )
     not_sent_reasons = dict(cur.fetchall())
     cur.execute("SELECT name FROM inboxes WHERE disabled ORDER BY name")
     disabled = [r[0] for r in cur.fetchall()]
-    return {"by_status": by_status, "runs": runs, "parts": parts, "dead_letters": dead, "parts_hist": parts_hist,
-            "not_sent_reasons": not_sent_reasons, "disabled_inboxes": disabled}
+    return {
+        "by_status": by_status,
+        "runs": runs,
+        "parts": parts,
+        "dead_letters": dead,
+        "parts_hist": parts_hist,
+        "not_sent_reasons": not_sent_reasons,
+        "disabled_inboxes": disabled,
+    }
 
 
 #: what a message fails or is skipped with when gateway trouble or a disconnect got the better of
 #: it (T-REL-2 expects none: an outage is waited out, a started message waits for its inbox)
-OUTAGE_REASONS = ("retries_exhausted", "server_error", "rate_limited", "instance_disconnected", "connect_error",
-                  "timeout", "request_timeout", "window_closed", "too_late", "run_closed")
+OUTAGE_REASONS = (
+    "retries_exhausted",
+    "server_error",
+    "rate_limited",
+    "instance_disconnected",
+    "connect_error",
+    "timeout",
+    "request_timeout",
+    "window_closed",
+    "too_late",
+    "run_closed",
+)
 
 
 def _near(events: list[FaultEvent], kinds: tuple[str, ...], sending_at: float, reach_s: float) -> FaultEvent | None:
@@ -108,8 +133,9 @@ def _near(events: list[FaultEvent], kinds: tuple[str, ...], sending_at: float, r
     return None
 
 
-def classify_in_doubt(parts: list[tuple], ledger_sends: list[dict], events: list[FaultEvent],
-                      send_reach_s: float) -> tuple[collections.Counter, list[str], list[str]]:
+def classify_in_doubt(
+    parts: list[tuple], ledger_sends: list[dict], events: list[FaultEvent], send_reach_s: float
+) -> tuple[collections.Counter, list[str], list[str]]:
     """Why each in_doubt part is in doubt; and every ambiguous send of the sandbox that is NOT in_doubt.
 
     A part is legitimately in doubt when the sandbox accepted it and never answered (hang), its
@@ -142,8 +168,10 @@ def classify_in_doubt(parts: list[tuple], ledger_sends: list[dict], events: list
             causes["db connection terminated mid-send" + ("" if sends else " (no send accepted)")] += 1
         else:
             causes["UNEXPLAINED"] += 1
-            problems.append(f"part {pid} (message {mid}, idx {idx}) in_doubt without a hang or a fault nearby: "
-                            f"{err!r}; sandbox saw {len(sends)} send(s); sending_at={sending_at}")
+            problems.append(
+                f"part {pid} (message {mid}, idx {idx}) in_doubt without a hang or a fault nearby: "
+                f"{err!r}; sandbox saw {len(sends)} send(s); sending_at={sending_at}"
+            )
     # every ambiguous send the sandbox saw must have left its part in_doubt (never sent/pending/failed)
     ambiguous_not_in_doubt: list[str] = []
     for ident, sends in by_identity.items():
@@ -152,8 +180,10 @@ def classify_in_doubt(parts: list[tuple], ledger_sends: list[dict], events: list
         part = part_by_identity.get(ident)
         status = part[3] if part else None
         if status != "in_doubt":
-            ambiguous_not_in_doubt.append(f"{ident[0]} {ident[1]} part {part[0] if part else '?'} is {status} "
-                                          f"after {[s['outcome'] for s in sends]}")
+            ambiguous_not_in_doubt.append(
+                f"{ident[0]} {ident[1]} part {part[0] if part else '?'} is {status} "
+                f"after {[s['outcome'] for s in sends]}"
+            )
     return causes, problems, ambiguous_not_in_doubt
 
 
@@ -166,8 +196,10 @@ def ledger_vs_parts(parts: list[tuple], ledger_sends: list[dict]) -> tuple[list[
     for s in ledger_sends:
         part = part_by_identity.get((s["instance"], s["number"], s["text"]))
         if part is None or part[3] not in ("sent", "in_doubt"):
-            unaccounted.append(f"{s['instance']} {s['number']} key {s['key_id']} ({s['outcome']}): part "
-                               f"{part[0] if part else 'missing'} is {part[3] if part else '-'}")
+            unaccounted.append(
+                f"{s['instance']} {s['number']} key {s['key_id']} ({s['outcome']}): part "
+                f"{part[0] if part else 'missing'} is {part[3] if part else '-'}"
+            )
     return sent_without_ledger, unaccounted
 
 
@@ -228,16 +260,36 @@ def recoveries(events: list[FaultEvent], ledger_sends: list[dict], t0: float, la
         details = ", ".join(f"{k}={v}" for k, v in ev.details.items() if k != "parts_sending")
         if ev.details.get("parts_sending"):
             details += f", parts in flight={len(ev.details['parts_sending'])}"
-        out.append(Recovery(ev.kind, round(ev.t - t0, 1), round(ev.progress, 3), details,
-                            None if next_send is None else round(next_send, 2),
-                            None if all_inboxes is None else round(all_inboxes, 2),
-                            None if rate_back is None else round(rate_back, 2), note))
+        out.append(
+            Recovery(
+                ev.kind,
+                round(ev.t - t0, 1),
+                round(ev.progress, 3),
+                details,
+                None if next_send is None else round(next_send, 2),
+                None if all_inboxes is None else round(all_inboxes, 2),
+                None if rate_back is None else round(rate_back, 2),
+                note,
+            )
+        )
     return out
 
 
-def judge(*, db_facts: dict[str, Any], ledger: dict[str, Any], events: list[FaultEvent], expected_faults: dict[str, int],
-          expected_messages: int, mismatches: list, min_gap: float, send_reach_s: float, t0: float,
-          quiescent: bool, quiescence_s: float | None, injector_error: str | None) -> Verdict:
+def judge(
+    *,
+    db_facts: dict[str, Any],
+    ledger: dict[str, Any],
+    events: list[FaultEvent],
+    expected_faults: dict[str, int],
+    expected_messages: int,
+    mismatches: list,
+    min_gap: float,
+    send_reach_s: float,
+    t0: float,
+    quiescent: bool,
+    quiescence_s: float | None,
+    injector_error: str | None,
+) -> Verdict:
     """Every check of the suite, from the collected facts."""
     summary = ledger["summary"]
     sends = ledger["sends"]
@@ -261,61 +313,150 @@ def judge(*, db_facts: dict[str, Any], ledger: dict[str, Any], events: list[Faul
     targeted = [e for e in events if e.kind == KILL_MID_SEND and e.details.get("targeted")]
 
     checks = [
-        Check("messages planned", total, f">= {expected_messages}, overflow 0",
-              total >= expected_messages and overflow == 0, f"overflow {overflow}"),
-        Check("quiescence reached", "yes" if quiescent else "TIMEOUT", "yes", quiescent,
-              f"after {quiescence_s:.0f} s" if quiescence_s is not None else ""),
-        Check("messages lost (not terminal)", lost, "0", lost == 0,
-              ", ".join(f"{s}={n}" for s, n in by_status.items() if s not in TERMINAL)),
-        Check("parts delivered twice (sandbox ledger)", summary["duplicate_sends"], "0",
-              summary["duplicate_sends"] == 0, "; ".join(str(d) for d in summary.get("duplicates", [])[:3])),
-        Check("parts 'sent' the sandbox never accepted", len(sent_without_ledger), "0", not sent_without_ledger,
-              "; ".join(sent_without_ledger[:3])),
-        Check("accepted sends the engine thinks unsent", len(unaccounted), "0", not unaccounted,
-              "; ".join(unaccounted[:3])),
-        Check("runs finalised", f"{completed}/{len(runs)}", "100 %", bool(runs) and completed == len(runs),
-              ", ".join(f"run {r[0]} {r[1]}({r[2]})" for r in runs if r[1] != "completed")),
+        Check(
+            "messages planned",
+            total,
+            f">= {expected_messages}, overflow 0",
+            total >= expected_messages and overflow == 0,
+            f"overflow {overflow}",
+        ),
+        Check(
+            "quiescence reached",
+            "yes" if quiescent else "TIMEOUT",
+            "yes",
+            quiescent,
+            f"after {quiescence_s:.0f} s" if quiescence_s is not None else "",
+        ),
+        Check(
+            "messages lost (not terminal)",
+            lost,
+            "0",
+            lost == 0,
+            ", ".join(f"{s}={n}" for s, n in by_status.items() if s not in TERMINAL),
+        ),
+        Check(
+            "parts delivered twice (sandbox ledger)",
+            summary["duplicate_sends"],
+            "0",
+            summary["duplicate_sends"] == 0,
+            "; ".join(str(d) for d in summary.get("duplicates", [])[:3]),
+        ),
+        Check(
+            "parts 'sent' the sandbox never accepted",
+            len(sent_without_ledger),
+            "0",
+            not sent_without_ledger,
+            "; ".join(sent_without_ledger[:3]),
+        ),
+        Check(
+            "accepted sends the engine thinks unsent",
+            len(unaccounted),
+            "0",
+            not unaccounted,
+            "; ".join(unaccounted[:3]),
+        ),
+        Check(
+            "runs finalised",
+            f"{completed}/{len(runs)}",
+            "100 %",
+            bool(runs) and completed == len(runs),
+            ", ".join(f"run {r[0]} {r[1]}({r[2]})" for r in runs if r[1] != "completed"),
+        ),
         Check("verify mismatches", len(mismatches), "0", not mismatches, "; ".join(map(str, mismatches[:3]))),
-        Check("in_doubt parts without a hang/kill/termination", causes.get("UNEXPLAINED", 0), "0",
-              not causes.get("UNEXPLAINED"), f"{in_doubt_parts} in_doubt part(s), "
-              f"{by_status.get('in_doubt', 0)} in_doubt message(s)"),
-        Check("ambiguous sends not left in_doubt", len(ambiguous_not_in_doubt), "0", not ambiguous_not_in_doubt,
-              f"sandbox: {hangs} hang(s), {unseen} unread answer(s); " + "; ".join(ambiguous_not_in_doubt[:2])),
-        Check("requests before Retry-After elapsed", summary["early_retries"], "0", summary["early_retries"] == 0,
-              str(summary.get("early_retries_by_route") or "")),
-        Check("sends closer than the inbox's min gap", gaps, "0", gaps == 0,
-              f"min gap {min_gap}s, smallest seen {smallest_gap:.3f}s" if smallest_gap is not None else ""),
-        Check("faults injected", dict(injected), str(expected_faults),
-              all(injected.get(k, 0) >= n for k, n in expected_faults.items()) and injector_error is None
-              and (not expected_faults.get(KILL_MID_SEND) or bool(targeted)),
-              (f"injector error: {injector_error}" if injector_error else "")
-              + ("" if targeted or not expected_faults.get(KILL_MID_SEND) else "no kill hit a worker mid-send")),
+        Check(
+            "in_doubt parts without a hang/kill/termination",
+            causes.get("UNEXPLAINED", 0),
+            "0",
+            not causes.get("UNEXPLAINED"),
+            f"{in_doubt_parts} in_doubt part(s), {by_status.get('in_doubt', 0)} in_doubt message(s)",
+        ),
+        Check(
+            "ambiguous sends not left in_doubt",
+            len(ambiguous_not_in_doubt),
+            "0",
+            not ambiguous_not_in_doubt,
+            f"sandbox: {hangs} hang(s), {unseen} unread answer(s); " + "; ".join(ambiguous_not_in_doubt[:2]),
+        ),
+        Check(
+            "requests before Retry-After elapsed",
+            summary["early_retries"],
+            "0",
+            summary["early_retries"] == 0,
+            str(summary.get("early_retries_by_route") or ""),
+        ),
+        Check(
+            "sends closer than the inbox's min gap",
+            gaps,
+            "0",
+            gaps == 0,
+            f"min gap {min_gap}s, smallest seen {smallest_gap:.3f}s" if smallest_gap is not None else "",
+        ),
+        Check(
+            "faults injected",
+            dict(injected),
+            str(expected_faults),
+            all(injected.get(k, 0) >= n for k, n in expected_faults.items())
+            and injector_error is None
+            and (not expected_faults.get(KILL_MID_SEND) or bool(targeted)),
+            (f"injector error: {injector_error}" if injector_error else "")
+            + ("" if targeted or not expected_faults.get(KILL_MID_SEND) else "no kill hit a worker mid-send"),
+        ),
     ]
     outage_hits = {r: n for r, n in db_facts["not_sent_reasons"].items() if r in OUTAGE_REASONS}
-    checks.append(Check("messages failed/skipped by gateway trouble or a disconnect", sum(outage_hits.values()), "0",
-                        not outage_hits, ", ".join(f"{r}={n}" for r, n in outage_hits.items())))
+    checks.append(
+        Check(
+            "messages failed/skipped by gateway trouble or a disconnect",
+            sum(outage_hits.values()),
+            "0",
+            not outage_hits,
+            ", ".join(f"{r}={n}" for r, n in outage_hits.items()),
+        )
+    )
     disabled = db_facts["disabled_inboxes"]
     checks.append(Check("inboxes left disabled", len(disabled), "0", not disabled, ", ".join(disabled)))
     hist = db_facts["parts_hist"]
-    checks.append(Check("messages of 1, 2 and 3 parts", hist, "each > 0, none > 3",
-                        all(hist.get(k, 0) > 0 for k in ("1", "2", "3")) and not hist.get(">3")))
+    checks.append(
+        Check(
+            "messages of 1, 2 and 3 parts",
+            hist,
+            "each > 0, none > 3",
+            all(hist.get(k, 0) > 0 for k in ("1", "2", "3")) and not hist.get(">3"),
+        )
+    )
     # sandbox faults must really have happened, or the run proved nothing about them
     faults_seen = summary.get("faults", {})
     for fault in ("429", "500", "accept_then_hang"):
-        checks.append(Check(f"sandbox fault {fault} exercised", faults_seen.get(fault, 0), "> 0",
-                            faults_seen.get(fault, 0) > 0))
+        checks.append(
+            Check(f"sandbox fault {fault} exercised", faults_seen.get(fault, 0), "> 0", faults_seen.get(fault, 0) > 0)
+        )
     last_t = max((s["t"] for s in sends), default=t0)
     facts = {
-        "messages_by_status": by_status, "runs": len(runs), "parts_by_message": db_facts["parts_hist"],
-        "parts": len(parts), "parts_in_doubt": in_doubt_parts, "sandbox_sends": len(sends),
-        "sandbox_requests": summary["requests"], "sandbox_faults": faults_seen, "dead_letters": db_facts["dead_letters"],
-        "failed_or_skipped_reasons": db_facts["not_sent_reasons"], "smallest_inbox_gap_s": smallest_gap,
+        "messages_by_status": by_status,
+        "runs": len(runs),
+        "parts_by_message": db_facts["parts_hist"],
+        "parts": len(parts),
+        "parts_in_doubt": in_doubt_parts,
+        "sandbox_sends": len(sends),
+        "sandbox_requests": summary["requests"],
+        "sandbox_faults": faults_seen,
+        "dead_letters": db_facts["dead_letters"],
+        "failed_or_skipped_reasons": db_facts["not_sent_reasons"],
+        "smallest_inbox_gap_s": smallest_gap,
         "faults": [asdict(e) for e in events],
     }
-    early = [f"early {r['route']} request at +{r['t'] - t0:.2f}s {r.get('instance', '')} {r.get('number', '')} "
-             f"status={r.get('status')} fault={r.get('fault')}" for r in requests if r.get("early")]
-    return Verdict(checks, recoveries(events, sends, t0, last_t), facts, dict(causes),
-                   in_doubt_problems + ambiguous_not_in_doubt + sent_without_ledger + unaccounted + early)
+    early = [
+        f"early {r['route']} request at +{r['t'] - t0:.2f}s {r.get('instance', '')} {r.get('number', '')} "
+        f"status={r.get('status')} fault={r.get('fault')}"
+        for r in requests
+        if r.get("early")
+    ]
+    return Verdict(
+        checks,
+        recoveries(events, sends, t0, last_t),
+        facts,
+        dict(causes),
+        in_doubt_problems + ambiguous_not_in_doubt + sent_without_ledger + unaccounted + early,
+    )
 
 
 def render(verdict: Verdict) -> str:
@@ -328,10 +469,17 @@ def render(verdict: Verdict) -> str:
         out.append("in_doubt parts by cause: " + ", ".join(f"{k}: {v}" for k, v in verdict.in_doubt_causes.items()))
     rrows = [("fault", "at s", "progress", "details", "next send s", "busy inboxes back s", "rate >=50% s")]
     for r in verdict.recoveries:
-        rrows.append((r.kind, f"{r.at_s:.1f}", f"{r.progress:.0%}", r.details,
-                      "-" if r.next_send_s is None else f"{r.next_send_s:.2f}",
-                      "-" if r.all_inboxes_s is None else f"{r.all_inboxes_s:.2f}",
-                      "-" if r.rate_back_s is None else f"{r.rate_back_s:.2f}" + (f" ({r.note})" if r.note else "")))
+        rrows.append(
+            (
+                r.kind,
+                f"{r.at_s:.1f}",
+                f"{r.progress:.0%}",
+                r.details,
+                "-" if r.next_send_s is None else f"{r.next_send_s:.2f}",
+                "-" if r.all_inboxes_s is None else f"{r.all_inboxes_s:.2f}",
+                "-" if r.rate_back_s is None else f"{r.rate_back_s:.2f}" + (f" ({r.note})" if r.note else ""),
+            )
+        )
     out.append("time to recover after each fault (seconds from the fault):")
     out.append(_table(rrows))
     return "\n".join(out)

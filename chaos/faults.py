@@ -3,14 +3,16 @@
 Faults fire at seeded points of PROGRESS (the fraction of messages already terminal), not of
 wall-clock time: the same seed then hits the same phase of the run on a fast or a loaded machine.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from chaos.services import Proc, Services, Supervisor
 
@@ -33,8 +35,8 @@ class FaultSpec:
 
     kind: str
     at_progress: float
-    outage_s: float = 0.0      # RabbitMQ: seconds between stop_app and start_app; gateway/disconnect: duration
-    victim: int = 0            # KILL: index of the worker group (modulo their number)
+    outage_s: float = 0.0  # RabbitMQ: seconds between stop_app and start_app; gateway/disconnect: duration
+    victim: int = 0  # KILL: index of the worker group (modulo their number)
 
 
 @dataclass
@@ -49,8 +51,15 @@ class FaultEvent:
     details: dict = field(default_factory=dict)
 
 
-def plan_faults(rng: random.Random, counts: dict[str, int], *, lo: float, hi: float,
-                min_spacing: float, durations: dict[str, float] | None = None) -> list[FaultSpec]:
+def plan_faults(
+    rng: random.Random,
+    counts: dict[str, int],
+    *,
+    lo: float,
+    hi: float,
+    min_spacing: float,
+    durations: dict[str, float] | None = None,
+) -> list[FaultSpec]:
     """Seeded progress points in [lo, hi], at least ``min_spacing`` apart, one per fault, shuffled kinds."""
     kinds = [k for k in KINDS for _ in range(counts.get(k, 0))]
     n = len(kinds)
@@ -70,17 +79,29 @@ def plan_faults(rng: random.Random, counts: dict[str, int], *, lo: float, hi: fl
             return round(rng.uniform(1.0, 3.0), 1)
         return float(durations.get(kind, 0.0))
 
-    return [FaultSpec(kind, round(at, 3), outage_s=outage(kind), victim=rng.randrange(1000))
-            for kind, at in zip(kinds, points)]
+    return [
+        FaultSpec(kind, round(at, 3), outage_s=outage(kind), victim=rng.randrange(1000))
+        for kind, at in zip(kinds, points)
+    ]
 
 
 class Injector(threading.Thread):
     """Waits for each fault's progress point, then injects it; records a FaultEvent per fault."""
 
-    def __init__(self, plan: list[FaultSpec], *, services: Services, supervisor: Supervisor, workers: list[Proc],
-                 progress: Callable[[], float], sending_parts: Callable[[], list[tuple[int, float]]],
-                 sandbox: Any = None, instances: list[str] | None = None,
-                 mid_parts_instance: Callable[[], str | None] | None = None, mid_send_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        plan: list[FaultSpec],
+        *,
+        services: Services,
+        supervisor: Supervisor,
+        workers: list[Proc],
+        progress: Callable[[], float],
+        sending_parts: Callable[[], list[tuple[int, float]]],
+        sandbox: Any = None,
+        instances: list[str] | None = None,
+        mid_parts_instance: Callable[[], str | None] | None = None,
+        mid_send_timeout: float = 30.0,
+    ) -> None:
         super().__init__(name="chaos-injector", daemon=True)
         self.plan = plan
         self.services = services
@@ -124,8 +145,14 @@ class Injector(threading.Thread):
         p = self.progress()
         if spec.kind == RABBIT_RESTART:
             moments = self.services.restart_rabbitmq(spec.outage_s)
-            return FaultEvent(spec.kind, spec.at_progress, moments["t"], moments["started"], p,
-                              {"down_s": round(moments["started"] - moments["stopped"], 1)})
+            return FaultEvent(
+                spec.kind,
+                spec.at_progress,
+                moments["t"],
+                moments["started"],
+                p,
+                {"down_s": round(moments["started"] - moments["stopped"], 1)},
+            )
         if spec.kind == PG_TERMINATE:
             t = time.time()
             n = self.services.terminate_worker_backends()
@@ -143,15 +170,22 @@ class Injector(threading.Thread):
             return FaultEvent(spec.kind, spec.at_progress, t, time.time(), p, {"down_s": round(time.time() - t, 1)})
         if spec.kind == DISCONNECT:
             # the inbox of a message that has sent part 1 and not its last part, when there is one (E-24)
-            instance = (self.mid_parts_instance() if self.mid_parts_instance else None) \
-                or self.instances[spec.victim % len(self.instances)]
+            instance = (self.mid_parts_instance() if self.mid_parts_instance else None) or self.instances[
+                spec.victim % len(self.instances)
+            ]
             t = time.time()
             self.sandbox.set_faults(disconnected_instances=[instance])
             self._halt.wait(spec.outage_s)
             self.sandbox.set_faults(disconnected_instances=[])
             log.warning("inbox %s disconnected for %.1fs", instance, time.time() - t)
-            return FaultEvent(spec.kind, spec.at_progress, t, time.time(), p,
-                              {"instance": instance, "down_s": round(time.time() - t, 1)})
+            return FaultEvent(
+                spec.kind,
+                spec.at_progress,
+                t,
+                time.time(),
+                p,
+                {"instance": instance, "down_s": round(time.time() - t, 1)},
+            )
         victim = self.workers[spec.victim % len(self.workers)]
         t = time.time()
         self.supervisor.kill9(victim)
@@ -179,12 +213,19 @@ class Injector(threading.Thread):
                 time.sleep(1.5)
                 stuck = sorted(pid for pid, at in self.sending_parts() if at < t)
                 log.warning("killed %s mid-send; parts left 'sending': %s", proc.name, stuck)
-                return FaultEvent(spec.kind, spec.at_progress, t, t, p,
-                                  {"worker": proc.name, "parts_sending": stuck, "targeted": True})
+                return FaultEvent(
+                    spec.kind,
+                    spec.at_progress,
+                    t,
+                    t,
+                    p,
+                    {"worker": proc.name, "parts_sending": stuck, "targeted": True},
+                )
             time.sleep(0.01)
         # nothing observed mid-send in time: still kill one while parts are sending, say so
         victim = self.workers[spec.victim % len(self.workers)]
         t = time.time()
         self.supervisor.kill9(victim)
-        return FaultEvent(spec.kind, spec.at_progress, t, t, p,
-                          {"worker": victim.name, "parts_sending": [], "targeted": False})
+        return FaultEvent(
+            spec.kind, spec.at_progress, t, t, p, {"worker": victim.name, "parts_sending": [], "targeted": False}
+        )

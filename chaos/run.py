@@ -1,4 +1,5 @@
 """Orchestration of one suite run: ``python scripts/fault_suite.py [--ci] [--seed N] [--keep] [--report FILE]``."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import psycopg2
 
@@ -37,29 +39,58 @@ class Profile:
     inboxes: int
     workers: int
     threads: int
-    schedule_seconds: float          # the span over which each campaign's messages are planned
+    schedule_seconds: float  # the span over which each campaign's messages are planned
     fault_counts: dict[str, int]
     progress_window: tuple[float, float]
     fault_spacing: float
-    timeout_seconds: float           # from the first dispatch to quiescence, at most
-    hang_rate: float = 0.01          # sends accepted then never answered (read timeout)
+    timeout_seconds: float  # from the first dispatch to quiescence, at most
+    hang_rate: float = 0.01  # sends accepted then never answered (read timeout)
     #: T-REL-2: how long the gateway outage and the inbox disconnect last (seconds)
     durations: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-FULL = Profile(messages=2000, campaigns=6, inboxes=5, workers=3, threads=8, schedule_seconds=150,
-               fault_counts={faults.KILL_MID_SEND: 1, faults.KILL: 2, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 2,
-                             faults.GATEWAY_OUTAGE: 1, faults.DISCONNECT: 1},
-               progress_window=(0.08, 0.85), fault_spacing=0.1, timeout_seconds=900,
-               durations={faults.GATEWAY_OUTAGE: 60.0, faults.DISCONNECT: 30.0})
-CI = Profile(messages=320, campaigns=5, inboxes=5, workers=2, threads=6, schedule_seconds=35,
-             fault_counts={faults.KILL_MID_SEND: 1, faults.RABBIT_RESTART: 1, faults.PG_TERMINATE: 1,
-                           faults.GATEWAY_OUTAGE: 1, faults.DISCONNECT: 1},
-             progress_window=(0.15, 0.7), fault_spacing=0.12, timeout_seconds=200,
-             durations={faults.GATEWAY_OUTAGE: 8.0, faults.DISCONNECT: 6.0},
-             # ~430 parts: at 1 % one run in ~70 would see no hang at all and prove nothing about
-             # read timeouts (E-14); at 2 % that is one in ~5,000
-             hang_rate=0.02)
+FULL = Profile(
+    messages=2000,
+    campaigns=6,
+    inboxes=5,
+    workers=3,
+    threads=8,
+    schedule_seconds=150,
+    fault_counts={
+        faults.KILL_MID_SEND: 1,
+        faults.KILL: 2,
+        faults.RABBIT_RESTART: 1,
+        faults.PG_TERMINATE: 2,
+        faults.GATEWAY_OUTAGE: 1,
+        faults.DISCONNECT: 1,
+    },
+    progress_window=(0.08, 0.85),
+    fault_spacing=0.1,
+    timeout_seconds=900,
+    durations={faults.GATEWAY_OUTAGE: 60.0, faults.DISCONNECT: 30.0},
+)
+CI = Profile(
+    messages=320,
+    campaigns=5,
+    inboxes=5,
+    workers=2,
+    threads=6,
+    schedule_seconds=35,
+    fault_counts={
+        faults.KILL_MID_SEND: 1,
+        faults.RABBIT_RESTART: 1,
+        faults.PG_TERMINATE: 1,
+        faults.GATEWAY_OUTAGE: 1,
+        faults.DISCONNECT: 1,
+    },
+    progress_window=(0.15, 0.7),
+    fault_spacing=0.12,
+    timeout_seconds=200,
+    durations={faults.GATEWAY_OUTAGE: 8.0, faults.DISCONNECT: 6.0},
+    # ~430 parts: at 1 % one run in ~70 would see no hang at all and prove nothing about
+    # read timeouts (E-14); at 2 % that is one in ~5,000
+    hang_rate=0.02,
+)
 
 #: provider faults all along (T-REL-1): 10 % 429 with Retry-After, 5 % 500, 1 % accepted-then-hang
 #: on sends; some 429/500 on the LLM routes. Latencies make sends take real time (a kill can hit one).
@@ -68,7 +99,7 @@ SANDBOX_FAULTS: dict[str, Any] = {
     "chat": {"rate_429": 0.04, "rate_500": 0.02, "latency_ms": [5, 40]},
     "split": {"rate_429": 0.04, "rate_500": 0.02, "latency_ms": [5, 40]},
     "retry_after": 1.0,
-    "hang_seconds": 4.0,   # longer than SEND_TIMEOUT_SECONDS: the client's read times out
+    "hang_seconds": 4.0,  # longer than SEND_TIMEOUT_SECONDS: the client's read times out
 }
 
 #: the engine's settings for the run (test speed; every one is a documented environment variable)
@@ -174,24 +205,30 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; exit status 0 only when every check passed."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     profile = CI if args.ci else FULL
     profile = dataclasses.replace(
-        profile, messages=args.messages or profile.messages,
+        profile,
+        messages=args.messages or profile.messages,
         schedule_seconds=args.schedule_seconds or profile.schedule_seconds,
-        timeout_seconds=args.timeout or profile.timeout_seconds)
+        timeout_seconds=args.timeout or profile.timeout_seconds,
+    )
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
-    print(f"chaos: seed {seed} ({'CI' if args.ci else 'full'} profile: {profile.messages} messages, "
-          f"{profile.campaigns} campaigns, {profile.inboxes} inboxes, {profile.workers} workers x "
-          f"{profile.threads} threads)\nreplay: {replay_command(args, seed)}", flush=True)
+    print(
+        f"chaos: seed {seed} ({'CI' if args.ci else 'full'} profile: {profile.messages} messages, "
+        f"{profile.campaigns} campaigns, {profile.inboxes} inboxes, {profile.workers} workers x "
+        f"{profile.threads} threads)\nreplay: {replay_command(args, seed)}",
+        flush=True,
+    )
     started = time.monotonic()
     name = f"chaos_{seed}_{uuid.uuid4().hex[:6]}"
     svc = services.Services(name, ADMIN_PG_URL, RABBIT_BASE_URL, services.default_rabbitmqctl())
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"chaos: database and vhost {name!r}; logs in {log_dir} (kept when a check fails or --log-dir "
-          "is given)", flush=True)
+    print(
+        f"chaos: database and vhost {name!r}; logs in {log_dir} (kept when a check fails or --log-dir is given)",
+        flush=True,
+    )
     ok = False
     result: dict[str, Any] = {"seed": seed, "replay": replay_command(args, seed), "name": name, "log_dir": str(log_dir)}
     try:
@@ -210,15 +247,21 @@ def main(argv: list[str] | None = None) -> int:
             svc.drop()
             print(f"chaos: dropped database and vhost {name!r}", flush=True)
         else:
-            print(f"chaos: KEPT database {svc.database_url} and vhost {name!r} for forensics "
-                  f"(drop: psql -c 'DROP DATABASE \"{name}\"'; rabbitmqctl delete_vhost {name})", flush=True)
-    print(f"chaos: {'PASS' if ok else 'FAIL'} in {result['duration_s']:.0f} s (seed {seed}; replay: "
-          f"{result['replay']})", flush=True)
+            print(
+                f"chaos: KEPT database {svc.database_url} and vhost {name!r} for forensics "
+                f"(drop: psql -c 'DROP DATABASE \"{name}\"'; rabbitmqctl delete_vhost {name})",
+                flush=True,
+            )
+    print(
+        f"chaos: {'PASS' if ok else 'FAIL'} in {result['duration_s']:.0f} s (seed {seed}; replay: {result['replay']})",
+        flush=True,
+    )
     return 0 if ok else 1
 
 
-def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
-         result: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+def _run(
+    svc: services.Services, profile: Profile, seed: int, log_dir: Path, result: dict[str, Any]
+) -> tuple[bool, dict[str, Any]]:
     from campaign.db import close_db, db, init_db
     from campaign.settings import Settings, reset_settings
     from models.schema import migrate
@@ -234,28 +277,52 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
     probe = Probe(svc.database_url)
     try:
         sandbox.start()
-        env.update({"OPENROUTER_BASE_URL": sandbox.openrouter_url, "OPENROUTER_API_KEY": sandbox.chat_key,
-                    "EVOLUTION_API_URL": sandbox.evolution_url, "EVOLUTION_API_KEY": sandbox.evolution_key})
+        env.update(
+            {
+                "OPENROUTER_BASE_URL": sandbox.openrouter_url,
+                "OPENROUTER_API_KEY": sandbox.chat_key,
+                "EVOLUTION_API_URL": sandbox.evolution_url,
+                "EVOLUTION_API_KEY": sandbox.evolution_key,
+            }
+        )
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "RABBITMQ_URL", "CAMPAIGN_BROKER")})
         reset_settings()
         settings = Settings.from_env(env)
         init_db(settings, application_name=f"campaign-chaos:{os.getpid()}")
         per_campaign = profile.messages / profile.campaigns
         mean_gap = profile.schedule_seconds / per_campaign
-        plan = world.plan_world(rng, messages=profile.messages, campaigns=profile.campaigns, inboxes=profile.inboxes,
-                                gap=(round(mean_gap * 0.5, 3), round(mean_gap * 1.5, 3)), part_gap=(0.1, 0.4),
-                                inbox_min_gap=INBOX_MIN_GAP, tag=str(seed % 10000))
+        plan = world.plan_world(
+            rng,
+            messages=profile.messages,
+            campaigns=profile.campaigns,
+            inboxes=profile.inboxes,
+            gap=(round(mean_gap * 0.5, 3), round(mean_gap * 1.5, 3)),
+            part_gap=(0.1, 0.4),
+            inbox_min_gap=INBOX_MIN_GAP,
+            tag=str(seed % 10000),
+        )
         with db.connection_context():
             migrate(db)
             world.build_world(plan, rng)
-        fault_plan = faults.plan_faults(rng, profile.fault_counts, lo=profile.progress_window[0],
-                                        hi=profile.progress_window[1], min_spacing=profile.fault_spacing,
-                                        durations=profile.durations)
-        print("chaos: fault plan (at progress = share of messages terminal): " + ", ".join(
-            f"{f.kind}@{f.at_progress:.0%}" + (f"(down {f.outage_s}s)" if f.outage_s else "") for f in fault_plan),
-            flush=True)
-        workers = [services.Proc(f"worker-{i}", services.dramatiq_cmd(profile.threads), env, log_dir / f"worker-{i}.log")
-                   for i in range(profile.workers)]
+        fault_plan = faults.plan_faults(
+            rng,
+            profile.fault_counts,
+            lo=profile.progress_window[0],
+            hi=profile.progress_window[1],
+            min_spacing=profile.fault_spacing,
+            durations=profile.durations,
+        )
+        print(
+            "chaos: fault plan (at progress = share of messages terminal): "
+            + ", ".join(
+                f"{f.kind}@{f.at_progress:.0%}" + (f"(down {f.outage_s}s)" if f.outage_s else "") for f in fault_plan
+            ),
+            flush=True,
+        )
+        workers = [
+            services.Proc(f"worker-{i}", services.dramatiq_cmd(profile.threads), env, log_dir / f"worker-{i}.log")
+            for i in range(profile.workers)
+        ]
         scheduler = services.Proc("scheduler", [sys.executable, "scheduler.py"], env, log_dir / "scheduler.log")
         supervisor = services.Supervisor([*workers, scheduler])
         t0 = time.time()
@@ -264,27 +331,41 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
         total = plan.total_leads
 
         def progress() -> float:
-            done = probe.query("SELECT count(*) FROM campaign_messages WHERE status IN "
-                               "('sent', 'failed', 'skipped', 'in_doubt')")[0][0]
+            done = probe.query(
+                "SELECT count(*) FROM campaign_messages WHERE status IN ('sent', 'failed', 'skipped', 'in_doubt')"
+            )[0][0]
             return done / total
 
         def sending_parts() -> list[tuple[int, float]]:
-            return [(r[0], r[1]) for r in probe.query(
-                "SELECT id, extract(epoch FROM sending_at)::float FROM message_parts WHERE status = 'sending'")]
+            return [
+                (r[0], r[1])
+                for r in probe.query(
+                    "SELECT id, extract(epoch FROM sending_at)::float FROM message_parts WHERE status = 'sending'"
+                )
+            ]
 
         def mid_parts_instance() -> str | None:
             rows = probe.query("""SELECT i.instance_name FROM campaign_messages m JOIN inboxes i ON i.id = m.inbox_id
                                   WHERE m.status = 'sending'
-                                    AND EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sent')
+                                    AND EXISTS (SELECT 1 FROM message_parts p
+                                                WHERE p.message_id = m.id AND p.status = 'sent')
                                     AND EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id
                                                 AND p.status = 'pending')
                                   LIMIT 1""")
             return rows[0][0] if rows else None
 
         instances = [r[0] for r in probe.query("SELECT instance_name FROM inboxes ORDER BY id")]
-        injector = faults.Injector(fault_plan, services=svc, supervisor=supervisor, workers=workers,
-                                   progress=progress, sending_parts=sending_parts, sandbox=sandbox,
-                                   instances=instances, mid_parts_instance=mid_parts_instance)
+        injector = faults.Injector(
+            fault_plan,
+            services=svc,
+            supervisor=supervisor,
+            workers=workers,
+            progress=progress,
+            sending_parts=sending_parts,
+            sandbox=sandbox,
+            instances=instances,
+            mid_parts_instance=mid_parts_instance,
+        )
         injector.start()
         quiescent, quiescence_s = _wait_quiescent(probe, injector, t0, profile.timeout_seconds)
         injector.stop()
@@ -298,10 +379,19 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
         with db.connection_context():
             mismatches = monitor.verify()
         verdict = checks.judge(
-            db_facts=db_facts, ledger=ledger, events=injector.events, expected_faults=profile.fault_counts,
-            expected_messages=profile.messages, mismatches=mismatches, min_gap=INBOX_MIN_GAP,
-            send_reach_s=settings.send_timeout_seconds + 5, t0=t0, quiescent=quiescent, quiescence_s=quiescence_s,
-            injector_error=repr(injector.error) if injector.error else None)
+            db_facts=db_facts,
+            ledger=ledger,
+            events=injector.events,
+            expected_faults=profile.fault_counts,
+            expected_messages=profile.messages,
+            mismatches=mismatches,
+            min_gap=INBOX_MIN_GAP,
+            send_reach_s=settings.send_timeout_seconds + 5,
+            t0=t0,
+            quiescent=quiescent,
+            quiescence_s=quiescence_s,
+            injector_error=repr(injector.error) if injector.error else None,
+        )
         verdict.facts["restarts"] = [(n, round(t - t0, 1)) for n, t in supervisor.restarts]
         verdict.facts["run_seconds"] = round(quiescence_s or (time.time() - t0), 1)
         print(checks.render(verdict), flush=True)
@@ -322,10 +412,13 @@ def _run(svc: services.Services, profile: Profile, seed: int, log_dir: Path,
 
 def _print_facts(verdict: checks.Verdict) -> None:
     f = verdict.facts
-    print(f"facts: messages {f['messages_by_status']}; parts {f['parts']} (per message {f['parts_by_message']}); "
-          f"sandbox sends {f['sandbox_sends']}, requests {f['sandbox_requests']}, faults {f['sandbox_faults']}; "
-          f"dead letters {f['dead_letters']}; not sent because {f['failed_or_skipped_reasons']}; "
-          f"process restarts {f['restarts']}; run {f['run_seconds']} s", flush=True)
+    print(
+        f"facts: messages {f['messages_by_status']}; parts {f['parts']} (per message {f['parts_by_message']}); "
+        f"sandbox sends {f['sandbox_sends']}, requests {f['sandbox_requests']}, faults {f['sandbox_faults']}; "
+        f"dead letters {f['dead_letters']}; not sent because {f['failed_or_skipped_reasons']}; "
+        f"process restarts {f['restarts']}; run {f['run_seconds']} s",
+        flush=True,
+    )
 
 
 def _wait_planned(probe: Probe, profile: Profile, total: int, timeout: float = 90) -> None:
@@ -337,8 +430,10 @@ def _wait_planned(probe: Probe, profile: Profile, total: int, timeout: float = 9
             log.info("scheduler planned %s runs, %s messages", runs, planned)
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the scheduler planned {runs} runs / {planned} messages within {timeout}s "
-                               f"(expected {profile.campaigns} / {total}); see scheduler.log")
+            raise RuntimeError(
+                f"the scheduler planned {runs} runs / {planned} messages within {timeout}s "
+                f"(expected {profile.campaigns} / {total}); see scheduler.log"
+            )
         time.sleep(0.5)
 
 
@@ -348,18 +443,28 @@ def _wait_quiescent(probe: Probe, injector: faults.Injector, t0: float, timeout:
     last_report = 0.0
     while True:
         counts = dict(probe.query("SELECT status, count(*) FROM campaign_messages GROUP BY status"))
-        open_runs = probe.query("SELECT count(*) FROM campaign_runs WHERE status IN ('planning', 'running', 'paused')")[0][0]
+        open_runs = probe.query("SELECT count(*) FROM campaign_runs WHERE status IN ('planning', 'running', 'paused')")[
+            0
+        ][0]
         sending = probe.query("SELECT count(*) FROM message_parts WHERE status = 'sending'")[0][0]
         busy = sum(n for s, n in counts.items() if s not in checks.TERMINAL)
         now = time.time()
         if now - last_report > 10:
-            log.info("progress %.0fs: %s; open runs %s; parts sending %s; faults injected %s/%s", now - t0,
-                     counts, open_runs, sending, len(injector.events), len(injector.plan))
+            log.info(
+                "progress %.0fs: %s; open runs %s; parts sending %s; faults injected %s/%s",
+                now - t0,
+                counts,
+                open_runs,
+                sending,
+                len(injector.events),
+                len(injector.plan),
+            )
             last_report = now
         if busy == 0 and open_runs == 0 and sending == 0 and injector.done:
             return True, now - t0
         if now > deadline:
-            log.error("no quiescence after %.0fs: %s; open runs %s; parts sending %s", timeout, counts, open_runs,
-                      sending)
+            log.error(
+                "no quiescence after %.0fs: %s; open runs %s; parts sending %s", timeout, counts, open_runs, sending
+            )
             return False, None
         time.sleep(0.5)

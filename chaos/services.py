@@ -1,4 +1,5 @@
 """Throw-away database + vhost per suite run, and the processes the suite starts, supervises and kills."""
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,9 @@ class Services:
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """Run rabbitmqctl; raise RuntimeError naming the command on failure."""
         try:
-            done = subprocess.run([*self.rabbitmqctl, *args], check=True, capture_output=True, text=True,
-                                  timeout=timeout)
+            done = subprocess.run(
+                [*self.rabbitmqctl, *args], check=True, capture_output=True, text=True, timeout=timeout
+            )
         except FileNotFoundError as exc:
             raise RuntimeError(f"{self.rabbitmqctl[0]} not found (set RABBITMQCTL)") from exc
         except subprocess.CalledProcessError as exc:
@@ -77,8 +79,9 @@ class Services:
             conn.close()
         self.ctl("add_vhost", self.name)
         self.created_vhost = True
-        self.ctl("set_permissions", "-p", self.name, urlsplit(self.rabbit_base_url).username or "guest",
-                 ".*", ".*", ".*")
+        self.ctl(
+            "set_permissions", "-p", self.name, urlsplit(self.rabbit_base_url).username or "guest", ".*", ".*", ".*"
+        )
 
     def drop(self) -> None:
         """Drop the database and delete the vhost (whatever of them was created)."""
@@ -111,8 +114,11 @@ class Services:
             # whatever happened, RabbitMQ must come back: other runs share it
             self.ctl("start_app", timeout=60)
         started = time.time()
-        log.warning("RabbitMQ restarted: stop_app at +0.0 s, down %.1f s, start_app done after %.1f s",
-                    started - stopped, started - t0)
+        log.warning(
+            "RabbitMQ restarted: stop_app at +0.0 s, down %.1f s, start_app done after %.1f s",
+            started - stopped,
+            started - t0,
+        )
         return {"t": t0, "stopped": stopped, "started": started}
 
     def terminate_worker_backends(self) -> int:
@@ -120,9 +126,11 @@ class Services:
         conn = self.admin()
         try:
             with conn.cursor() as cur:
-                cur.execute("""SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                cur.execute(
+                    """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
                                WHERE datname = %s AND pid <> pg_backend_pid() AND application_name LIKE %s""",
-                            (self.name, WORKER_APP_PREFIX + "%"))
+                    (self.name, WORKER_APP_PREFIX + "%"),
+                )
                 return int(cur.fetchone()[0])
         finally:
             conn.close()
@@ -137,10 +145,12 @@ class Services:
                 if self._probe is None or self._probe.closed:
                     self._probe = self.admin()
                 with self._probe.cursor() as cur:
-                    cur.execute("""SELECT application_name FROM pg_stat_activity
+                    cur.execute(
+                        """SELECT application_name FROM pg_stat_activity
                                    WHERE datname = %s AND application_name LIKE %s AND state = 'idle'
                                      AND query ILIKE %s""",
-                                (self.name, WORKER_APP_PREFIX + "%", "%UPDATE message_parts SET status = 'sending'%"))
+                        (self.name, WORKER_APP_PREFIX + "%", "%UPDATE message_parts SET status = 'sending'%"),
+                    )
                     rows = cur.fetchall()
                 break
             except psycopg2.Error:
@@ -180,8 +190,15 @@ class Proc:
         """Start (or restart) the process, appending to its log."""
         out = open(self.log_path, "ab")
         try:
-            self.popen = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             out.close()
         self.starts.append(time.time())
@@ -260,8 +277,9 @@ class Supervisor:
                     # the lock meanwhile: the injector may want to kill another one
                     if p.name not in dead_since:
                         dead_since[p.name] = time.time()
-                        log.warning("%s exited (code %s): restarting in %.1f s", p.name, p.popen.returncode,
-                                    self.restart_delay)
+                        log.warning(
+                            "%s exited (code %s): restarting in %.1f s", p.name, p.popen.returncode, self.restart_delay
+                        )
                         continue
                     if time.time() - dead_since[p.name] < self.restart_delay:
                         continue

@@ -1,5 +1,6 @@
 """The suite's world, made through the operator paths: a TOML config applied with
 ``configfile.apply_text`` and one CSV of leads per campaign imported with ``leads_import``."""
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,17 @@ class WorldPlan:
         return sorted({c.instance for c in self.campaigns})
 
 
-def plan_world(rng: random.Random, *, messages: int, campaigns: int, inboxes: int, gap: tuple[float, float],
-               part_gap: tuple[float, float], inbox_min_gap: float, tag: str) -> WorldPlan:
+def plan_world(
+    rng: random.Random,
+    *,
+    messages: int,
+    campaigns: int,
+    inboxes: int,
+    gap: tuple[float, float],
+    part_gap: tuple[float, float],
+    inbox_min_gap: float,
+    tag: str,
+) -> WorldPlan:
     """Lay out ``campaigns`` campaigns over ``inboxes`` inboxes in two workspaces.
 
     Campaigns 3, 7, ... do not split (1 part), campaigns 1, 5, ... split into at most 2 parts, the
@@ -70,8 +80,18 @@ def plan_world(rng: random.Random, *, messages: int, campaigns: int, inboxes: in
     for k in range(campaigns):
         i = k % inboxes
         ws = inbox_ws[i]
-        plans.append(CampaignPlan(ws, f"camp-{k}", f"inbox-{i}", f"{ws}-inbox-{i}", f"src-{k}",
-                                  base + (1 if k < extra else 0), split=(k % 4 != 3), max_parts=2 if k % 4 == 1 else 3))
+        plans.append(
+            CampaignPlan(
+                ws,
+                f"camp-{k}",
+                f"inbox-{i}",
+                f"{ws}-inbox-{i}",
+                f"src-{k}",
+                base + (1 if k < extra else 0),
+                split=(k % 4 != 3),
+                max_parts=2 if k % 4 == 1 else 3,
+            )
+        )
     lines: list[str] = []
     for ws in workspaces:
         cols = [c.source_column for c in plans if c.workspace == ws] + ["Contacted"]
@@ -81,8 +101,12 @@ def plan_world(rng: random.Random, *, messages: int, campaigns: int, inboxes: in
         for i, iws in inbox_ws.items():
             if iws != ws:
                 continue
-            lines += [f"[workspaces.{ws}.inboxes.inbox-{i}]", f'instance = "{ws}-inbox-{i}"',
-                      f"min_gap_seconds = {inbox_min_gap}", ""]
+            lines += [
+                f"[workspaces.{ws}.inboxes.inbox-{i}]",
+                f'instance = "{ws}-inbox-{i}"',
+                f"min_gap_seconds = {inbox_min_gap}",
+                "",
+            ]
         for c in plans:
             if c.workspace != ws:
                 continue
@@ -110,8 +134,10 @@ def leads_csv(rng: random.Random, plan: CampaignPlan, first_number: int) -> str:
     rows = ["name,phone,city,company"]
     for j in range(plan.leads):
         n = first_number + j
-        rows.append(f"Lead {plan.name} {j},+55 11 9{n // 10000:04d}-{n % 10000:04d},"
-                    f"{rng.choice(CITIES)},{rng.choice(COMPANIES)}")
+        rows.append(
+            f"Lead {plan.name} {j},+55 11 9{n // 10000:04d}-{n % 10000:04d},"
+            f"{rng.choice(CITIES)},{rng.choice(COMPANIES)}"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -124,11 +150,14 @@ def build_world(plan: WorldPlan, rng: random.Random) -> dict[str, int]:
     imported: dict[str, int] = {}
     next_number = 10_000_000 + rng.randrange(0, 1000) * 10_000
     for c in plan.campaigns:
-        report = leads_import.import_text(leads_csv(rng, c, next_number), workspace=c.workspace,
-                                          column=c.source_column, source=f"{c.label}.csv")
+        report = leads_import.import_text(
+            leads_csv(rng, c, next_number), workspace=c.workspace, column=c.source_column, source=f"{c.label}.csv"
+        )
         if report.errors or report.imported != c.leads:
-            raise RuntimeError(f"lead import of {c.label} imported {report.imported} of {c.leads}: "
-                               f"{[str(e) for e in report.errors[:3]]}")
+            raise RuntimeError(
+                f"lead import of {c.label} imported {report.imported} of {c.leads}: "
+                f"{[str(e) for e in report.errors[:3]]}"
+            )
         imported[c.label] = report.imported
         next_number += c.leads
     return imported

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 
@@ -39,7 +40,7 @@ __all__ = [
 
 _lock = threading.Lock()
 #: (kind, base_url, api_key, timeout, thread ident) -> (client, the thread that owns it)
-_cache: dict[tuple, tuple[OpenRouterClient | EvolutionClient, "weakref.ref[threading.Thread]"]] = {}
+_cache: dict[tuple, tuple[OpenRouterClient | EvolutionClient, weakref.ref[threading.Thread]]] = {}
 
 _C = TypeVar("_C", OpenRouterClient, EvolutionClient)
 
@@ -75,15 +76,19 @@ def _thread_client(key: tuple, build: Callable[[], _C]) -> _C:
 def get_openrouter(base_url: str, api_key: str, *, timeout: httpx.Timeout | float | None = None) -> OpenRouterClient:
     """This thread's OpenRouter client for this base URL, key and timeout."""
     t = _as_timeout(timeout)
-    return _thread_client(("openrouter", base_url.rstrip("/"), api_key, _timeout_key(t)),
-                          lambda: OpenRouterClient(base_url, api_key, **({"timeout": t} if t is not None else {})))
+    return _thread_client(
+        ("openrouter", base_url.rstrip("/"), api_key, _timeout_key(t)),
+        lambda: OpenRouterClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+    )
 
 
 def get_evolution(base_url: str, api_key: str, *, timeout: httpx.Timeout | float | None = None) -> EvolutionClient:
     """This thread's Evolution API client for this base URL, key and timeout."""
     t = _as_timeout(timeout)
-    return _thread_client(("evolution", base_url.rstrip("/"), api_key, _timeout_key(t)),
-                          lambda: EvolutionClient(base_url, api_key, **({"timeout": t} if t is not None else {})))
+    return _thread_client(
+        ("evolution", base_url.rstrip("/"), api_key, _timeout_key(t)),
+        lambda: EvolutionClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+    )
 
 
 def close_clients() -> None:

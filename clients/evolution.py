@@ -108,7 +108,7 @@ class EvolutionClient:
     def __repr__(self) -> str:
         return f"EvolutionClient(base_url={redact(self.base_url, self._api_key)!r})"
 
-    def __enter__(self) -> "EvolutionClient":
+    def __enter__(self) -> EvolutionClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

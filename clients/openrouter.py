@@ -89,7 +89,7 @@ class OpenRouterClient:
     def __repr__(self) -> str:
         return f"OpenRouterClient(base_url={redact(self.base_url, self._api_key)!r})"
 
-    def __enter__(self) -> "OpenRouterClient":
+    def __enter__(self) -> OpenRouterClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

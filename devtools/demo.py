@@ -24,6 +24,7 @@ Where it runs (one line on start says which):
 ``--embedded`` / ``--services`` force a mode (``--services`` fails when a service does not answer).
 Re-running is safe: the demo deletes and re-creates only its own workspace ``demo``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,27 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 log = logging.getLogger("demo")
 
-__all__ = ["DemoError", "DemoResult", "Services", "add_arguments", "run_demo", "run_from_args", "main",
-           "WORKSPACE", "NOT_ON_WHATSAPP", "OPTS_OUT", "INVALID_PHONE_RAW", "DEMO_FAULTS"]
+__all__ = [
+    "DemoError",
+    "DemoResult",
+    "Services",
+    "add_arguments",
+    "run_demo",
+    "run_from_args",
+    "main",
+    "WORKSPACE",
+    "NOT_ON_WHATSAPP",
+    "OPTS_OUT",
+    "INVALID_PHONE_RAW",
+    "DEMO_FAULTS",
+]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository (examples/, demo-output/)
 DEFAULT_CONFIG = ROOT / "examples" / "demo.toml"
@@ -53,12 +67,12 @@ DEFAULT_DATA_DIR = ROOT / ".demo"
 DEFAULT_OUTPUT_DIR = ROOT / "demo-output"
 
 WORKSPACE = "demo"
-DEMO_NAME = "campaign_demo"          # the demo's own database and vhost on real services
-IMPORT_COLUMN = "New"                # every CSV row is imported here ...
+DEMO_NAME = "campaign_demo"  # the demo's own database and vhost on real services
+IMPORT_COLUMN = "New"  # every CSV row is imported here ...
 SEGMENT_COLUMNS = {"returning": "Returning"}  # ... then leads of these segments are moved, as an operator would
-NOT_ON_WHATSAPP = "+5561967176492"   # Wagner Pinto: the sandbox answers 400 exists:false (E-13)
-OPTS_OUT = "+5519983787416"          # Otávio Rocha: replies STOP after planning (E-17)
-INVALID_PHONE_RAW = "12345"          # "Telefone Errado": rejected at import (E-18)
+NOT_ON_WHATSAPP = "+5561967176492"  # Wagner Pinto: the sandbox answers 400 exists:false (E-13)
+OPTS_OUT = "+5519983787416"  # Otávio Rocha: replies STOP after planning (E-17)
+INVALID_PHONE_RAW = "12345"  # "Telefone Errado": rejected at import (E-18)
 
 #: sandbox faults that show the engine at work: a few 429s with Retry-After on the LLM (retried
 #: with backoff, never early), one number that is not on WhatsApp, small provider latencies
@@ -99,12 +113,12 @@ class DemoError(Exception):
 class Services:
     """Where the demo's engine runs."""
 
-    mode: str                 # "embedded" | "services"
+    mode: str  # "embedded" | "services"
     database_url: str
-    rabbitmq_url: str         # unused (but valid) with the StubBroker
-    broker: str               # "stub" | "rabbitmq"
-    line: str                 # the one line that says so
-    own_vhost: bool = False   # the vhost is the demo's own (its queues may be purged)
+    rabbitmq_url: str  # unused (but valid) with the StubBroker
+    broker: str  # "stub" | "rabbitmq"
+    line: str  # the one line that says so
+    own_vhost: bool = False  # the vhost is the demo's own (its queues may be purged)
 
 
 @dataclasses.dataclass
@@ -134,6 +148,7 @@ class DemoResult:
 # --------------------------------------------------------------------------------------------
 # finding the services
 # --------------------------------------------------------------------------------------------
+
 
 def _redact(url: str) -> str:
     from campaign.settings import redact_url
@@ -166,8 +181,9 @@ def _pg_connect(url: str, timeout: float = PROBE_TIMEOUT):
 
     from campaign.db import connect_kwargs
 
-    return psycopg2.connect(**connect_kwargs(url), connect_timeout=max(1, int(timeout)),
-                            application_name="campaign-demo")
+    return psycopg2.connect(
+        **connect_kwargs(url), connect_timeout=max(1, int(timeout)), application_name="campaign-demo"
+    )
 
 
 def probe_postgres(url: str) -> str | None:
@@ -221,8 +237,10 @@ def ensure_database(url: str) -> None:
     except psycopg2.errors.DuplicateDatabase:
         pass  # another demo created it meanwhile
     except psycopg2.Error as exc:
-        raise DemoError(f"cannot create database {name!r} on {_redact(url)}: {_first_line(exc)} "
-                        "(give the user CREATEDB, create it by hand, or run `python demo.py --embedded`)") from None
+        raise DemoError(
+            f"cannot create database {name!r} on {_redact(url)}: {_first_line(exc)} "
+            "(give the user CREATEDB, create it by hand, or run `python demo.py --embedded`)"
+        ) from None
     finally:
         conn.close()
 
@@ -239,8 +257,10 @@ def _create_vhost_with_management_api(url: str, vhost: str) -> str | None:
             r = http.put(f"{base}/vhosts/{quote(vhost, safe='')}")
             if r.status_code not in (201, 204):
                 return f"management API PUT /api/vhosts: HTTP {r.status_code}"
-            r = http.put(f"{base}/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
-                         json={"configure": ".*", "write": ".*", "read": ".*"})
+            r = http.put(
+                f"{base}/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+                json={"configure": ".*", "write": ".*", "read": ".*"},
+            )
             if r.status_code not in (201, 204):
                 return f"management API PUT /api/permissions: HTTP {r.status_code}"
     except httpx.HTTPError as exc:
@@ -277,8 +297,10 @@ def ensure_vhost(url: str, vhost: str) -> str:
             log.info("created RabbitMQ vhost %s", vhost)
             return target
         why.append(error or "created, but still not reachable")
-    raise DemoError(f"RabbitMQ vhost {vhost!r} does not exist and could not be created ({'; '.join(why)}); "
-                    f"create it (rabbitmqctl add_vhost {vhost}) or run `python demo.py --embedded`")
+    raise DemoError(
+        f"RabbitMQ vhost {vhost!r} does not exist and could not be created ({'; '.join(why)}); "
+        f"create it (rabbitmqctl add_vhost {vhost}) or run `python demo.py --embedded`"
+    )
 
 
 def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
@@ -288,8 +310,10 @@ def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
     try:
         import pgserver
     except ImportError:
-        raise DemoError("the embedded PostgreSQL needs the pgserver package: "
-                        ".venv/bin/python -m pip install -r requirements.txt (or `make venv`)") from None
+        raise DemoError(
+            "the embedded PostgreSQL needs the pgserver package: "
+            ".venv/bin/python -m pip install -r requirements.txt (or `make venv`)"
+        ) from None
     data_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
@@ -299,16 +323,17 @@ def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
         # only and stops when the last process using it exits.
         server = pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
     except Exception as exc:  # pgserver raises bare CalledProcessError / AssertionError
-        raise DemoError(f"the embedded PostgreSQL did not start in {data_dir / 'pgdata'}: {_first_line(exc)} "
-                        f"(its log: {data_dir / 'pgdata' / 'log'})") from None
+        raise DemoError(
+            f"the embedded PostgreSQL did not start in {data_dir / 'pgdata'}: {_first_line(exc)} "
+            f"(its log: {data_dir / 'pgdata' / 'log'})"
+        ) from None
     # pgserver writes an empty password ("postgres:@"); without it the URL reads as what it is
     url = server.get_uri(DEMO_NAME).replace("://postgres:@", "://postgres@", 1)
     ensure_database(url)
     return server, url
 
 
-def choose_services(requested: str, *, data_dir: Path, database: str, vhost: str,
-                    threads: int) -> tuple[Services, Any]:
+def choose_services(requested: str, *, data_dir: Path, database: str, vhost: str, threads: int) -> tuple[Services, Any]:
     """Decide the mode (``auto`` | ``services`` | ``embedded``); (services, pgserver handle or None)."""
     from campaign.settings import get_settings
 
@@ -332,18 +357,21 @@ def choose_services(requested: str, *, data_dir: Path, database: str, vhost: str
                     raise
                 why_not = str(exc)
             else:
-                line = (f"mode: services — PostgreSQL {_redact(db_url)}, RabbitMQ {_redact(vhost_url)}, "
-                        f"{threads} in-process Dramatiq worker threads")
-                return Services("services", db_url, vhost_url, "rabbitmq", line,
-                                own_vhost=vhost == DEMO_NAME), None
+                line = (
+                    f"mode: services — PostgreSQL {_redact(db_url)}, RabbitMQ {_redact(vhost_url)}, "
+                    f"{threads} in-process Dramatiq worker threads"
+                )
+                return Services("services", db_url, vhost_url, "rabbitmq", line, own_vhost=vhost == DEMO_NAME), None
         elif requested == "services":
             raise DemoError("--services: " + "; ".join(problems))
         else:
             why_not = "; ".join(problems)
     server, url = start_embedded_postgres(data_dir)
     reason = f"{why_not} — " if why_not else ""
-    line = (f"mode: embedded — {reason}PostgreSQL from pgserver (data in {_display(data_dir / 'pgdata')}), "
-            f"Dramatiq StubBroker, {threads} in-process worker threads")
+    line = (
+        f"mode: embedded — {reason}PostgreSQL from pgserver (data in {_display(data_dir / 'pgdata')}), "
+        f"Dramatiq StubBroker, {threads} in-process worker threads"
+    )
     return Services("embedded", url, mq_url, "stub", line), server
 
 
@@ -357,6 +385,7 @@ def _display(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 # the sandbox
 # --------------------------------------------------------------------------------------------
+
 
 class AttachedSandbox:
     """Control API of a sandbox someone else started (``--sandbox-url``), default keys."""
@@ -426,6 +455,7 @@ def start_sandbox(url: str | None, seed: int) -> Any:
 # the engine, configured for the demo
 # --------------------------------------------------------------------------------------------
 
+
 def configure_engine(services: Services, sb: Any) -> Any:
     """Point the engine's settings (environment, read once) at the demo's services and sandbox."""
     from campaign.settings import get_settings, reset_settings
@@ -446,8 +476,10 @@ def configure_engine(services: Services, sb: Any) -> Any:
         current = type(actors_module.broker).__name__
         wanted = "StubBroker" if services.broker == "stub" else "RabbitmqBroker"
         if current != wanted or os.environ.get("RABBITMQ_URL") != services.rabbitmq_url:
-            raise DemoError("the engine's broker was already built in this process for other services; "
-                            "run the demo in its own process (python demo.py)")
+            raise DemoError(
+                "the engine's broker was already built in this process for other services; "
+                "run the demo in its own process (python demo.py)"
+            )
     os.environ.update(env)
     reset_settings()
     return get_settings()
@@ -459,20 +491,31 @@ def reset_workspace() -> int:
     from campaign.db import db
 
     with db.atomic():
-        inbox_ids = [r[0] for r in db.execute_sql(
-            "SELECT i.id FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id WHERE w.name = %s", (WORKSPACE,))]
+        inbox_ids = [
+            r[0]
+            for r in db.execute_sql(
+                "SELECT i.id FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id WHERE w.name = %s", (WORKSPACE,)
+            )
+        ]
         # dead letters only lose their link on delete (they outlive RabbitMQ's copy): remove the demo's
-        db.execute_sql("""DELETE FROM dead_letters WHERE run_id IN (
+        db.execute_sql(
+            """DELETE FROM dead_letters WHERE run_id IN (
                               SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-                                JOIN workspaces w ON w.id = c.workspace_id WHERE w.name = %s)""", (WORKSPACE,))
+                                JOIN workspaces w ON w.id = c.workspace_id WHERE w.name = %s)""",
+            (WORKSPACE,),
+        )
         if inbox_ids:
-            db.execute_sql("DELETE FROM rate_limits WHERE key = ANY(%s)",
-                           ([ratelimit.inbox_key(i) for i in inbox_ids],))
+            db.execute_sql(
+                "DELETE FROM rate_limits WHERE key = ANY(%s)", ([ratelimit.inbox_key(i) for i in inbox_ids],)
+            )
         # runs first: their messages reference the inboxes without a cascade, and a cascade does
         # not order itself (runs -> messages, parts, events go with them)
-        db.execute_sql("""DELETE FROM campaign_runs WHERE config_id IN (
+        db.execute_sql(
+            """DELETE FROM campaign_runs WHERE config_id IN (
                               SELECT c.id FROM campaign_configs c JOIN workspaces w ON w.id = c.workspace_id
-                               WHERE w.name = %s)""", (WORKSPACE,))
+                               WHERE w.name = %s)""",
+            (WORKSPACE,),
+        )
         # ON DELETE CASCADE: columns, leads, conversations, inboxes, configs
         return len(db.execute_sql("DELETE FROM workspaces WHERE name = %s RETURNING id", (WORKSPACE,)).fetchall())
 
@@ -496,9 +539,11 @@ def _queues_of_vhost(url: str, purge: bool) -> None:
             except ChannelClosedByBroker:
                 continue  # not declared yet
             if q.consumer_count and not name.endswith(".XQ"):
-                raise DemoError(f"{q.consumer_count} consumer(s) already read queue {name} in vhost "
-                                f"{_vhost_of(url)!r}: other workers would take the demo's messages; stop them, "
-                                "use another --vhost, or run `python demo.py --embedded`")
+                raise DemoError(
+                    f"{q.consumer_count} consumer(s) already read queue {name} in vhost "
+                    f"{_vhost_of(url)!r}: other workers would take the demo's messages; stop them, "
+                    "use another --vhost, or run `python demo.py --embedded`"
+                )
             if purge and q.message_count:
                 ch.queue_purge(name)  # leftovers of an interrupted demo
             ch.close()
@@ -510,8 +555,11 @@ def _queues_of_vhost(url: str, purge: bool) -> None:
 def _start_scheduler(settings: Any) -> tuple[Any, threading.Thread]:
     from scheduler import SchedulerProcess, job_specs
 
-    jobs = [dataclasses.replace(spec, seconds=DEMO_JOB_SECONDS[spec.id])
-            for spec in job_specs(settings) if spec.id in DEMO_JOB_SECONDS]
+    jobs = [
+        dataclasses.replace(spec, seconds=DEMO_JOB_SECONDS[spec.id])
+        for spec in job_specs(settings)
+        if spec.id in DEMO_JOB_SECONDS
+    ]
     if "dispatch_due" not in {j.id for j in jobs}:
         raise DemoError("the scheduler has no dispatch_due job")
     proc = SchedulerProcess(settings, holder=f"demo:{os.getpid()}", jobs=jobs)
@@ -521,8 +569,10 @@ def _start_scheduler(settings: Any) -> tuple[Any, threading.Thread]:
     while not proc.active:
         if time.monotonic() > deadline:
             proc.stop()
-            raise DemoError("another scheduler holds the scheduler lock of this database, so the demo's cannot "
-                            "dispatch; the demo needs a database of its own (the default, campaign_demo)")
+            raise DemoError(
+                "another scheduler holds the scheduler lock of this database, so the demo's cannot "
+                "dispatch; the demo needs a database of its own (the default, campaign_demo)"
+            )
         time.sleep(0.05)
     return proc, thread
 
@@ -532,8 +582,19 @@ _RUNS_SQL = """
            r.leads_failed, r.leads_skipped, r.leads_in_doubt, r.leads_overflow
       FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
      WHERE r.id = ANY(%s) ORDER BY r.id"""
-_RUN_KEYS = ("id", "campaign", "status", "pause_reason", "total", "processed", "sent", "failed", "skipped",
-             "in_doubt", "overflow")
+_RUN_KEYS = (
+    "id",
+    "campaign",
+    "status",
+    "pause_reason",
+    "total",
+    "processed",
+    "sent",
+    "failed",
+    "skipped",
+    "in_doubt",
+    "overflow",
+)
 
 
 def _runs(run_ids: list[int]) -> list[dict[str, Any]]:
@@ -548,29 +609,53 @@ def _watch(console: Any, run_ids: list[int], timeout: float) -> list[dict[str, A
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     runs = _runs(run_ids)
-    columns = (TextColumn("{task.description:<22}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-               TextColumn("[green]sent {task.fields[sent]}[/] [red]failed {task.fields[failed]}[/] "
-                          "[yellow]skipped {task.fields[skipped]}[/] {task.fields[note]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TextColumn(
+            "[green]sent {task.fields[sent]}[/] [red]failed {task.fields[failed]}[/] "
+            "[yellow]skipped {task.fields[skipped]}[/] {task.fields[note]}"
+        ),
+        TimeElapsedColumn(),
+    )
     deadline = time.monotonic() + timeout
     last_plain = 0.0
     with Progress(*columns, console=console, refresh_per_second=8) as progress:
-        tasks = {r["id"]: progress.add_task(f"run {r['id']} {WORKSPACE}/{r['campaign']}", total=r["total"] or 1,
-                                            sent=0, failed=0, skipped=0, note="") for r in runs}
+        tasks = {
+            r["id"]: progress.add_task(
+                f"run {r['id']} {WORKSPACE}/{r['campaign']}",
+                total=r["total"] or 1,
+                sent=0,
+                failed=0,
+                skipped=0,
+                note="",
+            )
+            for r in runs
+        }
         while True:
             runs = _runs(run_ids)
             for r in runs:
                 note = f"[magenta]in doubt {r['in_doubt']}[/]" if r["in_doubt"] else ""
                 if r["status"] == "paused":
                     note += f" [bold yellow]paused ({r['pause_reason']})[/]"
-                progress.update(tasks[r["id"]], completed=r["processed"], sent=r["sent"], failed=r["failed"],
-                                skipped=r["skipped"], note=note)
+                progress.update(
+                    tasks[r["id"]],
+                    completed=r["processed"],
+                    sent=r["sent"],
+                    failed=r["failed"],
+                    skipped=r["skipped"],
+                    note=note,
+                )
             done = all(r["status"] in TERMINAL_RUN for r in runs)
             if not console.is_terminal and (done or time.monotonic() - last_plain >= 5):
                 last_plain = time.monotonic()  # logs and pipes get a line now and then instead of a live bar
                 for r in runs:
-                    progress.console.print(f"  run {r['id']} {r['campaign']}: {r['processed']}/{r['total']} "
-                                           f"processed (sent {r['sent']}, failed {r['failed']}, "
-                                           f"skipped {r['skipped']}) {r['status']}")
+                    progress.console.print(
+                        f"  run {r['id']} {r['campaign']}: {r['processed']}/{r['total']} "
+                        f"processed (sent {r['sent']}, failed {r['failed']}, "
+                        f"skipped {r['skipped']}) {r['status']}"
+                    )
             if done or time.monotonic() > deadline:
                 return runs
             time.sleep(0.2)
@@ -579,6 +664,7 @@ def _watch(console: Any, run_ids: list[int], timeout: float) -> list[dict[str, A
 # --------------------------------------------------------------------------------------------
 # the demo
 # --------------------------------------------------------------------------------------------
+
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is now (rich's live display swaps it while bars are shown)."""
@@ -595,18 +681,31 @@ def _configure_logging(settings: Any, verbose: bool) -> None:
     try:
         from campaign.logs import configure_logging
     except ImportError:
-        logging.basicConfig(level=level, stream=_CurrentStderr(), force=True,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=level, stream=_CurrentStderr(), force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     else:
         configure_logging(settings, level=level, stream=_CurrentStderr())
     for noisy in ("pika", "apscheduler", "pgserver", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def run_demo(*, mode: str = "auto", config: Path = DEFAULT_CONFIG, leads: Path = DEFAULT_LEADS,
-             data_dir: Path = DEFAULT_DATA_DIR, output_dir: Path = DEFAULT_OUTPUT_DIR, database: str = DEMO_NAME,
-             vhost: str = DEMO_NAME, threads: int = 8, timeout: float = 90.0, sandbox_url: str | None = None,
-             seed: int = 8, verbose: bool = False, console: Any = None) -> DemoResult:
+def run_demo(
+    *,
+    mode: str = "auto",
+    config: Path = DEFAULT_CONFIG,
+    leads: Path = DEFAULT_LEADS,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    output_dir: Path = DEFAULT_OUTPUT_DIR,
+    database: str = DEMO_NAME,
+    vhost: str = DEMO_NAME,
+    threads: int = 8,
+    timeout: float = 90.0,
+    sandbox_url: str | None = None,
+    seed: int = 8,
+    verbose: bool = False,
+    console: Any = None,
+) -> DemoResult:
     """Run the whole demo; raise DemoError when it cannot start."""
     from rich.console import Console
 
@@ -628,17 +727,42 @@ def run_demo(*, mode: str = "auto", config: Path = DEFAULT_CONFIG, leads: Path =
     try:
         settings = configure_engine(services, sb)
         _configure_logging(settings, verbose)
-        console.print(f"[1/6] sandbox (fake OpenRouter + Evolution API) at {sb.url}: "
-                      f"{DEMO_FAULTS['chat']['rate_429']:.0%} of LLM calls answer 429 with Retry-After "
-                      f"{DEMO_FAULTS['retry_after']} s; {NOT_ON_WHATSAPP} is not on WhatsApp")
-        return _run_engine(console, services, settings, sb, config=config, leads=leads, output_dir=output_dir,
-                           threads=threads, timeout=timeout, started=started, pg_handle=pg_handle)
+        console.print(
+            f"[1/6] sandbox (fake OpenRouter + Evolution API) at {sb.url}: "
+            f"{DEMO_FAULTS['chat']['rate_429']:.0%} of LLM calls answer 429 with Retry-After "
+            f"{DEMO_FAULTS['retry_after']} s; {NOT_ON_WHATSAPP} is not on WhatsApp"
+        )
+        return _run_engine(
+            console,
+            services,
+            settings,
+            sb,
+            config=config,
+            leads=leads,
+            output_dir=output_dir,
+            threads=threads,
+            timeout=timeout,
+            started=started,
+            pg_handle=pg_handle,
+        )
     finally:
         sb.stop()
 
 
-def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, config: Path, leads: Path,
-                output_dir: Path, threads: int, timeout: float, started: float, pg_handle: Any) -> DemoResult:
+def _run_engine(
+    console: Any,
+    services: Services,
+    settings: Any,
+    sb: Any,
+    *,
+    config: Path,
+    leads: Path,
+    output_dir: Path,
+    threads: int,
+    timeout: float,
+    started: float,
+    pg_handle: Any,
+) -> DemoResult:
     import dramatiq
 
     from campaign import planner
@@ -652,8 +776,10 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
         migrate(db)
         version = current_version(db)
         existed = reset_workspace()
-    console.print(f"[2/6] database {_redact(services.database_url)}: schema version {version}; "
-                  f"workspace {WORKSPACE!r} {'reset' if existed else 'new'}")
+    console.print(
+        f"[2/6] database {_redact(services.database_url)}: schema version {version}; "
+        f"workspace {WORKSPACE!r} {'reset' if existed else 'new'}"
+    )
 
     with db.connection_context():
         summary = apply_file(config)
@@ -665,42 +791,58 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
         ws_id = db.execute_sql("SELECT id FROM workspaces WHERE name = %s", (WORKSPACE,)).fetchone()[0]
         moved = []
         for segment, column in SEGMENT_COLUMNS.items():
-            n = len(db.execute_sql(
-                """UPDATE leads l SET column_id = c.id, last_activity_at = now()
+            n = len(
+                db.execute_sql(
+                    """UPDATE leads l SET column_id = c.id, last_activity_at = now()
                      FROM columns c, columns src
                     WHERE c.workspace_id = l.workspace_id AND c.name = %s
                       AND src.id = l.column_id AND src.name = %s
                       AND l.workspace_id = %s AND l.custom_fields->>'segment' = %s
-                RETURNING l.id""", (column, IMPORT_COLUMN, ws_id, segment)).fetchall())
+                RETURNING l.id""",
+                    (column, IMPORT_COLUMN, ws_id, segment),
+                ).fetchall()
+            )
             moved.append(f"{n} '{segment}' lead(s) to column {column}")
     rejected = [str(e) for e in rep.errors]
-    console.print(f"[4/6] imported {_display(Path(leads))} into {WORKSPACE}/{IMPORT_COLUMN}: {rep.imported} lead(s) "
-                  f"({rep.inserted} new), {len(rejected)} row(s) rejected; moved {', '.join(moved)} "
-                  "(as an operator drags cards)")
+    console.print(
+        f"[4/6] imported {_display(Path(leads))} into {WORKSPACE}/{IMPORT_COLUMN}: {rep.imported} lead(s) "
+        f"({rep.inserted} new), {len(rejected)} row(s) rejected; moved {', '.join(moved)} "
+        "(as an operator drags cards)"
+    )
     for line in rejected:
         console.print(f"      rejected {line}", style="yellow", markup=False)
 
     run_ids: list[int] = []
     with db.connection_context():
-        configs = db.execute_sql("SELECT id, name FROM campaign_configs WHERE workspace_id = %s ORDER BY id",
-                                 (ws_id,)).fetchall()
+        configs = db.execute_sql(
+            "SELECT id, name FROM campaign_configs WHERE workspace_id = %s ORDER BY id", (ws_id,)
+        ).fetchall()
         for config_id, name in configs:
             run = planner.plan_run(config_id, manual=True)
             if run is None or run.status == "failed":
-                raise DemoError(f"run-now of {WORKSPACE}/{name} did not plan a run"
-                                + (f": {run.failure_reason}" if run is not None else ""))
-            first, last = db.execute_sql("SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages "
-                                         "WHERE run_id = %s", (run.id,)).fetchone()
+                raise DemoError(
+                    f"run-now of {WORKSPACE}/{name} did not plan a run"
+                    + (f": {run.failure_reason}" if run is not None else "")
+                )
+            first, last = db.execute_sql(
+                "SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages WHERE run_id = %s", (run.id,)
+            ).fetchone()
             span = f", due {first:%H:%M:%S}–{last:%H:%M:%S} UTC" if first else ""
-            console.print(f"[5/6] run-now {WORKSPACE}/{name}: run {run.id}, {run.leads_total} message(s){span}, "
-                          f"overflow {run.leads_overflow}")
+            console.print(
+                f"[5/6] run-now {WORKSPACE}/{name}: run {run.id}, {run.leads_total} message(s){span}, "
+                f"overflow {run.leads_overflow}"
+            )
             run_ids.append(run.id)
-        opted = db.execute_sql("UPDATE leads SET opted_out = true WHERE workspace_id = %s AND phone = %s "
-                               "RETURNING name", (ws_id, OPTS_OUT)).fetchone()
+        opted = db.execute_sql(
+            "UPDATE leads SET opted_out = true WHERE workspace_id = %s AND phone = %s RETURNING name", (ws_id, OPTS_OUT)
+        ).fetchone()
     opted_name = opted[0] if opted else None
     if opted_name:
-        console.print(f"      {opted_name} ({OPTS_OUT}) replied STOP after planning: opted out "
-                      "(leads.opted_out), so the pipeline skips that message", markup=False)
+        console.print(
+            f"      {opted_name} ({OPTS_OUT}) replied STOP after planning: opted out "
+            "(leads.opted_out), so the pipeline skips that message",
+            markup=False,
+        )
 
     if services.broker == "rabbitmq":
         _queues_of_vhost(services.rabbitmq_url, purge=services.own_vhost)
@@ -711,9 +853,11 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
     scheduler = thread = None
     try:
         scheduler, thread = _start_scheduler(settings)
-        console.print(f"[6/6] scheduler jobs (dispatch every {DEMO_JOB_SECONDS['dispatch_due']} s, recovery sweep, "
-                      f"window guard, inbox health) and {threads} worker threads on "
-                      f"{type(actors.broker).__name__}: running")
+        console.print(
+            f"[6/6] scheduler jobs (dispatch every {DEMO_JOB_SECONDS['dispatch_due']} s, recovery sweep, "
+            f"window guard, inbox health) and {threads} worker threads on "
+            f"{type(actors.broker).__name__}: running"
+        )
         runs = _watch(console, run_ids, timeout)
     finally:
         if scheduler is not None:
@@ -728,9 +872,15 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
         mismatches = [str(m) for m in monitor.verify() if m.run_id in run_ids]
     unfinished = [r for r in runs if r["status"] != "completed"]
     if unfinished:
-        console.print(f"NOT FINISHED within {timeout:.0f} s: " + ", ".join(
-            f"run {r['id']} {r['status']}{' (' + r['pause_reason'] + ')' if r['pause_reason'] else ''} "
-            f"{r['processed']}/{r['total']}" for r in unfinished), style="bold red")
+        console.print(
+            f"NOT FINISHED within {timeout:.0f} s: "
+            + ", ".join(
+                f"run {r['id']} {r['status']}{' (' + r['pause_reason'] + ')' if r['pause_reason'] else ''} "
+                f"{r['processed']}/{r['total']}"
+                for r in unfinished
+            ),
+            style="bold red",
+        )
     for m in mismatches:
         console.print(f"MISMATCH {m}", style="bold red")
 
@@ -738,14 +888,24 @@ def _run_engine(console: Any, services: Services, settings: Any, sb: Any, *, con
     ledger = sb.summary()
     _outcomes(console, run_ids, ledger, mismatches)
     result = DemoResult(
-        mode=services.mode, database_url=_redact(services.database_url),
+        mode=services.mode,
+        database_url=_redact(services.database_url),
         rabbitmq_url=_redact(services.rabbitmq_url) if services.broker == "rabbitmq" else "",
-        sandbox_url=sb.url, workspace=WORKSPACE, runs=runs, pictures=pictures, rejected_rows=rejected,
-        opted_out=opted_name, sandbox_summary=ledger, mismatches=mismatches,
-        elapsed_seconds=round(time.monotonic() - started, 2), report_missing=report_missing)
-    console.print(f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s "
-                  f"({services.mode} mode)",
-                  style="bold green" if result.ok else "bold red")
+        sandbox_url=sb.url,
+        workspace=WORKSPACE,
+        runs=runs,
+        pictures=pictures,
+        rejected_rows=rejected,
+        opted_out=opted_name,
+        sandbox_summary=ledger,
+        mismatches=mismatches,
+        elapsed_seconds=round(time.monotonic() - started, 2),
+        report_missing=report_missing,
+    )
+    console.print(
+        f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s ({services.mode} mode)",
+        style="bold green" if result.ok else "bold red",
+    )
     return result
 
 
@@ -776,20 +936,25 @@ def _outcomes(console: Any, run_ids: list[int], ledger: dict[str, Any], mismatch
     from campaign.db import db
 
     with db.connection_context():
-        rows = dict(db.execute_sql(
-            """SELECT l.phone, m.status || coalesce(' (' || coalesce(m.skip_reason, m.error_class) || ')', '')
+        rows = dict(
+            db.execute_sql(
+                """SELECT l.phone, m.status || coalesce(' (' || coalesce(m.skip_reason, m.error_class) || ')', '')
                  FROM campaign_messages m JOIN leads l ON l.id = m.lead_id
                 WHERE m.run_id = ANY(%s) AND l.phone = ANY(%s)""",
-            (run_ids, [NOT_ON_WHATSAPP, OPTS_OUT])).fetchall())
+                (run_ids, [NOT_ON_WHATSAPP, OPTS_OUT]),
+            ).fetchall()
+        )
     console.rule("what the demo shows")
     console.print(f"  not on WhatsApp  {NOT_ON_WHATSAPP}: {rows.get(NOT_ON_WHATSAPP, 'not planned')} — no retry (E-13)")
     console.print(f"  opted out        {OPTS_OUT}: {rows.get(OPTS_OUT, 'not planned')} — after planning (E-17)")
     console.print(f"  invalid phone    {INVALID_PHONE_RAW!r}: rejected at import, never planned (E-18)")
     by_route = ledger.get("by_route", {})
     llm_429 = sum(by_route.get(route, {}).get("429", 0) for route in ("chat", "split"))
-    console.print(f"  sandbox ledger: {ledger.get('sends', 0)} part(s) accepted, {ledger.get('duplicate_sends', 0)} "
-                  f"duplicate(s); {llm_429} LLM answer(s) 429 retried after backoff, {ledger.get('early_retries', 0)} "
-                  "request(s) before their Retry-After")
+    console.print(
+        f"  sandbox ledger: {ledger.get('sends', 0)} part(s) accepted, {ledger.get('duplicate_sends', 0)} "
+        f"duplicate(s); {llm_429} LLM answer(s) 429 retried after backoff, {ledger.get('early_retries', 0)} "
+        "request(s) before their Retry-After"
+    )
     console.print(f"  counters vs rows (verify): {'ok' if not mismatches else f'{len(mismatches)} mismatch(es)'}")
 
 
@@ -797,37 +962,63 @@ def _outcomes(console: Any, run_ids: list[int], ledger: dict[str, Any], mismatch
 # command line
 # --------------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options (shared by ``python demo.py`` and ``python cli.py demo``)."""
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--embedded", dest="mode", action="store_const", const="embedded",
-                       help="pgserver PostgreSQL + Dramatiq StubBroker, even if services answer")
-    which.add_argument("--services", dest="mode", action="store_const", const="services",
-                       help="the PostgreSQL server of DATABASE_URL and the RabbitMQ of RABBITMQ_URL (the demo's "
-                            "own database and vhost there); fail if they do not answer")
+    which.add_argument(
+        "--embedded",
+        dest="mode",
+        action="store_const",
+        const="embedded",
+        help="pgserver PostgreSQL + Dramatiq StubBroker, even if services answer",
+    )
+    which.add_argument(
+        "--services",
+        dest="mode",
+        action="store_const",
+        const="services",
+        help="the PostgreSQL server of DATABASE_URL and the RabbitMQ of RABBITMQ_URL (the demo's "
+        "own database and vhost there); fail if they do not answer",
+    )
     p.set_defaults(mode="auto")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="workspace TOML (default examples/demo.toml)")
     p.add_argument("--leads", type=Path, default=DEFAULT_LEADS, help="leads CSV (default examples/demo_leads.csv)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                   help="embedded PostgreSQL data lives in DIR/pgdata (default .demo)")
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
-                   help="where the report pictures go (default demo-output)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="embedded PostgreSQL data lives in DIR/pgdata (default .demo)",
+    )
+    p.add_argument(
+        "--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where the report pictures go (default demo-output)"
+    )
     p.add_argument("--database", default=DEMO_NAME, help=f"services mode: the demo's database (default {DEMO_NAME})")
     p.add_argument("--vhost", default=DEMO_NAME, help=f"services mode: the demo's RabbitMQ vhost (default {DEMO_NAME})")
     p.add_argument("--threads", type=int, default=8, help="in-process worker threads (default 8)")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds the runs may take (default 90)")
-    p.add_argument("--sandbox-url", default=None,
-                   help="use this running sandbox (default keys) instead of starting one")
+    p.add_argument(
+        "--sandbox-url", default=None, help="use this running sandbox (default keys) instead of starting one"
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the outcome as JSON here")
 
 
 def run_from_args(args: argparse.Namespace, verbose: bool = False) -> int:
     """Run the demo for parsed arguments; 0 ok, 1 the runs did not finish cleanly, 2 could not start."""
     try:
-        result = run_demo(mode=args.mode, config=args.config, leads=args.leads, data_dir=args.data_dir,
-                          output_dir=args.output_dir, database=args.database, vhost=args.vhost,
-                          threads=args.threads, timeout=args.timeout, sandbox_url=args.sandbox_url,
-                          verbose=verbose or getattr(args, "verbose", False))
+        result = run_demo(
+            mode=args.mode,
+            config=args.config,
+            leads=args.leads,
+            data_dir=args.data_dir,
+            output_dir=args.output_dir,
+            database=args.database,
+            vhost=args.vhost,
+            threads=args.threads,
+            timeout=args.timeout,
+            sandbox_url=args.sandbox_url,
+            verbose=verbose or getattr(args, "verbose", False),
+        )
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -842,8 +1033,9 @@ def run_from_args(args: argparse.Namespace, verbose: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python demo.py [--embedded|--services] ...``."""
-    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="demo.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="engine logs at INFO (default WARNING)")
     args = p.parse_args(argv)

@@ -1,23 +1,43 @@
 """Peewee models of every table (SPEC §3); the DDL and migrations live in ``models.schema``."""
+
 from models.campaign import (
-                             ACTIVE_RUN_STATUSES,
-                             DELIVERY_STATUSES,
-                             MESSAGE_STATUSES,
-                             PART_STATUSES,
-                             RUN_STATUSES,
-                             TERMINAL_MESSAGE_STATUSES,
-                             CampaignConfig,
-                             CampaignEvent,
-                             CampaignMessage,
-                             CampaignRun,
-                             MessagePart,
+    ACTIVE_RUN_STATUSES,
+    DELIVERY_STATUSES,
+    MESSAGE_STATUSES,
+    PART_STATUSES,
+    RUN_STATUSES,
+    TERMINAL_MESSAGE_STATUSES,
+    CampaignConfig,
+    CampaignEvent,
+    CampaignMessage,
+    CampaignRun,
+    MessagePart,
 )
 from models.ops import DeadLetter, RateLimit, SchedulerHeartbeat
 from models.workspace import Column, Conversation, Inbox, Lead, Workspace
 
-ALL_MODELS = (Workspace, Column, Lead, Inbox, Conversation, CampaignConfig, CampaignRun, CampaignMessage,
-              MessagePart, CampaignEvent, DeadLetter, RateLimit, SchedulerHeartbeat)
+ALL_MODELS = (
+    Workspace,
+    Column,
+    Lead,
+    Inbox,
+    Conversation,
+    CampaignConfig,
+    CampaignRun,
+    CampaignMessage,
+    MessagePart,
+    CampaignEvent,
+    DeadLetter,
+    RateLimit,
+    SchedulerHeartbeat,
+)
 
 __all__ = [m.__name__ for m in ALL_MODELS] + [
-    "ALL_MODELS", "ACTIVE_RUN_STATUSES", "DELIVERY_STATUSES", "MESSAGE_STATUSES", "PART_STATUSES",
-    "RUN_STATUSES", "TERMINAL_MESSAGE_STATUSES"]
+    "ALL_MODELS",
+    "ACTIVE_RUN_STATUSES",
+    "DELIVERY_STATUSES",
+    "MESSAGE_STATUSES",
+    "PART_STATUSES",
+    "RUN_STATUSES",
+    "TERMINAL_MESSAGE_STATUSES",
+]

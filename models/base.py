@@ -1,4 +1,5 @@
 """Base model bound to the process-wide database proxy; the schema itself lives in schema.py."""
+
 from __future__ import annotations
 
 from peewee import Model

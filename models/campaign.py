@@ -1,4 +1,5 @@
 """Campaign tables: configs, runs, messages, parts, events (SPEC §3)."""
+
 from __future__ import annotations
 
 from peewee import (
@@ -18,8 +19,7 @@ from models.workspace import Column, Conversation, Inbox, Lead, Workspace
 
 RUN_STATUSES = ("planning", "running", "paused", "completed", "cancelled", "failed")
 ACTIVE_RUN_STATUSES = ("planning", "running", "paused")
-MESSAGE_STATUSES = ("pending", "queued", "generating", "splitting", "sending",
-                    "sent", "failed", "skipped", "in_doubt")
+MESSAGE_STATUSES = ("pending", "queued", "generating", "splitting", "sending", "sent", "failed", "skipped", "in_doubt")
 TERMINAL_MESSAGE_STATUSES = ("sent", "failed", "skipped", "in_doubt")
 PART_STATUSES = ("pending", "sending", "sent", "failed", "in_doubt")
 DELIVERY_STATUSES = ("server_ack", "delivered", "read")  # in rank order: never downgrade

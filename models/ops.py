@@ -1,4 +1,5 @@
 """Operational tables: dead letters, shared rate-limit state, scheduler heartbeat."""
+
 from __future__ import annotations
 
 from peewee import BigAutoField, ForeignKeyField, IntegerField, TextField, UUIDField

@@ -9,6 +9,7 @@ Each migration runs in one transaction together with its ``schema_version`` row,
 advisory lock, so two processes running ``init-db`` at once apply it once. Migrations are
 append-only: never edit a released one, add the next version.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,26 +36,35 @@ _TIMESTAMPS = """
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()"""
 
-_V1_TABLES = ("workspaces", "columns", "leads", "inboxes", "campaign_configs", "campaign_runs",
-              "campaign_messages", "message_parts", "conversations")
+_V1_TABLES = (
+    "workspaces",
+    "columns",
+    "leads",
+    "inboxes",
+    "campaign_configs",
+    "campaign_runs",
+    "campaign_messages",
+    "message_parts",
+    "conversations",
+)
 
-V1 = Migration(1, "initial domain (SPEC §3)", (
-    """CREATE OR REPLACE FUNCTION set_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+V1 = Migration(
+    1,
+    "initial domain (SPEC §3)",
+    (
+        """CREATE OR REPLACE FUNCTION set_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
        BEGIN NEW.updated_at := now(); RETURN NEW; END $$""",
-
-    f"""CREATE TABLE workspaces (
+        f"""CREATE TABLE workspaces (
         id bigserial PRIMARY KEY,
         name text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$'),{_TIMESTAMPS})""",
-
-    f"""CREATE TABLE columns (
+        f"""CREATE TABLE columns (
         id bigserial PRIMARY KEY,
         workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
         name text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
         position integer NOT NULL DEFAULT 0,{_TIMESTAMPS},
         UNIQUE (workspace_id, name),
         UNIQUE (id, workspace_id))""",
-
-    f"""CREATE TABLE leads (
+        f"""CREATE TABLE leads (
         id bigserial PRIMARY KEY,
         workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
         column_id bigint,
@@ -67,9 +77,8 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         UNIQUE (id, workspace_id),
         FOREIGN KEY (column_id, workspace_id) REFERENCES columns(id, workspace_id)
             ON DELETE SET NULL (column_id))""",
-    "CREATE INDEX leads_column_idx ON leads (column_id) WHERE NOT opted_out",
-
-    f"""CREATE TABLE inboxes (
+        "CREATE INDEX leads_column_idx ON leads (column_id) WHERE NOT opted_out",
+        f"""CREATE TABLE inboxes (
         id bigserial PRIMARY KEY,
         workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
         name text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
@@ -87,8 +96,7 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         UNIQUE (workspace_id, name),
         UNIQUE (id, workspace_id),
         CHECK (disabled = (disabled_reason IS NOT NULL)))""",
-
-    f"""CREATE TABLE campaign_configs (
+        f"""CREATE TABLE campaign_configs (
         id bigserial PRIMARY KEY,
         workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
         name text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$'),
@@ -121,8 +129,7 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         FOREIGN KEY (source_column_id, workspace_id) REFERENCES columns(id, workspace_id),
         FOREIGN KEY (target_column_id, workspace_id) REFERENCES columns(id, workspace_id)
             ON DELETE SET NULL (target_column_id))""",
-
-    f"""CREATE TABLE campaign_runs (
+        f"""CREATE TABLE campaign_runs (
         id bigserial PRIMARY KEY,
         config_id bigint NOT NULL REFERENCES campaign_configs(id) ON DELETE CASCADE,
         run_date date NOT NULL,
@@ -144,9 +151,9 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         CHECK (leads_processed = leads_sent + leads_failed + leads_skipped + leads_in_doubt),
         CHECK (leads_processed <= leads_total),
         CHECK ((status = 'paused') = (pause_reason IS NOT NULL)))""",
-    "CREATE INDEX campaign_runs_active_idx ON campaign_runs (status) WHERE status IN ('planning', 'running', 'paused')",
-
-    f"""CREATE TABLE conversations (
+        "CREATE INDEX campaign_runs_active_idx ON campaign_runs (status) "
+        "WHERE status IN ('planning', 'running', 'paused')",
+        f"""CREATE TABLE conversations (
         id bigserial PRIMARY KEY,
         workspace_id bigint NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
         lead_id bigint NOT NULL,
@@ -154,8 +161,7 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         UNIQUE (lead_id, inbox_id),
         FOREIGN KEY (lead_id, workspace_id) REFERENCES leads(id, workspace_id) ON DELETE CASCADE,
         FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id) ON DELETE CASCADE)""",
-
-    f"""CREATE TABLE campaign_messages (
+        f"""CREATE TABLE campaign_messages (
         id bigserial PRIMARY KEY,
         run_id bigint NOT NULL REFERENCES campaign_runs(id) ON DELETE CASCADE,
         lead_id bigint REFERENCES leads(id) ON DELETE SET NULL,
@@ -180,16 +186,15 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         UNIQUE (run_id, lead_id),
         CHECK ((status = 'skipped') = (skip_reason IS NOT NULL)),
         CHECK (status <> 'sent' OR sent_at IS NOT NULL))""",
-    # The dispatcher's claim: pending messages by due time (partial: stays small however long
-    # the history grows, T-PERF-4).
-    "CREATE INDEX campaign_messages_due_idx ON campaign_messages (scheduled_at) WHERE status = 'pending'",
-    "CREATE INDEX campaign_messages_run_status_idx ON campaign_messages (run_id, status)",
-    "CREATE INDEX campaign_messages_lead_idx ON campaign_messages (lead_id)",
-    # Recovery sweep: in-flight messages by how long they have been in their state.
-    """CREATE INDEX campaign_messages_inflight_idx ON campaign_messages (status_changed_at)
+        # The dispatcher's claim: pending messages by due time (partial: stays small however long
+        # the history grows, T-PERF-4).
+        "CREATE INDEX campaign_messages_due_idx ON campaign_messages (scheduled_at) WHERE status = 'pending'",
+        "CREATE INDEX campaign_messages_run_status_idx ON campaign_messages (run_id, status)",
+        "CREATE INDEX campaign_messages_lead_idx ON campaign_messages (lead_id)",
+        # Recovery sweep: in-flight messages by how long they have been in their state.
+        """CREATE INDEX campaign_messages_inflight_idx ON campaign_messages (status_changed_at)
         WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
-
-    f"""CREATE TABLE message_parts (
+        f"""CREATE TABLE message_parts (
         id bigserial PRIMARY KEY,
         message_id bigint NOT NULL REFERENCES campaign_messages(id) ON DELETE CASCADE,
         idx integer NOT NULL CHECK (idx >= 0),
@@ -205,9 +210,8 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         UNIQUE (message_id, idx),
         CHECK (status <> 'sending' OR attempt_id IS NOT NULL),
         CHECK (status <> 'sent' OR sent_at IS NOT NULL))""",
-    "CREATE INDEX message_parts_sending_idx ON message_parts (sending_at) WHERE status = 'sending'",
-
-    """CREATE TABLE campaign_events (
+        "CREATE INDEX message_parts_sending_idx ON message_parts (sending_at) WHERE status = 'sending'",
+        """CREATE TABLE campaign_events (
         id bigserial PRIMARY KEY,
         run_id bigint REFERENCES campaign_runs(id) ON DELETE CASCADE,
         message_id bigint REFERENCES campaign_messages(id) ON DELETE SET NULL,
@@ -217,16 +221,22 @@ V1 = Migration(1, "initial domain (SPEC §3)", (
         text text NOT NULL,
         details jsonb NOT NULL DEFAULT '{}'::jsonb,
         created_at timestamptz NOT NULL DEFAULT now())""",
-    "CREATE INDEX campaign_events_run_idx ON campaign_events (run_id, id)",
+        "CREATE INDEX campaign_events_run_idx ON campaign_events (run_id, id)",
+        *(
+            f"""CREATE TRIGGER {t}_updated_at BEFORE UPDATE ON {t}
+          FOR EACH ROW EXECUTE FUNCTION set_updated_at()"""
+            for t in _V1_TABLES
+        ),
+    ),
+)
 
-    *(f"""CREATE TRIGGER {t}_updated_at BEFORE UPDATE ON {t}
-          FOR EACH ROW EXECUTE FUNCTION set_updated_at()""" for t in _V1_TABLES),
-))
-
-V2 = Migration(2, "operations: dead letters, rate-limit state, scheduler lease", (
-    # Dead letters are recorded in PostgreSQL too, so nothing is lost when RabbitMQ's 7-day
-    # dead-letter TTL expires (R-OPS-2).
-    """CREATE TABLE dead_letters (
+V2 = Migration(
+    2,
+    "operations: dead letters, rate-limit state, scheduler lease",
+    (
+        # Dead letters are recorded in PostgreSQL too, so nothing is lost when RabbitMQ's 7-day
+        # dead-letter TTL expires (R-OPS-2).
+        """CREATE TABLE dead_letters (
         id bigserial PRIMARY KEY,
         queue text NOT NULL,
         actor text NOT NULL,
@@ -240,13 +250,12 @@ V2 = Migration(2, "operations: dead letters, rate-limit state, scheduler lease",
         resolved_at timestamptz,
         created_at timestamptz NOT NULL DEFAULT now(),
         updated_at timestamptz NOT NULL DEFAULT now())""",
-    "CREATE INDEX dead_letters_open_idx ON dead_letters (created_at) WHERE status = 'dead'",
-    """CREATE TRIGGER dead_letters_updated_at BEFORE UPDATE ON dead_letters
+        "CREATE INDEX dead_letters_open_idx ON dead_letters (created_at) WHERE status = 'dead'",
+        """CREATE TRIGGER dead_letters_updated_at BEFORE UPDATE ON dead_letters
        FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
-
-    # Shared pacing state for every worker process and machine (R-RATE-1): one row per key
-    # ("inbox:<id>", "openrouter:<key hash>").
-    """CREATE TABLE rate_limits (
+        # Shared pacing state for every worker process and machine (R-RATE-1): one row per key
+        # ("inbox:<id>", "openrouter:<key hash>").
+        """CREATE TABLE rate_limits (
         key text PRIMARY KEY,
         last_at timestamptz,
         lease_token uuid,
@@ -258,65 +267,81 @@ V2 = Migration(2, "operations: dead letters, rate-limit state, scheduler lease",
         minute_start timestamptz NOT NULL DEFAULT date_trunc('minute', now()),
         minute_count integer NOT NULL DEFAULT 0 CHECK (minute_count >= 0),
         updated_at timestamptz NOT NULL DEFAULT now())""",
-
-    # The single active scheduler and its heartbeat (R-OPS-4: heartbeat older than 2 min).
-    """CREATE TABLE scheduler_heartbeats (
+        # The single active scheduler and its heartbeat (R-OPS-4: heartbeat older than 2 min).
+        """CREATE TABLE scheduler_heartbeats (
         name text PRIMARY KEY,
         holder text NOT NULL,
         started_at timestamptz NOT NULL DEFAULT now(),
         beat_at timestamptz NOT NULL DEFAULT now())""",
-))
+    ),
+)
 
-V3 = Migration(3, "pipeline: per-inbox send history for sliding hour/day caps", (
-    # Sliding-window caps (R-RATE-1) count this inbox's sends of the last hour/day; a part
-    # carries its inbox so that count is one index range scan, however long the history.
-    "ALTER TABLE message_parts ADD COLUMN inbox_id bigint REFERENCES inboxes(id) ON DELETE CASCADE",
-    """UPDATE message_parts p SET inbox_id = m.inbox_id FROM campaign_messages m
+V3 = Migration(
+    3,
+    "pipeline: per-inbox send history for sliding hour/day caps",
+    (
+        # Sliding-window caps (R-RATE-1) count this inbox's sends of the last hour/day; a part
+        # carries its inbox so that count is one index range scan, however long the history.
+        "ALTER TABLE message_parts ADD COLUMN inbox_id bigint REFERENCES inboxes(id) ON DELETE CASCADE",
+        """UPDATE message_parts p SET inbox_id = m.inbox_id FROM campaign_messages m
        WHERE m.id = p.message_id AND p.inbox_id IS NULL""",
-    "ALTER TABLE message_parts ALTER COLUMN inbox_id SET NOT NULL",
-    """CREATE INDEX message_parts_inbox_sends_idx ON message_parts (inbox_id, sending_at)
+        "ALTER TABLE message_parts ALTER COLUMN inbox_id SET NOT NULL",
+        """CREATE INDEX message_parts_inbox_sends_idx ON message_parts (inbox_id, sending_at)
        WHERE status IN ('sent', 'in_doubt', 'sending')""",
-    # Error detail of the failed step, kept on the part for the operator.
-    "ALTER TABLE message_parts ADD COLUMN error_message text",
-))
+        # Error detail of the failed step, kept on the part for the operator.
+        "ALTER TABLE message_parts ADD COLUMN error_message text",
+    ),
+)
 
-V4 = Migration(4, "delivery webhook: provider-reported delivery errors", (
-    # Evolution's messages.update ERROR is recorded beside the rank-ordered delivery_status
-    # (server_ack < delivered < read) instead of in it: an ERROR must never downgrade a part
-    # that was already delivered or read, and an operator still wants to see that it happened.
-    "ALTER TABLE message_parts ADD COLUMN delivery_error_at timestamptz",
-))
+V4 = Migration(
+    4,
+    "delivery webhook: provider-reported delivery errors",
+    (
+        # Evolution's messages.update ERROR is recorded beside the rank-ordered delivery_status
+        # (server_ack < delivered < read) instead of in it: an ERROR must never downgrade a part
+        # that was already delivered or read, and an operator still wants to see that it happened.
+        "ALTER TABLE message_parts ADD COLUMN delivery_error_at timestamptz",
+    ),
+)
 
-V5 = Migration(5, "dead letters: resolved without a replay, with the operator's note", (
-    # A dead letter whose campaign message moved on (completed since, lead deleted, run
-    # cancelled) is settled without re-publishing anything: 'resolved', and the note says why
-    # (R-OPS-2). 'requeued' / 'purged' keep their meaning.
-    "ALTER TABLE dead_letters DROP CONSTRAINT IF EXISTS dead_letters_status_check",
-    """ALTER TABLE dead_letters ADD CONSTRAINT dead_letters_status_check
+V5 = Migration(
+    5,
+    "dead letters: resolved without a replay, with the operator's note",
+    (
+        # A dead letter whose campaign message moved on (completed since, lead deleted, run
+        # cancelled) is settled without re-publishing anything: 'resolved', and the note says why
+        # (R-OPS-2). 'requeued' / 'purged' keep their meaning.
+        "ALTER TABLE dead_letters DROP CONSTRAINT IF EXISTS dead_letters_status_check",
+        """ALTER TABLE dead_letters ADD CONSTRAINT dead_letters_status_check
        CHECK (status IN ('dead', 'requeued', 'purged', 'resolved'))""",
-    "ALTER TABLE dead_letters ADD COLUMN note text",
-))
+        "ALTER TABLE dead_letters ADD COLUMN note text",
+    ),
+)
 
-V6 = Migration(6, "failure paths: hand-off deadlines, parked messages, gateway outages per scope", (
-    # When the next step of an in-flight message must have started by (R-FAIL-8). Every step
-    # hand-off sets it (now + the delay it asked for + a short grace); a message parked in
-    # PostgreSQL (a long Retry-After, a started message waiting for its disconnected inbox,
-    # R-DISP-2, E-24) sets it to the time it is due again. The recovery sweep re-publishes what
-    # is past it: a lost publish costs seconds, not the old ten-minute lease.
-    "ALTER TABLE campaign_messages ADD COLUMN wake_at timestamptz",
-    """UPDATE campaign_messages SET wake_at = status_changed_at + interval '10 minutes'
+V6 = Migration(
+    6,
+    "failure paths: hand-off deadlines, parked messages, gateway outages per scope",
+    (
+        # When the next step of an in-flight message must have started by (R-FAIL-8). Every step
+        # hand-off sets it (now + the delay it asked for + a short grace); a message parked in
+        # PostgreSQL (a long Retry-After, a started message waiting for its disconnected inbox,
+        # R-DISP-2, E-24) sets it to the time it is due again. The recovery sweep re-publishes what
+        # is past it: a lost publish costs seconds, not the old ten-minute lease.
+        "ALTER TABLE campaign_messages ADD COLUMN wake_at timestamptz",
+        """UPDATE campaign_messages SET wake_at = status_changed_at + interval '10 minutes'
        WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
-    """CREATE INDEX campaign_messages_wake_idx ON campaign_messages (wake_at)
+        """CREATE INDEX campaign_messages_wake_idx ON campaign_messages (wake_at)
         WHERE status IN ('queued', 'generating', 'splitting', 'sending')""",
-    # Gateway trouble (429, 5xx, timeouts, connect errors) is counted apart from real send
-    # failures (R-FAIL-6): it never disables an inbox; it holds the inbox's sends for a
-    # growing backoff instead (E-23).
-    "ALTER TABLE inboxes ADD COLUMN gateway_failures integer NOT NULL DEFAULT 0 CHECK (gateway_failures >= 0)",
-    "ALTER TABLE inboxes ADD COLUMN gateway_trouble_since timestamptz",
-    # No request of a scope (an inbox = Evolution instance, an OpenRouter key) before this:
-    # a provider's Retry-After or a gateway outage's backoff (R-FAIL-2).
-    "ALTER TABLE rate_limits ADD COLUMN blocked_until timestamptz",
-))
+        # Gateway trouble (429, 5xx, timeouts, connect errors) is counted apart from real send
+        # failures (R-FAIL-6): it never disables an inbox; it holds the inbox's sends for a
+        # growing backoff instead (E-23).
+        "ALTER TABLE inboxes ADD COLUMN gateway_failures integer NOT NULL DEFAULT 0 CHECK (gateway_failures >= 0)",
+        "ALTER TABLE inboxes ADD COLUMN gateway_trouble_since timestamptz",
+        # No request of a scope (an inbox = Evolution instance, an OpenRouter key) before this:
+        # a provider's Retry-After or a gateway outage's backoff (R-FAIL-2).
+        "ALTER TABLE rate_limits ADD COLUMN blocked_until timestamptz",
+    ),
+)
 
 MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6)
 LATEST = MIGRATIONS[-1].version
@@ -354,8 +379,9 @@ def migrate(db: Database, target: int | None = None) -> list[int]:
                 continue  # another process applied it while we waited for the lock
             for statement in migration.statements:
                 db.execute_sql(statement)
-            db.execute_sql("INSERT INTO schema_version (version, name) VALUES (%s, %s)",
-                           (migration.version, migration.name))
+            db.execute_sql(
+                "INSERT INTO schema_version (version, name) VALUES (%s, %s)", (migration.version, migration.name)
+            )
         log.info("schema migrated to version %s (%s)", migration.version, migration.name)
         applied.append(migration.version)
     return applied

@@ -1,4 +1,5 @@
 """Tenant-side tables: workspaces, kanban columns, leads, inboxes, conversations (SPEC §3)."""
+
 from __future__ import annotations
 
 from peewee import BigAutoField, BooleanField, DoubleField, ForeignKeyField, IntegerField, TextField

@@ -150,6 +150,29 @@ def _overrides(path: str, doc: dict[str, Any]) -> None:
         raise FaultError(f"{path}hang_mode: 'hang' or 'close'")
 
 
+def _validate_route(route: str, rdoc: Any) -> None:
+    """One route's faults: latency, always_status, per-route overrides and rates adding up to <= 1."""
+    if not isinstance(rdoc, dict):
+        raise FaultError(f"{route}: expected an object")
+    total = 0.0
+    for key, value in rdoc.items():
+        path = f"{route}.{key}"
+        if key == "latency_ms":
+            _latency(path, value)
+        elif key == "always_status":
+            _status(path, value)
+        elif key in ROUTE_OVERRIDES:
+            continue
+        elif _RATE_STATUS_RE.match(key) or (key.startswith("rate_") and key[5:] in CONTENT_FAULTS[route]):
+            _number(path, value, hi=1.0)
+            total += value
+        else:
+            raise FaultError(f"{path}: unknown key for route {route!r}")
+    if total > 1.0 + 1e-9:
+        raise FaultError(f"{route}: rates add up to {total:.3f} > 1")
+    _overrides(f"{route}.", rdoc)
+
+
 def validate(doc: dict[str, Any]) -> dict[str, Any]:
     """Check a complete fault document (defaults filled in); return it or raise FaultError naming the key."""
     known = set(DEFAULTS)
@@ -157,26 +180,7 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
         if key not in known:
             raise FaultError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
     for route in ROUTES:
-        rdoc = doc[route]
-        if not isinstance(rdoc, dict):
-            raise FaultError(f"{route}: expected an object")
-        total = 0.0
-        for key, value in rdoc.items():
-            path = f"{route}.{key}"
-            if key == "latency_ms":
-                _latency(path, value)
-            elif key == "always_status":
-                _status(path, value)
-            elif key in ROUTE_OVERRIDES:
-                continue
-            elif _RATE_STATUS_RE.match(key) or (key.startswith("rate_") and key[5:] in CONTENT_FAULTS[route]):
-                _number(path, value, hi=1.0)
-                total += value
-            else:
-                raise FaultError(f"{path}: unknown key for route {route!r}")
-        if total > 1.0 + 1e-9:
-            raise FaultError(f"{route}: rates add up to {total:.3f} > 1")
-        _overrides(f"{route}.", rdoc)
+        _validate_route(route, doc[route])
     _overrides("", doc)
     if not isinstance(doc["retry_after_statuses"], list):
         raise FaultError("retry_after_statuses: expected a list")

@@ -31,7 +31,7 @@ __all__ = ["SandboxProcess", "SandboxStartError"]
 logger = logging.getLogger(__name__)
 
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-_live: "weakref.WeakSet[SandboxProcess]" = weakref.WeakSet()
+_live: weakref.WeakSet[SandboxProcess] = weakref.WeakSet()
 
 
 class SandboxStartError(RuntimeError):
@@ -88,7 +88,7 @@ class SandboxProcess:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> "SandboxProcess":
+    def start(self) -> SandboxProcess:
         """Start the subprocess and wait until it answers its health route."""
         if self._proc is not None:
             return self
@@ -161,7 +161,7 @@ class SandboxProcess:
             proc.stdout.close()
         return proc.returncode
 
-    def __enter__(self) -> "SandboxProcess":
+    def __enter__(self) -> SandboxProcess:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -5,6 +5,7 @@ Real RabbitMQ, PostgreSQL, ``dramatiq`` workers, scheduler and sandbox; seeded f
 table; exit status 1 when any check fails. ``--ci`` is the small variant run by tests/test_chaos.py.
 The logic lives in the ``chaos`` package (chaos/run.py).
 """
+
 from __future__ import annotations
 
 import sys

@@ -10,6 +10,7 @@
 Exit codes: 0 ok, 1 some dead letters could not be handled, 2 bad arguments. The logic lives in
 ``dead_letters.py`` (also reachable as ``python cli.py dead-letters``).
 """
+
 from __future__ import annotations
 
 import sys

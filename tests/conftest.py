@@ -8,13 +8,14 @@ Where the services are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0
 and TEST_RABBITMQ_URL (default amqp://guest:guest@127.0.0.1:5672/); the vhost is made with
 ``rabbitmqctl`` (RABBITMQCTL to override the command).
 """
+
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg2
@@ -57,8 +58,7 @@ def services() -> Iterator[dict[str, str]]:
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{RUN_ID}"')
     _rabbitmqctl("add_vhost", RUN_ID)
-    _rabbitmqctl("set_permissions", "-p", RUN_ID, urlsplit(RABBIT_BASE_URL).username or "guest",
-                 ".*", ".*", ".*")
+    _rabbitmqctl("set_permissions", "-p", RUN_ID, urlsplit(RABBIT_BASE_URL).username or "guest", ".*", ".*", ".*")
     env = {
         "DATABASE_URL": _with_path(ADMIN_PG_URL, RUN_ID),
         "RABBITMQ_URL": _with_path(RABBIT_BASE_URL, quote(RUN_ID, safe="")),
@@ -110,9 +110,21 @@ def clean_db(services) -> Iterator[None]:
     """The run's database with every domain table emptied before the test."""
     from campaign.db import db
 
-    tables = ("campaign_events", "message_parts", "campaign_messages", "campaign_runs", "campaign_configs",
-              "conversations", "leads", "inboxes", "columns", "workspaces", "dead_letters", "rate_limits",
-              "scheduler_heartbeats")
+    tables = (
+        "campaign_events",
+        "message_parts",
+        "campaign_messages",
+        "campaign_runs",
+        "campaign_configs",
+        "conversations",
+        "leads",
+        "inboxes",
+        "columns",
+        "workspaces",
+        "dead_letters",
+        "rate_limits",
+        "scheduler_heartbeats",
+    )
     with db.connection_context():
         # no RESTART IDENTITY: a stale broker message of an earlier test must never meet a reused id
         db.execute_sql(f"TRUNCATE {', '.join(tables)} CASCADE")
@@ -153,6 +165,7 @@ def evo(sb):
 
     from clients.evolution import EvolutionClient
 
-    with EvolutionClient(sb.evolution_url, sb.evolution_key,
-                         timeout=httpx.Timeout(connect=2.0, read=2.0, write=2.0, pool=2.0)) as client:
+    with EvolutionClient(
+        sb.evolution_url, sb.evolution_key, timeout=httpx.Timeout(connect=2.0, read=2.0, write=2.0, pool=2.0)
+    ) as client:
         yield client

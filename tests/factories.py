@@ -1,4 +1,5 @@
 """Small builders of domain rows for tests (real PostgreSQL, through the models)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,18 +28,33 @@ def lead(ws: Workspace, column: Column | None, name: str | None = None, phone: s
     i = next(_seq)
     # +5511910000001 on: never one of the low numbers tests pick by hand (e.g. +5511900000099), which
     # a session-wide sequence would otherwise reach after enough earlier tests
-    return Lead.create(workspace=ws, column=column, name=name or f"Lead {i}",
-                       phone=phone or f"+55119{10_000_000 + i:08d}", **kw)
+    return Lead.create(
+        workspace=ws, column=column, name=name or f"Lead {i}", phone=phone or f"+55119{10_000_000 + i:08d}", **kw
+    )
 
 
-def config(ws: Workspace, ibx: Inbox, source: Column, target: Column | None, name: str | None = None,
-           **kw) -> CampaignConfig:
+def config(
+    ws: Workspace, ibx: Inbox, source: Column, target: Column | None, name: str | None = None, **kw
+) -> CampaignConfig:
     """A campaign config with test-friendly defaults (always open, no gaps)."""
-    defaults = dict(daily_limit=1000, gap_min_seconds=0, gap_max_seconds=0, part_gap_min_seconds=0,
-                    part_gap_max_seconds=0, model="test/model", system_prompt="Be brief.")
+    defaults = dict(
+        daily_limit=1000,
+        gap_min_seconds=0,
+        gap_max_seconds=0,
+        part_gap_min_seconds=0,
+        part_gap_max_seconds=0,
+        model="test/model",
+        system_prompt="Be brief.",
+    )
     defaults.update(kw)
-    return CampaignConfig.create(workspace=ws, name=name or f"camp{next(_seq)}", inbox=ibx,
-                                 source_column=source, target_column=target, **defaults)
+    return CampaignConfig.create(
+        workspace=ws,
+        name=name or f"camp{next(_seq)}",
+        inbox=ibx,
+        source_column=source,
+        target_column=target,
+        **defaults,
+    )
 
 
 def run(cfg: CampaignConfig, run_date: dt.date | None = None, status: str = "running", **kw) -> CampaignRun:
@@ -48,6 +64,6 @@ def run(cfg: CampaignConfig, run_date: dt.date | None = None, status: str = "run
 
 def message(r: CampaignRun, ld: Lead | None, **kw) -> CampaignMessage:
     """A campaign message of run ``r`` for lead ``ld``."""
-    kw.setdefault("scheduled_at", dt.datetime.now(dt.timezone.utc))
+    kw.setdefault("scheduled_at", dt.datetime.now(dt.UTC))
     kw.setdefault("inbox", r.config.inbox_id)
     return CampaignMessage.create(run=r, lead=ld, **kw)

@@ -1,4 +1,5 @@
 """Shared pieces of the pipeline tests: a campaign world, an in-process driver of the chain."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,9 @@ from campaign.settings import Settings, get_settings
 from models import CampaignMessage, CampaignRun, Lead, MessagePart
 from tests import factories as f
 
-FAST = dict(min_backoff_seconds=0.05, max_backoff_seconds=1.0, max_attempts=4, lease_seconds=5,
-            send_timeout_seconds=2.0)
+FAST = dict(
+    min_backoff_seconds=0.05, max_backoff_seconds=1.0, max_attempts=4, lease_seconds=5, send_timeout_seconds=2.0
+)
 
 
 def fast_settings(**kw) -> Settings:
@@ -42,13 +44,30 @@ class World:
         return msgs
 
 
-def make_world(name: str = "acme", *, n_inboxes: int = 1, split: bool = False, max_parts: int = 1,
-               fallback: str | None = None, inbox_kw: dict | None = None, **cfg_kw) -> World:
+def make_world(
+    name: str = "acme",
+    *,
+    n_inboxes: int = 1,
+    split: bool = False,
+    max_parts: int = 1,
+    fallback: str | None = None,
+    inbox_kw: dict | None = None,
+    **cfg_kw,
+) -> World:
     """A fresh world (call inside ``clean_db``)."""
     ws, cols = f.workspace(name)
     inboxes = [f.inbox(ws, f"sales-{i}", min_gap_seconds=0, **(inbox_kw or {})) for i in range(n_inboxes)]
-    cfg = f.config(ws, inboxes[0], cols["New"], cols["Contacted"], name="first-touch", split_enabled=split,
-                   max_parts=max_parts, fallback_template=fallback, **cfg_kw)
+    cfg = f.config(
+        ws,
+        inboxes[0],
+        cols["New"],
+        cols["Contacted"],
+        name="first-touch",
+        split_enabled=split,
+        max_parts=max_parts,
+        fallback_template=fallback,
+        **cfg_kw,
+    )
     run = f.run(cfg)
     return World(ws, cols, inboxes, cfg, run)
 
@@ -56,14 +75,26 @@ def make_world(name: str = "acme", *, n_inboxes: int = 1, split: bool = False, m
 def run_counters(run_id: int) -> dict:
     """The run's status and counters."""
     r = CampaignRun.get_by_id(run_id)
-    return {k: getattr(r, k) for k in ("status", "pause_reason", "leads_total", "leads_processed", "leads_sent",
-                                       "leads_failed", "leads_skipped", "leads_in_doubt")}
+    return {
+        k: getattr(r, k)
+        for k in (
+            "status",
+            "pause_reason",
+            "leads_total",
+            "leads_processed",
+            "leads_sent",
+            "leads_failed",
+            "leads_skipped",
+            "leads_in_doubt",
+        )
+    }
 
 
 def row_counts(run_id: int) -> dict:
     """Counts of the run's messages by status."""
-    rows = db.execute_sql("SELECT status, count(*) FROM campaign_messages WHERE run_id = %s GROUP BY status",
-                          (run_id,)).fetchall()
+    rows = db.execute_sql(
+        "SELECT status, count(*) FROM campaign_messages WHERE run_id = %s GROUP BY status", (run_id,)
+    ).fetchall()
     return dict(rows)
 
 
@@ -79,8 +110,10 @@ def assert_counters_match(run_id: int) -> None:
 
 def claim(message_id: int) -> None:
     """Dispatch exactly this message (pending -> queued), as the dispatcher would."""
-    n = db.execute_sql("UPDATE campaign_messages SET status = 'queued' WHERE id = %s AND status = 'pending' "
-                       "RETURNING id", (message_id,)).fetchall()
+    n = db.execute_sql(
+        "UPDATE campaign_messages SET status = 'queued' WHERE id = %s AND status = 'pending' RETURNING id",
+        (message_id,),
+    ).fetchall()
     assert n, f"message {message_id} was not pending"
 
 
@@ -128,4 +161,4 @@ def lead_column(lead_id: int) -> int | None:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)

@@ -8,6 +8,7 @@ A module may import its own layer or any layer below it, never one above; the en
 never import each other in a circle; an import inside a function is for an optional dependency
 only (none of the project's own modules).
 """
+
 from __future__ import annotations
 
 import ast
@@ -78,8 +79,12 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
             elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module and is_project(child.module):
                 for a in child.names:
                     full = f"{child.module}.{a.name}"
-                    target = full if (ROOT / full.replace(".", "/")).with_suffix(".py").exists() \
-                        or (ROOT / full.replace(".", "/")).is_dir() else child.module
+                    target = (
+                        full
+                        if (ROOT / full.replace(".", "/")).with_suffix(".py").exists()
+                        or (ROOT / full.replace(".", "/")).is_dir()
+                        else child.module
+                    )
                     found.append((target, child.lineno, in_function))
             visit(child, inner)
 
@@ -93,8 +98,10 @@ def test_imports_flow_one_way():
         me = module_name(path)
         for target, line, _ in imports(path):
             if layer(target) > layer(me):
-                upward.append(f"{path.relative_to(ROOT)}:{line}: {me} (layer {layer(me)}) imports {target} "
-                              f"(layer {layer(target)})")
+                upward.append(
+                    f"{path.relative_to(ROOT)}:{line}: {me} (layer {layer(me)}) imports {target} "
+                    f"(layer {layer(target)})"
+                )
     assert upward == [], "imports against the dependency rule:\n" + "\n".join(upward)
 
 
@@ -112,7 +119,7 @@ def test_no_import_cycles_among_the_engines_modules():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]) if nxt in stack else f"{node} -> {nxt}")
             elif nxt not in state:
                 walk(nxt, stack + [nxt])
         state[node] = 2
@@ -124,15 +131,22 @@ def test_no_import_cycles_among_the_engines_modules():
 
 
 def test_the_engines_own_modules_are_imported_at_the_top():
-    inside = [f"{path.relative_to(ROOT)}:{line}: {target}" for path in project_files()
-              if layer(module_name(path)) < 7 for target, line, in_function in imports(path)
-              if in_function and (str(path.relative_to(ROOT)), target) not in INSIDE_ALLOWED]
+    inside = [
+        f"{path.relative_to(ROOT)}:{line}: {target}"
+        for path in project_files()
+        if layer(module_name(path)) < 7
+        for target, line, in_function in imports(path)
+        if in_function and (str(path.relative_to(ROOT)), target) not in INSIDE_ALLOWED
+    ]
     assert inside == [], "imports of the project's own modules inside functions:\n" + "\n".join(inside)
 
 
 def test_no_sys_path_edits():
-    edits = [str(p.relative_to(ROOT)) for p in project_files() if "sys.path.insert" in p.read_text()
-             and p.name != "test_architecture.py"]
+    edits = [
+        str(p.relative_to(ROOT))
+        for p in project_files()
+        if "sys.path.insert" in p.read_text() and p.name != "test_architecture.py"
+    ]
     assert edits == []
 
 

@@ -1,4 +1,5 @@
 """A real RabbitMQ round trip with publisher confirms, processed by a real dramatiq worker (issue 2)."""
+
 from __future__ import annotations
 
 import uuid
@@ -40,8 +41,12 @@ def test_actor_processed_by_real_worker_process(clean_db, tmp_path):
 
     def seen() -> bool:
         with db.connection_context():
-            return db.execute_sql("SELECT count(*) FROM campaign_events WHERE step = 'ping' AND text = %s",
-                                  (token,)).fetchone()[0] == 1
+            return (
+                db.execute_sql(
+                    "SELECT count(*) FROM campaign_events WHERE step = 'ping' AND text = %s", (token,)
+                ).fetchone()[0]
+                == 1
+            )
 
     assert not seen()
     with worker(processes=1, threads=2, log_path=tmp_path / "worker.log"):

@@ -2,8 +2,10 @@
 
 The CI variant runs ``scripts/fault_suite.py --ci`` as a subprocess (its own database, vhost, sandbox,
 worker processes and scheduler; >= 300 messages; one kill -9 mid-send, one RabbitMQ restart, one
-pg_terminate_backend, an 8 s gateway outage and a 6 s disconnect of one inbox) and asserts every line of its verdict table from the JSON report.
+pg_terminate_backend, an 8 s gateway outage and a 6 s disconnect of one inbox) and asserts every
+line of its verdict table from the JSON report.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +20,26 @@ ROOT = Path(__file__).resolve().parent.parent
 CI_BUDGET_S = 240  # the CI variant must finish within 4 minutes
 
 EXPECTED_CHECKS = {
-    "messages planned", "quiescence reached", "messages lost (not terminal)", "parts delivered twice (sandbox ledger)",
-    "parts 'sent' the sandbox never accepted", "accepted sends the engine thinks unsent", "runs finalised",
-    "verify mismatches", "in_doubt parts without a hang/kill/termination", "ambiguous sends not left in_doubt",
-    "requests before Retry-After elapsed", "sends closer than the inbox's min gap", "faults injected",
-    "messages of 1, 2 and 3 parts", "sandbox fault 429 exercised", "sandbox fault 500 exercised", "sandbox fault accept_then_hang exercised",
+    "messages planned",
+    "quiescence reached",
+    "messages lost (not terminal)",
+    "parts delivered twice (sandbox ledger)",
+    "parts 'sent' the sandbox never accepted",
+    "accepted sends the engine thinks unsent",
+    "runs finalised",
+    "verify mismatches",
+    "in_doubt parts without a hang/kill/termination",
+    "ambiguous sends not left in_doubt",
+    "requests before Retry-After elapsed",
+    "sends closer than the inbox's min gap",
+    "faults injected",
+    "messages of 1, 2 and 3 parts",
+    "sandbox fault 429 exercised",
+    "sandbox fault 500 exercised",
+    "sandbox fault accept_then_hang exercised",
     # T-REL-2 / E-23 / E-24: a gateway outage and an inbox disconnect are waited out
-    "messages failed/skipped by gateway trouble or a disconnect", "inboxes left disabled",
+    "messages failed/skipped by gateway trouble or a disconnect",
+    "inboxes left disabled",
 }
 
 
@@ -33,8 +48,17 @@ def test_ci_variant_passes_every_check(tmp_path):
     only where ambiguous, Retry-After honoured, inbox gaps kept; under 4 minutes."""
     seed = random.SystemRandom().randrange(1, 2**31)
     report = tmp_path / "chaos.json"
-    cmd = [sys.executable, "scripts/fault_suite.py", "--ci", "--seed", str(seed), "--report", str(report),
-           "--log-dir", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        "scripts/fault_suite.py",
+        "--ci",
+        "--seed",
+        str(seed),
+        "--report",
+        str(report),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CI_BUDGET_S + 60)
     out = done.stdout + done.stderr[-6000:]
     assert report.exists(), f"no report (exit {done.returncode}):\n{out}"
@@ -42,13 +66,16 @@ def test_ci_variant_passes_every_check(tmp_path):
     assert "error" not in result, f"aborted: {result.get('error')}\n{out}"
     by_name = {c["name"]: c for c in result["checks"]}
     assert set(by_name) == EXPECTED_CHECKS, set(by_name) ^ EXPECTED_CHECKS
-    failed = [f"{c['name']}: {c['value']} (expected {c['expected']}) {c['note']}" for c in result["checks"] if not c["ok"]]
+    failed = [
+        f"{c['name']}: {c['value']} (expected {c['expected']}) {c['note']}" for c in result["checks"] if not c["ok"]
+    ]
     assert not failed, f"seed {seed} failed checks:\n" + "\n".join(failed) + f"\nproblems: {result['problems']}\n{out}"
     assert done.returncode == 0, out
     assert result["facts"]["messages_by_status"] and sum(result["facts"]["messages_by_status"].values()) >= 300
     kinds = sorted(r["kind"] for r in result["recoveries"])
-    assert kinds == sorted([faults.KILL_MID_SEND, faults.RABBIT_RESTART, faults.PG_TERMINATE, faults.GATEWAY_OUTAGE,
-                            faults.DISCONNECT]), kinds
+    assert kinds == sorted(
+        [faults.KILL_MID_SEND, faults.RABBIT_RESTART, faults.PG_TERMINATE, faults.GATEWAY_OUTAGE, faults.DISCONNECT]
+    ), kinds
     # every fault was followed by sends again (the engine recovered from each)
     assert all(r["next_send_s"] is not None for r in result["recoveries"]), result["recoveries"]
     assert result["duration_s"] < CI_BUDGET_S, f"CI variant took {result['duration_s']} s (budget {CI_BUDGET_S} s)"
@@ -57,19 +84,31 @@ def test_ci_variant_passes_every_check(tmp_path):
 
 # -- the judge on made-up evidence (it must be able to say FAIL) ----------------------------------
 
+
 def _part(pid: int, status: str, sending_at: float, text: str = "t", key: str | None = None) -> tuple:
     return (pid, pid, 0, status, sending_at, key, None, f"{text}{pid}", "inst", "+55 11 90000-0000")
 
 
 def _send(pid: int, outcome: str = "ok", seen: bool = True, text: str = "t") -> dict:
-    return {"instance": "inst", "number": "5511900000000", "text": f"{text}{pid}", "outcome": outcome, "seen": seen,
-            "key_id": f"K{pid}", "t": 100.0 + pid}
+    return {
+        "instance": "inst",
+        "number": "5511900000000",
+        "text": f"{text}{pid}",
+        "outcome": outcome,
+        "seen": seen,
+        "key_id": f"K{pid}",
+        "t": 100.0 + pid,
+    }
 
 
 def test_in_doubt_is_explained_only_by_a_hang_or_a_fault_nearby():
     events = [faults.FaultEvent(faults.KILL, 0.5, t=500.0, t_end=500.0, progress=0.5, details={})]
-    parts = [_part(1, "in_doubt", 101.0), _part(2, "in_doubt", 499.8), _part(3, "in_doubt", 300.0),
-             _part(4, "sent", 104.0, key="K4")]
+    parts = [
+        _part(1, "in_doubt", 101.0),
+        _part(2, "in_doubt", 499.8),
+        _part(3, "in_doubt", 300.0),
+        _part(4, "sent", 104.0, key="K4"),
+    ]
     sends = [_send(1, outcome="hang", seen=False), _send(4)]
     causes, problems, ambiguous = checks.classify_in_doubt(parts, sends, events, send_reach_s=7.0)
     assert causes["sandbox hang after accept (read timeout)"] == 1
@@ -92,10 +131,12 @@ def test_ledger_and_parts_must_agree():
 
 
 def test_inbox_gap_violations_use_arrival_times():
-    reqs = [{"route": "send", "instance": "a", "t": 10.05, "latency_ms": 50},   # arrived 10.00
-            {"route": "send", "instance": "a", "t": 10.11, "latency_ms": 10},   # arrived 10.10: 0.10 later
-            {"route": "send", "instance": "a", "t": 10.15, "latency_ms": 0},    # 0.05 later: too close
-            {"route": "send", "instance": "b", "t": 10.16, "latency_ms": 0}]    # another inbox: no gap
+    reqs = [
+        {"route": "send", "instance": "a", "t": 10.05, "latency_ms": 50},  # arrived 10.00
+        {"route": "send", "instance": "a", "t": 10.11, "latency_ms": 10},  # arrived 10.10: 0.10 later
+        {"route": "send", "instance": "a", "t": 10.15, "latency_ms": 0},  # 0.05 later: too close
+        {"route": "send", "instance": "b", "t": 10.16, "latency_ms": 0},
+    ]  # another inbox: no gap
     violations, smallest = checks.gap_violations(reqs, min_gap=0.1, tolerance=0.01)
     assert violations == 1 and abs(smallest - 0.05) < 1e-6
 
@@ -116,9 +157,14 @@ def test_both_profiles_plan_the_outage_and_the_disconnect():
     from chaos import run
 
     for profile, outage, disconnect in ((run.FULL, 60.0, 30.0), (run.CI, 8.0, 6.0)):
-        plan = faults.plan_faults(random.Random(7), profile.fault_counts, lo=profile.progress_window[0],
-                                  hi=profile.progress_window[1], min_spacing=profile.fault_spacing,
-                                  durations=profile.durations)
+        plan = faults.plan_faults(
+            random.Random(7),
+            profile.fault_counts,
+            lo=profile.progress_window[0],
+            hi=profile.progress_window[1],
+            min_spacing=profile.fault_spacing,
+            durations=profile.durations,
+        )
         by_kind = {f.kind: f for f in plan}
         assert by_kind[faults.GATEWAY_OUTAGE].outage_s == outage
         assert by_kind[faults.DISCONNECT].outage_s == disconnect

@@ -2,6 +2,7 @@
 
 Each test fails on the code before its fix; the docstring names the seed that exposed it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,10 @@ def _lease(inbox_id: int) -> tuple:
     admin = psycopg2.connect(get_settings().database_url)
     try:
         with admin.cursor() as cur:
-            cur.execute("SELECT lease_token::text, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
-                        (ratelimit.inbox_key(inbox_id),))
+            cur.execute(
+                "SELECT lease_token::text, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
+                (ratelimit.inbox_key(inbox_id),),
+            )
             return cur.fetchone()
     finally:
         admin.close()
@@ -100,7 +103,8 @@ def test_a_send_that_succeeded_is_recorded_sent_even_if_the_connection_died_mean
     w = make_world()
     (msg,) = w.add_leads(1)
     CampaignMessage.update(status="sending", generated_text="Olá, tudo bem? Uma ideia rápida.").where(
-        CampaignMessage.id == msg.id).execute()
+        CampaignMessage.id == msg.id
+    ).execute()
     MessagePart.create(message=msg.id, inbox=w.inboxes[0].id, idx=0, text="Olá, tudo bem? Uma ideia rápida.")
     evo = _TerminatedDuringSend()
 
@@ -180,8 +184,9 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
 
     settings = fast_settings()  # lease 5 s
     w, msg = _sending_message()
-    db.execute_sql("UPDATE campaign_messages SET status_changed_at = now() - interval '4 seconds' WHERE id = %s",
-                   (msg.id,))
+    db.execute_sql(
+        "UPDATE campaign_messages SET status_changed_at = now() - interval '4 seconds' WHERE id = %s", (msg.id,)
+    )
     assert ratelimit.acquire_inbox(w.inboxes[0].id, 100).granted  # another send holds the inbox
 
     class Broker:
@@ -194,8 +199,9 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
             self.enqueued.append((message, delay))
 
     broker = Broker()
-    message = dramatiq.Message(queue_name=steps.SEND_PART.queue, actor_name="send_part",
-                               args=(msg.id, w.inboxes[0].id), kwargs={}, options={})
+    message = dramatiq.Message(
+        queue_name=steps.SEND_PART.queue, actor_name="send_part", args=(msg.id, w.inboxes[0].id), kwargs={}, options={}
+    )
     try:
         RateLimits(settings).before_process_message(broker, message)
         raise AssertionError("the inbox is busy: the message must be deferred")

@@ -1,5 +1,6 @@
 """The operator CLI end to end on the real services (R-OPS-1): apply, import-leads, run-now,
 pause/resume/cancel, status, verify — exit codes and one-line errors."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -20,9 +21,11 @@ from tests.test_configfile import EXAMPLE, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 # the example, open every day and all day, with gaps short enough to run now
-ALWAYS = (EXAMPLE.replace('weekdays = ["mon", "tue", "wed", "thu", "fri"]', "")
-          .replace('window = { start = "09:00", end = "18:00" }', "")
-          .replace("min = 60, max = 180", "min = 1, max = 2"))
+ALWAYS = (
+    EXAMPLE.replace('weekdays = ["mon", "tue", "wed", "thu", "fri"]', "")
+    .replace('window = { start = "09:00", end = "18:00" }', "")
+    .replace("min = 60, max = 180", "min = 1, max = 2")
+)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -55,15 +58,18 @@ def test_apply_twice_is_a_no_op(clean_db, capsys):
     assert CampaignConfig.get().version == 1
 
 
-@pytest.mark.parametrize("old, new, key", [
-    ("daily_limit = 200", "daily_limit = -3", "workspaces.acme.campaigns.first-touch.daily_limit"),
-    ('"America/Sao_Paulo"', '"America/Atlantis"', "workspaces.acme.campaigns.first-touch.timezone"),
-    ('inbox = "sales-1"', 'inbox = "ghost"', "workspaces.acme.campaigns.first-touch.inbox"),
-    ('start = "09:00"', 'start = "9h"', "workspaces.acme.campaigns.first-touch.window.start"),
-    ("max_parts = 3", "max_parts = 0", "workspaces.acme.campaigns.first-touch.split.max_parts"),
-    ("max_per_day = 300", 'max_per_day = "many"', "workspaces.acme.inboxes.sales-1.max_per_day"),
-    ("[workspaces.acme]", "[workspaces.acme\n", "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        ("daily_limit = 200", "daily_limit = -3", "workspaces.acme.campaigns.first-touch.daily_limit"),
+        ('"America/Sao_Paulo"', '"America/Atlantis"', "workspaces.acme.campaigns.first-touch.timezone"),
+        ('inbox = "sales-1"', 'inbox = "ghost"', "workspaces.acme.campaigns.first-touch.inbox"),
+        ('start = "09:00"', 'start = "9h"', "workspaces.acme.campaigns.first-touch.window.start"),
+        ("max_parts = 3", "max_parts = 0", "workspaces.acme.campaigns.first-touch.split.max_parts"),
+        ("max_per_day = 300", 'max_per_day = "many"', "workspaces.acme.inboxes.sales-1.max_per_day"),
+        ("[workspaces.acme]", "[workspaces.acme\n", "invalid TOML"),
+    ],
+)
 def test_broken_toml_changes_nothing(clean_db, capsys, tmp_path, old, new, key):
     run_cli(capsys, "apply", str(ROOT / "examples" / "acme.toml"))
     before = snapshot()
@@ -77,8 +83,9 @@ def test_broken_toml_changes_nothing(clean_db, capsys, tmp_path, old, new, key):
 
 
 def test_import_leads_reports_bad_rows_and_reimport_updates(applied, capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "import-leads", str(ROOT / "examples" / "leads.csv"), "--workspace", "acme",
-                           "--column", "New")
+    code, out, _ = run_cli(
+        capsys, "import-leads", str(ROOT / "examples" / "leads.csv"), "--workspace", "acme", "--column", "New"
+    )
     assert code == 1  # some rows rejected, the good ones imported
     assert "17 lead(s) imported into acme/New: 17 new" in out
     assert "rejected line 19: missing phone" in out and "rejected line 22: missing name" in out
@@ -91,11 +98,14 @@ def test_import_leads_reports_bad_rows_and_reimport_updates(applied, capsys, tmp
     assert Lead.get(phone="+5511912345601").name == "Ana Souza Lima"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workspace", "nope", "--column", "New"], "error: workspace 'nope' does not exist"),
-    (["--workspace", "acme", "--column", "Done"], "error: column 'Done' is not a column of workspace 'acme'"),
-    (["--workspace", "acme", "--column", "New", "--region", "ZZ"], "error: --region 'ZZ'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workspace", "nope", "--column", "New"], "error: workspace 'nope' does not exist"),
+        (["--workspace", "acme", "--column", "Done"], "error: column 'Done' is not a column of workspace 'acme'"),
+        (["--workspace", "acme", "--column", "New", "--region", "ZZ"], "error: --region 'ZZ'"),
+    ],
+)
 def test_import_leads_bad_arguments(applied, capsys, args, message):
     code, out, err = run_cli(capsys, "import-leads", str(ROOT / "examples" / "leads.csv"), *args)
     assert code == 2 and len(_error_lines(err)) == 1 and _error_lines(err)[0].startswith(message), err
@@ -120,8 +130,9 @@ def test_run_now_pause_resume_cancel_status_verify(applied, capsys):
     code, _, err = run_cli(capsys, "run-now", "acme/first-touch")
     assert code == 2 and f"already has run {run.id}" in err
     code, _, err = run_cli(capsys, "run-now", "acme/ghost")
-    assert code == 2 and _error_lines(err) == ["error: campaign 'acme/ghost' does not exist "
-                                               "(workspace 'acme', campaign 'ghost')"]
+    assert code == 2 and _error_lines(err) == [
+        "error: campaign 'acme/ghost' does not exist (workspace 'acme', campaign 'ghost')"
+    ]
 
     code, out, _ = run_cli(capsys, "status", "--no-queues")
     assert code == 0 and "acme/first-touch" in out and str(run.id) in out and "running" in out
@@ -130,8 +141,9 @@ def test_run_now_pause_resume_cancel_status_verify(applied, capsys):
     code, out, _ = run_cli(capsys, "status")
     assert code == 0 and "paused (manual)" in out and "campaign.generate" in out
     code, _, err = run_cli(capsys, "pause", str(run.id))
-    assert code == 2 and _error_lines(err) == [f"error: run {run.id} is paused (manual), cannot pause "
-                                               "(only a running or automatically paused run can)"]
+    assert code == 2 and _error_lines(err) == [
+        f"error: run {run.id} is paused (manual), cannot pause (only a running or automatically paused run can)"
+    ]
     code, out, _ = run_cli(capsys, "resume", str(run.id))
     assert code == 0 and out.startswith(f"run {run.id} resumed")
     assert CampaignRun.get_by_id(run.id).status == "running"
@@ -154,8 +166,11 @@ def test_run_now_pause_resume_cancel_status_verify(applied, capsys):
 
 def test_run_now_outside_the_window_is_refused(clean_db, capsys, tmp_path):
     path = tmp_path / "closed.toml"
-    path.write_text(EXAMPLE.replace('weekdays = ["mon", "tue", "wed", "thu", "fri"]', 'weekdays = ["mon"]')
-                    .replace('window = { start = "09:00", end = "18:00" }', 'window = { start = "00:00", end = "00:01" }'))
+    path.write_text(
+        EXAMPLE.replace('weekdays = ["mon", "tue", "wed", "thu", "fri"]', 'weekdays = ["mon"]').replace(
+            'window = { start = "09:00", end = "18:00" }', 'window = { start = "00:00", end = "00:01" }'
+        )
+    )
     run_cli(capsys, "apply", str(path))
     code, _, err = run_cli(capsys, "run-now", "acme/first-touch")
     assert code == 2 and ("does not run on" in err or "is closed for the rest of" in err), err
@@ -172,11 +187,13 @@ def test_status_and_verify_on_an_empty_database(clean_db, capsys):
 
 def test_cli_runs_as_a_script(applied):
     """``python cli.py`` itself (entry point, settings from the environment, exit code)."""
-    proc = subprocess.run([sys.executable, "cli.py", "apply", str(applied)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "apply", str(applied)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "nothing changed" in proc.stdout
-    proc = subprocess.run([sys.executable, "cli.py", "pause", "777"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "pause", "777"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "error: run 777 does not exist" in proc.stderr
 
 
@@ -193,16 +210,25 @@ def _render(snap) -> str:
 
 
 def _snapshot(text: str) -> monitor.StatusSnapshot:
-    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
     run = monitor.RunStatus(7, f"acme/{text}", now.date(), "running", None, False, 3, 1, 0, 1, 0, 0, 0, 2, 0, None, now)
     line = monitor.MessageLine(12, 7, f"acme/{text}", 5, text, "failed", f"PermanentError: {text}", now)
-    return monitor.StatusSnapshot(now, [run], {text: 1, f"{text}.DQ": 0, f"{text}.XQ": 2}, None, [line], [line],
-                              [monitor.Alert("dead_letters", text)])
+    return monitor.StatusSnapshot(
+        now,
+        [run],
+        {text: 1, f"{text}.DQ": 0, f"{text}.XQ": 2},
+        None,
+        [line],
+        [line],
+        [monitor.Alert("dead_letters", text)],
+    )
 
 
-_MARKUP = st.text(st.sampled_from("[]/=:@#\\ ablinkcoredt_-."), min_size=1, max_size=40) | \
-    st.text(st.characters(min_codepoint=33, max_codepoint=0x24F, blacklist_categories=("Cc", "Cf", "Zs")),
-            min_size=1, max_size=40)
+_MARKUP = st.text(st.sampled_from("[]/=:@#\\ ablinkcoredt_-."), min_size=1, max_size=40) | st.text(
+    st.characters(min_codepoint=33, max_codepoint=0x24F, blacklist_categories=("Cc", "Cf", "Zs")),
+    min_size=1,
+    max_size=40,
+)
 
 
 @hsettings(max_examples=200, deadline=None)
@@ -225,8 +251,14 @@ def test_status_command_with_a_markup_like_provider_error(clean_db, capsys):
 
     ws, cols = f.workspace("acme")
     run = f.run(f.config(ws, f.inbox(ws), cols["New"], cols["Contacted"], name="first-touch"), leads_total=1)
-    f.message(run, f.lead(ws, cols["New"]), status="failed", error_class="PermanentError",
-              error_message="[/x] is not a valid model ID [bold]", finished_at=dt.datetime.now(dt.timezone.utc))
+    f.message(
+        run,
+        f.lead(ws, cols["New"]),
+        status="failed",
+        error_class="PermanentError",
+        error_message="[/x] is not a valid model ID [bold]",
+        finished_at=dt.datetime.now(dt.UTC),
+    )
     code, out, err = run_cli(capsys, "status", "--no-queues")
     assert code == 0, err
     assert "[/x] is not a valid model ID [bold]" in out

@@ -6,6 +6,7 @@ engine does: the real DeadLetters middleware records the row and settles the mes
 Dramatiq message is dead-lettered by RabbitMQ itself (published to the step's queue, then
 rejected), so its XQ copy carries the real ``x-death`` header.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,9 +32,11 @@ from tests.pipeline_helpers import assert_counters_match, fast_settings, make_wo
 from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
 
 SCRIPT = ROOT / "scripts" / "reprocess_dead_letters.py"
-LONG_TEXT = ("Oi Ana, aqui é a Júlia da ACME e vi que vocês abriram a loja nova no Recife semana passada. "
-             "A gente ajuda lojas a organizar o atendimento no WhatsApp sem perder nenhum cliente no caminho. "
-             "Posso te mandar um resumo de dois minutos para você ver se faz sentido por aí?")
+LONG_TEXT = (
+    "Oi Ana, aqui é a Júlia da ACME e vi que vocês abriram a loja nova no Recife semana passada. "
+    "A gente ajuda lojas a organizar o atendimento no WhatsApp sem perder nenhum cliente no caminho. "
+    "Posso te mandar um resumo de dois minutos para você ver se faz sentido por aí?"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,13 +60,20 @@ def queues(clean_db):
 def engine(queues, sb, tmp_path):
     """Real worker processes wired to the sandbox, fast backoffs, never disabling the inbox."""
     procs = []
-    env = {"OPENROUTER_BASE_URL": sb.openrouter_url, "OPENROUTER_API_KEY": sb.chat_key,
-           "EVOLUTION_API_URL": sb.evolution_url, "EVOLUTION_API_KEY": sb.evolution_key,
-           "MIN_BACKOFF_SECONDS": "0.05", "MAX_BACKOFF_SECONDS": "0.5", "MAX_ATTEMPTS": "3",
-           # a poisoned send here is one the gateway never takes, not an outage to wait out
-           # (E-23): every 5xx spends an attempt, so it reaches the dead letters in seconds
-           "GATEWAY_OUTAGE_TOLERANCE_SECONDS": "0",
-           "LEASE_SECONDS": "5", "SEND_TIMEOUT_SECONDS": "2"}
+    env = {
+        "OPENROUTER_BASE_URL": sb.openrouter_url,
+        "OPENROUTER_API_KEY": sb.chat_key,
+        "EVOLUTION_API_URL": sb.evolution_url,
+        "EVOLUTION_API_KEY": sb.evolution_key,
+        "MIN_BACKOFF_SECONDS": "0.05",
+        "MAX_BACKOFF_SECONDS": "0.5",
+        "MAX_ATTEMPTS": "3",
+        # a poisoned send here is one the gateway never takes, not an outage to wait out
+        # (E-23): every 5xx spends an attempt, so it reaches the dead letters in seconds
+        "GATEWAY_OUTAGE_TOLERANCE_SECONDS": "0",
+        "LEASE_SECONDS": "5",
+        "SEND_TIMEOUT_SECONDS": "2",
+    }
 
     class Engine:
         log = tmp_path / "worker.log"
@@ -81,8 +91,14 @@ def engine(queues, sb, tmp_path):
 
 def script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the real script from the repository root, as an operator would."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
@@ -125,8 +141,14 @@ def dead_letter_via_rabbitmq(body: bytes, queue: str) -> None:
     wait_for(lambda: depths()[f"{queue}.XQ"] >= 1, timeout=5, message=f"{queue}.XQ to receive the message")
 
 
-def kill_step(msg_id: int, actor: str, settings=None, *, error: str = "send_part: 3 attempts failed, last: 500",
-              inbox_id: int | None = None) -> dramatiq.Message:
+def kill_step(
+    msg_id: int,
+    actor: str,
+    settings=None,
+    *,
+    error: str = "send_part: 3 attempts failed, last: 500",
+    inbox_id: int | None = None,
+) -> dramatiq.Message:
     """What a dead step leaves behind: DeadLetters' row + failed message, and the XQ copy."""
     from dramatiq.broker import MessageProxy
 
@@ -135,26 +157,37 @@ def kill_step(msg_id: int, actor: str, settings=None, *, error: str = "send_part
 
     queue = repairs.REQUEUE_TARGETS[actor][1]
     args = (msg_id, inbox_id) if actor == "send_part" else (msg_id,)
-    message = dramatiq.Message(queue_name=queue, actor_name=actor, args=args, kwargs={},
-                               options={"retries": 2, "traceback": f"Traceback...\npipeline.StepFailed: {error}"})
+    message = dramatiq.Message(
+        queue_name=queue,
+        actor_name=actor,
+        args=args,
+        kwargs={},
+        options={"retries": 2, "traceback": f"Traceback...\npipeline.StepFailed: {error}"},
+    )
     proxy = MessageProxy(message)
     proxy.fail()
-    DeadLetters(settings or fast_settings()).after_process_message(actors.broker, proxy,
-                                                                   exception=StepFailed(error))
+    DeadLetters(settings or fast_settings()).after_process_message(actors.broker, proxy, exception=StepFailed(error))
     dead_letter_via_rabbitmq(message.encode(), queue)
     return message
 
 
-def message_in(world, status: str, *, text: str | None = None, parts: list[str] | None = None,
-               sent_parts: int = 0) -> CampaignMessage:
+def message_in(
+    world, status: str, *, text: str | None = None, parts: list[str] | None = None, sent_parts: int = 0
+) -> CampaignMessage:
     """One message of ``world`` in ``status`` (with its text and parts, ``sent_parts`` of them sent)."""
     (m,) = world.add_leads(1)
     CampaignMessage.update(status=status, generated_text=text).where(CampaignMessage.id == m.id).execute()
     for i, part in enumerate(parts or []):
         sent = i < sent_parts
-        MessagePart.create(message=m.id, inbox=m.inbox_id, idx=i, text=part, status="sent" if sent else "pending",
-                           sent_at=dt.datetime.now(dt.timezone.utc) if sent else None,
-                           provider_message_id=f"KEY{uuid.uuid4().hex[:10]}" if sent else None)
+        MessagePart.create(
+            message=m.id,
+            inbox=m.inbox_id,
+            idx=i,
+            text=part,
+            status="sent" if sent else "pending",
+            sent_at=dt.datetime.now(dt.UTC) if sent else None,
+            provider_message_id=f"KEY{uuid.uuid4().hex[:10]}" if sent else None,
+        )
     return CampaignMessage.get_by_id(m.id)
 
 
@@ -181,8 +214,11 @@ def test_poisoned_send_is_dead_lettered_listed_and_requeued_once(engine, sb):
     sb.set_faults({"send": {"always_status": 500}})
     engine.start()
     dispatch.dispatch_due(get_settings())
-    wait_for(lambda: DeadLetter.select().count() == 1 and depths()["campaign.send.XQ"] == 1, timeout=60,
-             message="the poisoned send to reach campaign.send.XQ and dead_letters")
+    wait_for(
+        lambda: DeadLetter.select().count() == 1 and depths()["campaign.send.XQ"] == 1,
+        timeout=60,
+        message="the poisoned send to reach campaign.send.XQ and dead_letters",
+    )
     msg = CampaignMessage.get_by_id(m.id)
     assert (msg.status, msg.error_class) == ("failed", "retries_exhausted")
     assert run_counters(w.run.id)["leads_failed"] == 1 and run_counters(w.run.id)["status"] == "completed"
@@ -194,16 +230,23 @@ def test_poisoned_send_is_dead_lettered_listed_and_requeued_once(engine, sb):
     for word in ("campaign.send", "send_part", "both", "dead", "failed", "StepFailed"):
         assert word in line, (word, line)
     (row,) = json_lines(script("--json"))
-    assert (row["campaign_message_id"], row["run_id"], row["where"], row["actor"]) == (m.id, w.run.id, "both",
-                                                                                        "send_part")
+    assert (row["campaign_message_id"], row["run_id"], row["where"], row["actor"]) == (
+        m.id,
+        w.run.id,
+        "both",
+        "send_part",
+    )
     assert depths()["campaign.send.XQ"] == 1  # listing lost nothing
 
     sb.set_faults({"send": {"always_status": None}})
     done = script("--requeue")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "requeued" in done.stdout and "failed -> sending" in done.stdout and "reopened" in done.stdout
-    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "sent", timeout=30,
-             message=f"the requeued message to be sent\n{engine.tail()}")
+    wait_for(
+        lambda: CampaignMessage.get_by_id(m.id).status == "sent",
+        timeout=30,
+        message=f"the requeued message to be sent\n{engine.tail()}",
+    )
     assert Lead.get_by_id(m.lead_id).column_id == w.cols["Contacted"].id
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_sent"], c["leads_failed"], c["leads_processed"]) == ("completed", 1, 0, 1)
@@ -227,12 +270,22 @@ def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb)
     CampaignMessage.update(generated_text=LONG_TEXT).where(CampaignMessage.id == m.id).execute()
     engine.start()
     dispatch.dispatch_due(get_settings())
-    wait_for(lambda: MessagePart.select().where(MessagePart.message == m.id, MessagePart.idx == 0,
-                                                MessagePart.status == "sent").exists(),
-             timeout=30, interval=0.02, message=f"part 1 to be sent\n{engine.tail()}")
+    wait_for(
+        lambda: (
+            MessagePart.select()
+            .where(MessagePart.message == m.id, MessagePart.idx == 0, MessagePart.status == "sent")
+            .exists()
+        ),
+        timeout=30,
+        interval=0.02,
+        message=f"part 1 to be sent\n{engine.tail()}",
+    )
     sb.set_faults({"send": {"always_status": 500}})  # the next part is 2 s away
-    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "failed" and depths()["campaign.send.XQ"] == 1,
-             timeout=60, message=f"part 2 to die\n{engine.tail()}")
+    wait_for(
+        lambda: CampaignMessage.get_by_id(m.id).status == "failed" and depths()["campaign.send.XQ"] == 1,
+        timeout=60,
+        message=f"part 2 to die\n{engine.tail()}",
+    )
     parts = [p.status for p in MessagePart.select().where(MessagePart.message == m.id).order_by(MessagePart.idx)]
     assert len(parts) >= 2 and parts[0] == "sent" and set(parts[1:]) == {"failed"}, parts
     first_part_text = MessagePart.get(MessagePart.message == m.id, MessagePart.idx == 0).text
@@ -241,8 +294,11 @@ def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb)
     done = script("--requeue", "--run", str(w.run.id))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "#1 sent (kept)" in done.stdout and "#2 failed->pending" in done.stdout
-    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "sent", timeout=40,
-             message=f"the rest of the parts\n{engine.tail()}")
+    wait_for(
+        lambda: CampaignMessage.get_by_id(m.id).status == "sent",
+        timeout=40,
+        message=f"the rest of the parts\n{engine.tail()}",
+    )
     sends = _sends_by_text(sb)
     all_parts = [p.text for p in MessagePart.select().where(MessagePart.message == m.id).order_by(MessagePart.idx)]
     assert sends[first_part_text] == 1
@@ -260,15 +316,17 @@ def test_multi_part_message_poisoned_after_part_one_never_resends_it(engine, sb)
 
 
 def _raw_dramatiq(actor: str, args: list) -> bytes:
-    return dramatiq.Message(queue_name="campaign.send", actor_name=actor, args=tuple(args), kwargs={},
-                            options={}).encode()
+    return dramatiq.Message(
+        queue_name="campaign.send", actor_name=actor, args=tuple(args), kwargs={}, options={}
+    ).encode()
 
 
 def test_dry_run_changes_nothing_and_bad_xq_messages_are_listed_and_skipped(queues):
     s = fast_settings()
     w = make_world()
-    m = message_in(w, "sending", text="Olá, tudo bem? Uma mensagem.", parts=["Olá, tudo bem?", "Uma mensagem."],
-                   sent_parts=1)
+    m = message_in(
+        w, "sending", text="Olá, tudo bem? Uma mensagem.", parts=["Olá, tudo bem?", "Uma mensagem."], sent_parts=1
+    )
     good = kill_step(m.id, "send_part", s, inbox_id=m.inbox_id)
     dead_letter_via_rabbitmq(b"\x00\xffnot json at all", "campaign.send")
     dead_letter_via_rabbitmq(_raw_dramatiq("no_such_actor", [m.id, m.inbox_id]), "campaign.send")
@@ -280,8 +338,7 @@ def test_dry_run_changes_nothing_and_bad_xq_messages_are_listed_and_skipped(queu
 
     listed = script()
     assert listed.returncode == 0, listed.stderr
-    for text in ("malformed: not JSON", "unknown actor 'no_such_actor'", "malformed: no args",
-                 "no dead_letters row"):
+    for text in ("malformed: not JSON", "unknown actor 'no_such_actor'", "malformed: no args", "no dead_letters row"):
         assert text in listed.stdout, (text, listed.stdout)
     rows = json_lines(script("--json"))
     assert len(rows) == 5 and sum(r["where"] == "XQ" for r in rows) == 4
@@ -295,8 +352,10 @@ def test_dry_run_changes_nothing_and_bad_xq_messages_are_listed_and_skipped(queu
         assert db_state() == before and depths() == before_q, mode
     dry = script("--requeue", "--dry-run", "--id", good.message_id)
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert (f"would requeue: message {m.id}: failed -> sending; parts #1 sent (kept), #2 failed->pending; "
-            f"run {w.run.id}: processed 1->0, failed 1->0, status completed->running") in dry.stdout
+    assert (
+        f"would requeue: message {m.id}: failed -> sending; parts #1 sent (kept), #2 failed->pending; "
+        f"run {w.run.id}: processed 1->0, failed 1->0, status completed->running"
+    ) in dry.stdout
     assert f"publish send_part({m.id}, {m.inbox_id}) to campaign.send" in dry.stdout
     assert db_state() == before and depths() == before_q
 
@@ -336,8 +395,14 @@ def test_purge_and_filters(queues):
         return {r["campaign_message_id"] for r in json_lines(proc)}
 
     assert ids() == {gen.id, snd.id}
-    via_cli = subprocess.run([sys.executable, str(ROOT / "cli.py"), "dead-letters", "--json", "--actor", "generate"],
-                             cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    via_cli = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "dead-letters", "--json", "--actor", "generate"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert via_cli.returncode == 0 and [r["campaign_message_id"] for r in json_lines(via_cli)] == [gen.id]
     assert ids("--queue", "campaign.generate") == {gen.id}
     assert ids("--queue", "campaign.send.XQ") == {snd.id}
@@ -348,8 +413,15 @@ def test_purge_and_filters(queues):
     assert ids("--id", str(snd_row.id)) == {snd.id}
     assert ids("--id", gen_row.dramatiq_message_id) == {gen.id}
     assert ids("--run", "999999") == set()
-    for bad in (["--older-than", "2 hours"], ["--queue", "campaign.nope"], ["--actor", "finalize"],
-                ["--dry-run"], ["--requeue", "--purge"], ["--run", "x"], ["--older-than", "1h", "--newer-than", "1h"]):
+    for bad in (
+        ["--older-than", "2 hours"],
+        ["--queue", "campaign.nope"],
+        ["--actor", "finalize"],
+        ["--dry-run"],
+        ["--requeue", "--purge"],
+        ["--run", "x"],
+        ["--older-than", "1h", "--newer-than", "1h"],
+    ):
         proc = script(*bad)
         assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
         assert "error" in proc.stderr, bad
@@ -415,8 +487,10 @@ def test_requeue_of_a_message_that_completed_since_publishes_nothing(queues, sb,
     before = run_counters(w.run.id)
     published: list = []
     out = _Capture()
-    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
-                           publish=lambda q, a: published.append((q, a))) == 0
+    assert (
+        dead_letters.run(_args("--requeue"), get_settings(), out=out, publish=lambda q, a: published.append((q, a)))
+        == 0
+    )
     assert published == []
     assert "resolved" in out.text and "nothing published" in out.text and "'sent'" in out.text
     row = DeadLetter.get()
@@ -435,11 +509,14 @@ class _Capture:
         self.text += s
 
 
-@pytest.mark.parametrize("actor,status,text,parts,target,queue", [
-    ("generate", "generating", None, None, "queued", "campaign.generate"),
-    ("split", "splitting", LONG_TEXT, None, "splitting", "campaign.split"),
-    ("send_part", "sending", "Olá! Tudo bem?", ["Olá!", "Tudo bem?"], "sending", "campaign.send"),
-])
+@pytest.mark.parametrize(
+    "actor,status,text,parts,target,queue",
+    [
+        ("generate", "generating", None, None, "queued", "campaign.generate"),
+        ("split", "splitting", LONG_TEXT, None, "splitting", "campaign.split"),
+        ("send_part", "sending", "Olá! Tudo bem?", ["Olá!", "Tudo bem?"], "sending", "campaign.send"),
+    ],
+)
 def test_lost_publish_after_commit_is_recovered_by_the_sweep(queues, actor, status, text, parts, target, queue):
     """Each target status is re-enqueued by recovery.recovery_sweep when the publish fails (R-FAIL-8)."""
     s = fast_settings()
@@ -473,8 +550,10 @@ def test_lost_publish_after_commit_is_recovered_by_the_sweep(queues, actor, stat
     # the next --requeue only removes the stale XQ copy
     published: list = []
     out = _Capture()
-    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
-                           publish=lambda q, a: published.append((q, a))) == 0
+    assert (
+        dead_letters.run(_args("--requeue"), get_settings(), out=out, publish=lambda q, a: published.append((q, a)))
+        == 0
+    )
     assert published == [] and "stale XQ copy removed" in out.text
     assert depths()[f"{queue}.XQ"] == 0
 
@@ -489,8 +568,10 @@ def test_requeue_resumes_a_run_paused_for_error_threshold_and_keeps_other_pauses
     assert (c["status"], c["pause_reason"]) == ("paused", "error_threshold")
     published: list = []
     out = _Capture()
-    assert dead_letters.run(_args("--requeue"), get_settings(), out=out,
-                           publish=lambda q, a_: published.append((q, a_))) == 0
+    assert (
+        dead_letters.run(_args("--requeue"), get_settings(), out=out, publish=lambda q, a_: published.append((q, a_)))
+        == 0
+    )
     assert f"run {w.run.id} resumed (it was paused: error_threshold)" in out.text
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_failed"], c["leads_processed"]) == ("running", 0, 0)

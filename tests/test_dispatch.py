@@ -1,4 +1,5 @@
 """Dispatching and keeping runs in their window on the real services (R-DISP-1/3/4, E-03, E-06)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,7 +17,7 @@ from models import CampaignMessage, CampaignRun
 from tests import factories as f
 from tests.test_planner import bulk_leads, recorded_sql
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _lead_blocks = itertools.count(1)
 
 
@@ -56,16 +57,26 @@ def world(clean_db):
     return ws, cols, ibx, cfg
 
 
-def _due_run(ws, cols, cfg, n: int, *, scheduled_at: dt.datetime, status: str = "running",
-             run_date: dt.date | None = None) -> CampaignRun:
+def _due_run(
+    ws, cols, cfg, n: int, *, scheduled_at: dt.datetime, status: str = "running", run_date: dt.date | None = None
+) -> CampaignRun:
     """A run with ``n`` pending messages at ``scheduled_at`` (bulk, like the planner writes them)."""
     bulk_leads(ws, cols["New"], n, start=next(_lead_blocks) * 100_000)
-    run = f.run(cfg, run_date=run_date or scheduled_at.date(), status=status, leads_total=n,
-                **({"pause_reason": "manual"} if status == "paused" else {}))
-    db.execute_sql("""INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
+    run = f.run(
+        cfg,
+        run_date=run_date or scheduled_at.date(),
+        status=status,
+        leads_total=n,
+        **({"pause_reason": "manual"} if status == "paused" else {}),
+    )
+    db.execute_sql(
+        """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
                       SELECT %s, l.id, %s, %s FROM leads l
-                       WHERE l.workspace_id = %s AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.lead_id = l.id)
-                       ORDER BY l.id LIMIT %s""", (run.id, cfg.inbox_id, scheduled_at, ws.id, n))
+                       WHERE l.workspace_id = %s
+                         AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.lead_id = l.id)
+                       ORDER BY l.id LIMIT %s""",
+        (run.id, cfg.inbox_id, scheduled_at, ws.id, n),
+    )
     return run
 
 
@@ -114,8 +125,11 @@ def test_two_dispatchers_claim_each_message_exactly_once(world, broker_queues):
         t.join(120)
     assert not errors, errors
     assert sum(counts) == 5000 and all(c > 0 for c in counts), counts  # both worked, together exactly once
-    statuses = dict(db.execute_sql("SELECT status, count(*) FROM campaign_messages WHERE run_id = %s GROUP BY 1",
-                                   (run.id,)).fetchall())
+    statuses = dict(
+        db.execute_sql(
+            "SELECT status, count(*) FROM campaign_messages WHERE run_id = %s GROUP BY 1", (run.id,)
+        ).fetchall()
+    )
     assert statuses == {"queued": 5000}
     published = _drain(steps.GENERATE.queue)
     assert len(published) == 5000 and len(set(published)) == 5000
@@ -126,8 +140,15 @@ def test_dispatch_claims_only_due_messages_of_running_runs(world, broker_queues)
     ws, cols, _, cfg = world
     now = dt.datetime.now(UTC)
     due = _due_run(ws, cols, cfg, 3, scheduled_at=now - dt.timedelta(seconds=1))
-    _due_run(ws, cols, cfg, 4, scheduled_at=now - dt.timedelta(seconds=1), status="paused",
-             run_date=now.date() - dt.timedelta(days=1))
+    _due_run(
+        ws,
+        cols,
+        cfg,
+        4,
+        scheduled_at=now - dt.timedelta(seconds=1),
+        status="paused",
+        run_date=now.date() - dt.timedelta(days=1),
+    )
     cfg2 = f.config(ws, cfg.inbox, cols["New"], cols["Replied"], name="later")
     _due_run(ws, cols, cfg2, 5, scheduled_at=now + dt.timedelta(hours=1))
     assert dispatch.dispatch_due(get_settings()) == 3

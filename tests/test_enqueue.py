@@ -1,4 +1,5 @@
 """campaign.enqueue: steps are published by NAME through the engine's broker, never another one."""
+
 from __future__ import annotations
 
 import dramatiq

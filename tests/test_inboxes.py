@@ -1,6 +1,7 @@
 """Inbox commands (SPEC R-FAIL-6): ``cli.py inbox enable|disable NAME``, ``cli.py inboxes``; who and why
 in ``campaign_events``; ``apply`` never re-enables a disabled inbox; runs paused ``inbox_disabled``
 resume when their inbox is enabled, and only those."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,7 +19,7 @@ from models import CampaignMessage, CampaignRun, Inbox
 from tests import factories as f
 from tests.test_configfile import EXAMPLE
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -54,8 +55,9 @@ def _run(run) -> tuple[str, str | None]:
 
 
 def _inbox_events() -> list[tuple[str, str, dict]]:
-    return db.execute_sql("SELECT level, text, details FROM campaign_events WHERE step = 'inbox' ORDER BY id"
-                          ).fetchall()
+    return db.execute_sql(
+        "SELECT level, text, details FROM campaign_events WHERE step = 'inbox' ORDER BY id"
+    ).fetchall()
 
 
 def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
@@ -63,17 +65,25 @@ def test_disable_pauses_the_inbox_runs_and_says_who_and_why(world, capsys):
     run_ops.pause_run(runs["b"].id)  # the operator's own pause stays what it is
     code, out, err = run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "number reported as spam")
     assert code == 0, err
-    assert out == (f"inbox acme/sales-1 disabled by alice: number reported as spam; runs paused (inbox_disabled): "
-                   f"{runs['a'].id}, {runs['c'].id}\n")
+    assert out == (
+        f"inbox acme/sales-1 disabled by alice: number reported as spam; runs paused (inbox_disabled): "
+        f"{runs['a'].id}, {runs['c'].id}\n"
+    )
     ibx = Inbox.get_by_id(one.id)
     assert ibx.disabled and ibx.disabled_reason == "number reported as spam"
     assert _run(runs["a"]) == _run(runs["c"]) == ("paused", "inbox_disabled")
     assert _run(runs["b"]) == ("paused", "manual")
     assert _run(runs["d"]) == ("running", None) and not Inbox.get_by_id(two.id).disabled  # the other inbox
-    (level, text, details), = _inbox_events()
+    ((level, text, details),) = _inbox_events()
     assert level == "warning" and text == "inbox acme/sales-1 disabled by alice: number reported as spam"
-    assert details == {"inbox_id": one.id, "inbox": "acme/sales-1", "action": "disable", "by": "alice",
-                       "reason": "number reported as spam", "paused_runs": [runs["a"].id, runs["c"].id]}
+    assert details == {
+        "inbox_id": one.id,
+        "inbox": "acme/sales-1",
+        "action": "disable",
+        "by": "alice",
+        "reason": "number reported as spam",
+        "paused_runs": [runs["a"].id, runs["c"].id],
+    }
     # nothing is dispatched for a paused run
     assert dispatch.dispatch_due(get_settings(), publish=lambda q, ids: None) == 2  # run d's two only
     # disabling again changes nothing
@@ -94,8 +104,9 @@ def test_enable_resumes_exactly_the_runs_paused_inbox_disabled(world, capsys):
 
     code, out, err = run_cli(capsys, "inbox", "enable", "sales-1", "--reason", "number unblocked by Meta")
     assert code == 0, err
-    assert out == (f"inbox acme/sales-1 enabled by alice (consecutive failures reset to 0); runs resumed: "
-                   f"{runs['a'].id}\n")
+    assert out == (
+        f"inbox acme/sales-1 enabled by alice (consecutive failures reset to 0); runs resumed: {runs['a'].id}\n"
+    )
     ibx = Inbox.get_by_id(one.id)
     assert (ibx.disabled, ibx.disabled_reason, ibx.consecutive_failures) == (False, None, 0)
     assert _run(runs["a"]) == ("running", None)
@@ -105,12 +116,20 @@ def test_enable_resumes_exactly_the_runs_paused_inbox_disabled(world, capsys):
     assert all(after[i] > before[i] for i in before)
     level, text, details = _inbox_events()[-1]
     assert (level, text) == ("info", "inbox acme/sales-1 enabled by alice: number unblocked by Meta")
-    assert details == {"inbox_id": one.id, "inbox": "acme/sales-1", "action": "enable", "by": "alice",
-                       "reason": "number unblocked by Meta", "was_disabled": True,
-                       "disabled_reason": "5 consecutive send failures", "failures_reset": 5,
-                       "resumed_runs": [runs["a"].id]}
-    resumed = db.execute_sql("SELECT run_id FROM campaign_events WHERE text = 'run resumed (inbox_disabled cleared)'"
-                             ).fetchall()
+    assert details == {
+        "inbox_id": one.id,
+        "inbox": "acme/sales-1",
+        "action": "enable",
+        "by": "alice",
+        "reason": "number unblocked by Meta",
+        "was_disabled": True,
+        "disabled_reason": "5 consecutive send failures",
+        "failures_reset": 5,
+        "resumed_runs": [runs["a"].id],
+    }
+    resumed = db.execute_sql(
+        "SELECT run_id FROM campaign_events WHERE text = 'run resumed (inbox_disabled cleared)'"
+    ).fetchall()
     assert resumed == [(runs["a"].id,)]
     # enabling an enabled inbox: nothing to do, nothing logged
     code, out, _ = run_cli(capsys, "inbox", "enable", "sales-1")
@@ -133,19 +152,22 @@ def test_names_workspaces_and_bad_input(world, capsys):
     theirs = f.inbox(other, "sales-1")
     code, out, err = run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "x")
     assert code == 2 and out == ""
-    assert err == ("error: inbox 'sales-1' exists in 2 workspaces (acme, beta): name one with --workspace W or as "
-                   "W/sales-1\n")
+    assert err == (
+        "error: inbox 'sales-1' exists in 2 workspaces (acme, beta): name one with --workspace W or as W/sales-1\n"
+    )
     assert run_cli(capsys, "inbox", "disable", "sales-1", "--workspace", "beta", "--reason", "x")[0] == 0
     assert Inbox.get_by_id(theirs.id).disabled and not Inbox.get_by_id(one.id).disabled
     assert run_cli(capsys, "inbox", "enable", "beta/sales-1")[0] == 0
     assert not Inbox.get_by_id(theirs.id).disabled
 
     code, _, err = run_cli(capsys, "inbox", "enable", "ghost")
-    assert code == 2 and err == ("error: inbox 'ghost' does not exist (inboxes: acme/sales-1, acme/sales-2, "
-                                 "beta/sales-1)\n")
+    assert code == 2 and err == (
+        "error: inbox 'ghost' does not exist (inboxes: acme/sales-1, acme/sales-2, beta/sales-1)\n"
+    )
     code, _, err = run_cli(capsys, "inbox", "enable", "ghost", "--workspace", "acme")
-    assert code == 2 and err == ("error: inbox 'ghost' is not an inbox of workspace 'acme' (its inboxes: acme/sales-1, "
-                                 "acme/sales-2)\n")
+    assert code == 2 and err == (
+        "error: inbox 'ghost' is not an inbox of workspace 'acme' (its inboxes: acme/sales-1, acme/sales-2)\n"
+    )
     code, _, err = run_cli(capsys, "inbox", "enable", "sales-1", "--workspace", "nope")
     assert code == 2 and err == "error: workspace 'nope' does not exist\n"
     code, _, err = run_cli(capsys, "inbox", "disable", "acme/sales-2", "--reason", "  ")
@@ -159,16 +181,28 @@ def test_names_workspaces_and_bad_input(world, capsys):
 
 def test_inboxes_lists_state_disabled_and_failures(world, capsys):
     ws, cols, one, two, runs = world
-    db.execute_sql("""UPDATE inboxes SET connection_state = 'close', disconnected_since = '2026-06-10 12:00+00',
-                             consecutive_failures = 2 WHERE id = %s""", (two.id,))
+    db.execute_sql(
+        """UPDATE inboxes SET connection_state = 'close', disconnected_since = '2026-06-10 12:00+00',
+                             consecutive_failures = 2 WHERE id = %s""",
+        (two.id,),
+    )
     run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "banned")
     code, out, _ = run_cli(capsys, "inboxes")
     assert code == 0
     header, first, second = out.splitlines()
     assert header.split() == ["inbox", "instance", "state", "failures", "disabled"]
     assert first.split() == ["acme/sales-1", one.instance_name, "unknown", "0", "yes:", "banned"]
-    assert second.split() == ["acme/sales-2", two.instance_name, "close", "since", "2026-06-10", "12:00", "UTC",
-                              "2", "no"]
+    assert second.split() == [
+        "acme/sales-2",
+        two.instance_name,
+        "close",
+        "since",
+        "2026-06-10",
+        "12:00",
+        "UTC",
+        "2",
+        "no",
+    ]
     code, _, err = run_cli(capsys, "inboxes", "--workspace", "nope")
     assert code == 2 and "workspace 'nope' does not exist" in err
 
@@ -209,8 +243,10 @@ def test_operator_pause_of_a_run_paused_inbox_disabled_survives_enable(world, ca
     run_cli(capsys, "inbox", "disable", "sales-2", "--reason", "banned")
     assert _run(runs["d"]) == ("paused", "inbox_disabled")
     code, out, _ = run_cli(capsys, "pause", str(runs["d"].id))
-    assert code == 0 and out == (f"run {runs['d'].id} paused (manual): it was paused automatically (inbox_disabled); "
-                                 "it no longer resumes by itself, only with `resume`\n")
+    assert code == 0 and out == (
+        f"run {runs['d'].id} paused (manual): it was paused automatically (inbox_disabled); "
+        "it no longer resumes by itself, only with `resume`\n"
+    )
     code, out, _ = run_cli(capsys, "inbox", "enable", "sales-2")
     assert code == 0 and out.endswith("runs resumed: none\n")
     assert _run(runs["d"]) == ("paused", "manual")

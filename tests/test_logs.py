@@ -1,4 +1,5 @@
 """Structured logs (SPEC R-OPS-6, T-SEC-1): ids in every step line, secrets never in any log line."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,29 +30,46 @@ from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_fo
 
 def test_redactor_masks_configured_secrets_url_passwords_and_auth_values():
     r = logs.Redactor(["sk-or-v1-abcdef123456", "evo-key-987654"])
-    text = ("POST with key sk-or-v1-abcdef123456 and apikey evo-key-987654; "
-            "amqp://user:pa55word@mq:5672/vh Authorization: Bearer tok_live_1234567 "
-            '{"apikey": "other-secret-value"} password=hunter2hunter')
+    text = (
+        "POST with key sk-or-v1-abcdef123456 and apikey evo-key-987654; "
+        "amqp://user:pa55word@mq:5672/vh Authorization: Bearer tok_live_1234567 "
+        '{"apikey": "other-secret-value"} password=hunter2hunter'
+    )
     out = r(text)
-    for secret in ("sk-or-v1-abcdef123456", "evo-key-987654", "pa55word", "tok_live_1234567",
-                   "other-secret-value", "hunter2hunter"):
+    for secret in (
+        "sk-or-v1-abcdef123456",
+        "evo-key-987654",
+        "pa55word",
+        "tok_live_1234567",
+        "other-secret-value",
+        "hunter2hunter",
+    ):
         assert secret not in out, (secret, out)
     assert "amqp://user:***@mq:5672/vh" in out
     assert "POST with key ***" in out
 
 
 def test_redactor_from_settings_covers_every_secret_setting():
-    s = dataclasses.replace(get_settings(), openrouter_api_key="sk-or-xyz-111", evolution_api_key="evo-222-key",
-                            webhook_secret="hook-333-secret",
-                            database_url="postgresql://app:db%2Fpass44@h:5432/d",
-                            rabbitmq_url="amqp://app:mqpass55@h:5672/v")
+    s = dataclasses.replace(
+        get_settings(),
+        openrouter_api_key="sk-or-xyz-111",
+        evolution_api_key="evo-222-key",
+        webhook_secret="hook-333-secret",
+        database_url="postgresql://app:db%2Fpass44@h:5432/d",
+        rabbitmq_url="amqp://app:mqpass55@h:5672/v",
+    )
     r = logs.Redactor.from_settings(s)
     line = "sk-or-xyz-111 evo-222-key hook-333-secret db/pass44 db%2Fpass44 mqpass55"
     assert r(line) == " ".join(["***"] * 6)
 
 
-def _format(record_msg: str, *args, exc: BaseException | None = None, json_lines: bool = False,
-            redactor: logs.Redactor | None = None) -> str:
+def _format(
+    record_msg: str,
+    *args,
+    exc: BaseException | None = None,
+    json_lines: bool = False,
+    redactor: logs.Redactor | None = None,
+) -> str:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.StructuredFormatter(redactor, json_lines=json_lines))
@@ -78,26 +96,35 @@ def test_formatter_puts_context_ids_in_the_line_and_quotes_values():
 
 
 def test_formatter_json_lines_parse_and_redact_tracebacks():
-    line = _format("failed", exc=RuntimeError("boom with key sk-live-000111222"), json_lines=True,
-                   redactor=logs.Redactor(["sk-live-000111222"]))
+    line = _format(
+        "failed",
+        exc=RuntimeError("boom with key sk-live-000111222"),
+        json_lines=True,
+        redactor=logs.Redactor(["sk-live-000111222"]),
+    )
     doc = json.loads(line)
     assert doc["run"] == 3 and doc["message"] == 12 and doc["msg"] == "failed"
     assert "RuntimeError: boom with key ***" in doc["exc"]
     assert "sk-live-000111222" not in line
 
 
-_SECRET_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="*"), min_size=4,
-                       max_size=24).filter(lambda s: s.strip() == s and len(s.strip()) >= 4)
+_SECRET_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="*"), min_size=4, max_size=24
+).filter(lambda s: s.strip() == s and len(s.strip()) >= 4)
 
 
 @hsettings(max_examples=200, deadline=None)
-@given(secret=st.one_of(_SECRET_TEXT, _SECRET_TEXT.map(lambda s: s[:2] + '"\\\t' + s[2:])),
-       json_lines=st.booleans())
+@given(secret=st.one_of(_SECRET_TEXT, _SECRET_TEXT.map(lambda s: s[:2] + '"\\\t' + s[2:])), json_lines=st.booleans())
 def test_secret_with_quote_backslash_or_tab_is_masked_in_every_line_format(secret, json_lines):
     """Issue 23 item 8 (T-SEC-1, R-OPS-6): masking happens before JSON/logfmt quoting, so a secret
     containing '"', '\\' or a tab is masked too (it used to survive in its escaped form)."""
-    line = _format("connecting with %s now", secret, exc=RuntimeError(f"refused {secret}"),
-                   json_lines=json_lines, redactor=logs.Redactor([secret]))
+    line = _format(
+        "connecting with %s now",
+        secret,
+        exc=RuntimeError(f"refused {secret}"),
+        json_lines=json_lines,
+        redactor=logs.Redactor([secret]),
+    )
     escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
     assert secret not in line and escaped not in line, line
     assert "connecting with *** now" in (json.loads(line)["msg"] if json_lines else line)
@@ -124,15 +151,15 @@ def test_redactor_work_is_bounded_and_a_cut_never_leaves_the_head_of_a_secret(mo
         for shift in range(1, len(straddler), 3):
             seen.clear()
             filler = "x" * 40 + " "
-            msg = (filler * (limit // len(filler) + 1))[:limit - shift] + straddler + " " + "A" * 250_000
+            msg = (filler * (limit // len(filler) + 1))[: limit - shift] + straddler + " " + "A" * 250_000
             line = _format("%s", msg)
-            assert max(seen) <= limit + 200, max(seen)          # never the 250 KB
+            assert max(seen) <= limit + 200, max(seen)  # never the 250 KB
             assert len(line) < limit + 1000
             for head in ("tok_live_abc", "pa55word"):
                 assert head not in line, (shift, line[-200:])
             assert "more chars cut]" in line
     seen.clear()
-    line = _format("%s", "a" * 250_000)                          # the issue's alphanumeric run
+    line = _format("%s", "a" * 250_000)  # the issue's alphanumeric run
     assert max(seen) <= limit + 200 and "a" * 100 not in line
 
 
@@ -199,8 +226,11 @@ def test_full_run_logs_have_ids_and_never_a_secret(clean_db, tmp_path):
     # trust auth ignores the password, so it can be planted in the URL and looked for afterwards
     db_password = f"dbpw-{uuid.uuid4().hex[:12]}"
     settings = get_settings()
-    faults = {"chat": {"rate_429": 0.2, "retry_after": 0.1}, "send": {"rate_500": 0.15},
-              "invalid_numbers": ["5511900000099"]}
+    faults = {
+        "chat": {"rate_429": 0.2, "retry_after": 0.1},
+        "send": {"rate_500": 0.15},
+        "invalid_numbers": ["5511900000099"],
+    }
     w = make_world("logs", n_inboxes=2, split=True, max_parts=3)
     w.add_leads(10, inbox=w.inboxes[0])
     w.add_leads(10, inbox=w.inboxes[1])
@@ -212,21 +242,48 @@ def test_full_run_logs_have_ids_and_never_a_secret(clean_db, tmp_path):
     purge_queues(settings.rabbitmq_url, queues)
     worker_log, sched_log = tmp_path / "worker.log", tmp_path / "scheduler.log"
     with SandboxProcess(seed=11, chat_key=chat_key, evolution_key=evo_key, faults=faults) as sb:
-        env = {"OPENROUTER_BASE_URL": sb.openrouter_url, "OPENROUTER_API_KEY": chat_key,
-               "EVOLUTION_API_URL": sb.evolution_url, "EVOLUTION_API_KEY": evo_key,
-               "WEBHOOK_SECRET": hook_secret, "DATABASE_URL": _with_password(settings.database_url, db_password),
-               "MIN_BACKOFF_SECONDS": "0.05", "MAX_BACKOFF_SECONDS": "1", "MAX_ATTEMPTS": "6",
-               "LEASE_SECONDS": "5", "SEND_TIMEOUT_SECONDS": "2", "DISPATCH_INTERVAL_SECONDS": "0.5",
-               "LOG_LEVEL": "DEBUG"}
+        env = {
+            "OPENROUTER_BASE_URL": sb.openrouter_url,
+            "OPENROUTER_API_KEY": chat_key,
+            "EVOLUTION_API_URL": sb.evolution_url,
+            "EVOLUTION_API_KEY": evo_key,
+            "WEBHOOK_SECRET": hook_secret,
+            "DATABASE_URL": _with_password(settings.database_url, db_password),
+            "MIN_BACKOFF_SECONDS": "0.05",
+            "MAX_BACKOFF_SECONDS": "1",
+            "MAX_ATTEMPTS": "6",
+            "LEASE_SECONDS": "5",
+            "SEND_TIMEOUT_SECONDS": "2",
+            "DISPATCH_INTERVAL_SECONDS": "0.5",
+            "LOG_LEVEL": "DEBUG",
+        }
         worker = start_worker(processes=2, threads=4, extra_env=env, log_path=worker_log)
-        sched = subprocess.Popen([sys.executable, "scheduler.py"], cwd=ROOT, env={**os.environ, **env},
-                                 stdout=open(sched_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        sched = subprocess.Popen(
+            [sys.executable, "scheduler.py"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=open(sched_log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            wait_for(lambda: db.execute_sql("SELECT status FROM campaign_runs WHERE id = %s",
-                                            (w.run.id,)).fetchone()[0] == "completed",
-                     timeout=90, interval=0.3, message="the run to complete")
-            cli = subprocess.run([sys.executable, "cli.py", "-v", "status"], cwd=ROOT, env={**os.environ, **env},
-                                 capture_output=True, text=True, timeout=60)
+            wait_for(
+                lambda: (
+                    db.execute_sql("SELECT status FROM campaign_runs WHERE id = %s", (w.run.id,)).fetchone()[0]
+                    == "completed"
+                ),
+                timeout=90,
+                interval=0.3,
+                message="the run to complete",
+            )
+            cli = subprocess.run(
+                [sys.executable, "cli.py", "-v", "status"],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert cli.returncode == 0, cli.stderr
         finally:
             stop_worker(sched)
@@ -247,6 +304,6 @@ def test_full_run_logs_have_ids_and_never_a_secret(clean_db, tmp_path):
     for line in step_lines:
         assert re.search(r" actor=(generate|split|send_part) ", line), line
         assert re.search(r" message=\d+ ", line), line
-        assert re.search(fr" run={w.run.id} ", line), line
+        assert re.search(rf" run={w.run.id} ", line), line
     assert any("outcome=retry" in line for line in step_lines), "the injected faults should show as retries"
     assert "was skipped" not in worker_log.read_text()

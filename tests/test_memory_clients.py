@@ -1,13 +1,14 @@
 """Provider clients: one per thread (httpcore's shared pool races, encode/httpcore#1110), one TLS
 context per process (a context per client costs ~0.9 MiB of C heap), clients of ended threads closed."""
+
 from __future__ import annotations
 
 import collections
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -26,7 +27,7 @@ def _rss_kb() -> int:
 class _Ok(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the providers
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         body = b'{"ok": true}'
         self.send_response(200)
@@ -107,16 +108,20 @@ def test_concurrent_sends_through_per_thread_clients_never_lose_a_socket(http_se
     hangs to its read timeout) on an idle machine; through the per-thread cache none may. The race is
     timing-dependent (on a loaded machine the shared pool may pass too): the deterministic guard is
     ``test_one_client_per_thread_and_key``; this one runs the cache on real sockets under concurrency."""
-    limits = httpx.Limits(max_connections=DEFAULT_LIMITS.max_connections,
-                          max_keepalive_connections=DEFAULT_LIMITS.max_keepalive_connections, keepalive_expiry=0.01)
+    limits = httpx.Limits(
+        max_connections=DEFAULT_LIMITS.max_connections,
+        max_keepalive_connections=DEFAULT_LIMITS.max_keepalive_connections,
+        keepalive_expiry=0.01,
+    )
     errors: collections.Counter[str] = collections.Counter()
     done = [0]
     lock = threading.Lock()
 
     def work() -> None:
         client = clients._thread_client(  # the cache get_openrouter/get_evolution use, with a short expiry
-            ("race", http_server), lambda: build_http_client(http_server, timeout=httpx.Timeout(5.0), headers={},
-                                                             limits=limits))
+            ("race", http_server),
+            lambda: build_http_client(http_server, timeout=httpx.Timeout(5.0), headers={}, limits=limits),
+        )
         end = time.monotonic() + 4.0
         i = 0
         while time.monotonic() < end:

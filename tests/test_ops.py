@@ -1,6 +1,7 @@
 """``verify`` (R-OPS-1, issue 12 item 6): counters vs rows, message <-> part consistency, finished runs
 left open. Each inconsistency is planted on the real PostgreSQL and must be named (run, message,
 what is wrong); the legitimate combinations the engine does produce must not be."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -13,7 +14,7 @@ from campaign.ops import cli, monitor
 from models import MessagePart
 from tests import factories as f
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 TERMINAL = ("sent", "failed", "skipped", "in_doubt")
 
 
@@ -30,19 +31,32 @@ def plant(run, status: str, parts: tuple[str, ...] = ()) -> int:
     ws = run.config.workspace
     lead = f.lead(ws, None)
     now = dt.datetime.now(UTC)
-    m = f.message(run, lead, status=status, generated_text="Hello there. How are you?" if parts else None,
-                  skip_reason="test" if status == "skipped" else None, sent_at=now if status == "sent" else None)
+    m = f.message(
+        run,
+        lead,
+        status=status,
+        generated_text="Hello there. How are you?" if parts else None,
+        skip_reason="test" if status == "skipped" else None,
+        sent_at=now if status == "sent" else None,
+    )
     for idx, part_status in enumerate(parts):
-        MessagePart.create(message=m, inbox=m.inbox_id, idx=idx, text=f"part {idx + 1}", status=part_status,
-                           attempt_id=uuid.uuid4() if part_status in ("sending", "in_doubt", "sent") else None,
-                           sending_at=now if part_status != "pending" else None,
-                           sent_at=now if part_status == "sent" else None)
+        MessagePart.create(
+            message=m,
+            inbox=m.inbox_id,
+            idx=idx,
+            text=f"part {idx + 1}",
+            status=part_status,
+            attempt_id=uuid.uuid4() if part_status in ("sending", "in_doubt", "sent") else None,
+            sending_at=now if part_status != "pending" else None,
+            sent_at=now if part_status == "sent" else None,
+        )
     return m.id
 
 
 def settle_counters(run, status: str | None = None) -> None:
     """Set the run's counters from its rows (so only what the test planted can be wrong)."""
-    db.execute_sql("""
+    db.execute_sql(
+        """
         UPDATE campaign_runs r SET leads_total = c.total, leads_processed = c.done, leads_sent = c.sent,
                leads_failed = c.failed, leads_skipped = c.skipped, leads_in_doubt = c.in_doubt,
                status = coalesce(%s, CASE WHEN c.done = c.total THEN 'completed' ELSE r.status END),
@@ -54,7 +68,9 @@ def settle_counters(run, status: str | None = None) -> None:
                        count(*) FILTER (WHERE status = 'skipped') AS skipped,
                        count(*) FILTER (WHERE status = 'in_doubt') AS in_doubt
                   FROM campaign_messages WHERE run_id = %s) c
-         WHERE r.id = %s""", (status, status, run.id, run.id))
+         WHERE r.id = %s""",
+        (status, status, run.id, run.id),
+    )
 
 
 def test_engine_states_that_are_legitimate_report_nothing(world):
@@ -62,18 +78,18 @@ def test_engine_states_that_are_legitimate_report_nothing(world):
     ws, cols, ibx, cfg = world
     done = f.run(cfg, run_date=dt.date(2026, 6, 9))
     plant(done, "sent", ("sent", "sent"))
-    plant(done, "failed", ("sent", "failed"))            # permanent error at part 2 (E-08 after retries)
-    plant(done, "failed", ("sent", "pending"))           # lead opted out / deleted mid-message
+    plant(done, "failed", ("sent", "failed"))  # permanent error at part 2 (E-08 after retries)
+    plant(done, "failed", ("sent", "pending"))  # lead opted out / deleted mid-message
     plant(done, "in_doubt", ("sent", "in_doubt", "pending"))
-    plant(done, "skipped", ("pending", "pending"))       # cancelled before its first part went out
+    plant(done, "skipped", ("pending", "pending"))  # cancelled before its first part went out
     plant(done, "skipped")
     plant(done, "failed")
     settle_counters(done)
     going = f.run(cfg, run_date=dt.date(2026, 6, 10))
     plant(going, "sending", ("sent", "sending", "pending"))
-    plant(going, "sending", ("sent", "pending"))         # between two parts
-    plant(going, "sending", ("failed", "pending"))       # a retry continues at the failed part
-    plant(going, "pending", ("pending", "pending"))      # put back to wait before its first part
+    plant(going, "sending", ("sent", "pending"))  # between two parts
+    plant(going, "sending", ("failed", "pending"))  # a retry continues at the failed part
+    plant(going, "pending", ("pending", "pending"))  # put back to wait before its first part
     plant(going, "splitting")
     plant(going, "sent", ("sent",))
     settle_counters(going)
@@ -83,28 +99,31 @@ def test_engine_states_that_are_legitimate_report_nothing(world):
     assert monitor.verify() == []
 
 
-@pytest.mark.parametrize("status, parts, problem", [
-    ("skipped", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'skipped', not 'in_doubt'"),
-    ("skipped", ("sent", "pending"), "part #1 is 'sent': the message started, yet it is 'skipped'"),
-    ("failed", ("sent", "sending"), "part #2 is 'sending' (a send in flight) but the message is 'failed'"),
-    ("failed", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'failed', not 'in_doubt'"),
-    ("pending", ("sent", "pending"), "part #1 is 'sent': the message started, yet it is 'pending'"),
-    ("queued", ("sending",), "part #1 is 'sending' (a send in flight) but the message is 'queued'"),
-    ("generating", ("sent",), "part #1 is 'sent': the message started, yet it is 'generating'"),
-    ("splitting", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'splitting', not 'in_doubt'"),
-    ("sending", ("sent", "in_doubt"), "part #2 is 'in_doubt' but the message is 'sending', not 'in_doubt'"),
-    ("sent", ("sent", "pending"), "the message is 'sent' but part #2 is 'pending', not sent"),
-    ("sent", ("sent", "failed"), "the message is 'sent' but part #2 is 'failed', not sent"),
-    ("sent", ("sending",), "part #1 is 'sending' (a send in flight) but the message is 'sent'"),
-    ("in_doubt", ("sent", "pending"), "the message is 'in_doubt' but none of its parts is"),
-    ("in_doubt", (), "the message is 'in_doubt' but none of its parts is"),
-])
+@pytest.mark.parametrize(
+    "status, parts, problem",
+    [
+        ("skipped", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'skipped', not 'in_doubt'"),
+        ("skipped", ("sent", "pending"), "part #1 is 'sent': the message started, yet it is 'skipped'"),
+        ("failed", ("sent", "sending"), "part #2 is 'sending' (a send in flight) but the message is 'failed'"),
+        ("failed", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'failed', not 'in_doubt'"),
+        ("pending", ("sent", "pending"), "part #1 is 'sent': the message started, yet it is 'pending'"),
+        ("queued", ("sending",), "part #1 is 'sending' (a send in flight) but the message is 'queued'"),
+        ("generating", ("sent",), "part #1 is 'sent': the message started, yet it is 'generating'"),
+        ("splitting", ("in_doubt",), "part #1 is 'in_doubt' but the message is 'splitting', not 'in_doubt'"),
+        ("sending", ("sent", "in_doubt"), "part #2 is 'in_doubt' but the message is 'sending', not 'in_doubt'"),
+        ("sent", ("sent", "pending"), "the message is 'sent' but part #2 is 'pending', not sent"),
+        ("sent", ("sent", "failed"), "the message is 'sent' but part #2 is 'failed', not sent"),
+        ("sent", ("sending",), "part #1 is 'sending' (a send in flight) but the message is 'sent'"),
+        ("in_doubt", ("sent", "pending"), "the message is 'in_doubt' but none of its parts is"),
+        ("in_doubt", (), "the message is 'in_doubt' but none of its parts is"),
+    ],
+)
 def test_message_and_parts_that_disagree_are_named(world, status, parts, problem):
     ws, cols, ibx, cfg = world
     run = f.run(cfg)
     plant(run, "sent", ("sent",))  # a clean neighbour: never reported
     bad = plant(run, status, parts)
-    plant(run, "pending")           # keeps the run open, so only the message is wrong
+    plant(run, "pending")  # keeps the run open, so only the message is wrong
     settle_counters(run)
     findings = monitor.verify()
     assert len(findings) == 1, findings
@@ -120,7 +139,7 @@ def test_every_problem_of_one_message_in_one_finding(world):
     bad = plant(run, "skipped", ("sent", "in_doubt", "sending"))
     plant(run, "pending")
     settle_counters(run)
-    found, = monitor.verify()
+    (found,) = monitor.verify()
     assert found.message_id == bad
     assert found.problem.count("part #") == 3
 
@@ -133,7 +152,7 @@ def test_finished_run_left_open_is_named(world, status):
     plant(run, "sent", ("sent",))
     plant(run, "skipped")
     settle_counters(run, status)
-    found, = monitor.verify()
+    (found,) = monitor.verify()
     assert isinstance(found, monitor.Inconsistency) and found.run_id == run.id and found.message_id is None
     assert found.problem == f"status is '{status}' but leads_processed = 2 of leads_total = 2: it should be completed"
 
@@ -144,8 +163,9 @@ def test_verify_command_exits_1_and_names_each_finding(world, capsys):
     bad = plant(run, "skipped", ("in_doubt",))
     plant(run, "pending")
     settle_counters(run)
-    db.execute_sql("UPDATE campaign_runs SET leads_sent = 1, leads_processed = 2, leads_total = 3 "
-                   "WHERE id = %s", (run.id,))
+    db.execute_sql(
+        "UPDATE campaign_runs SET leads_sent = 1, leads_processed = 2, leads_total = 3 WHERE id = %s", (run.id,)
+    )
     code = cli.main(["verify"])
     out = capsys.readouterr().out
     assert code == 1

@@ -1,4 +1,5 @@
 """Pool checkout without a `SELECT 1` per delivery (issue 7, T-PERF-1), and no loss of E-16 healing."""
+
 from __future__ import annotations
 
 import threading

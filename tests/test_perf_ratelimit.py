@@ -1,4 +1,5 @@
 """The OpenRouter per-minute budget taken in blocks per process (issue 7, T-PERF-1; R-RATE-1 kept)."""
+
 from __future__ import annotations
 
 import collections
@@ -64,9 +65,16 @@ def test_the_budget_is_never_exceeded_across_two_processes(services):
     key = f"openrouter:test-{uuid.uuid4().hex[:8]}"
     per_minute = 200  # blocks of 10
     start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", _HAMMER, key, str(per_minute), str(start), "1.5"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HAMMER, key, str(per_minute), str(start), "1.5"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=60)

@@ -1,4 +1,5 @@
 """The send and split steps with fewer round trips (issue 7, T-PERF-1): behaviour kept."""
+
 from __future__ import annotations
 
 import pytest
@@ -69,8 +70,11 @@ def test_split_of_a_message_that_already_has_parts_keeps_them(clean_db, sb, llm,
 
 def _slot(inbox_id: int) -> tuple:
     from campaign import ratelimit
-    return db.execute_sql("SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
-                          (ratelimit.inbox_key(inbox_id),)).fetchone()
+
+    return db.execute_sql(
+        "SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
+        (ratelimit.inbox_key(inbox_id),),
+    ).fetchone()
 
 
 @pytest.mark.parametrize("outcome", ["sent", "invalid_number"])
@@ -82,8 +86,9 @@ def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm
     (msg,) = w.add_leads(1)
     _to_sending(msg.id, settings, llm)
     if outcome == "invalid_number":
-        phone = db.execute_sql("SELECT l.phone FROM leads l JOIN campaign_messages m ON m.lead_id = l.id "
-                               "WHERE m.id = %s", (msg.id,)).fetchone()[0]
+        phone = db.execute_sql(
+            "SELECT l.phone FROM leads l JOIN campaign_messages m ON m.lead_id = l.id WHERE m.id = %s", (msg.id,)
+        ).fetchone()[0]
         sb.set_faults(invalid_numbers=[phone.lstrip("+")])
     grant = ratelimit.acquire_inbox(w.inboxes[0].id, 60)
     assert grant.granted and _slot(w.inboxes[0].id) == (False, False)

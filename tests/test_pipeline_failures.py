@@ -3,6 +3,7 @@ a decision, Retry-After scopes, parked waits, lost hand-offs. Real PostgreSQL an
 real HTTP; E-23 also on real RabbitMQ with real worker processes. Each test fails on the code
 before issue 12.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -59,8 +60,14 @@ def test_e23_gateway_5xx_burst_longer_than_the_failure_limit_disables_nothing(en
     timer = threading.Timer(4.0, lambda: sb.set_faults(send={"always_status": None}))
     timer.start()
     try:
-        engine.start(processes=1, threads=4, INBOX_FAILURE_LIMIT="2", MAX_ATTEMPTS="3",
-                     MIN_BACKOFF_SECONDS="0.2", MAX_BACKOFF_SECONDS="1")
+        engine.start(
+            processes=1,
+            threads=4,
+            INBOX_FAILURE_LIMIT="2",
+            MAX_ATTEMPTS="3",
+            MIN_BACKOFF_SECONDS="0.2",
+            MAX_BACKOFF_SECONDS="1",
+        )
         engine.dispatch_all()
         engine.wait_terminal(timeout=90)
     finally:
@@ -118,15 +125,21 @@ def test_real_send_failures_still_disable_the_inbox(clean_db, sb, llm, evo):
 def test_connection_closed_while_the_state_says_open_is_a_real_failure(clean_db, sb, llm, evo, settings):
     """R-FAIL-6: Evolution's "Connection Closed" while connectionState answers open counts."""
     w = make_world()
-    m, = w.add_leads(1)
+    (m,) = w.add_leads(1)
     to_sending(m.id, settings, llm)
     # the instance is not in disconnected_instances (state: open) but its sends are refused so
     orig = evo.send_text
 
     def closed(instance, number, text):
         from campaign.errors import ProviderUnavailable
-        raise ProviderUnavailable("evolution sendText: HTTP 400: Connection Closed", provider="evolution",
-                                  status_code=400, code="instance_disconnected")
+
+        raise ProviderUnavailable(
+            "evolution sendText: HTTP 400: Connection Closed",
+            provider="evolution",
+            status_code=400,
+            code="instance_disconnected",
+        )
+
     evo.send_text = closed
     try:
         with pytest.raises(RetryLater):
@@ -150,7 +163,7 @@ def test_e24_disconnect_after_part_one_waits_and_sends_the_rest_after_reconnecti
     assert not out.sent
     m = CampaignMessage.get_by_id(m1.id)
     assert m.status == "sending", "a started message never fails or restarts because of a disconnect"
-    assert m.wake_at > dt.datetime.now(dt.timezone.utc)  # parked in PostgreSQL
+    assert m.wake_at > dt.datetime.now(dt.UTC)  # parked in PostgreSQL
     assert run_counters(w.run.id)["pause_reason"] == "inbox_disconnected"
     inbox = _inbox(w.inboxes[0].id)
     assert (inbox.consecutive_failures, inbox.disabled, inbox.connection_state) == (0, False, "close")
@@ -174,7 +187,7 @@ def test_e24_disconnect_after_part_one_waits_and_sends_the_rest_after_reconnecti
 def test_e07_a_message_not_started_goes_back_to_wait_without_calling_send(clean_db, sb, llm, evo, settings):
     """R-PIPE-3: a known fresh 'close' state stops the send before any sendText."""
     w = make_world()
-    m, = w.add_leads(1)
+    (m,) = w.add_leads(1)
     to_sending(m.id, settings, llm)
     db.execute_sql("UPDATE inboxes SET connection_state = 'close', state_checked_at = now()")
     pipeline.send_step(m.id, settings, evo)
@@ -188,10 +201,13 @@ def test_e07_a_message_not_started_goes_back_to_wait_without_calling_send(clean_
 
 
 def _crashed_mid_send(w, settings, llm):
-    m, = w.add_leads(1)
+    (m,) = w.add_leads(1)
     to_sending(m.id, settings, llm)
-    db.execute_sql("UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), "
-                   "sending_at = now() WHERE message_id = %s", (m.id,))
+    db.execute_sql(
+        "UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), "
+        "sending_at = now() WHERE message_id = %s",
+        (m.id,),
+    )
     return m
 
 
@@ -236,10 +252,11 @@ def test_e25_the_sweep_settles_the_same_crash_in_doubt_after_a_cancel(clean_db, 
 
 def test_lock_timeout_on_recording_a_sent_part_does_not_make_it_in_doubt(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m, = w.add_leads(1)
+    (m,) = w.add_leads(1)
     to_sending(m.id, settings, llm)
     # another transaction holds the run row: the statement recording the send times out
     import psycopg2
+
     blocker = psycopg2.connect(get_settings().database_url)
     cur = blocker.cursor()
     cur.execute("SELECT id FROM campaign_runs WHERE id = %s FOR UPDATE", (w.run.id,))
@@ -281,7 +298,7 @@ def test_a_terminal_statement_run_twice_counts_once(clean_db, sb, llm, evo, sett
 
 def test_openrouter_retry_after_holds_the_whole_key(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=2.0)
     claim(m1.id)
     with pytest.raises(RetryLater):
@@ -293,7 +310,7 @@ def test_openrouter_retry_after_holds_the_whole_key(clean_db, sb, llm, evo, sett
 
 def test_evolution_retry_after_holds_the_instance(clean_db, sb, llm, evo, settings):
     w = make_world(n_inboxes=2)
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     to_sending(m1.id, settings, llm)
     sb.set_faults(send={"always_status": 429}, retry_after=3.0)
     with pytest.raises(RetryLater):
@@ -308,12 +325,12 @@ def test_a_long_retry_after_waits_in_postgresql_not_in_rabbitmq(clean_db, sb, ll
     the sweep re-publishes it then, not before."""
     settings = fast_settings(max_backoff_seconds=5000, lease_seconds=5000)
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=1800)
     claim(m1.id)
     assert pipeline.generate_step(m1.id, settings, llm) is False  # no RetryLater: nothing for RabbitMQ
     msg = CampaignMessage.get_by_id(m1.id)
-    wait = (msg.wake_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    wait = (msg.wake_at - dt.datetime.now(dt.UTC)).total_seconds()
     assert msg.status == "generating" and msg.attempts == 1 and 1700 < wait <= 1801
     swept: list = []
     recovery.recovery_sweep(settings, publish=lambda q, a: swept.extend(a))
@@ -325,12 +342,12 @@ def test_a_long_retry_after_waits_in_postgresql_not_in_rabbitmq(clean_db, sb, ll
 
 def test_a_pending_retry_after_longer_than_the_broker_delay_parks_a_duplicate(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     db.execute_sql("UPDATE campaign_messages SET attempts = 1 WHERE id = %s", (m1.id,))
     ratelimit.hold(ratelimit.retry_after_key(m1.id), 2000)
     assert pipeline.generate_step(m1.id, settings, llm) is False  # no Deferred of 2000 s
-    assert CampaignMessage.get_by_id(m1.id).wake_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1900)
+    assert CampaignMessage.get_by_id(m1.id).wake_at > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1900)
     assert sb.summary()["by_route"].get("chat", {}) == {}
 
 
@@ -338,7 +355,7 @@ def test_attempts_survive_a_re_dispatch(clean_db, sb, llm, evo, settings):
     """R-FAIL-2: a message sent back to pending keeps its count; a provider that keeps failing is
     not asked for ever."""
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     db.execute_sql("UPDATE campaign_messages SET attempts = 3 WHERE id = %s", (m1.id,))
     assert dispatch.dispatch_due(settings, publish=lambda q, ids: None) == 1
     assert CampaignMessage.get_by_id(m1.id).attempts == 3
@@ -354,7 +371,7 @@ def test_attempts_survive_a_re_dispatch(clean_db, sb, llm, evo, settings):
 def test_a_lost_next_step_publish_is_republished_after_its_grace(clean_db, sb, llm, evo):
     settings = fast_settings(handoff_grace_seconds=1.0, lease_seconds=600)
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     assert pipeline.generate_step(m1.id, settings, llm)  # committed 'splitting'; its publish "lost"
     swept: list = []

@@ -3,6 +3,7 @@
 One test per edge case of issue 4 (E-01, E-02, E-04, E-08, E-09, E-10, E-11, E-12, E-13, E-17);
 each fails without its handling. Real worker processes are in test_pipeline_workers.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,7 @@ def test_e01_lead_deleted_after_planning(clean_db, sb, llm, evo, settings):
 
 def test_e02_lead_moved_by_hand(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     Lead.update(column=w.cols["Replied"]).where(Lead.id == m1.lead_id).execute()
     claim(m1.id)
     drive(m1.id, settings, llm, evo)
@@ -95,7 +96,7 @@ def test_e02_lead_moved_by_hand(clean_db, sb, llm, evo, settings):
 
 
 def _two_part_message(w, settings, llm):
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     long_text = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
@@ -106,8 +107,7 @@ def _two_part_message(w, settings, llm):
 
 
 @pytest.mark.parametrize("moved_to,expected_note", [("Replied", "moved by hand"), ("Contacted", None)])
-def test_e02_lead_moved_after_first_part_is_left_where_it_is(clean_db, sb, llm, evo, settings, moved_to,
-                                                              expected_note):
+def test_e02_lead_moved_after_first_part_is_left_where_it_is(clean_db, sb, llm, evo, settings, moved_to, expected_note):
     """Moved while its parts were going out: the message finishes; the lead is never moved back."""
     w = make_world(split=True, max_parts=3)
     m1 = _two_part_message(w, settings, llm)
@@ -116,14 +116,15 @@ def test_e02_lead_moved_after_first_part_is_left_where_it_is(clean_db, sb, llm, 
     assert drive(m1.id, settings, llm, evo) == "sent"
     assert lead_column(m1.lead_id) == w.cols[moved_to].id
     notes = CampaignEvent.select().where(CampaignEvent.message == m1.id, CampaignEvent.step == "finalize")
-    assert [n.text for n in notes if expected_note and expected_note in n.text] == \
-        ([next(n.text for n in notes)] if expected_note else [])
+    assert [n.text for n in notes if expected_note and expected_note in n.text] == (
+        [next(n.text for n in notes)] if expected_note else []
+    )
     assert len(_sends(sb)) == len(parts_of(m1.id))
 
 
 def test_e17_opted_out_between_planning_and_sending(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     Lead.update(opted_out=True).where(Lead.id == m1.lead_id).execute()
     claim(m1.id)
     drive(m1.id, settings, llm, evo)
@@ -134,21 +135,25 @@ def test_e17_opted_out_between_planning_and_sending(clean_db, sb, llm, evo, sett
 
 def test_e09_target_column_deleted_mid_run(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     Column.delete().where(Column.id == w.cols["Contacted"].id).execute()
     drive(m1.id, settings, llm, evo)
     assert CampaignMessage.get_by_id(m1.id).status == "sent"
     assert lead_column(m1.lead_id) == w.cols["New"].id  # move skipped
-    assert CampaignEvent.select().where(CampaignEvent.message == m1.id,
-                                        CampaignEvent.text.contains("target column gone")).count() == 1
+    assert (
+        CampaignEvent.select()
+        .where(CampaignEvent.message == m1.id, CampaignEvent.text.contains("target column gone"))
+        .count()
+        == 1
+    )
     assert_counters_match(w.run.id)
 
 
 def test_e13_number_not_on_whatsapp(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1, phone="+5511912340000")
+    (m1,) = w.add_leads(1, phone="+5511912340000")
     sb.set_faults(invalid_numbers=["5511912340000"])
     claim(m1.id)
     assert drive(m1.id, settings, llm, evo) == "failed"
@@ -164,7 +169,7 @@ def test_e10_openrouter_429_retry_after_honoured(clean_db, sb, llm, evo, setting
     # enough attempts that 60 % 429s cannot exhaust them (0.6 ** 30): the point is Retry-After
     settings = dataclasses.replace(settings, max_attempts=30)
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(chat={"always_status": 429}, retry_after=1.0)
     claim(m1.id)
     with pytest.raises(RetryLater) as exc:
@@ -181,7 +186,7 @@ def test_e10_openrouter_429_retry_after_honoured(clean_db, sb, llm, evo, setting
 @pytest.mark.parametrize("fault", ["rate_error_in_200", "rate_empty"])
 def test_e11_error_inside_200_or_empty_is_transient(clean_db, sb, llm, evo, settings, fault):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(chat={fault: 1.0})
     claim(m1.id)
     with pytest.raises(RetryLater):
@@ -194,7 +199,7 @@ def test_e11_error_inside_200_or_empty_is_transient(clean_db, sb, llm, evo, sett
 
 def test_transient_retries_exhausted_fail_the_message(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(chat={"always_status": 503}, retry_after=0.05)
     claim(m1.id)
     assert drive(m1.id, settings, llm, evo) == "failed"
@@ -206,7 +211,7 @@ def test_transient_retries_exhausted_fail_the_message(clean_db, sb, llm, evo, se
 
 def test_permanent_llm_error_uses_fallback_template(clean_db, sb, llm, evo, settings):
     w = make_world(fallback="Olá {name}, tudo bem? Somos da {company}.")
-    m1, = w.add_leads(1, name="Bia")
+    (m1,) = w.add_leads(1, name="Bia")
     sb.set_faults(chat={"always_status": 400})
     claim(m1.id)
     assert drive(m1.id, settings, llm, evo) == "sent"
@@ -227,7 +232,7 @@ def test_openrouter_401_pauses_runs_instead_of_failing_leads(clean_db, sb, llm, 
 @pytest.mark.parametrize("fault", ["rate_non_json", "rate_fenced", "rate_prose", "rate_too_many", "rate_too_long"])
 def test_e12_bad_split_answers_never_lose_text(clean_db, sb, llm, evo, settings, fault):
     w = make_world(split=True, max_parts=3)
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(split={fault: 1.0})
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
@@ -242,24 +247,32 @@ def test_e12_bad_split_answers_never_lose_text(clean_db, sb, llm, evo, settings,
     assert drive(m1.id, settings, llm, evo) == "sent"
 
 
-@pytest.mark.parametrize("answer,expected", [
-    ('{"messages": ["Olá Ana!", "Tudo bem?"]}', ["Olá Ana!", "Tudo bem?"]),
-    ('```json\n{"messages": ["Olá Ana!", "Tudo bem?"]}\n```', ["Olá Ana!", "Tudo bem?"]),
-    ('Claro! Aqui está: {"messages": ["Olá Ana!", "", "Tudo bem?"]} Espero ter ajudado.', ["Olá Ana!", "Tudo bem?"]),
-    ('["Olá", "Ana!", "Tudo", "bem?"]', ["Olá", "Ana!", "Tudo bem?"]),
-    ('{"messages": ["Olá Ana!", "Tudo ótimo?"]}', None),   # rewritten text: never trusted
-    ('not json at all', None),
-    ('{"messages": [1, 2]}', None),
-    ('', None),
-])
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        ('{"messages": ["Olá Ana!", "Tudo bem?"]}', ["Olá Ana!", "Tudo bem?"]),
+        ('```json\n{"messages": ["Olá Ana!", "Tudo bem?"]}\n```', ["Olá Ana!", "Tudo bem?"]),
+        (
+            'Claro! Aqui está: {"messages": ["Olá Ana!", "", "Tudo bem?"]} Espero ter ajudado.',
+            ["Olá Ana!", "Tudo bem?"],
+        ),
+        ('["Olá", "Ana!", "Tudo", "bem?"]', ["Olá", "Ana!", "Tudo bem?"]),
+        ('{"messages": ["Olá Ana!", "Tudo ótimo?"]}', None),  # rewritten text: never trusted
+        ("not json at all", None),
+        ('{"messages": [1, 2]}', None),
+        ("", None),
+    ],
+)
 def test_parse_split_answer(answer, expected):
     assert parse_split_answer(answer, "Olá Ana! Tudo bem?", 3) == expected
 
 
 def test_local_split_is_deterministic_and_lossless():
-    text = ("Oi Carla, tudo bem? Vi que a sua loja em Recife cresceu muito este ano. "
-            "Trabalhamos com empresas como a sua há dez anos.\n\nPodemos conversar quinze minutos amanhã? "
-            "Acho que temos algo útil para você.")
+    text = (
+        "Oi Carla, tudo bem? Vi que a sua loja em Recife cresceu muito este ano. "
+        "Trabalhamos com empresas como a sua há dez anos.\n\nPodemos conversar quinze minutos amanhã? "
+        "Acho que temos algo útil para você."
+    )
     parts = local_split(text, 3)
     assert parts == local_split(text, 3)
     assert 2 <= len(parts) <= 3
@@ -287,7 +300,7 @@ def test_e08_part_two_fails_part_one_never_resent(clean_db, sb, llm, evo, settin
 
 def test_ambiguous_send_becomes_in_doubt_and_is_not_resent(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     sb.set_faults(send={"rate_accept_then_hang": 1.0}, hang_seconds=3.0)
     claim(m1.id)
     assert drive(m1.id, settings, llm, evo) == "in_doubt"
@@ -304,12 +317,15 @@ def test_ambiguous_send_becomes_in_doubt_and_is_not_resent(clean_db, sb, llm, ev
 def test_part_found_sending_is_in_doubt_never_resent(clean_db, sb, llm, evo, settings):
     """R-FAIL-4: a part left `sending` (a crash mid-call) is never sent again automatically."""
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     pipeline.split_step(m1.id, settings, llm)
-    db.execute_sql("UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), "
-                   "sending_at = now() WHERE message_id = %s", (m1.id,))
+    db.execute_sql(
+        "UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), "
+        "sending_at = now() WHERE message_id = %s",
+        (m1.id,),
+    )
     out = pipeline.send_step(m1.id, settings, evo)
     assert not out.sent
     assert CampaignMessage.get_by_id(m1.id).status == "in_doubt"
@@ -319,7 +335,7 @@ def test_part_found_sending_is_in_doubt_never_resent(clean_db, sb, llm, evo, set
 def test_e04_terminal_outcome_is_one_statement(clean_db, sb, llm, evo, settings):
     """E-04: if the counters cannot be written, neither is the status nor the lead move."""
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     pipeline.split_step(m1.id, settings, llm)
@@ -345,7 +361,7 @@ def test_e04_terminal_outcome_is_one_statement(clean_db, sb, llm, evo, settings)
 
 def test_e03_duplicate_step_calls_have_one_effect(clean_db, sb, llm, evo, settings):
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     assert pipeline.generate_step(m1.id, settings, llm) is True
     assert pipeline.generate_step(m1.id, settings, llm) is False  # already past generating
@@ -379,7 +395,7 @@ def test_e06_window_closed_before_a_queued_message_starts(clean_db, sb, llm, evo
     w = make_world(timezone="America/Sao_Paulo")
     # yesterday's run: its (always open) window closed at local midnight
     CampaignRun.update(run_date=dt.date.today() - dt.timedelta(days=2)).where(CampaignRun.id == w.run.id).execute()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     assert drive(m1.id, settings, llm, evo) == "skipped"
     assert CampaignMessage.get_by_id(m1.id).skip_reason == "window_closed"
@@ -392,7 +408,7 @@ def test_racing_split_loser_never_adds_parts(clean_db, sb, llm, evo, settings):
     from clients.openrouter import Completion
 
     w = make_world(split=True, max_parts=3)
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     text = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
@@ -415,7 +431,7 @@ def test_racing_split_loser_never_adds_parts(clean_db, sb, llm, evo, settings):
 def test_dead_duplicate_of_an_earlier_step_does_not_fail_the_message(clean_db, sb, llm, evo, settings):
     """Review finding: generate copy G1 dies after copy G2 carried the message on to sending."""
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     pipeline.split_step(m1.id, settings, llm)
@@ -431,13 +447,15 @@ def test_dead_duplicate_of_an_earlier_step_does_not_fail_the_message(clean_db, s
 def test_in_doubt_only_when_the_part_is_still_sending(clean_db, sb, llm, evo, settings):
     """Review finding: the sweep must not settle a message whose send recorded its outcome meanwhile."""
     w = make_world()
-    m1, = w.add_leads(1)
+    (m1,) = w.add_leads(1)
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     pipeline.split_step(m1.id, settings, llm)
     (part,) = parts_of(m1.id)
-    db.execute_sql("UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), sending_at = now() "
-                   "WHERE id = %s", (part.id,))
+    db.execute_sql(
+        "UPDATE message_parts SET status = 'sending', attempt_id = gen_random_uuid(), sending_at = now() WHERE id = %s",
+        (part.id,),
+    )
     stale_attempt = parts_of(m1.id)[0].attempt_id
     # the slow send finished and recorded `sent` with ITS attempt (a newer one)
     db.execute_sql("UPDATE message_parts SET attempt_id = gen_random_uuid() WHERE id = %s", (part.id,))
@@ -454,7 +472,7 @@ def test_e07_inbox_disconnects_mid_run_pauses_and_resumes_on_reconnect(clean_db,
     w = make_world(n_inboxes=2)
     other_cfg = f.config(w.ws, w.inboxes[1], w.cols["New"], w.cols["Contacted"], name="second")
     other_run = f.run(other_cfg, leads_total=1)
-    m_a, = w.add_leads(1)
+    (m_a,) = w.add_leads(1)
     m_b = f.message(other_run, f.lead(w.ws, w.cols["New"]))
     sb.set_faults(disconnected_instances=[w.inboxes[0].instance_name])
     for m in (m_a, m_b):

@@ -1,4 +1,5 @@
 """The pipeline on real RabbitMQ + PostgreSQL + the sandbox, in real ``dramatiq`` worker processes."""
+
 from __future__ import annotations
 
 import collections
@@ -25,17 +26,23 @@ def engine(clean_db, sb, tmp_path):
     queues = tuple(sorted(actors.broker.get_declared_queues()))
     purge_queues(get_settings().rabbitmq_url, queues)
     procs = []
-    env = {"OPENROUTER_BASE_URL": sb.openrouter_url, "OPENROUTER_API_KEY": sb.chat_key,
-           "EVOLUTION_API_URL": sb.evolution_url, "EVOLUTION_API_KEY": sb.evolution_key,
-           "MIN_BACKOFF_SECONDS": "0.05", "MAX_BACKOFF_SECONDS": "1", "MAX_ATTEMPTS": "4",
-           "LEASE_SECONDS": "5", "SEND_TIMEOUT_SECONDS": "2"}
+    env = {
+        "OPENROUTER_BASE_URL": sb.openrouter_url,
+        "OPENROUTER_API_KEY": sb.chat_key,
+        "EVOLUTION_API_URL": sb.evolution_url,
+        "EVOLUTION_API_KEY": sb.evolution_key,
+        "MIN_BACKOFF_SECONDS": "0.05",
+        "MAX_BACKOFF_SECONDS": "1",
+        "MAX_ATTEMPTS": "4",
+        "LEASE_SECONDS": "5",
+        "SEND_TIMEOUT_SECONDS": "2",
+    }
 
     class Engine:
         log = tmp_path / "worker.log"
 
         def start(self, processes: int = 2, threads: int = 4, **extra: str):
-            proc = start_worker(processes=processes, threads=threads, extra_env={**env, **extra},
-                                log_path=self.log)
+            proc = start_worker(processes=processes, threads=threads, extra_env={**env, **extra}, log_path=self.log)
             procs.append(proc)
             return proc
 
@@ -53,13 +60,21 @@ def engine(clean_db, sb, tmp_path):
 
         def wait_terminal(self, timeout: float = 120) -> None:
             def done():
-                return db.execute_sql("SELECT count(*) FROM campaign_messages WHERE status NOT IN "
-                                      "('sent', 'failed', 'skipped', 'in_doubt')").fetchone()[0] == 0
+                return (
+                    db.execute_sql(
+                        "SELECT count(*) FROM campaign_messages WHERE status NOT IN "
+                        "('sent', 'failed', 'skipped', 'in_doubt')"
+                    ).fetchone()[0]
+                    == 0
+                )
+
             try:
                 wait_for(done, timeout=timeout, interval=0.25, message="every message to be terminal")
             except AssertionError:
                 rows = db.execute_sql("SELECT status, count(*) FROM campaign_messages GROUP BY 1").fetchall()
-                raise AssertionError(f"not terminal: {rows}\nworker log tail:\n{self.log.read_text()[-4000:]}")
+                raise AssertionError(
+                    f"not terminal: {rows}\nworker log tail:\n{self.log.read_text()[-4000:]}"
+                ) from None
 
     yield Engine()
     for proc in procs:
@@ -101,8 +116,9 @@ def test_run_of_200_messages_over_3_inboxes(engine, sb):
         assert c["status"] == "completed" and c["leads_sent"] == c["leads_total"], c
         assert_counters_match(run.id)
     _assert_each_part_once(sb)
-    parts_per_message = collections.Counter(r[0] for r in db.execute_sql(
-        "SELECT count(*) FROM message_parts GROUP BY message_id").fetchall())
+    parts_per_message = collections.Counter(
+        r[0] for r in db.execute_sql("SELECT count(*) FROM message_parts GROUP BY message_id").fetchall()
+    )
     assert min(parts_per_message) == 1 and 1 < max(parts_per_message) <= 3, parts_per_message
     assert Lead.select().where(Lead.column == cols["Contacted"]).count() == 200
     assert DeadLetter.select().count() == 0
@@ -147,8 +163,12 @@ def test_kill_9_mid_send_makes_that_part_in_doubt_and_the_run_completes(engine, 
     sb.set_faults(send={"latency_ms": 1500})
     first = engine.start(processes=1, threads=4, SEND_TIMEOUT_SECONDS="10")
     engine.dispatch_all()
-    wait_for(lambda: db.execute_sql("SELECT count(*) FROM message_parts WHERE status = 'sending'").fetchone()[0],
-             timeout=30, interval=0.05, message="a send in flight")
+    wait_for(
+        lambda: db.execute_sql("SELECT count(*) FROM message_parts WHERE status = 'sending'").fetchone()[0],
+        timeout=30,
+        interval=0.05,
+        message="a send in flight",
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(10)
     # read after the kill: another inbox's send may start between a read and the kill, and the
@@ -160,8 +180,12 @@ def test_kill_9_mid_send_makes_that_part_in_doubt_and_the_run_completes(engine, 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # the scheduler's sweep, at test speed
         recovery.recovery_sweep(fast_settings(send_timeout_seconds=10))
-        if db.execute_sql("SELECT count(*) FROM campaign_messages WHERE status NOT IN "
-                          "('sent', 'failed', 'skipped', 'in_doubt')").fetchone()[0] == 0:
+        if (
+            db.execute_sql(
+                "SELECT count(*) FROM campaign_messages WHERE status NOT IN ('sent', 'failed', 'skipped', 'in_doubt')"
+            ).fetchone()[0]
+            == 0
+        ):
             break
         time.sleep(1)
     engine.wait_terminal(timeout=5)

@@ -4,6 +4,7 @@ Pure schedule properties with hypothesis (DST days included), then planning on t
 PostgreSQL: one query for the leads, idempotence under races, overflow, broken configs,
 pause/resume re-planning and cancel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,19 +29,38 @@ from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun, Column, Lead
 from tests import factories as f
 
-UTC = dt.timezone.utc
-ZONES = ["UTC", "America/Sao_Paulo", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata",
-         "Pacific/Chatham"]
+UTC = dt.UTC
+ZONES = [
+    "UTC",
+    "America/Sao_Paulo",
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Lord_Howe",
+    "Asia/Kolkata",
+    "Pacific/Chatham",
+]
 # days with a DST change (or the day before/after): São Paulo's historical midnight changes, Berlin 2026,
 # New York 2026, Lord Howe's 30-minute shift
-DST_DAYS = [dt.date(2018, 11, 3), dt.date(2018, 11, 4), dt.date(2019, 2, 16), dt.date(2019, 2, 17),
-            dt.date(2017, 10, 15), dt.date(2018, 2, 17), dt.date(2026, 3, 29), dt.date(2026, 10, 25),
-            dt.date(2026, 3, 8), dt.date(2026, 11, 1), dt.date(2026, 4, 5), dt.date(2026, 10, 4)]
+DST_DAYS = [
+    dt.date(2018, 11, 3),
+    dt.date(2018, 11, 4),
+    dt.date(2019, 2, 16),
+    dt.date(2019, 2, 17),
+    dt.date(2017, 10, 15),
+    dt.date(2018, 2, 17),
+    dt.date(2026, 3, 29),
+    dt.date(2026, 10, 25),
+    dt.date(2026, 3, 8),
+    dt.date(2026, 11, 1),
+    dt.date(2026, 4, 5),
+    dt.date(2026, 10, 4),
+]
 
 
 # --------------------------------------------------------------------------------------------
 # pure schedule properties
 # --------------------------------------------------------------------------------------------
+
 
 def _wall_minutes(t: dt.datetime, zone: ZoneInfo) -> tuple[dt.date, float]:
     local = t.astimezone(zone)
@@ -73,11 +93,18 @@ def check_schedule(times, overflow, *, now, zone, weekdays, start, end, gmin, gm
 
 
 # (zone, day of a change, local minute of the change)
-DST_CASES = [("America/Sao_Paulo", dt.date(2018, 11, 4), 0), ("America/Sao_Paulo", dt.date(2019, 2, 16), 1380),
-             ("America/Sao_Paulo", dt.date(2017, 10, 15), 0), ("America/Sao_Paulo", dt.date(2018, 2, 17), 1380),
-             ("Europe/Berlin", dt.date(2026, 3, 29), 120), ("Europe/Berlin", dt.date(2026, 10, 25), 120),
-             ("America/New_York", dt.date(2026, 3, 8), 120), ("America/New_York", dt.date(2026, 11, 1), 60),
-             ("Australia/Lord_Howe", dt.date(2026, 4, 5), 90), ("Australia/Lord_Howe", dt.date(2026, 10, 4), 120)]
+DST_CASES = [
+    ("America/Sao_Paulo", dt.date(2018, 11, 4), 0),
+    ("America/Sao_Paulo", dt.date(2019, 2, 16), 1380),
+    ("America/Sao_Paulo", dt.date(2017, 10, 15), 0),
+    ("America/Sao_Paulo", dt.date(2018, 2, 17), 1380),
+    ("Europe/Berlin", dt.date(2026, 3, 29), 120),
+    ("Europe/Berlin", dt.date(2026, 10, 25), 120),
+    ("America/New_York", dt.date(2026, 3, 8), 120),
+    ("America/New_York", dt.date(2026, 11, 1), 60),
+    ("Australia/Lord_Howe", dt.date(2026, 4, 5), 90),
+    ("Australia/Lord_Howe", dt.date(2026, 10, 4), 120),
+]
 
 
 @st.composite
@@ -93,8 +120,9 @@ def schedule_cases(draw):
         end = min(1440, start + draw(st.integers(1, 240)))
     else:
         zone = ZoneInfo(draw(st.sampled_from(ZONES)))
-        now = draw(st.datetimes(min_value=dt.datetime(2017, 1, 1), max_value=dt.datetime(2027, 12, 31),
-                                timezones=st.just(UTC)))
+        now = draw(
+            st.datetimes(min_value=dt.datetime(2017, 1, 1), max_value=dt.datetime(2027, 12, 31), timezones=st.just(UTC))
+        )
         start = draw(st.integers(0, 1439))
         end = draw(st.integers(start + 1, 1440))
     gmin = draw(st.one_of(st.just(0.0), st.floats(0, 900, allow_nan=False)))
@@ -102,8 +130,18 @@ def schedule_cases(draw):
     weekdays = draw(st.sets(st.integers(0, 6), min_size=1))
     limit = draw(st.integers(1, 400))
     n = draw(st.integers(0, 400))
-    return dict(now=now, zone=zone, weekdays=weekdays, start=start, end=end, gmin=gmin, gmax=gmax,
-                limit=limit, n=n, seed=draw(st.integers(0, 2**32)))
+    return dict(
+        now=now,
+        zone=zone,
+        weekdays=weekdays,
+        start=start,
+        end=end,
+        gmin=gmin,
+        gmax=gmax,
+        limit=limit,
+        n=n,
+        seed=draw(st.integers(0, 2**32)),
+    )
 
 
 @hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,17 +149,39 @@ def schedule_cases(draw):
 def test_schedule_invariants(case):
     """Inside the window (DST-correct), gaps within bounds, count <= limit, total + overflow = n."""
     times, overflow = plan_schedule(
-        now_utc=case["now"], tz=case["zone"], weekdays=case["weekdays"], window_start_minute=case["start"],
-        window_end_minute=case["end"], gap_min=case["gmin"], gap_max=case["gmax"], daily_limit=case["limit"],
-        n_leads=case["n"], rng=random.Random(case["seed"]))
-    check_schedule(times, overflow, now=case["now"], zone=case["zone"], weekdays=case["weekdays"],
-                   start=case["start"], end=case["end"], gmin=case["gmin"], gmax=case["gmax"],
-                   limit=case["limit"], n=case["n"])
+        now_utc=case["now"],
+        tz=case["zone"],
+        weekdays=case["weekdays"],
+        window_start_minute=case["start"],
+        window_end_minute=case["end"],
+        gap_min=case["gmin"],
+        gap_max=case["gmax"],
+        daily_limit=case["limit"],
+        n_leads=case["n"],
+        rng=random.Random(case["seed"]),
+    )
+    check_schedule(
+        times,
+        overflow,
+        now=case["now"],
+        zone=case["zone"],
+        weekdays=case["weekdays"],
+        start=case["start"],
+        end=case["end"],
+        gmin=case["gmin"],
+        gmax=case["gmax"],
+        limit=case["limit"],
+        n=case["n"],
+    )
 
 
 @hsettings(max_examples=150, deadline=None)
-@given(st.sampled_from(DST_DAYS), st.sampled_from(["America/Sao_Paulo", "Europe/Berlin", "America/New_York"]),
-       st.integers(0, 1439), st.integers(1, 1440))
+@given(
+    st.sampled_from(DST_DAYS),
+    st.sampled_from(["America/Sao_Paulo", "Europe/Berlin", "America/New_York"]),
+    st.integers(0, 1439),
+    st.integers(1, 1440),
+)
 def test_window_bounds_only_instants_inside_the_local_window(day, tz, start, end):
     """E-21: the window's instants all show a local time inside [start, end) on that day, bounds included."""
     assume(start < end)
@@ -143,31 +203,74 @@ def test_schedule_grid_around_dst_changes():
         day_start = window_bounds(day, zone, 0, 1440)[0]
         for start in range(max(0, hot - 90), min(1439, hot + 90) + 1, 15):
             for end in range(start + 15, min(1440, start + 240) + 1, 15):
-                times, overflow = plan_schedule(now_utc=day_start, tz=zone, weekdays=range(7),
-                                                window_start_minute=start, window_end_minute=end, gap_min=45,
-                                                gap_max=75, daily_limit=1000, n_leads=1000, rng=random.Random(start))
-                check_schedule(times, overflow, now=day_start, zone=zone, weekdays=set(range(7)), start=start,
-                               end=end, gmin=45, gmax=75, limit=1000, n=1000)
+                times, overflow = plan_schedule(
+                    now_utc=day_start,
+                    tz=zone,
+                    weekdays=range(7),
+                    window_start_minute=start,
+                    window_end_minute=end,
+                    gap_min=45,
+                    gap_max=75,
+                    daily_limit=1000,
+                    n_leads=1000,
+                    rng=random.Random(start),
+                )
+                check_schedule(
+                    times,
+                    overflow,
+                    now=day_start,
+                    zone=zone,
+                    weekdays=set(range(7)),
+                    start=start,
+                    end=end,
+                    gmin=45,
+                    gmax=75,
+                    limit=1000,
+                    n=1000,
+                )
 
 
 def _plan(now, tz, start, end, gmin=60.0, gmax=60.0, limit=10_000, n=10_000, weekdays=range(7), seed=1):
-    times, overflow = plan_schedule(now_utc=now, tz=tz, weekdays=weekdays, window_start_minute=start,
-                                    window_end_minute=end, gap_min=gmin, gap_max=gmax, daily_limit=limit,
-                                    n_leads=n, rng=random.Random(seed))
-    check_schedule(times, overflow, now=now, zone=ZoneInfo(tz), weekdays=set(weekdays), start=start, end=end,
-                   gmin=gmin, gmax=gmax, limit=limit, n=n)
+    times, overflow = plan_schedule(
+        now_utc=now,
+        tz=tz,
+        weekdays=weekdays,
+        window_start_minute=start,
+        window_end_minute=end,
+        gap_min=gmin,
+        gap_max=gmax,
+        daily_limit=limit,
+        n_leads=n,
+        rng=random.Random(seed),
+    )
+    check_schedule(
+        times,
+        overflow,
+        now=now,
+        zone=ZoneInfo(tz),
+        weekdays=set(weekdays),
+        start=start,
+        end=end,
+        gmin=gmin,
+        gmax=gmax,
+        limit=limit,
+        n=n,
+    )
     return times, overflow
 
 
-@pytest.mark.parametrize("tz, day, start, end, hours", [
-    ("Europe/Berlin", dt.date(2026, 3, 29), 60, 240, 2),        # 02:00-03:00 does not exist
-    ("Europe/Berlin", dt.date(2026, 10, 25), 60, 240, 4),       # 02:00-03:00 happens twice
-    ("America/New_York", dt.date(2026, 3, 8), 60, 240, 2),
-    ("America/New_York", dt.date(2026, 11, 1), 0, 180, 4),
-    ("America/Sao_Paulo", dt.date(2018, 11, 4), 0, 1440, 23),   # midnight did not exist
-    ("America/Sao_Paulo", dt.date(2019, 2, 16), 0, 1440, 25),   # 23:00-24:00 twice
-    ("America/Sao_Paulo", dt.date(2019, 2, 16), 540, 1080, 9),  # a normal window that day
-])
+@pytest.mark.parametrize(
+    "tz, day, start, end, hours",
+    [
+        ("Europe/Berlin", dt.date(2026, 3, 29), 60, 240, 2),  # 02:00-03:00 does not exist
+        ("Europe/Berlin", dt.date(2026, 10, 25), 60, 240, 4),  # 02:00-03:00 happens twice
+        ("America/New_York", dt.date(2026, 3, 8), 60, 240, 2),
+        ("America/New_York", dt.date(2026, 11, 1), 0, 180, 4),
+        ("America/Sao_Paulo", dt.date(2018, 11, 4), 0, 1440, 23),  # midnight did not exist
+        ("America/Sao_Paulo", dt.date(2019, 2, 16), 0, 1440, 25),  # 23:00-24:00 twice
+        ("America/Sao_Paulo", dt.date(2019, 2, 16), 540, 1080, 9),  # a normal window that day
+    ],
+)
 def test_dst_day_window_length(tz, day, start, end, hours):
     """E-21: the window has its real elapsed length on DST days and the schedule fills exactly that."""
     lo, hi = window_bounds(day, tz, start, end)
@@ -192,10 +295,13 @@ def test_window_half_past_starts_now():
     assert len(times) == 50 and overflow == 0
 
 
-@pytest.mark.parametrize("now, weekdays", [
-    (dt.datetime(2026, 6, 10, 22, 0, tzinfo=UTC), range(7)),     # 19:00 local: window over
-    (dt.datetime(2026, 6, 10, 15, 0, tzinfo=UTC), [0, 1, 3, 4]),  # a Wednesday, not allowed
-])
+@pytest.mark.parametrize(
+    "now, weekdays",
+    [
+        (dt.datetime(2026, 6, 10, 22, 0, tzinfo=UTC), range(7)),  # 19:00 local: window over
+        (dt.datetime(2026, 6, 10, 15, 0, tzinfo=UTC), [0, 1, 3, 4]),  # a Wednesday, not allowed
+    ],
+)
 def test_empty_windows(now, weekdays):
     times, overflow = _plan(now, "America/Sao_Paulo", 9 * 60, 18 * 60, n=7, weekdays=weekdays)
     assert times == [] and overflow == 7
@@ -210,6 +316,7 @@ def test_daily_limit_and_fractional_gaps():
 # --------------------------------------------------------------------------------------------
 # database fixtures and helpers
 # --------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def recorded_sql():
@@ -230,9 +337,12 @@ def recorded_sql():
 
 def bulk_leads(ws, column, n: int, start: int = 0) -> None:
     """``n`` leads with valid, distinct phones in one statement."""
-    db.execute_sql("""INSERT INTO leads (workspace_id, column_id, name, phone)
+    db.execute_sql(
+        """INSERT INTO leads (workspace_id, column_id, name, phone)
                       SELECT %s, %s, 'Lead ' || g, '+5521' || (900000000 + g)::text
-                        FROM generate_series(%s, %s) g""", (ws.id, column.id, start + 1, start + n))
+                        FROM generate_series(%s, %s) g""",
+        (ws.id, column.id, start + 1, start + n),
+    )
 
 
 @pytest.fixture
@@ -254,15 +364,16 @@ def messages_of(run_id: int) -> list[CampaignMessage]:
 # planning on PostgreSQL
 # --------------------------------------------------------------------------------------------
 
+
 def test_plan_100_leads_with_one_lead_query(world):
     """R-PLAN-2/4: eligible leads in ONE query, messages bulk-inserted, counters and status in one go."""
     ws, cols, ibx, cfg = world
     bulk_leads(ws, cols["New"], 100)
     other_ws, other_cols = f.workspace("other")
-    bulk_leads(other_ws, other_cols["New"], 5, start=1000)                     # another workspace
-    f.lead(ws, cols["New"], phone="12345")                                    # invalid phone (E-18)
-    f.lead(ws, cols["New"], opted_out=True)                                   # opted out
-    f.lead(ws, cols["Contacted"])                                             # another column
+    bulk_leads(other_ws, other_cols["New"], 5, start=1000)  # another workspace
+    f.lead(ws, cols["New"], phone="12345")  # invalid phone (E-18)
+    f.lead(ws, cols["New"], opted_out=True)  # opted out
+    f.lead(ws, cols["Contacted"])  # another column
     with recorded_sql() as seen:
         run = planner.plan_run(cfg.id, now=NOON, rng=random.Random(3))
     lead_queries = [s for s in seen if "FROM leads" in s]
@@ -276,8 +387,9 @@ def test_plan_100_leads_with_one_lead_query(world):
     assert all(m.status == "pending" and m.scheduled_at >= NOON for m in msgs)
     assert {m.lead.workspace_id for m in msgs} == {ws.id}
     assert all(m.lead.phone.startswith("+") and not m.lead.opted_out for m in msgs)
-    events = db.execute_sql("SELECT text FROM campaign_events WHERE run_id = %s AND step = 'plan'",
-                            (run.id,)).fetchall()
+    events = db.execute_sql(
+        "SELECT text FROM campaign_events WHERE run_id = %s AND step = 'plan'", (run.id,)
+    ).fetchall()
     assert any("invalid phone" in e[0] for e in events)
     assert verify() == []
 
@@ -316,7 +428,8 @@ def test_plan_100k_leads_each_exactly_once(world):
     assert run.leads_total == 100_000
     n, distinct, first = db.execute_sql(
         "SELECT count(*), count(DISTINCT lead_id), min(scheduled_at) FROM campaign_messages WHERE run_id = %s",
-        (run.id,)).fetchone()
+        (run.id,),
+    ).fetchone()
     assert (n, distinct) == (100_000, 100_000)
     assert first >= NOON
 
@@ -372,8 +485,14 @@ def test_lead_messaged_today_by_config_is_not_planned_again(world):
     """E-19: a lead this config already sent to today (e.g. a run of another local date) is not planned."""
     ws, cols, _, cfg = world
     lead = f.lead(ws, cols["New"])
-    old = f.run(cfg, run_date=NOON.date() - dt.timedelta(days=1), status="completed", leads_total=1,
-                leads_processed=1, leads_sent=1)
+    old = f.run(
+        cfg,
+        run_date=NOON.date() - dt.timedelta(days=1),
+        status="completed",
+        leads_total=1,
+        leads_processed=1,
+        leads_sent=1,
+    )
     f.message(old, lead, status="sent", sent_at=NOON - dt.timedelta(hours=1), scheduled_at=NOON - dt.timedelta(hours=1))
     run = planner.plan_run(cfg.id, now=NOON)
     assert run.leads_total == 0 and run.status == "completed"
@@ -398,16 +517,20 @@ gap_seconds = { min = 1, max = 2 }
 model = "m"
 system_prompt = "p"
 """
-    with pytest.raises(ConfigFileError, match=r"workspaces.acme.campaigns.steal.inbox: 'theirs' is not an inbox of "
-                                              r"workspace 'acme' \(it belongs to workspace 'other'"):
+    with pytest.raises(
+        ConfigFileError,
+        match=r"workspaces.acme.campaigns.steal.inbox: 'theirs' is not an inbox of "
+        r"workspace 'acme' \(it belongs to workspace 'other'",
+    ):
         apply_text(text)
     with pytest.raises(peewee.IntegrityError):
         with db.atomic():
             db.execute_sql("UPDATE campaign_configs SET inbox_id = %s WHERE id = %s", (other_inbox.id, cfg.id))
     with pytest.raises(peewee.IntegrityError):
         with db.atomic():
-            db.execute_sql("UPDATE campaign_configs SET target_column_id = %s WHERE id = %s",
-                           (other_cols["Contacted"].id, cfg.id))
+            db.execute_sql(
+                "UPDATE campaign_configs SET target_column_id = %s WHERE id = %s", (other_cols["Contacted"].id, cfg.id)
+            )
 
 
 def test_broken_config_run_fails_with_reason(world):
@@ -448,11 +571,13 @@ def test_dst_day_plan_stays_in_local_window(world):
 
 def test_plan_due_runs_respects_weekday_and_window(world):
     ws, cols, ibx, cfg = world  # always open
-    closed = f.config(ws, ibx, cols["New"], cols["Replied"], name="morning", window_start_minute=8 * 60,
-                      window_end_minute=9 * 60)
+    closed = f.config(
+        ws, ibx, cols["New"], cols["Replied"], name="morning", window_start_minute=8 * 60, window_end_minute=9 * 60
+    )
     weekend = f.config(ws, ibx, cols["Contacted"], cols["Replied"], name="weekend", weekdays=[5, 6])
-    later = f.config(ws, ibx, cols["Replied"], cols["New"], name="evening", window_start_minute=20 * 60,
-                     window_end_minute=22 * 60)
+    later = f.config(
+        ws, ibx, cols["Replied"], cols["New"], name="evening", window_start_minute=20 * 60, window_end_minute=22 * 60
+    )
     inactive = f.config(ws, ibx, cols["Replied"], cols["Contacted"], name="off", active=False)
     planned = planner.plan_due_runs(get_settings(), now=NOON)
     assert [CampaignRun.get_by_id(i).config_id for i in planned] == [cfg.id]
@@ -465,6 +590,7 @@ def test_plan_due_runs_respects_weekday_and_window(world):
 # --------------------------------------------------------------------------------------------
 # operator transitions
 # --------------------------------------------------------------------------------------------
+
 
 def _office_hours(cfg, gmin=60, gmax=120):
     cfg.window_start_minute, cfg.window_end_minute = 9 * 60, 18 * 60
@@ -502,8 +628,11 @@ def test_pause_then_resume_replans_without_burst(world):
     end = NOON.replace(hour=18)
     assert max(times) < end
     # 6 h at >= 60 s per message cannot hold 197: the rest were skipped window_closed, counted
-    skipped = CampaignMessage.select().where(CampaignMessage.run == run.id,
-                                             CampaignMessage.skip_reason == "window_closed").count()
+    skipped = (
+        CampaignMessage.select()
+        .where(CampaignMessage.run == run.id, CampaignMessage.skip_reason == "window_closed")
+        .count()
+    )
     assert skipped == result["skipped"] and skipped + len(pending) == 197
     assert run.leads_skipped == skipped
     assert verify() == []
@@ -569,14 +698,18 @@ def test_state_errors_are_clear(world):
 # the window's end closes paused runs too (R-DISP-4, E-26)
 # --------------------------------------------------------------------------------------------
 
+
 def _pause_automatically(reason: str):
     """Pause a run the way the engine does for ``reason`` (every automatic pause is runs.pause_runs)."""
+
     def pause(run, cfg):
         if reason in ("provider_auth", "provider_credits"):  # OpenRouter: every run of the engine
             assert runs.pause_runs("true", (), reason) == [run.id]
         else:  # the inbox's runs
-            assert runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)",
-                                       (cfg.inbox_id,), reason) == [run.id]
+            assert runs.pause_runs(
+                "r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (cfg.inbox_id,), reason
+            ) == [run.id]
+
     return pause
 
 
@@ -626,8 +759,12 @@ def test_e26_paused_run_closes_at_window_end_and_its_leads_come_back_tomorrow(wo
     assert result["runs"] == [run.id] and result["skipped"] == 8 and result["completed"] == [run.id]
     run = CampaignRun.get_by_id(run.id)
     assert run.status == "completed" and run.finished_at is not None and run.leads_skipped == 8
-    assert CampaignMessage.select().where(CampaignMessage.run == run.id,
-                                          CampaignMessage.skip_reason == "window_closed").count() == 8
+    assert (
+        CampaignMessage.select()
+        .where(CampaignMessage.run == run.id, CampaignMessage.skip_reason == "window_closed")
+        .count()
+        == 8
+    )
     assert verify() == []
     # the reason is still there for the report (the row's pause_reason belongs to 'paused' only)
     assert runs.closed_while_paused(run.id) == reason
@@ -654,11 +791,14 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
     run = planner.plan_run(cfg.id, now=nine, rng=random.Random(1))
     started, queued, *rest = messages_of(run.id)
     CampaignMessage.update(status="sending", generated_text="Hello there, how are you today?").where(
-        CampaignMessage.id == started.id).execute()
-    db.execute_sql("""INSERT INTO message_parts (message_id, inbox_id, idx, text, status, sent_at)
+        CampaignMessage.id == started.id
+    ).execute()
+    db.execute_sql(
+        """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, sent_at)
                       VALUES (%s, %s, 0, 'Hello there,', 'sent', now()),
                              (%s, %s, 1, 'how are you?', 'pending', NULL)""",
-                   (started.id, cfg.inbox_id, started.id, cfg.inbox_id))
+        (started.id, cfg.inbox_id, started.id, cfg.inbox_id),
+    )
     CampaignMessage.update(status="queued").where(CampaignMessage.id == queued.id).execute()
     runs.pause_runs("r.id = %s", (run.id,), "inbox_disconnected")
 
@@ -675,16 +815,20 @@ def test_e26_paused_run_with_a_message_mid_parts_stays_open_until_it_settles(wor
     assert CampaignRun.get_by_id(run.id).status == "paused"
     # the started message's last part goes out: its statement completes the run
     attempt = uuid.uuid4()
-    part_id, = db.execute_sql("""UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
+    (part_id,) = db.execute_sql(
+        """UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
                                  WHERE message_id = %s AND idx = 1 RETURNING id""",
-                              (str(attempt), started.id)).fetchone()
-    outcomes.finish_message(started.id, "sent", get_settings(), from_statuses=("sending",),
-                            last_part=(part_id, attempt, "key-2"))
+        (str(attempt), started.id),
+    ).fetchone()
+    outcomes.finish_message(
+        started.id, "sent", get_settings(), from_statuses=("sending",), last_part=(part_id, attempt, "key-2")
+    )
     run_row = CampaignRun.get_by_id(run.id)
     assert run_row.status == "completed" and (run_row.leads_sent, run_row.leads_skipped) == (1, 5)
     assert verify() == []
-    notes = db.execute_sql("SELECT count(*) FROM campaign_events WHERE run_id = %s AND step = %s",
-                           (run.id, runs.WINDOW_STEP)).fetchone()[0]
+    notes = db.execute_sql(
+        "SELECT count(*) FROM campaign_events WHERE run_id = %s AND step = %s", (run.id, runs.WINDOW_STEP)
+    ).fetchone()[0]
     assert notes == 1 and runs.closed_while_paused(run.id) == "inbox_disconnected"
 
 
@@ -708,6 +852,7 @@ def test_run_still_planning_at_window_end_is_closed(world):
 # an operator's pause sticks (issue 12, "also settle"; E-07)
 # --------------------------------------------------------------------------------------------
 
+
 class _Gateway:
     """The one Evolution call of the inbox health check: every instance reports ``state``."""
 
@@ -727,16 +872,18 @@ def test_operator_pause_of_a_run_paused_inbox_disconnected_sticks_when_the_inbox
     bulk_leads(ws, cols["New"], 4)
     run = planner.plan_run(cfg.id)
     other = planner.plan_run(f.config(ws, ibx, cols["New"], cols["Replied"], name="second").id)
-    assert runs.pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (ibx.id,),
-                               "inbox_disconnected") == [run.id, other.id]
-    db.execute_sql("UPDATE inboxes SET connection_state = 'close', disconnected_since = now() WHERE id = %s",
-                   (ibx.id,))
+    assert runs.pause_runs(
+        "r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (ibx.id,), "inbox_disconnected"
+    ) == [run.id, other.id]
+    db.execute_sql("UPDATE inboxes SET connection_state = 'close', disconnected_since = now() WHERE id = %s", (ibx.id,))
 
     assert runs.pause_run(run.id) == "inbox_disconnected"
     r = CampaignRun.get_by_id(run.id)
     assert (r.status, r.pause_reason) == ("paused", "manual")
-    text, details = db.execute_sql("SELECT text, details FROM campaign_events WHERE run_id = %s AND step = 'operator' "
-                                   "ORDER BY id DESC LIMIT 1", (run.id,)).fetchone()
+    text, details = db.execute_sql(
+        "SELECT text, details FROM campaign_events WHERE run_id = %s AND step = 'operator' ORDER BY id DESC LIMIT 1",
+        (run.id,),
+    ).fetchone()
     assert details == {"reason": "manual", "was": "inbox_disconnected"} and "replaces the automatic one" in text
     with pytest.raises(planner.RunStateError, match=rf"run {run.id} is paused \(manual\), cannot pause"):
         runs.pause_run(run.id)
@@ -744,7 +891,7 @@ def test_operator_pause_of_a_run_paused_inbox_disconnected_sticks_when_the_inbox
     gateway = _Gateway("open")
     result = recovery.check_inboxes(get_settings(), gateway)
     assert gateway.asked == [ibx.instance_name] and result["states"] == {ibx.id: "open"}
-    assert result["resumed"] == [other.id]          # the automatic pause ends by itself...
+    assert result["resumed"] == [other.id]  # the automatic pause ends by itself...
     r = CampaignRun.get_by_id(run.id)
     assert (r.status, r.pause_reason) == ("paused", "manual")  # ...the operator's does not
     assert recovery.check_inboxes(get_settings(), gateway)["resumed"] == []
@@ -769,8 +916,11 @@ def test_resume_for_a_reason_leaves_other_pauses_alone(world):
     bulk_leads(ws, cols["New"], 2)
     run = planner.plan_run(cfg.id)
     runs.pause_run(run.id)
-    with pytest.raises(planner.RunStateError, match=r"is paused \(manual\), cannot resume \(only a paused "
-                                                    r"\(inbox_disconnected\) run can\)"):
+    with pytest.raises(
+        planner.RunStateError,
+        match=r"is paused \(manual\), cannot resume \(only a paused "
+        r"\(inbox_disconnected\) run can\)",
+    ):
         runs.resume_run(run.id, reason="inbox_disconnected")
     runs.resume_run(run.id, reason="manual")
     assert CampaignRun.get_by_id(run.id).status == "running"

@@ -2,6 +2,7 @@
 
 Each test here failed on the code as first landed (027a20a, 9bd818f) and names the defect it pins.
 """
+
 from __future__ import annotations
 
 import socket
@@ -57,8 +58,9 @@ def test_missing_xq_between_two_browsed_ones_never_acks_another_dead_letter(queu
             depths = (_xq_depth("campaign.generate.XQ"), _xq_depth("campaign.send.XQ"))
             assert depths == (0, 1), f"generate.XQ, send.XQ = {depths}: expected the acked copy gone, the other kept"
         finally:
-            conn.channel().queue_declare("campaign.split.XQ", durable=True,
-                                         arguments={"x-message-ttl": DEAD_MESSAGE_TTL})
+            conn.channel().queue_declare(
+                "campaign.split.XQ", durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL}
+            )
     finally:
         conn.close()
 
@@ -95,7 +97,7 @@ def _trickle(sock: socket.socket, head: bytes, byte_every: float, for_seconds: f
         try:
             if sock.recv(4096) == b"":
                 return time.monotonic() - started
-        except socket.timeout:
+        except TimeoutError:
             pass
         except OSError:
             return time.monotonic() - started
@@ -106,10 +108,14 @@ def _trickle(sock: socket.socket, head: bytes, byte_every: float, for_seconds: f
     return None
 
 
-@pytest.mark.parametrize("head", [
-    b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
-    b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-Padding: ",   # headers that never end
-], ids=["trickled-body", "trickled-headers"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-Padding: ",  # headers that never end
+    ],
+    ids=["trickled-body", "trickled-headers"],
+)
 def test_webhook_trickling_sender_is_cut_off_at_the_request_deadline(fast_webhook, head):
     """A 15 s socket timeout is per recv: one byte every few seconds kept the connection and its
     thread for as long as the sender liked (256 KiB at 1 B/10 s: a month), and kept SIGTERM's
@@ -143,8 +149,10 @@ def test_resolve_resend_refuses_a_part_evolution_accepted(queues, evo):  # noqa:
     key = "KEYLATE" + uuid.uuid4().hex[:8]
     pipeline._record_sent_part(part.id, part.attempt_id, key)  # the late answer of the interrupted send
     assert MessagePart.get_by_id(part.id).provider_message_id == key
-    before = (run_counters(w.run.id), [(p.status, p.provider_message_id) for p in
-                                       MessagePart.select().where(MessagePart.message == m.id)])
+    before = (
+        run_counters(w.run.id),
+        [(p.status, p.provider_message_id) for p in MessagePart.select().where(MessagePart.message == m.id)],
+    )
 
     published: list = []
     with pytest.raises(RepairRefused) as refused:
@@ -152,12 +160,16 @@ def test_resolve_resend_refuses_a_part_evolution_accepted(queues, evo):  # noqa:
     assert "#1" in str(refused.value) and key in str(refused.value) and "--sent" in str(refused.value)
     assert published == []
     assert CampaignMessage.get_by_id(m.id).status == "in_doubt"
-    assert (run_counters(w.run.id), [(p.status, p.provider_message_id) for p in
-                                     MessagePart.select().where(MessagePart.message == m.id)]) == before
+    assert (
+        run_counters(w.run.id),
+        [(p.status, p.provider_message_id) for p in MessagePart.select().where(MessagePart.message == m.id)],
+    ) == before
 
     # --sent is the verdict the evidence supports: part 1 kept as sent, part 2 goes out
     repair = repairs.resolve_in_doubt(m.id, "sent", s)
     assert repair.publish == ("campaign.send", (m.id, m.inbox_id))
-    assert [p.status for p in MessagePart.select().where(MessagePart.message == m.id)
-            .order_by(MessagePart.idx)] == ["sent", "pending"]
+    assert [p.status for p in MessagePart.select().where(MessagePart.message == m.id).order_by(MessagePart.idx)] == [
+        "sent",
+        "pending",
+    ]
     assert_counters_match(w.run.id)

@@ -1,6 +1,7 @@
 """``report RUN`` (R-OPS-1): a run produced by the real chain (real PostgreSQL, the sandbox over real
 HTTP, driven in-process) is reported; its numbers are checked against independent SQL counts and
 the sandbox's ledger, and the picture is checked as a real PNG / SVG file."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,8 +31,7 @@ from tests.pipeline_helpers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-LONG_TEXT = ("Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3
-             + "Podemos falar amanhã?")
+LONG_TEXT = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
 
 
 def _sql(sql: str, *params) -> list[tuple]:
@@ -47,10 +47,12 @@ def finished(clean_db, sb, llm, evo):
     a = w.add_leads(6)
     b = w.add_leads(4, inbox=w.inboxes[1])
     msgs = a + b
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for k, m in enumerate(msgs):  # planned a little in the past, spread: lateness is positive and varied
-        db.execute_sql("UPDATE campaign_messages SET scheduled_at = %s WHERE id = %s",
-                       (now - dt.timedelta(seconds=90 - 7 * k), m.id))
+        db.execute_sql(
+            "UPDATE campaign_messages SET scheduled_at = %s WHERE id = %s",
+            (now - dt.timedelta(seconds=90 - 7 * k), m.id),
+        )
     deleted, opted, invalid, doubt, long_one = a[1], b[0], a[2], b[2], a[3]
     Lead.delete().where(Lead.id == deleted.lead_id).execute()
     Lead.update(opted_out=True).where(Lead.id == opted.lead_id).execute()
@@ -79,9 +81,18 @@ def test_numbers_add_up_and_match_independent_counts(finished, sb):
     run = CampaignRun.get_by_id(w.run.id)
 
     # the counters are the run's
-    assert (rep.total, rep.processed, rep.sent, rep.failed, rep.skipped, rep.in_doubt) == (
-        run.leads_total, run.leads_processed, run.leads_sent, run.leads_failed, run.leads_skipped,
-        run.leads_in_doubt) == (10, 10, 6, 1, 2, 1)
+    assert (
+        (rep.total, rep.processed, rep.sent, rep.failed, rep.skipped, rep.in_doubt)
+        == (
+            run.leads_total,
+            run.leads_processed,
+            run.leads_sent,
+            run.leads_failed,
+            run.leads_skipped,
+            run.leads_in_doubt,
+        )
+        == (10, 10, 6, 1, 2, 1)
+    )
     assert rep.sent + rep.failed + rep.skipped + rep.in_doubt == rep.processed
     assert (rep.pending, rep.waiting, rep.in_flight) == (0, 0, 0)
     assert rep.row_mismatches == []
@@ -90,16 +101,31 @@ def test_numbers_add_up_and_match_independent_counts(finished, sb):
     # outcomes by reason sum to the counters and equal independent SQL
     assert sum(rep.failed_by_reason.values()) == rep.failed
     assert sum(rep.skipped_by_reason.values()) == rep.skipped
-    assert rep.failed_by_reason == dict(_sql("SELECT error_class, count(*) FROM campaign_messages WHERE run_id = %s "
-                                             "AND status = 'failed' GROUP BY 1", w.run.id)) == {"invalid_number": 1}
+    assert (
+        rep.failed_by_reason
+        == dict(
+            _sql(
+                "SELECT error_class, count(*) FROM campaign_messages WHERE run_id = %s "
+                "AND status = 'failed' GROUP BY 1",
+                w.run.id,
+            )
+        )
+        == {"invalid_number": 1}
+    )
     assert rep.skipped_by_reason == {"lead_deleted": 1, "opted_out": 1}
-    assert rep.in_doubt_ids == [r[0] for r in _sql("SELECT id FROM campaign_messages WHERE run_id = %s AND "
-                                                   "status = 'in_doubt'", w.run.id)]
+    assert rep.in_doubt_ids == [
+        r[0] for r in _sql("SELECT id FROM campaign_messages WHERE run_id = %s AND status = 'in_doubt'", w.run.id)
+    ]
     assert len(rep.failed_ids) == 1
 
     # per inbox: parts == message_parts rows sent == what the sandbox accepted and answered
-    parts_sql = dict(_sql("SELECT p.inbox_id, count(*) FROM message_parts p JOIN campaign_messages m "
-                          "ON m.id = p.message_id WHERE m.run_id = %s AND p.status = 'sent' GROUP BY 1", w.run.id))
+    parts_sql = dict(
+        _sql(
+            "SELECT p.inbox_id, count(*) FROM message_parts p JOIN campaign_messages m "
+            "ON m.id = p.message_id WHERE m.run_id = %s AND p.status = 'sent' GROUP BY 1",
+            w.run.id,
+        )
+    )
     by_id = {i.id: i for i in rep.inboxes}
     assert set(by_id) == {ib.id for ib in w.inboxes}
     assert {i: by_id[i].parts_sent for i in parts_sql} == parts_sql
@@ -116,28 +142,39 @@ def test_numbers_add_up_and_match_independent_counts(finished, sb):
     # the picture's series: one planned point per message, one dot per part sent
     assert sum(len(s.planned) for s in rep.series) == rep.total
     assert sum(len(s.part_sends) for s in rep.series) == len(ok_sends)
-    assert sum(1 for s in rep.series for _, first in s.planned if first) == _sql(
-        "SELECT count(DISTINCT p.message_id) FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id "
-        "WHERE m.run_id = %s AND p.status = 'sent'", w.run.id)[0][0] >= rep.sent
+    assert (
+        sum(1 for s in rep.series for _, first in s.planned if first)
+        == _sql(
+            "SELECT count(DISTINCT p.message_id) FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id "
+            "WHERE m.run_id = %s AND p.status = 'sent'",
+            w.run.id,
+        )[0][0]
+        >= rep.sent
+    )
 
     # timings and tokens against raw rows, computed here in Python
-    raw = _sql("SELECT tokens_used, generation_ms, scheduled_at, id FROM campaign_messages WHERE run_id = %s",
-               w.run.id)
+    raw = _sql("SELECT tokens_used, generation_ms, scheduled_at, id FROM campaign_messages WHERE run_id = %s", w.run.id)
     tokens = [r[0] for r in raw if r[0] is not None]
     assert rep.tokens_total == sum(tokens) > 0 and rep.tokens_messages == len(tokens)
     assert rep.tokens_mean == pytest.approx(sum(tokens) / len(tokens))
     gen = [r[1] for r in raw if r[1] is not None]
     assert rep.generation_ms.n == len(gen) and rep.generation_ms.p50 == pytest.approx(statistics.median(gen))
     assert rep.generation_ms.max == max(gen)
-    firsts = dict(_sql("SELECT p.message_id, min(p.sent_at) FROM message_parts p JOIN campaign_messages m "
-                       "ON m.id = p.message_id WHERE m.run_id = %s AND p.status = 'sent' GROUP BY 1", w.run.id))
+    firsts = dict(
+        _sql(
+            "SELECT p.message_id, min(p.sent_at) FROM message_parts p JOIN campaign_messages m "
+            "ON m.id = p.message_id WHERE m.run_id = %s AND p.status = 'sent' GROUP BY 1",
+            w.run.id,
+        )
+    )
     late = [(firsts[r[3]] - r[2]).total_seconds() for r in raw if r[3] in firsts]
     assert rep.lateness_s.n == len(late) and rep.lateness_s.max == pytest.approx(max(late))
     assert rep.lateness_s.p50 == pytest.approx(statistics.median(late)) and min(late) > 0
     assert rep.split_ms.n >= rep.sent and rep.send_ms.n >= rep.sent
     assert rep.duration is not None and rep.duration.total_seconds() >= 0
-    assert (rep.planned_start, rep.planned_end) == tuple(_sql(
-        "SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages WHERE run_id = %s", w.run.id)[0])
+    assert (rep.planned_start, rep.planned_end) == tuple(
+        _sql("SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages WHERE run_id = %s", w.run.id)[0]
+    )
 
 
 def test_text_summary(finished):
@@ -155,7 +192,7 @@ def test_text_summary(finished):
         assert row.split()[1:4] == [str(ib.messages), str(ib.messages_sent), str(ib.parts_sent)]
     assert f"tokens: {rep.tokens_total:,} total" in text
     # aligned: every row of the counters table has its number ending in the same column
-    block = lines[lines.index("counters") + 1: lines.index("counters") + 11]
+    block = lines[lines.index("counters") + 1 : lines.index("counters") + 11]
     ends = {len(line.rstrip().rsplit(" ", 1)[0].rstrip()) for line in block[2:6]}
     assert len(ends) == 1, block
 
@@ -188,8 +225,14 @@ def test_picture_suffix_is_checked(finished, tmp_path, name):
 
 
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *argv], cwd=cwd, env={**os.environ},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *argv],
+        cwd=cwd,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_round_trip(finished, tmp_path):
@@ -240,11 +283,13 @@ def test_unknown_run(clean_db):
 def test_running_run_without_sends_many_inboxes(clean_db, tmp_path):
     """Edge: a run still running that has sent nothing yet, spread over many inboxes."""
     w = make_world("busy", n_inboxes=12, timezone="Asia/Kolkata")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for i, ib in enumerate(w.inboxes):
         for m in w.add_leads(1 + i % 3, inbox=ib):
-            db.execute_sql("UPDATE campaign_messages SET scheduled_at = %s WHERE id = %s",
-                           (now + dt.timedelta(minutes=5 + 3 * i), m.id))
+            db.execute_sql(
+                "UPDATE campaign_messages SET scheduled_at = %s WHERE id = %s",
+                (now + dt.timedelta(minutes=5 + 3 * i), m.id),
+            )
     total = run_counters(w.run.id)["leads_total"]
     rep = report.build_report(w.run.id, now=now)
     assert (rep.status, rep.total, rep.processed, rep.pending, rep.waiting) == ("running", total, 0, total, total)
@@ -285,8 +330,7 @@ def test_mid_run_snapshot_is_consistent(clean_db, sb, llm, evo, tmp_path):
         assert drive(m.id, settings, llm, evo) == "sent"
     claim(msgs[2].id)  # queued: in flight
     rep = report.build_report(w.run.id)
-    assert (rep.status, rep.sent, rep.processed, rep.pending, rep.waiting, rep.in_flight) == \
-        ("running", 2, 2, 3, 2, 1)
+    assert (rep.status, rep.sent, rep.processed, rep.pending, rep.waiting, rep.in_flight) == ("running", 2, 2, 3, 2, 1)
     assert rep.waiting + rep.in_flight == rep.pending
     (ib,) = rep.inboxes
     assert ib.parts_sent == _sql("SELECT count(*) FROM message_parts WHERE status = 'sent'")[0][0] >= 2

@@ -1,4 +1,5 @@
 """``python cli.py resolve MESSAGE --sent | --resend`` for in_doubt messages (SPEC R-FAIL-4), real services."""
+
 from __future__ import annotations
 
 import collections
@@ -24,8 +25,14 @@ from tests.workers import ROOT, wait_for
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """The real operator CLI, from the repository root."""
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def parts_of(message_id: int) -> list[MessagePart]:
@@ -35,14 +42,19 @@ def parts_of(message_id: int) -> list[MessagePart]:
 def in_doubt_message(world, evo, settings, texts: list[str], doubt_idx: int) -> CampaignMessage:
     """A message whose part ``doubt_idx`` was left 'sending' (a crash mid-call) and found by the send step."""
     (m,) = world.add_leads(1)
-    CampaignMessage.update(status="sending", generated_text=" ".join(texts)).where(
-        CampaignMessage.id == m.id).execute()
+    CampaignMessage.update(status="sending", generated_text=" ".join(texts)).where(CampaignMessage.id == m.id).execute()
     for i, text in enumerate(texts):
         status = "sent" if i < doubt_idx else "sending" if i == doubt_idx else "pending"
-        MessagePart.create(message=m.id, inbox=m.inbox_id, idx=i, text=text, status=status,
-                           attempt_id=uuid.uuid4() if status == "sending" else None,
-                           sent_at=pipeline_now() if status == "sent" else None,
-                           provider_message_id=f"KEY{uuid.uuid4().hex[:10]}" if status == "sent" else None)
+        MessagePart.create(
+            message=m.id,
+            inbox=m.inbox_id,
+            idx=i,
+            text=text,
+            status=status,
+            attempt_id=uuid.uuid4() if status == "sending" else None,
+            sent_at=pipeline_now() if status == "sent" else None,
+            provider_message_id=f"KEY{uuid.uuid4().hex[:10]}" if status == "sent" else None,
+        )
     out = pipeline.send_step(m.id, settings, evo)  # the real detection: never resent, in_doubt
     assert not out.sent
     msg = CampaignMessage.get_by_id(m.id)
@@ -53,7 +65,7 @@ def in_doubt_message(world, evo, settings, texts: list[str], doubt_idx: int) -> 
 def pipeline_now():
     import datetime as dt
 
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _sends(sb) -> collections.Counter:
@@ -68,8 +80,11 @@ def test_resolve_sent_after_an_accepted_then_lost_send_continues_with_the_rest(e
     sb.set_faults({"send": {"rate_accept_then_hang": 1.0, "hang_mode": "close"}})
     engine.start()
     dispatch.dispatch_due(get_settings())
-    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "in_doubt", timeout=40,
-             message=f"the lost send to make the message in_doubt\n{engine.tail()}")
+    wait_for(
+        lambda: CampaignMessage.get_by_id(m.id).status == "in_doubt",
+        timeout=40,
+        message=f"the lost send to make the message in_doubt\n{engine.tail()}",
+    )
     parts = parts_of(m.id)
     assert len(parts) >= 2 and [p.status for p in parts] == ["in_doubt"] + ["pending"] * (len(parts) - 1)
     c = run_counters(w.run.id)
@@ -81,8 +96,11 @@ def test_resolve_sent_after_an_accepted_then_lost_send_continues_with_the_rest(e
     assert done.returncode == 0, done.stdout + done.stderr
     assert "in_doubt -> sending" in done.stdout and "#1 in_doubt->sent" in done.stdout
     assert "reopened" in done.stdout and f"publish send_part({m.id}, {m.inbox_id})" in done.stdout
-    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "sent", timeout=30,
-             message=f"the remaining parts\n{engine.tail()}")
+    wait_for(
+        lambda: CampaignMessage.get_by_id(m.id).status == "sent",
+        timeout=30,
+        message=f"the remaining parts\n{engine.tail()}",
+    )
     sends = _sends(sb)
     assert sorted(sends.elements()) == sorted(p.text for p in parts)  # part 1 never resent, the rest once
     assert Lead.get_by_id(m.lead_id).column_id == w.cols["Contacted"].id
@@ -111,7 +129,7 @@ def test_resolve_sent_of_the_last_part_finishes_the_message_in_one_transaction(q
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_sent"], c["leads_in_doubt"], c["leads_processed"]) == ("completed", 1, 0, 1)
     assert depths()["campaign.send"] == 0  # nothing to publish
-    assert sb.ledger()["sends"] == []     # and nothing was sent: the operator said it arrived
+    assert sb.ledger()["sends"] == []  # and nothing was sent: the operator said it arrived
     assert monitor.verify() == []
 
 
@@ -150,11 +168,12 @@ def test_resolve_reopens_a_completed_run_on_resend(queues, evo):  # noqa: F811
     published: list = []
     out = _Out()
     with db.connection_context():
-        code = dead_letters.resolve(m.id, "resend", get_settings(), out=out,
-                                   publish=lambda q, a: published.append((q, a)))
+        code = dead_letters.resolve(
+            m.id, "resend", get_settings(), out=out, publish=lambda q, a: published.append((q, a))
+        )
     assert code == 0
     assert published == [("campaign.send", (m.id, m.inbox_id))]
-    assert "run %s reopened" % w.run.id in out.text
+    assert f"run {w.run.id} reopened" in out.text
     c = run_counters(w.run.id)
     assert (c["status"], c["leads_in_doubt"], c["leads_processed"]) == ("running", 0, 0)
     assert db.execute_sql("SELECT finished_at FROM campaign_runs WHERE id = %s", (w.run.id,)).fetchone()[0] is None

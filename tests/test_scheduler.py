@@ -1,4 +1,5 @@
 """The scheduler process: one active (advisory lock), hot standby, failover after kill -9 (SPEC §2)."""
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,21 @@ def _holder() -> str | None:
 
 
 def _start(log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO",
-           # the inbox probe has nowhere to go in this test: fail fast
-           "EVOLUTION_API_URL": "http://127.0.0.1:9"}
-    return subprocess.Popen([sys.executable, "scheduler.py"], cwd=ROOT, env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "INFO",
+        # the inbox probe has nowhere to go in this test: fail fast
+        "EVOLUTION_API_URL": "http://127.0.0.1:9",
+    }
+    return subprocess.Popen(
+        [sys.executable, "scheduler.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture
@@ -52,17 +63,25 @@ def test_failover_after_kill_9(clean_db, procs, tmp_path):
     ws, cols = f.workspace("acme")
     ibx = f.inbox(ws, "sales-1")
     # always open; long gaps so nothing is due while the test runs
-    cfg = f.config(ws, ibx, cols["New"], cols["Contacted"], name="first-touch", gap_min_seconds=600,
-                   gap_max_seconds=3600)
+    cfg = f.config(
+        ws, ibx, cols["New"], cols["Contacted"], name="first-touch", gap_min_seconds=600, gap_max_seconds=3600
+    )
     bulk_leads(ws, cols["New"], 5)
     log1, log2 = tmp_path / "s1.log", tmp_path / "s2.log"
 
     first = _start(log1)
     procs.append(first)
-    wait_for(lambda: (_holder() or "").endswith(f":{first.pid}"), timeout=30, interval=0.2,
-             message="the first scheduler to become active")
-    wait_for(lambda: CampaignRun.select().where(CampaignRun.config == cfg).exists(), timeout=20,
-             message="the active scheduler to plan today's run")
+    wait_for(
+        lambda: (_holder() or "").endswith(f":{first.pid}"),
+        timeout=30,
+        interval=0.2,
+        message="the first scheduler to become active",
+    )
+    wait_for(
+        lambda: CampaignRun.select().where(CampaignRun.config == cfg).exists(),
+        timeout=20,
+        message="the active scheduler to plan today's run",
+    )
 
     second = _start(log2)
     procs.append(second)
@@ -73,8 +92,12 @@ def test_failover_after_kill_9(clean_db, procs, tmp_path):
 
     os.kill(first.pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: (_holder() or "").endswith(f":{second.pid}"), timeout=15, interval=0.1,
-             message="the standby to take over within 15 s")
+    wait_for(
+        lambda: (_holder() or "").endswith(f":{second.pid}"),
+        timeout=15,
+        interval=0.1,
+        message="the standby to take over within 15 s",
+    )
     took = time.monotonic() - killed_at
     assert took < 15
     time.sleep(1.5)  # its plan job ran at take-over: nothing planned twice

@@ -1,4 +1,5 @@
 """Schema rules carried by PostgreSQL itself, and versioned idempotent migrations (issue 2)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -66,12 +67,15 @@ def test_deleting_lead_keeps_message_with_null_lead(world):
     assert survivor.status == "pending"
 
 
-@pytest.mark.parametrize("table,column,value", [
-    ("campaign_messages", "status", "exploded"),
-    ("campaign_runs", "status", "done"),
-    ("message_parts", "status", "maybe"),
-    ("message_parts", "delivery_status", "seen"),
-])
+@pytest.mark.parametrize(
+    "table,column,value",
+    [
+        ("campaign_messages", "status", "exploded"),
+        ("campaign_runs", "status", "done"),
+        ("message_parts", "status", "maybe"),
+        ("message_parts", "delivery_status", "seen"),
+    ],
+)
 def test_invalid_status_rejected(world, table, column, value):
     ws, cols, _, _, run = world
     msg = f.message(run, f.lead(ws, cols["New"]))
@@ -90,10 +94,10 @@ def test_counters_must_add_up(world):
             CampaignRun.update(leads_total=5, leads_processed=1).where(CampaignRun.id == run.id).execute()
     with pytest.raises(peewee.IntegrityError, match="check constraint"):
         with db.atomic():
-            CampaignRun.update(leads_total=0, leads_processed=1, leads_sent=1).where(
-                CampaignRun.id == run.id).execute()
+            CampaignRun.update(leads_total=0, leads_processed=1, leads_sent=1).where(CampaignRun.id == run.id).execute()
     CampaignRun.update(leads_total=5, leads_processed=2, leads_sent=1, leads_skipped=1).where(
-        CampaignRun.id == run.id).execute()
+        CampaignRun.id == run.id
+    ).execute()
 
 
 def test_cross_workspace_references_rejected(world):
@@ -125,9 +129,13 @@ def test_dispatcher_claim_uses_partial_index(world):
     # tiny tables may be seq-scanned; force the planner's hand to prove the index fits the query
     db.execute_sql("SET enable_seqscan = off")
     try:
-        plan = "\n".join(r[0] for r in db.execute_sql(
-            "EXPLAIN SELECT id FROM campaign_messages WHERE status = 'pending' AND scheduled_at <= now() "
-            "ORDER BY scheduled_at LIMIT 500 FOR UPDATE SKIP LOCKED").fetchall())
+        plan = "\n".join(
+            r[0]
+            for r in db.execute_sql(
+                "EXPLAIN SELECT id FROM campaign_messages WHERE status = 'pending' AND scheduled_at <= now() "
+                "ORDER BY scheduled_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+            ).fetchall()
+        )
     finally:
         db.execute_sql("SET enable_seqscan = on")
     assert "campaign_messages_due_idx" in plan
@@ -135,8 +143,9 @@ def test_dispatcher_claim_uses_partial_index(world):
 
 def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _dump_schema(database_url: str) -> list[tuple]:
@@ -177,15 +186,19 @@ def test_upgrade_from_previous_version_keeps_rows(fresh_database):
         ws = cur.fetchone()[0]
         cur.execute("INSERT INTO columns (workspace_id, name) VALUES (%s, 'New') RETURNING id", (ws,))
         col = cur.fetchone()[0]
-        cur.execute("INSERT INTO leads (workspace_id, column_id, name, phone) VALUES (%s, %s, 'Ana', '+5511999990000')",
-                    (ws, col))
+        cur.execute(
+            "INSERT INTO leads (workspace_id, column_id, name, phone) VALUES (%s, %s, 'Ana', '+5511999990000')",
+            (ws, col),
+        )
         cur.execute("SELECT max(version) FROM schema_version")
         assert cur.fetchone()[0] == previous
     upgraded = _cli(fresh_database, "init-db")
     assert upgraded.returncode == 0, upgraded.stderr
     with conn.cursor() as cur:
-        cur.execute("SELECT w.name, c.name, l.name, l.phone FROM leads l JOIN columns c ON c.id = l.column_id "
-                    "JOIN workspaces w ON w.id = l.workspace_id")
+        cur.execute(
+            "SELECT w.name, c.name, l.name, l.phone FROM leads l JOIN columns c ON c.id = l.column_id "
+            "JOIN workspaces w ON w.id = l.workspace_id"
+        )
         assert cur.fetchall() == [("keep", "New", "Ana", "+5511999990000")]
         cur.execute("SELECT max(version) FROM schema_version")
         assert cur.fetchone()[0] == LATEST
@@ -196,8 +209,17 @@ def test_upgrade_from_previous_version_keeps_rows(fresh_database):
 
 def test_concurrent_init_db_applies_once(fresh_database):
     env = {**os.environ, "DATABASE_URL": fresh_database}
-    procs = [subprocess.Popen([sys.executable, "cli.py", "init-db"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "cli.py", "init-db"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     conn = psycopg2.connect(fresh_database)

@@ -1,4 +1,5 @@
 """Settings: read once from the environment, validated, secrets never shown (SPEC §4.7, R-DISP-5)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,18 @@ from campaign.settings import Settings, redact_url
 
 
 def test_reads_interface_names():
-    s = Settings.from_env({
-        "DATABASE_URL": "postgresql://u:pw@db:5432/x", "RABBITMQ_URL": "amqp://u:pw@mq:5672/v",
-        "OPENROUTER_BASE_URL": "http://sandbox:8765/api/v1/", "OPENROUTER_API_KEY": "sk-or-secret",
-        "EVOLUTION_API_URL": "http://evo:8080", "EVOLUTION_API_KEY": "evo-secret", "WEBHOOK_SECRET": "hook-secret",
-        "DISPATCH_BATCH_SIZE": "500"})
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u:pw@db:5432/x",
+            "RABBITMQ_URL": "amqp://u:pw@mq:5672/v",
+            "OPENROUTER_BASE_URL": "http://sandbox:8765/api/v1/",
+            "OPENROUTER_API_KEY": "sk-or-secret",
+            "EVOLUTION_API_URL": "http://evo:8080",
+            "EVOLUTION_API_KEY": "evo-secret",
+            "WEBHOOK_SECRET": "hook-secret",
+            "DISPATCH_BATCH_SIZE": "500",
+        }
+    )
     assert s.database_url == "postgresql://u:pw@db:5432/x"
     assert s.openrouter_base_url == "http://sandbox:8765/api/v1"  # trailing slash dropped
     assert s.openrouter_api_key == "sk-or-secret"
@@ -25,14 +33,17 @@ def test_defaults_without_environment():
     assert s.max_attempts == 5 and s.min_backoff_seconds == 2.0 and s.max_backoff_seconds == 300.0
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"DISPATCH_BATCH_SIZE": "0"}, "DISPATCH_BATCH_SIZE=0 is out of range 1..1000"),
-    ({"DISPATCH_BATCH_SIZE": "5000"}, "DISPATCH_BATCH_SIZE=5000 is out of range"),
-    ({"DISPATCH_BATCH_SIZE": "lots"}, "DISPATCH_BATCH_SIZE='lots' is not an integer"),
-    ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
-    ({"CAMPAIGN_BROKER": "redis"}, "CAMPAIGN_BROKER='redis' must be one of"),
-    ({"MIN_BACKOFF_SECONDS": "10", "MAX_BACKOFF_SECONDS": "5"}, "MIN_BACKOFF_SECONDS must not exceed"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"DISPATCH_BATCH_SIZE": "0"}, "DISPATCH_BATCH_SIZE=0 is out of range 1..1000"),
+        ({"DISPATCH_BATCH_SIZE": "5000"}, "DISPATCH_BATCH_SIZE=5000 is out of range"),
+        ({"DISPATCH_BATCH_SIZE": "lots"}, "DISPATCH_BATCH_SIZE='lots' is not an integer"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"CAMPAIGN_BROKER": "redis"}, "CAMPAIGN_BROKER='redis' must be one of"),
+        ({"MIN_BACKOFF_SECONDS": "10", "MAX_BACKOFF_SECONDS": "5"}, "MIN_BACKOFF_SECONDS must not exceed"),
+    ],
+)
 def test_invalid_values_are_clear_startup_errors(env, needle):
     with pytest.raises(ConfigError) as exc:
         Settings.from_env(env)
@@ -40,9 +51,15 @@ def test_invalid_values_are_clear_startup_errors(env, needle):
 
 
 def test_secrets_never_in_repr():
-    s = Settings.from_env({"OPENROUTER_API_KEY": "sk-or-topsecret", "EVOLUTION_API_KEY": "evo-topsecret",
-                           "WEBHOOK_SECRET": "hook-topsecret", "RABBITMQ_URL": "amqp://admin:mqpass@mq:5672/v",
-                           "DATABASE_URL": "postgresql://app:dbpass@db/x"})
+    s = Settings.from_env(
+        {
+            "OPENROUTER_API_KEY": "sk-or-topsecret",
+            "EVOLUTION_API_KEY": "evo-topsecret",
+            "WEBHOOK_SECRET": "hook-topsecret",
+            "RABBITMQ_URL": "amqp://admin:mqpass@mq:5672/v",
+            "DATABASE_URL": "postgresql://app:dbpass@db/x",
+        }
+    )
     text = repr(s) + str(s.describe())
     for secret in ("topsecret", "mqpass", "dbpass"):
         assert secret not in text

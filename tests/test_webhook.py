@@ -4,6 +4,7 @@ The receiver runs as ``python webhook.py --port 0`` against this session's datab
 post to it over HTTP and read the parts back. Its stderr goes to a file that the last test greps
 for the secret.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,9 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -45,12 +47,21 @@ class Receiver:
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "webhook.py", "--host", "127.0.0.1", "--port", "0"],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "webhook.py", "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+        )
         self.url = self._ready_url()
-        self.http = httpx.Client(base_url=self.url, timeout=10.0, trust_env=False,
-                                 limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=10.0,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+        )
 
     def _ready_url(self, timeout: float = 20.0) -> str:
         assert self.proc.stdout is not None
@@ -60,8 +71,9 @@ class Receiver:
         try:
             while b"\n" not in buf:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"webhook receiver did not start (exit {self.proc.poll()}): "
-                                       f"{self.log_path.read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"webhook receiver did not start (exit {self.proc.poll()}): {self.log_path.read_text()[-2000:]}"
+                    )
                 if sel.select(0.2):
                     buf += os.read(self.proc.stdout.fileno(), 4096)
         finally:
@@ -70,15 +82,23 @@ class Receiver:
         assert line.startswith("webhook listening on http://"), line
         return line.rsplit(" ", 1)[1]
 
-    def post(self, body: Any, *, secret: str | None = SECRET, raw: bytes | None = None,
-             params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def post(
+        self,
+        body: Any,
+        *,
+        secret: str | None = SECRET,
+        raw: bytes | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """POST an envelope (its apikey set to ``secret`` unless raw bytes are given)."""
         if raw is None:
             if isinstance(body, dict) and secret is not None:
                 body = {**body, "apikey": secret}
             raw = json.dumps(body).encode()
-        return self.http.post("/webhook", content=raw, params=params,
-                              headers={"Content-Type": "application/json", **(headers or {})})
+        return self.http.post(
+            "/webhook", content=raw, params=params, headers={"Content-Type": "application/json", **(headers or {})}
+        )
 
     def stop(self) -> int | None:
         """SIGTERM and wait; returns the exit code."""
@@ -123,12 +143,21 @@ def make_parts(n: int, *, prefix: str | None = None, instance: str = INSTANCE) -
     ibx = f.inbox(ws, instance_name=instance)
     run = f.run(f.config(ws, ibx, cols["New"], cols["Contacted"]))
     prefix = prefix or f"KEY{random.randrange(10**9):09d}"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     parts = []
     for i in range(n):
         msg = f.message(run, f.lead(ws, cols["New"]), status="sent", sent_at=now)
-        parts.append(MessagePart.create(message=msg, inbox=ibx, idx=0, text=f"hello {i}", status="sent",
-                                        sent_at=now, provider_message_id=f"{prefix}-{i}"))
+        parts.append(
+            MessagePart.create(
+                message=msg,
+                inbox=ibx,
+                idx=0,
+                text=f"hello {i}",
+                status="sent",
+                sent_at=now,
+                provider_message_id=f"{prefix}-{i}",
+            )
+        )
     return parts
 
 
@@ -136,17 +165,28 @@ def part_state(part_id: int) -> tuple[str | None, Any, Any]:
     """(delivery_status, delivery_updated_at, delivery_error_at) read fresh from PostgreSQL."""
     from campaign.db import db
 
-    return db.execute_sql("SELECT delivery_status, delivery_updated_at, delivery_error_at FROM message_parts "
-                          "WHERE id = %s", (part_id,)).fetchone()
+    return db.execute_sql(
+        "SELECT delivery_status, delivery_updated_at, delivery_error_at FROM message_parts WHERE id = %s", (part_id,)
+    ).fetchone()
 
 
 def envelope(key_id: str, status: str, **over: Any) -> dict[str, Any]:
     """A messages.update envelope as Evolution v2 posts it (apikey added by Receiver.post)."""
-    doc = {"event": "messages.update", "instance": INSTANCE,
-           "data": {"keyId": key_id, "remoteJid": "5511987654321@s.whatsapp.net", "fromMe": True,
-                    "status": status, "instanceId": "4f1c-instance-uuid"},
-           "date_time": "2026-01-05T12:00:00.000Z", "destination": "http://x/webhook",
-           "sender": "5511987654321@s.whatsapp.net", "server_url": "http://evolution"}
+    doc = {
+        "event": "messages.update",
+        "instance": INSTANCE,
+        "data": {
+            "keyId": key_id,
+            "remoteJid": "5511987654321@s.whatsapp.net",
+            "fromMe": True,
+            "status": status,
+            "instanceId": "4f1c-instance-uuid",
+        },
+        "date_time": "2026-01-05T12:00:00.000Z",
+        "destination": "http://x/webhook",
+        "sender": "5511987654321@s.whatsapp.net",
+        "server_url": "http://evolution",
+    }
     doc.update(over)
     return doc
 
@@ -162,7 +202,7 @@ def test_wrong_secret_is_401_and_changes_nothing(receiver, clean_db) -> None:
         receiver.post(envelope(key, "READ"), secret=None, params={"secret": WRONG}),
         receiver.post(envelope(key, "READ"), secret=None, headers={"Authorization": f"Bearer {WRONG}"}),
         receiver.post(envelope(key, "READ"), secret=None, headers={"X-Webhook-Secret": WRONG}),
-        receiver.post(envelope(key, "READ"), secret=SECRET[:-1]),          # a prefix is not the secret
+        receiver.post(envelope(key, "READ"), secret=SECRET[:-1]),  # a prefix is not the secret
         receiver.post(envelope(key, "READ"), secret=SECRET + "x"),
         receiver.post(envelope(key, "ERROR"), secret=WRONG),
     ]
@@ -210,8 +250,13 @@ def test_out_of_order_and_duplicates_end_on_the_highest(receiver, clean_db) -> N
     a, b, c = make_parts(3)
     # READ first, then the late ones: nothing moves after READ
     r = receiver.post(envelope(a.provider_message_id, "READ"))
-    assert r.json() == {"result": "updated", "delivery_status": "read", "part_id": a.id,
-                        "message_id": a.message_id, "run_id": a.message.run_id}
+    assert r.json() == {
+        "result": "updated",
+        "delivery_status": "read",
+        "part_id": a.id,
+        "message_id": a.message_id,
+        "run_id": a.message.run_id,
+    }
     first_read = part_state(a.id)
     for status in ("DELIVERY_ACK", "SERVER_ACK", "READ", "PLAYED", "DELIVERY_ACK"):
         r = receiver.post(envelope(a.provider_message_id, status))
@@ -266,8 +311,11 @@ def test_unknown_id_and_other_events_are_acknowledged_and_ignored(receiver, clea
         {"event": "messages.upsert", "instance": "acme-1", "data": {"key": {"id": part.provider_message_id}}},
         envelope(part.provider_message_id, "PENDING"),
         envelope(part.provider_message_id, "DELETED"),
-        envelope(part.provider_message_id, "READ", data={"keyId": part.provider_message_id, "status": "READ",
-                                                         "fromMe": False, "remoteJid": "x"}),
+        envelope(
+            part.provider_message_id,
+            "READ",
+            data={"keyId": part.provider_message_id, "status": "READ", "fromMe": False, "remoteJid": "x"},
+        ),
     ):
         r = receiver.post(doc)
         assert r.status_code == 200 and r.json()["result"] == "ignored", (doc, r.text)
@@ -275,31 +323,35 @@ def test_unknown_id_and_other_events_are_acknowledged_and_ignored(receiver, clea
     # Evolution's other spellings of the event name are the same event
     r = receiver.post(envelope(part.provider_message_id, "SERVER_ACK", event="MESSAGES_UPDATE"))
     assert r.json()["result"] == "updated"
-    r = receiver.http.post("/webhook/messages-update", params={"secret": SECRET},
-                           json=envelope(part.provider_message_id, "DELIVERY_ACK"))
+    r = receiver.http.post(
+        "/webhook/messages-update", params={"secret": SECRET}, json=envelope(part.provider_message_id, "DELIVERY_ACK")
+    )
     assert r.json()["result"] == "updated" and part_state(part.id)[0] == "delivered"
 
 
-@pytest.mark.parametrize("raw,reason", [
-    (b"{not json", "not valid JSON"),
-    (b"", "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "not valid JSON"),
-    (b"[1, 2, 3]", "must be a JSON object"),
-    (b'"messages.update"', "must be a JSON object"),
-    (b'{"data": {}}', "'event'"),
-    (b'{"event": "messages.update"}', "'data'"),
-    (b'{"event": "messages.update", "data": []}', "'data'"),
-    (b'{"event": "messages.update", "data": {"status": "READ"}}', "'data.keyId'"),
-    (b'{"event": "messages.update", "data": {"keyId": 42, "status": "READ"}}', "'data.keyId'"),
-    (b'{"event": "messages.update", "data": {"keyId": "   ", "status": "READ"}}', "'data.keyId'"),
-    (b'{"event": "messages.update", "data": {"keyId": "K"}}', "'data.status'"),
-    (b'{"event": "messages.update", "data": {"keyId": "K", "status": "SEEN"}}', "'data.status' must be one of"),
-    (b'{"event": "messages.update", "data": {"keyId": "K", "status": "READ", "fromMe": "yes"}}', "'data.fromMe'"),
-    (b'{"event": "messages.update", "instance": 7, "data": {"keyId": "K", "status": "READ"}}', "'instance'"),
-    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),   # nesting deeper than the parser's stack
-    (b'{"event": "messages.update", "data": {"keyId": "K\\u0000", "status": "READ"}}', "NUL"),
-    (b'{"event": "messages.update", "data": {"keyId": "K\\ud800", "status": "READ"}}', "lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        (b"[1, 2, 3]", "must be a JSON object"),
+        (b'"messages.update"', "must be a JSON object"),
+        (b'{"data": {}}', "'event'"),
+        (b'{"event": "messages.update"}', "'data'"),
+        (b'{"event": "messages.update", "data": []}', "'data'"),
+        (b'{"event": "messages.update", "data": {"status": "READ"}}', "'data.keyId'"),
+        (b'{"event": "messages.update", "data": {"keyId": 42, "status": "READ"}}', "'data.keyId'"),
+        (b'{"event": "messages.update", "data": {"keyId": "   ", "status": "READ"}}', "'data.keyId'"),
+        (b'{"event": "messages.update", "data": {"keyId": "K"}}', "'data.status'"),
+        (b'{"event": "messages.update", "data": {"keyId": "K", "status": "SEEN"}}', "'data.status' must be one of"),
+        (b'{"event": "messages.update", "data": {"keyId": "K", "status": "READ", "fromMe": "yes"}}', "'data.fromMe'"),
+        (b'{"event": "messages.update", "instance": 7, "data": {"keyId": "K", "status": "READ"}}', "'instance'"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # nesting deeper than the parser's stack
+        (b'{"event": "messages.update", "data": {"keyId": "K\\u0000", "status": "READ"}}', "NUL"),
+        (b'{"event": "messages.update", "data": {"keyId": "K\\ud800", "status": "READ"}}', "lone surrogate"),
+    ],
+)
 def test_malformed_body_is_400_with_reason(receiver, clean_db, raw: bytes, reason: str) -> None:
     (part,) = make_parts(1)
     raw = raw.replace(b'"K"', json.dumps(part.provider_message_id).encode())
@@ -442,8 +494,11 @@ def test_burst_of_1000_concurrent_updates(receiver, clean_db) -> None:
     assert codes == [200] * 1000
     from campaign.db import db
 
-    got = dict(db.execute_sql("SELECT id, delivery_status FROM message_parts WHERE id = ANY(%s)",
-                              ([p.id for p in parts],)).fetchall())
+    got = dict(
+        db.execute_sql(
+            "SELECT id, delivery_status FROM message_parts WHERE id = ANY(%s)", ([p.id for p in parts],)
+        ).fetchall()
+    )
     assert got == expected
 
 
@@ -471,17 +526,30 @@ def test_concurrent_duplicates_of_one_part_never_downgrade(receiver, clean_db) -
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(doc=_json_values | st.fixed_dictionaries(
-    {"event": st.sampled_from(["messages.update", "MESSAGES_UPDATE", "x"]) | _json_values},
-    optional={"data": st.fixed_dictionaries({}, optional={
-        "keyId": st.text(max_size=300) | _json_values,
-        "status": st.sampled_from(["READ", "ERROR", "PENDING", "read", "bogus"]) | _json_values,
-        "fromMe": st.booleans() | _json_values, "remoteJid": _json_values}) | _json_values,
-        "instance": _json_values}))
+@given(
+    doc=_json_values
+    | st.fixed_dictionaries(
+        {"event": st.sampled_from(["messages.update", "MESSAGES_UPDATE", "x"]) | _json_values},
+        optional={
+            "data": st.fixed_dictionaries(
+                {},
+                optional={
+                    "keyId": st.text(max_size=300) | _json_values,
+                    "status": st.sampled_from(["READ", "ERROR", "PENDING", "read", "bogus"]) | _json_values,
+                    "fromMe": st.booleans() | _json_values,
+                    "remoteJid": _json_values,
+                },
+            )
+            | _json_values,
+            "instance": _json_values,
+        },
+    )
+)
 def test_parse_envelope_never_raises_anything_but_envelope_error(doc: Any) -> None:
     from webhook import DeliveryUpdate, EnvelopeError, parse_envelope
 
@@ -499,13 +567,18 @@ _LONG = st.text(max_size=40) | st.builds(lambda c, n: c * n, st.sampled_from("aZ
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(event=st.sampled_from(["messages.update", "MESSAGES_UPDATE"]) | _LONG,
-       instance=st.none() | _LONG, key_id=_LONG, remote_jid=st.none() | _LONG,
-       status=st.sampled_from(["READ", "ERROR", "SERVER_ACK"]) | _LONG)
+@given(
+    event=st.sampled_from(["messages.update", "MESSAGES_UPDATE"]) | _LONG,
+    instance=st.none() | _LONG,
+    key_id=_LONG,
+    remote_jid=st.none() | _LONG,
+    status=st.sampled_from(["READ", "ERROR", "SERVER_ACK"]) | _LONG,
+)
 @example(event="messages.update", instance="a" * 250_000, key_id="K1", remote_jid=None, status="READ")
 @example(event="messages.update", instance="acme-1", key_id="K1", remote_jid="5" * 65_000, status="ERROR")
-def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(event, instance, key_id, remote_jid,
-                                                                        status) -> None:
+def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(
+    event, instance, key_id, remote_jid, status
+) -> None:
     """Issue 23 item 1 (T-SEC-1, R-OPS-5): whatever lengths arrive, an accepted update carries only
     bounded fields (they go into log lines), and a rejection's reason is short."""
     from webhook import (
@@ -517,8 +590,11 @@ def test_parsed_envelope_fields_are_bounded_and_errors_never_echo_them(event, in
         parse_envelope,
     )
 
-    doc = {"event": event, "instance": instance,
-           "data": {"keyId": key_id, "remoteJid": remote_jid, "status": status, "fromMe": True}}
+    doc = {
+        "event": event,
+        "instance": instance,
+        "data": {"keyId": key_id, "remoteJid": remote_jid, "status": status, "fromMe": True},
+    }
     try:
         out = parse_envelope(doc)
     except EnvelopeError as exc:
@@ -540,8 +616,9 @@ def _garbage(rng: random.Random, key: str) -> bytes:
     if kind == 1:
         text = json.dumps({**envelope(key, "READ"), "apikey": SECRET})
         cut = rng.randrange(len(text))
-        return (text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "{{"]) + text[cut + 1:]).encode(
-            "utf-8", "surrogatepass")
+        return (text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "{{"]) + text[cut + 1 :]).encode(
+            "utf-8", "surrogatepass"
+        )
     if kind == 2:
         value: Any = rng.choice([None, 1, -1.5, "x", [], {}, True, "\u0000", "é" * 50, 10**30])
         doc = envelope(key, rng.choice(["READ", "SERVER_ACK", "ERROR", "bogus"]))
@@ -551,8 +628,11 @@ def _garbage(rng: random.Random, key: str) -> bytes:
     if kind == 3:
         return ("[" * rng.randrange(1, 5000)).encode()
     if kind == 4:
-        return json.dumps({"event": "messages.update", "data": {"keyId": "\ud800" + key, "status": "READ"}}
-                          ).encode("utf-8", "surrogatepass").replace(b"\\ud800", b"\\udc00\\ud800")
+        return (
+            json.dumps({"event": "messages.update", "data": {"keyId": "\ud800" + key, "status": "READ"}})
+            .encode("utf-8", "surrogatepass")
+            .replace(b"\\ud800", b"\\udc00\\ud800")
+        )
     return json.dumps(rng.choice([None, 0, "", [], {}, [{}], {"data": None}, {"event": None}])).encode()
 
 
@@ -579,11 +659,15 @@ def test_raw_socket_garbage_never_crashes_the_server(receiver, clean_db) -> None
     import socket
 
     host, port = receiver.url.removeprefix("http://").split(":")
-    for payload in (b"GARBAGE\r\n\r\n", b"POST /webhook?secret=" + SECRET.encode() + b" extra HTTP/1.1\r\n\r\n",
-                    b"POST /webhook?secret=" + SECRET.encode() + b" HTTP/9\r\n\r\n",
-                    b"POST /webhook HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"short\"",
-                    b"POST /webhook HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-                    b"POST /webhook HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", b"\x00" * 3000):
+    for payload in (
+        b"GARBAGE\r\n\r\n",
+        b"POST /webhook?secret=" + SECRET.encode() + b" extra HTTP/1.1\r\n\r\n",
+        b"POST /webhook?secret=" + SECRET.encode() + b" HTTP/9\r\n\r\n",
+        b'POST /webhook HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"short"',
+        b"POST /webhook HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /webhook HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+        b"\x00" * 3000,
+    ):
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
@@ -626,20 +710,30 @@ def test_sandbox_emits_and_receiver_records_delivered_and_read(receiver, clean_d
     ibx = f.inbox(ws, instance_name="acme-e2e")
     run = f.run(f.config(ws, ibx, cols["New"], cols["Contacted"]))
     leads = [f.lead(ws, cols["New"], phone=f"+5511987650{i:03d}") for i in range(2)]
-    parts = [MessagePart.create(message=f.message(run, ld, status="sending"), inbox=ibx, idx=0,
-                                text=f"hello {ld.name}", status="pending") for ld in leads]
+    parts = [
+        MessagePart.create(
+            message=f.message(run, ld, status="sending"), inbox=ibx, idx=0, text=f"hello {ld.name}", status="pending"
+        )
+        for ld in leads
+    ]
     # statuses start 300 ms after the accepted send, as a real phone's acks trail the send; the
     # test stores key.id right after the call, as the send actor does
-    with SandboxProcess(webhook_url=f"{receiver.url}/webhook", webhook_secret=SECRET,
-                        faults={"webhook_gap_ms": 300, "webhook_statuses": ["SERVER_ACK", "DELIVERY_ACK"]}) as sb, \
-            EvolutionClient(sb.evolution_url, sb.evolution_key) as evo:
+    with (
+        SandboxProcess(
+            webhook_url=f"{receiver.url}/webhook",
+            webhook_secret=SECRET,
+            faults={"webhook_gap_ms": 300, "webhook_statuses": ["SERVER_ACK", "DELIVERY_ACK"]},
+        ) as sb,
+        EvolutionClient(sb.evolution_url, sb.evolution_key) as evo,
+    ):
         expected = {}
         for part, ld, final in zip(parts, leads, ("delivered", "read")):
             if final == "read":
                 sb.set_faults(webhook_statuses=["SERVER_ACK", "DELIVERY_ACK", "READ"])
             result = evo.send_text(ibx.instance_name, ld.phone, part.text)
-            MessagePart.update(status="sent", sent_at=dt.datetime.now(dt.timezone.utc),
-                               provider_message_id=result.key_id).where(MessagePart.id == part.id).execute()
+            MessagePart.update(status="sent", sent_at=dt.datetime.now(dt.UTC), provider_message_id=result.key_id).where(
+                MessagePart.id == part.id
+            ).execute()
             expected[part.id] = final
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -657,14 +751,18 @@ def test_sandbox_emits_and_receiver_records_delivered_and_read(receiver, clean_d
 # -- start-up --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"WEBHOOK_SECRET": ""}, "WEBHOOK_SECRET is empty"),
-    ({"WEBHOOK_SECRET": SECRET, "WEBHOOK_PORT": "70000"}, "WEBHOOK_PORT=70000 is out of range"),
-    ({"WEBHOOK_SECRET": SECRET, "WEBHOOK_HOST": "http://x/"}, "WEBHOOK_HOST"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"WEBHOOK_SECRET": ""}, "WEBHOOK_SECRET is empty"),
+        ({"WEBHOOK_SECRET": SECRET, "WEBHOOK_PORT": "70000"}, "WEBHOOK_PORT=70000 is out of range"),
+        ({"WEBHOOK_SECRET": SECRET, "WEBHOOK_HOST": "http://x/"}, "WEBHOOK_HOST"),
+    ],
+)
 def test_refuses_to_start_with_bad_settings(services, env: dict[str, str], needle: str) -> None:
-    proc = subprocess.run([sys.executable, "webhook.py"], cwd=ROOT, env=_env(**env), capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "webhook.py"], cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert SECRET not in proc.stderr + proc.stdout

@@ -1,4 +1,5 @@
 """Real ``dramatiq`` worker processes for integration tests."""
+
 from __future__ import annotations
 
 import os
@@ -6,16 +7,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAMATIQ = str(Path(sys.executable).with_name("dramatiq"))
 
 
-def start_worker(*, processes: int = 1, threads: int = 4, queues: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
+def start_worker(
+    *,
+    processes: int = 1,
+    threads: int = 4,
+    queues: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+) -> subprocess.Popen:
     """Start ``dramatiq actors`` with the current environment (the test run's database and vhost)."""
     cmd = [DRAMATIQ, "actors", "--processes", str(processes), "--threads", str(threads)]
     if queues:
@@ -24,8 +31,7 @@ def start_worker(*, processes: int = 1, threads: int = 4, queues: tuple[str, ...
     # dramatiq's 1 s default would make every pacing delay up to a second late.
     env = {**os.environ, "dramatiq_worker_timeout": "100", **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -50,8 +56,9 @@ def worker(**kwargs) -> Iterator[subprocess.Popen]:
         stop_worker(proc)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.1,
-             message: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 30, interval: float = 0.1, message: str = "condition"
+) -> object:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -1,12 +1,14 @@
 """Operator CLI (SPEC R-OPS-1): ``python cli.py COMMAND ...``; ``--help`` lists the commands."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import peewee
+from rich.text import Text
 
 from campaign import inboxes, planner, runs
 from campaign.db import db, init_db
@@ -27,14 +29,19 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
 
 def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
     """Register ``func`` as the handler of sub-command ``name``."""
+
     def register(func: Handler) -> Handler:
         _COMMANDS[name] = (func, args, help)
         return func
+
     return register
 
 
-@command("init-db", "create or upgrade the schema (idempotent)",
-         lambda p: p.add_argument("--target", type=int, default=None, help="stop at this schema version"))
+@command(
+    "init-db",
+    "create or upgrade the schema (idempotent)",
+    lambda p: p.add_argument("--target", type=int, default=None, help="stop at this schema version"),
+)
 def cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
@@ -51,8 +58,12 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
 # configuration and leads
 # --------------------------------------------------------------------------------------------
 
-@command("apply", "apply a TOML file of workspaces, columns, inboxes and campaigns (idempotent)",
-         lambda p: p.add_argument("file", help="the TOML file (format: SPEC §4.8, example: examples/acme.toml)"))
+
+@command(
+    "apply",
+    "apply a TOML file of workspaces, columns, inboxes and campaigns (idempotent)",
+    lambda p: p.add_argument("file", help="the TOML file (format: SPEC §4.8, example: examples/acme.toml)"),
+)
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
@@ -75,14 +86,19 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default="BR", help="default phone region for numbers without +country (default BR)")
 
 
-@command("import-leads", "import leads from CSV (exit 1 when some rows were rejected, 2 when nothing was imported)",
-         _import_args)
+@command(
+    "import-leads",
+    "import leads from CSV (exit 1 when some rows were rejected, 2 when nothing was imported)",
+    _import_args,
+)
 def cmd_import_leads(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         report = import_file(args.file, workspace=args.workspace, column=args.column, region=args.region)
-    print(f"{report.imported} lead(s) imported into {args.workspace}/{args.column}: {report.inserted} new, "
-          f"{report.updated} updated, {report.unchanged} unchanged; {len(report.errors)} row(s) rejected")
+    print(
+        f"{report.imported} lead(s) imported into {args.workspace}/{args.column}: {report.inserted} new, "
+        f"{report.updated} updated, {report.unchanged} unchanged; {len(report.errors)} row(s) rejected"
+    )
     for err in report.errors:
         print(f"rejected {err}")
     return 1 if report.errors else 0
@@ -92,27 +108,40 @@ def cmd_import_leads(args: argparse.Namespace, settings: Settings) -> int:
 # runs
 # --------------------------------------------------------------------------------------------
 
-@command("run-now", "plan today's run of a campaign now (manual run)",
-         lambda p: p.add_argument("campaign", help="WORKSPACE/CAMPAIGN, e.g. acme/first-touch"))
+
+@command(
+    "run-now",
+    "plan today's run of a campaign now (manual run)",
+    lambda p: p.add_argument("campaign", help="WORKSPACE/CAMPAIGN, e.g. acme/first-touch"),
+)
 def cmd_run_now(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         config_id = planner.find_config(args.campaign)
         run = planner.plan_run(config_id, manual=True)
         if run is None:
-            row = db.execute_sql("""SELECT id, status, run_date FROM campaign_runs WHERE config_id = %s
-                                    ORDER BY run_date DESC, id DESC LIMIT 1""", (config_id,)).fetchone()
-            raise planner.PlanError(f"campaign {args.campaign} already has run {row[0]} for {row[2]} ({row[1]}); "
-                                    "one run per campaign and day" if row else
-                                    f"campaign {args.campaign} could not be planned")
-        first_last = db.execute_sql("SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages "
-                                    "WHERE run_id = %s", (run.id,)).fetchone()
+            row = db.execute_sql(
+                """SELECT id, status, run_date FROM campaign_runs WHERE config_id = %s
+                                    ORDER BY run_date DESC, id DESC LIMIT 1""",
+                (config_id,),
+            ).fetchone()
+            raise planner.PlanError(
+                f"campaign {args.campaign} already has run {row[0]} for {row[2]} ({row[1]}); "
+                "one run per campaign and day"
+                if row
+                else f"campaign {args.campaign} could not be planned"
+            )
+        first_last = db.execute_sql(
+            "SELECT min(scheduled_at), max(scheduled_at) FROM campaign_messages WHERE run_id = %s", (run.id,)
+        ).fetchone()
     if run.status == "failed":
         print(f"error: run {run.id} of {args.campaign} failed: {run.failure_reason}", file=sys.stderr)
         return 2
-    when = (f", from {first_last[0]:%Y-%m-%d %H:%M:%S} to {first_last[1]:%H:%M:%S} UTC" if first_last[0] else "")
-    print(f"run {run.id} of {args.campaign} planned for {run.run_date}: {run.leads_total} message(s){when}; "
-          f"overflow {run.leads_overflow}; status {run.status}")
+    when = f", from {first_last[0]:%Y-%m-%d %H:%M:%S} to {first_last[1]:%H:%M:%S} UTC" if first_last[0] else ""
+    print(
+        f"run {run.id} of {args.campaign} planned for {run.run_date}: {run.leads_total} message(s){when}; "
+        f"overflow {run.leads_overflow}; status {run.status}"
+    )
     return 0
 
 
@@ -120,15 +149,21 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=int, help="run id (see `status`)")
 
 
-@command("pause", "pause a running run (in-flight messages finish; nothing new starts); on a run the engine "
-                 "paused by itself, the pause becomes yours: only `resume` ends it", _run_arg)
+@command(
+    "pause",
+    "pause a running run (in-flight messages finish; nothing new starts); on a run the engine "
+    "paused by itself, the pause becomes yours: only `resume` ends it",
+    _run_arg,
+)
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         was = runs.pause_run(args.run)
     if was:
-        print(f"run {args.run} paused (manual): it was paused automatically ({was}); it no longer resumes by "
-              "itself, only with `resume`")
+        print(
+            f"run {args.run} paused (manual): it was paused automatically ({was}); it no longer resumes by "
+            "itself, only with `resume`"
+        )
     else:
         print(f"run {args.run} paused")
     return 0
@@ -139,8 +174,10 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         result = runs.resume_run(args.run)
-    print(f"run {args.run} resumed: {result['replanned']} message(s) re-planned, "
-          f"{result['skipped']} skipped (window closed)")
+    print(
+        f"run {args.run} resumed: {result['replanned']} message(s) re-planned, "
+        f"{result['skipped']} skipped (window closed)"
+    )
     return 0
 
 
@@ -157,17 +194,22 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 # inboxes (R-FAIL-6)
 # --------------------------------------------------------------------------------------------
 
+
 def _inbox_args(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, help_text in (
-            ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
-            ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled")):
+        ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
+        ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled"),
+    ):
         a = actions.add_parser(action, help=help_text, description=help_text)
         a.add_argument("name", help="the inbox name of [workspaces.W.inboxes.NAME], or W/NAME")
         a.add_argument("--workspace", default=None, help="its workspace, when the name exists in several")
-        a.add_argument("--reason", required=action == "disable", default=None,
-                       help="why (kept on the inbox and in campaign_events)" + (" (optional)" if action == "enable"
-                                                                               else ""))
+        a.add_argument(
+            "--reason",
+            required=action == "disable",
+            default=None,
+            help="why (kept on the inbox and in campaign_events)" + (" (optional)" if action == "enable" else ""),
+        )
 
 
 def _run_ids(ids: list[int]) -> str:
@@ -186,16 +228,23 @@ def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
     if not change.changed:
         print(f"inbox {label}: {change.note}")
     elif args.action == "disable":
-        print(f"inbox {label} disabled by {change.by}: {change.reason}; runs paused (inbox_disabled): "
-              f"{_run_ids(change.paused)}")
+        print(
+            f"inbox {label} disabled by {change.by}: {change.reason}; runs paused (inbox_disabled): "
+            f"{_run_ids(change.paused)}"
+        )
     else:
-        print(f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
-              f"{_run_ids(change.resumed)}")
+        print(
+            f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
+            f"{_run_ids(change.resumed)}"
+        )
     return 0
 
 
-@command("inboxes", "list the inboxes: connection state, disabled (why), consecutive send failures",
-         lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"))
+@command(
+    "inboxes",
+    "list the inboxes: connection state, disabled (why), consecutive send failures",
+    lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"),
+)
 def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
@@ -205,10 +254,18 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     table = [("inbox", "instance", "state", "failures", "disabled")]
     for r in rows:
-        state = r.connection_state + (f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC"
-                                      if r.disconnected_since else "")
-        table.append((r.label, r.instance_name, state, str(r.consecutive_failures),
-                      f"yes: {r.disabled_reason}" if r.disabled else "no"))
+        state = r.connection_state + (
+            f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC" if r.disconnected_since else ""
+        )
+        table.append(
+            (
+                r.label,
+                r.instance_name,
+                state,
+                str(r.consecutive_failures),
+                f"yes: {r.disabled_reason}" if r.disabled else "no",
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
@@ -223,13 +280,17 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
 # repairs: dead letters (R-OPS-2) and in-doubt messages (R-FAIL-4)
 # --------------------------------------------------------------------------------------------
 
+
 def _dead_letters_args(p: argparse.ArgumentParser) -> None:
 
     dead_letters.add_arguments(p)
 
 
-@command("dead-letters", "list, requeue or purge the pipeline's dead letters (.XQ + PostgreSQL; "
-                         "same as scripts/reprocess_dead_letters.py)", _dead_letters_args)
+@command(
+    "dead-letters",
+    "list, requeue or purge the pipeline's dead letters (.XQ + PostgreSQL; same as scripts/reprocess_dead_letters.py)",
+    _dead_letters_args,
+)
 def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 
     return dead_letters.run(args, settings)
@@ -238,8 +299,9 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 def _resolve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("message", type=int, help="id of the in_doubt campaign message (see `status`)")
     verdict = p.add_mutually_exclusive_group(required=True)
-    verdict.add_argument("--sent", action="store_true",
-                         help="the in-doubt part(s) reached the lead: count them sent, send what is left")
+    verdict.add_argument(
+        "--sent", action="store_true", help="the in-doubt part(s) reached the lead: count them sent, send what is left"
+    )
     verdict.add_argument("--resend", action="store_true", help="they did not: send the in-doubt part(s) again")
 
 
@@ -257,13 +319,16 @@ def _status_args(p: argparse.ArgumentParser) -> None:
 
 def _bar(run, width: int = 24):
     """A stacked bar: sent / skipped / failed / in doubt of total."""
-    from rich.text import Text
 
     text = Text()
     total = max(run.total, 1)
     used = 0
-    for count, char, style in ((run.sent, "█", "green"), (run.skipped, "█", "yellow"), (run.failed, "█", "red"),
-                               (run.in_doubt, "█", "magenta")):
+    for count, char, style in (
+        (run.sent, "█", "green"),
+        (run.skipped, "█", "yellow"),
+        (run.failed, "█", "red"),
+        (run.in_doubt, "█", "magenta"),
+    ):
         n = round(width * count / total)
         n = min(n, width - used)
         text.append(char * n, style=style)
@@ -273,11 +338,10 @@ def _bar(run, width: int = 24):
     return text
 
 
-def _plain(value) -> "Text":
+def _plain(value) -> Text:
     """A table cell from data (provider errors, names, queue names): rich ``Text`` is never parsed
     as markup, so "[/x] is not a valid model ID" prints as it is instead of raising MarkupError,
     and "[bold]" or "[link=...]" in an error text is shown, not obeyed."""
-    from rich.text import Text
 
     return Text("-" if value is None else str(value))
 
@@ -286,21 +350,45 @@ def render_status(snap):
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
 
     parts: list = [Text(f"campaign engine status at {snap.taken_at:%Y-%m-%d %H:%M:%S} UTC", style="bold")]
     runs = Table(title=f"runs in progress ({len(snap.runs)})", title_justify="left", expand=False)
     numeric = ("run", "sent", "skipped", "failed", "in doubt", "total", "pending", "in flight", "overflow")
-    for col in ("run", "campaign", "date", "status", "sent/skipped/failed/in doubt", "sent", "skipped", "failed",
-                "in doubt", "total", "pending", "in flight", "overflow", "next due (UTC)"):
+    for col in (
+        "run",
+        "campaign",
+        "date",
+        "status",
+        "sent/skipped/failed/in doubt",
+        "sent",
+        "skipped",
+        "failed",
+        "in doubt",
+        "total",
+        "pending",
+        "in flight",
+        "overflow",
+        "next due (UTC)",
+    ):
         runs.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
     for r in snap.runs:
         status = r.status + (f" ({r.pause_reason})" if r.pause_reason else "")
-        runs.add_row(str(r.id), _plain(r.campaign), str(r.run_date),
-                     Text(status, style="yellow" if r.pause_reason else ""),
-                     _bar(r), str(r.sent), str(r.skipped), str(r.failed), str(r.in_doubt), str(r.total),
-                     str(r.pending), str(r.in_flight), str(r.overflow),
-                     f"{r.next_at:%H:%M:%S}" if r.next_at else "-")
+        runs.add_row(
+            str(r.id),
+            _plain(r.campaign),
+            str(r.run_date),
+            Text(status, style="yellow" if r.pause_reason else ""),
+            _bar(r),
+            str(r.sent),
+            str(r.skipped),
+            str(r.failed),
+            str(r.in_doubt),
+            str(r.total),
+            str(r.pending),
+            str(r.in_flight),
+            str(r.overflow),
+            f"{r.next_at:%H:%M:%S}" if r.next_at else "-",
+        )
     parts.append(runs if snap.runs else Text("no run in progress"))
 
     if snap.queues or snap.queue_error:
@@ -308,22 +396,35 @@ def render_status(snap):
         for col in ("queue", "ready", ".DQ (delayed)", ".XQ (dead)"):
             queues.add_column(col, justify="left" if col == "queue" else "right")
         bases = [q for q in snap.queues if not q.endswith((".DQ", ".XQ"))]
-        fmt = (lambda v: "?" if v is None else str(v))
+
+        def fmt(v: object) -> str:
+            return "?" if v is None else str(v)
+
         for q in bases:
-            queues.add_row(_plain(q), fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")),
-                           fmt(snap.queues.get(f"{q}.XQ")))
+            queues.add_row(
+                _plain(q), fmt(snap.queues.get(q)), fmt(snap.queues.get(f"{q}.DQ")), fmt(snap.queues.get(f"{q}.XQ"))
+            )
         parts.append(queues)
         if snap.queue_error:
             parts.append(Text(snap.queue_error, style="red"))
 
-    for title, lines in (("in doubt (resolve with `resolve`)", snap.in_doubt), ("failed (runs in progress)", snap.failed)):
+    for title, lines in (
+        ("in doubt (resolve with `resolve`)", snap.in_doubt),
+        ("failed (runs in progress)", snap.failed),
+    ):
         if lines:
             t = Table(title=f"{title}: {len(lines)}", title_justify="left")
             for col in ("message", "run", "campaign", "lead", "phone", "error"):
                 t.add_column(col, overflow="fold")
             for m in lines:
-                t.add_row(str(m.id), str(m.run_id), _plain(m.campaign), str(m.lead_id or "-"), _plain(m.phone),
-                          _plain((m.error or "")[:120]))
+                t.add_row(
+                    str(m.id),
+                    str(m.run_id),
+                    _plain(m.campaign),
+                    str(m.lead_id or "-"),
+                    _plain(m.phone),
+                    _plain((m.error or "")[:120]),
+                )
             parts.append(t)
 
     if snap.alerts:
@@ -340,7 +441,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     from rich.console import Console
     from rich.live import Live
-
 
     if not 0.2 <= args.interval <= 3600:
         raise ConfigError(f"--interval {args.interval} must be between 0.2 and 3600 seconds")
@@ -365,16 +465,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=int, help="run id (see `status`)")
-    p.add_argument("--picture", default=None, metavar="PATH",
-                   help="where to write the picture, .png or .svg (default reports/run-<id>.png)")
+    p.add_argument(
+        "--picture",
+        default=None,
+        metavar="PATH",
+        help="where to write the picture, .png or .svg (default reports/run-<id>.png)",
+    )
     p.add_argument("--no-picture", action="store_true", help="print the text summary only")
 
 
-@command("report", "a run's summary (outcomes by reason, timings, tokens, per inbox) and a picture of its sends",
-         _report_args)
+@command(
+    "report",
+    "a run's summary (outcomes by reason, timings, tokens, per inbox) and a picture of its sends",
+    _report_args,
+)
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
-
 
     if args.no_picture and args.picture:
         print("error: --picture and --no-picture contradict each other; give one", file=sys.stderr)
@@ -382,8 +488,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     picture = Path(args.picture or f"reports/run-{args.run}.png")
     if not args.no_picture and picture.suffix.lower() not in report.PICTURE_SUFFIXES:
         # checked before reading anything: a typo costs nothing
-        print(f"error: --picture {picture}: unsupported suffix {picture.suffix or '(none)'!r}; use .png or .svg",
-              file=sys.stderr)
+        print(
+            f"error: --picture {picture}: unsupported suffix {picture.suffix or '(none)'!r}; use .png or .svg",
+            file=sys.stderr,
+        )
         return 2
     with db.connection_context():
         rep = report.build_report(args.run)
@@ -398,16 +506,21 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@command("verify", "check every run's counters against its message rows, every message against its parts, "
-                  "and that finished runs are closed (exit 1 on any finding)")
+@command(
+    "verify",
+    "check every run's counters against its message rows, every message against its parts, "
+    "and that finished runs are closed (exit 1 on any finding)",
+)
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         runs = db.execute_sql("SELECT count(*) FROM campaign_runs").fetchone()[0]
         findings = monitor.verify()
     if not findings:
-        print(f"ok: the counters of all {runs} run(s) match their message rows; every message agrees with its "
-              "parts; every finished run is closed")
+        print(
+            f"ok: the counters of all {runs} run(s) match their message rows; every message agrees with its "
+            "parts; every finished run is closed"
+        )
         return 0
     for m in findings:
         print(f"{'MISMATCH' if isinstance(m, monitor.Mismatch) else 'INCONSISTENT'} {m}")
@@ -419,13 +532,18 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 # demo (issue 8)
 # --------------------------------------------------------------------------------------------
 
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
 
     demo.add_arguments(p)
 
 
-@command("demo", "run the whole engine end to end on this machine (sandbox providers; real services when they "
-         "answer, else embedded PostgreSQL + StubBroker)", _demo_args)
+@command(
+    "demo",
+    "run the whole engine end to end on this machine (sandbox providers; real services when they "
+    "answer, else embedded PostgreSQL + StubBroker)",
+    _demo_args,
+)
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     return demo.run_from_args(args, verbose=args.verbose)

@@ -22,6 +22,7 @@ Rules:
   timezone UTC, part_gap_seconds 1.0-4.0, no fallback template, split off (max_parts 1; with
   ``split.enabled = true`` max_parts defaults to 3), active true.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -45,17 +46,27 @@ from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigFileError", "ConcurrentChangeError", "ApplySummary", "WorkspaceSpec", "InboxSpec",
-           "CampaignSpec", "parse_text", "apply_text", "apply_file", "WEEKDAYS"]
+__all__ = [
+    "ConfigFileError",
+    "ConcurrentChangeError",
+    "ApplySummary",
+    "WorkspaceSpec",
+    "InboxSpec",
+    "CampaignSpec",
+    "parse_text",
+    "apply_text",
+    "apply_file",
+    "WEEKDAYS",
+]
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = PostgreSQL weekdays value, 0 = Monday
 # \Z, not $: '$' also matches before a final newline, so "acme\n" passed here and failed the
 # schema's CHECK with a database message naming no key
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # workspaces and campaigns (CHECK in schema)
-_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})\Z")         # [0-9]: \d takes any script's digits
+_TIME_RE = re.compile(r"([0-9]{2}):([0-9]{2})\Z")  # [0-9]: \d takes any script's digits
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
-PG_INT_MAX = 2**31 - 1   # PostgreSQL ``integer``: every integer column this file writes
-MAX_DEPTH = 16           # tables and arrays; the format needs 6 (workspaces.W.campaigns.C.window.start)
+PG_INT_MAX = 2**31 - 1  # PostgreSQL ``integer``: every integer column this file writes
+MAX_DEPTH = 16  # tables and arrays; the format needs 6 (workspaces.W.campaigns.C.window.start)
 APPLY_LOCK_KEY = 0x61706C79  # "aply": serialises concurrent applies
 
 
@@ -145,12 +156,18 @@ class ApplySummary:
         for kind in ("workspace", "column", "inbox", "campaign"):
             c, u, n = (len(d.get(kind, [])) for d in (self.created, self.updated, self.unchanged))
             if c or u or n:
-                detail = "; ".join(f"{label} {', '.join(d[kind])}" for label, d in
-                                   (("created", self.created), ("updated", self.updated)) if d.get(kind))
-                out.append(f"{_PLURAL[kind]}: {c} created, {u} updated, {n} unchanged" + (f" ({detail})" if detail else ""))
+                detail = "; ".join(
+                    f"{label} {', '.join(d[kind])}"
+                    for label, d in (("created", self.created), ("updated", self.updated))
+                    if d.get(kind)
+                )
+                out.append(
+                    f"{_PLURAL[kind]}: {c} created, {u} updated, {n} unchanged" + (f" ({detail})" if detail else "")
+                )
         for kind, names in self.kept.items():
-            out.append(f"note: {len(names)} {kind}(s) not in the file kept as they are (never deleted): "
-                       + ", ".join(names))
+            out.append(
+                f"note: {len(names)} {kind}(s) not in the file kept as they are (never deleted): " + ", ".join(names)
+            )
         if not self.changed:
             out.append("nothing changed")
         return out
@@ -159,6 +176,7 @@ class ApplySummary:
 # --------------------------------------------------------------------------------------------
 # validation (pure: no database)
 # --------------------------------------------------------------------------------------------
+
 
 def _key(name: str) -> str:
     # a quoted TOML key; JSON's escapes are TOML's, and control characters come out visible
@@ -188,8 +206,9 @@ class _Checker:
             self.err(f"{path}.{_key(k)}" if path else _key(k), "is required")
         return value
 
-    def string(self, value: Any, path: str, *, max_len: int = 100_000, pattern: re.Pattern | None = None,
-               what: str = "") -> str | None:
+    def string(
+        self, value: Any, path: str, *, max_len: int = 100_000, pattern: re.Pattern | None = None, what: str = ""
+    ) -> str | None:
         if not isinstance(value, str):
             self.err(path, f"must be a string, got {_type(value)}")
             return None
@@ -234,15 +253,15 @@ class _Checker:
     def hhmm(self, value: Any, path: str, *, allow_24: bool) -> int | None:
         if isinstance(value, dt.time) and not isinstance(value, dt.datetime):
             if value.second or value.microsecond or value.tzinfo:
-                self.err(path, "must be a time \"HH:MM\" (no seconds, no offset)")
+                self.err(path, 'must be a time "HH:MM" (no seconds, no offset)')
                 return None
             return value.hour * 60 + value.minute
         if not isinstance(value, str):
-            self.err(path, f"must be a time \"HH:MM\", got {_type(value)}")
+            self.err(path, f'must be a time "HH:MM", got {_type(value)}')
             return None
         m = _TIME_RE.match(value)
         if m is None:
-            self.err(path, f"{value!r} is not a time \"HH:MM\"")
+            self.err(path, f'{value!r} is not a time "HH:MM"')
             return None
         hours, minutes = int(m.group(1)), int(m.group(2))
         total = hours * 60 + minutes
@@ -253,18 +272,39 @@ class _Checker:
 
 
 def _type(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             dict: "a table", dt.datetime: "a date-time", dt.date: "a date", dt.time: "a time"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+        dt.datetime: "a date-time",
+        dt.date: "a date",
+        dt.time: "a time",
+    }
     return names.get(type(value), type(value).__name__)
 
 
 _WS_KEYS = {"columns", "inboxes", "campaigns"}
 _INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds"}
-_CAMPAIGN_KEYS = {"inbox", "source_column", "target_column", "weekdays", "window", "timezone", "daily_limit",
-                  "gap_seconds", "part_gap_seconds", "model", "system_prompt", "fallback_template", "split",
-                  "active"}
-_CAMPAIGN_REQUIRED = {"inbox", "source_column", "target_column", "daily_limit", "gap_seconds", "model",
-                      "system_prompt"}
+_CAMPAIGN_KEYS = {
+    "inbox",
+    "source_column",
+    "target_column",
+    "weekdays",
+    "window",
+    "timezone",
+    "daily_limit",
+    "gap_seconds",
+    "part_gap_seconds",
+    "model",
+    "system_prompt",
+    "fallback_template",
+    "split",
+    "active",
+}
+_CAMPAIGN_REQUIRED = {"inbox", "source_column", "target_column", "daily_limit", "gap_seconds", "model", "system_prompt"}
 
 
 def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
@@ -312,6 +352,59 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if source is not None and target is not None and source == target:
         ck.err(f"{path}.target_column", f"must differ from source_column ({source!r})")
 
+    weekdays = _weekdays(ck, t, path)
+    start, end = _window(ck, t, path)
+    timezone = _timezone(ck, t, path)
+
+    daily_limit = ck.integer(get("daily_limit"), f"{path}.daily_limit", 1, 1_000_000) if "daily_limit" in t else None
+    gaps = _bounds(ck, get("gap_seconds"), f"{path}.gap_seconds", None) if "gap_seconds" in t else None
+    part_gaps = _bounds(ck, get("part_gap_seconds"), f"{path}.part_gap_seconds", (1.0, 4.0))
+    model = ck.string(get("model"), f"{path}.model", max_len=200) if "model" in t else None
+    prompt = ck.string(get("system_prompt"), f"{path}.system_prompt") if "system_prompt" in t else None
+
+    fallback = None
+    if "fallback_template" in t:
+        fallback = ck.string(t["fallback_template"], f"{path}.fallback_template", max_len=4000)
+        if fallback is not None:
+            try:  # rendered by the pipeline's own renderer: what passes here renders as written
+                leadtext.check_template(fallback)
+            except leadtext.TemplateError as exc:
+                ck.err(f"{path}.fallback_template", f"bad template: {exc}")
+
+    split_enabled, max_parts = _split(ck, t, path)
+    active = True
+    if "active" in t:
+        a = ck.boolean(t["active"], f"{path}.active")
+        active = True if a is None else a
+
+    if len(ck.errors) > n or None in (inbox, source, target, weekdays, daily_limit, gaps, part_gaps, model, prompt):
+        return None
+    return CampaignSpec(
+        name,
+        inbox,
+        source,
+        target,
+        weekdays,
+        start,
+        end,
+        timezone,
+        daily_limit,
+        gaps[0],
+        gaps[1],
+        part_gaps[0],
+        part_gaps[1],
+        model,
+        prompt,
+        fallback,
+        split_enabled,
+        max_parts,
+        active,
+        path,
+    )
+
+
+def _weekdays(ck: _Checker, t: dict, path: str) -> tuple[int, ...] | None:
+    """The campaign's weekdays (every day when omitted); None after an error."""
     weekdays: tuple[int, ...] | None = tuple(range(7))
     if "weekdays" in t:
         raw_days = t["weekdays"]
@@ -330,7 +423,11 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
                 else:
                     days.append(idx)
             weekdays = tuple(sorted(set(days)))
+    return weekdays
 
+
+def _window(ck: _Checker, t: dict, path: str) -> tuple[int, int]:
+    """The daily window in minutes (always open when omitted)."""
     start, end = 0, 1440
     if "window" in t:
         w = ck.table(t["window"], f"{path}.window", {"start", "end"}, {"start", "end"})
@@ -338,10 +435,16 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         e = ck.hhmm(w["end"], f"{path}.window.end", allow_24=True) if w and "end" in w else None
         if s is not None and e is not None:
             if e <= s:
-                ck.err(f"{path}.window.end", f"{w['end']} must be after start {w['start']} "
-                                             "(a window cannot cross midnight)")
+                ck.err(
+                    f"{path}.window.end",
+                    f"{w['end']} must be after start {w['start']} (a window cannot cross midnight)",
+                )
             start, end = s, e
+    return start, end
 
+
+def _timezone(ck: _Checker, t: dict, path: str) -> str:
+    """An IANA zone name (UTC when omitted)."""
     timezone = "UTC"
     if "timezone" in t:
         tz = ck.string(t["timezone"], f"{path}.timezone", max_len=100)
@@ -352,24 +455,16 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
                 ZoneInfo(tz)
                 timezone = tz
             except (ZoneInfoNotFoundError, ValueError):
-                ck.err(f"{path}.timezone", f"{tz!r} is not an IANA timezone (e.g. America/Sao_Paulo; host "
-                                           "names like 'localtime' are refused: hosts would disagree)")
+                ck.err(
+                    f"{path}.timezone",
+                    f"{tz!r} is not an IANA timezone (e.g. America/Sao_Paulo; host "
+                    "names like 'localtime' are refused: hosts would disagree)",
+                )
+    return timezone
 
-    daily_limit = ck.integer(get("daily_limit"), f"{path}.daily_limit", 1, 1_000_000) if "daily_limit" in t else None
-    gaps = _bounds(ck, get("gap_seconds"), f"{path}.gap_seconds", None) if "gap_seconds" in t else None
-    part_gaps = _bounds(ck, get("part_gap_seconds"), f"{path}.part_gap_seconds", (1.0, 4.0))
-    model = ck.string(get("model"), f"{path}.model", max_len=200) if "model" in t else None
-    prompt = ck.string(get("system_prompt"), f"{path}.system_prompt") if "system_prompt" in t else None
 
-    fallback = None
-    if "fallback_template" in t:
-        fallback = ck.string(t["fallback_template"], f"{path}.fallback_template", max_len=4000)
-        if fallback is not None:
-            try:  # rendered by the pipeline's own renderer: what passes here renders as written
-                leadtext.check_template(fallback)
-            except leadtext.TemplateError as exc:
-                ck.err(f"{path}.fallback_template", f"bad template: {exc}")
-
+def _split(ck: _Checker, t: dict, path: str) -> tuple[bool, int]:
+    """Whether to split and into how many parts at most."""
     split_enabled, max_parts = False, 1
     if "split" in t:
         sp = ck.table(t["split"], f"{path}.split", {"enabled", "max_parts"}, {"enabled"})
@@ -380,15 +475,7 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
             if "max_parts" in sp:
                 mp = ck.integer(sp["max_parts"], f"{path}.split.max_parts", 1, 10)
                 max_parts = mp if mp is not None else max_parts
-    active = True
-    if "active" in t:
-        a = ck.boolean(t["active"], f"{path}.active")
-        active = True if a is None else a
-
-    if len(ck.errors) > n or None in (inbox, source, target, weekdays, daily_limit, gaps, part_gaps, model, prompt):
-        return None
-    return CampaignSpec(name, inbox, source, target, weekdays, start, end, timezone, daily_limit, gaps[0], gaps[1],
-                        part_gaps[0], part_gaps[1], model, prompt, fallback, split_enabled, max_parts, active, path)
+    return split_enabled, max_parts
 
 
 @functools.cache
@@ -436,8 +523,9 @@ def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
                 inboxes.append(spec)
     campaigns: list[CampaignSpec] = []
     if "campaigns" in t:
-        tbl = ck.table(t["campaigns"], f"{path}.campaigns",
-                       set(t["campaigns"]) if isinstance(t["campaigns"], dict) else set())
+        tbl = ck.table(
+            t["campaigns"], f"{path}.campaigns", set(t["campaigns"]) if isinstance(t["campaigns"], dict) else set()
+        )
         for cname, craw in (tbl or {}).items():
             spec = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
             if spec is not None:
@@ -466,8 +554,12 @@ def parse_text(text: str, source: str = "<text>") -> list[WorkspaceSpec]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError([f"{source}: invalid TOML: {exc}"]) from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigFileError([f"{source}: invalid TOML: arrays or tables nested too deeply "
-                               f"(more than {MAX_DEPTH} levels are never needed)"]) from None
+        raise ConfigFileError(
+            [
+                f"{source}: invalid TOML: arrays or tables nested too deeply "
+                f"(more than {MAX_DEPTH} levels are never needed)"
+            ]
+        ) from None
     deep = _too_deep(data)
     if deep is not None:
         raise ConfigFileError([f"{deep}: nested more than {MAX_DEPTH} levels deep"])
@@ -492,17 +584,49 @@ def parse_text(text: str, source: str = "<text>") -> list[WorkspaceSpec]:
 # references and writes (one transaction)
 # --------------------------------------------------------------------------------------------
 
-_CAMPAIGN_COLUMNS = ("inbox_id", "source_column_id", "target_column_id", "weekdays", "window_start_minute",
-                     "window_end_minute", "timezone", "daily_limit", "gap_min_seconds", "gap_max_seconds",
-                     "part_gap_min_seconds", "part_gap_max_seconds", "model", "system_prompt", "fallback_template",
-                     "split_enabled", "max_parts", "active")
+_CAMPAIGN_COLUMNS = (
+    "inbox_id",
+    "source_column_id",
+    "target_column_id",
+    "weekdays",
+    "window_start_minute",
+    "window_end_minute",
+    "timezone",
+    "daily_limit",
+    "gap_min_seconds",
+    "gap_max_seconds",
+    "part_gap_min_seconds",
+    "part_gap_max_seconds",
+    "model",
+    "system_prompt",
+    "fallback_template",
+    "split_enabled",
+    "max_parts",
+    "active",
+)
 
 
 def _campaign_values(c: CampaignSpec, inbox_id: int, source_id: int, target_id: int) -> tuple:
-    return (inbox_id, source_id, target_id, list(c.weekdays), c.window_start_minute, c.window_end_minute,
-            c.timezone, c.daily_limit, c.gap_min_seconds, c.gap_max_seconds, c.part_gap_min_seconds,
-            c.part_gap_max_seconds, c.model, c.system_prompt, c.fallback_template, c.split_enabled, c.max_parts,
-            c.active)
+    return (
+        inbox_id,
+        source_id,
+        target_id,
+        list(c.weekdays),
+        c.window_start_minute,
+        c.window_end_minute,
+        c.timezone,
+        c.daily_limit,
+        c.gap_min_seconds,
+        c.gap_max_seconds,
+        c.part_gap_min_seconds,
+        c.part_gap_max_seconds,
+        c.model,
+        c.system_prompt,
+        c.fallback_template,
+        c.split_enabled,
+        c.max_parts,
+        c.active,
+    )
 
 
 def _normalise(values: tuple) -> tuple:
@@ -513,16 +637,57 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
     """Database-side validation (same-workspace names, unique instances): errors by key path."""
     errors: list[str] = []
     existing_inboxes = db.execute_sql(
-        "SELECT w.name, i.name, i.instance_name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id").fetchall()
+        "SELECT w.name, i.name, i.instance_name FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"
+    ).fetchall()
     existing_columns = db.execute_sql(
-        "SELECT w.name, c.name FROM columns c JOIN workspaces w ON w.id = c.workspace_id").fetchall()
+        "SELECT w.name, c.name FROM columns c JOIN workspaces w ON w.id = c.workspace_id"
+    ).fetchall()
     inboxes_by_ws: dict[str, set[str]] = {}
     for ws, name, _ in existing_inboxes:
         inboxes_by_ws.setdefault(ws, set()).add(name)
     columns_by_ws: dict[str, set[str]] = {}
     for ws, name in existing_columns:
         columns_by_ws.setdefault(ws, set()).add(name)
-    # the instance of every inbox after this apply: unique across all workspaces
+    errors += _instance_clashes(specs, existing_inboxes)
+
+    def elsewhere(kind: str, name: str, this_ws: str) -> str:
+        """Why a name is unknown here: it may exist in another workspace (E-20)."""
+        found = set()
+        for ws, names in (inboxes_by_ws if kind == "inbox" else columns_by_ws).items():
+            if name in names:
+                found.add(ws)
+        for s in specs:
+            if name in ({i.name for i in s.inboxes} if kind == "inbox" else set(s.columns or ())):
+                found.add(s.name)
+        found.discard(this_ws)
+        if not found:
+            return ""
+        return (
+            f" (it belongs to workspace {', '.join(repr(w) for w in sorted(found))}: "
+            "cross-workspace references are not allowed)"
+        )
+
+    for s in specs:
+        inbox_names = inboxes_by_ws.get(s.name, set()) | {i.name for i in s.inboxes}
+        column_names = columns_by_ws.get(s.name, set()) | set(s.columns or ())
+        for c in s.campaigns:
+            if c.inbox not in inbox_names:
+                errors.append(
+                    f"{c.path}.inbox: {c.inbox!r} is not an inbox of workspace {s.name!r}"
+                    + elsewhere("inbox", c.inbox, s.name)
+                )
+            for key, col in (("source_column", c.source_column), ("target_column", c.target_column)):
+                if col not in column_names:
+                    errors.append(
+                        f"{c.path}.{key}: {col!r} is not a column of workspace {s.name!r}"
+                        + elsewhere("column", col, s.name)
+                    )
+    return errors
+
+
+def _instance_clashes(specs: list[WorkspaceSpec], existing_inboxes: list[tuple]) -> list[str]:
+    """The instance of every inbox after this apply must be unique across all workspaces."""
+    errors: list[str] = []
     final_instance: dict[tuple[str, str], str] = {(ws, n): inst for ws, n, inst in existing_inboxes}
     file_paths: dict[tuple[str, str], str] = {}
     for s in specs:
@@ -538,33 +703,6 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
                 if key in file_paths:
                     others = ", ".join(f"{w}/{n}" for w, n in keys if (w, n) != key)
                     errors.append(f"{file_paths[key]}.instance: instance {inst!r} is already used by inbox {others}")
-
-    def elsewhere(kind: str, name: str, this_ws: str) -> str:
-        """Why a name is unknown here: it may exist in another workspace (E-20)."""
-        found = set()
-        for ws, names in (inboxes_by_ws if kind == "inbox" else columns_by_ws).items():
-            if name in names:
-                found.add(ws)
-        for s in specs:
-            if name in ({i.name for i in s.inboxes} if kind == "inbox" else set(s.columns or ())):
-                found.add(s.name)
-        found.discard(this_ws)
-        if not found:
-            return ""
-        return (f" (it belongs to workspace {', '.join(repr(w) for w in sorted(found))}: "
-                "cross-workspace references are not allowed)")
-
-    for s in specs:
-        inbox_names = inboxes_by_ws.get(s.name, set()) | {i.name for i in s.inboxes}
-        column_names = columns_by_ws.get(s.name, set()) | set(s.columns or ())
-        for c in s.campaigns:
-            if c.inbox not in inbox_names:
-                errors.append(f"{c.path}.inbox: {c.inbox!r} is not an inbox of workspace {s.name!r}"
-                              + elsewhere("inbox", c.inbox, s.name))
-            for key, col in (("source_column", c.source_column), ("target_column", c.target_column)):
-                if col not in column_names:
-                    errors.append(f"{c.path}.{key}: {col!r} is not a column of workspace {s.name!r}"
-                                  + elsewhere("column", col, s.name))
     return errors
 
 
@@ -576,12 +714,14 @@ def _free_moving_instances(specs: list[WorkspaceSpec]) -> None:
     """
     moves = [(s.name, i.name, i.instance) for s in specs for i in s.inboxes]
     if moves:
-        db.execute_sql("""
+        db.execute_sql(
+            """
             UPDATE inboxes i SET instance_name = 'apply-swap-' || gen_random_uuid()
               FROM workspaces w, unnest(%s::text[], %s::text[], %s::text[]) AS f(ws, name, instance)
              WHERE w.id = i.workspace_id AND w.name = f.ws AND i.name = f.name
                AND i.instance_name <> f.instance""",
-                       ([m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]))
+            ([m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]),
+        )
 
 
 def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
@@ -596,13 +736,19 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
             ws_id = row[0]
             summary.add("unchanged", "workspace", s.name)
 
-        columns = {name: (cid, pos) for cid, name, pos in db.execute_sql(
-            "SELECT id, name, position FROM columns WHERE workspace_id = %s ORDER BY position, id", (ws_id,))}
+        columns = {
+            name: (cid, pos)
+            for cid, name, pos in db.execute_sql(
+                "SELECT id, name, position FROM columns WHERE workspace_id = %s ORDER BY position, id", (ws_id,)
+            )
+        }
         if s.columns is not None:
             for pos, name in enumerate(s.columns):
                 if name not in columns:
-                    cid = db.execute_sql("INSERT INTO columns (workspace_id, name, position) VALUES (%s, %s, %s) "
-                                         "RETURNING id", (ws_id, name, pos)).fetchone()[0]
+                    cid = db.execute_sql(
+                        "INSERT INTO columns (workspace_id, name, position) VALUES (%s, %s, %s) RETURNING id",
+                        (ws_id, name, pos),
+                    ).fetchone()[0]
                     columns[name] = (cid, pos)
                     summary.add("created", "column", f"{s.name}/{name}")
                 elif columns[name][1] != pos:
@@ -615,9 +761,14 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                 if name not in s.columns:
                     summary.add("kept", "column", f"{s.name}/{name}")
 
-        inboxes = {name: (iid, (inst, ph, pd, gap)) for iid, name, inst, ph, pd, gap in db.execute_sql(
-            "SELECT id, name, instance_name, max_per_hour, max_per_day, min_gap_seconds FROM inboxes "
-            "WHERE workspace_id = %s", (ws_id,))}
+        inboxes = {
+            name: (iid, (inst, ph, pd, gap))
+            for iid, name, inst, ph, pd, gap in db.execute_sql(
+                "SELECT id, name, instance_name, max_per_hour, max_per_day, min_gap_seconds FROM inboxes "
+                "WHERE workspace_id = %s",
+                (ws_id,),
+            )
+        }
         file_inboxes = {i.name for i in s.inboxes}
         for i in s.inboxes:
             values = (i.instance, i.max_per_hour, i.max_per_day, i.min_gap_seconds)
@@ -625,12 +776,16 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                 iid = db.execute_sql(
                     """INSERT INTO inboxes (workspace_id, name, instance_name, max_per_hour, max_per_day,
                                             min_gap_seconds) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id""",
-                    (ws_id, i.name, *values)).fetchone()[0]
+                    (ws_id, i.name, *values),
+                ).fetchone()[0]
                 inboxes[i.name] = (iid, values)
                 summary.add("created", "inbox", f"{s.name}/{i.name}")
             elif inboxes[i.name][1] != values:
-                db.execute_sql("""UPDATE inboxes SET instance_name = %s, max_per_hour = %s, max_per_day = %s,
-                                         min_gap_seconds = %s WHERE id = %s""", (*values, inboxes[i.name][0]))
+                db.execute_sql(
+                    """UPDATE inboxes SET instance_name = %s, max_per_hour = %s, max_per_day = %s,
+                                         min_gap_seconds = %s WHERE id = %s""",
+                    (*values, inboxes[i.name][0]),
+                )
                 summary.add("updated", "inbox", f"{s.name}/{i.name}")
             else:
                 summary.add("unchanged", "inbox", f"{s.name}/{i.name}")
@@ -638,18 +793,24 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
             if name not in file_inboxes and s.inboxes:
                 summary.add("kept", "inbox", f"{s.name}/{name}")
 
-        existing = {r[1]: (r[0], r[2], tuple(r[3:])) for r in db.execute_sql(
-            f"SELECT id, name, version, {', '.join(_CAMPAIGN_COLUMNS)} FROM campaign_configs "
-            "WHERE workspace_id = %s", (ws_id,))}
+        existing = {
+            r[1]: (r[0], r[2], tuple(r[3:]))
+            for r in db.execute_sql(
+                f"SELECT id, name, version, {', '.join(_CAMPAIGN_COLUMNS)} FROM campaign_configs "
+                "WHERE workspace_id = %s",
+                (ws_id,),
+            )
+        }
         file_campaigns = {c.name for c in s.campaigns}
         for c in s.campaigns:
-            values = _campaign_values(c, inboxes[c.inbox][0], columns[c.source_column][0],
-                                      columns[c.target_column][0])
+            values = _campaign_values(c, inboxes[c.inbox][0], columns[c.source_column][0], columns[c.target_column][0])
             label = f"{s.name}/{c.name}"
             if c.name not in existing:
                 db.execute_sql(
-                    f"""INSERT INTO campaign_configs (workspace_id, name, {', '.join(_CAMPAIGN_COLUMNS)})
-                        VALUES (%s, %s, {', '.join(['%s'] * len(_CAMPAIGN_COLUMNS))})""", (ws_id, c.name, *values))
+                    f"""INSERT INTO campaign_configs (workspace_id, name, {", ".join(_CAMPAIGN_COLUMNS)})
+                        VALUES (%s, %s, {", ".join(["%s"] * len(_CAMPAIGN_COLUMNS))})""",
+                    (ws_id, c.name, *values),
+                )
                 summary.add("created", "campaign", label)
                 continue
             cid, version, current = existing[c.name]
@@ -657,12 +818,18 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                 summary.add("unchanged", "campaign", label)
                 continue
             cur = db.execute_sql(
-                f"""UPDATE campaign_configs SET {', '.join(f'{col} = %s' for col in _CAMPAIGN_COLUMNS)},
+                f"""UPDATE campaign_configs SET {", ".join(f"{col} = %s" for col in _CAMPAIGN_COLUMNS)},
                            version = version + 1
-                     WHERE id = %s AND version = %s""", (*values, cid, version))
+                     WHERE id = %s AND version = %s""",
+                (*values, cid, version),
+            )
             if cur.rowcount != 1:
-                raise ConcurrentChangeError([f"{c.path}: campaign {label} was changed by someone else while "
-                                             f"applying (version {version} is stale); apply the file again"])
+                raise ConcurrentChangeError(
+                    [
+                        f"{c.path}: campaign {label} was changed by someone else while "
+                        f"applying (version {version} is stale); apply the file again"
+                    ]
+                )
             summary.add("updated", "campaign", f"{label} (version {version + 1})")
         for name in existing:
             if name not in file_campaigns and s.campaigns:
@@ -681,8 +848,9 @@ def apply_text(text: str, source: str = "<text>") -> ApplySummary:
                 raise ConfigFileError(errors)
             summary = _apply(specs)
     except peewee.IntegrityError as exc:  # a race or a swap the checks above could not see: nothing written
-        raise ConfigFileError([f"{source}: rejected by the database, nothing applied: "
-                               f"{str(exc).splitlines()[0]}"]) from None
+        raise ConfigFileError(
+            [f"{source}: rejected by the database, nothing applied: {str(exc).splitlines()[0]}"]
+        ) from None
     log.info("applied %s: %s", source, "; ".join(summary.lines()))
     return summary
 

@@ -26,6 +26,7 @@ splitting and sending alike). A crash between 2 and 3 leaves a stale XQ copy: th
 sees its row is no longer ``dead`` and just removes it. So running ``--requeue`` twice sends
 nothing twice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ import json
 import logging
 import re
 import sys
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
 
 import peewee
 
@@ -53,10 +55,22 @@ from campaign.steps import QUEUES as PIPELINE_QUEUES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeadLetterUsageError", "XqMessage", "Item", "XqBrowser", "add_arguments", "parse_duration", "collect",
-           "select", "requeue", "purge", "run", "KNOWN_ACTORS"]
+__all__ = [
+    "DeadLetterUsageError",
+    "XqMessage",
+    "Item",
+    "XqBrowser",
+    "add_arguments",
+    "parse_duration",
+    "collect",
+    "select",
+    "requeue",
+    "purge",
+    "run",
+    "KNOWN_ACTORS",
+]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 KNOWN_ACTORS = tuple(REQUEUE_TARGETS)  # generate, split, send_part
 #: a browse never holds more than this many messages per XQ (the rest stays untouched, and is said so)
 BROWSE_LIMIT = 50_000
@@ -90,8 +104,9 @@ def parse_duration(text: str) -> dt.timedelta:
         seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
     if not raw or pos != len(raw):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use a number and a unit s/m/h/d/w, "
-                                         "e.g. 30m, 2h, 7d, 1h30m")
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number and a unit s/m/h/d/w, e.g. 30m, 2h, 7d, 1h30m"
+        )
     return dt.timedelta(seconds=seconds)
 
 
@@ -104,32 +119,53 @@ def _queue_arg(text: str) -> str:
     short = {q.rsplit(".", 1)[-1]: q for q in PIPELINE_QUEUES}
     if name in short:
         return short[name]
-    raise argparse.ArgumentTypeError(f"unknown queue {text!r}: one of {', '.join(PIPELINE_QUEUES)} "
-                                     "(with or without .XQ)")
+    raise argparse.ArgumentTypeError(
+        f"unknown queue {text!r}: one of {', '.join(PIPELINE_QUEUES)} (with or without .XQ)"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of the dead-letter command (shared by the script and ``cli.py dead-letters``)."""
-    p.add_argument("--queue", type=_queue_arg, action="append",
-                   help=f"only this pipeline queue ({', '.join(PIPELINE_QUEUES)}); repeatable")
+    p.add_argument(
+        "--queue",
+        type=_queue_arg,
+        action="append",
+        help=f"only this pipeline queue ({', '.join(PIPELINE_QUEUES)}); repeatable",
+    )
     p.add_argument("--actor", choices=KNOWN_ACTORS, action="append", help="only this actor; repeatable")
     p.add_argument("--run", type=int, action="append", help="only dead letters of this run id; repeatable")
-    p.add_argument("--older-than", type=parse_duration, metavar="DURATION",
-                   help="only those dead for at least this long (30m, 2h, 7d)")
-    p.add_argument("--newer-than", type=parse_duration, metavar="DURATION",
-                   help="only those dead for less than this long")
-    p.add_argument("--id", action="append", metavar="ID",
-                   help="a dead letter id, a Dramatiq message id, or the raw-... key of an undecodable XQ "
-                        "message; repeatable")
-    p.add_argument("--all", action="store_true",
-                   help="also list dead letters already requeued, purged or resolved (history)")
+    p.add_argument(
+        "--older-than",
+        type=parse_duration,
+        metavar="DURATION",
+        help="only those dead for at least this long (30m, 2h, 7d)",
+    )
+    p.add_argument(
+        "--newer-than", type=parse_duration, metavar="DURATION", help="only those dead for less than this long"
+    )
+    p.add_argument(
+        "--id",
+        action="append",
+        metavar="ID",
+        help="a dead letter id, a Dramatiq message id, or the raw-... key of an undecodable XQ message; repeatable",
+    )
+    p.add_argument(
+        "--all", action="store_true", help="also list dead letters already requeued, purged or resolved (history)"
+    )
     action = p.add_mutually_exclusive_group()
-    action.add_argument("--requeue", action="store_true",
-                        help="put each selected campaign message back at the step that failed and re-publish it")
-    action.add_argument("--purge", action="store_true",
-                        help="drop the XQ copies and mark the rows purged (campaign messages stay failed)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --requeue/--purge: print exactly what would change, change nothing")
+    action.add_argument(
+        "--requeue",
+        action="store_true",
+        help="put each selected campaign message back at the step that failed and re-publish it",
+    )
+    action.add_argument(
+        "--purge",
+        action="store_true",
+        help="drop the XQ copies and mark the rows purged (campaign messages stay failed)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="with --requeue/--purge: print exactly what would change, change nothing"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
 
@@ -141,16 +177,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class XqMessage:
     """One message fetched (unacknowledged) from a pipeline ``.XQ``."""
 
-    queue: str                  # the pipeline queue (without .XQ)
+    queue: str  # the pipeline queue (without .XQ)
     delivery_tag: int
-    key: str                    # the Dramatiq message id, or raw-<sha1> for an undecodable body
+    key: str  # the Dramatiq message id, or raw-<sha1> for an undecodable body
     body: bytes
     actor: str | None = None
     args: list | None = None
     campaign_message_id: int | None = None
     dead_at: dt.datetime | None = None
-    last_error: str | None = None   # the traceback's last line of the previous attempt, if any
-    problem: str | None = None      # why it cannot be requeued (malformed, unknown actor)
+    last_error: str | None = None  # the traceback's last line of the previous attempt, if any
+    problem: str | None = None  # why it cannot be requeued (malformed, unknown actor)
 
 
 def decode_xq(queue: str, delivery_tag: int, properties: Any, body: bytes) -> XqMessage:
@@ -207,7 +243,7 @@ class XqBrowser:
         self._channel: Any = None
         self.truncated: list[str] = []
 
-    def open(self) -> "XqBrowser":
+    def open(self) -> XqBrowser:
         """Connect (raises ConfigError naming the broker, without its password, when unreachable)."""
         import pika
         from pika.exceptions import AMQPError
@@ -221,8 +257,9 @@ class XqBrowser:
             self._conn = pika.BlockingConnection(params)
             self._channel = self._conn.channel()
         except (AMQPError, OSError) as exc:
-            raise ConfigError(f"RabbitMQ unreachable at {redact_url(self.settings.rabbitmq_url)}: "
-                              f"{type(exc).__name__}") from exc
+            raise ConfigError(
+                f"RabbitMQ unreachable at {redact_url(self.settings.rabbitmq_url)}: {type(exc).__name__}"
+            ) from exc
         return self
 
     def browse(self, queues: Iterable[str]) -> list[XqMessage]:
@@ -287,7 +324,7 @@ class XqBrowser:
                 pass
             self._conn = self._channel = None
 
-    def __enter__(self) -> "XqBrowser":
+    def __enter__(self) -> XqBrowser:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -378,8 +415,11 @@ class Item:
         if self.row is not None:
             return f"{self.row.error_class or '?'}: {self.row.error_message or ''}".strip()
         x = self.xq[0]
-        return x.problem + (f"; last retried error: {x.last_error}" if x.last_error else "") if x.problem else \
-            f"no dead_letters row; last retried error: {x.last_error or 'unknown'}"
+        return (
+            x.problem + (f"; last retried error: {x.last_error}" if x.last_error else "")
+            if x.problem
+            else f"no dead_letters row; last retried error: {x.last_error or 'unknown'}"
+        )
 
     @property
     def label(self) -> str:
@@ -400,9 +440,13 @@ def collect(xq_messages: list[XqMessage], include_resolved: bool = False, wanted
         item.xq.append(msg)  # a copy dead-lettered twice: both are handled together
     orphans = [i for i in by_key.values() if i.row is None and i.campaign_message_id is not None]
     if orphans:
-        found = dict((r[0], (r[1], r[2])) for r in db.execute_sql(
-            "SELECT id, run_id, status FROM campaign_messages WHERE id = ANY(%s)",
-            ([i.campaign_message_id for i in orphans],)).fetchall())
+        found = dict(
+            (r[0], (r[1], r[2]))
+            for r in db.execute_sql(
+                "SELECT id, run_id, status FROM campaign_messages WHERE id = ANY(%s)",
+                ([i.campaign_message_id for i in orphans],),
+            ).fetchall()
+        )
         for i in orphans:
             i.run_id, i.message_status = found.get(i.campaign_message_id, (None, None))
     items = list(by_key.values())
@@ -446,7 +490,7 @@ class Outcome:
     """What happened (or, in a dry run, would happen) to one dead letter."""
 
     item: Item
-    action: str          # requeued | resolved | purged | stale | skipped | error
+    action: str  # requeued | resolved | purged | stale | skipped | error
     text: str
     ok: bool
     repair: Repair | None = None
@@ -465,19 +509,23 @@ def _lock_row(row_id: int) -> str | None:
 
 
 def _mark(row_id: int, status: str, note: str) -> None:
-    db.execute_sql("UPDATE dead_letters SET status = %s, resolved_at = now(), note = %s "
-                   "WHERE id = %s AND status = 'dead'", (status, note[:2000], row_id))
+    db.execute_sql(
+        "UPDATE dead_letters SET status = %s, resolved_at = now(), note = %s WHERE id = %s AND status = 'dead'",
+        (status, note[:2000], row_id),
+    )
 
 
 def describe_repair(r: Repair) -> str:
     """One line: status from -> to, parts, counters, run changes, what gets published."""
     bits = [f"message {r.message_id}: {r.status_from} -> {r.status_to}"]
     if r.parts:
-        bits.append("parts " + ", ".join(f"#{i + 1} {a}" + (f"->{b}" if b != a else " (kept)")
-                                         for i, a, b in r.parts))
+        bits.append("parts " + ", ".join(f"#{i + 1} {a}" + (f"->{b}" if b != a else " (kept)") for i, a, b in r.parts))
     if r.run_before and r.run_after:
-        changes = [f"{k.removeprefix('leads_')} {r.run_before[k]}->{r.run_after[k]}"
-                   for k in repairs.RUN_SNAPSHOT_FIELDS if k.startswith("leads_") and r.run_before[k] != r.run_after[k]]
+        changes = [
+            f"{k.removeprefix('leads_')} {r.run_before[k]}->{r.run_after[k]}"
+            for k in repairs.RUN_SNAPSHOT_FIELDS
+            if k.startswith("leads_") and r.run_before[k] != r.run_after[k]
+        ]
         if r.run_before["status"] != r.run_after["status"]:
             changes.append(f"status {r.run_before['status']}->{r.run_after['status']}")
         bits.append(f"run {r.run_id}: " + (", ".join(changes) or "unchanged"))
@@ -525,9 +573,13 @@ def _requeue_one(item: Item, settings: Settings, dry_run: bool) -> Outcome:
             _mark(item.row.id, "resolved", text)
             action = "resolved"
         if not dry_run and repair.run_id is not None:  # the message and its run exist: an audit line
-            events.log_event("dead_letters", f"dead letter {item.row.id} {action}: {text}",
-                               run_id=repair.run_id, message_id=mid,
-                               details={"dead_letter": item.row.id, "dramatiq_id": item.key})
+            events.log_event(
+                "dead_letters",
+                f"dead letter {item.row.id} {action}: {text}",
+                run_id=repair.run_id,
+                message_id=mid,
+                details={"dead_letter": item.row.id, "dramatiq_id": item.key},
+            )
     return Outcome(item, action, text, True, repair)
 
 
@@ -549,23 +601,41 @@ def _purge_one(item: Item) -> Outcome:
                     raise ValueError("NUL")  # jsonb cannot hold \u0000
             except (UnicodeDecodeError, ValueError):
                 # the exact bytes, plus something a person can read
-                payload = {"raw_base64": base64.b64encode(x.body[:100_000]).decode("ascii"),
-                           "preview": x.body[:500].decode("utf-8", "replace").replace("\x00", "\\0")}
+                payload = {
+                    "raw_base64": base64.b64encode(x.body[:100_000]).decode("ascii"),
+                    "preview": x.body[:500].decode("utf-8", "replace").replace("\x00", "\\0"),
+                }
             text = f"purged from {x.queue}.XQ ({item.problem}); recorded here"
-            db.execute_sql("""INSERT INTO dead_letters (queue, actor, dramatiq_message_id, campaign_message_id,
+            db.execute_sql(
+                """INSERT INTO dead_letters (queue, actor, dramatiq_message_id, campaign_message_id,
                                   payload, error_class, error_message, status, resolved_at, note)
                               VALUES (%s, %s, %s, (SELECT id FROM campaign_messages WHERE id = %s), %s, %s, %s,
                                       'purged', now(), %s)
                               ON CONFLICT (dramatiq_message_id) DO NOTHING""",
-                           (x.queue, x.actor or "(unknown)", item.key, item.campaign_message_id,
-                            json.dumps(payload, default=str), "unrecorded", item.error[:2000], text))
+                (
+                    x.queue,
+                    x.actor or "(unknown)",
+                    item.key,
+                    item.campaign_message_id,
+                    json.dumps(payload, default=str),
+                    "unrecorded",
+                    item.error[:2000],
+                    text,
+                ),
+            )
     if item.xq:
         text += f"; {len(item.xq)} XQ cop{'y' if len(item.xq) == 1 else 'ies'} removed"
     return Outcome(item, "purged", text, True)
 
 
-def _act(items: list[Item], settings: Settings, browser: XqBrowser | None, dry_run: bool,
-         one: Callable[[Item], Outcome], publish: Publisher | None) -> list[Outcome]:
+def _act(
+    items: list[Item],
+    settings: Settings,
+    browser: XqBrowser | None,
+    dry_run: bool,
+    one: Callable[[Item], Outcome],
+    publish: Publisher | None,
+) -> list[Outcome]:
     if dry_run:
         outcomes: list[Outcome] = []
         # Everything runs for real inside one transaction that is rolled back: the dry run
@@ -579,7 +649,7 @@ def _act(items: list[Item], settings: Settings, browser: XqBrowser | None, dry_r
                     try:
                         with db.atomic():
                             outcomes.append(one(item))
-                    except Exception as exc:  # noqa: BLE001 - reported per item, the others still shown
+                    except Exception as exc:
                         outcomes.append(Outcome(item, "error", f"{type(exc).__name__}: {exc}", False))
                 raise _DryRunRollback
         except _DryRunRollback:
@@ -591,7 +661,7 @@ def _act(items: list[Item], settings: Settings, browser: XqBrowser | None, dry_r
     for item in items:
         try:
             outcome = one(item)
-        except Exception as exc:  # noqa: BLE001 - one bad letter must not stop the others
+        except Exception as exc:
             log.exception("dead letter %s: %s", item.label, exc)
             outcomes.append(Outcome(item, "error", f"nothing changed: {type(exc).__name__}: {exc}", False))
             continue
@@ -599,29 +669,42 @@ def _act(items: list[Item], settings: Settings, browser: XqBrowser | None, dry_r
             queue, args = outcome.repair.publish
             try:
                 (publish or _publish_via_broker)(queue, args)
-            except Exception as exc:  # noqa: BLE001
-                log.error("dead letter %s: message %s committed but publishing to %s failed: %s",
-                          item.label, outcome.repair.message_id, queue, exc)
+            except Exception as exc:
+                log.error(
+                    "dead letter %s: message %s committed but publishing to %s failed: %s",
+                    item.label,
+                    outcome.repair.message_id,
+                    queue,
+                    exc,
+                )
                 outcome.ok = False
                 outcome.action = "error"
-                outcome.text += (f"; PUBLISH FAILED ({type(exc).__name__}: {exc}): the recovery sweep re-enqueues "
-                                 f"message {outcome.repair.message_id} within LEASE_SECONDS "
-                                 f"({settings.lease_seconds} s); the XQ copy is kept")
+                outcome.text += (
+                    f"; PUBLISH FAILED ({type(exc).__name__}: {exc}): the recovery sweep re-enqueues "
+                    f"message {outcome.repair.message_id} within LEASE_SECONDS "
+                    f"({settings.lease_seconds} s); the XQ copy is kept"
+                )
                 outcomes.append(outcome)
                 continue
         if outcome.ok and outcome.action != "skipped" and browser is not None:
             try:
                 for copy in item.xq:
                     browser.ack(copy)
-            except Exception as exc:  # noqa: BLE001 - the next run removes a stale copy
+            except Exception as exc:
                 outcome.text += f"; XQ copy not removed ({type(exc).__name__}); the next run removes it"
         log.info("dead letter %s %s: %s", item.label, outcome.action, outcome.text)
         outcomes.append(outcome)
     return outcomes
 
 
-def requeue(items: list[Item], settings: Settings, browser: XqBrowser | None, *, dry_run: bool = False,
-            publish: Publisher | None = None) -> list[Outcome]:
+def requeue(
+    items: list[Item],
+    settings: Settings,
+    browser: XqBrowser | None,
+    *,
+    dry_run: bool = False,
+    publish: Publisher | None = None,
+) -> list[Outcome]:
     """Requeue each item (see the module docstring for the order of commit, publish, ack)."""
     return _act(items, settings, browser, dry_run, lambda i: _requeue_one(i, settings, dry_run), publish)
 
@@ -655,17 +738,37 @@ _COLUMNS = ("ID", "QUEUE", "ACTOR", "MESSAGE", "RUN", "AGE", "WHERE", "DL STATUS
 def _cells(item: Item, now: dt.datetime) -> list[str]:
     age = format_age(now - item.dead_at) if item.dead_at else "?"
     note = item.error if item.row is None or not item.row.note else f"{item.error} | {item.row.note}"
-    return [item.label, item.queue, item.actor or "?", str(item.campaign_message_id or "-"), str(item.run_id or "-"),
-            age, item.where, item.row.status if item.row else "-", item.message_status or "-", note]
+    return [
+        item.label,
+        item.queue,
+        item.actor or "?",
+        str(item.campaign_message_id or "-"),
+        str(item.run_id or "-"),
+        age,
+        item.where,
+        item.row.status if item.row else "-",
+        item.message_status or "-",
+        note,
+    ]
 
 
 def _as_json(item: Item, now: dt.datetime, outcome: Outcome | None = None) -> dict:
-    d = {"id": item.row.id if item.row else None, "key": item.key, "queue": item.queue, "actor": item.actor,
-         "campaign_message_id": item.campaign_message_id, "run_id": item.run_id,
-         "age_seconds": round((now - item.dead_at).total_seconds(), 1) if item.dead_at else None,
-         "where": item.where, "xq_copies": len(item.xq), "status": item.row.status if item.row else None,
-         "message_status": item.message_status, "error": item.error, "problem": item.problem,
-         "note": item.row.note if item.row else None}
+    d = {
+        "id": item.row.id if item.row else None,
+        "key": item.key,
+        "queue": item.queue,
+        "actor": item.actor,
+        "campaign_message_id": item.campaign_message_id,
+        "run_id": item.run_id,
+        "age_seconds": round((now - item.dead_at).total_seconds(), 1) if item.dead_at else None,
+        "where": item.where,
+        "xq_copies": len(item.xq),
+        "status": item.row.status if item.row else None,
+        "message_status": item.message_status,
+        "error": item.error,
+        "problem": item.problem,
+        "note": item.row.note if item.row else None,
+    }
     if outcome is not None:
         d.update(action=outcome.action, ok=outcome.ok, result=outcome.text)
     return d
@@ -689,14 +792,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dry_run and not (args.requeue or args.purge):
         raise DeadLetterUsageError("--dry-run goes with --requeue or --purge (listing never changes anything)")
     if args.older_than is not None and args.newer_than is not None and args.older_than >= args.newer_than:
-        raise DeadLetterUsageError(f"--older-than {args.older_than} and --newer-than {args.newer_than} select nothing "
-                                   "(older-than must be shorter than newer-than)")
+        raise DeadLetterUsageError(
+            f"--older-than {args.older_than} and --newer-than {args.newer_than} select nothing "
+            "(older-than must be shorter than newer-than)"
+        )
     if args.run and any(r <= 0 for r in args.run):
         raise DeadLetterUsageError("--run takes a positive run id")
 
 
-def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None,
-        publish: Publisher | None = None) -> int:
+def run(
+    args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None, publish: Publisher | None = None
+) -> int:
     """List / requeue / purge as ``args`` say; returns the exit code (0 ok, 1 partial, 2 usage)."""
     out = out or sys.stdout
     check_args(args)
@@ -731,14 +837,17 @@ def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = No
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for value in unmatched:
-        print(f"error: --id {value}: no such dead letter (use --all to include requeued/purged/resolved ones)",
-              file=sys.stderr)
+        print(
+            f"error: --id {value}: no such dead letter (use --all to include requeued/purged/resolved ones)",
+            file=sys.stderr,
+        )
     failed = [o for o in outcomes or [] if not o.ok]
     return EXIT_PARTIAL if failed or unmatched or warnings else EXIT_OK
 
 
-def _report(selected: list[Item], outcomes: list[Outcome] | None, args: argparse.Namespace, now: dt.datetime,
-            out: TextIO) -> None:
+def _report(
+    selected: list[Item], outcomes: list[Outcome] | None, args: argparse.Namespace, now: dt.datetime, out: TextIO
+) -> None:
     if args.json:
         by_item = {id(o.item): o for o in outcomes or []}
         for item in selected:
@@ -749,21 +858,35 @@ def _report(selected: list[Item], outcomes: list[Outcome] | None, args: argparse
         return
     print_table(selected, now, out)
     if outcomes is None:
-        out.write(f"{len(selected)} dead letter(s); where: XQ = only in RabbitMQ, DB = only in PostgreSQL "
-                  "(XQ copy expired or removed), both\n")
+        out.write(
+            f"{len(selected)} dead letter(s); where: XQ = only in RabbitMQ, DB = only in PostgreSQL "
+            "(XQ copy expired or removed), both\n"
+        )
         return
     verb = "would be " if args.dry_run else ""
     out.write("\nDRY RUN: nothing was changed, neither in PostgreSQL nor in RabbitMQ\n" if args.dry_run else "\n")
     for o in outcomes:
-        action = o.action if not args.dry_run else {"requeued": "would requeue", "resolved": "would resolve",
-                                                   "purged": "would purge", "stale": "would drop stale copy",
-                                                   "skipped": "would skip", "error": "error"}[o.action]
+        action = (
+            o.action
+            if not args.dry_run
+            else {
+                "requeued": "would requeue",
+                "resolved": "would resolve",
+                "purged": "would purge",
+                "stale": "would drop stale copy",
+                "skipped": "would skip",
+                "error": "error",
+            }[o.action]
+        )
         out.write(f"{o.item.label}: {action}: {o.text}\n")
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.action] = counts.get(o.action, 0) + 1
-    out.write(f"{len(outcomes)} dead letter(s) {verb}handled: "
-              + ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + "\n")
+    out.write(
+        f"{len(outcomes)} dead letter(s) {verb}handled: "
+        + ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+        + "\n"
+    )
 
 
 def _filtered(args: argparse.Namespace) -> bool:
@@ -773,8 +896,9 @@ def _filtered(args: argparse.Namespace) -> bool:
 def main(argv: Sequence[str] | None = None, *, prog: str = "reprocess_dead_letters.py") -> int:
     """Script entry point: parse, set up logging and the database, run; exit codes 0/1/2."""
 
-    parser = argparse.ArgumentParser(prog=prog, description="List, requeue or purge the dead letters of the "
-                                                            "campaign pipeline (SPEC R-OPS-2).")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="List, requeue or purge the dead letters of the campaign pipeline (SPEC R-OPS-2)."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -796,8 +920,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "reprocess_dead_lette
 # in-doubt resolution (R-FAIL-4): `python cli.py resolve MESSAGE --sent | --resend`
 
 
-def resolve(message_id: int, outcome: str, settings: Settings, *, out: TextIO | None = None,
-            publish: Publisher | None = None) -> int:
+def resolve(
+    message_id: int, outcome: str, settings: Settings, *, out: TextIO | None = None, publish: Publisher | None = None
+) -> int:
     """Settle one in_doubt message (repairs.resolve_in_doubt), then publish its next send if any.
 
     Raises RepairRefused (exit 2 in the CLI) when the message is not in_doubt.
@@ -806,17 +931,26 @@ def resolve(message_id: int, outcome: str, settings: Settings, *, out: TextIO | 
     with db.connection_context():
         repair = repairs.resolve_in_doubt(message_id, outcome, settings)
     out.write(f"resolved ({outcome}): {describe_repair(repair)}\n")
-    log.info("message %s resolved %s run=%s: %s -> %s", message_id, outcome, repair.run_id, repair.status_from,
-             repair.status_to)
+    log.info(
+        "message %s resolved %s run=%s: %s -> %s",
+        message_id,
+        outcome,
+        repair.run_id,
+        repair.status_from,
+        repair.status_to,
+    )
     if repair.publish is None:
         return EXIT_OK
     queue, args = repair.publish
     try:
         (publish or _publish_via_broker)(queue, args)
-    except Exception as exc:  # noqa: BLE001 - committed: say what happens next, do not hide it
+    except Exception as exc:
         log.error("message %s resolved but publishing to %s failed: %s", message_id, queue, exc)
-        print(f"error: message {message_id} is back to 'sending' but publishing to {queue} failed "
-              f"({type(exc).__name__}: {exc}); the recovery sweep re-enqueues it within LEASE_SECONDS "
-              f"({settings.lease_seconds} s)", file=sys.stderr)
+        print(
+            f"error: message {message_id} is back to 'sending' but publishing to {queue} failed "
+            f"({type(exc).__name__}: {exc}); the recovery sweep re-enqueues it within LEASE_SECONDS "
+            f"({settings.lease_seconds} s)",
+            file=sys.stderr,
+        )
         return EXIT_PARTIAL
     return EXIT_OK

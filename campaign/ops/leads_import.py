@@ -18,6 +18,7 @@ country code use ``region``, default BR).
   a column (its column was deleted) is placed in ``--column``. ``opted_out`` is never touched.
 * Header cells left empty (a trailing comma from a spreadsheet) are ignored.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,17 @@ from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeadImportError", "ImportReport", "RowError", "import_file", "import_bytes", "import_text",
-           "normalise_phone", "DEFAULT_REGION", "MAX_FIELD_LENGTH"]
+__all__ = [
+    "LeadImportError",
+    "ImportReport",
+    "RowError",
+    "import_file",
+    "import_bytes",
+    "import_text",
+    "normalise_phone",
+    "DEFAULT_REGION",
+    "MAX_FIELD_LENGTH",
+]
 
 DEFAULT_REGION = "BR"
 MAX_FIELD_LENGTH = 10_000  # a cell longer than this is a broken file, not a lead
@@ -92,8 +102,9 @@ def _decode(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise LeadImportError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                              "save the file as UTF-8") from None
+        raise LeadImportError(
+            f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
 
 
 def _resolve(workspace: str, column: str) -> tuple[int, int]:
@@ -103,10 +114,13 @@ def _resolve(workspace: str, column: str) -> tuple[int, int]:
     ws_id = row[0]
     row = db.execute_sql("SELECT id FROM columns WHERE workspace_id = %s AND name = %s", (ws_id, column)).fetchone()
     if row is None:
-        names = [r[0] for r in db.execute_sql(
-            "SELECT name FROM columns WHERE workspace_id = %s ORDER BY position, id", (ws_id,))]
-        raise LeadImportError(f"column {column!r} is not a column of workspace {workspace!r} "
-                              f"(columns: {', '.join(names) or 'none'})")
+        names = [
+            r[0]
+            for r in db.execute_sql("SELECT name FROM columns WHERE workspace_id = %s ORDER BY position, id", (ws_id,))
+        ]
+        raise LeadImportError(
+            f"column {column!r} is not a column of workspace {workspace!r} (columns: {', '.join(names) or 'none'})"
+        )
     return ws_id, row[0]
 
 
@@ -121,7 +135,7 @@ class _Lines:
         self.lines = lines
         self.pos = pos
 
-    def __iter__(self) -> "_Lines":
+    def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
@@ -140,8 +154,10 @@ def _damage(exc: csv.Error, lines_read: int) -> str:
     if "unexpected end of data" in text:
         return "a quoted field is never closed (unterminated quote)"
     if "expected after" in text:
-        return ("stray quote: a quoted field must end with '\"' followed by ',' or the end of the line "
-                "(write a quote inside a quoted field as \"\")")
+        return (
+            "stray quote: a quoted field must end with '\"' followed by ',' or the end of the line "
+            '(write a quote inside a quoted field as "")'
+        )
     return f"unreadable CSV row: {text}"
 
 
@@ -166,8 +182,10 @@ def _parse(text: str, source: str, region: str) -> tuple[list[tuple[str, str, di
         seen.add(h)
     missing = [c for c in ("name", "phone") if c not in names]
     if missing:
-        raise LeadImportError(f"{source}: line 1: the header must have 'name' and 'phone' columns "
-                              f"(missing {', '.join(missing)}; found {', '.join(repr(h) for h in header[:10])})")
+        raise LeadImportError(
+            f"{source}: line 1: the header must have 'name' and 'phone' columns "
+            f"(missing {', '.join(missing)}; found {', '.join(repr(h) for h in header[:10])})"
+        )
     i_name, i_phone = names.index("name"), names.index("phone")
     extras = [(i, h) for i, h in enumerate(names) if h and i not in (i_name, i_phone)]
 
@@ -231,8 +249,9 @@ _UPSERT = """
     RETURNING (xmax = 0) AS inserted"""
 
 
-def import_text(text: str, *, workspace: str, column: str, region: str = DEFAULT_REGION,
-                source: str = "<text>") -> ImportReport:
+def import_text(
+    text: str, *, workspace: str, column: str, region: str = DEFAULT_REGION, source: str = "<text>"
+) -> ImportReport:
     """Import CSV text into ``column`` of ``workspace``: one bulk upsert of the good rows."""
     region = region.upper()
     if region not in phonenumbers.SUPPORTED_REGIONS:
@@ -242,18 +261,35 @@ def import_text(text: str, *, workspace: str, column: str, region: str = DEFAULT
     with db.atomic():
         ws_id, col_id = _resolve(workspace, column)
         if rows:
-            result = db.execute_sql(_UPSERT, (ws_id, col_id, [r[0] for r in rows], [r[1] for r in rows],
-                                              [json.dumps(r[2], ensure_ascii=False) for r in rows])).fetchall()
+            result = db.execute_sql(
+                _UPSERT,
+                (
+                    ws_id,
+                    col_id,
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    [json.dumps(r[2], ensure_ascii=False) for r in rows],
+                ),
+            ).fetchall()
             report.inserted = sum(1 for r in result if r[0])
             report.updated = len(result) - report.inserted
             report.unchanged = len(rows) - len(result)
-    log.info("imported %s into %s/%s: %s inserted, %s updated, %s unchanged, %s rows rejected",
-             source, workspace, column, report.inserted, report.updated, report.unchanged, len(errors))
+    log.info(
+        "imported %s into %s/%s: %s inserted, %s updated, %s unchanged, %s rows rejected",
+        source,
+        workspace,
+        column,
+        report.inserted,
+        report.updated,
+        report.unchanged,
+        len(errors),
+    )
     return report
 
 
-def import_bytes(raw: bytes, *, workspace: str, column: str, region: str = DEFAULT_REGION,
-                 source: str = "<bytes>") -> ImportReport:
+def import_bytes(
+    raw: bytes, *, workspace: str, column: str, region: str = DEFAULT_REGION, source: str = "<bytes>"
+) -> ImportReport:
     """Decode (UTF-8, BOM allowed) and :func:`import_text`."""
     return import_text(_decode(raw, source), workspace=workspace, column=column, region=region, source=source)
 

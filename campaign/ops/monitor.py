@@ -4,6 +4,7 @@ Everything here only reads (no state changes), so ``status --watch`` can poll it
 depths come from RabbitMQ with a passive ``queue_declare`` per queue (a queue that does not exist
 yet shows 0); RabbitMQ being unreachable is shown, never fatal: PostgreSQL is the truth.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,20 +17,36 @@ from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunStatus", "MessageLine", "Alert", "Mismatch", "Inconsistency", "Finding", "StatusSnapshot",
-           "status_snapshot", "queue_depths",
-           "queue_names", "verify", "alerts", "log_alerts", "STUCK_AFTER", "HEARTBEAT_STALE_AFTER",
-           "INBOX_DOWN_AFTER", "ALERT_FAILURE_RATIO", "SCHEDULER_HEARTBEAT_NAME"]
+__all__ = [
+    "RunStatus",
+    "MessageLine",
+    "Alert",
+    "Mismatch",
+    "Inconsistency",
+    "Finding",
+    "StatusSnapshot",
+    "status_snapshot",
+    "queue_depths",
+    "queue_names",
+    "verify",
+    "alerts",
+    "log_alerts",
+    "STUCK_AFTER",
+    "HEARTBEAT_STALE_AFTER",
+    "INBOX_DOWN_AFTER",
+    "ALERT_FAILURE_RATIO",
+    "SCHEDULER_HEARTBEAT_NAME",
+]
 
-UTC = dt.timezone.utc
-STUCK_AFTER = dt.timedelta(hours=2)              # R-OPS-4: messages stuck > 2 h
+UTC = dt.UTC
+STUCK_AFTER = dt.timedelta(hours=2)  # R-OPS-4: messages stuck > 2 h
 HEARTBEAT_STALE_AFTER = dt.timedelta(minutes=2)  # R-OPS-4: scheduler heartbeat older than 2 min
-INBOX_DOWN_AFTER = dt.timedelta(minutes=30)      # R-OPS-4: inbox disconnected > 30 min
-ALERT_FAILURE_RATIO = 0.10                       # R-OPS-4: run failure ratio > 10 %
-ALERT_MIN_PROCESSED = 10                         # ... once a run has processed this many (1 of 1 is noise)
+INBOX_DOWN_AFTER = dt.timedelta(minutes=30)  # R-OPS-4: inbox disconnected > 30 min
+ALERT_FAILURE_RATIO = 0.10  # R-OPS-4: run failure ratio > 10 %
+ALERT_MIN_PROCESSED = 10  # ... once a run has processed this many (1 of 1 is noise)
 SCHEDULER_HEARTBEAT_NAME = "scheduler"
 SYSTEM_QUEUE = "campaign.system"
-LIST_LIMIT = 50                                  # in-doubt / failed lines shown by status
+LIST_LIMIT = 50  # in-doubt / failed lines shown by status
 IN_FLIGHT = ("queued", "generating", "splitting", "sending")
 
 
@@ -168,8 +185,9 @@ def queue_names() -> list[str]:
     return names
 
 
-def queue_depths(settings: Settings, names: list[str] | None = None,
-                 timeout: float = 3.0) -> tuple[dict[str, int | None], str | None]:
+def queue_depths(
+    settings: Settings, names: list[str] | None = None, timeout: float = 3.0
+) -> tuple[dict[str, int | None], str | None]:
     """Ready-message count per queue (0 when the queue does not exist); (all None, error) if unreachable."""
     names = names or queue_names()
     depths: dict[str, int | None] = {n: None for n in names}
@@ -184,11 +202,11 @@ def queue_depths(settings: Settings, names: list[str] | None = None,
         channel_log.setLevel(saved_level)
 
 
-def _read_depths(settings: Settings, names: list[str], depths: dict[str, int | None],
-                 timeout: float) -> tuple[dict[str, int | None], str | None]:
+def _read_depths(
+    settings: Settings, names: list[str], depths: dict[str, int | None], timeout: float
+) -> tuple[dict[str, int | None], str | None]:
     import pika
     from pika.exceptions import AMQPError, ChannelClosedByBroker
-
 
     try:
         params = pika.URLParameters(settings.rabbitmq_url)
@@ -227,7 +245,7 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     # in doubt: every unresolved one (the operator must decide); failed: those of active runs
     in_doubt = _lines("in_doubt")
     failed = _lines("failed", "AND r.status IN ('planning', 'running', 'paused')") if active else []
-    queues, queue_error = (queue_depths(settings) if with_queues else ({}, None))
+    queues, queue_error = queue_depths(settings) if with_queues else ({}, None)
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.alerts = alerts(settings, now=now)
     return snap
@@ -297,28 +315,49 @@ def verify() -> list[Finding]:
     out: list[Finding] = []
     for row in db.execute_sql(_VERIFY_SQL).fetchall():
         run_id, status = row[0], row[1]
-        counters = dict(zip(("leads_total", "leads_processed", "leads_sent", "leads_failed", "leads_skipped",
-                             "leads_in_doubt"), row[2:8]))
+        counters = dict(
+            zip(
+                ("leads_total", "leads_processed", "leads_sent", "leads_failed", "leads_skipped", "leads_in_doubt"),
+                row[2:8],
+            )
+        )
         actual = dict(zip(counters, row[8:14]))
         for name, value in counters.items():
             if value != actual[name]:
                 out.append(Mismatch(run_id, name, value, actual[name]))
         if status == "completed" and counters["leads_processed"] != counters["leads_total"]:
-            out.append(Mismatch(run_id, "status", "completed",
-                                f"{counters['leads_processed']} of {counters['leads_total']} processed"))
-        if status not in ("completed", "cancelled", "failed") and \
-                counters["leads_processed"] >= counters["leads_total"]:
-            out.append(Inconsistency(run_id, None, f"status is '{status}' but leads_processed = "
-                                                   f"{counters['leads_processed']} of leads_total = "
-                                                   f"{counters['leads_total']}: it should be completed"))
+            out.append(
+                Mismatch(
+                    run_id,
+                    "status",
+                    "completed",
+                    f"{counters['leads_processed']} of {counters['leads_total']} processed",
+                )
+            )
+        if (
+            status not in ("completed", "cancelled", "failed")
+            and counters["leads_processed"] >= counters["leads_total"]
+        ):
+            out.append(
+                Inconsistency(
+                    run_id,
+                    None,
+                    f"status is '{status}' but leads_processed = "
+                    f"{counters['leads_processed']} of leads_total = "
+                    f"{counters['leads_total']}: it should be completed",
+                )
+            )
     by_message: dict[tuple[int, int], list[str]] = {}
     for run_id, message_id, m_status, idx, p_status in db.execute_sql(_PART_PROBLEMS_SQL).fetchall():
         by_message.setdefault((run_id, message_id), []).append(_part_problem(m_status, idx, p_status))
     for run_id, message_id in db.execute_sql(_IN_DOUBT_WITHOUT_PART_SQL).fetchall():
         by_message.setdefault((run_id, message_id), []).append(
-            "the message is 'in_doubt' but none of its parts is: nothing for `resolve` to settle")
-    out += [Inconsistency(run_id, message_id, "; ".join(problems))
-            for (run_id, message_id), problems in sorted(by_message.items())]
+            "the message is 'in_doubt' but none of its parts is: nothing for `resolve` to settle"
+        )
+    out += [
+        Inconsistency(run_id, message_id, "; ".join(problems))
+        for (run_id, message_id), problems in sorted(by_message.items())
+    ]
     return out
 
 
@@ -330,44 +369,74 @@ def alerts(settings: Settings, *, now: dt.datetime | None = None) -> list[Alert]
     n, oldest, sample = db.execute_sql(
         """SELECT count(*), min(status_changed_at), (array_agg(id ORDER BY status_changed_at))[1:5]
              FROM campaign_messages WHERE status = ANY(%s) AND status_changed_at < %s""",
-        (list(IN_FLIGHT), now - STUCK_AFTER)).fetchone()
+        (list(IN_FLIGHT), now - STUCK_AFTER),
+    ).fetchone()
     if n:
         hours = (now - oldest).total_seconds() / 3600
-        out.append(Alert("stuck_messages", f"{n} message(s) stuck in flight for more than "
-                                           f"{STUCK_AFTER.total_seconds() / 3600:g} h (oldest {hours:.1f} h; "
-                                           f"e.g. ids {', '.join(map(str, sample))})"))
+        out.append(
+            Alert(
+                "stuck_messages",
+                f"{n} message(s) stuck in flight for more than "
+                f"{STUCK_AFTER.total_seconds() / 3600:g} h (oldest {hours:.1f} h; "
+                f"e.g. ids {', '.join(map(str, sample))})",
+            )
+        )
 
     for run_id, label, failed, processed in db.execute_sql(
-            """SELECT r.id, w.name || '/' || c.name, r.leads_failed, r.leads_processed
+        """SELECT r.id, w.name || '/' || c.name, r.leads_failed, r.leads_processed
                  FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
                  JOIN workspaces w ON w.id = c.workspace_id
                 WHERE (r.status IN ('running', 'paused') OR r.finished_at > %s)
                   AND r.leads_processed >= %s AND r.leads_failed::float / r.leads_processed > %s
-                ORDER BY r.id""", (now - dt.timedelta(hours=24), ALERT_MIN_PROCESSED, ALERT_FAILURE_RATIO)):
-        out.append(Alert("failure_ratio", f"run {run_id} ({label}): {failed} of {processed} processed failed "
-                                          f"({failed / processed:.0%} > {ALERT_FAILURE_RATIO:.0%})"))
+                ORDER BY r.id""",
+        (now - dt.timedelta(hours=24), ALERT_MIN_PROCESSED, ALERT_FAILURE_RATIO),
+    ):
+        out.append(
+            Alert(
+                "failure_ratio",
+                f"run {run_id} ({label}): {failed} of {processed} processed failed "
+                f"({failed / processed:.0%} > {ALERT_FAILURE_RATIO:.0%})",
+            )
+        )
 
-    row = db.execute_sql("SELECT holder, beat_at FROM scheduler_heartbeats WHERE name = %s",
-                         (SCHEDULER_HEARTBEAT_NAME,)).fetchone()
+    row = db.execute_sql(
+        "SELECT holder, beat_at FROM scheduler_heartbeats WHERE name = %s", (SCHEDULER_HEARTBEAT_NAME,)
+    ).fetchone()
     if row is None:
         out.append(Alert("scheduler_heartbeat", "no scheduler heartbeat recorded: is `python scheduler.py` running?"))
     elif now - row[1] > HEARTBEAT_STALE_AFTER:
-        out.append(Alert("scheduler_heartbeat", f"scheduler heartbeat is {(now - row[1]).total_seconds():.0f} s old "
-                                                f"(last holder {row[0]}): no active scheduler"))
+        out.append(
+            Alert(
+                "scheduler_heartbeat",
+                f"scheduler heartbeat is {(now - row[1]).total_seconds():.0f} s old "
+                f"(last holder {row[0]}): no active scheduler",
+            )
+        )
 
     for inbox_id, label, since, state in db.execute_sql(
-            """SELECT i.id, w.name || '/' || i.name, i.disconnected_since, i.connection_state
+        """SELECT i.id, w.name || '/' || i.name, i.disconnected_since, i.connection_state
                  FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
-                WHERE i.disconnected_since < %s ORDER BY i.id""", (now - INBOX_DOWN_AFTER,)):
-        out.append(Alert("inbox_disconnected", f"inbox {label} (id {inbox_id}) is {state} for "
-                                               f"{(now - since).total_seconds() / 60:.0f} min"))
+                WHERE i.disconnected_since < %s ORDER BY i.id""",
+        (now - INBOX_DOWN_AFTER,),
+    ):
+        out.append(
+            Alert(
+                "inbox_disconnected",
+                f"inbox {label} (id {inbox_id}) is {state} for {(now - since).total_seconds() / 60:.0f} min",
+            )
+        )
 
     total, by_queue = db.execute_sql(
         """SELECT coalesce(sum(n), 0), string_agg(q || ': ' || n, ', ' ORDER BY q) FROM (
-               SELECT queue AS q, count(*) AS n FROM dead_letters WHERE status = 'dead' GROUP BY queue) d""").fetchone()
+               SELECT queue AS q, count(*) AS n FROM dead_letters WHERE status = 'dead' GROUP BY queue) d"""
+    ).fetchone()
     if total:
-        out.append(Alert("dead_letters", f"{total} dead letter(s) waiting ({by_queue}): "
-                                         "scripts/reprocess_dead_letters.py lists them"))
+        out.append(
+            Alert(
+                "dead_letters",
+                f"{total} dead letter(s) waiting ({by_queue}): scripts/reprocess_dead_letters.py lists them",
+            )
+        )
     return out
 
 

@@ -6,6 +6,7 @@ caller publishes the next step only once it committed. A publish lost after the 
 recovery sweep's: it re-publishes in-flight messages past their hand-off deadline (R-FAIL-8),
 which is why every repair stamps ``wake_at``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,16 @@ from campaign.sql import fetch_one as _one
 REQUEUE_TARGETS: dict[str, tuple[str, str]] = {s.name: (s.entry_status, s.queue) for s in steps.STEPS}
 
 
-RUN_SNAPSHOT_FIELDS = ("status", "pause_reason", "leads_total", "leads_processed", "leads_sent", "leads_failed",
-                       "leads_skipped", "leads_in_doubt")
+RUN_SNAPSHOT_FIELDS = (
+    "status",
+    "pause_reason",
+    "leads_total",
+    "leads_processed",
+    "leads_sent",
+    "leads_failed",
+    "leads_skipped",
+    "leads_in_doubt",
+)
 
 
 @dataclasses.dataclass
@@ -55,11 +64,14 @@ def run_snapshot(run_id: int) -> dict:
 def _uncount(run_id: int, counter: str) -> list[str]:
     """Take one terminal message back out of its run's counters; a completed run reopens."""
     assert counter in ("leads_failed", "leads_in_doubt"), counter
-    row = _one(f"""UPDATE campaign_runs r SET {counter} = r.{counter} - 1, leads_processed = r.leads_processed - 1,
+    row = _one(
+        f"""UPDATE campaign_runs r SET {counter} = r.{counter} - 1, leads_processed = r.leads_processed - 1,
                        status = CASE WHEN r.status = 'completed' THEN 'running' ELSE r.status END,
                        finished_at = CASE WHEN r.status = 'completed' THEN NULL ELSE r.finished_at END
                    FROM campaign_runs old WHERE r.id = %s AND old.id = r.id
-                   RETURNING old.status""", (run_id,))
+                   RETURNING old.status""",
+        (run_id,),
+    )
     return [f"run {run_id} reopened (completed -> running)"] if row and row[0] == "completed" else []
 
 
@@ -69,9 +81,12 @@ def _requeue_target(message_id: int) -> str:
     Safer than the dead letter's actor name: a dead duplicate of an earlier step must never send
     a message that already went out partly back through generate's checks (R-DISP-4, R-FAIL-5).
     """
-    row = _one("""SELECT m.generated_text IS NOT NULL,
+    row = _one(
+        """SELECT m.generated_text IS NOT NULL,
                          EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id)
-                  FROM campaign_messages m WHERE m.id = %s""", (message_id,))
+                  FROM campaign_messages m WHERE m.id = %s""",
+        (message_id,),
+    )
     has_text, has_parts = row
     return "send_part" if has_parts else "split" if has_text else "generate"
 
@@ -89,9 +104,12 @@ def requeue_dead_step(message_id: int, actor: str, settings: Settings) -> Repair
         raise RepairRefused(f"unknown pipeline actor {actor!r} (known: {', '.join(REQUEUE_TARGETS)})")
     with db.atomic():
         # message then run: the order finish_message locks them in, so no deadlock with a worker
-        row = _one("""SELECT m.status, m.error_class, m.run_id, m.inbox_id, m.lead_id, r.status, r.pause_reason
+        row = _one(
+            """SELECT m.status, m.error_class, m.run_id, m.inbox_id, m.lead_id, r.status, r.pause_reason
                       FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
-                      WHERE m.id = %s FOR UPDATE OF m, r""", (message_id,))
+                      WHERE m.id = %s FOR UPDATE OF m, r""",
+            (message_id,),
+        )
         if row is None:
             return Repair(message_id, False, note=f"campaign message {message_id} no longer exists")
         status, error_class, run_id, inbox_id, lead_id, run_status, pause_reason = row
@@ -110,34 +128,45 @@ def requeue_dead_step(message_id: int, actor: str, settings: Settings) -> Repair
             return kept
         step = _requeue_target(message_id)
         to_status, queue = REQUEUE_TARGETS[step]
-        repair = Repair(message_id, True, status_from=status, status_to=to_status, run_id=run_id,
-                        run_before=run_snapshot(run_id))
+        repair = Repair(
+            message_id, True, status_from=status, status_to=to_status, run_id=run_id, run_before=run_snapshot(run_id)
+        )
         if step != actor:
-            repair.notes.append(f"the dead letter is of {actor} but the message had reached {step}: "
-                                f"requeued at {step}")
-        _one("""UPDATE campaign_messages SET status = %s, attempts = 0, error_class = NULL, error_message = NULL,
+            repair.notes.append(f"the dead letter is of {actor} but the message had reached {step}: requeued at {step}")
+        _one(
+            """UPDATE campaign_messages SET status = %s, attempts = 0, error_class = NULL, error_message = NULL,
                     finished_at = NULL, status_changed_at = now(), wake_at = now() + make_interval(secs => %s)
                 WHERE id = %s AND status = 'failed' RETURNING id""",
-             (to_status, settings.handoff_grace_seconds, message_id))
-        repair.parts = [tuple(r) for r in _all("""
+            (to_status, settings.handoff_grace_seconds, message_id),
+        )
+        repair.parts = [
+            tuple(r)
+            for r in _all(
+                """
             WITH before AS (SELECT id, idx, status FROM message_parts WHERE message_id = %s),
             upd AS (UPDATE message_parts p SET status = 'pending', error_message = NULL
                     FROM before b WHERE p.id = b.id AND b.status IN ('failed', 'pending') RETURNING p.id, p.status)
             SELECT b.idx, b.status, coalesce(upd.status, b.status)
-            FROM before b LEFT JOIN upd ON upd.id = b.id ORDER BY b.idx""", (message_id,))]
+            FROM before b LEFT JOIN upd ON upd.id = b.id ORDER BY b.idx""",
+                (message_id,),
+            )
+        ]
         for idx, before, _ in repair.parts:
             if before in ("sending", "in_doubt"):
-                repair.notes.append(f"part #{idx + 1} is {before}: it is never resent automatically; "
-                                    "the message will turn in_doubt (then `resolve` it)")
+                repair.notes.append(
+                    f"part #{idx + 1} is {before}: it is never resent automatically; "
+                    "the message will turn in_doubt (then `resolve` it)"
+                )
         repair.notes += _uncount(run_id, "leads_failed")
         if run_status == "paused":
             if pause_reason == "error_threshold":
-
                 runs.resume_run(run_id)  # re-plans overdue pending messages into the window (E-22)
                 repair.notes.append(f"run {run_id} resumed (it was paused: error_threshold)")
             elif any(before == "sent" for _, before, _ in repair.parts):
-                repair.notes.append(f"run {run_id} is paused ({pause_reason}); the message already started, so "
-                                    "its remaining parts still go out (R-DISP-4)")
+                repair.notes.append(
+                    f"run {run_id} is paused ({pause_reason}); the message already started, so "
+                    "its remaining parts still go out (R-DISP-4)"
+                )
             else:
                 repair.notes.append(f"run {run_id} stays paused ({pause_reason}): the message waits for its resume")
         repair.run_after = run_snapshot(run_id)
@@ -156,8 +185,11 @@ def resolve_in_doubt(message_id: int, outcome: str, settings: Settings) -> Repai
     if outcome not in ("sent", "resend"):
         raise RepairRefused(f"unknown resolution {outcome!r}: 'sent' or 'resend'")
     with db.atomic():
-        row = _one("""SELECT m.status, m.run_id, m.inbox_id FROM campaign_messages m
-                      WHERE m.id = %s FOR UPDATE""", (message_id,))
+        row = _one(
+            """SELECT m.status, m.run_id, m.inbox_id FROM campaign_messages m
+                      WHERE m.id = %s FOR UPDATE""",
+            (message_id,),
+        )
         if row is None:
             raise RepairRefused(f"message {message_id} does not exist")
         status, run_id, inbox_id = row
@@ -166,30 +198,45 @@ def resolve_in_doubt(message_id: int, outcome: str, settings: Settings) -> Repai
         if outcome == "resend":
             # A late answer of the interrupted send (or the webhook) left proof it went out: a
             # resend would reach the lead twice (R-PIPE-5), whatever the operator believes.
-            proof = _all("""SELECT idx, provider_message_id, delivery_status FROM message_parts
+            proof = _all(
+                """SELECT idx, provider_message_id, delivery_status FROM message_parts
                             WHERE message_id = %s AND status = 'in_doubt'
                               AND (provider_message_id IS NOT NULL OR delivery_status IS NOT NULL)
-                            ORDER BY idx""", (message_id,))
+                            ORDER BY idx""",
+                (message_id,),
+            )
             if proof:
-                found = ", ".join(f"part #{idx + 1} has Evolution key {key or '?'}"
-                                  + (f" (delivery: {delivery})" if delivery else "") for idx, key, delivery in proof)
-                raise RepairRefused(f"message {message_id}: {found}: Evolution accepted it, so it is not resent; "
-                                    f"use --sent")
-        repair = Repair(message_id, True, status_from=status, status_to="sending", run_id=run_id,
-                        run_before=run_snapshot(run_id))
-        _one("""UPDATE campaign_messages SET status = 'sending', attempts = 0, error_class = NULL,
+                found = ", ".join(
+                    f"part #{idx + 1} has Evolution key {key or '?'}" + (f" (delivery: {delivery})" if delivery else "")
+                    for idx, key, delivery in proof
+                )
+                raise RepairRefused(
+                    f"message {message_id}: {found}: Evolution accepted it, so it is not resent; use --sent"
+                )
+        repair = Repair(
+            message_id, True, status_from=status, status_to="sending", run_id=run_id, run_before=run_snapshot(run_id)
+        )
+        _one(
+            """UPDATE campaign_messages SET status = 'sending', attempts = 0, error_class = NULL,
                     error_message = NULL, finished_at = NULL, status_changed_at = now(),
                     wake_at = now() + make_interval(secs => %s)
-                WHERE id = %s AND status = 'in_doubt' RETURNING id""", (settings.handoff_grace_seconds, message_id))
+                WHERE id = %s AND status = 'in_doubt' RETURNING id""",
+            (settings.handoff_grace_seconds, message_id),
+        )
         new_part_status = "sent" if outcome == "sent" else "pending"
-        repair.parts = [tuple(r) for r in _all("""
+        repair.parts = [
+            tuple(r)
+            for r in _all(
+                """
             WITH before AS (SELECT id, idx, status FROM message_parts WHERE message_id = %s),
             upd AS (UPDATE message_parts p SET status = %s, error_message = NULL,
                         sent_at = CASE WHEN %s = 'sent' THEN coalesce(p.sent_at, now()) ELSE p.sent_at END
                     FROM before b WHERE p.id = b.id AND b.status = 'in_doubt' RETURNING p.id, p.status)
             SELECT b.idx, b.status, coalesce(upd.status, b.status)
             FROM before b LEFT JOIN upd ON upd.id = b.id ORDER BY b.idx""",
-                                               (message_id, new_part_status, new_part_status))]
+                (message_id, new_part_status, new_part_status),
+            )
+        ]
         reopened = _uncount(run_id, "leads_in_doubt")
         unsent = sum(1 for _, _, after in repair.parts if after != "sent")
         if outcome == "sent" and unsent == 0:
@@ -204,9 +251,16 @@ def resolve_in_doubt(message_id: int, outcome: str, settings: Settings) -> Repai
             repair.publish = (steps.SEND_PART.queue, (message_id, inbox_id))
             after = run_snapshot(run_id)
             if after["status"] == "paused":
-                repair.notes.append(f"run {run_id} is paused ({after['pause_reason']}): a message with no part "
-                                    "sent yet waits for the run's resume")
+                repair.notes.append(
+                    f"run {run_id} is paused ({after['pause_reason']}): a message with no part "
+                    "sent yet waits for the run's resume"
+                )
         repair.run_after = run_snapshot(run_id)
-        log_event("operator", f"in-doubt message resolved: {outcome}", run_id=run_id, message_id=message_id,
-                  details={"outcome": outcome, "parts": repair.parts, "status": repair.status_to})
+        log_event(
+            "operator",
+            f"in-doubt message resolved: {outcome}",
+            run_id=run_id,
+            message_id=message_id,
+            details={"outcome": outcome, "parts": repair.parts, "status": repair.status_to},
+        )
     return repair

@@ -10,6 +10,7 @@ Matplotlib is only imported by ``render_picture`` and only through its object-or
 ``Figure`` API (no pyplot): no global backend is selected, nothing is shared with other code,
 and the text report stays fast and dependency-light.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign import planner, runs
@@ -30,10 +32,19 @@ from campaign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunReport", "Dist", "InboxReport", "InboxSeries", "RunNotFound", "build_report", "render_text",
-           "render_picture", "PICTURE_SUFFIXES"]
+__all__ = [
+    "RunReport",
+    "Dist",
+    "InboxReport",
+    "InboxSeries",
+    "RunNotFound",
+    "build_report",
+    "render_text",
+    "render_picture",
+    "PICTURE_SUFFIXES",
+]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 PICTURE_SUFFIXES = (".png", ".svg")
 IN_FLIGHT = ("queued", "generating", "splitting", "sending")
 #: planned times drawn as hollow markers up to this many per inbox (beyond, the step line says it all)
@@ -62,14 +73,14 @@ class InboxReport:
     id: int
     name: str
     instance_name: str
-    min_gap_seconds: float      # configured pacing
+    min_gap_seconds: float  # configured pacing
     disabled: bool
-    messages: int               # messages of this run assigned to the inbox
+    messages: int  # messages of this run assigned to the inbox
     messages_sent: int
     parts_sent: int
     failed: int
     in_doubt: int
-    gap_min_s: float | None     # between consecutive part sends (sent_at) of this inbox in this run
+    gap_min_s: float | None  # between consecutive part sends (sent_at) of this inbox in this run
     gap_median_s: float | None
 
 
@@ -80,7 +91,7 @@ class InboxSeries:
     inbox_id: int
     name: str
     planned: list[tuple[dt.datetime, dt.datetime | None]]  # (scheduled_at, first part sent_at), by scheduled_at
-    part_sends: list[dt.datetime]                          # every sent part's sent_at, ascending
+    part_sends: list[dt.datetime]  # every sent part's sent_at, ascending
 
 
 @dataclass
@@ -94,7 +105,7 @@ class RunReport:
     pause_reason: str | None
     failure_reason: str | None
     manual: bool
-    run_date: dt.date           # the campaign's local date
+    run_date: dt.date  # the campaign's local date
     timezone: str
     window_start_minute: int
     window_end_minute: int
@@ -114,20 +125,20 @@ class RunReport:
     in_doubt: int
     overflow: int
     # rows right now
-    waiting: int                # messages still `pending`
-    in_flight: int              # queued / generating / splitting / sending
+    waiting: int  # messages still `pending`
+    in_flight: int  # queued / generating / splitting / sending
     failed_by_reason: dict[str, int]
     skipped_by_reason: dict[str, int]
     in_doubt_ids: list[int]
     failed_ids: list[int]
-    row_mismatches: list[str]   # counters that disagree with the rows (empty when all is well)
+    row_mismatches: list[str]  # counters that disagree with the rows (empty when all is well)
     # timings
     generation_ms: Dist
     split_ms: Dist
     send_ms: Dist
-    lateness_s: Dist            # first part sent_at - scheduled_at, seconds
+    lateness_s: Dist  # first part sent_at - scheduled_at, seconds
     tokens_total: int
-    tokens_messages: int        # messages with a token count (LLM-generated)
+    tokens_messages: int  # messages with a token count (LLM-generated)
     invalid_phones: int | None  # leads of the source column not planned for a bad phone (plan event)
     inboxes: list[InboxReport] = field(default_factory=list)
     series: list[InboxSeries] = field(default_factory=list)
@@ -281,23 +292,47 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         closed_paused = runs.closed_while_paused(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
     rep.closed_while_paused = closed_paused
-    log.debug("report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts),
-              len(inbox_rows))
+    log.debug(
+        "report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts), len(inbox_rows)
+    )
     return rep
 
 
 def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime) -> RunReport:
-    (rid, ws, camp, status, pause_reason, failure_reason, manual, run_date, tz, wstart, wend, started_at,
-     finished_at, total, processed, sent, failed, skipped, in_doubt, overflow, _cfg_inbox) = run
+    (
+        rid,
+        ws,
+        camp,
+        status,
+        pause_reason,
+        failure_reason,
+        manual,
+        run_date,
+        tz,
+        wstart,
+        wend,
+        started_at,
+        finished_at,
+        total,
+        processed,
+        sent,
+        failed,
+        skipped,
+        in_doubt,
+        overflow,
+        _cfg_inbox,
+    ) = run
     by_status = Counter(r[2] for r in messages)
     failed_by = Counter(r[5] or "unknown" for r in messages if r[2] == "failed")
     skipped_by = Counter(r[4] or "unknown" for r in messages if r[2] == "skipped")
     mismatches = []
-    for name, counter, actual in (("leads_total", total, len(messages)),
-                                  ("leads_sent", sent, by_status["sent"]),
-                                  ("leads_failed", failed, by_status["failed"]),
-                                  ("leads_skipped", skipped, by_status["skipped"]),
-                                  ("leads_in_doubt", in_doubt, by_status["in_doubt"])):
+    for name, counter, actual in (
+        ("leads_total", total, len(messages)),
+        ("leads_sent", sent, by_status["sent"]),
+        ("leads_failed", failed, by_status["failed"]),
+        ("leads_skipped", skipped, by_status["skipped"]),
+        ("leads_in_doubt", in_doubt, by_status["in_doubt"]),
+    ):
         if counter != actual:
             mismatches.append(f"{name} = {counter} but the rows say {actual}")
 
@@ -313,37 +348,75 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
         mine = [r for r in messages if r[1] == iid]
         sends = sends_by_inbox.get(iid, [])
         gaps = [(b - a).total_seconds() for a, b in zip(sends, sends[1:])]
-        inboxes.append(InboxReport(
-            id=iid, name=name, instance_name=instance, min_gap_seconds=float(min_gap), disabled=bool(disabled),
-            messages=len(mine), messages_sent=sum(r[2] == "sent" for r in mine), parts_sent=len(sends),
-            failed=sum(r[2] == "failed" for r in mine), in_doubt=sum(r[2] == "in_doubt" for r in mine),
-            gap_min_s=min(gaps) if gaps else None, gap_median_s=statistics.median(gaps) if gaps else None))
+        inboxes.append(
+            InboxReport(
+                id=iid,
+                name=name,
+                instance_name=instance,
+                min_gap_seconds=float(min_gap),
+                disabled=bool(disabled),
+                messages=len(mine),
+                messages_sent=sum(r[2] == "sent" for r in mine),
+                parts_sent=len(sends),
+                failed=sum(r[2] == "failed" for r in mine),
+                in_doubt=sum(r[2] == "in_doubt" for r in mine),
+                gap_min_s=min(gaps) if gaps else None,
+                gap_median_s=statistics.median(gaps) if gaps else None,
+            )
+        )
         if mine or sends:
             series.append(InboxSeries(iid, name, planned_by_inbox.get(iid, []), sends))
 
     window_open, window_close = _window(run_date, tz, wstart, wend)
     details = plan[0] if plan else None
     return RunReport(
-        run_id=int(rid), workspace=ws, campaign=camp, status=status, pause_reason=pause_reason,
-        failure_reason=failure_reason, manual=bool(manual), run_date=run_date, timezone=tz,
-        window_start_minute=wstart, window_end_minute=wend, window_open=window_open, window_close=window_close,
+        run_id=int(rid),
+        workspace=ws,
+        campaign=camp,
+        status=status,
+        pause_reason=pause_reason,
+        failure_reason=failure_reason,
+        manual=bool(manual),
+        run_date=run_date,
+        timezone=tz,
+        window_start_minute=wstart,
+        window_end_minute=wend,
+        window_open=window_open,
+        window_close=window_close,
         planned_start=messages[0][3] if messages else None,
         planned_end=max(r[3] for r in messages) if messages else None,
-        started_at=started_at, finished_at=finished_at, generated_at=now,
-        total=total, processed=processed, sent=sent, failed=failed, skipped=skipped, in_doubt=in_doubt,
-        overflow=overflow, waiting=by_status["pending"], in_flight=sum(by_status[s] for s in IN_FLIGHT),
-        failed_by_reason=dict(failed_by.most_common()), skipped_by_reason=dict(skipped_by.most_common()),
+        started_at=started_at,
+        finished_at=finished_at,
+        generated_at=now,
+        total=total,
+        processed=processed,
+        sent=sent,
+        failed=failed,
+        skipped=skipped,
+        in_doubt=in_doubt,
+        overflow=overflow,
+        waiting=by_status["pending"],
+        in_flight=sum(by_status[s] for s in IN_FLIGHT),
+        failed_by_reason=dict(failed_by.most_common()),
+        skipped_by_reason=dict(skipped_by.most_common()),
         in_doubt_ids=sorted(int(r[0]) for r in messages if r[2] == "in_doubt"),
         failed_ids=sorted(int(r[0]) for r in messages if r[2] == "failed"),
         row_mismatches=mismatches,
-        generation_ms=_dist(*timings[2:5]), split_ms=_dist(*timings[5:8]), send_ms=_dist(*timings[8:11]),
-        lateness_s=_dist(*timings[11:14]), tokens_total=int(timings[1]), tokens_messages=int(timings[0]),
+        generation_ms=_dist(*timings[2:5]),
+        split_ms=_dist(*timings[5:8]),
+        send_ms=_dist(*timings[8:11]),
+        lateness_s=_dist(*timings[11:14]),
+        tokens_total=int(timings[1]),
+        tokens_messages=int(timings[0]),
         invalid_phones=int(details["invalid_phones"]) if isinstance(details, dict) else None,
-        inboxes=inboxes, series=series)
+        inboxes=inboxes,
+        series=series,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # text
+
 
 def _fmt_ms(v: float | None) -> str:
     if v is None:
@@ -389,8 +462,10 @@ def _ids(ids: list[int], limit: int = 20) -> str:
 def render_text(rep: RunReport) -> str:
     """A compact plain-text summary of the report for a terminal (aligned columns, no colour codes)."""
     status = rep.status_text
-    lines = [f"run {rep.run_id} · {rep.label} · {rep.run_date:%Y-%m-%d (%a)} · {status}"
-             + (" · manual" if rep.manual else "")]
+    lines = [
+        f"run {rep.run_id} · {rep.label} · {rep.run_date:%Y-%m-%d (%a)} · {status}"
+        + (" · manual" if rep.manual else "")
+    ]
     if rep.failure_reason:
         lines.append(f"  failure: {rep.failure_reason}")
     wstart, wend = rep.window_start_minute, rep.window_end_minute
@@ -401,36 +476,45 @@ def render_text(rep: RunReport) -> str:
         fmt = "%H:%M" if same_day else "%m-%d %H:%M"
         utc = f" ({rep.window_open.astimezone(UTC):{fmt}}–{rep.window_close.astimezone(UTC):{fmt}} UTC)"
     lines.append(f"  timezone {rep.timezone} · window {window} local{utc}")
-    lines.append(f"  planned {_local(rep, rep.planned_start)} → {_local(rep, rep.planned_end)} · "
-                 f"started {_local(rep, rep.started_at)} · "
-                 f"{'finished ' + _local(rep, rep.finished_at) if rep.finished_at else 'not finished'} · "
-                 f"duration {_fmt_s(rep.duration.total_seconds()) if rep.duration else '-'}"
-                 + (" so far" if rep.duration and not rep.finished_at else ""))
+    lines.append(
+        f"  planned {_local(rep, rep.planned_start)} → {_local(rep, rep.planned_end)} · "
+        f"started {_local(rep, rep.started_at)} · "
+        f"{'finished ' + _local(rep, rep.finished_at) if rep.finished_at else 'not finished'} · "
+        f"duration {_fmt_s(rep.duration.total_seconds()) if rep.duration else '-'}"
+        + (" so far" if rep.duration and not rep.finished_at else "")
+    )
     extra = [f"overflow {rep.overflow} (eligible leads not planned today)"]
     if rep.invalid_phones:
         extra.append(f"{rep.invalid_phones} lead(s) with an invalid phone not planned")
     lines.append("  " + " · ".join(extra))
     lines.append(f"  report taken {rep.generated_at.astimezone(rep.zone):%Y-%m-%d %H:%M:%S} ({rep.timezone})")
 
-    pct = (lambda n: f"{n / rep.total:.1%}" if rep.total else "-")
-    lines += ["", "counters"]
-    lines += _table(["", "messages", "share"], [
-        ["total", str(rep.total), ""],
-        ["processed", str(rep.processed), pct(rep.processed)],
-        ["  sent", str(rep.sent), pct(rep.sent)],
-        ["  failed", str(rep.failed), pct(rep.failed)],
-        ["  skipped", str(rep.skipped), pct(rep.skipped)],
-        ["  in doubt", str(rep.in_doubt), pct(rep.in_doubt)],
-        ["not yet processed", str(rep.pending), pct(rep.pending)],
-        ["  waiting (pending)", str(rep.waiting), ""],
-        ["  in flight", str(rep.in_flight), ""],
-    ])
-    if rep.row_mismatches:
-        lines.append("  WARNING counters disagree with the message rows (run `verify`): "
-                     + "; ".join(rep.row_mismatches))
+    def pct(n: int) -> str:
+        return f"{n / rep.total:.1%}" if rep.total else "-"
 
-    reasons = ([["failed", r, str(n)] for r, n in rep.failed_by_reason.items()]
-               + [["skipped", r, str(n)] for r, n in rep.skipped_by_reason.items()])
+    lines += ["", "counters"]
+    lines += _table(
+        ["", "messages", "share"],
+        [
+            ["total", str(rep.total), ""],
+            ["processed", str(rep.processed), pct(rep.processed)],
+            ["  sent", str(rep.sent), pct(rep.sent)],
+            ["  failed", str(rep.failed), pct(rep.failed)],
+            ["  skipped", str(rep.skipped), pct(rep.skipped)],
+            ["  in doubt", str(rep.in_doubt), pct(rep.in_doubt)],
+            ["not yet processed", str(rep.pending), pct(rep.pending)],
+            ["  waiting (pending)", str(rep.waiting), ""],
+            ["  in flight", str(rep.in_flight), ""],
+        ],
+    )
+    if rep.row_mismatches:
+        lines.append(
+            "  WARNING counters disagree with the message rows (run `verify`): " + "; ".join(rep.row_mismatches)
+        )
+
+    reasons = [["failed", r, str(n)] for r, n in rep.failed_by_reason.items()] + [
+        ["skipped", r, str(n)] for r, n in rep.skipped_by_reason.items()
+    ]
     if reasons or rep.in_doubt_ids:
         lines += ["", "outcomes by reason"]
         if reasons:
@@ -438,30 +522,63 @@ def render_text(rep: RunReport) -> str:
         if rep.failed_ids:
             lines.append(f"  failed message ids: {_ids(rep.failed_ids)}")
         if rep.in_doubt_ids:
-            lines.append(f"  in doubt message ids (resolve each with `resolve ID --sent|--resend`): "
-                         f"{_ids(rep.in_doubt_ids)}")
+            lines.append(
+                f"  in doubt message ids (resolve each with `resolve ID --sent|--resend`): {_ids(rep.in_doubt_ids)}"
+            )
 
     lines += ["", "timings"]
-    trow = (lambda name, d, f: [name, str(d.n), f(d.p50), f(d.p95), f(d.p99), f(d.max)])
-    lines += _table(["", "n", "p50", "p95", "p99", "max"], [
-        trow("generation", rep.generation_ms, _fmt_ms),
-        trow("split", rep.split_ms, _fmt_ms),
-        trow("send", rep.send_ms, _fmt_ms),
-        trow("lateness (1st part sent - planned)", rep.lateness_s, _fmt_s),
-    ])
+
+    def trow(name: str, d: Any, f: Any) -> list[str]:
+        return [name, str(d.n), f(d.p50), f(d.p95), f(d.p99), f(d.max)]
+
+    lines += _table(
+        ["", "n", "p50", "p95", "p99", "max"],
+        [
+            trow("generation", rep.generation_ms, _fmt_ms),
+            trow("split", rep.split_ms, _fmt_ms),
+            trow("send", rep.send_ms, _fmt_ms),
+            trow("lateness (1st part sent - planned)", rep.lateness_s, _fmt_s),
+        ],
+    )
     mean = f"{rep.tokens_mean:.1f}" if rep.tokens_mean is not None else "-"
-    lines.append(f"  tokens: {rep.tokens_total:,} total · {mean} per generated message "
-                 f"({rep.tokens_messages} with a token count)")
+    lines.append(
+        f"  tokens: {rep.tokens_total:,} total · {mean} per generated message "
+        f"({rep.tokens_messages} with a token count)"
+    )
 
     lines += ["", "inboxes"]
     if rep.inboxes:
-        lines += _table(["inbox", "messages", "sent", "parts sent", "failed", "in doubt", "min gap", "median gap",
-                         "configured gap"],
-                        [[i.name + (" (disabled)" if i.disabled else ""), str(i.messages), str(i.messages_sent),
-                          str(i.parts_sent), str(i.failed), str(i.in_doubt), _fmt_s(i.gap_min_s),
-                          _fmt_s(i.gap_median_s), _fmt_s(i.min_gap_seconds)] for i in rep.inboxes])
-        lines.append("  gaps: between this run's consecutive part sends (sent_at) per inbox; pacing spaces send "
-                     "starts, so HTTP latency can shave a little off")
+        lines += _table(
+            [
+                "inbox",
+                "messages",
+                "sent",
+                "parts sent",
+                "failed",
+                "in doubt",
+                "min gap",
+                "median gap",
+                "configured gap",
+            ],
+            [
+                [
+                    i.name + (" (disabled)" if i.disabled else ""),
+                    str(i.messages),
+                    str(i.messages_sent),
+                    str(i.parts_sent),
+                    str(i.failed),
+                    str(i.in_doubt),
+                    _fmt_s(i.gap_min_s),
+                    _fmt_s(i.gap_median_s),
+                    _fmt_s(i.min_gap_seconds),
+                ]
+                for i in rep.inboxes
+            ],
+        )
+        lines.append(
+            "  gaps: between this run's consecutive part sends (sent_at) per inbox; pacing spaces send "
+            "starts, so HTTP latency can shave a little off"
+        )
     else:
         lines.append("  (no inbox: nothing planned)")
     return "\n".join(lines) + "\n"
@@ -470,8 +587,13 @@ def render_text(rep: RunReport) -> str:
 # --------------------------------------------------------------------------------------------
 # picture
 
-_OUTCOME_COLOURS = {"sent": "#2e7d32", "failed": "#c62828", "skipped": "#ef8f00", "in doubt": "#8e24aa",
-                    "not yet processed": "#9e9e9e"}
+_OUTCOME_COLOURS = {
+    "sent": "#2e7d32",
+    "failed": "#c62828",
+    "skipped": "#ef8f00",
+    "in doubt": "#8e24aa",
+    "not yet processed": "#9e9e9e",
+}
 
 
 def _outcomes(rep: RunReport) -> list[tuple[str, int, str]]:
@@ -479,13 +601,15 @@ def _outcomes(rep: RunReport) -> list[tuple[str, int, str]]:
     rows = [("sent", rep.sent, _OUTCOME_COLOURS["sent"])]
     rows += [(f"failed: {_short(r)}", n, _OUTCOME_COLOURS["failed"]) for r, n in rep.failed_by_reason.items()]
     rows += [(f"skipped: {_short(r)}", n, _OUTCOME_COLOURS["skipped"]) for r, n in rep.skipped_by_reason.items()]
-    rows += [("in doubt", rep.in_doubt, _OUTCOME_COLOURS["in doubt"]),
-             ("not yet processed", rep.pending, _OUTCOME_COLOURS["not yet processed"])]
+    rows += [
+        ("in doubt", rep.in_doubt, _OUTCOME_COLOURS["in doubt"]),
+        ("not yet processed", rep.pending, _OUTCOME_COLOURS["not yet processed"]),
+    ]
     return [r for r in rows if r[1] > 0]
 
 
 def _short(text: str, limit: int = 26) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _time_range(rep: RunReport) -> tuple[dt.datetime, dt.datetime] | None:
@@ -510,9 +634,16 @@ def _draw_sends(ax, rep: RunReport) -> None:
     ax.set_title("sends over time per inbox against the planned times", loc="left", fontsize=11)
     span = _time_range(rep)
     if span is None:
-        ax.text(0.5, 0.5, "no messages planned in this run" + (f"\n(overflow {rep.overflow})" if rep.overflow
-                                                                else ""),
-                ha="center", va="center", transform=ax.transAxes, fontsize=12, color="#555555")
+        ax.text(
+            0.5,
+            0.5,
+            "no messages planned in this run" + (f"\n(overflow {rep.overflow})" if rep.overflow else ""),
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=12,
+            color="#555555",
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         return
@@ -525,15 +656,35 @@ def _draw_sends(ax, rep: RunReport) -> None:
         ymax = max(ymax, len(planned))
         if planned:
             # cumulative planned: a step up at each scheduled time, from 0 at the start of the axis
-            ax.step([lo, *planned, hi], [*range(len(planned) + 1), len(planned)], where="post", color=colour,
-                    linestyle="--", linewidth=1.2, alpha=0.85)
+            ax.step(
+                [lo, *planned, hi],
+                [*range(len(planned) + 1), len(planned)],
+                where="post",
+                color=colour,
+                linestyle="--",
+                linewidth=1.2,
+                alpha=0.85,
+            )
             if len(planned) <= MARKERS_UP_TO:
-                ax.plot(planned, range(1, len(planned) + 1), linestyle="none", marker="o", markersize=5,
-                        markerfacecolor="none", markeredgecolor=colour, alpha=0.85)
+                ax.plot(
+                    planned,
+                    range(1, len(planned) + 1),
+                    linestyle="none",
+                    marker="o",
+                    markersize=5,
+                    markerfacecolor="none",
+                    markeredgecolor=colour,
+                    alpha=0.85,
+                )
         if firsts:
             end = hi if rep.active else max(firsts[-1], s.part_sends[-1] if s.part_sends else firsts[-1])
-            ax.step([lo, *firsts, end], [0, *range(1, len(firsts) + 1), len(firsts)], where="post",
-                    color=colour, linewidth=2.2)
+            ax.step(
+                [lo, *firsts, end],
+                [0, *range(1, len(firsts) + 1), len(firsts)],
+                where="post",
+                color=colour,
+                linewidth=2.2,
+            )
         if s.part_sends:
             # each part sits at the height of the messages started by then: bubbles of one message line up
             ys = [_count_le(firsts, t) for t in s.part_sends]
@@ -547,21 +698,28 @@ def _draw_sends(ax, rep: RunReport) -> None:
         for edge, what in ((rep.window_open, "window opens"), (rep.window_close, "window closes")):
             if lo <= edge <= hi:
                 ax.axvline(edge, color="#4caf50", linewidth=1, linestyle=":")
-                ax.text(edge, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=8,
-                        color="#2e7d32", va="top")
+                ax.text(
+                    edge, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=8, color="#2e7d32", va="top"
+                )
     if rep.active and lo <= rep.generated_at <= hi:
         ax.axvline(rep.generated_at, color="#555555", linewidth=1)
         ax.text(rep.generated_at, 0.02, " now", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")
     if not any(s.part_sends for s in rep.series):
-        ax.text(0.98, 0.96, "no part sent yet", transform=ax.transAxes, fontsize=10, color="#555555", va="top",
-                ha="right")
+        ax.text(
+            0.98, 0.96, "no part sent yet", transform=ax.transAxes, fontsize=10, color="#555555", va="top", ha="right"
+        )
 
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, ymax * 1.08 + 0.5)
     ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=zone, minticks=4, maxticks=9))
     length = hi - lo
-    fmt = "%H:%M:%S" if length <= dt.timedelta(minutes=10) else "%H:%M" if length <= dt.timedelta(hours=30) \
+    fmt = (
+        "%H:%M:%S"
+        if length <= dt.timedelta(minutes=10)
+        else "%H:%M"
+        if length <= dt.timedelta(hours=30)
         else "%m-%d %H:%M"
+    )
     ax.xaxis.set_major_formatter(mdates.DateFormatter(fmt, tz=zone))
     first_day, last_day = lo.astimezone(zone).date(), hi.astimezone(zone).date()
     days = f"{first_day:%Y-%m-%d}" + (f" to {last_day:%Y-%m-%d}" if last_day != first_day else "")
@@ -572,16 +730,25 @@ def _draw_sends(ax, rep: RunReport) -> None:
     ax.set_axisbelow(True)
 
     handles = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
-    handles += [Line2D([], [], color="#444444", linestyle="--", marker="o", markerfacecolor="none",
-                       label="planned (scheduled_at)"),
-                Line2D([], [], color="#444444", linewidth=2.2, label="sent (first part)"),
-                Line2D([], [], color="#444444", linestyle="none", marker="o", markersize=3.2, label="each part sent")]
+    handles += [
+        Line2D(
+            [], [], color="#444444", linestyle="--", marker="o", markerfacecolor="none", label="planned (scheduled_at)"
+        ),
+        Line2D([], [], color="#444444", linewidth=2.2, label="sent (first part)"),
+        Line2D([], [], color="#444444", linestyle="none", marker="o", markersize=3.2, label="each part sent"),
+    ]
     if shaded:
         from matplotlib.patches import Patch
 
         handles.append(Patch(facecolor="#4caf50", alpha=0.15, label="send window"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=min(4, len(handles)),
-              fontsize=8.5, frameon=False)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.14),
+        ncol=min(4, len(handles)),
+        fontsize=8.5,
+        frameon=False,
+    )
 
 
 def _count_le(sorted_times: list[dt.datetime], t: dt.datetime) -> int:
@@ -637,19 +804,30 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
     title = f"{rep.label} · run {rep.run_id} · {rep.run_date:%a %Y-%m-%d} · {status}"
     fig.suptitle(title, x=0.01, ha="left", fontsize=14, fontweight="bold")
     dur = rep.duration
-    fig.text(0.01, 0.925, (f"sent {rep.sent} · failed {rep.failed} · skipped {rep.skipped} · "
-                           f"in doubt {rep.in_doubt} · not yet processed {rep.pending} · of {rep.total} · "
-                           f"overflow {rep.overflow}"
-                           + (f" · duration {_fmt_s(dur.total_seconds())}{'' if rep.finished_at else ' so far'}"
-                              if dur else "")),
-             fontsize=10, color="#444444", ha="left", va="top")
+    fig.text(
+        0.01,
+        0.925,
+        (
+            f"sent {rep.sent} · failed {rep.failed} · skipped {rep.skipped} · "
+            f"in doubt {rep.in_doubt} · not yet processed {rep.pending} · of {rep.total} · "
+            f"overflow {rep.overflow}"
+            + (f" · duration {_fmt_s(dur.total_seconds())}{'' if rep.finished_at else ' so far'}" if dur else "")
+        ),
+        fontsize=10,
+        color="#444444",
+        ha="left",
+        va="top",
+    )
     fig.get_layout_engine().set(rect=(0, 0, 1, 0.91))
     _draw_sends(fig.add_subplot(grid[0, 0]), rep)
     _draw_outcomes(fig.add_subplot(grid[0, 1]), rep)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = ({"Title": title, "Description": f"campaign run report of run {rep.run_id}"} if suffix == ".svg"
-            else {"Title": title, "Software": "campaign engine report.py"})
+    meta = (
+        {"Title": title, "Description": f"campaign run report of run {rep.run_id}"}
+        if suffix == ".svg"
+        else {"Title": title, "Software": "campaign engine report.py"}
+    )
     # Write next to the target and rename: a reader never sees half a picture.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
     try:
