@@ -11,6 +11,7 @@ from campaign.db import db
 class BaseModel(Model):
     """Every table: a surrogate ``id``, created/updated timestamps kept by the database."""
 
+    id: int  # every table's surrogate key (declared per model as BigAutoField, or a text key)
     created_at = DateTimeTZField(null=True)
     updated_at = DateTimeTZField(null=True)
 

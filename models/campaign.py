@@ -30,10 +30,14 @@ class CampaignConfig(BaseModel):
 
     id = BigAutoField()
     workspace = ForeignKeyField(Workspace, backref="campaigns", on_delete="CASCADE")
+    workspace_id: int  # the foreign key's column, set by peewee
     name = TextField()
     inbox = ForeignKeyField(Inbox)
+    inbox_id: int  # the foreign key's column, set by peewee
     source_column = ForeignKeyField(Column, backref="+")
+    source_column_id: int  # the foreign key's column, set by peewee
     target_column = ForeignKeyField(Column, null=True, backref="+")
+    target_column_id: int | None  # the foreign key's column, set by peewee
     weekdays = ArrayField(IntegerField, default=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
     window_start_minute = IntegerField(default=0)
     window_end_minute = IntegerField(default=1440)
@@ -60,6 +64,7 @@ class CampaignRun(BaseModel):
 
     id = BigAutoField()
     config = ForeignKeyField(CampaignConfig, backref="runs", on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
     run_date = DateField()
     status = TextField(default="planning")
     pause_reason = TextField(null=True)
@@ -84,8 +89,11 @@ class CampaignMessage(BaseModel):
 
     id = BigAutoField()
     run = ForeignKeyField(CampaignRun, backref="messages", on_delete="CASCADE")
+    run_id: int  # the foreign key's column, set by peewee
     lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
+    lead_id: int | None  # the foreign key's column, set by peewee
     inbox = ForeignKeyField(Inbox)
+    inbox_id: int  # the foreign key's column, set by peewee
     status = TextField(default="pending")
     scheduled_at = DateTimeTZField()
     status_changed_at = DateTimeTZField(null=True)
@@ -100,6 +108,7 @@ class CampaignMessage(BaseModel):
     error_message = TextField(null=True)
     skip_reason = TextField(null=True)
     conversation = ForeignKeyField(Conversation, null=True, on_delete="SET NULL")
+    conversation_id: int | None  # the foreign key's column, set by peewee
     sent_at = DateTimeTZField(null=True)
     finished_at = DateTimeTZField(null=True)
 
@@ -112,7 +121,9 @@ class MessagePart(BaseModel):
 
     id = BigAutoField()
     message = ForeignKeyField(CampaignMessage, backref="parts", on_delete="CASCADE")
+    message_id: int  # the foreign key's column, set by peewee
     inbox = ForeignKeyField(Inbox)
+    inbox_id: int  # the foreign key's column, set by peewee
     idx = IntegerField()
     text = TextField()
     status = TextField(default="pending")
@@ -134,8 +145,11 @@ class CampaignEvent(BaseModel):
 
     id = BigAutoField()
     run = ForeignKeyField(CampaignRun, null=True, on_delete="CASCADE")
+    run_id: int | None  # the foreign key's column, set by peewee
     message = ForeignKeyField(CampaignMessage, null=True, on_delete="SET NULL")
+    message_id: int | None  # the foreign key's column, set by peewee
     lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
+    lead_id: int | None  # the foreign key's column, set by peewee
     step = TextField()
     level = TextField(default="info")
     text = TextField()

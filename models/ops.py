@@ -17,7 +17,9 @@ class DeadLetter(BaseModel):
     actor = TextField()
     dramatiq_message_id = TextField(unique=True)
     campaign_message = ForeignKeyField(CampaignMessage, null=True, on_delete="SET NULL")
+    campaign_message_id: int | None  # the foreign key's column, set by peewee
     run = ForeignKeyField(CampaignRun, null=True, on_delete="SET NULL")
+    run_id: int | None  # the foreign key's column, set by peewee
     payload = BinaryJSONField()
     error_class = TextField(null=True)
     error_message = TextField(null=True)

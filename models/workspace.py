@@ -23,6 +23,7 @@ class Column(BaseModel):
 
     id = BigAutoField()
     workspace = ForeignKeyField(Workspace, backref="columns", on_delete="CASCADE")
+    workspace_id: int  # the foreign key's column, set by peewee
     name = TextField()
     position = IntegerField(default=0)
 
@@ -35,7 +36,9 @@ class Lead(BaseModel):
 
     id = BigAutoField()
     workspace = ForeignKeyField(Workspace, backref="leads", on_delete="CASCADE")
+    workspace_id: int  # the foreign key's column, set by peewee
     column = ForeignKeyField(Column, null=True, backref="leads")
+    column_id: int | None  # the foreign key's column, set by peewee
     name = TextField(default="")
     phone = TextField()
     custom_fields = BinaryJSONField(default=dict)
@@ -51,6 +54,7 @@ class Inbox(BaseModel):
 
     id = BigAutoField()
     workspace = ForeignKeyField(Workspace, backref="inboxes", on_delete="CASCADE")
+    workspace_id: int  # the foreign key's column, set by peewee
     name = TextField()
     instance_name = TextField(unique=True)
     connection_state = TextField(default="unknown")
@@ -74,8 +78,11 @@ class Conversation(BaseModel):
 
     id = BigAutoField()
     workspace = ForeignKeyField(Workspace, on_delete="CASCADE")
+    workspace_id: int  # the foreign key's column, set by peewee
     lead = ForeignKeyField(Lead, on_delete="CASCADE")
+    lead_id: int  # the foreign key's column, set by peewee
     inbox = ForeignKeyField(Inbox, on_delete="CASCADE")
+    inbox_id: int  # the foreign key's column, set by peewee
 
     class Meta:
         table_name = "conversations"

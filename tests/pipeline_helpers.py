@@ -11,7 +11,7 @@ from campaign import outcomes
 from campaign.db import db
 from campaign.errors import Deferred, RetryLater, StepFailed
 from campaign.settings import Settings, get_settings
-from models import CampaignMessage, CampaignRun, Lead, MessagePart
+from models import CampaignConfig, CampaignMessage, CampaignRun, Column, Inbox, Lead, MessagePart, Workspace
 from tests import factories as f
 
 FAST = dict(
@@ -28,11 +28,11 @@ def fast_settings(**kw) -> Settings:
 class World:
     """A workspace with columns, inboxes, one config and a running run."""
 
-    ws: object
-    cols: dict
-    inboxes: list
-    config: object
-    run: object
+    ws: Workspace
+    cols: dict[str, Column]
+    inboxes: list[Inbox]
+    config: CampaignConfig
+    run: CampaignRun
 
     def add_leads(self, n: int, *, inbox=None, **kw) -> list[CampaignMessage]:
         """``n`` leads in the source column, each with a pending message due now."""
