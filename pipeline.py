@@ -83,9 +83,9 @@ def backoff_seconds(
     attempt: int, settings: Settings, retry_after: float | None = None, rng: random.Random | None = None
 ) -> float:
     """Exponential backoff with full jitter for ``attempt`` (1-based), never below Retry-After."""
-    rng = rng or random
+    draw = (rng or random).random()
     ceiling = min(settings.max_backoff_seconds, settings.min_backoff_seconds * 2 ** (attempt - 1))
-    delay = settings.min_backoff_seconds + rng.random() * max(0.0, ceiling - settings.min_backoff_seconds)
+    delay = settings.min_backoff_seconds + draw * max(0.0, ceiling - settings.min_backoff_seconds)
     if retry_after is not None:
         # Retry-After is a floor, not a suggestion (E-10); a little slack for clock skew.
         delay = max(delay, retry_after + 0.05)

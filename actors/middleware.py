@@ -15,6 +15,7 @@ import threading
 import time
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 
 from actors.steplog import StepLog
@@ -44,21 +45,21 @@ class DbConnection(Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         init_db(self.settings)
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         init_db(self.settings)
         db.connect(reuse_if_open=True)
 
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
         self._release()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._release()
 
     @staticmethod
@@ -91,7 +92,7 @@ class DeadLetters(Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
@@ -166,7 +167,7 @@ class RateLimits(Middleware):
     def actor_options(self) -> set[str]:
         return {"rate_limit"}
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # dramatiq only propagates MiddlewareError from before-hooks; anything else would be
         # logged and the actor would run unpaced. Fail closed: the message is retried instead.
         try:
@@ -176,7 +177,7 @@ class RateLimits(Middleware):
         except Exception as exc:
             raise RateLimitUnavailable(f"rate limit check failed: {type(exc).__name__}: {exc}") from exc
 
-    def _acquire(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def _acquire(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._local.grant = None
         self._local.sent = False
         actor = broker.get_actor(message.actor_name)
@@ -237,14 +238,14 @@ class RateLimits(Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
         self._release()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._release()
 
     def _release(self) -> None:

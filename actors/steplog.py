@@ -13,6 +13,7 @@ import threading
 import time
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 
 from campaign import logs
@@ -40,7 +41,7 @@ class StepLog(Middleware):
         logs.install_on_existing_handlers(self.settings)
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_DropSkipped())
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         args = message.args or ()
         campaign_id = args[0] if args and isinstance(args[0], int) else None
         inbox_id = args[1] if len(args) > 1 and isinstance(args[1], int) else None
@@ -56,7 +57,7 @@ class StepLog(Middleware):
     def after_process_message(
         self,
         broker: dramatiq.Broker,
-        message: dramatiq.Message,
+        message: MessageProxy,
         *,
         result: object = None,
         exception: BaseException | None = None,
@@ -76,7 +77,7 @@ class StepLog(Middleware):
             log.log(level, "step %s: %s: %s", outcome, type(exception).__name__, exception)
         self._unbind()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._unbind()
 
     def _unbind(self) -> None:

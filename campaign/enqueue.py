@@ -33,7 +33,9 @@ def engine_broker() -> dramatiq.Broker:
 def enqueue(step: Step, args: tuple, *, delay_s: float | None = None) -> dramatiq.Message:
     """Publish one message for ``step`` with ``args``; ``delay_s`` through its delay queue."""
     broker = engine_broker()
-    message = dramatiq.Message(queue_name=step.queue, actor_name=step.actor, args=tuple(args), kwargs={}, options={})
+    message: dramatiq.Message = dramatiq.Message(
+        queue_name=step.queue, actor_name=step.actor, args=tuple(args), kwargs={}, options={}
+    )
     delay = None if delay_s is None or delay_s <= 0 else max(1, int(delay_s * 1000))
     return broker.enqueue(message, delay=delay)
 
