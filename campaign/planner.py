@@ -367,7 +367,10 @@ _LEADS_SQL = f"""
            SELECT 1 FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
             WHERE m.lead_id = l.id AND r.config_id = %s AND r.id <> %s
               AND (r.status IN ('planning', 'running', 'paused')
-                   OR (m.sent_at IS NOT NULL AND m.sent_at >= %s)))
+                   OR (m.sent_at IS NOT NULL AND m.sent_at >= %s)
+                   -- a message in doubt may have reached the lead: nothing new is written to it
+                   -- until the operator resolves it (R-FAIL-4; resolve --sent moves the lead on)
+                   OR m.status = 'in_doubt'))
      ORDER BY l.id"""
 
 

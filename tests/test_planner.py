@@ -498,6 +498,25 @@ def test_lead_messaged_today_by_config_is_not_planned_again(world):
     assert run.leads_total == 0 and run.status == "completed"
 
 
+def test_lead_with_an_unresolved_in_doubt_message_is_not_planned_again(world):
+    """R-FAIL-4 / R-PLAN-2: a message in doubt may have reached the lead (its run completed, the lead
+    stayed in the source column); the next day's run must not write to it again until the operator
+    resolves the doubt. The other leads of the column are planned as usual."""
+    ws, cols, _, cfg = world
+    doubtful, fresh = f.lead(ws, cols["New"]), f.lead(ws, cols["New"])
+    old = f.run(
+        cfg,
+        run_date=NOON.date() - dt.timedelta(days=1),
+        status="completed",
+        leads_total=1,
+        leads_processed=1,
+        leads_in_doubt=1,
+    )
+    f.message(old, doubtful, status="in_doubt", scheduled_at=NOON - dt.timedelta(days=1))
+    run = planner.plan_run(cfg.id, now=NOON)
+    assert [m.lead_id for m in messages_of(run.id)] == [fresh.id]
+
+
 def test_cross_workspace_config_is_rejected(world):
     """E-20: apply refuses an inbox of another workspace; the database refuses it too (composite FKs)."""
     import peewee
