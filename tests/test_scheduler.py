@@ -127,7 +127,10 @@ def test_lock_is_exclusive_and_released(clean_db):
 def test_jobs_stop_when_the_lock_is_lost_and_resume_when_regained(clean_db, monkeypatch):
     """pg_terminate_backend of the lock connection: jobs stop, standby, active again once the lock is free."""
     monkeypatch.setattr(scheduler, "LOCK_CHECK_SECONDS", 0.2)
-    monkeypatch.setattr(scheduler, "STANDBY_RETRY_SECONDS", 0.2)
+    # the old holder retries the free lock every second, the rival below every 0.1 s: the rival
+    # takes it first (on a loaded machine a 0.2 s retry could win the race, a correct outcome
+    # but not the one this test is about)
+    monkeypatch.setattr(scheduler, "STANDBY_RETRY_SECONDS", 1.0)
     runs: list[float] = []
     job = JobSpec("count", lambda settings, active: runs.append(time.monotonic()), 0.1)
     proc = SchedulerProcess(get_settings(), holder="test-holder", jobs=[job])
