@@ -19,6 +19,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from campaign import runs
@@ -211,7 +212,7 @@ def enable_inbox(
                 (inbox.id,),
             )
         resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
-        wake_parked(inbox.id)  # its started messages waiting for it go on now (E-24)
+        wake_parked([inbox.id])  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
         why = reason or "no reason given"
@@ -276,14 +277,16 @@ def mark_disconnected(inbox_id: int) -> None:
     )
 
 
-def wake_parked(inbox_id: int) -> int:
-    """An inbox is usable again: its parked started messages are due now (the next sweep
-    re-publishes them, E-24); returns how many."""
+def wake_parked(inbox_ids: Sequence[int]) -> int:
+    """Inboxes usable again: their parked started messages are due now (the next sweep re-publishes
+    them, E-24), in one statement; returns how many."""
+    if not inbox_ids:
+        return 0
     rows = _all(
         """UPDATE campaign_messages SET wake_at = now()
-                   WHERE inbox_id = %s AND status = 'sending' AND wake_at > now() RETURNING id""",
-        (inbox_id,),
+                   WHERE inbox_id = ANY(%s) AND status = 'sending' AND wake_at > now() RETURNING id""",
+        (list(inbox_ids),),
     )
     if rows:
-        log.info("inbox %s usable again: %s parked message(s) woken", inbox_id, len(rows))
+        log.info("inboxes %s usable again: %s parked message(s) woken", list(inbox_ids), len(rows))
     return len(rows)

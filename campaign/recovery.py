@@ -83,7 +83,6 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         store_state(inbox_id, state)
         states[inbox_id] = state
         if state == "open":
-            wake_parked(inbox_id)
             rows = _all(
                 """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
                            WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
@@ -94,4 +93,5 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
                     resumed.append(run_id)
         else:
             log.warning("inbox %s (%s) is %s", inbox_id, instance, state)
+    wake_parked([inbox_id for inbox_id, state in states.items() if state == "open"])
     return {"states": states, "resumed": resumed}

@@ -10,6 +10,7 @@ import pipeline
 from campaign import outcomes
 from campaign.db import db
 from campaign.errors import Deferred, RetryLater, StepFailed
+from campaign.ops.repairs import RUN_SNAPSHOT_FIELDS
 from campaign.settings import Settings, get_settings
 from models import CampaignConfig, CampaignMessage, CampaignRun, Column, Inbox, Lead, MessagePart, Workspace
 from tests import factories as f
@@ -75,19 +76,7 @@ def make_world(
 def run_counters(run_id: int) -> dict:
     """The run's status and counters."""
     r = CampaignRun.get_by_id(run_id)
-    return {
-        k: getattr(r, k)
-        for k in (
-            "status",
-            "pause_reason",
-            "leads_total",
-            "leads_processed",
-            "leads_sent",
-            "leads_failed",
-            "leads_skipped",
-            "leads_in_doubt",
-        )
-    }
+    return {k: getattr(r, k) for k in RUN_SNAPSHOT_FIELDS}
 
 
 def row_counts(run_id: int) -> dict:

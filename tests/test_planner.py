@@ -481,18 +481,23 @@ def test_two_configs_same_lead_and_never_two_active_runs_of_one_config(world):
     assert run_a3.leads_total == 10  # the 3 newer ones are still in run_a2 (active)
 
 
-def test_lead_messaged_today_by_config_is_not_planned_again(world):
-    """E-19: a lead this config already sent to today (e.g. a run of another local date) is not planned."""
-    ws, cols, _, cfg = world
-    lead = f.lead(ws, cols["New"])
-    old = f.run(
+def _yesterdays_run(cfg, **counters):
+    """A completed run of the day before NOON's, with one processed message's counters."""
+    return f.run(
         cfg,
         run_date=NOON.date() - dt.timedelta(days=1),
         status="completed",
         leads_total=1,
         leads_processed=1,
-        leads_sent=1,
+        **counters,
     )
+
+
+def test_lead_messaged_today_by_config_is_not_planned_again(world):
+    """E-19: a lead this config already sent to today (e.g. a run of another local date) is not planned."""
+    ws, cols, _, cfg = world
+    lead = f.lead(ws, cols["New"])
+    old = _yesterdays_run(cfg, leads_sent=1)
     f.message(old, lead, status="sent", sent_at=NOON - dt.timedelta(hours=1), scheduled_at=NOON - dt.timedelta(hours=1))
     run = planner.plan_run(cfg.id, now=NOON)
     assert run.leads_total == 0 and run.status == "completed"
@@ -504,14 +509,7 @@ def test_lead_with_an_unresolved_in_doubt_message_is_not_planned_again(world):
     resolves the doubt. The other leads of the column are planned as usual."""
     ws, cols, _, cfg = world
     doubtful, fresh = f.lead(ws, cols["New"]), f.lead(ws, cols["New"])
-    old = f.run(
-        cfg,
-        run_date=NOON.date() - dt.timedelta(days=1),
-        status="completed",
-        leads_total=1,
-        leads_processed=1,
-        leads_in_doubt=1,
-    )
+    old = _yesterdays_run(cfg, leads_in_doubt=1)
     f.message(old, doubtful, status="in_doubt", scheduled_at=NOON - dt.timedelta(days=1))
     run = planner.plan_run(cfg.id, now=NOON)
     assert [m.lead_id for m in messages_of(run.id)] == [fresh.id]
