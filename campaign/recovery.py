@@ -9,7 +9,7 @@ from typing import Any
 
 from campaign import enqueue, ratelimit, runs, steps
 from campaign.errors import ProviderError
-from campaign.inboxes import store_state, wake_parked
+from campaign.inboxes import resume_reconnected, store_state, wake_parked
 from campaign.outcomes import mark_in_doubt
 from campaign.settings import Settings
 from campaign.sql import fetch_all as _all
@@ -83,14 +83,7 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         store_state(inbox_id, state)
         states[inbox_id] = state
         if state == "open":
-            rows = _all(
-                """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-                           WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
-                (inbox_id,),
-            )
-            for (run_id,) in rows:
-                if runs.resume_paused_run(run_id, "inbox_disconnected"):
-                    resumed.append(run_id)
+            resumed.extend(resume_reconnected(inbox_id, wake=False))
         else:
             log.warning("inbox %s (%s) is %s", inbox_id, instance, state)
     wake_parked([inbox_id for inbox_id, state in states.items() if state == "open"])
