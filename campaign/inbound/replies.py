@@ -120,6 +120,20 @@ def apply_message(msg: InboundMessage, settings: Settings) -> MessageResult:
         log.warning("inbound %s: instance %r is no inbox of this engine; ignored", msg.key_id, msg.instance)
         return MessageResult("unknown_instance")
     inbox_id, workspace_id, phrases = inbox
+    candidates = phone_candidates(msg.phone_digits)
+    lead = _one(
+        """SELECT id, opted_out FROM leads WHERE workspace_id = %s AND phone = ANY(%s)
+            ORDER BY phone = %s DESC, id LIMIT 1""",
+        (workspace_id, candidates, candidates[0]),
+    )
+    if lead is not None:
+        # The lead x inbox conversation exists before the transaction below: the send path reads it
+        # without a lock, so a first reply and a first send never wait on each other's insert.
+        _one(
+            """INSERT INTO conversations (workspace_id, lead_id, inbox_id) VALUES (%s, %s, %s)
+               ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id""",
+            (workspace_id, lead[0], inbox_id),
+        )
     with db.atomic():
         gate = _one(
             """INSERT INTO inbound_events (inbox_id, provider_message_id, outcome) VALUES (%s, %s, 'received')
@@ -128,12 +142,6 @@ def apply_message(msg: InboundMessage, settings: Settings) -> MessageResult:
         )
         if gate is None:
             return MessageResult("duplicate", inbox_id=inbox_id)
-        candidates = phone_candidates(msg.phone_digits)
-        lead = _one(
-            """SELECT id, opted_out FROM leads WHERE workspace_id = %s AND phone = ANY(%s)
-                ORDER BY phone = %s DESC, id LIMIT 1 FOR UPDATE""",
-            (workspace_id, candidates, candidates[0]),
-        )
         if lead is None:
             _one("UPDATE inbound_events SET outcome = 'unknown_sender' WHERE id = %s RETURNING id", gate)
             log_event(
@@ -160,8 +168,7 @@ def apply_message(msg: InboundMessage, settings: Settings) -> MessageResult:
                                      THEN %(reply_col)s ELSE column_id END
                 WHERE id = %(lead)s RETURNING column_id
             ), conv AS (
-                INSERT INTO conversations (workspace_id, lead_id, inbox_id) VALUES (%(ws)s, %(lead)s, %(inbox)s)
-                ON CONFLICT (lead_id, inbox_id) DO UPDATE SET updated_at = now() RETURNING id
+                SELECT id FROM conversations WHERE lead_id = %(lead)s AND inbox_id = %(inbox)s
             ), cm AS (
                 INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id,
                                                    text, at, action)
