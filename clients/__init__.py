@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import httpx
 
+from clients import evolution, openrouter
 from clients.evolution import EvolutionClient, SendResult, normalize_number
 from clients.http import parse_retry_after
 from clients.openrouter import Completion, OpenRouterClient
@@ -78,7 +79,7 @@ def get_openrouter(base_url: str, api_key: str, *, timeout: httpx.Timeout | floa
     t = _as_timeout(timeout)
     return _thread_client(
         ("openrouter", base_url.rstrip("/"), api_key, _timeout_key(t)),
-        lambda: OpenRouterClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+        lambda: OpenRouterClient(base_url, api_key, timeout=openrouter.DEFAULT_TIMEOUT if t is None else t),
     )
 
 
@@ -87,7 +88,7 @@ def get_evolution(base_url: str, api_key: str, *, timeout: httpx.Timeout | float
     t = _as_timeout(timeout)
     return _thread_client(
         ("evolution", base_url.rstrip("/"), api_key, _timeout_key(t)),
-        lambda: EvolutionClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+        lambda: EvolutionClient(base_url, api_key, timeout=evolution.DEFAULT_TIMEOUT if t is None else t),
     )
 
 

@@ -204,7 +204,8 @@ def decode_xq(queue: str, delivery_tag: int, properties: Any, body: bytes) -> Xq
     if isinstance(data.get("message_id"), str) and data["message_id"]:
         msg.key = data["message_id"]
     msg.actor = data.get("actor_name") if isinstance(data.get("actor_name"), str) else None
-    options = data.get("options") if isinstance(data.get("options"), dict) else {}
+    raw_options = data.get("options")
+    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     if isinstance(options.get("traceback"), str) and options["traceback"].strip():
         msg.last_error = options["traceback"].strip().splitlines()[-1][:300]
     if msg.dead_at is None and isinstance(data.get("message_timestamp"), (int, float)):
@@ -808,13 +809,14 @@ def run(
     check_args(args)
     acting = args.requeue or args.purge
     now = dt.datetime.now(UTC)
-    browser: XqBrowser | None = XqBrowser(settings)
+    opened = XqBrowser(settings)
+    browser: XqBrowser | None = opened  # None once it turned out unusable: nothing to close
     warnings: list[str] = []
     try:
         try:
-            browser.open()
-            xq = browser.browse(PIPELINE_QUEUES)
-            warnings += browser.truncated
+            opened.open()
+            xq = opened.browse(PIPELINE_QUEUES)
+            warnings += opened.truncated
         except ConfigError as exc:
             if acting and not args.dry_run:
                 # never half-act: a requeue must publish, a purge must ack
