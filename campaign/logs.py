@@ -239,8 +239,8 @@ def _quiet_noisy_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class LogStream(Protocol):
-    """Where a log handler writes: ``sys.stderr``, a file, or an object that forwards to one."""
+class TextSink(Protocol):
+    """Where text goes: ``sys.stderr`` / ``sys.stdout``, a file, or an object that forwards or captures it."""
 
     def write(self, text: str, /) -> object: ...
 
@@ -263,7 +263,7 @@ class _CurrentStderr(_EngineHandler):
         pass  # StreamHandler.__init__ assigns it; the live sys.stderr is always used
 
 
-def configure_logging(settings: Settings, *, level: str | int | None = None, stream: LogStream | None = None) -> None:
+def configure_logging(settings: Settings, *, level: str | int | None = None, stream: TextSink | None = None) -> None:
     """Entry points: one stderr handler with the structured formatter.
 
     Like ``logging.basicConfig``, it leaves logging alone when someone else already configured
