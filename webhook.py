@@ -537,6 +537,7 @@ class WebhookServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Base URL of the bound socket (the real port when 0 was asked for)."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # server_bind stored getsockname(): a str host, never bytes
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         return f"http://{shown}:{port}"
 

@@ -214,6 +214,7 @@ class Proc:
         """The process and its children (dramatiq forks its worker processes)."""
         if not self.alive:
             return set()
+        assert self.popen is not None  # alive
         pid = self.popen.pid
         out = {pid}
         try:
@@ -239,6 +240,7 @@ class Proc:
         self.expected_exit = True
         if not self.alive:
             return
+        assert self.popen is not None  # alive
         try:
             os.killpg(self.popen.pid, signal.SIGTERM)
             self.popen.wait(timeout)

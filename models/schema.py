@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from peewee import Database
+from peewee import Database, DatabaseProxy
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7)
 LATEST = MIGRATIONS[-1].version
 
 
-def current_version(db: Database) -> int:
+def current_version(db: Database | DatabaseProxy) -> int:
     """The schema version recorded in the database (0 for an empty database)."""
     db.execute_sql("""CREATE TABLE IF NOT EXISTS schema_version (
         version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
@@ -426,7 +426,7 @@ def current_version(db: Database) -> int:
     return int(row[0])
 
 
-def migrate(db: Database, target: int | None = None) -> list[int]:
+def migrate(db: Database | DatabaseProxy, target: int | None = None) -> list[int]:
     """Apply every migration above the recorded version up to ``target`` (default: latest).
 
     Returns the versions applied (empty when the schema is already current).

@@ -135,7 +135,7 @@ class Ledger:
     def summary(self) -> dict[str, Any]:
         """Counters only (cheap)."""
         with self._lock:
-            duplicates = [
+            duplicates: list[dict[str, Any]] = [
                 {"instance": k[0], "number": k[1], "text": k[2][:80], "count": self._send_counts[k]}
                 for k in self._duplicate_keys
             ]

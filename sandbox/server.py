@@ -483,7 +483,7 @@ class SandboxApp:
         remote_jid = f"{number}@s.whatsapp.net"
         key_id = self._new_key_id(identity)
         hang = fault == "accept_then_hang"
-        hang_mode = self._opt(cfg, rcfg, "hang_mode") if hang else None
+        hang_mode = self._opt(cfg, rcfg, "hang_mode") if hang else "ok"
         send_entry = self.ledger.record_send(instance, number, text, key_id, hang_mode or "ok", epoch)
         if cfg["webhook_url"]:
             self.webhooks.emit(
@@ -658,6 +658,7 @@ class SandboxServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Base URL of the running server."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # server_bind stored getsockname(): a str host, never bytes
         return f"http://{host}:{port}"
 
 

@@ -62,7 +62,7 @@ def respond(status: int, body: Any = None, *, headers: dict[str, str] | None = N
     return handler
 
 
-def raise_(exc_type: type[Exception]):
+def raise_(exc_type: type[httpx.RequestError]):
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc_type("boom", request=request)
 
@@ -176,6 +176,7 @@ def test_retry_after_http_date_form() -> None:
     header = email.utils.format_datetime(when.replace(microsecond=0), usegmt=True)
     with pytest.raises(RateLimited) as info:
         client_for(respond(429, err_body(429), headers={"Retry-After": header})).chat("m", MESSAGES)
+    assert info.value.retry_after is not None
     assert 27.0 <= info.value.retry_after <= 30.0
 
 
@@ -245,7 +246,7 @@ def test_content_parts_list_is_joined() -> None:
         (httpx.RemoteProtocolError, "network_error"),
     ],
 )
-def test_transport_errors_are_transient(exc_type: type[Exception], code: str) -> None:
+def test_transport_errors_are_transient(exc_type: type[httpx.RequestError], code: str) -> None:
     with pytest.raises(ProviderUnavailable) as info:
         client_for(raise_(exc_type)).chat("m", MESSAGES)
     assert info.value.code == code
@@ -284,8 +285,8 @@ def test_exception_tree_and_docstrings() -> None:
     assert issubclass(ProviderError, errors.EngineError)
     for cls in (RateLimited, ProviderUnavailable, BadCompletion):
         assert issubclass(cls, TransientError) and cls.retryable
-    for cls in (BadRequest, AuthError, CreditsExhausted, errors.UnknownInstance, errors.InvalidNumber):
-        assert issubclass(cls, PermanentError) and not cls.retryable
+    for perm in (BadRequest, AuthError, CreditsExhausted, errors.UnknownInstance, errors.InvalidNumber):
+        assert issubclass(perm, PermanentError) and not perm.retryable
     assert issubclass(errors.AmbiguousSend, ProviderError)
     assert not issubclass(errors.AmbiguousSend, (TransientError, PermanentError))
     for name in errors.__all__:
@@ -428,11 +429,12 @@ def test_sandbox_retry_after_both_forms(client: OpenRouterClient, sb: SandboxPro
     sb.set_faults(retry_after_form="http-date")
     with pytest.raises(RateLimited) as info:
         client.chat("m", LEAD_MESSAGES)
+    assert info.value.retry_after is not None
     assert 3.0 <= info.value.retry_after <= 5.0
     sb.set_faults(chat={"rate_429": None, "rate_503": 1.0})
-    with pytest.raises(ProviderUnavailable) as info:
+    with pytest.raises(ProviderUnavailable) as unavailable:
         client.chat("m", LEAD_MESSAGES)
-    assert info.value.retry_after is not None and info.value.retry_after >= 3.0
+    assert unavailable.value.retry_after is not None and unavailable.value.retry_after >= 3.0
 
 
 @pytest.mark.parametrize(

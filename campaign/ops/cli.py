@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import peewee
 from rich.text import Text
@@ -21,13 +22,18 @@ from campaign.settings import Settings, get_settings, redact_url
 from devtools import demo
 from models.schema import LATEST, current_version, migrate
 
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
 log = logging.getLogger("cli")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
+#: adds a sub-command's arguments to its parser; what it returns (``add_argument``'s Action) is ignored
+ArgsAdder = Callable[[argparse.ArgumentParser], object]
+_COMMANDS: dict[str, tuple[Handler, ArgsAdder, str]] = {}
 
 
-def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+def command(name: str, help: str, args: ArgsAdder = lambda p: None) -> Callable[[Handler], Handler]:
     """Register ``func`` as the handler of sub-command ``name``."""
 
     def register(func: Handler) -> Handler:
@@ -317,7 +323,7 @@ def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-queues", action="store_true", help="do not ask RabbitMQ for queue depths")
 
 
-def _bar(run, width: int = 24):
+def _bar(run: monitor.RunStatus, width: int = 24) -> Text:
     """A stacked bar: sent / skipped / failed / in doubt of total."""
 
     text = Text()
@@ -338,7 +344,7 @@ def _bar(run, width: int = 24):
     return text
 
 
-def _plain(value) -> Text:
+def _plain(value: object) -> Text:
     """A table cell from data (provider errors, names, queue names): rich ``Text`` is never parsed
     as markup, so "[/x] is not a valid model ID" prints as it is instead of raising MarkupError,
     and "[bold]" or "[link=...]" in an error text is shown, not obeyed."""
@@ -346,7 +352,7 @@ def _plain(value) -> Text:
     return Text("-" if value is None else str(value))
 
 
-def render_status(snap):
+def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
     from rich.table import Table
@@ -445,7 +451,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not 0.2 <= args.interval <= 3600:
         raise ConfigError(f"--interval {args.interval} must be between 0.2 and 3600 seconds")
 
-    def snapshot():
+    def snapshot() -> monitor.StatusSnapshot:
         with db.connection_context():
             return monitor.status_snapshot(settings, with_queues=not args.no_queues)
 

@@ -33,6 +33,7 @@ import logging
 import math
 import re
 import tomllib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,9 @@ class _Checker:
     def err(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
 
-    def table(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict | None:
+    def table(
+        self, value: Any, path: str, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+    ) -> dict | None:
         if not isinstance(value, dict):
             self.err(path, f"must be a table, got {_type(value)}")
             return None
@@ -324,7 +327,7 @@ def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
     per_hour = ck.integer(t["max_per_hour"], f"{path}.max_per_hour", 1) if "max_per_hour" in t else None
     per_day = ck.integer(t["max_per_day"], f"{path}.max_per_day", 1) if "max_per_day" in t else None
     gap = ck.number(t["min_gap_seconds"], f"{path}.min_gap_seconds", 0, 3600) if "min_gap_seconds" in t else 1.0
-    if len(ck.errors) > n or instance is None:
+    if len(ck.errors) > n or instance is None or gap is None:
         return None
     return InboxSpec(name, instance, per_hour, per_day, gap, path)
 
@@ -390,7 +393,18 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         b = ck.boolean(t["skip_if_replied"], f"{path}.skip_if_replied")
         skip_if_replied = True if b is None else b
 
-    if len(ck.errors) > n or None in (inbox, source, target, weekdays, daily_limit, gaps, part_gaps, model, prompt):
+    if (
+        len(ck.errors) > n
+        or inbox is None
+        or source is None
+        or target is None
+        or weekdays is None
+        or daily_limit is None
+        or gaps is None
+        or part_gaps is None
+        or model is None
+        or prompt is None
+    ):
         return None
     return CampaignSpec(
         name,
@@ -448,7 +462,7 @@ def _window(ck: _Checker, t: dict, path: str) -> tuple[int, int]:
         w = ck.table(t["window"], f"{path}.window", {"start", "end"}, {"start", "end"})
         s = ck.hhmm(w["start"], f"{path}.window.start", allow_24=False) if w and "start" in w else None
         e = ck.hhmm(w["end"], f"{path}.window.end", allow_24=True) if w and "end" in w else None
-        if s is not None and e is not None:
+        if w is not None and s is not None and e is not None:
             if e <= s:
                 ck.err(
                     f"{path}.window.end",
@@ -533,9 +547,9 @@ def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
     if "inboxes" in t:
         tbl = ck.table(t["inboxes"], f"{path}.inboxes", set(t["inboxes"]) if isinstance(t["inboxes"], dict) else set())
         for iname, iraw in (tbl or {}).items():
-            spec = _inbox(ck, iname, iraw, _path("workspaces", name, "inboxes", iname))
-            if spec is not None:
-                inboxes.append(spec)
+            inbox = _inbox(ck, iname, iraw, _path("workspaces", name, "inboxes", iname))
+            if inbox is not None:
+                inboxes.append(inbox)
     phrases: tuple[str, ...] | None = None
     if "opt_out_phrases" in t:
         raw_phrases = t["opt_out_phrases"]
@@ -561,9 +575,9 @@ def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
             t["campaigns"], f"{path}.campaigns", set(t["campaigns"]) if isinstance(t["campaigns"], dict) else set()
         )
         for cname, craw in (tbl or {}).items():
-            spec = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
-            if spec is not None:
-                campaigns.append(spec)
+            campaign = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
+            if campaign is not None:
+                campaigns.append(campaign)
     return WorkspaceSpec(name, columns, tuple(inboxes), tuple(campaigns), path, phrases, opt_out_reply)
 
 

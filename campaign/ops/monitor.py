@@ -174,7 +174,12 @@ _MESSAGES_SQL = """
 
 def _lines(status: str, extra: str = "") -> list[MessageLine]:
     rows = db.execute_sql(_MESSAGES_SQL.format(extra=extra), (status, LIST_LIMIT)).fetchall()
-    return [MessageLine(*r[:6], r[6] or None, r[7]) for r in rows]
+    return [
+        MessageLine(
+            id=r[0], run_id=r[1], campaign=r[2], lead_id=r[3], phone=r[4], status=r[5], error=r[6] or None, at=r[7]
+        )
+        for r in rows
+    ]
 
 
 def queue_names() -> list[str]:

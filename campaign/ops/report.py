@@ -23,12 +23,16 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign import planner, runs
 from campaign.db import db
 from campaign.errors import ConfigError
+
+if TYPE_CHECKING:  # matplotlib is imported by render_picture only (see above)
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +259,7 @@ def _zone(name: str) -> dt.tzinfo:
 
 
 def _dist(n: int, pcts: list[float] | None, mx: float | None) -> Dist:
-    if not n or pcts is None:
+    if not n or pcts is None or mx is None:
         return Dist(0, None, None, None, None)
     return Dist(int(n), float(pcts[0]), float(pcts[1]), float(pcts[2]), float(mx))
 
@@ -298,7 +302,15 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
     return rep
 
 
-def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime) -> RunReport:
+def _assemble(
+    run: tuple[Any, ...],
+    timings: tuple[Any, ...],
+    messages: list[tuple[Any, ...]],
+    parts: list[tuple[Any, ...]],
+    inbox_rows: list[tuple[Any, ...]],
+    plan: tuple[Any, ...] | None,
+    now: dt.datetime,
+) -> RunReport:
     (
         rid,
         ws,
@@ -626,9 +638,10 @@ def _time_range(rep: RunReport) -> tuple[dt.datetime, dt.datetime] | None:
     return lo - pad, hi + pad
 
 
-def _draw_sends(ax, rep: RunReport) -> None:
+def _draw_sends(ax: Axes, rep: RunReport) -> None:
     from matplotlib import dates as mdates
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     zone = rep.zone
     ax.set_title("sends over time per inbox against the planned times", loc="left", fontsize=11)
@@ -657,7 +670,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if planned:
             # cumulative planned: a step up at each scheduled time, from 0 at the start of the axis
             ax.step(
-                [lo, *planned, hi],
+                [lo, *planned, hi],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 [*range(len(planned) + 1), len(planned)],
                 where="post",
                 color=colour,
@@ -667,7 +680,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
             )
             if len(planned) <= MARKERS_UP_TO:
                 ax.plot(
-                    planned,
+                    planned,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                     range(1, len(planned) + 1),
                     linestyle="none",
                     marker="o",
@@ -679,7 +692,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if firsts:
             end = hi if rep.active else max(firsts[-1], s.part_sends[-1] if s.part_sends else firsts[-1])
             ax.step(
-                [lo, *firsts, end],
+                [lo, *firsts, end],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 [0, *range(1, len(firsts) + 1), len(firsts)],
                 where="post",
                 color=colour,
@@ -688,28 +701,34 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if s.part_sends:
             # each part sits at the height of the messages started by then: bubbles of one message line up
             ys = [_count_le(firsts, t) for t in s.part_sends]
-            ax.plot(s.part_sends, ys, linestyle="none", marker="o", markersize=3.2, color=colour, alpha=0.9)
+            ax.plot(s.part_sends, ys, linestyle="none", marker="o", markersize=3.2, color=colour, alpha=0.9)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
     shaded = False
     if rep.window_open and rep.window_close:
         a, b = max(rep.window_open, lo), min(rep.window_close, hi)
         if a < b:
-            ax.axvspan(a, b, color="#4caf50", alpha=0.06, zorder=0)
+            ax.axvspan(a, b, color="#4caf50", alpha=0.06, zorder=0)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
             shaded = True
         for edge, what in ((rep.window_open, "window opens"), (rep.window_close, "window closes")):
             if lo <= edge <= hi:
-                ax.axvline(edge, color="#4caf50", linewidth=1, linestyle=":")
+                ax.axvline(edge, color="#4caf50", linewidth=1, linestyle=":")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 ax.text(
-                    edge, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=8, color="#2e7d32", va="top"
+                    edge,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+                    1.0,
+                    f" {what}",
+                    transform=ax.get_xaxis_transform(),
+                    fontsize=8,
+                    color="#2e7d32",
+                    va="top",
                 )
     if rep.active and lo <= rep.generated_at <= hi:
-        ax.axvline(rep.generated_at, color="#555555", linewidth=1)
-        ax.text(rep.generated_at, 0.02, " now", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")
+        ax.axvline(rep.generated_at, color="#555555", linewidth=1)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+        ax.text(rep.generated_at, 0.02, " now", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
     if not any(s.part_sends for s in rep.series):
         ax.text(
             0.98, 0.96, "no part sent yet", transform=ax.transAxes, fontsize=10, color="#555555", va="top", ha="right"
         )
 
-    ax.set_xlim(lo, hi)
+    ax.set_xlim(lo, hi)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
     ax.set_ylim(0, ymax * 1.08 + 0.5)
     ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=zone, minticks=4, maxticks=9))
     length = hi - lo
@@ -725,11 +744,13 @@ def _draw_sends(ax, rep: RunReport) -> None:
     days = f"{first_day:%Y-%m-%d}" + (f" to {last_day:%Y-%m-%d}" if last_day != first_day else "")
     ax.set_xlabel(f"local time, {rep.timezone} ({days})")
     ax.set_ylabel("messages (cumulative)")
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    y_locator = ax.yaxis.get_major_locator()
+    if isinstance(y_locator, MaxNLocator):  # the default AutoLocator is one
+        y_locator.set_params(integer=True)
     ax.grid(True, color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)
 
-    handles = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
+    handles: list[Artist] = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
     handles += [
         Line2D(
             [], [], color="#444444", linestyle="--", marker="o", markerfacecolor="none", label="planned (scheduled_at)"
@@ -764,7 +785,9 @@ def _palette(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _draw_outcomes(ax, rep: RunReport) -> None:
+def _draw_outcomes(ax: Axes, rep: RunReport) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(f"outcomes of {rep.total} message{'s' if rep.total != 1 else ''}", loc="left", fontsize=11)
     rows = _outcomes(rep)
     if not rows:
@@ -783,7 +806,9 @@ def _draw_outcomes(ax, rep: RunReport) -> None:
         ax.text(n + top * 0.02, y, f"{n}  ({n / rep.total:.0%})" if rep.total else str(n), va="center", fontsize=9)
     ax.set_xlim(0, top * 1.35)
     ax.set_xlabel("messages")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    x_locator = ax.xaxis.get_major_locator()
+    if isinstance(x_locator, MaxNLocator):  # the default AutoLocator is one
+        x_locator.set_params(integer=True)
     ax.grid(True, axis="x", color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -797,6 +822,7 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
     if suffix not in PICTURE_SUFFIXES:
         raise ValueError(f"picture {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; use .png or .svg")
     from matplotlib.figure import Figure
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     fig = Figure(figsize=(14, 6.2), dpi=110, layout="constrained")
     grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1])
@@ -818,7 +844,9 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
         ha="left",
         va="top",
     )
-    fig.get_layout_engine().set(rect=(0, 0, 1, 0.91))
+    layout = fig.get_layout_engine()
+    assert isinstance(layout, ConstrainedLayoutEngine)  # layout="constrained" above
+    layout.set(rect=(0, 0, 1, 0.91))
     _draw_sends(fig.add_subplot(grid[0, 0]), rep)
     _draw_outcomes(fig.add_subplot(grid[0, 1]), rep)
 
