@@ -9,6 +9,7 @@ from typing import Any
 
 from campaign import enqueue, ratelimit, runs, steps
 from campaign.errors import ProviderError
+from campaign.inbound.notify import due_confirmations
 from campaign.inboxes import resume_reconnected, store_state, wake_parked
 from campaign.outcomes import mark_in_doubt
 from campaign.settings import Settings
@@ -54,16 +55,25 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
     for queue, args in jobs.items():
         if args:
             (publish or _publish)(queue, args)
+    confirmations = due_confirmations(settings)
+    if confirmations:
+        (publish or _publish)(steps.OPT_OUT_REPLY.queue, [(lead_id,) for lead_id in confirmations])
     completed = runs.complete_runs_if_done()
     ratelimit.purge_expired_holds()
-    result = {"in_doubt": len(orphans), "requeued": len(stale), "completed_runs": len(completed)}
+    result = {
+        "in_doubt": len(orphans),
+        "requeued": len(stale),
+        "completed_runs": len(completed),
+        "opt_out_replies": len(confirmations),
+    }
     if orphans or stale or completed:
         log.warning("recovery sweep: %s", result)
     return result
 
 
 def _publish(queue: str, args_list: list[tuple]) -> None:
-    enqueue.enqueue_many(steps.BY_QUEUE[queue], args_list)
+    target = steps.BY_QUEUE.get(queue) or next(j for j in steps.JOBS if j.queue == queue)
+    enqueue.enqueue_many(target, args_list)
 
 
 def check_inboxes(settings: Settings, evolution: Any) -> dict:

@@ -355,6 +355,9 @@ V7 = Migration(
         "ALTER TABLE leads ADD COLUMN opt_out_reply_at timestamptz",
         "ALTER TABLE leads ADD COLUMN last_reply_at timestamptz",
         "ALTER TABLE leads ADD COLUMN column_changed_at timestamptz",
+        # the recovery sweep's look for opt-out confirmations still to send (R-IN-4)
+        """CREATE INDEX leads_opt_out_reply_idx ON leads (opted_out_at)
+        WHERE opted_out AND opt_out_reply_at IS NULL""",
         """CREATE OR REPLACE FUNCTION leads_column_changed() RETURNS trigger LANGUAGE plpgsql AS $$
        BEGIN
          IF TG_OP = 'INSERT' OR NEW.column_id IS DISTINCT FROM OLD.column_id THEN

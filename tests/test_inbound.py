@@ -437,3 +437,29 @@ def test_a_reply_racing_the_next_send_never_lets_a_part_out_after_it(clean_db, s
     out = {r[0] for r in rows if r[3] == "sent"}
     assert {mid for mid, st in statuses.items() if st == "sent"} == out
     assert_counters_match(w.run.id)
+
+
+def test_opt_out_reply_is_sent_once_through_the_inbox_it_came_in_on(clean_db, sb, llm, evo, settings):
+    """R-IN-4: the workspace's opt_out_reply goes out once: the sweep enqueues it, the job claims the
+    lead before the call, a second job or sweep sends nothing; the conversation logs it."""
+    from campaign import recovery
+    from campaign.inbound.notify import send_opt_out_reply
+
+    w = _reply_world()
+    db.execute_sql("UPDATE workspaces SET opt_out_reply = 'Pronto, não enviaremos mais.' WHERE id = %s", (w.ws.id,))
+    (m,) = w.add_leads(1)
+    lead = Lead.get_by_id(m.lead_id)
+    handle(upsert(w.inboxes[0].instance_name, lead.phone, "sair"), settings)
+    db.execute_sql("UPDATE leads SET opted_out_at = now() - interval '1 minute' WHERE id = %s", (lead.id,))
+    swept: list = []
+    recovery.recovery_sweep(settings, publish=lambda q, args: swept.append((q, args)))
+    assert ("campaign.notify", [(lead.id,)]) in swept
+    assert send_opt_out_reply(lead.id, settings, evo) == "sent"
+    assert send_opt_out_reply(lead.id, settings, evo) == "not_due"
+    swept.clear()
+    recovery.recovery_sweep(settings, publish=lambda q, args: swept.append((q, args)))
+    assert not [s for s in swept if s[0] == "campaign.notify"]
+    confirmations = [s for s in sb.ledger()["sends"] if s["text"].startswith("Pronto")]
+    assert len(confirmations) == 1 and confirmations[0]["number"].endswith(lead.phone.lstrip("+"))
+    row = db.execute_sql("SELECT action FROM conversation_messages WHERE direction = 'out'").fetchall()
+    assert row == [("opt_out_reply",)]

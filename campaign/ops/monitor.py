@@ -185,7 +185,7 @@ def _lines(status: str, extra: str = "") -> list[MessageLine]:
 def queue_names() -> list[str]:
     """Every pipeline queue (campaign.*) and its .DQ / .XQ twins."""
     names: list[str] = []
-    for q in (*steps.QUEUES, SYSTEM_QUEUE):
+    for q in (*steps.QUEUES, *steps.JOB_QUEUES, SYSTEM_QUEUE):
         names += [q, f"{q}.DQ", f"{q}.XQ"]
     return names
 
