@@ -202,3 +202,49 @@ def test_consumer_refuses_to_start_without_the_events_url(events_settings):
     env = {**os.environ, "EVOLUTION_EVENTS_RABBITMQ_URL": ""}
     proc = subprocess.run([sys.executable, "inbound.py"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "EVOLUTION_EVENTS_RABBITMQ_URL is empty" in proc.stderr
+
+
+def test_fuzzed_amqp_bodies_are_all_acked_and_the_consumer_keeps_going(consumer, events_settings):
+    """T-SEC-1, R-IN-1: 300 random bodies (bytes, JSON of any shape, mutated envelopes) on every
+    queue: each is applied, ignored or recorded as poison and acked; no crash, no redelivery loop;
+    a good reply afterwards still applies."""
+    import random
+
+    rng = random.Random(1234)
+    w = make_world("fuzz")
+    m, _keep = w.add_leads(2)
+    lead = Lead.get_by_id(m.lead_id)
+    inst = w.inboxes[0].instance_name
+    templates = [upsert(inst, "+5511900000001", "Oi"), connection(inst, "open")]
+
+    def mutate(doc):
+        doc = json.loads(json.dumps(doc))
+        for _ in range(rng.randint(1, 4)):
+            target = doc if rng.random() < 0.3 else doc.get("data", doc)
+            if not isinstance(target, dict) or not target:
+                break
+            k = rng.choice(list(target))
+            target[k] = rng.choice([None, 0, -1, 1e308, "", "x" * rng.randint(1, 5000), [], {}, True, "\u0000"])
+        return doc
+
+    bodies = []
+    for _ in range(300):
+        r = rng.random()
+        if r < 0.2:
+            bodies.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))))
+        elif r < 0.4:
+            bodies.append(json.dumps(rng.choice([None, 1, "s", [1, {}], {"event": 5}])).encode())
+        else:
+            bodies.append(json.dumps(mutate(rng.choice(templates))).encode())
+    conn, ch = _channel(events_settings)
+    ch.confirm_delivery()
+    for i, body in enumerate(bodies):
+        ch.basic_publish(EXCHANGE, EVENTS[i % len(EVENTS)], body)
+    conn.close()
+    total = lambda: consumer.stats.applied + consumer.stats.ignored + consumer.stats.poison  # noqa: E731
+    wait_for(lambda: total() >= 300, timeout=60, what="every fuzzed body handled")
+    wait_for(lambda: sum(queue_depths(events_settings).values()) == 0, what="the queues to drain")
+    publish(events_settings, [upsert(inst, lead.phone, "Oi")])
+    wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "skipped", what="a good reply after the fuzz")
+    assert consumer.stats.poison > 50
+    assert total() == 301
