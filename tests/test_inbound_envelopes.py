@@ -76,7 +76,8 @@ def test_e29_lid_chat_uses_remote_jid_alt():
         _upsert(key={"remoteJid": "98765@lid", "addressingMode": "lid", "remoteJidAlt": "5511988887777@s.whatsapp.net"})
     )
     assert isinstance(out, InboundMessage) and out.phone_digits == "5511988887777"
-    assert "remoteJidAlt" in parse_envelope(_upsert(key={"remoteJid": "98765@lid"}))
+    reason = parse_envelope(_upsert(key={"remoteJid": "98765@lid"}))
+    assert isinstance(reason, str) and "remoteJidAlt" in reason
 
 
 def test_e32_groups_broadcasts_and_own_messages_are_ignored():
