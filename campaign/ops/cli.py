@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -352,6 +353,46 @@ def _plain(value: object) -> Text:
     return Text("-" if value is None else str(value))
 
 
+def _listening(heard: monitor.Listening, now: dt.datetime) -> list[RenderableType]:
+    """The listening section (R-IN): what leads and strangers wrote, and what could not be used."""
+    from rich.table import Table
+
+    t = Table(title="listening (inbound messages)", title_justify="left")
+    t.add_column("")
+    t.add_column("last 24 h", justify="right")
+    t.add_column("total", justify="right")
+    for label, recent, total, style in (
+        ("replies from leads (opt-outs included)", heard.replies_24h, heard.replies_total, ""),
+        ("  opt-outs", heard.opt_outs_24h, heard.opt_outs_total, "yellow" if heard.opt_outs_24h else ""),
+        ("from unknown numbers (no lead)", heard.unknown_24h, heard.unknown_total, ""),
+        (
+            "unusable events (recorded, acked)",
+            heard.unusable_24h,
+            heard.unusable_total,
+            "red" if heard.unusable_24h else "",
+        ),
+    ):
+        t.add_row(Text(label, style=style), Text(str(recent), style=style), Text(str(total)))
+    if heard.last_at is None:
+        last = Text("no inbound message event yet", style="grey50")
+    else:
+        ago = max((now - heard.last_at).total_seconds(), 0.0)
+        last = Text(
+            f"last inbound message event {heard.last_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC ({_ago(ago)} ago)"
+        )
+    return [t, last]
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
 def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
@@ -433,6 +474,9 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
                 )
             parts.append(t)
 
+    if snap.listening is not None:
+        parts += _listening(snap.listening, snap.taken_at)
+
     if snap.alerts:
         parts.append(Text("alerts:", style="bold red"))
         parts += [Text(f"  ! {a.kind}: {a.text}", style="red") for a in snap.alerts]
@@ -441,7 +485,11 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     return Group(*parts)
 
 
-@command("status", "runs in progress, queue depths, in-doubt and failed messages, alerts", _status_args)
+@command(
+    "status",
+    "runs in progress, queue depths, in-doubt and failed messages, replies / opt-outs / unknown senders, alerts",
+    _status_args,
+)
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
