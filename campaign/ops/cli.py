@@ -16,7 +16,7 @@ from campaign import inboxes, planner, runs
 from campaign.db import db, init_db
 from campaign.errors import ConfigError, EngineError
 from campaign.logs import configure_logging
-from campaign.ops import dead_letters, monitor, report
+from campaign.ops import conversation, dead_letters, monitor, report
 from campaign.ops.configfile import ConfigFileError, apply_file
 from campaign.ops.leads_import import import_file
 from campaign.settings import Settings, get_settings, redact_url
@@ -557,6 +557,35 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: cannot write the picture {picture}: {exc}", file=sys.stderr)
             return 2
         print(f"picture: {written}")
+    return 0
+
+
+def _conversation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "lead",
+        help="a lead id (42, or id:42) or its phone in any format import-leads accepts (+55 11 98765-4321)",
+    )
+    p.add_argument("--workspace", default=None, help="the lead's workspace, when the phone is a lead in several")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=conversation.DEFAULT_LIMIT,
+        help=f"show the latest N messages (default {conversation.DEFAULT_LIMIT})",
+    )
+    p.add_argument("--region", default="BR", help="phone region for numbers without +country (default BR)")
+
+
+@command(
+    "conversation",
+    "a lead (column, opt-out, last reply) and its conversation on every inbox, in time order (UTC)",
+    _conversation_args,
+)
+def cmd_conversation(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        lead = conversation.find_lead(args.lead, workspace=args.workspace, region=args.region)
+        conv = conversation.load_conversation(lead, limit=args.limit)
+    print(conversation.render_text(conv), end="")
     return 0
 
 
