@@ -220,7 +220,7 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     status = status.strip().upper()
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
-        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {status[:32]!r}")
+        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {ascii(status[:32])[:40]}")
     remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):

@@ -153,7 +153,7 @@ def _delivery(doc: dict[str, Any], data: dict[str, Any]) -> DeliveryUpdate | str
     status = status.strip().upper()
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
-        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {status[:32]!r}")
+        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {ascii(status[:32])[:40]}")
     remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):
@@ -243,7 +243,7 @@ def _connection(doc: dict[str, Any], data: dict[str, Any]) -> ConnectionChange |
         raise EnvelopeError("field 'data.state' is missing or not a string")
     state = state.strip().lower()
     if state not in CONNECTION_STATES:
-        raise EnvelopeError(f"field 'data.state' must be one of {', '.join(CONNECTION_STATES)}, got {state[:32]!r}")
+        raise EnvelopeError(f"field 'data.state' must be one of {', '.join(CONNECTION_STATES)}, got {ascii(state[:32])[:40]}")
     instance = _instance(doc, "a connection state belongs to an instance")
     reason = data.get("statusReason")
     return ConnectionChange(
