@@ -463,3 +463,16 @@ def test_opt_out_reply_is_sent_once_through_the_inbox_it_came_in_on(clean_db, sb
     assert len(confirmations) == 1 and confirmations[0]["number"].endswith(lead.phone.lstrip("+"))
     row = db.execute_sql("SELECT action FROM conversation_messages WHERE direction = 'out'").fetchall()
     assert row == [("opt_out_reply",)]
+
+
+def test_r_in_8_a_connection_event_hours_off_the_clock_counts_as_observed_now(clean_db, sb, llm, evo, settings):
+    """R-IN-8: Evolution stamps date_time with its LOCAL time and a "Z": an event 3 hours "old" right
+    after a health poll is not discarded as stale; it is taken as observed now."""
+    from campaign.inboxes import store_state
+
+    w = _reply_world()
+    store_state(w.inboxes[0].id, "open")  # a health poll just now
+    res = handle(
+        connection(w.inboxes[0].instance_name, "close", dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)), settings
+    )
+    assert res.result == "updated" and Inbox.get_by_id(w.inboxes[0].id).connection_state == "close"

@@ -7,11 +7,13 @@ and wakes the parked messages. Seconds, not the next health poll.
 Order is not guaranteed (R-IN-8): the state carries the time Evolution observed it (the envelope's
 ``date_time``) and is stored only when it is newer than what the inbox already holds (a health
 poll or an earlier event), so a late ``open`` cannot undo a newer ``close``. An event without a
-time counts as observed now.
+time, or with a time more than CLOCK_TRUST_SECONDS away from this clock (Evolution writes its
+server's local time with a "Z"), counts as observed now.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
@@ -25,6 +27,21 @@ from campaign.sql import fetch_one as _one
 log = logging.getLogger(__name__)
 
 __all__ = ["ConnectionResult", "apply_connection"]
+
+#: an event time further than this from our clock is not trusted for ordering (Evolution stamps
+#: ``date_time`` with its server's LOCAL time and a "Z": off by hours unless it runs in UTC)
+CLOCK_TRUST_SECONDS = 120.0
+
+
+def _observed_at(at: dt.datetime | None) -> dt.datetime | None:
+    """The event's time when it is plausible, else None (= observed now)."""
+    if at is None:
+        return None
+    skew = abs((dt.datetime.now(dt.UTC) - at).total_seconds())
+    if skew > CLOCK_TRUST_SECONDS:
+        log.warning("connection.update date_time %s is %.0fs off this clock: counted as observed now", at, skew)
+        return None
+    return at
 
 
 @dataclass
@@ -50,7 +67,7 @@ def apply_connection(change: ConnectionChange) -> ConnectionResult:
         return ConnectionResult("unknown_instance")
     inbox_id = row[0]
     with db.atomic():
-        if not store_state(inbox_id, change.state, observed_at=change.at):
+        if not store_state(inbox_id, change.state, observed_at=_observed_at(change.at)):
             return ConnectionResult("stale", inbox_id=inbox_id, state=change.state)
         result = ConnectionResult("updated", inbox_id=inbox_id, state=change.state)
         if change.state == "open":
