@@ -513,6 +513,27 @@ def test_burst_of_1000_concurrent_updates(receiver, clean_db) -> None:
     assert got == expected
 
 
+def test_kept_alive_requests_are_not_stalled_by_delayed_acks(receiver) -> None:
+    """R-OPS-5 "answers 2xx fast": uvicorn writes a response's head and body separately; on a
+    socket without TCP_NODELAY (asyncio sets it only when the listening socket says IPPROTO_TCP)
+    every answer on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import http.client
+
+    host, port = receiver.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    try:
+        for _ in range(21):
+            started = time.perf_counter()
+            conn.request("POST", "/webhook", body=b'{"event": "x.y"}', headers={"X-Webhook-Secret": SECRET})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["result"] == "ignored"
+            times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    assert sorted(times)[10] < 0.025, f"median {sorted(times)[10] * 1000:.1f} ms on a kept-alive connection"
+
+
 def test_concurrent_duplicates_of_one_part_never_downgrade(receiver, clean_db) -> None:
     (part,) = make_parts(1)
     statuses = ["READ"] * 20 + ["DELIVERY_ACK"] * 60 + ["SERVER_ACK"] * 60
