@@ -1023,7 +1023,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server.start()
+        try:
+            server.start()
+        except EngineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"{READY_PREFIX} {server.url}", flush=True)
         log.info("webhook receiver listening on %s:%s", args.host, server.server_address[1])
         while not stop.wait(0.5):
