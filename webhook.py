@@ -580,7 +580,8 @@ def create_app(secret: str, *, body_timeout: float = BODY_TIMEOUT, threads: int 
         ],
         exception_handlers={HTTPException: _no_route},
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,  # Starlette's own cap on the stream, behind the Content-Length check
+        # no max_body_size: Starlette's cap answers a long Content-Length itself (text/plain 413)
+        # before the endpoint's own check can name the limit; _read_body bounds the stream instead
     )
 
 
