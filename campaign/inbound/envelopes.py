@@ -243,7 +243,9 @@ def _connection(doc: dict[str, Any], data: dict[str, Any]) -> ConnectionChange |
         raise EnvelopeError("field 'data.state' is missing or not a string")
     state = state.strip().lower()
     if state not in CONNECTION_STATES:
-        raise EnvelopeError(f"field 'data.state' must be one of {', '.join(CONNECTION_STATES)}, got {ascii(state[:32])[:40]}")
+        raise EnvelopeError(
+            f"field 'data.state' must be one of {', '.join(CONNECTION_STATES)}, got {ascii(state[:32])[:40]}"
+        )
     instance = _instance(doc, "a connection state belongs to an instance")
     reason = data.get("statusReason")
     return ConnectionChange(
