@@ -1,9 +1,14 @@
-"""Delivery webhook receiver: ``python webhook.py`` (SPEC R-OPS-5, §5).
+"""Evolution API's webhook receiver: ``python webhook.py`` (SPEC R-OPS-5, R-IN-1, §5).
 
-Evolution API posts ``messages.update`` events here; each one moves the delivery status of the
-message part that the event's ``instance`` sent with the provider id ``data.keyId`` (T-SEC-1: the
-pair identifies a part, through the inbox of that instance and so its workspace; an event naming
-another instance never touches it):
+``messages.upsert`` (a reply: stop the lead's sequence, opt-out) and ``connection.update`` (pause or
+resume the inbox's runs) go to the same handlers as the RabbitMQ consumer (``inbound.py``,
+:mod:`campaign.inbound`); every effect is idempotent on (inbox, provider message id), so an event
+arriving on both paths counts once.
+
+Evolution posts ``messages.update`` events here; each one moves the delivery status of the message
+part that the event's ``instance`` sent with the provider id ``data.keyId`` (T-SEC-1: the pair
+identifies a part, through the inbox of that instance and so its workspace; an event naming another
+instance never touches it):
 
     SERVER_ACK -> server_ack    DELIVERY_ACK -> delivered    READ, PLAYED -> read
 
@@ -28,7 +33,9 @@ refuses to start while ``WEBHOOK_SECRET`` is empty. The secret is never logged: 
 is off and every line goes through the redacting formatter of ``logs``.
 
 Answers (``GET /openapi.json`` describes them; schemathesis fuzzes the running server from it):
-200 JSON ``{"result": "updated"|"unchanged"|"unknown"|"ignored", ...}``; 400 malformed body (the
+200 JSON ``{"result": "updated"|"unchanged"|"unknown"|"ignored", ...}`` for a receipt,
+``{"result": "reply"|"opt_out"|"duplicate"|"unknown_sender"|"unknown_instance", ...}`` for a message,
+``{"result": "updated"|"stale"|"unknown_instance", ...}`` for a connection change; 400 malformed body (the
 reason names the field; every string field has a length limit, checked before anything logs it);
 401 secret; 404 path; 405 method (``Allow`` names the one the path takes); 408 body not received
 within its deadline; 411/413 body length (exactly one ``Content-Length`` of ASCII digits, at most
@@ -86,7 +93,25 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from campaign.db import close_db, db, init_db
-from campaign.errors import EngineError
+from campaign.errors import EngineError, EnvelopeError
+from campaign.inbound import apply_event
+from campaign.inbound.envelopes import (
+    CONNECTION_EVENT,
+    DELIVERY_EVENT,
+    ERROR_STATUS,
+    IGNORED_STATUSES,
+    MAX_EVENT_LENGTH,
+    MAX_INSTANCE_LENGTH,
+    MAX_JID_LENGTH,
+    MAX_KEY_ID_LENGTH,
+    MESSAGE_EVENT,
+    STATUS_MAP,
+    DeliveryUpdate,
+    normalise_event,
+    parse_envelope,
+    text_field,
+)
+from campaign.inbound.receipts import UpdateResult, apply_update
 from campaign.logs import configure_logging, log_context
 from campaign.settings import Settings, get_settings
 from models import DELIVERY_STATUSES
@@ -94,6 +119,10 @@ from models import DELIVERY_STATUSES
 log = logging.getLogger("webhook")
 
 __all__ = [
+    "MAX_EVENT_LENGTH",
+    "MAX_INSTANCE_LENGTH",
+    "MAX_JID_LENGTH",
+    "MAX_KEY_ID_LENGTH",
     "DeliveryUpdate",
     "EnvelopeError",
     "STATUS_MAP",
@@ -113,153 +142,8 @@ __all__ = [
 
 #: first stdout line once the socket is bound (tests and supervisors read the URL from it)
 READY_PREFIX = "webhook listening on"
-#: Evolution status -> our delivery status (DELIVERY_STATUSES is in rank order)
-STATUS_MAP = {"SERVER_ACK": "server_ack", "DELIVERY_ACK": "delivered", "READ": "read", "PLAYED": "read"}
-ERROR_STATUS = "ERROR"
-#: real Evolution statuses that carry no delivery progress: acknowledged, nothing changes
-IGNORED_STATUSES = frozenset({"PENDING", "DELETED"})
-HANDLED_EVENT = "messages.update"
 MAX_BODY_BYTES = 256 * 1024  # an update envelope is ~500 bytes; anything this big is not one
-MAX_KEY_ID_LENGTH = 256
-MAX_EVENT_LENGTH = 64  # Evolution's longest event name is about 25
-MAX_INSTANCE_LENGTH = 200  # as inboxes.instance_name (schema CHECK, `apply`)
-MAX_JID_LENGTH = 256  # a JID is ~30-60 characters
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # RFC 9110: 1*DIGIT; no sign, no spaces, no underscores
-
-_RANKS = list(DELIVERY_STATUSES)
-
-# Never downgrade: the WHERE compares ranks, so the row is only touched on a real upgrade, and a
-# concurrent duplicate that waited on the row lock is re-checked against the committed status.
-_UPGRADE_SQL = """
-UPDATE message_parts p
-   SET delivery_status = %(status)s, delivery_updated_at = now()
-  FROM campaign_messages m, inboxes i
- WHERE p.provider_message_id = %(key_id)s
-   AND i.id = p.inbox_id AND i.instance_name = %(instance)s
-   AND m.id = p.message_id
-   AND coalesce(array_position(%(ranks)s::text[], p.delivery_status), 0)
-       < array_position(%(ranks)s::text[], %(status)s)
-RETURNING p.id, p.message_id, m.run_id, p.delivery_status"""
-
-# ERROR: recorded once, beside the status (never replacing it), with an event for the operator.
-_ERROR_SQL = """
-WITH hit AS (
-    UPDATE message_parts p SET delivery_error_at = now()
-      FROM campaign_messages m, inboxes i
-     WHERE p.provider_message_id = %(key_id)s AND i.id = p.inbox_id AND i.instance_name = %(instance)s
-       AND m.id = p.message_id AND p.delivery_error_at IS NULL
-    RETURNING p.id, p.idx, p.message_id, p.delivery_status, m.run_id, m.lead_id)
-INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details)
-SELECT run_id, message_id, lead_id, 'delivery', 'warning',
-       'Evolution reported a delivery ERROR for part ' || idx,
-       jsonb_build_object('part_id', id, 'key_id', %(key_id)s::text, 'instance', %(instance)s::text,
-                          'delivery_status', delivery_status)
-  FROM hit
-RETURNING (details->>'part_id')::bigint, message_id, run_id, details->>'delivery_status'"""
-
-_LOOKUP_SQL = """
-SELECT p.id, p.message_id, m.run_id, p.delivery_status
-  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id JOIN inboxes i ON i.id = p.inbox_id
- WHERE p.provider_message_id = %(key_id)s AND i.instance_name = %(instance)s"""
-
-
-class EnvelopeError(ValueError):
-    """The request body is not a usable messages.update envelope (answered 400 with this text)."""
-
-
-@dataclass(frozen=True)
-class DeliveryUpdate:
-    """One validated ``messages.update`` status change."""
-
-    key_id: str
-    status: str  # Evolution's status, upper case (SERVER_ACK, ..., ERROR)
-    instance: str  # the Evolution instance that sent the part: with key_id, what identifies it
-    remote_jid: str | None
-    from_me: bool | None
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    """What an update did: ``updated``, ``unchanged``, ``unknown`` or ``ignored``, and to which part."""
-
-    result: str
-    delivery_status: str | None = None
-    part_id: int | None = None
-    message_id: int | None = None
-    run_id: int | None = None
-    reason: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        """The response body (no None fields)."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-def _normalise_event(value: str) -> str:
-    # Evolution spells it "messages.update" in the body, "MESSAGES_UPDATE" in its settings and
-    # "messages-update" in per-event URLs
-    return value.strip().lower().replace("_", ".").replace("-", ".")
-
-
-def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
-    """A string field PostgreSQL can store (UTF-8, no NUL, at most ``max_len`` characters), or None
-    when absent and optional. The value never goes into the error: it may be huge or hostile."""
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise EnvelopeError(
-            f"field {name!r} is missing or not a non-empty string" if required else f"field {name!r} must be a string"
-        )
-    if len(value) > max_len:
-        raise EnvelopeError(f"field {name!r} is longer than {max_len} characters")
-    if "\x00" in value:
-        raise EnvelopeError(f"field {name!r} contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise EnvelopeError(f"field {name!r} is not valid Unicode text (lone surrogate)") from None
-    return value
-
-
-def parse_envelope(doc: Any) -> DeliveryUpdate | str:
-    """Validate a decoded body; return the update, or a reason string when the event is ignored.
-
-    Raises EnvelopeError naming the offending field when the body is malformed.
-    """
-    if not isinstance(doc, dict):
-        raise EnvelopeError(f"body must be a JSON object, got {type(doc).__name__}")
-    event = _text(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
-    assert event is not None
-    if _normalise_event(event) != HANDLED_EVENT:
-        return f"event {event!r} is not handled"
-    instance = _text(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
-    data = doc.get("data")
-    if not isinstance(data, dict):
-        raise EnvelopeError("field 'data' is missing or not an object")
-    key_id = _text(data.get("keyId"), "data.keyId", required=True, max_len=MAX_KEY_ID_LENGTH)
-    assert key_id is not None
-    status = data.get("status")
-    if not isinstance(status, str) or not status.strip():
-        raise EnvelopeError("field 'data.status' is missing or not a string")
-    status = status.strip().upper()
-    known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
-    if status not in known:
-        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {ascii(status[:32])[:40]}")
-    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
-    from_me = data.get("fromMe")
-    if from_me is not None and not isinstance(from_me, bool):
-        raise EnvelopeError("field 'data.fromMe' must be a boolean")
-    if status in IGNORED_STATUSES:
-        return f"status {status} carries no delivery progress"
-    if from_me is False:
-        return "update of a message the contact sent (fromMe false)"
-    if instance is None or not instance.strip():
-        raise EnvelopeError(
-            "field 'instance' is missing or not a non-empty string "
-            "(a key id is only meaningful with the instance that sent it)"
-        )
-    return DeliveryUpdate(
-        key_id=key_id.strip(), status=status, instance=instance, remote_jid=remote_jid, from_me=from_me
-    )
 
 
 def secret_matches(secret: str, candidates: Sequence[Any]) -> bool:
@@ -271,39 +155,6 @@ def secret_matches(secret: str, candidates: Sequence[Any]) -> bool:
             # compare every candidate (no early exit) so timing says nothing about which one matched
             matched |= hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), expected)
     return matched
-
-
-def apply_update(update: DeliveryUpdate) -> UpdateResult:
-    """Record one status change on its part (never downgrading); the caller holds a connection."""
-    ident = {"key_id": update.key_id, "instance": update.instance}
-    if update.status == ERROR_STATUS:
-        row = db.execute_sql(_ERROR_SQL, ident).fetchone()
-        if row is not None:
-            return UpdateResult(
-                "updated",
-                delivery_status=row[3],
-                part_id=row[0],
-                message_id=row[1],
-                run_id=row[2],
-                reason="delivery error recorded",
-            )
-    else:
-        status = STATUS_MAP[update.status]
-        row = db.execute_sql(_UPGRADE_SQL, {**ident, "status": status, "ranks": _RANKS}).fetchone()
-        if row is not None:
-            return UpdateResult("updated", delivery_status=row[3], part_id=row[0], message_id=row[1], run_id=row[2])
-    # nothing changed: tell a duplicate / late update apart from an id that is not ours
-    row = db.execute_sql(_LOOKUP_SQL, ident).fetchone()
-    if row is None:
-        return UpdateResult("unknown", reason="no message part of this instance has this keyId")
-    return UpdateResult(
-        "unchanged",
-        delivery_status=row[3],
-        part_id=row[0],
-        message_id=row[1],
-        run_id=row[2],
-        reason="already recorded" if update.status == ERROR_STATUS else "already at or above",
-    )
 
 
 def _schema_version() -> int:
@@ -341,6 +192,7 @@ def handle_messages_update(doc: dict[str, Any]) -> Answer:
     if isinstance(parsed, str):
         log.debug("webhook ignored: %s", parsed)
         return Answer(HTTPStatus.OK, {"result": "ignored", "reason": parsed})
+    assert isinstance(parsed, DeliveryUpdate)  # routed here by its event name
     try:
         with db.connection_context():
             outcome = apply_update(parsed)
@@ -375,9 +227,31 @@ def _log_outcome(update: DeliveryUpdate, outcome: UpdateResult) -> None:
             log.info("delivery %s unchanged: part already %s", update.status, outcome.delivery_status)
 
 
+def handle_inbound_event(doc: dict[str, Any]) -> Answer:
+    """``messages.upsert`` / ``connection.update``: the same handlers as the RabbitMQ consumer (R-IN-1)."""
+    parsed = parse_envelope(doc)
+    if isinstance(parsed, str):
+        log.debug("webhook ignored: %s", parsed)
+        return Answer(HTTPStatus.OK, {"result": "ignored", "reason": parsed})
+    try:
+        with db.connection_context():
+            outcome = apply_event(parsed, get_settings())
+    except _DB_ERRORS as exc:
+        log.warning(
+            "%s of instance %s not applied: database error %s (answering 503 so Evolution retries)",
+            doc.get("event"),
+            parsed.instance,
+            type(exc).__name__,
+        )
+        return _UNAVAILABLE
+    return Answer(HTTPStatus.OK, outcome.as_json())
+
+
 #: normalised event name -> handler; an event not here is answered 200 "ignored"
 _HANDLERS: dict[str, Callable[[dict[str, Any]], Answer]] = {
-    HANDLED_EVENT: handle_messages_update,
+    DELIVERY_EVENT: handle_messages_update,
+    MESSAGE_EVENT: handle_inbound_event,
+    CONNECTION_EVENT: handle_inbound_event,
 }
 
 
@@ -388,9 +262,9 @@ def route(doc: Any) -> Answer:
     """
     if not isinstance(doc, dict):
         raise EnvelopeError(f"body must be a JSON object, got {type(doc).__name__}")
-    event = _text(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
+    event = text_field(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
     assert event is not None
-    handler = _HANDLERS.get(_normalise_event(event))
+    handler = _HANDLERS.get(normalise_event(event))
     if handler is None:
         log.debug("webhook ignored: event %r is not handled", event)
         return Answer(HTTPStatus.OK, {"result": "ignored", "reason": f"event {event!r} is not handled"})
@@ -636,7 +510,9 @@ def openapi_document() -> dict[str, Any]:
     }
     upsert = {
         **common,
-        "description": "An inbound or outbound message (accepted; ignored today: SPEC §4.6a).",
+        "description": (
+            "A message a contact sent (a reply: SPEC §4.6a R-IN-2..4); fromMe, groups and broadcasts are ignored."
+        ),
         "required": ["event"],
         "properties": {
             **common["properties"],
@@ -661,7 +537,7 @@ def openapi_document() -> dict[str, Any]:
     }
     connection = {
         **common,
-        "description": "An instance's connection state changed (accepted; ignored today: SPEC §4.6a).",
+        "description": "An instance's connection state changed: its runs pause or resume (SPEC §4.6a R-IN-7).",
         "required": ["event"],
         "properties": {
             **common["properties"],
@@ -745,12 +621,28 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["result"],
                     "properties": {
-                        "result": {"type": "string", "enum": ["updated", "unchanged", "unknown", "ignored"]},
+                        "result": {
+                            "type": "string",
+                            "enum": [
+                                *("updated", "unchanged", "unknown", "ignored"),  # messages.update
+                                *("reply", "opt_out", "duplicate", "unknown_sender", "unknown_instance"),  # upsert
+                                "stale",  # connection.update older than what the inbox holds
+                            ],
+                        },
                         "delivery_status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
                         "part_id": {"type": "integer"},
                         "message_id": {"type": "integer"},
                         "run_id": {"type": "integer"},
                         "reason": {"type": "string"},
+                        "lead_id": {"type": "integer"},
+                        "inbox_id": {"type": "integer"},
+                        "skipped": {"type": "array", "items": {"type": "integer"}},
+                        "ended": {"type": "array", "items": {"type": "integer"}},
+                        "in_flight": {"type": "array", "items": {"type": "integer"}},
+                        "moved_to": {"type": "integer"},
+                        "state": {"type": "string", "enum": ["open", "close", "connecting"]},
+                        "paused": {"type": "array", "items": {"type": "integer"}},
+                        "resumed": {"type": "array", "items": {"type": "integer"}},
                     },
                 },
                 "Health": {

@@ -308,9 +308,14 @@ def test_unknown_id_and_other_events_are_acknowledged_and_ignored(receiver, clea
     assert r.status_code == 200 and r.json()["result"] == "unknown"
     r = receiver.post(envelope("NOT-OURS-123", "ERROR"))
     assert r.status_code == 200 and r.json()["result"] == "unknown"
+    # the listening events are handled now (R-IN-1): an instance that is no inbox changes nothing,
+    # a malformed message names its field
+    r = receiver.post({"event": "connection.update", "instance": "nobody-1", "data": {"state": "open"}})
+    assert r.status_code == 200 and r.json()["result"] == "unknown_instance", r.text
+    r = receiver.post({"event": "messages.upsert", "instance": "acme-1", "data": {"key": {"id": "X"}}})
+    assert r.status_code == 400 and "data.key.remoteJid" in r.text, r.text
     for doc in (
-        {"event": "connection.update", "instance": "acme-1", "data": {"state": "open"}},
-        {"event": "messages.upsert", "instance": "acme-1", "data": {"key": {"id": part.provider_message_id}}},
+        {"event": "send.message", "instance": "acme-1", "data": {"key": {"id": part.provider_message_id}}},
         envelope(part.provider_message_id, "PENDING"),
         envelope(part.provider_message_id, "DELETED"),
         envelope(
@@ -583,6 +588,7 @@ _json_values = st.recursive(
     )
 )
 def test_parse_envelope_never_raises_anything_but_envelope_error(doc: Any) -> None:
+    from campaign.inbound import ConnectionChange, InboundMessage
     from webhook import DeliveryUpdate, EnvelopeError, parse_envelope
 
     try:
@@ -590,7 +596,7 @@ def test_parse_envelope_never_raises_anything_but_envelope_error(doc: Any) -> No
     except EnvelopeError as exc:
         assert str(exc)
     else:
-        assert isinstance(out, (DeliveryUpdate, str))
+        assert isinstance(out, (DeliveryUpdate, InboundMessage, ConnectionChange, str))
         if isinstance(out, DeliveryUpdate):
             assert out.key_id.strip() and len(out.key_id) <= 256
 
@@ -913,3 +919,26 @@ def test_secret_never_logged_and_one_line_per_update(receiver) -> None:
     assert updated and all(f" {k}=" in ln for ln in updated for k in ("run", "message", "part", "key_id"))
     assert "delivery DELIVERY_ACK unchanged: part already read" in text
     assert "missing or wrong webhook secret" in text  # rejections are logged, without the value
+
+
+def test_replies_and_connection_changes_arrive_over_the_webhook_too(receiver, clean_db) -> None:
+    """R-IN-1, E-30: messages.upsert and connection.update over HTTP run the consumer's handlers; the
+    same upsert again (here, or from RabbitMQ) is a duplicate that changes nothing."""
+    from campaign.inbound import handle
+    from campaign.settings import get_settings
+    from models import CampaignMessage, CampaignRun, Lead
+    from tests.pipeline_helpers import make_world
+    from tests.test_inbound import connection, upsert
+
+    w = make_world("hook")
+    m, _other = w.add_leads(2)
+    lead = Lead.get_by_id(m.lead_id)
+    doc = upsert(w.inboxes[0].instance_name, lead.phone, "Oi, quero saber mais", key="HOOK-1")
+    r = receiver.post(doc)
+    assert r.status_code == 200 and r.json()["result"] == "reply" and r.json()["skipped"] == [m.id], r.text
+    assert CampaignMessage.get_by_id(m.id).skip_reason == "replied"
+    assert receiver.post(doc).json()["result"] == "duplicate"
+    assert handle(doc, get_settings()).result == "duplicate"  # the same event from the other path
+    r = receiver.post(connection(w.inboxes[0].instance_name, "close"))
+    assert r.status_code == 200 and r.json()["paused"] == [w.run.id], r.text
+    assert CampaignRun.get_by_id(w.run.id).pause_reason == "inbox_disconnected"
