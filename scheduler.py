@@ -331,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     # the engine's broker (publisher confirms, the steps' queues): the dispatcher and the sweep
     # publish through it by step name (campaign.enqueue refuses dramatiq's implicit default)
-    import actors  # noqa: F401
+    import actors
+    from actors.broker import EngineRabbitmqBroker, QueueTypeMismatch
+
+    if isinstance(actors.broker, EngineRabbitmqBroker):
+        try:  # a queue of the other RABBITMQ_QUEUE_TYPE is a start-up error (R-SCALE-1)
+            actors.broker.ensure_queues()
+        except QueueTypeMismatch as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # broker down: the jobs publish (and retry) later
+            log.warning("broker: queues not checked at start (%s: %s)", type(exc).__name__, exc)
 
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")

@@ -16,11 +16,47 @@ from urllib.parse import urlsplit, urlunsplit
 
 from campaign.errors import ConfigError
 
-__all__ = ["Settings", "get_settings", "reset_settings", "redact_url"]
+__all__ = ["Settings", "get_settings", "reset_settings", "redact_url", "amqp_urls", "amqp_parameters"]
+
+#: separates the nodes of a RabbitMQ cluster in RABBITMQ_URL (the form dramatiq itself accepts)
+AMQP_URL_SEPARATOR = ";"
+
+
+def amqp_urls(url: str) -> list[str]:
+    """The node URLs of an AMQP setting: ``amqp://h1/v;amqp://h2/v`` -> two URLs, in order (R-SCALE-2).
+
+    One URL per node, each complete (credentials, vhost, query string): a client tries them in
+    order and connects to the first that answers.
+    """
+    return [part.strip() for part in url.split(AMQP_URL_SEPARATOR) if part.strip()]
+
+
+def amqp_parameters(url: str, **attrs: Any) -> list[Any]:
+    """One ``pika.URLParameters`` per node of ``url`` (see :func:`amqp_urls`), each with ``attrs`` set.
+
+    ``pika.BlockingConnection`` takes the list and connects to the first node that answers, so a
+    process (re)connecting after its node died lands on a live one (R-SCALE-2).
+    """
+    import pika  # here, not at import time: settings is imported by processes that never use AMQP
+
+    out = []
+    for node in amqp_urls(url):
+        params = pika.URLParameters(node)
+        for name, value in attrs.items():
+            setattr(params, name, value)
+        out.append(params)
+    return out
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    """Return ``url`` with any password replaced by ``***`` (safe to log); every node of a
+    ``;``-separated RabbitMQ node list is redacted."""
+    if AMQP_URL_SEPARATOR in url and "://" in url:
+        return AMQP_URL_SEPARATOR.join(_redact_one(u) for u in url.split(AMQP_URL_SEPARATOR))
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -94,6 +130,27 @@ def _url(name: str, *schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _amqp_nodes(name: str) -> Callable[[str], str]:
+    """One AMQP URL, or several separated by ``;`` (the nodes of a cluster, tried in order)."""
+    one = _url(name, "amqp", "amqps")
+
+    def parse(raw: str) -> str:
+        parts = raw.split(AMQP_URL_SEPARATOR)
+        if len(parts) > 1 and any(not p.strip() for p in parts):
+            raise ConfigError(f"{name}={redact_url(raw)!r} has an empty node between ';' separators")
+        for i, part in enumerate(parts, 1):
+            try:
+                one(part.strip())
+            except ConfigError:
+                where = f" (node {i} of {len(parts)}: {redact_url(part.strip())!r})" if len(parts) > 1 else ""
+                raise ConfigError(
+                    f"{name}={redact_url(raw)!r} must be an amqp/amqps URL, or several separated by ';'{where}"
+                ) from None
+        return AMQP_URL_SEPARATOR.join(p.strip() for p in parts)
+
+    return parse
+
+
 def _host(name: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         # a hostname, an IPv4 address or an IPv6 address (bracketed or not); no scheme, port or path
@@ -119,7 +176,7 @@ class Settings:
     )
     rabbitmq_url: str = field(
         default="amqp://guest:guest@127.0.0.1:5672/%2F",
-        metadata={"env": "RABBITMQ_URL", "parse": _url("RABBITMQ_URL", "amqp", "amqps")},
+        metadata={"env": "RABBITMQ_URL", "parse": _amqp_nodes("RABBITMQ_URL")},
     )
     openrouter_base_url: str = field(
         default="https://openrouter.ai/api/v1",
@@ -138,8 +195,13 @@ class Settings:
         default="",
         metadata={
             "env": "EVOLUTION_EVENTS_RABBITMQ_URL",
-            "parse": _url("EVOLUTION_EVENTS_RABBITMQ_URL", "amqp", "amqps"),
+            "parse": _amqp_nodes("EVOLUTION_EVENTS_RABBITMQ_URL"),
         },
+    )
+    #: classic (default, one node) or quorum (replicated, for a cluster of 3+ nodes): R-SCALE-1
+    rabbitmq_queue_type: str = field(
+        default="classic",
+        metadata={"env": "RABBITMQ_QUEUE_TYPE", "parse": _choice("RABBITMQ_QUEUE_TYPE", "classic", "quorum")},
     )
     evolution_events_exchange: str = field(
         default="evolution",

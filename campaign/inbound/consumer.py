@@ -45,7 +45,7 @@ from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
 from campaign.inbound import handle
-from campaign.settings import Settings, redact_url
+from campaign.settings import Settings, amqp_parameters, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,14 @@ class InboundConsumer:
     # -- consuming ---------------------------------------------------------------------------
 
     def _consume(self) -> None:
-        params = pika.URLParameters(self.url)
-        params.heartbeat = 30
-        params.blocked_connection_timeout = 60
-        params.client_properties = {"connection_name": "campaign-engine inbound"}
+        # every node of EVOLUTION_EVENTS_RABBITMQ_URL, tried in order: a reconnect after the node
+        # died lands on a live one (R-SCALE-2)
+        params = amqp_parameters(
+            self.url,
+            heartbeat=30,
+            blocked_connection_timeout=60,
+            client_properties={"connection_name": "campaign-engine inbound"},
+        )
         self._connection = conn = pika.BlockingConnection(params)
         channel = conn.channel()
         queues = declare_topology(channel, self.exchange, self.prefix)

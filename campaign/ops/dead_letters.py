@@ -50,7 +50,7 @@ from campaign.errors import ConfigError
 from campaign.logs import TextSink, configure_logging
 from campaign.ops import repairs
 from campaign.ops.repairs import REQUEUE_TARGETS, Repair
-from campaign.settings import Settings, get_settings, redact_url
+from campaign.settings import Settings, amqp_parameters, get_settings, redact_url
 from campaign.steps import QUEUES as PIPELINE_QUEUES
 
 log = logging.getLogger(__name__)
@@ -249,11 +249,14 @@ class XqBrowser:
         import pika
         from pika.exceptions import AMQPError
 
-        params = pika.URLParameters(self.settings.rabbitmq_url)
-        params.socket_timeout = self.timeout
-        params.blocked_connection_timeout = self.timeout
-        params.stack_timeout = self.timeout
-        params.connection_attempts = 1
+        # every node of RABBITMQ_URL, tried in order (R-SCALE-2)
+        params = amqp_parameters(
+            self.settings.rabbitmq_url,
+            socket_timeout=self.timeout,
+            blocked_connection_timeout=self.timeout,
+            stack_timeout=self.timeout,
+            connection_attempts=1,
+        )
         try:
             self._conn = pika.BlockingConnection(params)
             self._channel = self._conn.channel()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from campaign import steps
 from campaign.db import db
-from campaign.settings import Settings, redact_url
+from campaign.settings import Settings, amqp_parameters, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,13 @@ def _read_depths(
     from pika.exceptions import AMQPError, ChannelClosedByBroker
 
     try:
-        params = pika.URLParameters(settings.rabbitmq_url)
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.connection_attempts = 1
-        params.stack_timeout = timeout
+        params = amqp_parameters(  # every node of RABBITMQ_URL, tried in order (R-SCALE-2)
+            settings.rabbitmq_url,
+            socket_timeout=timeout,
+            blocked_connection_timeout=timeout,
+            connection_attempts=1,
+            stack_timeout=timeout,
+        )
         conn = pika.BlockingConnection(params)
     except (AMQPError, OSError) as exc:
         return depths, f"RabbitMQ unreachable at {redact_url(settings.rabbitmq_url)}: {type(exc).__name__}"
