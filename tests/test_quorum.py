@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import dramatiq
 import pika
@@ -24,6 +24,7 @@ from campaign.settings import Settings, get_settings, reset_settings
 from tests import factories as f
 from tests.conftest import RABBIT_BASE_URL, RABBITMQCTL, RUN_ID, _rabbitmqctl, _with_path
 from tests.pipeline_helpers import assert_counters_match, run_counters
+from tests.tcp_proxy import TcpProxy
 from tests.workers import start_worker, stop_worker, wait_for
 
 
@@ -231,3 +232,168 @@ def test_pipeline_runs_on_quorum_queues(quorum_engine, sb):
     assert [k for k, n in counts.items() if n > 1] == [] and sb.summary()["duplicate_sends"] == 0
     types = queue_types(name)
     assert types and set(types.values()) == {"quorum"}, types
+
+
+# --------------------------------------------------------------------------------------------
+# R-SCALE-2: several nodes in RABBITMQ_URL. The "node" that dies is a TCP proxy in front of the
+# real RabbitMQ (tests/tcp_proxy.py): the clients' side of a failover, on one machine. Losing a
+# real node of a cluster (replication, T-REL-3) needs the 3-node cluster of devtools.
+# --------------------------------------------------------------------------------------------
+
+RABBIT_PORT = urlsplit(RABBIT_BASE_URL).port or 5672
+
+
+def nodes(proxy: TcpProxy, url: str) -> str:
+    """RABBITMQ_URL naming the proxy first, then the real node (same credentials and vhost)."""
+    parts = urlsplit(url)
+    first = urlunsplit(parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"))
+    return f"{first};{url}"
+
+
+@pytest.fixture
+def failover_engine(clean_db, sb, vhost, tmp_path, monkeypatch):
+    """Workers and this process's publisher on quorum queues, RABBITMQ_URL = proxy;real node."""
+    from actors.broker import setup_broker
+
+    name, url = vhost
+    proxy = TcpProxy(RABBIT_PORT)
+    monkeypatch.setenv("RABBITMQ_URL", nodes(proxy, url))
+    monkeypatch.setenv("RABBITMQ_QUEUE_TYPE", "quorum")
+    reset_settings()
+    previous = dramatiq.get_broker()
+    broker = setup_broker(get_settings())
+    env = {
+        "OPENROUTER_BASE_URL": sb.openrouter_url,
+        "OPENROUTER_API_KEY": sb.chat_key,
+        "EVOLUTION_API_URL": sb.evolution_url,
+        "EVOLUTION_API_KEY": sb.evolution_key,
+        "MIN_BACKOFF_SECONDS": "0.05",
+        "MAX_BACKOFF_SECONDS": "1",
+        "LEASE_SECONDS": "5",
+        "HANDOFF_GRACE_SECONDS": "3",
+        "SEND_TIMEOUT_SECONDS": "2",
+    }
+    log = tmp_path / "worker.log"
+    proc = start_worker(processes=1, threads=4, extra_env=env, log_path=log)
+    try:
+        yield proxy, log
+    finally:
+        stop_worker(proc)
+        proxy.kill()
+        broker.close()
+        dramatiq.set_broker(previous)
+        monkeypatch.undo()
+        reset_settings()
+
+
+def _dispatch_pending(timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while db.execute_sql("SELECT count(*) FROM campaign_messages WHERE status = 'pending'").fetchone()[0]:
+        assert time.monotonic() < deadline, "dispatch did not drain"
+        dispatch.dispatch_due(get_settings())
+        time.sleep(0.2)
+
+
+def test_workers_and_publisher_move_to_the_next_node_when_theirs_dies_mid_run(failover_engine, sb):
+    """R-SCALE-2 (client side): the node every process is connected to dies mid-run; workers and the
+    dispatcher reconnect to the next node of RABBITMQ_URL: nothing lost, no part sent twice,
+    every message final."""
+    proxy, log = failover_engine
+
+    ws, cols = f.workspace("acme")
+    ibx = f.inbox(ws, "sales", min_gap_seconds=0)
+    cfg = f.config(ws, ibx, cols["New"], cols["Contacted"], split_enabled=True, max_parts=3)
+    run = f.run(cfg)
+    total = 120
+    for _ in range(total):
+        f.message(run, f.lead(ws, cols["New"]))
+    run.leads_total = total
+    run.save()
+    _dispatch_pending()
+    wait_for(lambda: len(sb.ledger()["sends"]) >= 20, timeout=60, message="the run to be under way")
+    assert proxy.accepted >= 2, "the worker did not connect through the first node"
+    proxy.kill()
+
+    def terminal() -> bool:
+        return not db.execute_sql(
+            "SELECT count(*) FROM campaign_messages WHERE status NOT IN ('sent', 'failed', 'skipped', 'in_doubt')"
+        ).fetchone()[0]
+
+    try:
+        wait_for(terminal, timeout=180, interval=0.25, message="every message to be terminal")
+    except AssertionError:
+        raise AssertionError(f"not terminal; worker log tail:\n{log.read_text()[-4000:]}") from None
+    c = run_counters(run.id)
+    assert c["status"] == "completed", c
+    assert_counters_match(run.id)
+    statuses = dict(db.execute_sql("SELECT status, count(*) FROM campaign_messages GROUP BY 1").fetchall())
+    assert set(statuses) <= {"sent", "in_doubt"} and sum(statuses.values()) == total, statuses
+    sends = sb.ledger()["sends"]
+    counts = collections.Counter((s["number"], s["text"]) for s in sends)
+    assert [k for k, n in counts.items() if n > 1] == [] and sb.summary()["duplicate_sends"] == 0
+    sent_parts = db.execute_sql("SELECT provider_message_id FROM message_parts WHERE status = 'sent'").fetchall()
+    assert sorted(r[0] for r in sent_parts) == sorted(s["key_id"] for s in sends if s["outcome"] == "ok")
+    assert "Restarting consumer" in log.read_text()  # the workers did lose their node
+
+
+def test_dead_letter_tool_and_status_connect_to_the_next_node(vhost):
+    """R-SCALE-2: the first node of RABBITMQ_URL is down: the dead-letter tool and `status` use the next."""
+    from campaign.ops.dead_letters import XqBrowser
+    from campaign.ops.monitor import queue_depths
+
+    name, url = vhost
+    proxy = TcpProxy(RABBIT_PORT)
+    proxy.kill()
+    settings = Settings(rabbitmq_url=nodes(proxy, url), rabbitmq_queue_type="quorum")
+    broker = broker_on(url, "quorum")
+    broker.ensure_queues()
+    broker.close()
+    with XqBrowser(settings) as browser:
+        assert browser.browse(["campaign.send"]) == []
+    depths, error = queue_depths(settings)
+    assert error is None and depths["campaign.send.XQ"] == 0
+
+
+def test_inbound_consumer_moves_to_the_next_node_when_its_node_dies(clean_db, services):
+    """R-SCALE-2: inbound.py's consumer loses its node, reconnects to the next and keeps applying events."""
+    import dataclasses
+    import json
+    import threading
+
+    from campaign.inbound.consumer import InboundConsumer
+    from models import CampaignRun, Lead
+    from tests.pipeline_helpers import make_world
+    from tests.test_inbound import upsert
+
+    proxy = TcpProxy(RABBIT_PORT)
+    settings = dataclasses.replace(
+        get_settings(),
+        evolution_events_rabbitmq_url=nodes(proxy, services["RABBITMQ_URL"]),
+        evolution_events_exchange="evolution_failover",
+        evolution_events_prefix=f"evofo{uuid.uuid4().hex[:6]}",
+    )
+    consumer = InboundConsumer(settings)
+    t = threading.Thread(target=consumer.run, name="inbound-failover", daemon=True)
+    t.start()
+    try:
+        assert consumer.ready.wait(15), "consumer did not start"
+        assert proxy.accepted == 1
+        proxy.kill()
+        wait_for(lambda: consumer.stats.reconnects >= 1 and consumer.ready.is_set(), timeout=30, message="a reconnect")
+        w = make_world("failover")
+        msgs = w.add_leads(5)
+        conn = pika.BlockingConnection(pika.URLParameters(services["RABBITMQ_URL"]))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for m in msgs:
+            doc = upsert(w.inboxes[0].instance_name, Lead.get_by_id(m.lead_id).phone, "Oi", key=f"FO-{m.id}")
+            ch.basic_publish(settings.evolution_events_exchange, doc["event"], json.dumps(doc).encode())
+        conn.close()
+        wait_for(
+            lambda: CampaignRun.get_by_id(w.run.id).leads_skipped == 5, timeout=30, message="the 5 replies applied"
+        )
+    finally:
+        consumer.stop()
+        t.join(15)
+        if not proxy.killed:
+            proxy.kill()
