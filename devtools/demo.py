@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from campaign.errors import DemoError, EngineError
+
 log = logging.getLogger("demo")
 
 __all__ = [
@@ -108,10 +110,6 @@ DEMO_JOB_SECONDS = {"dispatch_due": 0.2, "window_guard": 5.0, "recovery_sweep": 
 
 TERMINAL_RUN = ("completed", "failed", "cancelled")
 PROBE_TIMEOUT = 3.0
-
-
-class DemoError(Exception):
-    """The demo cannot run (a service, a file or a setting is wrong); the text says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1207,10 +1205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="engine logs at INFO (default WARNING)")
     args = p.parse_args(argv)
-    try:
-        from campaign.errors import EngineError
-    except ImportError:  # pragma: no cover - part of the engine
-        EngineError = Exception  # type: ignore[misc,assignment]
     try:
         return run_from_args(args)
     except EngineError as exc:  # a bad setting in the environment, a broken demo file
