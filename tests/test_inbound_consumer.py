@@ -13,6 +13,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 import pika
+import psycopg2
 import pytest
 
 from campaign.db import db
@@ -202,3 +203,101 @@ def test_consumer_refuses_to_start_without_the_events_url(events_settings):
     env = {**os.environ, "EVOLUTION_EVENTS_RABBITMQ_URL": ""}
     proc = subprocess.run([sys.executable, "inbound.py"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "EVOLUTION_EVENTS_RABBITMQ_URL is empty" in proc.stderr
+
+
+def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean_db, services, events_settings, caplog):
+    """R-IN-3, DESIGN #7, T-PERF-6: two replies in one broker batch, and between them a send records
+    the part it just sent (part, message, then the run row: the send path's order). If the first
+    reply's transaction were still open it would hold the run row (it skipped a message of that run),
+    the send would wait for it holding the second lead's message, and the second reply would wait for
+    that message: a deadlock, one side aborted after deadlock_timeout (the send's recording lost, or
+    the batch rolled back). A reply ends its transaction, so the send goes through at once."""
+    import logging
+    import uuid
+
+    import campaign.inbound.consumer as consumer_module
+    from campaign.outcomes import finish_message
+    from tests.test_inbound import upsert
+
+    w = make_world("deadlock")
+    first, second = w.add_leads(2)
+    attempt = uuid.uuid4()
+    db.execute_sql("UPDATE campaign_messages SET status = 'sending', generated_text = 'x' WHERE id = %s", (second.id,))
+    part_id = db.execute_sql(
+        """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, attempt_id, sending_at)
+           VALUES (%s, %s, 0, 'Olá!', 'sending', %s, now()) RETURNING id""",
+        (second.id, second.inbox_id, str(attempt)),
+    ).fetchone()[0]
+    db.execute_sql(  # the split step creates the conversation the parts are logged in
+        """INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+           SELECT %s, lead_id, inbox_id FROM campaign_messages WHERE run_id = %s""",
+        (w.ws.id, w.run.id),
+    )
+    inst = w.inboxes[0].instance_name
+    phones = {m.id: Lead.get_by_id(m.lead_id).phone for m in (first, second)}
+    batch = [
+        consumer_module._Delivery(tag, "messages.upsert", json.dumps(upsert(inst, phones[m.id], "Oi")).encode(), False)
+        for tag, m in ((1, first), (2, second))
+    ]
+    send_error: list[BaseException] = []
+    send_pid: list[int] = []
+    send_done = threading.Event()
+
+    def record_send() -> None:
+        """What the send step does once the gateway accepted the part (its own connection)."""
+        try:
+            with db.connection_context():
+                send_pid.append(db.connection().get_backend_pid())
+                finish_message(
+                    second.id, "sent", get_settings(), from_statuses=("sending",), last_part=(part_id, attempt, "K-2")
+                )
+        except BaseException as exc:  # noqa: B036 - reported by the test below
+            send_error.append(exc)
+        finally:
+            send_done.set()
+
+    watcher = psycopg2.connect(services["DATABASE_URL"])  # outside the consumer's transaction
+    watcher.autocommit = True
+
+    def send_is_waiting() -> bool:
+        if not send_pid:
+            return False
+        with watcher.cursor() as cur:
+            cur.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (send_pid[0],))
+            row = cur.fetchone()
+        return row is not None and row[0] == "Lock"
+
+    real_apply = consumer_module.apply_event
+    calls = []
+
+    def send_then_apply(event, settings):
+        if len(calls) == 1:  # between the two replies: the send records its part
+            threading.Thread(target=record_send).start()
+            wait_for(lambda: send_done.is_set() or send_is_waiting(), timeout=10, what="the send to record")
+        result = real_apply(event, settings)
+        calls.append(result.result)
+        return result
+
+    class Channel:
+        acks: list[tuple[int, bool]] = []
+
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            self.acks.append((delivery_tag, multiple))
+
+    c = InboundConsumer(events_settings)
+    caplog.set_level(logging.WARNING, logger="campaign.inbound.consumer")
+    original = consumer_module.apply_event
+    consumer_module.apply_event = send_then_apply
+    try:
+        c._apply_batch(Channel(), batch)
+    finally:
+        consumer_module.apply_event = original
+        watcher.close()
+    assert send_done.wait(15)
+    assert not send_error, f"the send could not record its part: {send_error[0]}"
+    assert "rolled back" not in caplog.text
+    assert calls == ["reply", "reply"]
+    assert Channel.acks == [(1, True), (2, True)]
+    assert CampaignMessage.get_by_id(first.id).status == "skipped"
+    assert CampaignMessage.get_by_id(second.id).status == "sent"  # its only part went out before the reply
+    assert_counters_match(w.run.id)

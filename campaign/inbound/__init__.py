@@ -26,6 +26,7 @@ __all__ = [
     "ConnectionResult",
     "DeliveryUpdate",
     "EnvelopeError",
+    "Event",
     "InboundMessage",
     "MessageResult",
     "UpdateResult",

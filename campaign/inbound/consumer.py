@@ -9,14 +9,18 @@ PRECONDITION_FAILED) and consumes ``messages.upsert``, ``messages.update`` and
 
 Delivery is at least once and nothing is acked before it is committed:
 
-* what the broker has delivered is applied in ONE database transaction per batch (each event in
-  its own savepoint), then acked with one ``basic_ack(multiple=True)``: a burst costs one commit
-  and one ack, not one per event, while a lone reply is applied the moment it arrives;
+* what the broker has delivered is applied in as few database transactions as the send path's
+  lock order allows, each acked with one ``basic_ack(multiple=True)`` after its commit: a burst of
+  receipts costs one commit and one ack, not one per event, while a lone reply is applied the
+  moment it arrives. A reply or a connection change ends its transaction: it locks run rows (the
+  send path's LAST lock: part, message, run), so a later event of the same transaction waiting on
+  a part or a message that a send holds while it waits for that run row would deadlock with it;
+  one reply per transaction keeps the reply's own order (parts, messages, run) that never does;
 * a poison event (not JSON, not an envelope, a field out of bounds) is recorded in
   ``campaign_events`` (never its body: it carries Evolution's apikey) and acked with its batch:
   never redelivered forever;
-* a database error rolls the batch back and nothing is acked; the events are applied again one by
-  one, and an event that keeps failing on its own (3 times, the database answering) is recorded
+* a database error rolls the transaction back and nothing of it is acked; its events are applied
+  again one by one, and an event that keeps failing on its own (3 times, the database answering) is recorded
   as poison; while the database is unreachable the consumer waits with backoff, holding them;
 * a lost broker connection (a restart, a network cut) is re-opened with backoff; the unacked
   events are redelivered by RabbitMQ and applied again harmlessly: every effect is idempotent on
@@ -44,7 +48,7 @@ import psycopg2
 from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
-from campaign.inbound import handle
+from campaign.inbound import ConnectionChange, Event, InboundMessage, apply_event, parse_envelope
 from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class Stats:
     applied: int = 0
     ignored: int = 0
     poison: int = 0
-    batches: int = 0
+    batches: int = 0  # transactions committed
     reconnects: int = 0
     by_result: dict[str, int] = field(default_factory=dict)
 
@@ -95,6 +99,34 @@ class _Delivery:
     queue: str
     body: bytes
     redelivered: bool
+
+
+@dataclass
+class _Parsed:
+    delivery: _Delivery
+    doc: Any
+    event: Event | None = None
+    poison: str | None = None  # why the event is unusable
+    ignored: str | None = None  # why a valid event changes nothing
+
+    @property
+    def ends_transaction(self) -> bool:
+        """A reply (it may stop messages: run counters) or a connection change (it pauses or resumes
+        runs) takes the send path's last lock, the run row: nothing may wait on a lock after it in
+        the same transaction, or a send recording its part (part, message, then run) deadlocks
+        with it."""
+        return isinstance(self.event, (InboundMessage, ConnectionChange))
+
+
+def _groups(parsed: list[_Parsed]) -> list[list[_Parsed]]:
+    """The batch cut into transactions: receipts (and poison, ignored events) share one; a reply
+    or a connection change is the last event of its transaction."""
+    out: list[list[_Parsed]] = [[]]
+    for p in parsed:
+        out[-1].append(p)
+        if p.ends_transaction:
+            out.append([])
+    return [g for g in out if g]
 
 
 class InboundConsumer:
@@ -211,17 +243,19 @@ class InboundConsumer:
     # -- applying ----------------------------------------------------------------------------
 
     def _apply_batch(self, channel: Any, batch: list[_Delivery]) -> None:
-        """Apply ``batch`` in one transaction and ack it; one by one after a database error."""
-        try:
-            with db.connection_context(), db.atomic():
-                results = [self._apply_one(d) for d in batch]
-        except (peewee.PeeweeException, psycopg2.Error):
-            log.warning("inbound: batch of %s rolled back by a database error; applying one by one", len(batch))
-            for delivery in batch:
-                self._apply_alone(channel, delivery)
-            return
-        channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
-        self._count(results)
+        """Apply ``batch`` in as few transactions as the send path's lock order allows, acking each
+        group after its commit; a group is applied one by one after a database error."""
+        for group in _groups([self._parse(d) for d in batch]):
+            try:
+                with db.connection_context(), db.atomic():
+                    results = [self._apply_parsed(p) for p in group]
+            except (peewee.PeeweeException, psycopg2.Error):
+                log.warning("inbound: %s event(s) rolled back by a database error; applying one by one", len(group))
+                for parsed in group:
+                    self._apply_alone(channel, parsed.delivery)
+                continue
+            channel.basic_ack(delivery_tag=max(p.delivery.tag for p in group), multiple=True)
+            self._count(results)
 
     def _apply_alone(self, channel: Any, delivery: _Delivery) -> None:
         failures = 0
@@ -249,21 +283,36 @@ class InboundConsumer:
                     return
 
     def _apply_one(self, delivery: _Delivery) -> str:
-        """Apply one event inside the caller's transaction (its own savepoint); the result name."""
+        """Apply one event inside the caller's transaction; the result name."""
+        return self._apply_parsed(self._parse(delivery))
+
+    @staticmethod
+    def _parse(delivery: _Delivery) -> _Parsed:
+        """Decode and validate a delivery (no database): the event, or why it is poison / ignored."""
         try:
             doc = json.loads(delivery.body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            self._poison(delivery, f"body is not valid JSON ({type(exc).__name__})")
-            return "poison"
+            return _Parsed(delivery, None, poison=f"body is not valid JSON ({type(exc).__name__})")
         try:
-            with db.atomic():
-                result = handle(doc, self.settings)
+            event = parse_envelope(doc)
         except EnvelopeError as exc:
-            self._poison(delivery, str(exc), doc)
+            return _Parsed(delivery, doc, poison=str(exc))
+        if isinstance(event, str):
+            return _Parsed(delivery, doc, ignored=event)
+        return _Parsed(delivery, doc, event=event)
+
+    def _apply_parsed(self, parsed: _Parsed) -> str:
+        """Apply one parsed event inside the caller's transaction; the result name."""
+        delivery = parsed.delivery
+        if parsed.poison is not None:
+            self._poison(delivery, parsed.poison, parsed.doc)
             return "poison"
-        if isinstance(result, str):
-            log.debug("inbound: %s ignored: %s", delivery.queue, result)
+        if parsed.event is None:
+            log.debug("inbound: %s ignored: %s", delivery.queue, parsed.ignored)
             return "ignored"
+        # No savepoint per event (two round trips each): parsing raised before any statement, and
+        # a database error rolls the whole group back to be applied again one by one.
+        result = apply_event(parsed.event, self.settings)
         return f"{delivery.queue.rsplit('.', 1)[0]}:{result.result}"
 
     def _poison(self, delivery: _Delivery, reason: str, doc: Any = None) -> None:
