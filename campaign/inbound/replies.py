@@ -23,11 +23,13 @@ never deadlocks with it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
 
 from campaign.db import db
-from campaign.events import log_event
+from campaign.events import log_event, log_line
 from campaign.inbound.envelopes import InboundMessage, phone_candidates
 from campaign.optout import is_opt_out, phrase_set
 from campaign.outcomes import finish_message
@@ -65,23 +67,34 @@ def _mask(digits: str) -> str:
     return f"+{digits[:4]}…{digits[-2:]}" if len(digits) > 6 else "+…"
 
 
-def stop_lead(lead_id: int, reason: str, settings: Settings) -> MessageResult:
-    """Stop every open campaign message of the lead (R-IN-3); the caller holds the transaction."""
+# Parts first, then the messages: the send path's lock order.
+_STOP_PARTS_SQL = """
+UPDATE message_parts SET status = 'skipped', error_message = %(why)s
+ WHERE message_id = ANY(%(ids)s) AND status IN ('pending', 'failed') RETURNING id"""
+
+
+def stop_lead(
+    lead_id: int, reason: str, settings: Settings, *, parts_stopped: list[int] | None = None
+) -> MessageResult:
+    """Stop every open campaign message of the lead (R-IN-3); the caller holds the transaction.
+
+    ``parts_stopped``: the lead's open messages, when the caller has already read them and
+    skipped their unsent parts in this transaction (:func:`apply_message` does it in the
+    statement of its gate row: two round trips less).
+    """
     out = MessageResult("stopped", lead_id=lead_id)
-    ids = [
-        mid
-        for (mid,) in _all(
-            "SELECT id FROM campaign_messages WHERE lead_id = %s AND status = ANY(%s)", (lead_id, list(_OPEN))
-        )
-    ]
+    ids = parts_stopped
+    if ids is None:
+        ids = [
+            mid
+            for (mid,) in _all(
+                "SELECT id FROM campaign_messages WHERE lead_id = %s AND status = ANY(%s)", (lead_id, list(_OPEN))
+            )
+        ]
+        if ids:
+            _all(_STOP_PARTS_SQL, {"why": f"stopped: {reason}", "ids": ids})
     if not ids:
         return out
-    # parts first, then the messages: the send path's lock order
-    _all(
-        """UPDATE message_parts SET status = 'skipped', error_message = %s
-            WHERE message_id = ANY(%s) AND status IN ('pending', 'failed') RETURNING id""",
-        (f"stopped: {reason}", ids),
-    )
     rows = _all(
         """UPDATE campaign_messages m SET stop_reason = coalesce(m.stop_reason, %s)
             WHERE m.id = ANY(%s) AND m.status = ANY(%s)
@@ -101,111 +114,145 @@ def stop_lead(lead_id: int, reason: str, settings: Settings) -> MessageResult:
     return out
 
 
-_INBOX_SQL = """
-SELECT i.id, i.workspace_id, w.opt_out_phrases FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
- WHERE i.instance_name = %s"""
+# The inbox, the lead (by phone, in the inbox's workspace) and the lead x inbox conversation, in
+# one round trip. The conversation exists before the reply's transaction (the webhook runs this
+# statement on its own): the send path reads it without a lock, so a first reply and a first send
+# never wait on each other's insert.
+_LOOKUP_SQL = """
+WITH inbox AS (
+    SELECT i.id, i.workspace_id, w.opt_out_phrases FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
+     WHERE i.instance_name = %(instance)s
+), lead AS (
+    SELECT l.id, l.opted_out FROM leads l, inbox
+     WHERE l.workspace_id = inbox.workspace_id AND l.phone = ANY(%(phones)s)
+     ORDER BY l.phone = %(phone)s DESC, l.id LIMIT 1
+), conv AS (
+    INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+    SELECT inbox.workspace_id, lead.id, inbox.id FROM inbox, lead
+    ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id
+)
+SELECT inbox.id, inbox.workspace_id, inbox.opt_out_phrases, lead.id, lead.opted_out, (SELECT count(*) FROM conv)
+  FROM inbox LEFT JOIN lead ON true"""
 
-# The campaign whose message the lead answers: the latest that wrote to it (or is writing).
-_CAMPAIGN_SQL = """
-SELECT c.reply_column_id, c.source_column_id, c.target_column_id
-  FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
- WHERE m.lead_id = %s AND (m.status IN ('sent', 'sending', 'in_doubt') OR m.id = ANY(%s))
- ORDER BY (m.status IN ('sent', 'sending')) DESC, m.id DESC LIMIT 1"""
+# The gate row first (a duplicate, a redelivery or the same event on the other path finds it and
+# does nothing; two copies racing wait on the unique index); then, only when the gate is new, the
+# lead's open messages and their unsent parts skipped (parts first: the send path's lock order;
+# stop_lead then stops the messages in a statement of its own, on a fresh snapshot).
+_GATE_SQL = """
+WITH gate AS (
+    INSERT INTO inbound_events (inbox_id, provider_message_id, outcome) VALUES (%(inbox)s, %(key)s, 'received')
+    ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id
+), open AS (
+    SELECT id FROM campaign_messages
+     WHERE lead_id = %(lead)s AND status = ANY(%(open)s) AND EXISTS (SELECT 1 FROM gate)
+), parts AS (
+    UPDATE message_parts SET status = 'skipped', error_message = %(why)s
+     WHERE message_id IN (SELECT id FROM open) AND status IN ('pending', 'failed') RETURNING id
+)
+SELECT gate.id, ARRAY(SELECT id FROM open ORDER BY id), (SELECT count(*) FROM parts) FROM gate"""
+
+# Everything else the reply does, in one statement: the campaign whose message the lead answers
+# (the latest that wrote to it, or is writing), the lead (last reply, opt-out, the campaign's
+# reply column: only from that campaign's source or target column), the inbound conversation
+# row, the gate's outcome, and the operator's event line when something stopped.
+_RECORD_SQL = """
+WITH camp AS (
+    SELECT c.reply_column_id, c.source_column_id, c.target_column_id
+      FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
+     WHERE m.lead_id = %(lead)s AND (m.status IN ('sent', 'sending', 'in_doubt') OR m.id = ANY(%(skipped)s))
+     ORDER BY (m.status IN ('sent', 'sending')) DESC, m.id DESC LIMIT 1
+), lead AS (
+    UPDATE leads SET last_reply_at = greatest(last_reply_at, now()), last_activity_at = now(),
+        opted_out = opted_out OR %(opt)s,
+        opted_out_at = CASE WHEN %(opt)s AND NOT opted_out THEN now() ELSE opted_out_at END,
+        opted_out_reason = CASE WHEN %(opt)s AND NOT opted_out THEN left(%(text)s, 500) ELSE opted_out_reason END,
+        column_id = CASE WHEN (SELECT reply_column_id FROM camp) IS NOT NULL
+                              AND column_id IN ((SELECT source_column_id FROM camp),
+                                                (SELECT target_column_id FROM camp))
+                         THEN (SELECT reply_column_id FROM camp) ELSE column_id END
+    WHERE id = %(lead)s RETURNING column_id
+), moved AS (
+    SELECT (SELECT reply_column_id FROM camp) AS col
+     WHERE (SELECT column_id FROM lead) = (SELECT reply_column_id FROM camp)
+), conv AS (
+    SELECT id FROM conversations WHERE lead_id = %(lead)s AND inbox_id = %(inbox)s
+), cm AS (
+    INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id, text, at, action)
+    SELECT conv.id, %(inbox)s, 'in', %(key)s, %(text)s, coalesce(%(at)s, now()), %(action)s FROM conv
+    ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id
+), gate AS (
+    UPDATE inbound_events SET outcome = %(outcome)s, lead_id = %(lead)s WHERE id = %(gate)s RETURNING id
+), ev AS (
+    INSERT INTO campaign_events (lead_id, step, level, text, details)
+    SELECT %(lead)s, 'inbound', %(ev_level)s, %(ev_text)s,
+           %(ev_details)s::jsonb || coalesce((SELECT jsonb_build_object('moved_to', col) FROM moved), '{}'::jsonb)
+     WHERE %(ev_text)s::text IS NOT NULL
+    RETURNING id
+)
+SELECT (SELECT col FROM moved), (SELECT count(*) FROM cm), (SELECT count(*) FROM gate), (SELECT count(*) FROM ev)"""
 
 
 def apply_message(msg: InboundMessage, settings: Settings) -> MessageResult:
     """Apply one inbound message in one transaction; safe to call any number of times."""
-    inbox = _one(_INBOX_SQL, (msg.instance,))
-    if inbox is None:
+    candidates = phone_candidates(msg.phone_digits)
+    found = _one(_LOOKUP_SQL, {"instance": msg.instance, "phones": candidates, "phone": candidates[0]})
+    if found is None:
         log.warning("inbound %s: instance %r is no inbox of this engine; ignored", msg.key_id, msg.instance)
         return MessageResult("unknown_instance")
-    inbox_id, workspace_id, phrases = inbox
-    candidates = phone_candidates(msg.phone_digits)
-    lead = _one(
-        """SELECT id, opted_out FROM leads WHERE workspace_id = %s AND phone = ANY(%s)
-            ORDER BY phone = %s DESC, id LIMIT 1""",
-        (workspace_id, candidates, candidates[0]),
-    )
-    if lead is not None:
-        # The lead x inbox conversation exists before the transaction below: the send path reads it
-        # without a lock, so a first reply and a first send never wait on each other's insert.
-        _one(
-            """INSERT INTO conversations (workspace_id, lead_id, inbox_id) VALUES (%s, %s, %s)
-               ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id""",
-            (workspace_id, lead[0], inbox_id),
-        )
-    with db.atomic():
+    inbox_id, workspace_id, phrases, lead_id, already_out, _ = found
+    # its own transaction when called outside one (the webhook); inside the consumer's batch a savepoint
+    # would only cost two round trips: a database error rolls the whole batch back anyway
+    with db.atomic() if not db.in_transaction() else contextlib.nullcontext():
+        opt_out = not already_out and msg.is_text and is_opt_out(msg.text, _phrases(phrases))
+        reason = "opted_out" if opt_out or already_out else "replied"
         gate = _one(
-            """INSERT INTO inbound_events (inbox_id, provider_message_id, outcome) VALUES (%s, %s, 'received')
-               ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id""",
-            (inbox_id, msg.key_id),
+            _GATE_SQL,
+            {"inbox": inbox_id, "key": msg.key_id, "lead": lead_id, "open": list(_OPEN), "why": f"stopped: {reason}"},
         )
         if gate is None:
             return MessageResult("duplicate", inbox_id=inbox_id)
-        if lead is None:
-            _one("UPDATE inbound_events SET outcome = 'unknown_sender' WHERE id = %s RETURNING id", gate)
+        gate_id, open_ids, _ = gate
+        if lead_id is None:
+            _one("UPDATE inbound_events SET outcome = 'unknown_sender' WHERE id = %s RETURNING id", (gate_id,))
             log_event(
                 "inbound",
                 "message from a number that is no lead of the workspace: recorded, nothing else done",
                 details={"inbox_id": inbox_id, "key_id": msg.key_id, "from": _mask(msg.phone_digits)},
             )
             return MessageResult("unknown_sender", inbox_id=inbox_id)
-        lead_id, already_out = lead
-        opt_out = not already_out and msg.is_text and is_opt_out(msg.text, _phrases(phrases))
-        reason = "opted_out" if opt_out or already_out else "replied"
-        result = stop_lead(lead_id, reason, settings)
+        result = stop_lead(lead_id, reason, settings, parts_stopped=list(open_ids))
         result.result, result.inbox_id = ("opt_out" if opt_out else "reply"), inbox_id
-        campaign = _one(_CAMPAIGN_SQL, (lead_id, result.skipped))
-        row = _one(
-            """
-            WITH lead AS (
-                UPDATE leads SET last_reply_at = greatest(last_reply_at, now()), last_activity_at = now(),
-                    opted_out = opted_out OR %(opt)s,
-                    opted_out_at = CASE WHEN %(opt)s AND NOT opted_out THEN now() ELSE opted_out_at END,
-                    opted_out_reason = CASE WHEN %(opt)s AND NOT opted_out THEN left(%(text)s, 500)
-                                            ELSE opted_out_reason END,
-                    column_id = CASE WHEN %(reply_col)s::bigint IS NOT NULL AND column_id IN (%(src)s, %(tgt)s)
-                                     THEN %(reply_col)s ELSE column_id END
-                WHERE id = %(lead)s RETURNING column_id
-            ), conv AS (
-                SELECT id FROM conversations WHERE lead_id = %(lead)s AND inbox_id = %(inbox)s
-            ), cm AS (
-                INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id,
-                                                   text, at, action)
-                SELECT conv.id, %(inbox)s, 'in', %(key)s, %(text)s, coalesce(%(at)s, now()), %(action)s FROM conv
-                ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id
-            ), gate AS (
-                UPDATE inbound_events SET outcome = %(outcome)s, lead_id = %(lead)s WHERE id = %(gate)s RETURNING id
+        event = opt_out or result.skipped or result.ended or result.in_flight
+        ev_text = ev_level = None
+        if event:
+            ev_text = (
+                f"lead {'opted out' if opt_out else 'replied'}: {len(result.skipped)} message(s) skipped, "
+                f"{len(result.ended)} ended after the parts already sent, {len(result.in_flight)} stop after "
+                "the part in flight"
             )
-            SELECT (SELECT column_id FROM lead), (SELECT count(*) FROM cm), (SELECT count(*) FROM gate)""",
+            ev_level = "warning" if opt_out else "info"
+        row = _one(
+            _RECORD_SQL,
             {
                 "opt": opt_out,
                 "text": msg.text,
-                "reply_col": campaign[0] if campaign else None,
-                "src": campaign[1] if campaign else None,
-                "tgt": campaign[2] if campaign else None,
                 "lead": lead_id,
-                "ws": workspace_id,
+                "skipped": result.skipped,
                 "inbox": inbox_id,
                 "key": msg.key_id,
                 "at": msg.at,
                 "action": _action(result),
                 "outcome": result.result,
-                "gate": gate[0],
+                "gate": gate_id,
+                "ev_text": ev_text,
+                "ev_level": ev_level,
+                "ev_details": json.dumps({"inbox_id": inbox_id, "key_id": msg.key_id, **result.as_json()}),
             },
         )
-        if campaign and campaign[0] is not None and row is not None and row[0] == campaign[0]:
-            result.moved_to = campaign[0]
-        if opt_out or result.skipped or result.ended or result.in_flight:
-            log_event(
-                "inbound",
-                f"lead {'opted out' if opt_out else 'replied'}: {len(result.skipped)} message(s) skipped, "
-                f"{len(result.ended)} ended after the parts already sent, {len(result.in_flight)} stop after "
-                "the part in flight",
-                lead_id=lead_id,
-                level="warning" if opt_out else "info",
-                details={"inbox_id": inbox_id, "key_id": msg.key_id, **result.as_json()},
-            )
+        if row is not None and row[0] is not None:
+            result.moved_to = row[0]
+        if ev_text is not None and ev_level is not None:
+            log_line("inbound", ev_text, lead_id=lead_id, level=ev_level)
     log.info(
         "inbound %s inbox=%s lead=%s: %s (skipped %s, ended %s, in flight %s)",
         msg.key_id,
