@@ -32,7 +32,7 @@ from campaign.db import db
 from campaign.events import log_event, log_line
 from campaign.inbound.envelopes import InboundMessage, phone_candidates
 from campaign.optout import is_opt_out, phrase_set
-from campaign.outcomes import finish_message
+from campaign.outcomes import finish_message, stop_open_messages
 from campaign.settings import Settings
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
@@ -95,17 +95,13 @@ def stop_lead(
             _all(_STOP_PARTS_SQL, {"why": f"stopped: {reason}", "ids": ids})
     if not ids:
         return out
-    rows = _all(
-        """UPDATE campaign_messages m SET stop_reason = coalesce(m.stop_reason, %s)
-            WHERE m.id = ANY(%s) AND m.status = ANY(%s)
-        RETURNING m.id, m.status,
-            (SELECT count(*) FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sent'),
-            (SELECT count(*) FROM message_parts p WHERE p.message_id = m.id AND p.status IN ('sending', 'in_doubt'))""",
-        (reason, ids, list(_OPEN)),
-    )
-    for message_id, status, n_sent, n_flight in sorted(rows):
-        if status in NOT_STARTED or (status == "sending" and not n_sent and not n_flight):
-            if finish_message(message_id, "skipped", settings, from_statuses=(status,), skip_reason=reason):
+    # every open message stopped and the not-started ones skipped in one statement (messages
+    # locked before the runs: the send path's order)
+    for message_id, status, n_sent, n_flight in sorted(stop_open_messages(ids, reason, NOT_STARTED, _OPEN, settings)):
+        if status == "skipped":
+            out.skipped.append(message_id)
+        elif not n_sent and not n_flight:  # `sending`, nothing of it out yet
+            if finish_message(message_id, "skipped", settings, from_statuses=("sending",), skip_reason=reason):
                 out.skipped.append(message_id)
         elif n_flight:
             out.in_flight.append(message_id)  # its part in flight finishes; the send step ends it
