@@ -301,3 +301,76 @@ def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean
     assert CampaignMessage.get_by_id(first.id).status == "skipped"
     assert CampaignMessage.get_by_id(second.id).status == "sent"  # its only part went out before the reply
     assert_counters_match(w.run.id)
+
+
+def test_receipts_in_one_statement_end_where_one_by_one_would(clean_db):
+    """R-IN-7, R-OPS-5, T-PERF-6: the consumer applies a batch's receipts in one statement; for 300
+    random batches (repeats, downgrades, ERROR, unknown ids, another instance's id) every part ends
+    with the same delivery status and error mark as applying them one by one, and each result
+    names the part (or `unknown`)."""
+    import random
+
+    from campaign.inbound import DeliveryUpdate, apply_update
+    from campaign.inbound.receipts import apply_updates
+    from tests.test_webhook import make_parts
+
+    rng = random.Random(14)
+    ours = make_parts(6, prefix="ONE", instance="inst-one")
+    twins = make_parts(6, prefix="TWO", instance="inst-two")  # the same keys on the other instance
+    keys = [p.provider_message_id for p in ours]
+    state_sql = """SELECT provider_message_id, delivery_status, delivery_error_at IS NOT NULL FROM message_parts
+                    ORDER BY provider_message_id"""
+    statuses = ("SERVER_ACK", "DELIVERY_ACK", "READ", "PLAYED", "ERROR")
+    for _ in range(300):
+        batch = [
+            DeliveryUpdate(
+                key_id=rng.choice([*keys, "NOPE-1", twins[0].provider_message_id]),
+                status=rng.choice(statuses),
+                instance=rng.choice(["inst-one", "inst-one", "inst-one", "inst-two"]),
+                remote_jid=None,
+                from_me=True,
+            )
+            for _ in range(rng.randint(1, 12))
+        ]
+        with db.atomic() as txn:
+            for u in batch:
+                apply_update(u)
+            expected = db.execute_sql(state_sql).fetchall()
+            txn.rollback()
+        with db.atomic():
+            results = apply_updates(batch)
+        assert db.execute_sql(state_sql).fetchall() == expected
+        assert len(results) == len(batch)
+        for u, r in zip(batch, results):
+            known = (
+                u.instance == "inst-one"
+                and u.key_id in keys
+                or (u.instance == "inst-two" and u.key_id == twins[0].provider_message_id)
+            )
+            assert (r.result == "unknown") == (not known), (u, r)
+            if known:
+                assert r.part_id is not None and r.result in ("updated", "unchanged")
+
+
+def test_acks_never_run_ahead_of_a_commit():
+    """R-IN-1: a batch's transactions commit out of delivery order (receipts first, then each
+    reply); an ack(multiple) only ever covers deliveries already committed."""
+    import campaign.inbound.consumer as consumer_module
+
+    class Channel:
+        def __init__(self) -> None:
+            self.acks: list[int] = []
+
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            assert multiple
+            self.acks.append(delivery_tag)
+
+    batch = [consumer_module._Delivery(tag, "q", b"{}", False) for tag in (11, 12, 13, 14, 15)]
+    channel = Channel()
+    acks = consumer_module._Acks(channel, batch)
+    acks.committed([batch[0], batch[2], batch[4]])  # the receipts: 11, 13, 15
+    assert channel.acks == [11]
+    acks.committed([batch[3]])  # a reply, 14: 12 is not committed yet
+    assert channel.acks == [11]
+    acks.committed([batch[1]])
+    assert channel.acks == [11, 15]

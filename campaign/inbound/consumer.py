@@ -10,18 +10,20 @@ PRECONDITION_FAILED) and consumes ``messages.upsert``, ``messages.update`` and
 Delivery is at least once and nothing is acked before it is committed:
 
 * what the broker has delivered is applied in as few database transactions as the send path's
-  lock order allows, each acked with one ``basic_ack(multiple=True)`` after its commit: a burst of
-  receipts costs one commit and one ack, not one per event, while a lone reply is applied the
-  moment it arrives. A reply or a connection change ends its transaction: it locks run rows (the
-  send path's LAST lock: part, message, run), so a later event of the same transaction waiting on
-  a part or a message that a send holds while it waits for that run row would deadlock with it;
-  one reply per transaction keeps the reply's own order (parts, messages, run) that never does;
+  lock order allows, and acked as they commit (``basic_ack(multiple=True)`` up to the committed
+  prefix): every receipt of a batch in one transaction and one statement (a burst of receipts
+  costs one commit, not one per event), then each reply and each connection change in a
+  transaction of its own, while a lone reply is applied the moment it arrives. A reply or a
+  connection change locks run rows, the send path's LAST lock (part, message, run): any event
+  after it in the same transaction that waited on a part or a message a send holds while that
+  send waits for the run row would deadlock with it; alone, a reply keeps the send path's order;
 * a poison event (not JSON, not an envelope, a field out of bounds) is recorded in
   ``campaign_events`` (never its body: it carries Evolution's apikey) and acked with its batch:
   never redelivered forever;
 * a database error rolls the transaction back and nothing of it is acked; its events are applied
-  again one by one, and an event that keeps failing on its own (3 times, the database answering) is recorded
-  as poison; while the database is unreachable the consumer waits with backoff, holding them;
+  again one by one, and an event that keeps failing on its own (3 times, the database answering)
+  is recorded as poison; while the database is unreachable the consumer waits with backoff,
+  holding them;
 * a lost broker connection (a restart, a network cut) is re-opened with backoff; the unacked
   events are redelivered by RabbitMQ and applied again harmlessly: every effect is idempotent on
   (inbox, provider message id) (E-30, E-38).
@@ -48,7 +50,8 @@ import psycopg2
 from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
-from campaign.inbound import ConnectionChange, Event, InboundMessage, apply_event, parse_envelope
+from campaign.inbound import ConnectionChange, DeliveryUpdate, Event, InboundMessage, apply_event, parse_envelope
+from campaign.inbound.receipts import apply_updates
 from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -119,14 +122,36 @@ class _Parsed:
 
 
 def _groups(parsed: list[_Parsed]) -> list[list[_Parsed]]:
-    """The batch cut into transactions: receipts (and poison, ignored events) share one; a reply
-    or a connection change is the last event of its transaction."""
-    out: list[list[_Parsed]] = [[]]
-    for p in parsed:
-        out[-1].append(p)
-        if p.ends_transaction:
-            out.append([])
-    return [g for g in out if g]
+    """The batch cut into transactions: every receipt, poison and ignored event of it in one (the
+    receipts in one statement), then each reply and connection change in one of its own. The
+    queues are independent (Evolution orders nothing across them): the order within each queue
+    is kept, which is all that matters."""
+    shared = [p for p in parsed if not p.ends_transaction]
+    return ([shared] if shared else []) + [[p] for p in parsed if p.ends_transaction]
+
+
+def _label(delivery: _Delivery, result: str) -> str:
+    return f"{delivery.queue.rsplit('.', 1)[0]}:{result}"
+
+
+class _Acks:
+    """Acks a batch as its transactions commit: one ``basic_ack(multiple=True)`` up to the longest
+    committed prefix of its delivery tags, so no delivery is acked before it is committed."""
+
+    def __init__(self, channel: Any, batch: list[_Delivery]) -> None:
+        self.channel = channel
+        self.order = sorted(d.tag for d in batch)
+        self.done: set[int] = set()
+        self.next = 0
+
+    def committed(self, deliveries: list[_Delivery]) -> None:
+        self.done.update(d.tag for d in deliveries)
+        upto = None
+        while self.next < len(self.order) and self.order[self.next] in self.done:
+            upto = self.order[self.next]
+            self.next += 1
+        if upto is not None:
+            self.channel.basic_ack(delivery_tag=upto, multiple=True)
 
 
 class InboundConsumer:
@@ -243,28 +268,41 @@ class InboundConsumer:
     # -- applying ----------------------------------------------------------------------------
 
     def _apply_batch(self, channel: Any, batch: list[_Delivery]) -> None:
-        """Apply ``batch`` in as few transactions as the send path's lock order allows, acking each
-        group after its commit; a group is applied one by one after a database error."""
+        """Apply ``batch`` in as few transactions as the send path's lock order allows (see
+        :func:`_groups`), acking what each commits; a group is applied one by one after a
+        database error."""
+        acks = _Acks(channel, batch)
         for group in _groups([self._parse(d) for d in batch]):
             try:
                 with db.connection_context(), db.atomic():
-                    results = [self._apply_parsed(p) for p in group]
+                    results = self._apply_group(group)
             except (peewee.PeeweeException, psycopg2.Error):
                 log.warning("inbound: %s event(s) rolled back by a database error; applying one by one", len(group))
                 for parsed in group:
-                    self._apply_alone(channel, parsed.delivery)
+                    self._apply_alone(parsed.delivery)
+                    acks.committed([parsed.delivery])
                 continue
-            channel.basic_ack(delivery_tag=max(p.delivery.tag for p in group), multiple=True)
+            acks.committed([p.delivery for p in group])
             self._count(results)
 
-    def _apply_alone(self, channel: Any, delivery: _Delivery) -> None:
+    def _apply_group(self, group: list[_Parsed]) -> list[str]:
+        """Apply a group inside the caller's transaction (its receipts in one statement); the result names."""
+        out = [self._apply_parsed(p) if not isinstance(p.event, DeliveryUpdate) else "" for p in group]
+        receipts = [(i, p.event) for i, p in enumerate(group) if isinstance(p.event, DeliveryUpdate)]
+        if receipts:
+            for (i, _), result in zip(receipts, apply_updates([u for _, u in receipts])):
+                out[i] = _label(group[i].delivery, result.result)
+        return out
+
+    def _apply_alone(self, delivery: _Delivery) -> None:
+        """Apply one event in its own transaction (the caller acks it): retried while the database
+        is away, recorded as poison when the database keeps refusing it."""
         failures = 0
         backoff = 0.2
         while True:
             try:
                 with db.connection_context(), db.atomic():
                     result = self._apply_one(delivery)
-                channel.basic_ack(delivery_tag=delivery.tag)
                 self._count([result])
                 return
             except _DB_DOWN as exc:
@@ -278,7 +316,6 @@ class InboundConsumer:
                 if failures >= POISON_AFTER:
                     with db.connection_context():
                         self._poison(delivery, f"database refused it {failures} times: {type(exc).__name__}")
-                    channel.basic_ack(delivery_tag=delivery.tag)
                     self.stats.poison += 1
                     return
 
@@ -312,8 +349,7 @@ class InboundConsumer:
             return "ignored"
         # No savepoint per event (two round trips each): parsing raised before any statement, and
         # a database error rolls the whole group back to be applied again one by one.
-        result = apply_event(parsed.event, self.settings)
-        return f"{delivery.queue.rsplit('.', 1)[0]}:{result.result}"
+        return _label(delivery, apply_event(parsed.event, self.settings).result)
 
     def _poison(self, delivery: _Delivery, reason: str, doc: Any = None) -> None:
         """Record an unusable event (reason, queue, size: never the body, it carries the apikey)."""
