@@ -298,9 +298,8 @@ def stop_open_messages(
             "ratio": settings.error_threshold_ratio,
         },
     )
-    for message_id, run_id, lead_id, status, _, _, _ in rows:
-        if status == "skipped":
-            log.info("message %s skipped run=%s lead=%s", message_id, run_id, lead_id)
+    # no process-log line per skipped message here: the caller's line names them all (a reply's
+    # "inbound KEY inbox=.. lead=..: reply (skipped [ids] ...)"), one line instead of one per message
     return [(message_id, status, n_sent, n_flight) for message_id, _, _, status, n_sent, n_flight, _ in rows]
 
 
