@@ -246,16 +246,19 @@ def finish_message(
     return Finished(run_id, lead_id, run_status, pause_reason, note)
 
 
-# Every open message of a lead stopped by its reply (R-IN-3), in ONE statement: ``stop_reason`` on
-# all of them (the send path reads it before each part), and the not-started ones skipped exactly
-# as finish_message skips one (same columns, same counters, run completion), the counters once per
-# run. All the messages are locked before any run row (FROM m): the send path's order.
+# The open messages of leads that replied (R-IN-3), in ONE statement: ``stop_reason`` on all of
+# them (the send path reads it before each part), and the not-started ones skipped exactly as
+# finish_message skips one (same columns, same counter expressions, run completion), the counters
+# once per run. Every message is locked before any run row (the send path's order), and the runs
+# in id order (two replies' transactions never take them crosswise).
 _STOP_OPEN_SQL = (
     """
-WITH m AS (
-    UPDATE campaign_messages m SET stop_reason = coalesce(m.stop_reason, %(reason)s),
+WITH why AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS t(id, reason)
+), m AS (
+    UPDATE campaign_messages m SET stop_reason = coalesce(m.stop_reason, why.reason),
         status = CASE WHEN m.status = ANY(%(not_started)s) THEN 'skipped' ELSE m.status END,
-        skip_reason = CASE WHEN m.status = ANY(%(not_started)s) THEN %(reason)s ELSE m.skip_reason END,
+        skip_reason = CASE WHEN m.status = ANY(%(not_started)s) THEN why.reason ELSE m.skip_reason END,
         error_class = CASE WHEN m.status = ANY(%(not_started)s) THEN NULL ELSE m.error_class END,
         error_message = CASE WHEN m.status = ANY(%(not_started)s) THEN NULL ELSE m.error_message END,
         finished_at = CASE WHEN m.status = ANY(%(not_started)s) THEN now() ELSE m.finished_at END,
@@ -263,44 +266,48 @@ WITH m AS (
         conversation_id = CASE WHEN m.status = ANY(%(not_started)s) THEN coalesce(m.conversation_id, (
             SELECT c.id FROM conversations c WHERE c.lead_id = m.lead_id AND c.inbox_id = m.inbox_id))
             ELSE m.conversation_id END
-    WHERE m.id = ANY(%(ids)s) AND m.status = ANY(%(open)s)
-    RETURNING m.id, m.run_id, m.lead_id, m.status,
+      FROM why
+     WHERE m.id = why.id AND m.status = ANY(%(open)s)
+    RETURNING m.id, m.run_id, m.status,
         (SELECT count(*) FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sent') AS n_sent,
         (SELECT count(*) FROM message_parts p
           WHERE p.message_id = m.id AND p.status IN ('sending', 'in_doubt')) AS n_flight
 ), agg AS (
     SELECT run_id, count(*)::int AS n FROM m WHERE status = 'skipped' GROUP BY run_id
+), runs AS (
+    SELECT r.id FROM campaign_runs r WHERE r.id IN (SELECT run_id FROM agg) ORDER BY r.id FOR UPDATE
 ), run_upd AS (
     UPDATE campaign_runs r SET """
     + _RUN_COUNTERS_SET.replace("%(n)s", "agg.n").replace("%(st)s", "'skipped'")
     + """
-    FROM agg WHERE r.id = agg.run_id
+    FROM agg JOIN runs ON runs.id = agg.run_id WHERE r.id = agg.run_id
     RETURNING r.id
 )
-SELECT m.id, m.run_id, m.lead_id, m.status, m.n_sent, m.n_flight, (SELECT count(*) FROM run_upd) FROM m"""
+SELECT m.id, m.status, m.n_sent, m.n_flight, (SELECT count(*) FROM run_upd) FROM m"""
 )
 
 
 def stop_open_messages(
-    ids: Sequence[int], reason: str, not_started: Sequence[str], open_statuses: Sequence[str], settings: Settings
+    reasons: dict[int, str], not_started: Sequence[str], open_statuses: Sequence[str], settings: Settings
 ) -> list[tuple[int, str, int, int]]:
-    """Stop the open messages ``ids`` (R-IN-3): each gets ``stop_reason``; those in ``not_started``
-    are skipped ``reason`` with their runs' counters, in the same statement. Returns (message id,
-    status now, parts sent, parts in flight) of every message that was open."""
+    """Stop the open messages named in ``reasons`` (message id -> reason, R-IN-3): each gets its
+    ``stop_reason``; those in ``not_started`` are skipped with it, their runs' counters in the same
+    statement. Returns (message id, status now, parts sent, parts in flight) of every message that
+    was open, by id. No process-log line per skipped message: the caller's line names them all (a
+    reply's "inbound KEY inbox=.. lead=..: reply (skipped [ids] ...)")."""
+    ids = sorted(reasons)
     rows = _all(
         _STOP_OPEN_SQL,
         {
-            "ids": list(ids),
-            "reason": reason,
+            "ids": ids,
+            "reasons": [reasons[i] for i in ids],
             "not_started": list(not_started),
             "open": list(open_statuses),
             "min_n": settings.error_threshold_min_processed,
             "ratio": settings.error_threshold_ratio,
         },
     )
-    # no process-log line per skipped message here: the caller's line names them all (a reply's
-    # "inbound KEY inbox=.. lead=..: reply (skipped [ids] ...)"), one line instead of one per message
-    return [(message_id, status, n_sent, n_flight) for message_id, _, _, status, n_sent, n_flight, _ in rows]
+    return sorted((message_id, status, n_sent, n_flight) for message_id, status, n_sent, n_flight, _ in rows)
 
 
 def skip_pending_where(condition_sql: str, params: Sequence[Any], reason: str) -> int:

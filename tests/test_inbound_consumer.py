@@ -206,12 +206,13 @@ def test_consumer_refuses_to_start_without_the_events_url(events_settings):
 
 
 def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean_db, services, events_settings, caplog):
-    """R-IN-3, DESIGN #7, T-PERF-6: two replies in one broker batch, and between them a send records
-    the part it just sent (part, message, then the run row: the send path's order). If the first
-    reply's transaction were still open it would hold the run row (it skipped a message of that run),
-    the send would wait for it holding the second lead's message, and the second reply would wait for
-    that message: a deadlock, one side aborted after deadlock_timeout (the send's recording lost, or
-    the batch rolled back). A reply ends its transaction, so the send goes through at once."""
+    """R-IN-3, DESIGN #7, T-PERF-6: two replies in one broker batch, and just before the second lead's
+    message is stopped a send records the part it just sent (part, message, then the run row: the
+    send path's order). Had the batch's transaction already taken the run row (the first reply
+    skipped a message of that run, one reply after the other), the send would wait for it holding
+    the second lead's message, and the stop would wait for that message: a deadlock, one side
+    aborted after deadlock_timeout (the send's recording lost, or the batch rolled back). The
+    replies stop all their messages before any run row, so the send goes through at once."""
     import logging
     import uuid
 
@@ -267,16 +268,17 @@ def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean
             row = cur.fetchone()
         return row is not None and row[0] == "Lock"
 
-    real_apply = consumer_module.apply_event
-    calls = []
+    import campaign.inbound.replies as replies_module
 
-    def send_then_apply(event, settings):
-        if len(calls) == 1:  # between the two replies: the send records its part
+    real_stop = replies_module.stop_open_messages
+    stops: list[list[int]] = []
+
+    def send_then_stop(reasons, *args, **kwargs):
+        if second.id in reasons:  # the send records its part first
             threading.Thread(target=record_send).start()
             wait_for(lambda: send_done.is_set() or send_is_waiting(), timeout=10, what="the send to record")
-        result = real_apply(event, settings)
-        calls.append(result.result)
-        return result
+        stops.append(sorted(reasons))
+        return real_stop(reasons, *args, **kwargs)
 
     class Channel:
         acks: list[tuple[int, bool]] = []
@@ -286,18 +288,17 @@ def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean
 
     c = InboundConsumer(events_settings)
     caplog.set_level(logging.WARNING, logger="campaign.inbound.consumer")
-    original = consumer_module.apply_event
-    consumer_module.apply_event = send_then_apply
+    replies_module.stop_open_messages = send_then_stop
     try:
         c._apply_batch(Channel(), batch)
     finally:
-        consumer_module.apply_event = original
+        replies_module.stop_open_messages = real_stop
         watcher.close()
     assert send_done.wait(15)
     assert not send_error, f"the send could not record its part: {send_error[0]}"
     assert "rolled back" not in caplog.text
-    assert calls == ["reply", "reply"]
-    assert Channel.acks == [(1, True), (2, True)]
+    assert c.stats.by_result == {"messages:reply": 2}
+    assert Channel.acks == [(2, True)]
     assert CampaignMessage.get_by_id(first.id).status == "skipped"
     assert CampaignMessage.get_by_id(second.id).status == "sent"  # its only part went out before the reply
     assert_counters_match(w.run.id)

@@ -11,12 +11,14 @@ Delivery is at least once and nothing is acked before it is committed:
 
 * what the broker has delivered is applied in as few database transactions as the send path's
   lock order allows, and acked as they commit (``basic_ack(multiple=True)`` up to the committed
-  prefix): every receipt of a batch in one transaction and one statement (a burst of receipts
-  costs one commit, not one per event), then each reply and each connection change in a
-  transaction of its own, while a lone reply is applied the moment it arrives. A reply or a
-  connection change locks run rows, the send path's LAST lock (part, message, run): any event
-  after it in the same transaction that waited on a part or a message a send holds while that
-  send waits for the run row would deadlock with it; alone, a reply keeps the send path's order;
+  prefix): every receipt of a batch in one transaction and one statement, then the batch's
+  replies together (``apply_messages``: one transaction whose statements each do one step for
+  all of them, parts before messages before runs before leads, the send path's order; a lead
+  replying twice in the batch gets a second transaction), then each connection change on its
+  own. A burst costs a few commits, not one per event, while a lone reply is applied the moment
+  it arrives. A transaction that has stopped messages holds run rows, the send path's LAST lock:
+  nothing in it may wait on a part or a message after that, or a send holding one while it waits
+  for the run row would deadlock with it;
 * a poison event (not JSON, not an envelope, a field out of bounds) is recorded in
   ``campaign_events`` (never its body: it carries Evolution's apikey) and acked with its batch:
   never redelivered forever;
@@ -50,7 +52,15 @@ import psycopg2
 from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
-from campaign.inbound import ConnectionChange, DeliveryUpdate, Event, InboundMessage, apply_event, parse_envelope
+from campaign.inbound import (
+    ConnectionChange,
+    DeliveryUpdate,
+    Event,
+    InboundMessage,
+    apply_event,
+    apply_messages,
+    parse_envelope,
+)
 from campaign.inbound.receipts import apply_updates
 from campaign.settings import Settings, redact_url
 
@@ -113,21 +123,24 @@ class _Parsed:
     ignored: str | None = None  # why a valid event changes nothing
 
     @property
-    def ends_transaction(self) -> bool:
-        """A reply (it may stop messages: run counters) or a connection change (it pauses or resumes
-        runs) takes the send path's last lock, the run row: nothing may wait on a lock after it in
-        the same transaction, or a send recording its part (part, message, then run) deadlocks
-        with it."""
+    def takes_runs(self) -> bool:
+        """A reply (it may stop messages: run counters) or a connection change (it pauses or
+        resumes runs) takes run rows, the send path's last lock: never in the receipts' transaction,
+        where a later statement could wait on a part or a message a send holds while that send
+        waits for the run row (a deadlock)."""
         return isinstance(self.event, (InboundMessage, ConnectionChange))
 
 
 def _groups(parsed: list[_Parsed]) -> list[list[_Parsed]]:
-    """The batch cut into transactions: every receipt, poison and ignored event of it in one (the
-    receipts in one statement), then each reply and connection change in one of its own. The
-    queues are independent (Evolution orders nothing across them): the order within each queue
-    is kept, which is all that matters."""
-    shared = [p for p in parsed if not p.ends_transaction]
-    return ([shared] if shared else []) + [[p] for p in parsed if p.ends_transaction]
+    """The batch cut into groups: every receipt, poison and ignored event of it (one transaction,
+    the receipts in one statement), then its replies (:func:`apply_messages`: together, in as many
+    transactions as a lead replying twice needs), then each connection change on its own. The
+    queues are independent (Evolution orders nothing across them): the order within each queue is
+    kept, which is all that matters."""
+    shared = [p for p in parsed if not p.takes_runs]
+    replies = [p for p in parsed if isinstance(p.event, InboundMessage)]
+    changes = [[p] for p in parsed if isinstance(p.event, ConnectionChange)]
+    return [g for g in (shared, replies) if g] + changes
 
 
 def _label(delivery: _Delivery, result: str) -> str:
@@ -274,8 +287,12 @@ class InboundConsumer:
         acks = _Acks(channel, batch)
         for group in _groups([self._parse(d) for d in batch]):
             try:
-                with db.connection_context(), db.atomic():
-                    results = self._apply_group(group)
+                with db.connection_context():
+                    if isinstance(group[0].event, InboundMessage):
+                        results = self._apply_replies(group)  # its own transactions
+                    else:
+                        with db.atomic():
+                            results = self._apply_group(group)
             except (peewee.PeeweeException, psycopg2.Error):
                 log.warning("inbound: %s event(s) rolled back by a database error; applying one by one", len(group))
                 for parsed in group:
@@ -284,6 +301,12 @@ class InboundConsumer:
                 continue
             acks.committed([p.delivery for p in group])
             self._count(results)
+
+    def _apply_replies(self, group: list[_Parsed]) -> list[str]:
+        """A batch's replies, together (:func:`apply_messages` commits them); the result names."""
+        msgs = [p.event for p in group if isinstance(p.event, InboundMessage)]
+        assert len(msgs) == len(group)
+        return [_label(p.delivery, r.result) for p, r in zip(group, apply_messages(msgs, self.settings))]
 
     def _apply_group(self, group: list[_Parsed]) -> list[str]:
         """Apply a group inside the caller's transaction (its receipts in one statement); the result names."""
