@@ -528,7 +528,7 @@ def test_replies_applied_together_end_as_one_by_one(clean_db, settings):
     for round_no in range(40):
         db.execute_sql("TRUNCATE workspaces, leads, inbound_events, campaign_events RESTART IDENTITY CASCADE")
         ws, inboxes, leads = _scenario(rng, f"eq{round_no}")
-        docs = []
+        docs: list[dict] = []
         for _ in range(rng.randint(1, 16)):
             if docs and rng.random() < 0.15:
                 docs.append(rng.choice(docs))  # a duplicate of an earlier event
