@@ -232,5 +232,4 @@ class RunStateError(ConfigError):
 
 
 class EnvelopeError(EngineError, ValueError):
-    """An inbound Evolution event (webhook body or AMQP message) is not a usable envelope; the text
-    names the offending field, never its value."""
+    """An inbound Evolution event is not a usable envelope (the text names the field, never its value)."""

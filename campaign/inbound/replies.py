@@ -18,7 +18,9 @@ the next send can never both win:
 * an opt-out (R-IN-4) sets ``opted_out`` with when and why; nothing but an operator undoes it.
 
 Lock order is the send path's (parts, then the message, then the run), so a reply racing a send
-never deadlocks with it.
+never deadlocks with it. The RabbitMQ consumer applies a batch's replies together
+(:func:`apply_messages`): one statement per step for all of them, every part before any message,
+every message before any run; the webhook's single reply is the same code with one message.
 """
 
 from __future__ import annotations
