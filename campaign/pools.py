@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+import itertools
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -139,6 +140,8 @@ def assign(
     ``sticky`` maps a lead to the pool inbox it already talks to. ``len(lead_ids) == planned + overflow``.
     """
     gap_us(gap_min, gap_max)  # bad bounds fail here, even with no lead to plan
+    if len(members) == 1:
+        return _assign_one(lead_ids, members[0], start, end, gap_min, gap_max, daily_limit, rng)
     out = Assignment()
     slots = _Slots(members, start, end, (gap_min, gap_max), rng)
     heap = [slots.key(m.inbox_id) for m in members]
@@ -157,13 +160,16 @@ def assign(
         else:
             t, chosen = None, -1
             while heap and t is None:
-                entry = heapq.heappop(heap)
+                entry = heap[0]
                 chosen = entry[3]
                 if chosen in slots.full or entry != slots.key(chosen):
-                    continue  # stale: a newer entry of this member is in the heap, or it is full
+                    heapq.heappop(heap)  # stale: a newer entry of this member is in the heap, or it is full
+                    continue
                 t = slots.take(chosen)
-                if t is not None:
-                    heapq.heappush(heap, slots.key(chosen))
+                if t is None:
+                    heapq.heappop(heap)
+                else:
+                    heapq.heapreplace(heap, slots.key(chosen))
             if t is None:
                 continue  # no member has room: this lead overflows (a later sticky one may still fit)
         out.lead_ids.append(lead_id)
@@ -171,3 +177,21 @@ def assign(
         out.times.append(t)
     out.overflow = len(lead_ids) - len(out.times)
     return out
+
+
+def _assign_one(
+    lead_ids: Sequence[int],
+    member: Member,
+    start: dt.datetime,
+    end: dt.datetime,
+    gap_min: float,
+    gap_max: float,
+    daily_limit: int,
+    rng: random.Random,
+) -> Assignment:
+    """A pool of one: every lead (sticky or not) on that inbox, within its room, the window and the limit."""
+    room = _UNBOUNDED if member.remaining is None else max(0, member.remaining)
+    count = min(len(lead_ids), daily_limit, room)
+    times = list(itertools.islice(paced_times(start, end, gap_min=gap_min, gap_max=gap_max, rng=rng), count))
+    planned = list(lead_ids[: len(times)])
+    return Assignment(planned, [member.inbox_id] * len(times), times, len(lead_ids) - len(times), 0)
