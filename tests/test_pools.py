@@ -13,11 +13,12 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from campaign import planner
+from campaign import inboxes, planner, recovery, runs
 from campaign.db import db
 from campaign.ops.monitor import verify
 from campaign.pools import Member, assign
-from models import CampaignMessage, Conversation, Lead
+from campaign.settings import get_settings
+from models import CampaignMessage, CampaignRun, Conversation, Lead
 from tests import factories as f
 
 UTC = dt.UTC
@@ -253,3 +254,59 @@ def test_one_inbox_config_plans_as_before(clean_db):
     )
     assert [m.scheduled_at for m in msgs] == expected and overflow == 0
     assert {m.inbox_id for m in msgs} == {ibx.id}
+
+
+# --------------------------------------------------------------------------------------------
+# a pool's runs pause and resume with its members (until failover, R-POOL-3, lands)
+# --------------------------------------------------------------------------------------------
+
+
+def _state(run_id: int) -> tuple[str, str | None]:
+    r = CampaignRun.get_by_id(run_id)
+    return r.status, r.pause_reason
+
+
+def test_disabling_any_pool_member_pauses_the_run_until_none_is_disabled(world):
+    """R-POOL-1 with today's pause rule: any disabled member pauses the pool's run; it resumes only when
+    no member is disabled (no flapping between an enabled first member and a disabled second one)."""
+    ws, cols, a, b, cfg = world
+    bulk_leads(ws, cols["New"], 4)
+    run = planner.plan_run(cfg.id)  # today: a resume re-plans into today's window
+    change = inboxes.disable_inbox("sales-2", workspace="acme", reason="banned", by="test")
+    assert change.paused == [run.id] and _state(run.id) == ("paused", "inbox_disabled")
+    inboxes.disable_inbox("sales-1", workspace="acme", reason="banned too", by="test")
+    assert inboxes.enable_inbox("sales-1", workspace="acme", by="test").resumed == []  # sales-2 still disabled
+    assert inboxes.resume_runs_of_usable_inboxes() == []
+    assert _state(run.id) == ("paused", "inbox_disabled")
+    assert inboxes.enable_inbox("sales-2", workspace="acme", by="test").resumed == [run.id]
+    assert _state(run.id)[0] == "running"
+
+
+class _Gateway:
+    """The one Evolution call of the inbox health check, one state per instance."""
+
+    def __init__(self, states: dict[str, str]) -> None:
+        self.states = states
+        self.asked: list[str] = []
+
+    def connection_state(self, instance: str) -> str:
+        self.asked.append(instance)
+        return self.states[instance]
+
+
+def test_disconnected_pool_member_is_probed_and_the_run_resumes_when_all_are_open(world):
+    """E-07 with a pool: the health check probes every member; the run paused inbox_disconnected resumes
+    once every member is connected again."""
+    ws, cols, a, b, cfg = world
+    bulk_leads(ws, cols["New"], 4)
+    run = planner.plan_run(cfg.id)  # today: a resume re-plans into today's window
+    for ibx in (a, b):
+        inboxes.store_state(ibx.id, "close")
+    assert runs.pause_inbox_runs(b.id, "inbox_disconnected") == [run.id]
+    gateway = _Gateway({a.instance_name: "open", b.instance_name: "close"})
+    result = recovery.check_inboxes(get_settings(), gateway)
+    assert sorted(gateway.asked) == sorted([a.instance_name, b.instance_name])
+    assert result["resumed"] == [] and _state(run.id) == ("paused", "inbox_disconnected")
+    gateway.states[b.instance_name] = "open"
+    assert recovery.check_inboxes(get_settings(), gateway)["resumed"] == [run.id]
+    assert _state(run.id)[0] == "running"
