@@ -97,7 +97,14 @@ class Assignment:
 class _Slots:
     """The members' remaining room and their lazily drawn schedules."""
 
-    def __init__(self, members: Sequence[Member], start: dt.datetime, end: dt.datetime, gaps: tuple, rng) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member],
+        start: dt.datetime,
+        end: dt.datetime,
+        gaps: tuple[float, float],
+        rng: random.Random,
+    ) -> None:
         self.left = {m.inbox_id: (_UNBOUNDED if m.remaining is None else max(0, m.remaining)) for m in members}
         self.count = dict.fromkeys(self.left, 0)
         self.position = {m.inbox_id: m.position for m in members}
