@@ -68,7 +68,7 @@ class CampaignConfigInbox(BaseModel):
 
     config = ForeignKeyField(CampaignConfig, backref="pool", on_delete="CASCADE")
     config_id: int  # the foreign key's column, set by peewee
-    inbox = ForeignKeyField(Inbox, backref="+")
+    inbox = ForeignKeyField(Inbox, backref="+", on_delete="CASCADE")
     inbox_id: int  # the foreign key's column, set by peewee
     workspace = ForeignKeyField(Workspace, backref="+")
     workspace_id: int  # the foreign key's column, set by peewee

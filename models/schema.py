@@ -436,6 +436,8 @@ V9 = Migration(
     (
         # A config sends through a pool of inboxes of its own workspace (R-POOL-1): the composite
         # foreign keys keep every member inside the config's workspace (E-20) in PostgreSQL itself.
+        # Both cascade: a workspace deleted with its campaigns and inboxes takes its pools along
+        # (the inbox a config names in inbox_id and the inbox of every message stay protected).
         "ALTER TABLE campaign_configs ADD CONSTRAINT campaign_configs_id_workspace_key UNIQUE (id, workspace_id)",
         f"""CREATE TABLE campaign_config_inboxes (
         config_id bigint NOT NULL,
@@ -445,7 +447,7 @@ V9 = Migration(
         PRIMARY KEY (config_id, inbox_id),
         UNIQUE (config_id, position),
         FOREIGN KEY (config_id, workspace_id) REFERENCES campaign_configs(id, workspace_id) ON DELETE CASCADE,
-        FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id))""",
+        FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id) ON DELETE CASCADE)""",
         "CREATE INDEX campaign_config_inboxes_inbox_idx ON campaign_config_inboxes (inbox_id)",
         """CREATE TRIGGER campaign_config_inboxes_updated_at BEFORE UPDATE ON campaign_config_inboxes
         FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",

@@ -310,3 +310,12 @@ def test_disconnected_pool_member_is_probed_and_the_run_resumes_when_all_are_ope
     gateway.states[b.instance_name] = "open"
     assert recovery.check_inboxes(get_settings(), gateway)["resumed"] == [run.id]
     assert _state(run.id)[0] == "running"
+
+
+def test_deleting_a_workspace_with_a_pool_deletes_it_all(world):
+    """R-POOL-1: a workspace deleted with its campaigns and inboxes takes its pools along (the demo's reset)."""
+    ws, cols, a, b, cfg = world
+    planner.plan_run(cfg.id)
+    db.execute_sql("DELETE FROM campaign_runs WHERE config_id = %s", (cfg.id,))
+    db.execute_sql("DELETE FROM workspaces WHERE id = %s", (ws.id,))
+    assert db.execute_sql("SELECT count(*) FROM campaign_config_inboxes").fetchone()[0] == 0
