@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # R-OBS-1: the consumer's own tallies, read at scrape time (result names are a fixed vocabulary:
     # "<event queue>:<result>", "ignored", "poison")
     metrics.register_counts(
-        "campaign_inbound_consumed",
+        metrics.INBOUND_CONSUMED,
         "Evolution events this consumer handled, by outcome (<event>:<result>, ignored, poison)",
         "outcome",
         lambda: dict(consumer.stats.by_result),

@@ -73,6 +73,9 @@ WEBHOOK_REQUESTS = Counter(
     registry=REGISTRY,
 )
 
+#: the inbound consumer's tallies (registered by inbound.py with :func:`register_counts`)
+INBOUND_CONSUMED = "campaign_inbound_consumed"
+
 
 class CountsCollector(Collector):
     """A counter read at scrape time from a process's own tallies (e.g. the inbound consumer's
@@ -217,6 +220,17 @@ REFRESH_SECONDS = Gauge(
 
 #: the R-OPS-4 alert kinds (campaign.ops.monitor.alerts); each is exported, 0 when quiet
 ALERT_KINDS = ("stuck_messages", "failure_ratio", "scheduler_heartbeat", "inbox_disconnected", "dead_letters")
+
+
+def metric_names() -> set[str]:
+    """Every sample name this module can export (``campaign_*``), for the dashboard/rules checks."""
+    names = {f"{INBOUND_CONSUMED}_total"}
+    for registry in (REGISTRY, DB_REGISTRY):
+        for family in registry.collect():
+            if family.name.startswith(PREFIX):
+                names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
 
 _DB_GAUGES: tuple[Gauge, ...] = (
     MESSAGES, MESSAGES_ENDED, PARTS, LLM_TOKENS, MESSAGES_STUCK, DEAD_LETTERS, INBOUND_EVENTS, INBOX_CONNECTION,
