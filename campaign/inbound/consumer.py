@@ -92,7 +92,7 @@ class Stats:
 @dataclass
 class _Delivery:
     tag: int
-    queue: str
+    queue: str  # the routing key Evolution published with: the event name (messages.upsert, ...)
     body: bytes
     redelivered: bool
 
@@ -264,7 +264,7 @@ class InboundConsumer:
         if isinstance(result, str):
             log.debug("inbound: %s ignored: %s", delivery.queue, result)
             return "ignored"
-        return f"{delivery.queue.rsplit('.', 1)[0]}:{result.result}"
+        return f"{delivery.queue}:{result.result}"  # the routing key: the event's name
 
     def _poison(self, delivery: _Delivery, reason: str, doc: Any = None) -> None:
         """Record an unusable event (reason, queue, size: never the body, it carries the apikey)."""
