@@ -308,10 +308,10 @@ def _set_messages(rows: Iterable[tuple]) -> None:
         tokens[(workspace, campaign)] = tokens.get((workspace, campaign), 0) + float(used)
         if reason is not None:
             MESSAGES_ENDED.labels(workspace, campaign, status, reason).set(n)
-    for key, n in statuses.items():
-        MESSAGES.labels(*key).set(n)
-    for key, used in tokens.items():
-        LLM_TOKENS.labels(*key).set(used)
+    for status_key, count in statuses.items():
+        MESSAGES.labels(*status_key).set(count)
+    for campaign_key, total in tokens.items():
+        LLM_TOKENS.labels(*campaign_key).set(total)
 
 
 def _set_inboxes(rows: Iterable[tuple]) -> None:
