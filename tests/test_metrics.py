@@ -33,6 +33,9 @@ SECRET = "whsec-metrics-test"
 #: labels Dramatiq's middleware and prometheus_client's default collectors use (all bounded)
 LIBRARY_LABELS = {"queue_name", "actor_name", "le", "implementation", "major", "minor", "patchlevel", "version"}
 LIBRARY_LABELS |= {"generation"}
+# Dramatiq's dramatiq_delayed_messages_inprogress is a multiprocess gauge in "all" mode: one series
+# per worker process (pid), bounded by the processes a worker runs
+LIBRARY_LABELS |= {"pid"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
