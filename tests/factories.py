@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+from campaign.db import db
 from models import CampaignConfig, CampaignMessage, CampaignRun, Column, Inbox, Lead, Workspace
 
 _seq = itertools.count(1)
@@ -67,3 +68,15 @@ def message(r: CampaignRun, ld: Lead | None, **kw) -> CampaignMessage:
     kw.setdefault("scheduled_at", dt.datetime.now(dt.UTC))
     kw.setdefault("inbox", r.config.inbox_id)
     return CampaignMessage.create(run=r, lead=ld, **kw)
+
+
+def pool(cfg: CampaignConfig, *inboxes: Inbox) -> CampaignConfig:
+    """Make ``inboxes`` the sender pool of ``cfg`` (R-POOL-1), the first one its ``inbox_id``."""
+    db.execute_sql("DELETE FROM campaign_config_inboxes WHERE config_id = %s", (cfg.id,))
+    for pos, ibx in enumerate(inboxes):
+        db.execute_sql(
+            "INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position) VALUES (%s, %s, %s, %s)",
+            (cfg.id, ibx.id, cfg.workspace_id, pos),
+        )
+    db.execute_sql("UPDATE campaign_configs SET inbox_id = %s WHERE id = %s", (inboxes[0].id, cfg.id))
+    return CampaignConfig.get_by_id(cfg.id)
