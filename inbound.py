@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from campaign import metrics
 from campaign.db import close_db, init_db
 from campaign.errors import EngineError
 from campaign.inbound.consumer import InboundConsumer
@@ -44,6 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     init_db(settings, max_connections=4, application_name=f"campaign-inbound:{os.getpid()}")
+    # R-OBS-1: the consumer's own tallies, read at scrape time (result names are a fixed vocabulary:
+    # "<event queue>:<result>", "ignored", "poison")
+    metrics.register_counts(
+        metrics.INBOUND_CONSUMED,
+        "Evolution events this consumer handled, by outcome (<event>:<result>, ignored, poison)",
+        "outcome",
+        lambda: dict(consumer.stats.by_result),
+    )
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as exc:
+        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
+        close_db()
+        return 2
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)

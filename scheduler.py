@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg2
 
-from campaign import dispatch, recovery, runs
+from campaign import dispatch, metrics, recovery, runs
 from campaign.db import close_db, connect_kwargs, db, init_db
 from campaign.errors import EngineError
 from campaign.logs import configure_logging
@@ -57,6 +57,7 @@ STANDBY_RETRY_SECONDS = 2.0  # a standby retries the lock this often (takeover w
 LOCK_CHECK_SECONDS = 2.0  # the active one checks its lock connection this often
 MAX_DISPATCH_ROUNDS = 50  # full batches dispatched back to back in one tick, at most
 HEARTBEAT_NAME = "scheduler"
+METRICS_REFRESH_SECONDS = 15.0  # the database gauges (R-OBS-1) are this fresh; a scrape never queries
 
 JobFunc = Callable[[Settings, Callable[[], bool]], object]
 
@@ -129,8 +130,22 @@ def _alerts(settings: Settings, active: Callable[[], bool]) -> object:
     return monitor.log_alerts(settings)
 
 
+def _metrics(settings: Settings, active: Callable[[], bool]) -> object:
+    from campaign.ops import monitor
+
+    # queue depths and alerts come from the same code as `status` (one passive declare per queue,
+    # the R-OPS-4 checks); the rest is four statements in campaign.metrics
+    depths, error = monitor.queue_depths(settings)
+    if error:
+        log.warning("metrics: queue depths unavailable: %s", error)
+    kinds = [a.kind for a in monitor.alerts(settings)]
+    snap = metrics.refresh(queue_depths=depths, alerts=kinds)
+    return {"message_groups": len(snap.messages), "inboxes": len(snap.inboxes)}
+
+
 def job_specs(settings: Settings) -> list[JobSpec]:
     """The scheduler's jobs (the heartbeat is added by the process: it needs the holder name)."""
+    extra = [JobSpec("metrics", _metrics, METRICS_REFRESH_SECONDS)] if settings.metrics_port is not None else []
     return [
         JobSpec("plan_due_runs", _plan, 60),
         JobSpec("dispatch_due", _dispatch, settings.dispatch_interval_seconds),
@@ -138,6 +153,7 @@ def job_specs(settings: Settings) -> list[JobSpec]:
         JobSpec("recovery_sweep", _recovery, settings.recovery_interval_seconds),  # R-FAIL-8
         JobSpec("inbox_health", _inbox_health, settings.inbox_health_interval_seconds),  # R-FAIL-6
         JobSpec("alerts", _alerts, 60),  # R-OPS-4, logged at ERROR
+        *extra,  # R-OBS-1: the database gauges, only when /metrics is served
     ]
 
 
@@ -305,6 +321,7 @@ class SchedulerProcess:
             announced_standby = False
             self._active_since = dt.datetime.now(UTC)
             self._active.set()
+            metrics.SCHEDULER_LEADER.set(1)
             log.info("active (%s): scheduler lock acquired, starting %s jobs", self.holder, len(self.jobs) + 1)
             sched = self._start_jobs()
             try:
@@ -315,6 +332,8 @@ class SchedulerProcess:
             finally:
                 self._active.clear()
                 sched.shutdown(wait=True)
+                metrics.SCHEDULER_LEADER.set(0)
+                metrics.clear()  # a standby exports no database gauge: sums never count twice
                 log.info("jobs stopped (%s)", self.holder)
         self.lock.release()
         log.info("scheduler %s stopped", self.holder)
@@ -345,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
 
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as exc:
+        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
+        close_db()
+        return 2
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)

@@ -92,6 +92,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from campaign import metrics
 from campaign.db import close_db, db, init_db
 from campaign.errors import EngineError, EnvelopeError
 from campaign.inbound import apply_event
@@ -378,6 +379,12 @@ class _Receiver:
         self.body_timeout = body_timeout
 
     async def post(self, request: Request) -> Response:
+        """The receiver, counted by HTTP status (R-OBS-1; never by path: ``/webhook/<event>`` is the caller's)."""
+        response = await self._post(request)
+        metrics.WEBHOOK_REQUESTS.labels(str(response.status_code)).inc()
+        return response
+
+    async def _post(self, request: Request) -> Response:
         """POST /webhook (or /webhook/<event>, Evolution's per-event URLs): one event envelope.
 
         Async only to read the body under its deadline; everything after runs in the threadpool.
@@ -902,6 +909,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     init_db(settings, application_name=f"campaign-webhook:{os.getpid()}")
+    try:
+        # prometheus_client's server on METRICS_PORT, not a route here: this port faces Evolution
+        metrics.serve(settings.metrics_port)
+    except OSError as exc:
+        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
+        close_db()
+        return 2
     try:
         server = make_server(settings, args.host, args.port)
     except OSError as exc:

@@ -26,6 +26,7 @@ from dramatiq.middleware import (
     ShutdownNotifications,
     TimeLimit,
 )
+from dramatiq.middleware.prometheus import Prometheus
 
 from actors.middleware import engine_middleware
 from campaign.errors import ConfigError
@@ -34,6 +35,7 @@ from campaign.settings import Settings, amqp_urls, redact_url
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "WorkerPrometheus",
     "build_broker",
     "setup_broker",
     "middleware_list",
@@ -182,10 +184,35 @@ class QueuePreflight(Middleware):
             raise QueuePreflightFailed(str(exc)) from exc
 
 
+class WorkerPrometheus(Prometheus):
+    """Dramatiq's Prometheus middleware, inert until a worker process boots.
+
+    The scheduler and the CLI publish through the same broker but never boot a worker: Dramatiq's
+    ``after_enqueue`` would touch counters that only ``after_process_boot`` creates.
+    """
+
+    booted = False
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        super().after_process_boot(broker)
+        self.booted = True
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None) -> None:
+        if self.booted:
+            super().after_enqueue(broker, message, delay)
+
+
 def middleware_list(settings: Settings) -> list[Middleware]:
     """The middleware every broker of the engine runs, in order."""
 
     head, tail = engine_middleware(settings)
+    # R-OBS-1: actor metrics (messages, errors, retries, dead letters, durations = step latencies)
+    # from Dramatiq's own middleware, multiprocess-safe: every worker process writes under env
+    # dramatiq_prom_db and the worker's master serves the sum on env dramatiq_prom_port (9191).
+    # Only when the deployment turns metrics on (METRICS_PORT): the exposition server binds a port.
+    observe: list[Middleware] = (
+        [Prometheus()] if settings.metrics_port is not None and settings.broker != "stub" else []
+    )
     return [
         *head,  # StepLog (ids in every line), DbConnection (first in, last out),
         # DeadLetters (its after-hook runs after Retries')
@@ -197,6 +224,7 @@ def middleware_list(settings: Settings) -> list[Middleware]:
         Retries(),  # backoff policy per actor (max_retries, min/max_backoff, retry_when)
         CurrentMessage(),  # lets a step see its own Dramatiq message (id, retries)
         *tail,  # RateLimits: per-inbox / per-LLM-key pacing, right before the actor
+        *observe,  # Prometheus: last, so its duration is the actor's (after RateLimits' wait)
     ]
 
 

@@ -295,6 +295,12 @@ class Settings:
     webhook_port: int = field(
         default=8090, metadata={"env": "WEBHOOK_PORT", "parse": _int_in("WEBHOOK_PORT", 1, 65535)}
     )
+    #: where the scheduler, the inbound consumer and the webhook serve Prometheus ``/metrics``
+    #: (R-OBS-1); unset = no metrics server (and no Prometheus middleware in the workers, which
+    #: serve on Dramatiq's own ``dramatiq_prom_port``). 0 picks a free port (tests).
+    metrics_port: int | None = field(
+        default=None, metadata={"env": "METRICS_PORT", "parse": _int_in("METRICS_PORT", 0, 65535)}
+    )
     #: unacknowledged events the inbound consumer holds at most (R-IN-1: bounded prefetch)
     inbound_prefetch: int = field(
         default=200, metadata={"env": "INBOUND_PREFETCH", "parse": _int_in("INBOUND_PREFETCH", 1, 10000)}
