@@ -40,7 +40,6 @@ from bench.common import (
     median,
     parts_per_message,
     print_counts,
-    purge_queues,
     q,
     q1,
     read_counts,
@@ -52,6 +51,7 @@ from bench.common import (
     wait_progress,
     wait_until,
 )
+from devtools.services import purge_queues
 
 TARGET_RATIO = 1.0
 

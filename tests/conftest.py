@@ -6,103 +6,35 @@ service is an error, never a skip: in CI it must fail the run.
 
 Where the services are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
 and TEST_RABBITMQ_URL (default amqp://guest:guest@127.0.0.1:5672/); the vhost is made with
-``rabbitmqctl`` (RABBITMQCTL to override the command).
+``rabbitmqctl`` (RABBITMQCTL to override the command). devtools.services does the work.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
-import uuid
 from collections.abc import Iterator
-from urllib.parse import quote, urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 
-ADMIN_PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RABBIT_BASE_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+from devtools.services import Throwaway
 
-RUN_ID = f"ce_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-
-def _with_path(url: str, path: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + path, parts.query, parts.fragment))
-
-
-def _admin_pg():
-    try:
-        conn = psycopg2.connect(ADMIN_PG_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        raise RuntimeError(f"PostgreSQL is not reachable at {ADMIN_PG_URL}: {exc}".strip()) from exc
-    conn.autocommit = True
-    return conn
-
-
-def _rabbitmqctl(*args: str) -> None:
-    try:
-        subprocess.run([*RABBITMQCTL, *args], check=True, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError as exc:
-        raise RuntimeError(f"{RABBITMQCTL[0]} not found: the tests need it to create their vhost") from exc
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {exc.stderr.strip()}") from exc
+RUN = Throwaway("ce_test")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def services() -> Iterator[dict[str, str]]:
     """Create this run's database and vhost, point the settings at them, drop them afterwards."""
-    admin = _admin_pg()
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{RUN_ID}"')
-    _rabbitmqctl("add_vhost", RUN_ID)
-    _rabbitmqctl("set_permissions", "-p", RUN_ID, urlsplit(RABBIT_BASE_URL).username or "guest", ".*", ".*", ".*")
-    env = {
-        "DATABASE_URL": _with_path(ADMIN_PG_URL, RUN_ID),
-        "RABBITMQ_URL": _with_path(RABBIT_BASE_URL, quote(RUN_ID, safe="")),
-        "CAMPAIGN_BROKER": "rabbitmq",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from campaign.settings import get_settings, reset_settings
-
-    reset_settings()
-    from campaign.db import close_db, db, init_db
-    from models.schema import migrate
-
-    init_db(get_settings())
-    with db.connection_context():
-        migrate(db)
-    try:
-        yield env
-    finally:
-        close_db()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{RUN_ID}" WITH (FORCE)')
-        admin.close()
-        _rabbitmqctl("delete_vhost", RUN_ID)
+    with RUN:
+        yield RUN.env
 
 
 @pytest.fixture
-def fresh_database() -> Iterator[str]:
+def fresh_database(services) -> Iterator[str]:
     """An empty extra database (no schema) for migration tests; dropped afterwards."""
-    name = f"{RUN_ID}_{uuid.uuid4().hex[:6]}"
-    admin = _admin_pg()
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
+    url = RUN.extra_database()
     try:
-        yield _with_path(ADMIN_PG_URL, name)
+        yield url
     finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        RUN.drop_extra(url)
 
 
 @pytest.fixture

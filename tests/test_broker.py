@@ -8,7 +8,8 @@ import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from campaign.db import db
-from tests.workers import wait_for, worker
+from devtools.services import start_worker
+from tests.workers import wait_for
 
 
 def test_broker_is_rabbitmq_with_confirms(services):
@@ -49,7 +50,7 @@ def test_actor_processed_by_real_worker_process(clean_db, tmp_path):
             )
 
     assert not seen()
-    with worker(processes=1, threads=2, log_path=tmp_path / "worker.log"):
+    with start_worker(processes=1, threads=2, log_path=tmp_path / "worker.log"):
         try:
             wait_for(seen, timeout=60, message="the worker to record the ping")
         except AssertionError:

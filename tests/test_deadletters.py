@@ -27,9 +27,10 @@ from campaign.db import db
 from campaign.errors import StepFailed
 from campaign.ops import dead_letters, monitor, repairs
 from campaign.settings import get_settings
+from devtools.services import purge_queues, start_worker, stop_worker
 from models import CampaignMessage, CampaignRun, DeadLetter, Lead, MessagePart
 from tests.pipeline_helpers import assert_counters_match, fast_settings, make_world, run_counters
-from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
+from tests.workers import ROOT, wait_for
 
 SCRIPT = ROOT / "scripts" / "reprocess_dead_letters.py"
 LONG_TEXT = (

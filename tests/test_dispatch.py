@@ -11,8 +11,9 @@ import pytest
 
 from campaign import dispatch, outcomes, runs, steps
 from campaign.db import db
-from campaign.ops.monitor import verify
+from campaign.ops.monitor import SYSTEM_QUEUE, verify
 from campaign.settings import get_settings
+from devtools import services
 from models import CampaignMessage, CampaignRun
 from tests import factories as f
 from tests.test_planner import bulk_leads, recorded_sql
@@ -24,21 +25,7 @@ _lead_blocks = itertools.count(1)
 def purge_queues() -> None:
     """Empty every pipeline queue (and its .DQ/.XQ) of the test vhost with a pika connection of our own
     (the broker's thread-local connection may have been closed by an earlier test)."""
-    import pika
-    from pika.exceptions import ChannelClosedByBroker
-
-    from campaign.ops.monitor import queue_names
-
-    conn = pika.BlockingConnection(pika.URLParameters(get_settings().rabbitmq_url))
-    try:
-        ch = conn.channel()
-        for name in queue_names():
-            try:
-                ch.queue_purge(name)
-            except ChannelClosedByBroker:  # not declared yet
-                ch = conn.channel()
-    finally:
-        conn.close()
+    services.purge_queues(get_settings().rabbitmq_url, (*steps.QUEUES, SYSTEM_QUEUE))
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from campaign import logs
 from campaign.db import db
 from campaign.settings import get_settings
+from devtools.services import purge_queues, start_worker, stop_worker
 from tests import factories as f
 from tests.pipeline_helpers import assert_counters_match, make_world
-from tests.workers import ROOT, purge_queues, start_worker, stop_worker, wait_for
+from tests.workers import ROOT, wait_for
 
 # --------------------------------------------------------------------------------------------
 # unit: redaction and formatting

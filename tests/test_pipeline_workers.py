@@ -12,10 +12,11 @@ import pytest
 from campaign import dispatch, recovery, steps
 from campaign.db import db
 from campaign.settings import get_settings
+from devtools.services import purge_queues, start_worker, stop_worker
 from models import CampaignMessage, DeadLetter, Lead
 from tests import factories as f
 from tests.pipeline_helpers import assert_counters_match, fast_settings, make_world, run_counters
-from tests.workers import purge_queues, start_worker, stop_worker, wait_for
+from tests.workers import wait_for
 
 
 @pytest.fixture
