@@ -49,9 +49,8 @@ from bench.common import (
     status_counts,
     verdict,
     wait_progress,
-    wait_until,
 )
-from devtools.services import purge_queues
+from devtools.services import purge_queues, wait_until
 
 TARGET_RATIO = 1.0
 

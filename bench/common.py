@@ -375,26 +375,6 @@ def dispatch_all(settings: Any, *, until_empty: bool = True) -> int:
             return total
 
 
-def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float,
-    interval: float = 0.2,
-    what: str = "condition",
-    on_timeout: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``predicate`` until truthy; a clear error naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = on_timeout() if on_timeout else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
 def wait_progress(
     count: Callable[[], int],
     total: int,

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -442,6 +442,28 @@ class Throwaway:
 
 # --------------------------------------------------------------------------------------------
 # the sandbox and engine processes
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+    on_timeout: Callable[[], str] | None = None,
+    error: type[Exception] = TimeoutError,
+) -> Any:
+    """Poll ``predicate`` until truthy (its value); ``error`` naming ``what`` after ``timeout`` seconds
+    (``on_timeout`` adds a tail, e.g. a worker log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = on_timeout() if on_timeout else ""
+            raise error(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        time.sleep(interval)
 
 
 def sandbox_env(sb: Any) -> dict[str, str]:

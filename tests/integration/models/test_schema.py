@@ -1,0 +1,227 @@
+"""Schema rules carried by PostgreSQL itself, and versioned idempotent migrations (issue 2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+
+import peewee
+import psycopg2
+import pytest
+
+from campaign.db import db
+from models import CampaignMessage, CampaignRun, Lead, MessagePart
+from models.schema import LATEST, MIGRATIONS
+from tests import ROOT
+from tests.integration import factories as f
+
+
+@pytest.fixture
+def world(clean_db):
+    ws, cols = f.workspace("acme")
+    ibx = f.inbox(ws, "sales-1")
+    cfg = f.config(ws, ibx, cols["New"], cols["Contacted"], name="first-touch")
+    run = f.run(cfg)
+    return ws, cols, ibx, cfg, run
+
+
+def test_duplicate_run_lead_rejected(world):
+    ws, cols, _, _, run = world
+    lead = f.lead(ws, cols["New"])
+    f.message(run, lead)
+    with pytest.raises(peewee.IntegrityError, match="campaign_messages_run_id_lead_id_key"):
+        with db.atomic():
+            f.message(run, lead)
+
+
+def test_duplicate_config_run_date_rejected(world):
+    _, _, _, cfg, run = world
+    with pytest.raises(peewee.IntegrityError, match="campaign_runs_config_id_run_date_key"):
+        with db.atomic():
+            f.run(cfg, run_date=run.run_date)
+    # another date is fine
+    f.run(cfg, run_date=run.run_date + dt.timedelta(days=1))
+
+
+def test_duplicate_part_index_rejected(world):
+    ws, cols, _, _, run = world
+    msg = f.message(run, f.lead(ws, cols["New"]))
+    MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="hello")
+    with pytest.raises(peewee.IntegrityError, match="message_parts_message_id_idx_key"):
+        with db.atomic():
+            MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="again")
+
+
+def test_deleting_lead_keeps_message_with_null_lead(world):
+    """E-01: the message row survives a hard delete of its lead (FK ON DELETE SET NULL)."""
+    ws, cols, _, _, run = world
+    lead = f.lead(ws, cols["New"])
+    msg = f.message(run, lead)
+    Lead.delete().where(Lead.id == lead.id).execute()
+    survivor = CampaignMessage.get_by_id(msg.id)
+    assert survivor.lead_id is None
+    assert survivor.status == "pending"
+
+
+@pytest.mark.parametrize(
+    "table,column,value",
+    [
+        ("campaign_messages", "status", "exploded"),
+        ("campaign_runs", "status", "done"),
+        ("message_parts", "status", "maybe"),
+        ("message_parts", "delivery_status", "seen"),
+    ],
+)
+def test_invalid_status_rejected(world, table, column, value):
+    ws, cols, _, _, run = world
+    msg = f.message(run, f.lead(ws, cols["New"]))
+    part = MessagePart.create(message=msg, inbox=msg.inbox_id, idx=0, text="hi")
+    row_id = {"campaign_messages": msg.id, "campaign_runs": run.id, "message_parts": part.id}[table]
+    with pytest.raises(peewee.IntegrityError, match="check constraint"):
+        with db.atomic():
+            db.execute_sql(f"UPDATE {table} SET {column} = %s WHERE id = %s", (value, row_id))
+
+
+def test_counters_must_add_up(world):
+    """leads_processed is exactly the sum of the outcome counters, and never above the total."""
+    _, _, _, _, run = world
+    with pytest.raises(peewee.IntegrityError, match="check constraint"):
+        with db.atomic():
+            CampaignRun.update(leads_total=5, leads_processed=1).where(CampaignRun.id == run.id).execute()
+    with pytest.raises(peewee.IntegrityError, match="check constraint"):
+        with db.atomic():
+            CampaignRun.update(leads_total=0, leads_processed=1, leads_sent=1).where(CampaignRun.id == run.id).execute()
+    CampaignRun.update(leads_total=5, leads_processed=2, leads_sent=1, leads_skipped=1).where(
+        CampaignRun.id == run.id
+    ).execute()
+
+
+def test_cross_workspace_references_rejected(world):
+    """E-20 at the database level: a config cannot use another workspace's inbox or columns."""
+    ws, cols, ibx, _, _ = world
+    other, other_cols = f.workspace("other")
+    other_inbox = f.inbox(other, "x")
+    with pytest.raises(peewee.IntegrityError, match="foreign key"):
+        with db.atomic():
+            f.config(ws, other_inbox, cols["New"], cols["Contacted"])
+    with pytest.raises(peewee.IntegrityError, match="foreign key"):
+        with db.atomic():
+            f.config(ws, ibx, cols["New"], other_cols["Contacted"])
+    with pytest.raises(peewee.IntegrityError, match="foreign key"):
+        with db.atomic():
+            f.lead(ws, other_cols["New"])
+
+
+def test_deleting_target_column_keeps_config(world):
+    """E-09 at the database level: the config survives with no target column."""
+    _, cols, _, cfg, _ = world
+    cols["Contacted"].delete_instance()
+    cfg = type(cfg).get_by_id(cfg.id)
+    assert cfg.target_column_id is None
+    assert cfg.workspace_id is not None
+
+
+def test_dispatcher_claim_uses_partial_index(world):
+    # tiny tables may be seq-scanned; force the planner's hand to prove the index fits the query
+    db.execute_sql("SET enable_seqscan = off")
+    try:
+        plan = "\n".join(
+            r[0]
+            for r in db.execute_sql(
+                "EXPLAIN SELECT id FROM campaign_messages WHERE status = 'pending' AND scheduled_at <= now() "
+                "ORDER BY scheduled_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+            ).fetchall()
+        )
+    finally:
+        db.execute_sql("SET enable_seqscan = on")
+    assert "campaign_messages_due_idx" in plan
+
+
+def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _dump_schema(database_url: str) -> list[tuple]:
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("""SELECT table_name, column_name, data_type, is_nullable, column_default
+                           FROM information_schema.columns WHERE table_schema = 'public'
+                           ORDER BY 1, 2""")
+            cols = cur.fetchall()
+            cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint ORDER BY 1")
+            cons = cur.fetchall()
+            cur.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1")
+            idx = cur.fetchall()
+        return cols + cons + idx
+    finally:
+        conn.close()
+
+
+def test_init_db_twice_is_a_noop(fresh_database):
+    first = _cli(fresh_database, "init-db")
+    assert first.returncode == 0, first.stderr
+    assert f"schema upgraded to version {LATEST}" in first.stdout
+    before = _dump_schema(fresh_database)
+    second = _cli(fresh_database, "init-db")
+    assert second.returncode == 0, second.stderr
+    assert "nothing to do" in second.stdout
+    assert _dump_schema(fresh_database) == before
+
+
+def test_upgrade_from_previous_version_keeps_rows(fresh_database):
+    previous = MIGRATIONS[-2].version
+    assert _cli(fresh_database, "init-db", "--target", str(previous)).returncode == 0
+    conn = psycopg2.connect(fresh_database)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO workspaces (name) VALUES ('keep') RETURNING id")
+        ws = cur.fetchone()[0]
+        cur.execute("INSERT INTO columns (workspace_id, name) VALUES (%s, 'New') RETURNING id", (ws,))
+        col = cur.fetchone()[0]
+        cur.execute(
+            "INSERT INTO leads (workspace_id, column_id, name, phone) VALUES (%s, %s, 'Ana', '+5511999990000')",
+            (ws, col),
+        )
+        cur.execute("SELECT max(version) FROM schema_version")
+        assert cur.fetchone()[0] == previous
+    upgraded = _cli(fresh_database, "init-db")
+    assert upgraded.returncode == 0, upgraded.stderr
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT w.name, c.name, l.name, l.phone FROM leads l JOIN columns c ON c.id = l.column_id "
+            "JOIN workspaces w ON w.id = l.workspace_id"
+        )
+        assert cur.fetchall() == [("keep", "New", "Ana", "+5511999990000")]
+        cur.execute("SELECT max(version) FROM schema_version")
+        assert cur.fetchone()[0] == LATEST
+        cur.execute("SELECT count(*) FROM dead_letters")  # a table of the newer version exists
+        assert cur.fetchone()[0] == 0
+    conn.close()
+
+
+def test_concurrent_init_db_applies_once(fresh_database):
+    env = {**os.environ, "DATABASE_URL": fresh_database}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "cli.py", "init-db"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    conn = psycopg2.connect(fresh_database)
+    with conn.cursor() as cur:
+        cur.execute("SELECT version, count(*) FROM schema_version GROUP BY version ORDER BY version")
+        assert cur.fetchall() == [(m.version, 1) for m in MIGRATIONS]
+    conn.close()
