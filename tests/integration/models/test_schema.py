@@ -10,6 +10,7 @@ import sys
 import peewee
 import psycopg2
 import pytest
+from playhouse.postgres_ext import ArrayField
 
 from campaign.db import db
 from models import CampaignMessage, CampaignRun, Lead, MessagePart
@@ -225,3 +226,97 @@ def test_concurrent_init_db_applies_once(fresh_database):
         cur.execute("SELECT version, count(*) FROM schema_version GROUP BY version ORDER BY version")
         assert cur.fetchall() == [(m.version, 1) for m in MIGRATIONS]
     conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the peewee models match the migrated schema (DESIGN: models/ + models/schema.py)
+
+#: the PostgreSQL type (information_schema data_type) each peewee field type is stored as
+PG_TYPE = {
+    "BIGAUTO": "bigint",
+    "BIGINT": "bigint",
+    "INT": "integer",
+    "TEXT": "text",
+    "TIMESTAMPTZ": "timestamp with time zone",
+    "BOOL": "boolean",
+    "DOUBLE": "double precision",
+    "JSONB": "jsonb",
+    "UUID": "uuid",
+    "DATE": "date",
+}
+
+
+def _schema_columns() -> dict[str, dict[str, tuple[str, bool]]]:
+    """table -> column -> (data_type, nullable) of the session's migrated database."""
+    out: dict[str, dict[str, tuple[str, bool]]] = {}
+    for table, column, data_type, nullable in db.execute_sql(
+        """SELECT table_name, column_name, data_type, is_nullable = 'YES' FROM information_schema.columns
+            WHERE table_schema = 'public'"""
+    ):
+        out.setdefault(table, {})[column] = (data_type, nullable)
+    return out
+
+
+def _schema_foreign_keys() -> set[tuple[str, str, str]]:
+    """(table, column, referenced table) of every foreign key (composite ones column by column)."""
+    return set(
+        db.execute_sql(
+            """SELECT tc.table_name, kcu.column_name, ccu.table_name
+                 FROM information_schema.table_constraints tc
+                 JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name)
+                 JOIN information_schema.constraint_column_usage ccu USING (constraint_schema, constraint_name)
+                WHERE tc.constraint_type = 'FOREIGN KEY' AND tc.table_schema = 'public'"""
+        ).fetchall()
+    )
+
+
+def test_the_models_match_the_migrated_schema(services):
+    """Every table has a model and every model a table; each field is a column of the same type,
+    NOT NULL where the model requires a value, nullable only where the model allows None, and a
+    foreign key field references its model's table. A migration that forgets the model (or the
+    reverse) fails here, not in production."""
+    from models import ALL_MODELS
+
+    with db.connection_context():
+        columns, foreign_keys = _schema_columns(), _schema_foreign_keys()
+    problems: list[str] = []
+    tables = {m._meta.table_name: m for m in ALL_MODELS}
+    problems += [f"table {t} has no model" for t in sorted(set(columns) - set(tables) - {"schema_version"})]
+    problems += [f"model {m.__name__} has no table {t}" for t, m in sorted(tables.items()) if t not in columns]
+    for table, model in sorted(tables.items()):
+        have = columns.get(table, {})
+        fields = {f.column_name: f for f in model._meta.sorted_fields}
+        problems += [f"{table}.{c} is not a field of {model.__name__}" for c in sorted(set(have) - set(fields))]
+        for name, field in fields.items():
+            if name not in have:
+                problems.append(f"{model.__name__}.{field.name}: no column {table}.{name}")
+                continue
+            data_type, nullable = have[name]
+            expected = "ARRAY" if isinstance(field, ArrayField) else PG_TYPE.get(field.field_type, field.field_type)
+            if data_type != expected:
+                problems.append(f"{table}.{name} is {data_type}, the model says {field.field_type} ({expected})")
+            if nullable and not field.null:
+                problems.append(f"{table}.{name} is nullable, the model requires a value")
+            if not nullable and field.null and name not in DB_FILLED:
+                problems.append(f"{table}.{name} is NOT NULL, the model allows None")
+            if isinstance(field, peewee.ForeignKeyField):
+                target = field.rel_model._meta.table_name
+                if (table, name, target) not in foreign_keys:
+                    problems.append(f"{table}.{name} has no foreign key to {target}")
+    assert problems == [], "models vs schema:\n" + "\n".join(problems)
+
+
+#: NOT NULL columns the model leaves to the database (a default fills them on insert)
+DB_FILLED = {"created_at", "updated_at", "status_changed_at"}
+
+
+def test_the_model_check_can_fail(services, monkeypatch):
+    """The check itself: a model field the schema lacks is reported (a test that cannot fail proves nothing)."""
+    from models import Lead as LeadModel
+
+    monkeypatch.setitem(LeadModel._meta.fields, "nickname", peewee.TextField(column_name="nickname"))
+    field = LeadModel._meta.fields["nickname"]
+    field.model, field.name = LeadModel, "nickname"
+    monkeypatch.setattr(LeadModel._meta, "sorted_fields", [*LeadModel._meta.sorted_fields, field])
+    with pytest.raises(AssertionError, match=r"Lead.nickname: no column leads.nickname"):
+        test_the_models_match_the_migrated_schema(services)
