@@ -11,11 +11,12 @@ and TEST_RABBITMQ_URL (default amqp://guest:guest@127.0.0.1:5672/); the vhost is
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from devtools.services import Throwaway
+from devtools.services import ServicesError, Throwaway
 
 RUN = Throwaway("ce_test")
 
@@ -24,7 +25,21 @@ RUN = Throwaway("ce_test")
 def services() -> Iterator[dict[str, str]]:
     """Create this run's database and vhost, point the settings at them, drop them afterwards."""
     with RUN:
+        _refuse_a_broker_built_before(RUN)
         yield RUN.env
+
+
+def _refuse_a_broker_built_before(run: Throwaway) -> None:
+    """The engine's broker is built once per process, when ``actors`` is first imported: built before
+    this run's vhost existed, it would publish elsewhere and every worker test would wait in vain."""
+    actors = sys.modules.get("actors")
+    params = getattr(getattr(actors, "broker", None), "parameters", None)
+    if actors is not None and getattr(params, "virtual_host", run.name) != run.name:
+        raise ServicesError(
+            f"the engine's broker was built before the test vhost existed (it publishes to vhost "
+            f"{params.virtual_host!r}, not {run.name!r}): a test module imports ``actors`` at collection; "
+            "import it inside the test instead"
+        )
 
 
 @pytest.fixture

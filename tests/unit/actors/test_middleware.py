@@ -18,22 +18,21 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import SkipMessage
 
-from actors import middleware
-from actors.middleware import (
-    IN_THREAD_WAIT_SECONDS,
-    DbConnection,
-    DeadLetters,
-    RateLimits,
-    RateLimitUnavailable,
-    current_rate_limits,
-    engine_middleware,
-)
-from actors.steplog import StepLog
 from campaign import ratelimit
 from campaign.settings import Settings
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
 
 SETTINGS = Settings.from_env({})
+
+
+@pytest.fixture(scope="module")
+def mw() -> types.ModuleType:
+    """actors.middleware, imported when the tests run, not when they are collected: importing the
+    ``actors`` package builds the engine's broker from the environment, which in ``make test`` is
+    the integration run's own vhost only once its session fixture has made it."""
+    from actors import middleware
+
+    return middleware
 
 
 class _Broker:
@@ -71,9 +70,9 @@ def _script(monkeypatch: pytest.MonkeyPatch, name: str, grants: list[ratelimit.G
 # declared actor options
 
 
-def test_actor_options_are_declared_by_the_middleware_that_reads_them():
+def test_actor_options_are_declared_by_the_middleware_that_reads_them(mw):
     """dramatiq refuses an actor option no middleware declares: campaign_step and rate_limit are ours."""
-    broker = StubBroker(middleware=[DeadLetters(SETTINGS), RateLimits(SETTINGS)])
+    broker = StubBroker(middleware=[mw.DeadLetters(SETTINGS), mw.RateLimits(SETTINGS)])
     step = dramatiq.actor(lambda: None, actor_name="step", broker=broker, campaign_step=True, rate_limit="inbox")
     assert step.options == {"campaign_step": True, "rate_limit": "inbox"}
     bare = StubBroker(middleware=[])
@@ -85,54 +84,54 @@ def test_actor_options_are_declared_by_the_middleware_that_reads_them():
 # RateLimits
 
 
-def test_an_actor_without_rate_limit_runs_and_holds_no_slot(monkeypatch):
+def test_an_actor_without_rate_limit_runs_and_holds_no_slot(mw, monkeypatch):
     calls = _script(monkeypatch, "acquire_inbox", [ratelimit.Grant("inbox:7", "T")])
-    limiter, broker = RateLimits(SETTINGS), _Broker(None)
+    limiter, broker = mw.RateLimits(SETTINGS), _Broker(None)
     limiter.before_process_message(broker, _message())
     assert calls == [] and broker.enqueued == [] and limiter.take_grant() is None
 
 
-def test_a_granted_inbox_slot_is_handed_to_the_step_once(monkeypatch):
+def test_a_granted_inbox_slot_is_handed_to_the_step_once(mw, monkeypatch):
     grant = ratelimit.Grant("inbox:7", "TOKEN")
     calls = _script(monkeypatch, "acquire_inbox", [grant])
-    limiter = RateLimits(SETTINGS)
+    limiter = mw.RateLimits(SETTINGS)
     limiter.before_process_message(_Broker("inbox"), _message(args=(41, 7)))
     assert calls == [(7, SETTINGS.send_lease_seconds)]  # the inbox is the send's second argument
     assert limiter.take_grant() is grant
     assert limiter.take_grant() is None  # handed over: the step owns its release now
 
 
-def test_a_short_wait_is_spent_in_the_thread_not_in_the_delay_queue(monkeypatch):
+def test_a_short_wait_is_spent_in_the_thread_not_in_the_delay_queue(mw, monkeypatch):
     """R-RATE-3: a wait within IN_THREAD_WAIT_SECONDS polls again instead of a broker round trip."""
     key = ratelimit.openrouter_key(SETTINGS.openrouter_api_key)
     calls = _script(monkeypatch, "acquire_minute", [ratelimit.Grant(key, None, wait=0.05), ratelimit.Grant(key, "T")])
     broker = _Broker("openrouter")
-    RateLimits(SETTINGS).before_process_message(broker, _message("generate", args=()))
+    mw.RateLimits(SETTINGS).before_process_message(broker, _message("generate", args=()))
     assert len(calls) == 2 and calls[0] == (key, SETTINGS.openrouter_requests_per_minute)
     assert broker.enqueued == []
 
 
-def test_a_longer_wait_re_enqueues_a_copy_with_that_delay_and_skips_the_message(monkeypatch):
+def test_a_longer_wait_re_enqueues_a_copy_with_that_delay_and_skips_the_message(mw, monkeypatch):
     """R-RATE-1: the message is never dropped and spends no retry: a delayed copy, then SkipMessage."""
-    _script(monkeypatch, "acquire_minute", [ratelimit.Grant("k", None, wait=IN_THREAD_WAIT_SECONDS + 1.5)])
+    _script(monkeypatch, "acquire_minute", [ratelimit.Grant("k", None, wait=mw.IN_THREAD_WAIT_SECONDS + 1.5)])
     broker, message = _Broker("openrouter"), _message("generate", args=())
     with pytest.raises(SkipMessage, match="rate limited for 2.00s"):
-        RateLimits(SETTINGS).before_process_message(broker, message)
+        mw.RateLimits(SETTINGS).before_process_message(broker, message)
     ((copy, delay),) = broker.enqueued
     assert delay == 2001  # the wait, in ms, plus one so that it is never zero
     assert (copy.message_id, copy.actor_name, copy.args) == (message.message_id, "generate", ())  # the same message
 
 
-def test_a_wait_longer_than_the_broker_should_hold_is_capped_in_the_delay_queue(monkeypatch):
+def test_a_wait_longer_than_the_broker_should_hold_is_capped_in_the_delay_queue(mw, monkeypatch):
     """R-DISP-2: RabbitMQ holds a delayed copy for MAX_BROKER_DELAY_SECONDS at most."""
     _script(monkeypatch, "acquire_minute", [ratelimit.Grant("k", None, wait=MAX_BROKER_DELAY_SECONDS * 3)])
     broker = _Broker("openrouter")
     with pytest.raises(SkipMessage):
-        RateLimits(SETTINGS).before_process_message(broker, _message("generate", args=()))
+        mw.RateLimits(SETTINGS).before_process_message(broker, _message("generate", args=()))
     assert [delay for _, delay in broker.enqueued] == [MAX_BROKER_DELAY_SECONDS * 1000 + 1]
 
 
-def test_a_failing_pacing_check_fails_closed_and_names_the_cause(monkeypatch):
+def test_a_failing_pacing_check_fails_closed_and_names_the_cause(mw, monkeypatch):
     """dramatiq logs and ignores anything but a MiddlewareError from a before-hook: the actor would
     then run unpaced. The check's failure must stop the message instead."""
 
@@ -140,23 +139,23 @@ def test_a_failing_pacing_check_fails_closed_and_names_the_cause(monkeypatch):
         raise OSError("database unreachable")
 
     monkeypatch.setattr(ratelimit, "acquire_inbox", broken)
-    with pytest.raises(RateLimitUnavailable, match="rate limit check failed: OSError: database unreachable"):
-        RateLimits(SETTINGS).before_process_message(_Broker("inbox"), _message())
+    with pytest.raises(mw.RateLimitUnavailable, match="rate limit check failed: OSError: database unreachable"):
+        mw.RateLimits(SETTINGS).before_process_message(_Broker("inbox"), _message())
 
 
-def test_an_unknown_rate_limit_option_is_refused_with_the_actor_named():
-    with pytest.raises(RateLimitUnavailable, match="unknown rate_limit option 'per_hour' on actor send_part"):
-        RateLimits(SETTINGS).before_process_message(_Broker("per_hour"), _message())
+def test_an_unknown_rate_limit_option_is_refused_with_the_actor_named(mw):
+    with pytest.raises(mw.RateLimitUnavailable, match="unknown rate_limit option 'per_hour' on actor send_part"):
+        mw.RateLimits(SETTINGS).before_process_message(_Broker("per_hour"), _message())
 
 
 @pytest.mark.parametrize("sent", [True, False])
-def test_the_slot_not_taken_by_the_step_is_released_after_the_message(monkeypatch, sent):
+def test_the_slot_not_taken_by_the_step_is_released_after_the_message(mw, monkeypatch, sent):
     """The gap counts from a send only when one was attempted (mark_sent)."""
     grant = ratelimit.Grant("inbox:7", "TOKEN")
     _script(monkeypatch, "acquire_inbox", [grant])
     released: list[tuple[ratelimit.Grant, bool]] = []
     monkeypatch.setattr(ratelimit, "release_inbox", lambda g, *, sent: released.append((g, sent)))
-    limiter, broker, message = RateLimits(SETTINGS), _Broker("inbox"), _message()
+    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message()
     limiter.before_process_message(broker, message)
     if sent:
         limiter.mark_sent()
@@ -165,7 +164,7 @@ def test_the_slot_not_taken_by_the_step_is_released_after_the_message(monkeypatc
     assert released == [(grant, sent)]
 
 
-def test_a_failed_release_is_logged_not_raised(monkeypatch, caplog):
+def test_a_failed_release_is_logged_not_raised(mw, monkeypatch, caplog):
     """The lease expires by itself; the message's outcome must not change because of the release."""
     _script(monkeypatch, "acquire_inbox", [ratelimit.Grant("inbox:7", "TOKEN")])
 
@@ -173,9 +172,9 @@ def test_a_failed_release_is_logged_not_raised(monkeypatch, caplog):
         raise OSError("gone")
 
     monkeypatch.setattr(ratelimit, "release_inbox", broken)
-    limiter, broker, message = RateLimits(SETTINGS), _Broker("inbox"), _message()
+    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message()
     limiter.before_process_message(broker, message)
-    with caplog.at_level(logging.WARNING, logger=middleware.__name__):
+    with caplog.at_level(logging.WARNING, logger=mw.__name__):
         limiter.after_skip_message(broker, message)
     assert "could not release inbox:7; its lease will expire" in caplog.text
 
@@ -184,15 +183,15 @@ def test_a_failed_release_is_logged_not_raised(monkeypatch, caplog):
 # DeadLetters and DbConnection
 
 
-def test_dead_letters_ignores_successes_retries_and_actors_that_are_not_steps(monkeypatch, caplog):
+def test_dead_letters_ignores_successes_retries_and_actors_that_are_not_steps(mw, monkeypatch, caplog):
     """Only a campaign step that failed for good is recorded; nothing else reaches the database."""
 
     def no_database(*args: object, **kwargs: object) -> None:
         raise AssertionError("DeadLetters touched the database")
 
-    monkeypatch.setattr(middleware.outcomes, "fail_exhausted", no_database)
-    monkeypatch.setattr(middleware.db, "obj", None)  # any statement would fail and be logged at ERROR
-    dead = DeadLetters(SETTINGS)
+    monkeypatch.setattr(mw.outcomes, "fail_exhausted", no_database)
+    monkeypatch.setattr(mw.db, "obj", None)  # any statement would fail and be logged at ERROR
+    dead = mw.DeadLetters(SETTINGS)
     broker = StubBroker(middleware=[dead])
     dramatiq.actor(lambda: None, actor_name="ping", broker=broker)
     failed = _message("ping")
@@ -206,21 +205,21 @@ def test_dead_letters_ignores_successes_retries_and_actors_that_are_not_steps(mo
     assert caplog.records == []
 
 
-def test_db_connection_release_without_a_bound_database_is_a_no_op(monkeypatch):
-    monkeypatch.setattr(middleware.db, "obj", None)
-    DbConnection(SETTINGS).after_skip_message(StubBroker(middleware=[]), _message())
+def test_db_connection_release_without_a_bound_database_is_a_no_op(mw, monkeypatch):
+    monkeypatch.setattr(mw.db, "obj", None)
+    mw.DbConnection(SETTINGS).after_skip_message(StubBroker(middleware=[]), _message())
 
 
 # --------------------------------------------------------------------------------------------
 # the engine's list
 
 
-def test_engine_middleware_order_and_lookup():
+def test_engine_middleware_order_and_lookup(mw):
     """StepLog binds the context first, DbConnection's connection serves the others, DeadLetters runs
     before dramatiq's Retries decide; RateLimits is last before the actor (actors.broker)."""
-    before, after = engine_middleware(SETTINGS)
-    assert [type(m) for m in before] == [StepLog, DbConnection, DeadLetters]
-    assert [type(m) for m in after] == [RateLimits]
+    before, after = mw.engine_middleware(SETTINGS)
+    assert [type(m) for m in before] == [mw.StepLog, mw.DbConnection, mw.DeadLetters]
+    assert [type(m) for m in after] == [mw.RateLimits]
     broker = StubBroker(middleware=[*before, *after])
-    assert current_rate_limits(broker) is after[0]
-    assert current_rate_limits(StubBroker(middleware=[])) is None
+    assert mw.current_rate_limits(broker) is after[0]
+    assert mw.current_rate_limits(StubBroker(middleware=[])) is None

@@ -10,7 +10,7 @@ import logging
 import sys
 import uuid
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -111,6 +111,8 @@ _SECRET_TEXT = st.text(
 def test_secret_with_quote_backslash_or_tab_is_masked_in_every_line_format(secret, json_lines):
     """Issue 23 item 8 (T-SEC-1, R-OPS-6): masking happens before JSON/logfmt quoting, so a secret
     containing '"', '\\' or a tab is masked too (it used to survive in its escaped form)."""
+    # a secret inside the line's own words ('conn' of 'connecting') is rightly masked there too
+    assume(all(secret not in words for words in ("connecting with ", " now", "refused ")))
     line = _format(
         "connecting with %s now",
         secret,
