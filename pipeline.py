@@ -51,7 +51,7 @@ from campaign.errors import (
 )
 from campaign.events import log_event
 from campaign.inboxes import mark_disconnected, store_state
-from campaign.outcomes import finish_message, mark_in_doubt
+from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
 from campaign.settings import Settings
@@ -145,6 +145,9 @@ class Context:
     connection_state: str = "unknown"  # the inbox's last known connection state (send step only)
     state_age: float | None = None  # seconds since that state was observed; None: never (send step only)
     parts_count: int = 0  # parts the message already has (loaded by the split step only)
+    # replied / opted_out: the lead answered after this message was planned (R-IN-3); nothing new
+    # of it starts, and a started one sends no further part
+    stop_reason: str | None = None
 
 
 _CONTEXT_SQL = """
@@ -152,7 +155,8 @@ SELECT m.id, m.status, m.run_id, r.status, m.lead_id, l.name, l.phone, l.custom_
        coalesce(l.opted_out, false), m.inbox_id, i.instance_name, i.disabled, c.source_column_id, c.model,
        c.system_prompt, c.fallback_template, c.split_enabled, c.max_parts,
        c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text, m.attempts, c.workspace_id,
-       r.run_date, c.timezone, c.window_start_minute, c.window_end_minute
+       r.run_date, c.timezone, c.window_start_minute, c.window_end_minute, m.stop_reason,
+       coalesce(l.last_reply_at >= m.created_at, false)
 FROM campaign_messages m
 JOIN campaign_runs r ON r.id = m.run_id
 JOIN campaign_configs c ON c.id = r.config_id
@@ -161,7 +165,7 @@ LEFT JOIN leads l ON l.id = m.lead_id
 WHERE m.id = %s"""
 
 
-_CONTEXT_COLUMNS = 28
+_CONTEXT_COLUMNS = 30
 
 # The send step's one read: the context, the inbox's failure streaks and known connection state,
 # and the first unsent part (id, idx, text, status, last idx), in one statement (T-PERF-1).
@@ -170,13 +174,14 @@ _SEND_CONTEXT_SQL = _CONTEXT_SQL.replace(
     """,
        i.consecutive_failures, i.gateway_failures, i.connection_state,
        extract(epoch FROM now() - i.state_checked_at)::float, np.id, np.idx, np.text, np.status,
-       (SELECT max(idx) FROM message_parts WHERE message_id = m.id), np.attempt_id, np.provider_message_id
+       (SELECT max(idx) FROM message_parts WHERE message_id = m.id AND status <> 'skipped'), np.attempt_id,
+       np.provider_message_id
 FROM campaign_messages m""",
 ).replace(
     "LEFT JOIN leads l ON l.id = m.lead_id",
     """LEFT JOIN leads l ON l.id = m.lead_id
 LEFT JOIN LATERAL (SELECT id, idx, text, status, attempt_id, provider_message_id FROM message_parts
-                   WHERE message_id = m.id AND status <> 'sent' ORDER BY idx LIMIT 1) np ON true""",
+                   WHERE message_id = m.id AND status NOT IN ('sent', 'skipped') ORDER BY idx LIMIT 1) np ON true""",
 )
 
 
@@ -246,6 +251,8 @@ def _context_from_row(row: tuple) -> Context:
         tz,
         wstart,
         wend,
+        stop_reason,
+        replied,
     ) = row[:_CONTEXT_COLUMNS]
     logs.annotate(run=run_id, inbox=inbox_id)  # the step's log lines carry the run from here on (R-OPS-6)
     return Context(
@@ -275,6 +282,7 @@ def _context_from_row(row: tuple) -> Context:
         run_date,
         tz,
         (wstart, wend),
+        stop_reason=stop_reason or ("replied" if replied else None),
     )
 
 
@@ -309,16 +317,16 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
         if ctx.lead_column_id != ctx.source_column_id:
             finish_message(ctx.message_id, "skipped", settings, skip_reason="lead_moved")
             return False
-        if ctx.lead_opted_out:
-            finish_message(ctx.message_id, "skipped", settings, skip_reason="opted_out")
+        if ctx.lead_opted_out or ctx.stop_reason:
+            reason = "opted_out" if ctx.lead_opted_out else ctx.stop_reason
+            finish_message(ctx.message_id, "skipped", settings, skip_reason=reason)
             return False
         if _window_closed(ctx):
             finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
             return False
-    elif ctx.lead_id is None or ctx.lead_opted_out:
-        # Mid-message, the lead was deleted (no number left to send to) or asked to stop (that
-        # wins over finishing the sentence): the rest is not sent; the message fails with why.
-        reason = "lead_deleted" if ctx.lead_id is None else "opted_out"
+    elif ctx.lead_id is None:
+        # Mid-message, the lead was deleted: no number left to send the rest to; the message
+        # fails with why.
         with db.atomic():
             if (
                 finish_message(
@@ -326,16 +334,21 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
                     "failed",
                     settings,
                     from_statuses=("sending",),
-                    error_class=reason,
-                    error_message=f"{reason} after part(s) went out: the rest is not sent",
+                    error_class="lead_deleted",
+                    error_message="lead_deleted after part(s) went out: the rest is not sent",
                 )
                 is not None
             ):
                 _one(
-                    """UPDATE message_parts SET status = 'failed', error_message = %s
+                    """UPDATE message_parts SET status = 'failed', error_message = 'lead_deleted'
                         WHERE message_id = %s AND status = 'pending' RETURNING id""",
-                    (reason, ctx.message_id),
+                    (ctx.message_id,),
                 )
+        return False
+    elif ctx.lead_opted_out or ctx.stop_reason:
+        # Mid-message, the lead answered or asked to stop: no further part (R-IN-3, E-27); what
+        # went out went out, so the message ends `sent` with the rest `skipped`.
+        _stop_rest(ctx, settings, "opted_out" if ctx.lead_opted_out else ctx.stop_reason or "replied")
         return False
     if ctx.inbox_disabled:
         runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
@@ -343,6 +356,27 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
             _back_to_wait(ctx.message_id, ctx.status)
             return False
     return True
+
+
+def _stop_rest(ctx: Context, settings: Settings, reason: str) -> None:
+    """A started message the lead stopped: its unsent parts skipped and the message ends ``sent``
+    (it has a part out), or ``skipped`` (nothing went out), in one transaction."""
+    with db.atomic():
+        row = _one(
+            """WITH s AS (UPDATE message_parts SET status = 'skipped', error_message = %s
+                          WHERE message_id = %s AND status IN ('pending', 'failed') RETURNING id)
+               SELECT count(*) FILTER (WHERE status = 'sent'),
+                      count(*) FILTER (WHERE status IN ('sending', 'in_doubt')), (SELECT count(*) FROM s)
+                 FROM message_parts WHERE message_id = %s""",
+            (f"stopped: {reason}", ctx.message_id, ctx.message_id),
+        )
+        n_sent, n_flight = (row[0], row[1]) if row else (0, 0)
+        if n_flight:
+            return  # a part is in flight: its send step ends the message
+        if n_sent:
+            finish_message(ctx.message_id, "sent", settings, from_statuses=("sending",))
+        else:
+            finish_message(ctx.message_id, "skipped", settings, from_statuses=("sending",), skip_reason=reason)
 
 
 def _record_attempt(ctx: Context, exc: BaseException, settings: Settings, wake_in: float) -> int | None:
@@ -565,6 +599,13 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
                 wake_at = now() + make_interval(secs => %(grace)s),
                 split_ms = coalesce(split_ms, %(ms)s)
             WHERE id = %(id)s AND status = 'splitting' RETURNING id
+        ), conv AS (
+            -- the lead x inbox conversation the parts will be logged in (R-IN-6)
+            INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+            SELECT i.workspace_id, cm.lead_id, cm.inbox_id
+              FROM m JOIN campaign_messages cm ON cm.id = m.id JOIN inboxes i ON i.id = cm.inbox_id
+             WHERE cm.lead_id IS NOT NULL
+            ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id
         ), ins AS (
             INSERT INTO message_parts (message_id, inbox_id, idx, text)
             SELECT m.id, %(inbox)s, u.i - 1, u.t FROM m, unnest(%(parts)s::text[]) WITH ORDINALITY AS u(t, i)
@@ -659,9 +700,9 @@ def _send_step(
     ctx.connection_state, ctx.state_age = extra[2], extra[3]
     part = extra[4:] if extra[4] is not None else None
     if part is None:
-        # Every part is sent but the message is not final: cannot happen through the last-part
-        # statement; an operator's resolve may leave it. Finalize now.
-        finish_message(message_id, "sent", settings, from_statuses=("sending",))
+        # No part left to send: the rest was stopped by a reply (R-IN-3), or an operator's resolve
+        # left every part sent. Finalize now: `sent` when a part went out, else skipped.
+        _stop_rest(ctx, settings, ctx.stop_reason or "replied")
         return SendOutcome(False, None)
     part_id, idx, text, part_status, last_idx, part_attempt, part_key = part
     if part_status == "sending" and part_key is not None:
@@ -910,8 +951,11 @@ def _record_sent_part(
     wake_in: float | None = None,
 ) -> None:
     row = _one(
-        """WITH p AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
-                             WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING message_id),
+        """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
+                             WHERE id = %s AND attempt_id = %s AND status = 'sending'
+                             RETURNING id, message_id, text, provider_message_id),"""
+        + OUT_LOG_CTES
+        + """,
                   lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                                 last_at = now()
                             WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
@@ -919,7 +963,7 @@ def _record_sent_part(
                       status_changed_at = now(),
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM p) RETURNING id""",
+                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
         (
             key_id,
             part_id,
@@ -943,10 +987,15 @@ def _record_sent_part(
 
 
 def _release_part(part_id: int, attempt: uuid.UUID, status: str, error: str) -> None:
+    """A part whose send did not go out: back to ``status``; ``skipped`` instead of a retry when the
+    lead stopped the message while it was in flight (R-IN-3: nothing after the reply goes out)."""
     _one(
-        """UPDATE message_parts SET status = %s, error_message = %s
-            WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
-        (status, error[:2000], part_id, str(attempt)),
+        """UPDATE message_parts p SET error_message = %(err)s,
+                  status = CASE WHEN %(status)s = 'pending' AND (
+                               SELECT m.stop_reason FROM campaign_messages m WHERE m.id = p.message_id) IS NOT NULL
+                           THEN 'skipped' ELSE %(status)s END
+            WHERE id = %(id)s AND attempt_id = %(attempt)s AND status = 'sending' RETURNING id""",
+        {"status": status, "err": error[:2000], "id": part_id, "attempt": str(attempt)},
     )
 
 

@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 
@@ -112,7 +113,7 @@ def _recovery(settings: Settings, active: Callable[[], bool]) -> object:
     return recovery.recovery_sweep(settings)
 
 
-def _inbox_health(settings: Settings, active: Callable[[], bool]) -> object:
+def _inbox_health(settings: Settings, active: Callable[[], bool]) -> dict[str, Any]:
     from campaign import inboxes
     from clients import get_evolution
 

@@ -220,7 +220,7 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | str:
     status = status.strip().upper()
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
-        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {status[:32]!r}")
+        raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {ascii(status[:32])[:40]}")
     remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):
@@ -537,6 +537,7 @@ class WebhookServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Base URL of the bound socket (the real port when 0 was asked for)."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # server_bind stored getsockname(): a str host, never bytes
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         return f"http://{shown}:{port}"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from typing import Any
 
 import dramatiq
 import httpx
@@ -42,7 +43,7 @@ dramatiq.set_broker(broker)
 _local = threading.local()
 _http_lock = threading.Lock()
 _http: httpx.Client | None = None
-OPTIONS = dict(max_retries=3, min_backoff=100, max_backoff=1000, time_limit=60_000)
+OPTIONS: dict[str, Any] = dict(max_retries=3, min_backoff=100, max_backoff=1000, time_limit=60_000)
 
 
 def _db() -> psycopg2.extensions.connection:
@@ -69,7 +70,7 @@ def _client() -> httpx.Client:
 
 
 def _chat(content: str, json_mode: bool) -> str:
-    body = {
+    body: dict[str, Any] = {
         "model": "bench/model",
         "max_tokens": 400,
         "temperature": 0.7,

@@ -167,10 +167,12 @@ def main() -> int:
         finally:
             dbcount.set_actor(None)
         plan_s = time.perf_counter() - t
+        if run is None:
+            raise SystemExit(f"error: planner.plan_run planned no run for config {config_id}: nothing to measure")
         plan_counts = Counts(**{k: v for k, v in dbcount.snapshot().items() if k != "pid"})
         plan_counts.add(before, -1)
         plan_counts.stmts = {k: v for k, v in plan_counts.stmts.items() if k.startswith("plan_run |") and v[0]}
-        planned_ok = run is not None and run.leads_total == args.leads and run.leads_overflow == 0
+        planned_ok = run.leads_total == args.leads and run.leads_overflow == 0
         q("VACUUM ANALYZE campaign_messages")
 
         # one claim of 500 due messages (timed, repeated)

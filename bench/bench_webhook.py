@@ -109,7 +109,7 @@ def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> int:
 def _hostile_bodies(secret: str, key_id: str) -> list[tuple[str, bytes | None]]:
     """(kind, body); a None body means the malformed 65 KB request line, sent on a raw socket."""
     run = "A9" * (BODY_BYTES // 2)
-    base = {
+    base: dict[str, Any] = {
         "event": "messages.update",
         "apikey": secret,
         "data": {"keyId": key_id, "status": "READ", "fromMe": True, "remoteJid": "5511987654321@s.whatsapp.net"},

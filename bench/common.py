@@ -474,8 +474,8 @@ def print_counts(c: Counts, per: int, *, top: int = 40) -> None:
             f"({c.processed.get(actor, 0) / per:.2f} deliveries/msg)",
         )
     print("   most frequent statements (per message, then mean ms):")
-    for k, (n, s) in sorted(c.stmts.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"     {n / per:5.2f}  {1000 * s / max(n, 1):6.2f} ms  {k}")
+    for k, (count, secs) in sorted(c.stmts.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"     {count / per:5.2f}  {1000 * secs / max(count, 1):6.2f} ms  {k}")
     if c.publishes:
         print("   broker publishes per message (from -> to):")
         for k, n in sorted(c.publishes.items(), key=lambda kv: -kv[1]):

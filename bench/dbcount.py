@@ -96,7 +96,7 @@ def install() -> None:
         return real_connect(*args, **kwargs)
 
     peewee.psycopg2.connect = counting_connect  # type: ignore[attr-defined]
-    psycopg2.connect = counting_connect  # type: ignore[assignment]
+    psycopg2.connect = counting_connect
     _installed = True
 
 

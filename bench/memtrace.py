@@ -365,7 +365,7 @@ def main(argv: list[str]) -> int:
     first, last = (
         (argv[1], argv[2]) if len(argv) >= 3 else (labels[0], labels[-1]) if len(labels) >= 2 else (None, None)
     )
-    if first:
+    if first and last:
         compare(d, first, last)
     print_trim(d)
     linecache.clearcache()

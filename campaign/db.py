@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import peewee
@@ -58,7 +60,9 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
     nothing is retried: the whole transaction is gone, the caller's error handling owns it.
     """
 
-    def execute_sql(self, sql, params=None, named_cursor=None):
+    def execute_sql(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, named_cursor: Any = None
+    ) -> Any:
         try:
             return super().execute_sql(sql, params, named_cursor=named_cursor)
         except (peewee.OperationalError, peewee.InterfaceError):
@@ -72,7 +76,7 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             self._replace_connection()
             return super().execute_sql(sql, params, named_cursor=named_cursor)
 
-    def _is_closed(self, conn) -> bool:
+    def _is_closed(self, conn: Any) -> bool:
         """Pool checkout test from psycopg2's own state: no ``SELECT 1`` round trip per checkout.
 
         peewee's default pings the server on every checkout (once per actor delivery). A socket
@@ -93,7 +97,7 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
                 return True
         return False
 
-    def begin(self, *args, **kwargs):
+    def begin(self, *args: Any, **kwargs: Any) -> None:
         """BEGIN of an outermost transaction; on a connection found dead, once more on a fresh one."""
         try:
             return super().begin(*args, **kwargs)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import dramatiq
 
-from campaign.steps import Step
+from campaign.steps import Job, Step
 
 
 class BrokerNotSetUp(RuntimeError):
@@ -30,8 +30,8 @@ def engine_broker() -> dramatiq.Broker:
     return broker
 
 
-def enqueue(step: Step, args: tuple, *, delay_s: float | None = None) -> dramatiq.Message:
-    """Publish one message for ``step`` with ``args``; ``delay_s`` through its delay queue."""
+def enqueue(step: Step | Job, args: tuple, *, delay_s: float | None = None) -> dramatiq.Message:
+    """Publish one message for ``step`` (or a job) with ``args``; ``delay_s`` through its delay queue."""
     broker = engine_broker()
     message: dramatiq.Message = dramatiq.Message(
         queue_name=step.queue, actor_name=step.actor, args=tuple(args), kwargs={}, options={}
@@ -40,7 +40,7 @@ def enqueue(step: Step, args: tuple, *, delay_s: float | None = None) -> dramati
     return broker.enqueue(message, delay=delay)
 
 
-def enqueue_many(step: Step, args_list: Iterable[tuple]) -> int:
+def enqueue_many(step: Step | Job, args_list: Iterable[tuple]) -> int:
     """Publish one message per argument tuple (each confirmed by RabbitMQ); return how many."""
     n = 0
     for args in args_list:

@@ -7,6 +7,7 @@ and never look at HTTP status codes themselves::
 
     EngineError                      base of everything the engine raises on purpose
      ├─ ConfigError                  bad settings / bad operator input
+     ├─ EnvelopeError                an inbound Evolution event is malformed (also a ValueError)
      └─ ProviderError                an external provider call failed
          ├─ TransientError           a retry can help
          │   ├─ RateLimited          429 (or 402 carrying Retry-After)
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownInstance",
     "InvalidNumber",
     "AmbiguousSend",
+    "EnvelopeError",
 ]
 
 
@@ -227,3 +229,7 @@ class PlanError(ConfigError):
 
 class RunStateError(ConfigError):
     """An operator transition found the run in another state (e.g. pause of a completed run)."""
+
+
+class EnvelopeError(EngineError, ValueError):
+    """An inbound Evolution event is not a usable envelope (the text names the field, never its value)."""

@@ -16,6 +16,7 @@ health job) resumes such a run, so none waits for an inbox that is no longer dis
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import json
 import logging
@@ -256,15 +257,37 @@ def list_inboxes(workspace: str | None = None) -> list[InboxRow]:
 # -- connection state (the send step, the health check, connection.update) ----------------------
 
 
-def store_state(inbox_id: int, state: str) -> None:
-    """Record an observed connection state (anything but open/close/connecting is 'error')."""
+def store_state(inbox_id: int, state: str, *, observed_at: dt.datetime | None = None) -> bool:
+    """Record an observed connection state (anything but open/close/connecting is 'error').
+
+    ``observed_at`` (default now): when it was observed; an observation older than the one the
+    inbox holds is ignored (R-IN-8: a late event never undoes a newer poll). True when stored.
+    """
     state = state if state in ("open", "close", "connecting") else "error"
-    _one(
-        """UPDATE inboxes SET connection_state = %s, state_checked_at = now(),
-                disconnected_since = CASE WHEN %s = 'open' THEN NULL ELSE coalesce(disconnected_since, now()) END
-            WHERE id = %s RETURNING id""",
-        (state, state, inbox_id),
+    row = _one(
+        """UPDATE inboxes SET connection_state = %(state)s, state_checked_at = coalesce(%(at)s, now()),
+                disconnected_since = CASE WHEN %(state)s = 'open' THEN NULL
+                                          ELSE coalesce(disconnected_since, coalesce(%(at)s, now())) END
+            WHERE id = %(id)s AND (state_checked_at IS NULL OR state_checked_at <= coalesce(%(at)s, now()))
+            RETURNING id""",
+        {"state": state, "at": observed_at, "id": inbox_id},
     )
+    return row is not None
+
+
+def resume_reconnected(inbox_id: int, *, wake: bool = True) -> list[int]:
+    """The inbox is open again: resume its runs paused ``inbox_disconnected`` (E-07) and wake its
+    parked started messages (E-24; ``wake=False``: the caller wakes many inboxes at once).
+    Returns the resumed runs."""
+    rows = _all(
+        """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
+            WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
+        (inbox_id,),
+    )
+    resumed = [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disconnected")]
+    if wake:
+        wake_parked([inbox_id])
+    return resumed
 
 
 def mark_disconnected(inbox_id: int) -> None:

@@ -33,7 +33,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from campaign.settings import Settings
 
@@ -239,10 +239,22 @@ def _quiet_noisy_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class _CurrentStderr(logging.StreamHandler):
+class TextSink(Protocol):
+    """Where text goes: ``sys.stderr`` / ``sys.stdout``, a file, or an object that forwards or captures it."""
+
+    def write(self, text: str, /) -> object: ...
+
+
+class _EngineHandler(logging.StreamHandler):
+    """The handler ``configure_logging`` installs, marked so that a second call replaces only it."""
+
+    _campaign_engine = True
+
+
+class _CurrentStderr(_EngineHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (test runners and the demo swap it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -251,7 +263,7 @@ class _CurrentStderr(logging.StreamHandler):
         pass  # StreamHandler.__init__ assigns it; the live sys.stderr is always used
 
 
-def configure_logging(settings: Settings, *, level: str | int | None = None, stream: TextIO | None = None) -> None:
+def configure_logging(settings: Settings, *, level: str | int | None = None, stream: TextSink | None = None) -> None:
     """Entry points: one stderr handler with the structured formatter.
 
     Like ``logging.basicConfig``, it leaves logging alone when someone else already configured
@@ -264,8 +276,7 @@ def configure_logging(settings: Settings, *, level: str | int | None = None, str
     _quiet_noisy_libraries()
     if root.handlers:
         return
-    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
-    handler._campaign_engine = True  # type: ignore[attr-defined]
+    handler = _EngineHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(_formatter(settings))
     handler.addFilter(_ContextFilter())
     root.addHandler(handler)

@@ -45,18 +45,48 @@ _RUN_COUNTERS_SET = """
         ELSE r.finished_at END"""
 
 
+# The outbound conversation log (R-IN-6), written by the statement that records a part `sent`
+# (no round trip of its own, T-PERF-7). Needs a CTE ``part`` returning the sent part's
+# (id, message_id, text, provider_message_id). The conversation normally exists (the split step
+# creates it): it is read, never locked, so a reply handled at the same moment cannot deadlock
+# with the send; only a message split before it existed inserts it here.
+OUT_LOG_CTES = """
+conv_old AS (
+    SELECT c.id, c.inbox_id FROM part JOIN campaign_messages mm ON mm.id = part.message_id
+      JOIN conversations c ON c.lead_id = mm.lead_id AND c.inbox_id = mm.inbox_id
+), conv_new AS (
+    INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+    SELECT i.workspace_id, mm.lead_id, mm.inbox_id FROM part JOIN campaign_messages mm ON mm.id = part.message_id
+      JOIN inboxes i ON i.id = mm.inbox_id
+     WHERE mm.lead_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM conv_old)
+    ON CONFLICT (lead_id, inbox_id) DO NOTHING
+    RETURNING id, inbox_id
+), out_log AS (
+    INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id, text, part_id)
+    SELECT c.id, c.inbox_id, 'out', part.provider_message_id, part.text, part.id
+      FROM part, (SELECT id, inbox_id FROM conv_old UNION ALL SELECT id, inbox_id FROM conv_new) c
+    ON CONFLICT (inbox_id, provider_message_id) DO NOTHING
+    RETURNING conversation_id
+)"""
+
+
 # The counters' %(n)s is 1 here: one message per statement.
 _FINISH_SQL = (
     """
 WITH part AS (
     UPDATE message_parts SET status = 'sent', provider_message_id = %(key_id)s, sent_at = now()
     WHERE id = %(part_id)s AND attempt_id = %(attempt)s AND status = 'sending'
-    RETURNING id
-), m AS (
+    RETURNING id, message_id, text, provider_message_id
+), """
+    + OUT_LOG_CTES.strip()
+    + """, m AS (
     UPDATE campaign_messages SET status = %(st)s, skip_reason = %(skip)s, error_class = %(err_class)s,
         error_message = %(err_msg)s, finished_at = now(), status_changed_at = now(),
         sent_at = CASE WHEN %(st)s = 'sent' THEN now() ELSE sent_at END,
-        send_ms = CASE WHEN %(send_ms)s::int IS NULL THEN send_ms ELSE coalesce(send_ms, 0) + %(send_ms)s END
+        send_ms = CASE WHEN %(send_ms)s::int IS NULL THEN send_ms ELSE coalesce(send_ms, 0) + %(send_ms)s END,
+        conversation_id = coalesce(conversation_id, (
+            SELECT c.id FROM conversations c
+             WHERE c.lead_id = campaign_messages.lead_id AND c.inbox_id = campaign_messages.inbox_id))
     WHERE id = %(id)s AND status = ANY(%(from)s)
       AND (%(part_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM part))
     RETURNING id, run_id, lead_id

@@ -363,6 +363,14 @@ _LEADS_SQL = f"""
     SELECT l.id, l.phone ~ '{E164_SQL_REGEX}' AS phone_ok
       FROM leads l
      WHERE l.workspace_id = %s AND l.column_id = %s AND NOT l.opted_out
+       -- skip_if_replied (R-IN-3): a lead that answered after it entered the source column (before
+       -- column_changed_at was kept: after its last campaign message) waits for a person to move it
+       AND NOT (l.last_reply_at IS NOT NULL
+                AND (SELECT skip_if_replied FROM campaign_configs WHERE id = %s)
+                AND l.last_reply_at > coalesce(
+                    l.column_changed_at,
+                    (SELECT max(m0.sent_at) FROM campaign_messages m0 WHERE m0.lead_id = l.id),
+                    '-infinity'))
        AND NOT EXISTS (
            SELECT 1 FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
             WHERE m.lead_id = l.id AND r.config_id = %s AND r.id <> %s
@@ -431,7 +439,8 @@ def plan_run(
         zone = _zone(cfg.timezone)
         day_start = window_bounds(day, zone, 0, 1440)
         rows = db.execute_sql(
-            _LEADS_SQL, (cfg.workspace_id, cfg.source_column_id, cfg.id, run_id, day_start[0] if day_start else now)
+            _LEADS_SQL,
+            (cfg.workspace_id, cfg.source_column_id, cfg.id, cfg.id, run_id, day_start[0] if day_start else now),
         ).fetchall()
         lead_ids = [r[0] for r in rows if r[1]]
         bad_phones = len(rows) - len(lead_ids)

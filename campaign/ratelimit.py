@@ -87,13 +87,14 @@ def acquire_inbox(inbox_id: int, lease_seconds: float) -> Grant:
     crashed holder's slot frees itself when the lease ends.
     """
     key = inbox_key(inbox_id)
-    params = {"token": str(uuid.uuid4()), "lease": lease_seconds, "key": key, "inbox": inbox_id}
+    token = str(uuid.uuid4())
+    params = {"token": token, "lease": lease_seconds, "key": key, "inbox": inbox_id}
     for _ in range(2):
         if db.execute_sql(_ACQUIRE_INBOX, params).fetchone():
-            return Grant(key, params["token"])
+            return Grant(key, token)
         row = db.execute_sql(_INBOX_WAIT, params).fetchone()
         if row is None:  # the inbox is gone: nothing to pace; the step will settle the message
-            return Grant(key, params["token"])
+            return Grant(key, token)
         exists, lease_left, gap_left, cap_wait, min_gap = row
         if exists:
             if cap_wait > 0:

@@ -9,7 +9,8 @@ from typing import Any
 
 from campaign import enqueue, ratelimit, runs, steps
 from campaign.errors import ProviderError
-from campaign.inboxes import store_state, wake_parked
+from campaign.inbound.notify import due_confirmations
+from campaign.inboxes import resume_reconnected, store_state, wake_parked
 from campaign.outcomes import mark_in_doubt
 from campaign.settings import Settings
 from campaign.sql import fetch_all as _all
@@ -54,16 +55,25 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
     for queue, args in jobs.items():
         if args:
             (publish or _publish)(queue, args)
+    confirmations = due_confirmations(settings)
+    if confirmations:
+        (publish or _publish)(steps.OPT_OUT_REPLY.queue, [(lead_id,) for lead_id in confirmations])
     completed = runs.complete_runs_if_done()
     ratelimit.purge_expired_holds()
-    result = {"in_doubt": len(orphans), "requeued": len(stale), "completed_runs": len(completed)}
+    result = {
+        "in_doubt": len(orphans),
+        "requeued": len(stale),
+        "completed_runs": len(completed),
+        "opt_out_replies": len(confirmations),
+    }
     if orphans or stale or completed:
         log.warning("recovery sweep: %s", result)
     return result
 
 
 def _publish(queue: str, args_list: list[tuple]) -> None:
-    enqueue.enqueue_many(steps.BY_QUEUE[queue], args_list)
+    target = steps.BY_QUEUE.get(queue) or next(j for j in steps.JOBS if j.queue == queue)
+    enqueue.enqueue_many(target, args_list)
 
 
 def check_inboxes(settings: Settings, evolution: Any) -> dict:
@@ -83,14 +93,7 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         store_state(inbox_id, state)
         states[inbox_id] = state
         if state == "open":
-            rows = _all(
-                """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-                           WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
-                (inbox_id,),
-            )
-            for (run_id,) in rows:
-                if runs.resume_paused_run(run_id, "inbox_disconnected"):
-                    resumed.append(run_id)
+            resumed.extend(resume_reconnected(inbox_id, wake=False))
         else:
             log.warning("inbox %s (%s) is %s", inbox_id, instance, state)
     wake_parked([inbox_id for inbox_id, state in states.items() if state == "open"])

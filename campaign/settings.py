@@ -61,6 +61,17 @@ def _float_in(name: str, lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def _name(name: str) -> Callable[[str], str]:
+    """An AMQP exchange/queue-name part: letters, digits and ``_ . -``, at most 100 characters."""
+
+    def parse(raw: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", raw):
+            raise ConfigError(f"{name}={raw!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        return raw
+
+    return parse
+
+
 def _choice(name: str, *allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in allowed:
@@ -121,6 +132,23 @@ class Settings:
     )
     evolution_api_key: str = field(default="", repr=False, metadata=_secret("EVOLUTION_API_KEY"))
     webhook_secret: str = field(default="", repr=False, metadata=_secret("WEBHOOK_SECRET"))
+    # The broker Evolution API publishes its events to (RABBITMQ_GLOBAL_ENABLED=true); empty: the
+    # inbound consumer refuses to start (R-IN-1). May be the engine's own RabbitMQ.
+    evolution_events_rabbitmq_url: str = field(
+        default="",
+        metadata={
+            "env": "EVOLUTION_EVENTS_RABBITMQ_URL",
+            "parse": _url("EVOLUTION_EVENTS_RABBITMQ_URL", "amqp", "amqps"),
+        },
+    )
+    evolution_events_exchange: str = field(
+        default="evolution",
+        metadata={"env": "EVOLUTION_EVENTS_EXCHANGE", "parse": _name("EVOLUTION_EVENTS_EXCHANGE")},
+    )
+    evolution_events_prefix: str = field(
+        default="evolution",
+        metadata={"env": "EVOLUTION_EVENTS_PREFIX", "parse": _name("EVOLUTION_EVENTS_PREFIX")},
+    )
 
     # -- engine tuning (validated: a bad value is a start-up error, R-DISP-5) ---------------
     broker: str = field(
@@ -204,6 +232,10 @@ class Settings:
     webhook_host: str = field(default="0.0.0.0", metadata={"env": "WEBHOOK_HOST", "parse": _host("WEBHOOK_HOST")})
     webhook_port: int = field(
         default=8090, metadata={"env": "WEBHOOK_PORT", "parse": _int_in("WEBHOOK_PORT", 1, 65535)}
+    )
+    #: unacknowledged events the inbound consumer holds at most (R-IN-1: bounded prefetch)
+    inbound_prefetch: int = field(
+        default=200, metadata={"env": "INBOUND_PREFETCH", "parse": _int_in("INBOUND_PREFETCH", 1, 10000)}
     )
     #: logfmt ``key=value`` lines (default) or one JSON object per line (R-OPS-6)
     log_format: str = field(

@@ -51,6 +51,25 @@ QUEUES: tuple[str, ...] = tuple(s.queue for s in STEPS)
 IN_FLIGHT: tuple[str, ...] = tuple(st for s in STEPS for st in s.statuses)
 
 
+@dataclass(frozen=True)
+class Job:
+    """An actor outside the chain, enqueued by name too (it owns no message status)."""
+
+    name: str
+    queue: str
+
+    @property
+    def actor(self) -> str:
+        """The Dramatiq actor name of the job."""
+        return self.name
+
+
+#: the confirmation a workspace sends, once, to a lead who opted out (R-IN-4)
+OPT_OUT_REPLY = Job("opt_out_reply", "campaign.notify")
+JOBS: tuple[Job, ...] = (OPT_OUT_REPLY,)
+JOB_QUEUES: tuple[str, ...] = tuple(dict.fromkeys(j.queue for j in JOBS))
+
+
 def for_status(status: str) -> Step:
     """The step that carries a message in ``status`` on (KeyError for a status no step owns)."""
     for step in STEPS:

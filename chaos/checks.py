@@ -177,11 +177,11 @@ def classify_in_doubt(
     for ident, sends in by_identity.items():
         if not any(s["outcome"] != "ok" or not s["seen"] for s in sends):
             continue
-        part = part_by_identity.get(ident)
-        status = part[3] if part else None
+        found = part_by_identity.get(ident)
+        status = found[3] if found else None
         if status != "in_doubt":
             ambiguous_not_in_doubt.append(
-                f"{ident[0]} {ident[1]} part {part[0] if part else '?'} is {status} "
+                f"{ident[0]} {ident[1]} part {found[0] if found else '?'} is {status} "
                 f"after {[s['outcome'] for s in sends]}"
             )
     return causes, problems, ambiguous_not_in_doubt

@@ -145,7 +145,7 @@ class Probe:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._conn = None
+        self._conn: Any = None  # a psycopg2 connection (psycopg2 ships no type hints)
         self._lock = threading.Lock()
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:

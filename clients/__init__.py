@@ -18,10 +18,11 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar, cast
 
 import httpx
 
+from clients import evolution, openrouter
 from clients.evolution import EvolutionClient, SendResult, normalize_number
 from clients.http import parse_retry_after
 from clients.openrouter import Completion, OpenRouterClient
@@ -38,11 +39,18 @@ __all__ = [
     "close_clients",
 ]
 
+
+class _Closeable(Protocol):
+    """What the cache needs of a client: closing it when its thread is gone."""
+
+    def close(self) -> None: ...
+
+
 _lock = threading.Lock()
 #: (kind, base_url, api_key, timeout, thread ident) -> (client, the thread that owns it)
-_cache: dict[tuple, tuple[OpenRouterClient | EvolutionClient, weakref.ref[threading.Thread]]] = {}
+_cache: dict[tuple, tuple[_Closeable, weakref.ref[threading.Thread]]] = {}
 
-_C = TypeVar("_C", OpenRouterClient, EvolutionClient)
+_C = TypeVar("_C", bound=_Closeable)
 
 
 def _timeout_key(timeout: httpx.Timeout | None) -> tuple | None:
@@ -62,7 +70,7 @@ def _thread_client(key: tuple, build: Callable[[], _C]) -> _C:
     with _lock:
         entry = _cache.get(full_key)
         if entry is not None and entry[1]() is thread:
-            return entry[0]  # type: ignore[return-value]
+            return cast(_C, entry[0])  # the key's kind decided the type when ``build`` made it
         # a new thread (or a thread id reused after its first owner ended): drop what dead threads left
         dead = [k for k, (_, ref) in _cache.items() if (t := ref()) is None or not t.is_alive() or k == full_key]
         stale = [_cache.pop(k)[0] for k in dead]
@@ -78,7 +86,7 @@ def get_openrouter(base_url: str, api_key: str, *, timeout: httpx.Timeout | floa
     t = _as_timeout(timeout)
     return _thread_client(
         ("openrouter", base_url.rstrip("/"), api_key, _timeout_key(t)),
-        lambda: OpenRouterClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+        lambda: OpenRouterClient(base_url, api_key, timeout=openrouter.DEFAULT_TIMEOUT if t is None else t),
     )
 
 
@@ -87,7 +95,7 @@ def get_evolution(base_url: str, api_key: str, *, timeout: httpx.Timeout | float
     t = _as_timeout(timeout)
     return _thread_client(
         ("evolution", base_url.rstrip("/"), api_key, _timeout_key(t)),
-        lambda: EvolutionClient(base_url, api_key, **({"timeout": t} if t is not None else {})),
+        lambda: EvolutionClient(base_url, api_key, timeout=evolution.DEFAULT_TIMEOUT if t is None else t),
     )
 
 

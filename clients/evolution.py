@@ -169,8 +169,9 @@ class EvolutionClient:
         status = response.status_code
         body_json, raw = _json(response)
         if 200 <= status < 300:
-            key = body_json.get("key") if isinstance(body_json, dict) else None
-            key_id = key.get("id") if isinstance(key, dict) else None
+            found = body_json.get("key") if isinstance(body_json, dict) else None
+            key: dict[str, Any] = found if isinstance(found, dict) else {}
+            key_id = key.get("id")
             if not key_id:
                 raise self._error(
                     AmbiguousSend,

@@ -740,6 +740,7 @@ def _run_engine(
     finally:
         if scheduler is not None:
             scheduler.stop()
+        if thread is not None:  # set together with scheduler
             thread.join(15)
         worker.stop(timeout=10_000)
         actors.broker.close()

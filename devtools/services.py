@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg2
@@ -139,7 +139,8 @@ def ensure_database(url: str, *, application_name: str | None = None) -> bool:
     try:
         conn = admin_connect(with_database(url, "postgres"), timeout=PROBE_TIMEOUT, application_name=application_name)
     except ServicesError as exc:
-        raise ServicesError(f"PostgreSQL at {redact_url(url)} does not answer: {_first_line(exc.__cause__)}") from None
+        why = _first_line(exc.__cause__ or exc)
+        raise ServicesError(f"PostgreSQL at {redact_url(url)} does not answer: {why}") from None
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
@@ -503,9 +504,9 @@ class Proc:
         self.starts: list[float] = []
         self.expected_exit = False
 
-    def start(self) -> Proc:
+    def start(self) -> Self:
         """Start (or restart) the process, appending its output to its log (if any)."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out: IO[bytes] | int = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.popen = subprocess.Popen(
                 self.cmd,
@@ -517,7 +518,7 @@ class Proc:
                 start_new_session=True,
             )
         finally:
-            if self.log_path:
+            if not isinstance(out, int):
                 out.close()
         self.starts.append(time.time())
         self.expected_exit = False
@@ -602,7 +603,7 @@ class Proc:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> Proc:
+    def __enter__(self) -> Self:
         return self.start() if self.popen is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -631,7 +632,7 @@ class Workers(Proc):
         self.processes = processes
         self.ready_timeout = ready_timeout
 
-    def start(self) -> Workers:
+    def start(self) -> Self:
         """Start the workers (and wait until they are ready when ``ready_timeout`` is set)."""
         if self.ready_timeout and self.log_path is not None:
             self.log_path.write_bytes(b"")  # count this start's ready lines only

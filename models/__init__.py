@@ -14,7 +14,7 @@ from models.campaign import (
     MessagePart,
 )
 from models.ops import DeadLetter, RateLimit, SchedulerHeartbeat
-from models.workspace import Column, Conversation, Inbox, Lead, Workspace
+from models.workspace import Column, Conversation, ConversationMessage, InboundEvent, Inbox, Lead, Workspace
 
 ALL_MODELS = (
     Workspace,
@@ -27,6 +27,8 @@ ALL_MODELS = (
     CampaignMessage,
     MessagePart,
     CampaignEvent,
+    ConversationMessage,
+    InboundEvent,
     DeadLetter,
     RateLimit,
     SchedulerHeartbeat,

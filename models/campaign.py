@@ -21,7 +21,7 @@ RUN_STATUSES = ("planning", "running", "paused", "completed", "cancelled", "fail
 ACTIVE_RUN_STATUSES = ("planning", "running", "paused")
 MESSAGE_STATUSES = ("pending", "queued", "generating", "splitting", "sending", "sent", "failed", "skipped", "in_doubt")
 TERMINAL_MESSAGE_STATUSES = ("sent", "failed", "skipped", "in_doubt")
-PART_STATUSES = ("pending", "sending", "sent", "failed", "in_doubt")
+PART_STATUSES = ("pending", "sending", "sent", "failed", "in_doubt", "skipped")
 DELIVERY_STATUSES = ("server_ack", "delivered", "read")  # in rank order: never downgrade
 
 
@@ -38,6 +38,9 @@ class CampaignConfig(BaseModel):
     source_column_id: int  # the foreign key's column, set by peewee
     target_column = ForeignKeyField(Column, null=True, backref="+")
     target_column_id: int | None  # the foreign key's column, set by peewee
+    reply_column = ForeignKeyField(Column, null=True, backref="+")
+    reply_column_id: int | None  # the foreign key's column, set by peewee
+    skip_if_replied = BooleanField(default=True)
     weekdays = ArrayField(IntegerField, default=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
     window_start_minute = IntegerField(default=0)
     window_end_minute = IntegerField(default=1440)
@@ -109,6 +112,7 @@ class CampaignMessage(BaseModel):
     skip_reason = TextField(null=True)
     conversation = ForeignKeyField(Conversation, null=True, on_delete="SET NULL")
     conversation_id: int | None  # the foreign key's column, set by peewee
+    stop_reason = TextField(null=True)  # replied / opted_out: the lead stopped it (R-IN-3)
     sent_at = DateTimeTZField(null=True)
     finished_at = DateTimeTZField(null=True)
 

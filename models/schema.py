@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from peewee import Database
+from peewee import Database, DatabaseProxy
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +343,98 @@ V6 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6)
+V7 = Migration(
+    7,
+    "listening: replies, opt-outs, the conversation log, connection events (R-IN)",
+    (
+        # A lead's reply and opt-out state (R-IN-2..4). column_changed_at is kept by a trigger, so
+        # a move made by the CRM (or a person in SQL) counts as much as one made by the engine:
+        # skip_if_replied compares it with last_reply_at.
+        "ALTER TABLE leads ADD COLUMN opted_out_at timestamptz",
+        "ALTER TABLE leads ADD COLUMN opted_out_reason text",
+        "ALTER TABLE leads ADD COLUMN opt_out_reply_at timestamptz",
+        "ALTER TABLE leads ADD COLUMN last_reply_at timestamptz",
+        "ALTER TABLE leads ADD COLUMN column_changed_at timestamptz",
+        # the recovery sweep's look for opt-out confirmations still to send (R-IN-4)
+        """CREATE INDEX leads_opt_out_reply_idx ON leads (opted_out_at)
+        WHERE opted_out AND opt_out_reply_at IS NULL""",
+        """CREATE OR REPLACE FUNCTION leads_column_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         IF TG_OP = 'INSERT' OR NEW.column_id IS DISTINCT FROM OLD.column_id THEN
+           NEW.column_changed_at := now();
+         END IF;
+         RETURN NEW;
+       END $$""",
+        """CREATE TRIGGER leads_column_changed BEFORE INSERT OR UPDATE OF column_id ON leads
+       FOR EACH ROW EXECUTE FUNCTION leads_column_changed()""",
+        # Workspace-wide opt-out phrases (NULL: the built-in pt/en/es list) and the optional
+        # confirmation sent once to a lead who opted out (R-IN-4).
+        "ALTER TABLE workspaces ADD COLUMN opt_out_phrases text[]",
+        "ALTER TABLE workspaces ADD COLUMN opt_out_reply text",
+        # Where a lead who answers goes, and whether a lead who replied is skipped (R-IN-3).
+        "ALTER TABLE campaign_configs ADD COLUMN reply_column_id bigint",
+        """ALTER TABLE campaign_configs ADD CONSTRAINT campaign_configs_reply_column_fkey
+       FOREIGN KEY (reply_column_id, workspace_id) REFERENCES columns(id, workspace_id)
+       ON DELETE SET NULL (reply_column_id)""",
+        "ALTER TABLE campaign_configs ADD COLUMN skip_if_replied boolean NOT NULL DEFAULT true",
+        # Why a message was stopped by its lead (replied / opted_out): a part in flight when the
+        # reply came finishes, nothing after it is sent (R-IN-3).
+        "ALTER TABLE campaign_messages ADD COLUMN stop_reason text",
+        # A part a reply stopped before it went out (R-IN-3, E-27).
+        "ALTER TABLE message_parts DROP CONSTRAINT IF EXISTS message_parts_status_check",
+        """ALTER TABLE message_parts ADD CONSTRAINT message_parts_status_check
+       CHECK (status IN ('pending', 'sending', 'sent', 'failed', 'in_doubt', 'skipped'))""",
+        # Every part sent and every reply received, per conversation: what a salesperson opening
+        # the lead sees (R-IN-6). Unique per inbox on the provider's id: the idempotency key of
+        # every inbound effect (R-IN-1, E-30).
+        f"""CREATE TABLE conversation_messages (
+        id bigserial PRIMARY KEY,
+        conversation_id bigint NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        inbox_id bigint NOT NULL REFERENCES inboxes(id) ON DELETE CASCADE,
+        direction text NOT NULL CHECK (direction IN ('out', 'in')),
+        provider_message_id text NOT NULL CHECK (length(provider_message_id) BETWEEN 1 AND 200),
+        text text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        part_id bigint REFERENCES message_parts(id) ON DELETE SET NULL,
+        intent text,
+        action text,{_TIMESTAMPS},
+        UNIQUE (inbox_id, provider_message_id))""",
+        "CREATE INDEX conversation_messages_conversation_idx ON conversation_messages (conversation_id, at)",
+        """CREATE TRIGGER conversation_messages_updated_at BEFORE UPDATE ON conversation_messages
+       FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
+        # Every inbound message event, matched or not, once per (inbox, provider id): the gate that
+        # makes a duplicate, a redelivery or the same event on both paths change nothing twice
+        # (E-30), and what `status` counts (unknown senders, ignored chats).
+        """CREATE TABLE inbound_events (
+        id bigserial PRIMARY KEY,
+        inbox_id bigint NOT NULL REFERENCES inboxes(id) ON DELETE CASCADE,
+        provider_message_id text NOT NULL,
+        lead_id bigint REFERENCES leads(id) ON DELETE SET NULL,
+        outcome text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (inbox_id, provider_message_id))""",
+        "CREATE INDEX inbound_events_created_idx ON inbound_events (created_at)",
+    ),
+)
+
+V8 = Migration(
+    8,
+    "status: unusable inbound events counted from an index (R-IN-1, R-OPS-1)",
+    (
+        # `status` counts the poison events the consumer recorded (campaign_events step 'inbound',
+        # level 'error') in the last 24 h and in total: a partial index holds only those rows, so
+        # the count stays sub-millisecond however long the event log grows (a scan of 2 M events
+        # took 0.2 s per refresh of `status --watch`).
+        """CREATE INDEX campaign_events_inbound_errors_idx ON campaign_events (created_at)
+        WHERE step = 'inbound' AND level = 'error'""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8)
 LATEST = MIGRATIONS[-1].version
 
 
-def current_version(db: Database) -> int:
+def current_version(db: Database | DatabaseProxy) -> int:
     """The schema version recorded in the database (0 for an empty database)."""
     db.execute_sql("""CREATE TABLE IF NOT EXISTS schema_version (
         version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
@@ -355,7 +442,7 @@ def current_version(db: Database) -> int:
     return int(row[0])
 
 
-def migrate(db: Database, target: int | None = None) -> list[int]:
+def migrate(db: Database | DatabaseProxy, target: int | None = None) -> list[int]:
     """Apply every migration above the recorded version up to ``target`` (default: latest).
 
     Returns the versions applied (empty when the schema is already current).

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peewee import BigAutoField, BooleanField, DoubleField, ForeignKeyField, IntegerField, TextField
-from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
+from peewee import BigAutoField, BigIntegerField, BooleanField, DoubleField, ForeignKeyField, IntegerField, TextField
+from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from models.base import BaseModel
 
@@ -13,6 +13,8 @@ class Workspace(BaseModel):
 
     id = BigAutoField()
     name = TextField(unique=True)
+    opt_out_phrases = ArrayField(TextField, null=True)  # None: the built-in pt/en/es list (R-IN-4)
+    opt_out_reply = TextField(null=True)
 
     class Meta:
         table_name = "workspaces"
@@ -43,6 +45,11 @@ class Lead(BaseModel):
     phone = TextField()
     custom_fields = BinaryJSONField(default=dict)
     opted_out = BooleanField(default=False)
+    opted_out_at = DateTimeTZField(null=True)
+    opted_out_reason = TextField(null=True)  # the reply that opted the lead out
+    opt_out_reply_at = DateTimeTZField(null=True)  # the confirmation went out (never twice)
+    last_reply_at = DateTimeTZField(null=True)
+    column_changed_at = DateTimeTZField(null=True)  # kept by a trigger on column_id (V7)
     last_activity_at = DateTimeTZField(null=True)
 
     class Meta:
@@ -86,3 +93,40 @@ class Conversation(BaseModel):
 
     class Meta:
         table_name = "conversations"
+
+
+class ConversationMessage(BaseModel):
+    """One bubble of a conversation: a part the engine sent (``out``) or a reply (``in``)."""
+
+    id = BigAutoField()
+    conversation = ForeignKeyField(Conversation, backref="messages", on_delete="CASCADE")
+    conversation_id: int  # the foreign key's column, set by peewee
+    inbox = ForeignKeyField(Inbox, on_delete="CASCADE")
+    inbox_id: int  # the foreign key's column, set by peewee
+    direction = TextField()  # 'out' | 'in'
+    provider_message_id = TextField()
+    text = TextField()
+    at = DateTimeTZField()
+    part_id = BigIntegerField(null=True)  # message_parts.id of an 'out' row (a model import would cycle)
+    intent = TextField(null=True)  # R-IN-5 triage intent of an 'in' row
+    action = TextField(null=True)  # what the engine did about it
+
+    class Meta:
+        table_name = "conversation_messages"
+
+
+class InboundEvent(BaseModel):
+    """One inbound message event, once per (inbox, provider id): the idempotency gate (E-30)."""
+
+    id = BigAutoField()
+    inbox = ForeignKeyField(Inbox, on_delete="CASCADE")
+    inbox_id: int  # the foreign key's column, set by peewee
+    provider_message_id = TextField()
+    lead = ForeignKeyField(Lead, null=True, on_delete="SET NULL")
+    lead_id: int | None  # the foreign key's column, set by peewee
+    outcome = TextField()
+    created_at = DateTimeTZField()
+    updated_at = None  # append-only: the table has no updated_at
+
+    class Meta:
+        table_name = "inbound_events"

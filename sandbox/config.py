@@ -22,7 +22,19 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "evolution_key": "sandbox-evo-key", # expected apikey header
       "webhook_url": null, "webhook_secret": null,
       "webhook_statuses": ["SERVER_ACK", "DELIVERY_ACK", "READ"], "webhook_gap_ms": 5,
+      "webhook_events": ["messages.update", "messages.upsert", "connection.update"],  # posted to webhook_url
+      "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],  # RabbitMQ
+      "replies": null,                    # automatic inbound replies (below); null: none
       "early_tolerance_ms": 10            # slack before a retry counts as early
+    }
+
+    replies = {                           # a lead = an (instance, number) pair; it replies at most once
+      "rate": 0.0,                        # probability that a lead replies
+      "after_part": 1,                    # ... once it received its Nth accepted send (since the last reset)
+      "delay_ms": 500 | [min, max],       # that long after the send was accepted
+      "texts": ["Oi, tenho interesse"],   # weighted choice: strings or {"text", "message_type", "weight"}
+      "lid_rate": 0.0,                    # share of replying leads whose chat is LID-addressed
+      "instances": null                   # only these instances (null: all)
     }
 
     ROUTE = {
@@ -37,6 +49,8 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
     }
 
 Rates are probabilities of mutually exclusive outcomes drawn once per request; their sum must be <= 1.
+Changing ``disconnected_instances`` / ``connecting_instances`` changes those instances' connection
+state, and the sandbox publishes a ``connection.update`` for each instance whose state changed.
 """
 
 from __future__ import annotations
@@ -45,7 +59,18 @@ import copy
 import re
 from typing import Any
 
-__all__ = ["ROUTES", "DEFAULTS", "FaultError", "merge_patch", "validate", "public_view", "ROUTE_OVERRIDES"]
+from sandbox.events import EVENTS, MESSAGE_TYPES
+
+__all__ = [
+    "ROUTES",
+    "DEFAULTS",
+    "REPLY_DEFAULTS",
+    "FaultError",
+    "merge_patch",
+    "validate",
+    "public_view",
+    "ROUTE_OVERRIDES",
+]
 
 ROUTES = ("chat", "split", "send", "state")
 
@@ -77,8 +102,24 @@ DEFAULTS: dict[str, Any] = {
     "webhook_secret": None,
     "webhook_statuses": ["SERVER_ACK", "DELIVERY_ACK", "READ"],
     "webhook_gap_ms": 5,
+    # Evolution switches events on per integration (WEBHOOK_EVENTS_*, RABBITMQ_EVENTS_*); the webhook
+    # default leaves out send.message, which the engine's receiver has no use for
+    "webhook_events": ["messages.update", "messages.upsert", "connection.update"],
+    "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],
+    "replies": None,
     "early_tolerance_ms": 10,
 }
+
+#: the "replies" object's keys and defaults (a patch may give any subset)
+REPLY_DEFAULTS: dict[str, Any] = {
+    "rate": 0.0,
+    "after_part": 1,
+    "delay_ms": 500,
+    "texts": ["Oi, tenho interesse"],
+    "lid_rate": 0.0,
+    "instances": None,
+}
+MAX_DELAY_MS = 3_600_000
 
 _SECRET_KEYS = ("chat_key", "evolution_key", "webhook_secret")
 _RATE_STATUS_RE = re.compile(r"^rate_([1-5]\d\d)$")
@@ -108,6 +149,8 @@ def with_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     for key, value in doc.items():
         if key in ROUTES and isinstance(value, dict):
             full[key] = {**full[key], **value}
+        elif key == "replies" and isinstance(value, dict):
+            full[key] = {**REPLY_DEFAULTS, **value}
         else:
             full[key] = value
     return full
@@ -200,8 +243,69 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(doc["webhook_statuses"], list) or not set(doc["webhook_statuses"]) <= _WEBHOOK_STATUSES:
         raise FaultError(f"webhook_statuses: a list of {sorted(_WEBHOOK_STATUSES)}")
     _number("webhook_gap_ms", doc["webhook_gap_ms"], hi=60000)
+    for key in ("webhook_events", "amqp_events"):
+        if not isinstance(doc[key], list) or not set(doc[key]) <= set(EVENTS):
+            raise FaultError(f"{key}: a list of {list(EVENTS)}")
+    _validate_replies(doc["replies"])
     _number("early_tolerance_ms", doc["early_tolerance_ms"], hi=60000)
     return doc
+
+
+def _validate_text_choice(path: str, item: Any) -> None:
+    if isinstance(item, str):
+        if not item:
+            raise FaultError(f"{path}: empty text")
+        return
+    if not isinstance(item, dict):
+        raise FaultError(f"{path}: a string or an object with text / message_type / weight")
+    unknown = set(item) - {"text", "message_type", "weight"}
+    if unknown:
+        raise FaultError(f"{path}.{sorted(unknown)[0]}: unknown key (text, message_type, weight)")
+    mtype = item.get("message_type", "conversation")
+    if mtype not in MESSAGE_TYPES:
+        raise FaultError(f"{path}.message_type: {mtype!r} unknown (known: {', '.join(MESSAGE_TYPES)})")
+    text = item.get("text")
+    if text is not None and not isinstance(text, str):
+        raise FaultError(f"{path}.text: expected a string")
+    if mtype in ("conversation", "extendedTextMessage") and not text:
+        raise FaultError(f"{path}.text: required for a text message")
+    _number(f"{path}.weight", item.get("weight", 1), hi=1e9)
+
+
+def _validate_replies(value: Any) -> None:
+    """The ``replies`` object (merged with REPLY_DEFAULTS), or null."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise FaultError("replies: expected an object or null")
+    unknown = set(value) - set(REPLY_DEFAULTS)
+    if unknown:
+        raise FaultError(f"replies.{sorted(unknown)[0]}: unknown key (known: {', '.join(REPLY_DEFAULTS)})")
+    _number("replies.rate", value["rate"], hi=1.0)
+    _number("replies.lid_rate", value["lid_rate"], hi=1.0)
+    after = value["after_part"]
+    if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+        raise FaultError(f"replies.after_part: expected a whole number >= 1, got {after!r}")
+    delay = value["delay_ms"]
+    if isinstance(delay, list):
+        if len(delay) != 2:
+            raise FaultError("replies.delay_ms: expected a number or [min, max]")
+        _number("replies.delay_ms[0]", delay[0], hi=MAX_DELAY_MS)
+        _number("replies.delay_ms[1]", delay[1], hi=MAX_DELAY_MS)
+        if delay[0] > delay[1]:
+            raise FaultError("replies.delay_ms: min > max")
+    else:
+        _number("replies.delay_ms", delay, hi=MAX_DELAY_MS)
+    texts = value["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise FaultError("replies.texts: expected a non-empty list")
+    for i, item in enumerate(texts):
+        _validate_text_choice(f"replies.texts[{i}]", item)
+    if sum(1 if isinstance(t, str) else t.get("weight", 1) for t in texts) <= 0:
+        raise FaultError("replies.texts: the weights add up to 0")
+    instances = value["instances"]
+    if instances is not None and (not isinstance(instances, list) or not all(isinstance(i, str) for i in instances)):
+        raise FaultError("replies.instances: expected a list of instance names or null")
 
 
 def public_view(doc: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The sandbox ledger: every request and every accepted send, plus Retry-After discipline.
+"""The sandbox ledger: every request, accepted send, scripted inbound message and connection change,
+what was published to which event sink, plus Retry-After discipline.
 
-One sequence numbers both lists, so ``entries_since(seq)`` pages through a 20k-entry ledger cheaply.
+One sequence numbers all the lists, so ``entries_since(seq)`` pages through a 20k-entry ledger cheaply.
 Summary counters are kept incrementally: reading the summary never walks the entries.
 A reset starts a new epoch: requests that arrived before it (a slow answer still sleeping) are not
 recorded after it, so a reset ledger only ever shows what began after the reset.
@@ -43,7 +44,12 @@ class Ledger:
             self._attempts: Counter[Hashable] = Counter()
             self._early = 0
             self._early_by_route: Counter[str] = Counter()
-            self._webhooks: Counter[str] = Counter()
+            self._number_sends: Counter[tuple[str, str]] = Counter()
+            self._inbound: list[dict[str, Any]] = []
+            self._inbound_origins: Counter[str] = Counter()
+            self._connections: list[dict[str, Any]] = []
+            self._dispatched: Counter[str] = Counter()
+            self._sinks: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
             self._started = time.time()
 
     # -- Retry-After discipline -------------------------------------------------------------------
@@ -88,7 +94,11 @@ class Ledger:
     def record_send(
         self, instance: str, number: str, text: str, key_id: str, outcome: str, epoch: int | None = None
     ) -> dict[str, Any] | None:
-        """Append an accepted send (outcome "ok", "hang" or "close"); returns the entry to update later."""
+        """Append an accepted send (outcome "ok", "hang" or "close"); returns the entry to update later.
+
+        ``part`` in the entry is how many sends this instance accepted for this number so far, this one
+        included (what automatic replies count).
+        """
         with self._lock:
             if epoch is not None and epoch != self.epoch:
                 return None
@@ -103,6 +113,8 @@ class Ledger:
                 "outcome": outcome,
                 "seen": False,
             }
+            self._number_sends[(instance, number)] += 1
+            entry["part"] = self._number_sends[(instance, number)]
             self._sends.append(entry)
             self._unseen_sends += 1
             ident = (instance, number, text)
@@ -125,17 +137,56 @@ class Ledger:
             if outcome:
                 entry["outcome"] = outcome
 
-    def webhook(self, outcome: str) -> None:
-        """Count a webhook delivery outcome ("sent", "failed", "dropped")."""
+    def record_inbound(self, entry: dict[str, Any], epoch: int | None = None) -> int | None:
+        """Append a scripted inbound message as it is published; adds seq, t and ``sends_to_number``."""
         with self._lock:
-            self._webhooks[outcome] += 1
+            if epoch is not None and epoch != self.epoch:
+                return None
+            self._seq += 1
+            entry.update(
+                seq=self._seq, t=time.time(), sends_to_number=self._number_sends[(entry["instance"], entry["number"])]
+            )
+            self._inbound.append(entry)
+            self._inbound_origins[entry["origin"]] += 1
+            return self._seq
+
+    def record_connection(self, instance: str, state: str, status_reason: int, origin: str) -> int:
+        """Append an instance's connection change (state "open", "close" or "connecting")."""
+        with self._lock:
+            self._seq += 1
+            self._connections.append(
+                {
+                    "seq": self._seq,
+                    "t": time.time(),
+                    "instance": instance,
+                    "state": state,
+                    "status_reason": status_reason,
+                    "origin": origin,
+                }
+            )
+            return self._seq
+
+    def dispatched(self, event: str) -> None:
+        """Count an event the bus published (whichever sinks took it)."""
+        with self._lock:
+            self._dispatched[event] += 1
+
+    def event_outcome(self, sink: str, event: str, outcome: str) -> None:
+        """Count a sink's outcome for one event ("sent", "failed", "dropped", "retried")."""
+        with self._lock:
+            self._sinks[sink][event][outcome] += 1
+
+    def sends_to(self, instance: str, number: str) -> int:
+        """Accepted sends of this instance to this number since the last reset."""
+        with self._lock:
+            return self._number_sends[(instance, number)]
 
     # -- reading ----------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
         """Counters only (cheap)."""
         with self._lock:
-            duplicates = [
+            duplicates: list[dict[str, Any]] = [
                 {"instance": k[0], "number": k[1], "text": k[2][:80], "count": self._send_counts[k]}
                 for k in self._duplicate_keys
             ]
@@ -152,16 +203,41 @@ class Ledger:
                 "duplicates": duplicates[:100],
                 "early_retries": self._early,
                 "early_retries_by_route": dict(self._early_by_route),
-                "webhooks": dict(self._webhooks),
+                "webhooks": dict(self._sink_totals("webhook")),
+                "events": {
+                    "dispatched": dict(self._dispatched),
+                    **{
+                        sink: {event: dict(c) for event, c in by_event.items()}
+                        for sink, by_event in self._sinks.items()
+                    },
+                },
+                "inbound": len(self._inbound),
+                "inbound_by_origin": dict(self._inbound_origins),
+                "connection_changes": len(self._connections),
                 "since_reset_s": round(time.time() - self._started, 3),
             }
 
+    def _sink_totals(self, sink: str) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for counts in self._sinks.get(sink, {}).values():
+            total.update(counts)
+        return total
+
     def entries_since(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
-        """Requests and sends with seq > since (at most ``limit`` of each), plus the summary."""
+        """Requests, sends, inbound messages and connection changes with seq > since (at most ``limit``
+        of each), plus the summary."""
         with self._lock:
             requests = self._slice(self._requests, since, limit)
             sends = [dict(e) for e in self._slice(self._sends, since, limit)]
-        return {"requests": requests, "sends": sends, "summary": self.summary()}
+            inbound = [dict(e) for e in self._slice(self._inbound, since, limit)]
+            connections = self._slice(self._connections, since, limit)
+        return {
+            "requests": requests,
+            "sends": sends,
+            "inbound": inbound,
+            "connections": connections,
+            "summary": self.summary(),
+        }
 
     @staticmethod
     def _slice(entries: list[dict[str, Any]], since: int, limit: int | None) -> list[dict[str, Any]]:

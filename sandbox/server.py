@@ -11,7 +11,17 @@ Routes:
 * ``POST /message/sendText/{instance}``, ``GET /instance/connectionState/{instance}``: ``apikey`` header
 * control: ``GET /__sandbox/health``, ``GET|POST /__sandbox/faults`` (JSON merge patch; ``?replace=1``
   starts from the defaults), ``GET /__sandbox/ledger?since=SEQ&limit=N&entries=0``,
-  ``POST /__sandbox/reset`` (``{"keep_faults": true}`` keeps the current faults, else the start-up ones)
+  ``POST /__sandbox/reset`` (``{"keep_faults": true}`` keeps the current faults, else the start-up ones),
+  ``POST /__sandbox/inbound`` (a scripted inbound message, see sandbox.replies),
+  ``GET|POST /__sandbox/connection`` (``{"instance", "state": "open"|"close"|"connecting",
+  "status_reason"?}``), ``GET /__sandbox/events`` (sinks, RabbitMQ connection and queues, pending
+  events, counts per sink and event)
+
+Events (sandbox.events): after an accepted send, ``send.message`` and the receipts
+(``messages.update``, ``webhook_statuses`` each ``webhook_gap_ms`` apart); scripted and automatic
+inbound replies (``messages.upsert``); ``connection.update`` whenever an instance's state changes.
+They go to the webhook sink (``webhook_url``, ``webhook_events``) and, when started with an AMQP URL,
+to RabbitMQ as Evolution's global mode publishes them (``amqp_events``; sandbox.amqp).
 
 Evolution answers a send on an instance that is not connected with
 ``500 {"status":500,"error":"Internal Server Error","response":{"message":["Error: Connection Closed"]}}``
@@ -43,9 +53,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sandbox import llm
+from sandbox.amqp import AmqpSink
 from sandbox.config import CONTENT_FAULTS, FaultError, merge_patch, public_view, strip_masked, validate, with_defaults
+from sandbox.events import (
+    EVENTS,
+    EventBus,
+    Sink,
+    connection_data,
+    messages_update_data,
+    sent_message_data,
+)
 from sandbox.ledger import Ledger
-from sandbox.webhook import WebhookEmitter
+from sandbox.replies import Inbound, draw_reply, message_id, parse_inbound, upsert_data
+from sandbox.webhook import WebhookSink
 
 __all__ = ["SandboxApp", "SandboxServer", "make_server"]
 
@@ -95,8 +115,18 @@ def _digits(number: Any) -> str:
     return "".join(ch for ch in str(number) if ch.isascii() and ch.isdigit())
 
 
+_STATES = ("open", "close", "connecting")
+
+
+def connection_states(cfg: dict[str, Any]) -> dict[str, str]:
+    """The state of every instance the faults name (any other instance is "open")."""
+    states = {name: "connecting" for name in cfg["connecting_instances"]}
+    states.update({name: "close" for name in cfg["disconnected_instances"]})  # as _state: close wins
+    return states
+
+
 class SandboxApp:
-    """Request handling, fault state, ledger and webhooks; independent of the socket server."""
+    """Request handling, fault state, ledger and events; independent of the socket server."""
 
     def __init__(
         self,
@@ -107,6 +137,11 @@ class SandboxApp:
         webhook_secret: str | None = None,
         chat_key: str | None = None,
         evolution_key: str | None = None,
+        events_amqp_url: str | None = None,
+        events_exchange: str = "evolution",
+        events_prefix: str = "evolution",
+        events_amqp_retry_seconds: float = 30.0,
+        events_amqp_publishers: int = 4,
     ) -> None:
         self.seed = seed
         self.stop_event = threading.Event()
@@ -114,6 +149,7 @@ class SandboxApp:
         self._faults_lock = threading.Lock()
         self._doc: dict[str, Any] = {}
         self.faults: dict[str, Any] = validate(with_defaults({}))
+        self.bus: EventBus | None = None  # no connection.update for the start-up faults
         start: dict[str, Any] = {}
         for key, value in (
             ("webhook_url", webhook_url),
@@ -126,35 +162,168 @@ class SandboxApp:
         self.patch_faults(merge_patch(start, faults or {}))
         self._initial_doc = self._doc
         self.server_url = ""
-        self.webhooks = WebhookEmitter(on_outcome=self.ledger.webhook)
         self._key_counter = 0
+        self._inbound_counter = 0
         self._key_lock = threading.Lock()
+        self.amqp: AmqpSink | None = None
+        if events_amqp_url:
+            self.amqp = AmqpSink(
+                url=events_amqp_url,
+                exchange=events_exchange,
+                prefix=events_prefix,
+                events=lambda: list(self.faults["amqp_events"]),
+                on_outcome=lambda e, o: self.ledger.event_outcome("amqp", e, o),
+                retry_seconds=events_amqp_retry_seconds,
+                publishers=events_amqp_publishers,
+            )
+        sinks: list[Sink] = [WebhookSink(on_outcome=lambda e, o: self.ledger.event_outcome("webhook", e, o))]
+        if self.amqp is not None:
+            sinks.append(self.amqp)
+        self.bus = EventBus(
+            sinks=sinks,
+            faults=lambda: self.faults,
+            epoch=lambda: self.ledger.epoch,
+            on_dispatch=self.ledger.dispatched,
+        )
 
     # -- control ----------------------------------------------------------------------------------
 
-    def patch_faults(self, patch: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
-        """Apply a JSON merge patch to the faults (atomically); return the new full document."""
+    def patch_faults(
+        self,
+        patch: dict[str, Any],
+        *,
+        replace: bool = False,
+        origin: str = "faults",
+        reasons: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """Apply a JSON merge patch to the faults (atomically); return the new full document.
+
+        Instances whose connection state changes get a ``connection.update`` (``reasons`` may give
+        their ``statusReason``).
+        """
         if not isinstance(patch, dict):
             raise FaultError("a fault patch must be a JSON object")
         with self._faults_lock:
             doc = merge_patch({} if replace else self._doc, strip_masked(patch))
-            full = validate(with_defaults(doc))
-            self._doc, self.faults = doc, full
+            self._swap(doc, origin, reasons or {})
+            full = self.faults
         logger.info("faults now %s", json.dumps(public_view(self._doc), sort_keys=True))
         return full
 
+    def _swap(self, doc: dict[str, Any], origin: str, reasons: dict[str, int]) -> None:
+        """Install a new fault document (caller holds the lock) and publish the connection changes."""
+        full = validate(with_defaults(doc))
+        before = connection_states(self.faults)
+        self._doc, self.faults = doc, full
+        if self.bus is None:
+            return
+        after = connection_states(full)
+        for instance in sorted(set(before) | set(after)):
+            state = after.get(instance, "open")
+            if state != before.get(instance, "open"):
+                data = connection_data(instance, state, reasons.get(instance))
+                self.ledger.record_connection(instance, state, data["statusReason"], origin)
+                self.bus.schedule("connection.update", instance, data)
+
+    def set_connection(self, instance: Any, state: Any, status_reason: Any = None) -> bool:
+        """Put an instance in a connection state (control API); True if its state changed."""
+        if not isinstance(instance, str) or not instance:
+            raise FaultError("instance: expected a non-empty string")
+        if state not in _STATES:
+            raise FaultError(f"state: {state!r} is not one of {', '.join(_STATES)}")
+        if status_reason is not None and (
+            isinstance(status_reason, bool) or not isinstance(status_reason, int) or not 0 <= status_reason <= 999
+        ):
+            raise FaultError(f"status_reason: expected a whole number (a DisconnectReason), got {status_reason!r}")
+        with self._faults_lock:
+            cfg = self.faults
+            changed = connection_states(cfg).get(instance, "open") != state
+            lists = {
+                key: [name for name in cfg[key] if name != instance]
+                for key in ("disconnected_instances", "connecting_instances")
+            }
+            if state == "close":
+                lists["disconnected_instances"].append(instance)
+            elif state == "connecting":
+                lists["connecting_instances"].append(instance)
+            reasons = {instance: status_reason} if status_reason is not None else {}
+            self._swap(merge_patch(self._doc, lists), "control", reasons)
+        return changed
+
+    def inbound(self, spec: Inbound, *, epoch: int | None = None) -> dict[str, Any]:
+        """Publish a scripted inbound ``messages.upsert`` after ``spec.delay_ms``; returns its key id and data."""
+        epoch = self.ledger.epoch if epoch is None else epoch
+        if spec.id:
+            key_id = spec.id
+        elif spec.trigger:
+            key_id = message_id(self.seed, spec, f"auto|{spec.trigger['key_id']}")
+        else:
+            with self._key_lock:
+                self._inbound_counter += 1
+                n = self._inbound_counter
+            key_id = message_id(self.seed, spec, n)
+        data = upsert_data(spec, key_id)
+        entry = {
+            "instance": spec.instance,
+            "number": spec.number,
+            "lid": spec.lid,
+            "remote_jid": data["key"]["remoteJid"],
+            "key_id": key_id,
+            "text": spec.text,
+            "message_type": data["messageType"],
+            "from_me": spec.from_me,
+            "group": spec.group,
+            "broadcast": spec.broadcast,
+            "origin": spec.origin,
+            "trigger": spec.trigger or None,
+            "delay_ms": round(spec.delay_ms, 1),
+        }
+
+        def on_publish(envelope: dict[str, Any]) -> None:
+            envelope["data"]["messageTimestamp"] = int(time.time())
+            self.ledger.record_inbound(entry, epoch)
+
+        assert self.bus is not None
+        self.bus.schedule(
+            "messages.upsert", spec.instance, data, delay_s=spec.delay_ms / 1000.0, epoch=epoch, on_publish=on_publish
+        )
+        return {"key_id": key_id, "instance": spec.instance, "delay_ms": spec.delay_ms, "data": data}
+
+    def events_view(self) -> dict[str, Any]:
+        """The event sinks, what is pending and what was published, for the control API."""
+        cfg = self.faults
+        assert self.bus is not None
+        return {
+            "events": list(EVENTS),
+            "pending": self.bus.pending(),
+            "sinks": {
+                "webhook": {
+                    "url": cfg["webhook_url"],
+                    "events": cfg["webhook_events"],
+                    **self.bus.sinks[0].view(),
+                },
+                "amqp": {"events": cfg["amqp_events"], **self.amqp.view()} if self.amqp is not None else None,
+            },
+            "counts": self.ledger.summary()["events"],
+            "connections": {"instances": connection_states(cfg), "default": "open"},
+        }
+
     def reset(self, *, keep_faults: bool = False) -> None:
-        """Clear the ledger (and restore the start-up faults unless keep_faults)."""
+        """Clear the ledger (and restore the start-up faults unless keep_faults).
+
+        Events scheduled before the reset are dropped; connection changes the restored faults make are
+        published (and recorded) after it.
+        """
+        self.ledger.reset()
         if not keep_faults:
             with self._faults_lock:
-                self._doc = self._initial_doc
-                self.faults = validate(with_defaults(self._doc))
-        self.ledger.reset()
+                self._swap(self._initial_doc, "reset", {})
 
     def close(self) -> None:
         """Stop background work and wake every sleeping request."""
         self.stop_event.set()
-        self.webhooks.stop()
+        if self.bus is not None:
+            self.bus.stop()
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -194,10 +363,46 @@ class SandboxApp:
             if query.get("entries", ["1"])[0] in ("0", "false"):
                 return _json_reply(200, {"summary": self.ledger.summary()})
             return _json_reply(200, self.ledger.entries_since(since, int(limit_raw) if limit_raw else None))
+        if path == "/__sandbox/inbound" and method == "POST":
+            return self._control_inbound(payload)
+        if path == "/__sandbox/connection":
+            return self._control_connection(method, payload)
+        if path == "/__sandbox/events":
+            return _json_reply(200, self.events_view())
         if path == "/__sandbox/reset" and method == "POST":
             self.reset(keep_faults=bool(payload.get("keep_faults")) if isinstance(payload, dict) else False)
             return _json_reply(200, {"ok": True})
         return _json_reply(404, {"error": f"no control route {method} {path}"})
+
+    def _control_inbound(self, payload: Any) -> Reply:
+        try:
+            if isinstance(payload, list):  # a batch: all validated before any is scheduled
+                if len(payload) > 10_000:
+                    raise FaultError("at most 10000 inbound messages per request")
+                specs = []
+                for i, doc in enumerate(payload):
+                    try:
+                        specs.append(parse_inbound(doc))
+                    except FaultError as exc:
+                        raise FaultError(f"[{i}] {exc}") from exc
+                return _json_reply(200, {"messages": [self.inbound(spec) for spec in specs]})
+            return _json_reply(200, self.inbound(parse_inbound(payload)))
+        except FaultError as exc:
+            return _json_reply(400, {"error": str(exc)})
+
+    def _control_connection(self, method: str, payload: Any) -> Reply:
+        if method != "POST":
+            return _json_reply(200, {"instances": connection_states(self.faults), "default": "open"})
+        if not isinstance(payload, dict):
+            return _json_reply(400, {"error": "expected a JSON object"})
+        unknown = sorted(set(payload) - {"instance", "state", "status_reason"})
+        try:
+            if unknown:
+                raise FaultError(f"{unknown[0]}: unknown key (instance, state, status_reason)")
+            changed = self.set_connection(payload.get("instance"), payload.get("state"), payload.get("status_reason"))
+        except FaultError as exc:
+            return _json_reply(400, {"error": str(exc)})
+        return _json_reply(200, {"instance": payload["instance"], "state": payload["state"], "changed": changed})
 
     # -- shared fault machinery -------------------------------------------------------------------
 
@@ -483,18 +688,11 @@ class SandboxApp:
         remote_jid = f"{number}@s.whatsapp.net"
         key_id = self._new_key_id(identity)
         hang = fault == "accept_then_hang"
-        hang_mode = self._opt(cfg, rcfg, "hang_mode") if hang else None
+        hang_mode = self._opt(cfg, rcfg, "hang_mode") if hang else "ok"
         send_entry = self.ledger.record_send(instance, number, text, key_id, hang_mode or "ok", epoch)
-        if cfg["webhook_url"]:
-            self.webhooks.emit(
-                url=cfg["webhook_url"],
-                secret=cfg["webhook_secret"],
-                instance=instance,
-                key_id=key_id,
-                remote_jid=remote_jid,
-                statuses=cfg["webhook_statuses"],
-                gap_s=cfg["webhook_gap_ms"] / 1000.0,
-            )
+        answer = sent_message_data(instance, remote_jid, key_id, text)
+        if send_entry is not None:
+            self._after_send(cfg, instance, number, remote_jid, key_id, answer, send_entry["part"], epoch)
         entry.update(key_id=key_id)
         if hang:
             entry.update(status=None, fault=fault)
@@ -502,21 +700,35 @@ class SandboxApp:
             return Reply(action=hang_mode, hang_seconds=float(self._opt(cfg, rcfg, "hang_seconds")))
         entry.update(status=201, fault=None)
         self.ledger.record_request(entry, epoch)
-        answer = {
-            "key": {"remoteJid": remote_jid, "fromMe": True, "id": key_id},
-            "pushName": "",
-            "status": "PENDING",
-            "message": {"conversation": text},
-            "contextInfo": None,
-            "messageType": "conversation",
-            "messageTimestamp": int(time.time()),
-            "instanceId": hashlib.md5(instance.encode()).hexdigest(),
-            "source": "unknown",
-        }
         reply = _json_reply(201, answer)
         reply.check_peer = True
         reply.on_written = lambda ok: self.ledger.mark_seen(send_entry, ok, None if ok else "client_gone", epoch)
         return reply
+
+    def _after_send(
+        self,
+        cfg: dict[str, Any],
+        instance: str,
+        number: str,
+        remote_jid: str,
+        key_id: str,
+        answer: dict[str, Any],
+        part: int,
+        epoch: int,
+    ) -> None:
+        """What Evolution publishes after an accepted send: send.message, the receipts; and the lead's reply."""
+        bus = self.bus
+        assert bus is not None
+        if bus.wants("send.message"):
+            bus.schedule("send.message", instance, answer, epoch=epoch)
+        if bus.wants("messages.update"):
+            gap_s = cfg["webhook_gap_ms"] / 1000.0
+            for i, status in enumerate(cfg["webhook_statuses"], start=1):
+                data = messages_update_data(instance, key_id, remote_jid, status)
+                bus.schedule("messages.update", instance, data, delay_s=gap_s * i, epoch=epoch)
+        reply = draw_reply(cfg["replies"], self.seed, instance, number, part, key_id)
+        if reply is not None:
+            self.inbound(reply, epoch=epoch)
 
     def _state(self, instance: str, headers: Any) -> Reply:
         denied = self._evo_gate("state", instance, headers)
@@ -658,6 +870,7 @@ class SandboxServer(ThreadingHTTPServer):
     def url(self) -> str:
         """Base URL of the running server."""
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # server_bind stored getsockname(): a str host, never bytes
         return f"http://{host}:{port}"
 
 
@@ -666,5 +879,6 @@ def make_server(host: str = "127.0.0.1", port: int = 0, **app_kwargs: Any) -> Sa
     app = SandboxApp(**app_kwargs)
     server = SandboxServer((host, port), app)
     app.server_url = server.url
-    app.webhooks.server_url = server.url
+    assert app.bus is not None
+    app.bus.server_url = server.url
     return server

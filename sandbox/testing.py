@@ -5,6 +5,11 @@ with SandboxProcess(seed=1) as sb:
     sb.set_faults(chat={"rate_429": 0.5}, retry_after=0.2)
     ...
     assert sb.summary()["early_retries"] == 0
+
+with SandboxProcess(events_amqp_url=amqp_url, webhook_url=receiver_url) as sb:
+    sb.inbound(instance="acme-1", number="5511987654321", text="PARE", lid=True)
+    sb.set_connection("acme-1", "close")
+    sb.events()["counts"]          # what went to which sink
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class SandboxProcess:
         log_level: str = "WARNING",
         startup_timeout: float = 15.0,
         python: str = sys.executable,
+        events_amqp_url: str | None = None,
+        events_exchange: str | None = None,
+        events_prefix: str | None = None,
+        events_amqp_retry_seconds: float | None = None,
+        events_amqp_publishers: int | None = None,
     ) -> None:
         self.chat_key = chat_key
         self.evolution_key = evolution_key
@@ -81,6 +91,15 @@ class SandboxProcess:
             self._args += ["--webhook-url", webhook_url]
         if webhook_secret:
             self._args += ["--webhook-secret", webhook_secret]
+        for option, value in (
+            ("--events-amqp-url", events_amqp_url),
+            ("--events-exchange", events_exchange),
+            ("--events-prefix", events_prefix),
+            ("--events-amqp-retry-seconds", events_amqp_retry_seconds),
+            ("--events-amqp-publishers", events_amqp_publishers),
+        ):
+            if value is not None:
+                self._args += [option, str(value)]
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._http: httpx.Client | None = None
@@ -224,6 +243,25 @@ class SandboxProcess:
     def reset(self, *, keep_faults: bool = False) -> None:
         """Clear the ledger; restore the start-up faults unless keep_faults."""
         self._control("POST", "/__sandbox/reset", json={"keep_faults": keep_faults})
+
+    def inbound(self, **fields: Any) -> dict[str, Any]:
+        """Publish a scripted inbound messages.upsert (see sandbox.replies); returns its key_id and data."""
+        return self._control("POST", "/__sandbox/inbound", json=fields)
+
+    def inbound_many(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Publish many scripted inbound messages in one request (all validated first)."""
+        return self._control("POST", "/__sandbox/inbound", json=messages)["messages"]
+
+    def set_connection(self, instance: str, state: str, status_reason: int | None = None) -> dict[str, Any]:
+        """Put an instance "open", "close" or "connecting" (a connection.update goes out if it changed)."""
+        body: dict[str, Any] = {"instance": instance, "state": state}
+        if status_reason is not None:
+            body["status_reason"] = status_reason
+        return self._control("POST", "/__sandbox/connection", json=body)
+
+    def events(self) -> dict[str, Any]:
+        """The event sinks (RabbitMQ connection, queues), pending events and counts per sink and event."""
+        return self._control("GET", "/__sandbox/events")
 
 
 @atexit.register

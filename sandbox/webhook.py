@@ -1,112 +1,102 @@
-"""Background emission of Evolution ``messages.update`` webhooks (SERVER_ACK -> DELIVERY_ACK -> READ).
+"""The webhook sink: POSTs Evolution event envelopes to ``webhook_url`` (Evolution's global webhook).
 
-A small pool of threads drains a bounded queue; the statuses of one message are posted in order by one
-thread, a few ms apart. Delivery failures are logged and counted, never raised.
+A small pool of threads drains bounded queues; every event of one instance goes through the same
+thread, so an instance's events arrive in the order they were published (Evolution emits one
+instance's events one after the other). Delivery failures are logged and counted, never raised.
+Which events go out is ``webhook_events`` in the fault document (Evolution's per-event switches,
+``WEBHOOK_EVENTS_*``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import queue
 import threading
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-__all__ = ["WebhookEmitter"]
+__all__ = ["WebhookSink"]
 
 logger = logging.getLogger(__name__)
 
 
-class WebhookEmitter:
-    """Posts messages.update events for accepted sends to the configured URL."""
+class WebhookSink:
+    """Posts envelopes to the fault document's ``webhook_url``; outcomes via ``on_outcome(event, outcome)``."""
+
+    name = "webhook"
 
     def __init__(
         self,
         *,
-        on_outcome: Callable[[str], None],
-        server_url: str = "",
+        on_outcome: Callable[[str, str], None],
         threads: int = 8,
         max_queue: int = 100_000,
+        timeout_s: float = 2.0,
     ) -> None:
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max_queue)
         self._on_outcome = on_outcome
+        self._queues: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = [
+            queue.Queue(maxsize=max(1, max_queue // threads)) for _ in range(threads)
+        ]
         self._stop = threading.Event()
-        self.server_url = server_url
-        self._client = httpx.Client(timeout=httpx.Timeout(2.0), trust_env=False)
-        self._threads = [threading.Thread(target=self._run, name=f"webhook-{i}", daemon=True) for i in range(threads)]
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s), trust_env=False)
+        self._failures_logged = 0
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"webhook-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
         for t in self._threads:
             t.start()
-        self._failures_logged = 0
 
-    def emit(
-        self,
-        *,
-        url: str,
-        secret: str | None,
-        instance: str,
-        key_id: str,
-        remote_jid: str,
-        statuses: list[str],
-        gap_s: float,
-    ) -> None:
-        """Queue the status events of one accepted send (dropped and counted if the queue is full)."""
+    def accepts(self, event: str, cfg: dict[str, Any]) -> bool:
+        """A URL is configured and the event is switched on."""
+        return bool(cfg["webhook_url"]) and event in cfg["webhook_events"]
+
+    def submit(self, envelope: dict[str, Any], cfg: dict[str, Any]) -> None:
+        """Queue one envelope for the current URL (dropped and counted if that queue is full)."""
+        url = cfg["webhook_url"]
+        body = {**envelope, "destination": url}
+        q = self._queues[zlib.crc32(envelope["instance"].encode()) % len(self._queues)]
         try:
-            self._queue.put_nowait((url, secret, instance, key_id, remote_jid, list(statuses), gap_s))
+            q.put_nowait((url, body))
         except queue.Full:
-            self._on_outcome("dropped")
+            self._on_outcome(envelope["event"], "dropped")
+
+    def view(self) -> dict[str, Any]:
+        """Queue depth for the control API."""
+        return {"queued": sum(q.qsize() for q in self._queues)}
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the threads (pending events are abandoned)."""
+        """Stop the threads (pending envelopes are abandoned)."""
         self._stop.set()
-        for _ in self._threads:
+        for q in self._queues:
             try:
-                self._queue.put_nowait(None)
+                q.put_nowait(None)
             except queue.Full:
-                break
+                pass
         for t in self._threads:
             t.join(timeout / max(1, len(self._threads)))
         self._client.close()
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue[tuple[str, dict[str, Any]] | None]) -> None:
         while not self._stop.is_set():
-            job = self._queue.get()
+            job = q.get()
             if job is None:
                 return
-            url, secret, instance, key_id, remote_jid, statuses, gap_s = job
-            for status in statuses:
-                if self._stop.wait(gap_s):
-                    return
-                self._post(url, secret, instance, key_id, remote_jid, status)
+            self._post(*job)
 
-    def _post(self, url: str, secret: str | None, instance: str, key_id: str, remote_jid: str, status: str) -> None:
-        payload = {
-            "event": "messages.update",
-            "instance": instance,
-            "data": {
-                "keyId": key_id,
-                "remoteJid": remote_jid,
-                "fromMe": True,
-                "status": status,
-                "instanceId": instance,
-            },
-            "destination": url,
-            "date_time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "sender": remote_jid,
-            "server_url": self.server_url,
-            "apikey": secret,
-        }
+    def _post(self, url: str, body: dict[str, Any]) -> None:
         try:
-            response = self._client.post(url, json=payload)
+            response = self._client.post(url, json=body)
             ok = response.status_code < 300
         except httpx.HTTPError as exc:
             ok = False
             detail = type(exc).__name__
         else:
             detail = f"HTTP {response.status_code}"
-        self._on_outcome("sent" if ok else "failed")
+        self._on_outcome(body["event"], "sent" if ok else "failed")
         if not ok and self._failures_logged < 20:  # a dead receiver must not flood the log
             self._failures_logged += 1
-            logger.warning("webhook delivery failed key_id=%s status=%s: %s", key_id, status, detail)
+            logger.warning("webhook delivery of %s for %s failed: %s", body["event"], body["instance"], detail)

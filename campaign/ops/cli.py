@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import peewee
 from rich.text import Text
@@ -14,20 +16,25 @@ from campaign import inboxes, planner, runs
 from campaign.db import db, init_db
 from campaign.errors import ConfigError, EngineError
 from campaign.logs import configure_logging
-from campaign.ops import dead_letters, monitor, report
+from campaign.ops import conversation, dead_letters, monitor, report
 from campaign.ops.configfile import ConfigFileError, apply_file
 from campaign.ops.leads_import import import_file
 from campaign.settings import Settings, get_settings, redact_url
 from devtools import demo
 from models.schema import LATEST, current_version, migrate
 
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
 log = logging.getLogger("cli")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
+#: adds a sub-command's arguments to its parser; what it returns (``add_argument``'s Action) is ignored
+ArgsAdder = Callable[[argparse.ArgumentParser], object]
+_COMMANDS: dict[str, tuple[Handler, ArgsAdder, str]] = {}
 
 
-def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+def command(name: str, help: str, args: ArgsAdder = lambda p: None) -> Callable[[Handler], Handler]:
     """Register ``func`` as the handler of sub-command ``name``."""
 
     def register(func: Handler) -> Handler:
@@ -317,7 +324,7 @@ def _status_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-queues", action="store_true", help="do not ask RabbitMQ for queue depths")
 
 
-def _bar(run, width: int = 24):
+def _bar(run: monitor.RunStatus, width: int = 24) -> Text:
     """A stacked bar: sent / skipped / failed / in doubt of total."""
 
     text = Text()
@@ -338,7 +345,7 @@ def _bar(run, width: int = 24):
     return text
 
 
-def _plain(value) -> Text:
+def _plain(value: object) -> Text:
     """A table cell from data (provider errors, names, queue names): rich ``Text`` is never parsed
     as markup, so "[/x] is not a valid model ID" prints as it is instead of raising MarkupError,
     and "[bold]" or "[link=...]" in an error text is shown, not obeyed."""
@@ -346,7 +353,47 @@ def _plain(value) -> Text:
     return Text("-" if value is None else str(value))
 
 
-def render_status(snap):
+def _listening(heard: monitor.Listening, now: dt.datetime) -> list[RenderableType]:
+    """The listening section (R-IN): what leads and strangers wrote, and what could not be used."""
+    from rich.table import Table
+
+    t = Table(title="listening (inbound messages)", title_justify="left")
+    t.add_column("")
+    t.add_column("last 24 h", justify="right")
+    t.add_column("total", justify="right")
+    for label, recent, total, style in (
+        ("replies from leads (opt-outs included)", heard.replies_24h, heard.replies_total, ""),
+        ("  opt-outs", heard.opt_outs_24h, heard.opt_outs_total, "yellow" if heard.opt_outs_24h else ""),
+        ("from unknown numbers (no lead)", heard.unknown_24h, heard.unknown_total, ""),
+        (
+            "unusable events (recorded, acked)",
+            heard.unusable_24h,
+            heard.unusable_total,
+            "red" if heard.unusable_24h else "",
+        ),
+    ):
+        t.add_row(Text(label, style=style), Text(str(recent), style=style), Text(str(total)))
+    if heard.last_at is None:
+        last = Text("no inbound message event yet", style="grey50")
+    else:
+        ago = max((now - heard.last_at).total_seconds(), 0.0)
+        last = Text(
+            f"last inbound message event {heard.last_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC ({_ago(ago)} ago)"
+        )
+    return [t, last]
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
     from rich.table import Table
@@ -427,6 +474,9 @@ def render_status(snap):
                 )
             parts.append(t)
 
+    if snap.listening is not None:
+        parts += _listening(snap.listening, snap.taken_at)
+
     if snap.alerts:
         parts.append(Text("alerts:", style="bold red"))
         parts += [Text(f"  ! {a.kind}: {a.text}", style="red") for a in snap.alerts]
@@ -435,7 +485,11 @@ def render_status(snap):
     return Group(*parts)
 
 
-@command("status", "runs in progress, queue depths, in-doubt and failed messages, alerts", _status_args)
+@command(
+    "status",
+    "runs in progress, queue depths, in-doubt and failed messages, replies / opt-outs / unknown senders, alerts",
+    _status_args,
+)
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
@@ -445,7 +499,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not 0.2 <= args.interval <= 3600:
         raise ConfigError(f"--interval {args.interval} must be between 0.2 and 3600 seconds")
 
-    def snapshot():
+    def snapshot() -> monitor.StatusSnapshot:
         with db.connection_context():
             return monitor.status_snapshot(settings, with_queues=not args.no_queues)
 
@@ -503,6 +557,35 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: cannot write the picture {picture}: {exc}", file=sys.stderr)
             return 2
         print(f"picture: {written}")
+    return 0
+
+
+def _conversation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "lead",
+        help="a lead id (42, or id:42) or its phone in any format import-leads accepts (+55 11 98765-4321)",
+    )
+    p.add_argument("--workspace", default=None, help="the lead's workspace, when the phone is a lead in several")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=conversation.DEFAULT_LIMIT,
+        help=f"show the latest N messages (default {conversation.DEFAULT_LIMIT})",
+    )
+    p.add_argument("--region", default="BR", help="phone region for numbers without +country (default BR)")
+
+
+@command(
+    "conversation",
+    "a lead (column, opt-out, last reply) and its conversation on every inbox, in time order (UTC)",
+    _conversation_args,
+)
+def cmd_conversation(args: argparse.Namespace, settings: Settings) -> int:
+
+    with db.connection_context():
+        lead = conversation.find_lead(args.lead, workspace=args.workspace, region=args.region)
+        conv = conversation.load_conversation(lead, limit=args.limit)
+    print(conversation.render_text(conv), end="")
     return 0
 
 

@@ -33,6 +33,7 @@ import logging
 import math
 import re
 import tomllib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee
 
-from campaign import leadtext
+from campaign import leadtext, optout
 from campaign.db import db
 from campaign.errors import ConfigError
 
@@ -119,6 +120,8 @@ class CampaignSpec:
     max_parts: int
     active: bool
     path: str
+    reply_column: str | None = None  # a lead who answers goes here (R-IN-3)
+    skip_if_replied: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class WorkspaceSpec:
     inboxes: tuple[InboxSpec, ...]
     campaigns: tuple[CampaignSpec, ...]
     path: str
+    opt_out_phrases: tuple[str, ...] | None = None  # None: the built-in pt/en/es list (R-IN-4)
+    opt_out_reply: str | None = None  # sent once to a lead who opts out
 
 
 @dataclass
@@ -196,7 +201,9 @@ class _Checker:
     def err(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
 
-    def table(self, value: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict | None:
+    def table(
+        self, value: Any, path: str, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+    ) -> dict | None:
         if not isinstance(value, dict):
             self.err(path, f"must be a table, got {_type(value)}")
             return None
@@ -286,7 +293,7 @@ def _type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_WS_KEYS = {"columns", "inboxes", "campaigns"}
+_WS_KEYS = {"columns", "inboxes", "campaigns", "opt_out_phrases", "opt_out_reply"}
 _INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds"}
 _CAMPAIGN_KEYS = {
     "inbox",
@@ -303,6 +310,8 @@ _CAMPAIGN_KEYS = {
     "fallback_template",
     "split",
     "active",
+    "reply_column",
+    "skip_if_replied",
 }
 _CAMPAIGN_REQUIRED = {"inbox", "source_column", "target_column", "daily_limit", "gap_seconds", "model", "system_prompt"}
 
@@ -318,7 +327,7 @@ def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
     per_hour = ck.integer(t["max_per_hour"], f"{path}.max_per_hour", 1) if "max_per_hour" in t else None
     per_day = ck.integer(t["max_per_day"], f"{path}.max_per_day", 1) if "max_per_day" in t else None
     gap = ck.number(t["min_gap_seconds"], f"{path}.min_gap_seconds", 0, 3600) if "min_gap_seconds" in t else 1.0
-    if len(ck.errors) > n or instance is None:
+    if len(ck.errors) > n or instance is None or gap is None:
         return None
     return InboxSpec(name, instance, per_hour, per_day, gap, path)
 
@@ -376,8 +385,26 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if "active" in t:
         a = ck.boolean(t["active"], f"{path}.active")
         active = True if a is None else a
+    reply = ck.string(get("reply_column"), f"{path}.reply_column", max_len=100) if "reply_column" in t else None
+    if reply is not None and reply == source:
+        ck.err(f"{path}.reply_column", f"must differ from source_column ({source!r})")
+    skip_if_replied = True
+    if "skip_if_replied" in t:
+        b = ck.boolean(t["skip_if_replied"], f"{path}.skip_if_replied")
+        skip_if_replied = True if b is None else b
 
-    if len(ck.errors) > n or None in (inbox, source, target, weekdays, daily_limit, gaps, part_gaps, model, prompt):
+    if (
+        len(ck.errors) > n
+        or inbox is None
+        or source is None
+        or target is None
+        or weekdays is None
+        or daily_limit is None
+        or gaps is None
+        or part_gaps is None
+        or model is None
+        or prompt is None
+    ):
         return None
     return CampaignSpec(
         name,
@@ -400,6 +427,8 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         max_parts,
         active,
         path,
+        reply,
+        skip_if_replied,
     )
 
 
@@ -433,7 +462,7 @@ def _window(ck: _Checker, t: dict, path: str) -> tuple[int, int]:
         w = ck.table(t["window"], f"{path}.window", {"start", "end"}, {"start", "end"})
         s = ck.hhmm(w["start"], f"{path}.window.start", allow_24=False) if w and "start" in w else None
         e = ck.hhmm(w["end"], f"{path}.window.end", allow_24=True) if w and "end" in w else None
-        if s is not None and e is not None:
+        if w is not None and s is not None and e is not None:
             if e <= s:
                 ck.err(
                     f"{path}.window.end",
@@ -518,19 +547,38 @@ def _workspace(ck: _Checker, name: str, raw: Any) -> WorkspaceSpec | None:
     if "inboxes" in t:
         tbl = ck.table(t["inboxes"], f"{path}.inboxes", set(t["inboxes"]) if isinstance(t["inboxes"], dict) else set())
         for iname, iraw in (tbl or {}).items():
-            spec = _inbox(ck, iname, iraw, _path("workspaces", name, "inboxes", iname))
-            if spec is not None:
-                inboxes.append(spec)
+            inbox = _inbox(ck, iname, iraw, _path("workspaces", name, "inboxes", iname))
+            if inbox is not None:
+                inboxes.append(inbox)
+    phrases: tuple[str, ...] | None = None
+    if "opt_out_phrases" in t:
+        raw_phrases = t["opt_out_phrases"]
+        if not isinstance(raw_phrases, list) or not raw_phrases:
+            ck.err(f"{path}.opt_out_phrases", f"must be a non-empty array of phrases, got {_type(raw_phrases)}")
+        else:
+            kept: list[str] = []
+            for i, phrase in enumerate(raw_phrases):
+                text = ck.string(phrase, f"{path}.opt_out_phrases[{i}]", max_len=80)
+                if text is None:
+                    continue
+                if not optout.normalise(text):
+                    ck.err(f"{path}.opt_out_phrases[{i}]", "has no letters or digits (it could never match)")
+                    continue
+                kept.append(text)
+            phrases = tuple(kept)
+    opt_out_reply = (
+        ck.string(t["opt_out_reply"], f"{path}.opt_out_reply", max_len=1000) if "opt_out_reply" in t else None
+    )
     campaigns: list[CampaignSpec] = []
     if "campaigns" in t:
         tbl = ck.table(
             t["campaigns"], f"{path}.campaigns", set(t["campaigns"]) if isinstance(t["campaigns"], dict) else set()
         )
         for cname, craw in (tbl or {}).items():
-            spec = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
-            if spec is not None:
-                campaigns.append(spec)
-    return WorkspaceSpec(name, columns, tuple(inboxes), tuple(campaigns), path)
+            campaign = _campaign(ck, cname, craw, _path("workspaces", name, "campaigns", cname))
+            if campaign is not None:
+                campaigns.append(campaign)
+    return WorkspaceSpec(name, columns, tuple(inboxes), tuple(campaigns), path, phrases, opt_out_reply)
 
 
 def _too_deep(data: dict) -> str | None:
@@ -603,10 +651,14 @@ _CAMPAIGN_COLUMNS = (
     "split_enabled",
     "max_parts",
     "active",
+    "reply_column_id",
+    "skip_if_replied",
 )
 
 
-def _campaign_values(c: CampaignSpec, inbox_id: int, source_id: int, target_id: int) -> tuple:
+def _campaign_values(
+    c: CampaignSpec, inbox_id: int, source_id: int, target_id: int, reply_id: int | None = None
+) -> tuple:
     return (
         inbox_id,
         source_id,
@@ -626,6 +678,8 @@ def _campaign_values(c: CampaignSpec, inbox_id: int, source_id: int, target_id: 
         c.split_enabled,
         c.max_parts,
         c.active,
+        reply_id,
+        c.skip_if_replied,
     )
 
 
@@ -676,8 +730,12 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
                     f"{c.path}.inbox: {c.inbox!r} is not an inbox of workspace {s.name!r}"
                     + elsewhere("inbox", c.inbox, s.name)
                 )
-            for key, col in (("source_column", c.source_column), ("target_column", c.target_column)):
-                if col not in column_names:
+            for key, col in (
+                ("source_column", c.source_column),
+                ("target_column", c.target_column),
+                ("reply_column", c.reply_column),
+            ):
+                if col is not None and col not in column_names:
                     errors.append(
                         f"{c.path}.{key}: {col!r} is not a column of workspace {s.name!r}"
                         + elsewhere("column", col, s.name)
@@ -724,17 +782,36 @@ def _free_moving_instances(specs: list[WorkspaceSpec]) -> None:
         )
 
 
+def _apply_workspace_row(s: WorkspaceSpec, summary: ApplySummary) -> int:
+    """Create or update the workspace row (its opt-out settings); return its id."""
+    row = db.execute_sql(
+        "SELECT id, opt_out_phrases, opt_out_reply FROM workspaces WHERE name = %s", (s.name,)
+    ).fetchone()
+    phrases = list(s.opt_out_phrases) if s.opt_out_phrases is not None else None
+    if row is None:
+        ws_id = db.execute_sql(
+            "INSERT INTO workspaces (name, opt_out_phrases, opt_out_reply) VALUES (%s, %s, %s) RETURNING id",
+            (s.name, phrases, s.opt_out_reply),
+        ).fetchone()[0]
+        summary.add("created", "workspace", s.name)
+    elif (row[1], row[2]) != (phrases, s.opt_out_reply):
+        ws_id = row[0]
+        db.execute_sql(
+            "UPDATE workspaces SET opt_out_phrases = %s, opt_out_reply = %s WHERE id = %s",
+            (phrases, s.opt_out_reply, ws_id),
+        )
+        summary.add("updated", "workspace", s.name)
+    else:
+        ws_id = row[0]
+        summary.add("unchanged", "workspace", s.name)
+    return int(ws_id)
+
+
 def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
     summary = ApplySummary()
     _free_moving_instances(specs)
     for s in specs:
-        row = db.execute_sql("SELECT id FROM workspaces WHERE name = %s", (s.name,)).fetchone()
-        if row is None:
-            ws_id = db.execute_sql("INSERT INTO workspaces (name) VALUES (%s) RETURNING id", (s.name,)).fetchone()[0]
-            summary.add("created", "workspace", s.name)
-        else:
-            ws_id = row[0]
-            summary.add("unchanged", "workspace", s.name)
+        ws_id = _apply_workspace_row(s, summary)
 
         columns = {
             name: (cid, pos)
@@ -803,7 +880,13 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
         }
         file_campaigns = {c.name for c in s.campaigns}
         for c in s.campaigns:
-            values = _campaign_values(c, inboxes[c.inbox][0], columns[c.source_column][0], columns[c.target_column][0])
+            values = _campaign_values(
+                c,
+                inboxes[c.inbox][0],
+                columns[c.source_column][0],
+                columns[c.target_column][0],
+                columns[c.reply_column][0] if c.reply_column is not None else None,
+            )
             label = f"{s.name}/{c.name}"
             if c.name not in existing:
                 db.execute_sql(

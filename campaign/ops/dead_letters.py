@@ -39,7 +39,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import peewee
 
@@ -47,7 +47,7 @@ from campaign import events, steps
 from campaign.db import db, init_db
 from campaign.enqueue import enqueue
 from campaign.errors import ConfigError
-from campaign.logs import configure_logging
+from campaign.logs import TextSink, configure_logging
 from campaign.ops import repairs
 from campaign.ops.repairs import REQUEUE_TARGETS, Repair
 from campaign.settings import Settings, get_settings, redact_url
@@ -204,7 +204,8 @@ def decode_xq(queue: str, delivery_tag: int, properties: Any, body: bytes) -> Xq
     if isinstance(data.get("message_id"), str) and data["message_id"]:
         msg.key = data["message_id"]
     msg.actor = data.get("actor_name") if isinstance(data.get("actor_name"), str) else None
-    options = data.get("options") if isinstance(data.get("options"), dict) else {}
+    raw_options = data.get("options")
+    options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     if isinstance(options.get("traceback"), str) and options["traceback"].strip():
         msg.last_error = options["traceback"].strip().splitlines()[-1][:300]
     if msg.dead_at is None and isinstance(data.get("message_timestamp"), (int, float)):
@@ -774,7 +775,7 @@ def _as_json(item: Item, now: dt.datetime, outcome: Outcome | None = None) -> di
     return d
 
 
-def print_table(items: list[Item], now: dt.datetime, out: TextIO, width: int = 200) -> None:
+def print_table(items: list[Item], now: dt.datetime, out: TextSink, width: int = 200) -> None:
     """A plain fixed-width table (piped output stays greppable)."""
     rows = [_cells(i, now) for i in items]
     widths = [max([len(c)] + [len(r[n]) for r in rows]) for n, c in enumerate(_COLUMNS[:-1])]
@@ -801,20 +802,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(
-    args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None, publish: Publisher | None = None
+    args: argparse.Namespace, settings: Settings, *, out: TextSink | None = None, publish: Publisher | None = None
 ) -> int:
     """List / requeue / purge as ``args`` say; returns the exit code (0 ok, 1 partial, 2 usage)."""
     out = out or sys.stdout
     check_args(args)
     acting = args.requeue or args.purge
     now = dt.datetime.now(UTC)
-    browser: XqBrowser | None = XqBrowser(settings)
+    opened = XqBrowser(settings)
+    browser: XqBrowser | None = opened  # None once it turned out unusable: nothing to close
     warnings: list[str] = []
     try:
         try:
-            browser.open()
-            xq = browser.browse(PIPELINE_QUEUES)
-            warnings += browser.truncated
+            opened.open()
+            xq = opened.browse(PIPELINE_QUEUES)
+            warnings += opened.truncated
         except ConfigError as exc:
             if acting and not args.dry_run:
                 # never half-act: a requeue must publish, a purge must ack
@@ -846,7 +848,7 @@ def run(
 
 
 def _report(
-    selected: list[Item], outcomes: list[Outcome] | None, args: argparse.Namespace, now: dt.datetime, out: TextIO
+    selected: list[Item], outcomes: list[Outcome] | None, args: argparse.Namespace, now: dt.datetime, out: TextSink
 ) -> None:
     if args.json:
         by_item = {id(o.item): o for o in outcomes or []}
@@ -921,7 +923,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "reprocess_dead_lette
 
 
 def resolve(
-    message_id: int, outcome: str, settings: Settings, *, out: TextIO | None = None, publish: Publisher | None = None
+    message_id: int, outcome: str, settings: Settings, *, out: TextSink | None = None, publish: Publisher | None = None
 ) -> int:
     """Settle one in_doubt message (repairs.resolve_in_doubt), then publish its next send if any.
 

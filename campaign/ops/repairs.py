@@ -87,6 +87,7 @@ def _requeue_target(message_id: int) -> str:
                   FROM campaign_messages m WHERE m.id = %s""",
         (message_id,),
     )
+    assert row is not None, f"message {message_id} vanished under its FOR UPDATE lock"  # the caller holds it
     has_text, has_parts = row
     return "send_part" if has_parts else "split" if has_text else "generate"
 

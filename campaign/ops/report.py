@@ -4,7 +4,12 @@
 transaction, so a run still being worked on gives a self-consistent snapshot (the counters,
 the rows and the sends are of the same instant). ``render_text`` is for a terminal,
 ``render_picture`` writes a PNG or SVG: sends over time per inbox against the planned times,
-and the outcome breakdown.
+the leads' replies and opt-outs on the same axis, and the outcome breakdown.
+
+A lead "replied" to this run when it wrote on the message's inbox at or after the message's
+first part went out (``conversation_messages`` direction ``in``); it "opted out" when its
+``opted_out_at`` is at or after that send (R-IN-2..4). Both come with the message rows, in the
+same query: no query per message.
 
 Matplotlib is only imported by ``render_picture`` and only through its object-oriented
 ``Figure`` API (no pyplot): no global backend is selected, nothing is shared with other code,
@@ -23,12 +28,16 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign import planner, runs
 from campaign.db import db
 from campaign.errors import ConfigError
+
+if TYPE_CHECKING:  # matplotlib is imported by render_picture only (see above)
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,9 @@ class InboxReport:
     in_doubt: int
     gap_min_s: float | None  # between consecutive part sends (sent_at) of this inbox in this run
     gap_median_s: float | None
+    messaged: int = 0  # messages whose first part went out
+    replied: int = 0  # ... whose lead wrote on this inbox after it (R-IN-2)
+    opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,10 @@ class InboxSeries:
     name: str
     planned: list[tuple[dt.datetime, dt.datetime | None]]  # (scheduled_at, first part sent_at), by scheduled_at
     part_sends: list[dt.datetime]  # every sent part's sent_at, ascending
+    #: (the lead's first reply after the message, the message's first part sent_at), by reply time
+    replies: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)
+    #: (the lead's opted_out_at, the message's first part sent_at), by opt-out time
+    opt_outs: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +161,9 @@ class RunReport:
     #: the pause reason of a run its window's end closed while paused (E-26): its counters say
     #: `completed`, this says why most of it was skipped ``window_closed``
     closed_while_paused: str | None = None
+    messaged: int = 0  # messages whose first part went out
+    replied: int = 0  # ... whose lead replied after it (R-IN-2)
+    opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
 
     @property
     def label(self) -> str:
@@ -219,13 +238,41 @@ _TIMINGS_SQL = """
            count(late), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY late), max(late)
       FROM x"""
 
-# One aggregate joined by hash, not a sub-select per message (3,000 messages: 0.55 s -> 0.02 s).
+
+class _Msg(NamedTuple):
+    """One message of the run as ``_MESSAGES_SQL`` reads it."""
+
+    id: int
+    inbox_id: int
+    status: str
+    scheduled_at: dt.datetime
+    skip_reason: str | None
+    error_class: str | None
+    first_sent: dt.datetime | None  # its first part's sent_at
+    first_reply: dt.datetime | None  # the lead's first message on this inbox since then
+    opted_out_at: dt.datetime | None  # the lead's opt-out, when it came since then
+
+
+# One aggregate joined by hash, not a sub-select per message (3,000 messages: 0.55 s -> 0.02 s);
+# the replies likewise: the run's conversations joined once, the first reply per message.
+# A reply's time is WhatsApp's messageTimestamp, in whole seconds: it is compared with the send
+# truncated to the second, so an answer in the same second as the part still counts.
 _MESSAGES_SQL = """
     WITH f AS (SELECT p.message_id, min(p.sent_at) AS first_sent
                  FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
-                WHERE m.run_id = %(run)s AND p.status = 'sent' GROUP BY p.message_id)
-    SELECT m.id, m.inbox_id, m.status, m.scheduled_at, m.skip_reason, m.error_class, f.first_sent
+                WHERE m.run_id = %(run)s AND p.status = 'sent' GROUP BY p.message_id),
+         r AS (SELECT m.id AS message_id, min(cm.at) AS first_reply
+                 FROM campaign_messages m JOIN f ON f.message_id = m.id
+                 JOIN conversations c ON c.lead_id = m.lead_id AND c.inbox_id = m.inbox_id
+                 JOIN conversation_messages cm ON cm.conversation_id = c.id
+                WHERE m.run_id = %(run)s AND cm.direction = 'in'
+                  AND cm.at >= date_trunc('second', f.first_sent)
+                GROUP BY m.id)
+    SELECT m.id, m.inbox_id, m.status, m.scheduled_at, m.skip_reason, m.error_class, f.first_sent, r.first_reply,
+           CASE WHEN l.opted_out_at >= date_trunc('second', f.first_sent) THEN l.opted_out_at END
       FROM campaign_messages m LEFT JOIN f ON f.message_id = m.id
+      LEFT JOIN r ON r.message_id = m.id
+      LEFT JOIN leads l ON l.id = m.lead_id
      WHERE m.run_id = %(run)s
      ORDER BY m.scheduled_at, m.id"""
 
@@ -255,7 +302,7 @@ def _zone(name: str) -> dt.tzinfo:
 
 
 def _dist(n: int, pcts: list[float] | None, mx: float | None) -> Dist:
-    if not n or pcts is None:
+    if not n or pcts is None or mx is None:
         return Dist(0, None, None, None, None)
     return Dist(int(n), float(pcts[0]), float(pcts[1]), float(pcts[2]), float(mx))
 
@@ -284,9 +331,9 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         if run is None:
             raise RunNotFound(f"run {run_id} not found (`python cli.py status` lists the runs in progress)")
         timings = db.execute_sql(_TIMINGS_SQL, {"run": run_id}).fetchone()
-        messages = db.execute_sql(_MESSAGES_SQL, {"run": run_id}).fetchall()
+        messages = [_Msg(*r) for r in db.execute_sql(_MESSAGES_SQL, {"run": run_id}).fetchall()]
         parts = db.execute_sql(_PARTS_SQL, (run_id,)).fetchall()
-        inbox_ids = sorted({int(r[1]) for r in messages} | {int(r[0]) for r in parts} | {int(run[20])})
+        inbox_ids = sorted({int(m.inbox_id) for m in messages} | {int(r[0]) for r in parts} | {int(run[20])})
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
@@ -298,7 +345,15 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
     return rep
 
 
-def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime) -> RunReport:
+def _assemble(
+    run: tuple[Any, ...],
+    timings: tuple[Any, ...],
+    messages: list[_Msg],
+    parts: list[tuple[Any, ...]],
+    inbox_rows: list[tuple[Any, ...]],
+    plan: tuple[Any, ...] | None,
+    now: dt.datetime,
+) -> RunReport:
     (
         rid,
         ws,
@@ -322,9 +377,9 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
         overflow,
         _cfg_inbox,
     ) = run
-    by_status = Counter(r[2] for r in messages)
-    failed_by = Counter(r[5] or "unknown" for r in messages if r[2] == "failed")
-    skipped_by = Counter(r[4] or "unknown" for r in messages if r[2] == "skipped")
+    by_status = Counter(m.status for m in messages)
+    failed_by = Counter(m.error_class or "unknown" for m in messages if m.status == "failed")
+    skipped_by = Counter(m.skip_reason or "unknown" for m in messages if m.status == "skipped")
     mismatches = []
     for name, counter, actual in (
         ("leads_total", total, len(messages)),
@@ -340,13 +395,15 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
     for inbox_id, sent_at in parts:
         sends_by_inbox.setdefault(int(inbox_id), []).append(sent_at)
     planned_by_inbox: dict[int, list[tuple[dt.datetime, dt.datetime | None]]] = {}
-    for _mid, inbox_id, _st, scheduled_at, _skip, _err, first_sent in messages:
-        planned_by_inbox.setdefault(int(inbox_id), []).append((scheduled_at, first_sent))
+    for m in messages:
+        planned_by_inbox.setdefault(int(m.inbox_id), []).append((m.scheduled_at, m.first_sent))
 
     inboxes, series = [], []
     for iid, name, instance, min_gap, disabled in sorted(inbox_rows, key=lambda r: (_natural(r[1]), r[0])):
-        mine = [r for r in messages if r[1] == iid]
+        mine = [m for m in messages if m.inbox_id == iid]
         sends = sends_by_inbox.get(iid, [])
+        replies = sorted((m.first_reply, m.first_sent) for m in mine if m.first_reply and m.first_sent)
+        opt_outs = sorted((m.opted_out_at, m.first_sent) for m in mine if m.opted_out_at and m.first_sent)
         gaps = [(b - a).total_seconds() for a, b in zip(sends, sends[1:])]
         inboxes.append(
             InboxReport(
@@ -356,16 +413,19 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
                 min_gap_seconds=float(min_gap),
                 disabled=bool(disabled),
                 messages=len(mine),
-                messages_sent=sum(r[2] == "sent" for r in mine),
+                messages_sent=sum(m.status == "sent" for m in mine),
                 parts_sent=len(sends),
-                failed=sum(r[2] == "failed" for r in mine),
-                in_doubt=sum(r[2] == "in_doubt" for r in mine),
+                failed=sum(m.status == "failed" for m in mine),
+                in_doubt=sum(m.status == "in_doubt" for m in mine),
                 gap_min_s=min(gaps) if gaps else None,
                 gap_median_s=statistics.median(gaps) if gaps else None,
+                messaged=sum(m.first_sent is not None for m in mine),
+                replied=len(replies),
+                opted_out=len(opt_outs),
             )
         )
         if mine or sends:
-            series.append(InboxSeries(iid, name, planned_by_inbox.get(iid, []), sends))
+            series.append(InboxSeries(iid, name, planned_by_inbox.get(iid, []), sends, replies, opt_outs))
 
     window_open, window_close = _window(run_date, tz, wstart, wend)
     details = plan[0] if plan else None
@@ -383,8 +443,8 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
         window_end_minute=wend,
         window_open=window_open,
         window_close=window_close,
-        planned_start=messages[0][3] if messages else None,
-        planned_end=max(r[3] for r in messages) if messages else None,
+        planned_start=messages[0].scheduled_at if messages else None,
+        planned_end=max(m.scheduled_at for m in messages) if messages else None,
         started_at=started_at,
         finished_at=finished_at,
         generated_at=now,
@@ -399,8 +459,8 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
         in_flight=sum(by_status[s] for s in IN_FLIGHT),
         failed_by_reason=dict(failed_by.most_common()),
         skipped_by_reason=dict(skipped_by.most_common()),
-        in_doubt_ids=sorted(int(r[0]) for r in messages if r[2] == "in_doubt"),
-        failed_ids=sorted(int(r[0]) for r in messages if r[2] == "failed"),
+        in_doubt_ids=sorted(int(m.id) for m in messages if m.status == "in_doubt"),
+        failed_ids=sorted(int(m.id) for m in messages if m.status == "failed"),
         row_mismatches=mismatches,
         generation_ms=_dist(*timings[2:5]),
         split_ms=_dist(*timings[5:8]),
@@ -411,6 +471,9 @@ def _assemble(run, timings, messages, parts, inbox_rows, plan, now: dt.datetime)
         invalid_phones=int(details["invalid_phones"]) if isinstance(details, dict) else None,
         inboxes=inboxes,
         series=series,
+        messaged=sum(m.first_sent is not None for m in messages),
+        replied=sum(m.first_reply is not None and m.first_sent is not None for m in messages),
+        opted_out=sum(m.opted_out_at is not None and m.first_sent is not None for m in messages),
     )
 
 
@@ -526,6 +589,20 @@ def render_text(rep: RunReport) -> str:
                 f"  in doubt message ids (resolve each with `resolve ID --sent|--resend`): {_ids(rep.in_doubt_ids)}"
             )
 
+    lines += ["", "replies (leads who wrote after their message's first part went out)"]
+
+    def of_messaged(n: int) -> str:
+        return f"{n / rep.messaged:.1%}" if rep.messaged else "-"
+
+    lines += _table(
+        ["", "leads", "of messaged"],
+        [
+            ["messaged (first part sent)", str(rep.messaged), ""],
+            ["replied", str(rep.replied), of_messaged(rep.replied)],
+            ["opted out", str(rep.opted_out), of_messaged(rep.opted_out)],
+        ],
+    )
+
     lines += ["", "timings"]
 
     def trow(name: str, d: Any, f: Any) -> list[str]:
@@ -559,6 +636,8 @@ def render_text(rep: RunReport) -> str:
                 "min gap",
                 "median gap",
                 "configured gap",
+                "replied",
+                "opted out",
             ],
             [
                 [
@@ -571,6 +650,8 @@ def render_text(rep: RunReport) -> str:
                     _fmt_s(i.gap_min_s),
                     _fmt_s(i.gap_median_s),
                     _fmt_s(i.min_gap_seconds),
+                    str(i.replied),
+                    str(i.opted_out),
                 ]
                 for i in rep.inboxes
             ],
@@ -578,6 +659,10 @@ def render_text(rep: RunReport) -> str:
         lines.append(
             "  gaps: between this run's consecutive part sends (sent_at) per inbox; pacing spaces send "
             "starts, so HTTP latency can shave a little off"
+        )
+        lines.append(
+            "  replied / opted out: this run's leads who wrote to that inbox / opted out after their "
+            "message's first part went out"
         )
     else:
         lines.append("  (no inbox: nothing planned)")
@@ -615,6 +700,7 @@ def _short(text: str, limit: int = 26) -> str:
 def _time_range(rep: RunReport) -> tuple[dt.datetime, dt.datetime] | None:
     times = [t for s in rep.series for p in s.planned for t in p if t is not None]
     times += [t for s in rep.series for t in s.part_sends]
+    times += [t for s in rep.series for t, _ in (*s.replies, *s.opt_outs)]
     if not times:
         return None
     lo, hi = min(times), max(times)
@@ -626,9 +712,10 @@ def _time_range(rep: RunReport) -> tuple[dt.datetime, dt.datetime] | None:
     return lo - pad, hi + pad
 
 
-def _draw_sends(ax, rep: RunReport) -> None:
+def _draw_sends(ax: Axes, rep: RunReport) -> None:
     from matplotlib import dates as mdates
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     zone = rep.zone
     ax.set_title("sends over time per inbox against the planned times", loc="left", fontsize=11)
@@ -657,7 +744,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if planned:
             # cumulative planned: a step up at each scheduled time, from 0 at the start of the axis
             ax.step(
-                [lo, *planned, hi],
+                [lo, *planned, hi],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 [*range(len(planned) + 1), len(planned)],
                 where="post",
                 color=colour,
@@ -667,7 +754,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
             )
             if len(planned) <= MARKERS_UP_TO:
                 ax.plot(
-                    planned,
+                    planned,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                     range(1, len(planned) + 1),
                     linestyle="none",
                     marker="o",
@@ -679,7 +766,7 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if firsts:
             end = hi if rep.active else max(firsts[-1], s.part_sends[-1] if s.part_sends else firsts[-1])
             ax.step(
-                [lo, *firsts, end],
+                [lo, *firsts, end],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 [0, *range(1, len(firsts) + 1), len(firsts)],
                 where="post",
                 color=colour,
@@ -688,28 +775,35 @@ def _draw_sends(ax, rep: RunReport) -> None:
         if s.part_sends:
             # each part sits at the height of the messages started by then: bubbles of one message line up
             ys = [_count_le(firsts, t) for t in s.part_sends]
-            ax.plot(s.part_sends, ys, linestyle="none", marker="o", markersize=3.2, color=colour, alpha=0.9)
+            ax.plot(s.part_sends, ys, linestyle="none", marker="o", markersize=3.2, color=colour, alpha=0.9)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+        _draw_listening(ax, s, firsts, colour)
     shaded = False
     if rep.window_open and rep.window_close:
         a, b = max(rep.window_open, lo), min(rep.window_close, hi)
         if a < b:
-            ax.axvspan(a, b, color="#4caf50", alpha=0.06, zorder=0)
+            ax.axvspan(a, b, color="#4caf50", alpha=0.06, zorder=0)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
             shaded = True
         for edge, what in ((rep.window_open, "window opens"), (rep.window_close, "window closes")):
             if lo <= edge <= hi:
-                ax.axvline(edge, color="#4caf50", linewidth=1, linestyle=":")
+                ax.axvline(edge, color="#4caf50", linewidth=1, linestyle=":")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
                 ax.text(
-                    edge, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=8, color="#2e7d32", va="top"
+                    edge,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+                    1.0,
+                    f" {what}",
+                    transform=ax.get_xaxis_transform(),
+                    fontsize=8,
+                    color="#2e7d32",
+                    va="top",
                 )
     if rep.active and lo <= rep.generated_at <= hi:
-        ax.axvline(rep.generated_at, color="#555555", linewidth=1)
-        ax.text(rep.generated_at, 0.02, " now", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")
+        ax.axvline(rep.generated_at, color="#555555", linewidth=1)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+        ax.text(rep.generated_at, 0.02, " now", transform=ax.get_xaxis_transform(), fontsize=8, color="#555555")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
     if not any(s.part_sends for s in rep.series):
         ax.text(
             0.98, 0.96, "no part sent yet", transform=ax.transAxes, fontsize=10, color="#555555", va="top", ha="right"
         )
 
-    ax.set_xlim(lo, hi)
+    ax.set_xlim(lo, hi)  # type: ignore[arg-type]  # datetime x: matplotlib#27140
     ax.set_ylim(0, ymax * 1.08 + 0.5)
     ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=zone, minticks=4, maxticks=9))
     length = hi - lo
@@ -725,11 +819,13 @@ def _draw_sends(ax, rep: RunReport) -> None:
     days = f"{first_day:%Y-%m-%d}" + (f" to {last_day:%Y-%m-%d}" if last_day != first_day else "")
     ax.set_xlabel(f"local time, {rep.timezone} ({days})")
     ax.set_ylabel("messages (cumulative)")
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    y_locator = ax.yaxis.get_major_locator()
+    if isinstance(y_locator, MaxNLocator):  # the default AutoLocator is one
+        y_locator.set_params(integer=True)
     ax.grid(True, color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)
 
-    handles = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
+    handles: list[Artist] = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
     handles += [
         Line2D(
             [], [], color="#444444", linestyle="--", marker="o", markerfacecolor="none", label="planned (scheduled_at)"
@@ -737,6 +833,12 @@ def _draw_sends(ax, rep: RunReport) -> None:
         Line2D([], [], color="#444444", linewidth=2.2, label="sent (first part)"),
         Line2D([], [], color="#444444", linestyle="none", marker="o", markersize=3.2, label="each part sent"),
     ]
+    if any(s.replies for s in rep.series):
+        handles.append(
+            Line2D([], [], linestyle="none", markerfacecolor="#bdbdbd", label="lead replied", **_REPLY_MARKER)
+        )
+    if any(s.opt_outs for s in rep.series):
+        handles.append(Line2D([], [], linestyle="none", label="lead opted out", **_OPT_OUT_MARKER))
     if shaded:
         from matplotlib.patches import Patch
 
@@ -749,6 +851,45 @@ def _draw_sends(ax, rep: RunReport) -> None:
         fontsize=8.5,
         frameon=False,
     )
+
+
+#: a reply: a star in the inbox's colour; an opt-out: a red cross drawn over it (distinct in grey print too)
+_REPLY_MARKER: dict[str, Any] = {"marker": "*", "markersize": 11, "markeredgecolor": "#212121", "markeredgewidth": 0.6}
+_OPT_OUT_MARKER: dict[str, Any] = {
+    "marker": "X",
+    "markersize": 9,
+    "color": "#c62828",
+    "markeredgecolor": "#212121",
+    "markeredgewidth": 0.6,
+}
+
+
+def _draw_listening(ax: Axes, s: InboxSeries, firsts: list[dt.datetime], colour: Any) -> None:
+    """The leads' replies and opt-outs on the inbox's time axis, at the height of the message they answer.
+
+    Each group carries an SVG id (``replies-<inbox id>``, ``opt-outs-<inbox id>``): one marker per lead.
+    A reply's time has whole seconds (WhatsApp's timestamp): one from the second of the send is
+    drawn at the send, never before the message it answers.
+    """
+    if s.replies:
+        ax.plot(
+            [max(t, sent) for t, sent in s.replies],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+            [_count_le(firsts, sent) for _, sent in s.replies],
+            linestyle="none",
+            markerfacecolor=colour,
+            zorder=4,
+            gid=f"replies-{s.inbox_id}",
+            **_REPLY_MARKER,
+        )
+    if s.opt_outs:
+        ax.plot(
+            [max(t, sent) for t, sent in s.opt_outs],  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+            [_count_le(firsts, sent) for _, sent in s.opt_outs],
+            linestyle="none",
+            zorder=5,
+            gid=f"opt-outs-{s.inbox_id}",
+            **_OPT_OUT_MARKER,
+        )
 
 
 def _count_le(sorted_times: list[dt.datetime], t: dt.datetime) -> int:
@@ -764,7 +905,9 @@ def _palette(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _draw_outcomes(ax, rep: RunReport) -> None:
+def _draw_outcomes(ax: Axes, rep: RunReport) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(f"outcomes of {rep.total} message{'s' if rep.total != 1 else ''}", loc="left", fontsize=11)
     rows = _outcomes(rep)
     if not rows:
@@ -783,7 +926,9 @@ def _draw_outcomes(ax, rep: RunReport) -> None:
         ax.text(n + top * 0.02, y, f"{n}  ({n / rep.total:.0%})" if rep.total else str(n), va="center", fontsize=9)
     ax.set_xlim(0, top * 1.35)
     ax.set_xlabel("messages")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    x_locator = ax.xaxis.get_major_locator()
+    if isinstance(x_locator, MaxNLocator):  # the default AutoLocator is one
+        x_locator.set_params(integer=True)
     ax.grid(True, axis="x", color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -797,6 +942,7 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
     if suffix not in PICTURE_SUFFIXES:
         raise ValueError(f"picture {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; use .png or .svg")
     from matplotlib.figure import Figure
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     fig = Figure(figsize=(14, 6.2), dpi=110, layout="constrained")
     grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1])
@@ -810,7 +956,7 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
         (
             f"sent {rep.sent} · failed {rep.failed} · skipped {rep.skipped} · "
             f"in doubt {rep.in_doubt} · not yet processed {rep.pending} · of {rep.total} · "
-            f"overflow {rep.overflow}"
+            f"overflow {rep.overflow} · replied {rep.replied} · opted out {rep.opted_out}"
             + (f" · duration {_fmt_s(dur.total_seconds())}{'' if rep.finished_at else ' so far'}" if dur else "")
         ),
         fontsize=10,
@@ -818,7 +964,9 @@ def render_picture(rep: RunReport, path: str | Path) -> Path:
         ha="left",
         va="top",
     )
-    fig.get_layout_engine().set(rect=(0, 0, 1, 0.91))
+    layout = fig.get_layout_engine()
+    assert isinstance(layout, ConstrainedLayoutEngine)  # layout="constrained" above
+    layout.set(rect=(0, 0, 1, 0.91))
     _draw_sends(fig.add_subplot(grid[0, 0]), rep)
     _draw_outcomes(fig.add_subplot(grid[0, 1]), rep)
 

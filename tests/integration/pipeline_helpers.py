@@ -144,8 +144,9 @@ def parts_of(message_id: int) -> list[MessagePart]:
     return list(MessagePart.select().where(MessagePart.message == message_id).order_by(MessagePart.idx))
 
 
-def lead_column(lead_id: int) -> int | None:
-    """The lead's current column id."""
+def lead_column(lead_id: int | None) -> int | None:
+    """The lead's current column id (a message's ``lead_id``: the lead must still exist)."""
+    assert lead_id is not None, "the message has no lead (deleted)"
     return Lead.get_by_id(lead_id).column_id
 
 

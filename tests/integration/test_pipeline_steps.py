@@ -239,6 +239,7 @@ def test_e12_bad_split_answers_never_lose_text(clean_db, sb, llm, evo, settings,
     claim(m1.id)
     pipeline.generate_step(m1.id, settings, llm)
     text = CampaignMessage.get_by_id(m1.id).generated_text
+    assert text is not None
     long_text = text + " " + "Queremos conhecer melhor a sua empresa. " * 4 + "Podemos conversar amanhã?"
     CampaignMessage.update(generated_text=long_text).where(CampaignMessage.id == m1.id).execute()
     pipeline.split_step(m1.id, settings, llm)
@@ -410,7 +411,7 @@ def test_dead_duplicate_of_an_earlier_step_does_not_fail_the_message(clean_db, s
     # and a lost race in the retry bookkeeping returns quietly instead of dead-lettering
     ctx = pipeline._context_from_row(db.execute_sql(pipeline._CONTEXT_SQL, (m1.id,)).fetchone())
     ctx.status = "generating"
-    assert pipeline._transient(ctx, RuntimeError("429"), settings, "generate") is None
+    pipeline._transient(ctx, RuntimeError("429"), settings, "generate")  # returns, does not raise
 
 
 def test_in_doubt_only_when_the_part_is_still_sending(clean_db, sb, llm, evo, settings):
@@ -473,13 +474,15 @@ def test_send_ms_is_the_sum_over_every_part(clean_db, sb, llm, evo, settings):
     assert drive(m1.id, settings, llm, evo) == "sent"
     n_parts = len(parts_of(m1.id))
     assert n_parts >= 2
-    assert CampaignMessage.get_by_id(m1.id).send_ms >= 150 * n_parts
+    assert (CampaignMessage.get_by_id(m1.id).send_ms or 0) >= 150 * n_parts
 
 
 @pytest.mark.parametrize("change", ["deleted", "opted_out"])
 def test_lead_deleted_or_opted_out_mid_message_stops_the_rest(clean_db, sb, llm, evo, settings, change):
-    """After part 1 went out, a deleted lead has no number and an opted-out one asked to stop: the
-    remaining parts are never sent, the message fails with the reason, counters stay exact."""
+    """After part 1 went out, a deleted lead has no number (the message fails with why) and an
+    opted-out one asked to stop (R-IN-4: the message ends `sent` with the rest `skipped`, the
+    status machine's rule for a lead who stops a message mid-parts): the remaining parts are never
+    sent, counters stay exact."""
     w = make_world(split=True, max_parts=3)
     m1 = _two_part_message(w, settings, llm)
     assert pipeline.send_step(m1.id, settings, evo).sent
@@ -489,10 +492,13 @@ def test_lead_deleted_or_opted_out_mid_message_stops_the_rest(clean_db, sb, llm,
         Lead.update(opted_out=True).where(Lead.id == m1.lead_id).execute()
     assert pipeline.send_step(m1.id, settings, evo).sent is False
     m = CampaignMessage.get_by_id(m1.id)
-    reason = "lead_deleted" if change == "deleted" else "opted_out"
-    assert (m.status, m.error_class) == ("failed", reason)
     statuses = [p.status for p in parts_of(m1.id)]
-    assert statuses[0] == "sent" and set(statuses[1:]) == {"failed"}
+    if change == "deleted":
+        assert (m.status, m.error_class) == ("failed", "lead_deleted")
+        assert statuses[0] == "sent" and set(statuses[1:]) == {"failed"}
+    else:
+        assert (m.status, m.error_class) == ("sent", None)
+        assert statuses[0] == "sent" and set(statuses[1:]) == {"skipped"}
     assert len(_sends(sb)) == 1
     assert_counters_match(w.run.id)
 

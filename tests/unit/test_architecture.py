@@ -1,6 +1,6 @@
 """The shape of the code (DESIGN.md "Layout"): imports flow one way, no cycles, no sys.path edits.
 
-    entry points (cli, scheduler, webhook, demo, devtools, scripts, bench, chaos)
+    entry points (cli, scheduler, webhook, inbound, demo, devtools, scripts, bench, chaos)
       -> campaign.ops -> actors -> pipeline -> campaign.* -> clients -> models
       -> campaign.{settings, db, errors, logs, sql}
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from tests import ROOT
 
 PACKAGES = ("campaign", "actors", "models", "clients", "sandbox", "devtools", "chaos", "bench", "scripts", "tests")
-TOP_MODULES = ("pipeline", "scheduler", "webhook", "cli", "demo")
+TOP_MODULES = ("pipeline", "scheduler", "webhook", "inbound", "cli", "demo")
 BASE = ("campaign.settings", "campaign.db", "campaign.errors", "campaign.logs", "campaign.sql")
 
 

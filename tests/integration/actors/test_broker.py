@@ -20,7 +20,7 @@ def test_broker_is_rabbitmq_with_confirms(services):
     names = [type(m).__name__ for m in actors.broker.middleware]
     assert names.index("DbConnection") < names.index("DeadLetters") < names.index("Retries") < names.index("RateLimits")
     assert "campaign.system" in actors.broker.get_declared_queues()
-    assert actors.broker.campaign_engine is True  # the one campaign.enqueue publishes through
+    assert getattr(actors.broker, "campaign_engine", None) is True  # the one campaign.enqueue publishes through
 
 
 def test_every_step_of_the_table_is_an_actor_on_its_queue(services):

@@ -138,7 +138,8 @@ def test_dispatch_claims_only_due_messages_of_running_runs(world, broker_queues)
     cfg2 = f.config(ws, cfg.inbox, cols["New"], cols["Replied"], name="later")
     _due_run(ws, cols, cfg2, 5, scheduled_at=now + dt.timedelta(hours=1))
     assert dispatch.dispatch_due(get_settings()) == 3
-    assert sorted(_drain(steps.GENERATE.queue)) == sorted(m.id for m in due.messages)
+    due_messages = CampaignMessage.select().where(CampaignMessage.run == due)
+    assert sorted(_drain(steps.GENERATE.queue)) == sorted(m.id for m in due_messages)
 
 
 def test_window_closes_mid_run(world):

@@ -223,7 +223,7 @@ def test_broken_config_run_fails_with_reason(world):
     f.bulk_leads(ws, cols["New"], 5)
     Column.delete().where(Column.id == cols["Contacted"].id).execute()  # FK: target_column_id SET NULL
     run = planner.plan_run(cfg.id, now=NOON)
-    assert run.status == "failed" and "target column" in run.failure_reason
+    assert run.status == "failed" and "target column" in (run.failure_reason or "")
     assert run.finished_at is not None and run.leads_total == 0
     assert CampaignMessage.select().count() == 0
     assert planner.plan_run(cfg.id, now=NOON) is None  # one failed run per day, no retry storm
@@ -231,7 +231,7 @@ def test_broken_config_run_fails_with_reason(world):
     cfg2 = f.config(ws, ibx, cols["New"], cols["Replied"], name="bad-tz")
     db.execute_sql("UPDATE campaign_configs SET timezone = 'Mars/Olympus' WHERE id = %s", (cfg2.id,))
     run2 = planner.plan_run(cfg2.id, now=NOON)
-    assert run2.status == "failed" and "timezone" in run2.failure_reason
+    assert run2.status == "failed" and "timezone" in (run2.failure_reason or "")
 
 
 def test_dst_day_plan_stays_in_local_window(world):

@@ -109,11 +109,12 @@ def test_sandbox_retry_after_both_forms(client: OpenRouterClient, sb: SandboxPro
     sb.set_faults(retry_after_form="http-date")
     with pytest.raises(RateLimited) as info:
         client.chat("m", LEAD_MESSAGES)
+    assert info.value.retry_after is not None
     assert 3.0 <= info.value.retry_after <= 5.0
     sb.set_faults(chat={"rate_429": None, "rate_503": 1.0})
-    with pytest.raises(ProviderUnavailable) as info:
+    with pytest.raises(ProviderUnavailable) as unavailable:
         client.chat("m", LEAD_MESSAGES)
-    assert info.value.retry_after is not None and info.value.retry_after >= 3.0
+    assert unavailable.value.retry_after is not None and unavailable.value.retry_after >= 3.0
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import types
+from typing import Any
 
 import dramatiq
 import pytest
@@ -50,8 +51,14 @@ class _Broker:
 
 
 def _message(actor: str = "send_part", args: tuple = (41, 7)) -> MessageProxy:
-    message = dramatiq.Message(queue_name="campaign.send", actor_name=actor, args=args, kwargs={}, options={})
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="campaign.send", actor_name=actor, args=args, kwargs={}, options={}
+    )
     return MessageProxy(message)
+
+
+def _noop() -> None:
+    """An actor's body (never run here)."""
 
 
 def _script(monkeypatch: pytest.MonkeyPatch, name: str, grants: list[ratelimit.Grant]) -> list[tuple]:
@@ -73,11 +80,11 @@ def _script(monkeypatch: pytest.MonkeyPatch, name: str, grants: list[ratelimit.G
 def test_actor_options_are_declared_by_the_middleware_that_reads_them(mw):
     """dramatiq refuses an actor option no middleware declares: campaign_step and rate_limit are ours."""
     broker = StubBroker(middleware=[mw.DeadLetters(SETTINGS), mw.RateLimits(SETTINGS)])
-    step = dramatiq.actor(lambda: None, actor_name="step", broker=broker, campaign_step=True, rate_limit="inbox")
+    step = dramatiq.actor(actor_name="step", broker=broker, campaign_step=True, rate_limit="inbox")(_noop)
     assert step.options == {"campaign_step": True, "rate_limit": "inbox"}
     bare = StubBroker(middleware=[])
     with pytest.raises(ValueError, match="campaign_step"):
-        dramatiq.actor(lambda: None, actor_name="step", broker=bare, campaign_step=True)
+        dramatiq.actor(actor_name="step", broker=bare, campaign_step=True)(_noop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def test_dead_letters_ignores_successes_retries_and_actors_that_are_not_steps(mw
     monkeypatch.setattr(mw.db, "obj", None)  # any statement would fail and be logged at ERROR
     dead = mw.DeadLetters(SETTINGS)
     broker = StubBroker(middleware=[dead])
-    dramatiq.actor(lambda: None, actor_name="ping", broker=broker)
+    dramatiq.actor(actor_name="ping", broker=broker)(_noop)
     failed = _message("ping")
     failed.fail()
     retrying = _message("ping")

@@ -33,8 +33,8 @@ def test_exception_tree_and_docstrings() -> None:
     assert issubclass(ProviderError, errors.EngineError)
     for cls in (RateLimited, ProviderUnavailable, BadCompletion):
         assert issubclass(cls, TransientError) and cls.retryable
-    for cls in (BadRequest, AuthError, CreditsExhausted, errors.UnknownInstance, errors.InvalidNumber):
-        assert issubclass(cls, PermanentError) and not cls.retryable
+    for perm in (BadRequest, AuthError, CreditsExhausted, errors.UnknownInstance, errors.InvalidNumber):
+        assert issubclass(perm, PermanentError) and not perm.retryable
     assert issubclass(errors.AmbiguousSend, ProviderError)
     assert not issubclass(errors.AmbiguousSend, (TransientError, PermanentError))
     for name in errors.__all__:
@@ -49,8 +49,8 @@ def test_every_exception_the_engine_raises_on_purpose_is_an_engine_error() -> No
         assert issubclass(getattr(errors, name), errors.EngineError), name
     for cls in (errors.StepFailed, errors.RetryLater, errors.Deferred):
         assert issubclass(cls, errors.PipelineSignal) and not issubclass(cls, ProviderError)
-    for cls in (errors.PlanError, errors.RunStateError):
-        assert issubclass(cls, errors.ConfigError)  # operator input: the CLI answers exit 2
+    for operator_error in (errors.PlanError, errors.RunStateError):
+        assert issubclass(operator_error, errors.ConfigError)  # operator input: the CLI answers exit 2
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,7 @@ def test_formatter_json_lines_parse_and_redact_tracebacks():
 
 
 _SECRET_TEXT = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="*"), min_size=4, max_size=24
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="*"), min_size=4, max_size=24
 ).filter(lambda s: s.strip() == s and len(s.strip()) >= 4)
 
 

@@ -72,6 +72,7 @@ def check_schedule(times, overflow, *, now, zone, weekdays, start, end, gmin, gm
     if len(times) < min(limit, n):  # stopped early: only because the window ended
         assert bounds is not None or not times
         if times:
+            assert bounds is not None
             assert times[-1] + dt.timedelta(seconds=gmax, microseconds=2) >= bounds[1]
         else:
             assert bounds is None or now >= bounds[1] or bounds[1] - max(bounds[0], now) <= dt.timedelta(0)
@@ -185,7 +186,9 @@ def test_schedule_grid_around_dst_changes():
     """E-21 exhaustively: windows every 15 min around each change, planned from the local day's start."""
     for tz, day, hot in DST_CASES:
         zone = ZoneInfo(tz)
-        day_start = window_bounds(day, zone, 0, 1440)[0]
+        day_bounds = window_bounds(day, zone, 0, 1440)
+        assert day_bounds is not None
+        day_start = day_bounds[0]
         for start in range(max(0, hot - 90), min(1439, hot + 90) + 1, 15):
             for end in range(start + 15, min(1440, start + 240) + 1, 15):
                 times, overflow = plan_schedule(
@@ -258,7 +261,9 @@ def _plan(now, tz, start, end, gmin=60.0, gmax=60.0, limit=10_000, n=10_000, wee
 )
 def test_dst_day_window_length(tz, day, start, end, hours):
     """E-21: the window has its real elapsed length on DST days and the schedule fills exactly that."""
-    lo, hi = window_bounds(day, tz, start, end)
+    bounds = window_bounds(day, tz, start, end)
+    assert bounds is not None
+    lo, hi = bounds
     assert hi - lo == dt.timedelta(hours=hours)
     times, overflow = _plan(lo, tz, start, end, gmin=60, gmax=60)
     assert abs(len(times) - hours * 60) <= 1

@@ -59,4 +59,5 @@ def test_inbox_gap_violations_use_arrival_times():
         {"route": "send", "instance": "b", "t": 10.16, "latency_ms": 0},
     ]  # another inbox: no gap
     violations, smallest = checks.gap_violations(reqs, min_gap=0.1, tolerance=0.01)
+    assert smallest is not None
     assert violations == 1 and abs(smallest - 0.05) < 1e-6

@@ -57,7 +57,7 @@ def respond(status: int, body: Any = None, *, headers: dict[str, str] | None = N
     return handler
 
 
-def raise_(exc_type: type[Exception]):
+def raise_(exc_type: type[httpx.RequestError]):
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc_type("boom", request=request)
 
@@ -196,7 +196,7 @@ def test_html_502_is_transient() -> None:
 
 
 @pytest.mark.parametrize("exc_type", [httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout])
-def test_request_never_sent_is_transient(exc_type: type[Exception]) -> None:
+def test_request_never_sent_is_transient(exc_type: type[httpx.RequestError]) -> None:
     with pytest.raises(ProviderUnavailable) as info:
         client_for(raise_(exc_type)).send_text("i", DIGITS, "t")
     assert info.value.code == "connect_error"
@@ -213,7 +213,7 @@ def test_request_never_sent_is_transient(exc_type: type[Exception]) -> None:
         (httpx.RemoteProtocolError, "connection_dropped"),
     ],
 )
-def test_request_maybe_accepted_is_ambiguous(exc_type: type[Exception], code: str) -> None:
+def test_request_maybe_accepted_is_ambiguous(exc_type: type[httpx.RequestError], code: str) -> None:
     with pytest.raises(AmbiguousSend) as info:
         client_for(raise_(exc_type)).send_text("i", DIGITS, "t")
     assert info.value.code == code

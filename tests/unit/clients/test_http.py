@@ -94,7 +94,10 @@ def test_tls_context_is_shared_so_a_client_costs_kilobytes() -> None:
     built = [build_http_client("https://example.invalid", timeout=httpx.Timeout(5.0), headers={}) for _ in range(32)]
     grown = _rss_kb() - before
     try:
-        assert all(c._transport._pool._ssl_context is shared_ssl_context() for c in built)
+        assert all(
+            isinstance(c._transport, httpx.HTTPTransport) and c._transport._pool._ssl_context is shared_ssl_context()
+            for c in built
+        )
         # a context per client (httpx's default) costs ~0.9 MiB each: ~29 MiB for these 32
         assert grown < 4096, f"32 provider clients grew RSS by {grown} KiB"
     finally:

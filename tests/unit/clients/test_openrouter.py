@@ -58,7 +58,7 @@ def respond(status: int, body: Any = None, *, headers: dict[str, str] | None = N
     return handler
 
 
-def raise_(exc_type: type[Exception]):
+def raise_(exc_type: type[httpx.RequestError]):
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc_type("boom", request=request)
 
@@ -172,6 +172,7 @@ def test_retry_after_http_date_form() -> None:
     header = email.utils.format_datetime(when.replace(microsecond=0), usegmt=True)
     with pytest.raises(RateLimited) as info:
         client_for(respond(429, err_body(429), headers={"Retry-After": header})).chat("m", MESSAGES)
+    assert info.value.retry_after is not None
     assert 27.0 <= info.value.retry_after <= 30.0
 
 
@@ -241,7 +242,7 @@ def test_content_parts_list_is_joined() -> None:
         (httpx.RemoteProtocolError, "network_error"),
     ],
 )
-def test_transport_errors_are_transient(exc_type: type[Exception], code: str) -> None:
+def test_transport_errors_are_transient(exc_type: type[httpx.RequestError], code: str) -> None:
     with pytest.raises(ProviderUnavailable) as info:
         client_for(raise_(exc_type)).chat("m", MESSAGES)
     assert info.value.code == code

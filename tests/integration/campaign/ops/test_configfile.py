@@ -345,7 +345,7 @@ def _toml(value) -> str:
     return str(value)  # int, date, time
 
 
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=20)
 _SCALAR = st.one_of(
     st.integers(-(2**63), 2**63 - 1),
     st.integers(-3, 3000),

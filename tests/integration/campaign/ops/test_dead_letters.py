@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import dramatiq
 import pika
@@ -49,8 +50,11 @@ LONG_TEXT = (
 @pytest.fixture
 def queues(clean_db):
     """The pipeline queues (declared, with .DQ/.XQ) emptied before and after the test."""
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
     import actors
 
+    assert isinstance(actors.broker, RabbitmqBroker)  # dead letters are RabbitMQ's .XQ queues
     for q in steps.QUEUES:
         actors.broker.declare_queue(q, ensure=True)
     names = tuple(sorted(actors.broker.get_declared_queues()))
@@ -157,7 +161,7 @@ def kill_step(
 
     queue = repairs.REQUEUE_TARGETS[actor][1]
     args = (msg_id, inbox_id) if actor == "send_part" else (msg_id,)
-    message = dramatiq.Message(
+    message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=queue,
         actor_name=actor,
         args=args,
@@ -370,7 +374,7 @@ def test_dry_run_changes_nothing_and_bad_xq_messages_are_listed_and_skipped(queu
     assert purged.returncode == 0, purged.stdout + purged.stderr
     assert depths()["campaign.send.XQ"] == 3
     record = DeadLetter.get(DeadLetter.dramatiq_message_id == raw["key"])
-    assert record.status == "purged" and "not JSON" in record.error_message
+    assert record.status == "purged" and "not JSON" in (record.error_message or "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +650,7 @@ def test_missing_xq_between_two_browsed_ones_never_acks_another_dead_letter(queu
             browser = dead_letters.XqBrowser(get_settings()).open()
             try:
                 got = browser.browse(steps.QUEUES)
-                assert sorted(m.actor for m in got) == ["generate", "send_part"]
+                assert sorted(m.actor or "" for m in got) == ["generate", "send_part"]
                 (gen,) = [m for m in got if m.actor == "generate"]
                 browser.ack(gen)  # what --purge/--requeue of the generate dead letter does
             finally:

@@ -277,6 +277,7 @@ def test_resolve_resend_refuses_a_part_evolution_accepted(queues, evo):  # noqa:
     part = MessagePart.get(MessagePart.message == m.id, MessagePart.idx == 0)
     assert part.status == "in_doubt"
     key = "KEYLATE" + uuid.uuid4().hex[:8]
+    assert part.attempt_id is not None  # set when the send started
     pipeline._record_sent_part(part.id, part.attempt_id, key)  # the late answer of the interrupted send
     assert MessagePart.get_by_id(part.id).provider_message_id == key
     before = (
