@@ -93,7 +93,7 @@ def normalise_event(value: str) -> str:
     return value.strip().lower().replace("_", ".").replace("-", ".")
 
 
-def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
+def text_field(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
     """A string field PostgreSQL can store (UTF-8, no NUL, at most ``max_len`` characters), or None
     when absent and optional. The value never goes into the error: it may be huge or hostile."""
     if value is None and not required:
@@ -114,7 +114,7 @@ def _text(value: Any, name: str, *, required: bool, max_len: int) -> str | None:
 
 
 def _instance(doc: dict[str, Any], why: str) -> str:
-    instance = _text(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
+    instance = text_field(doc.get("instance"), "instance", required=False, max_len=MAX_INSTANCE_LENGTH)
     if instance is None or not instance.strip():
         raise EnvelopeError(f"field 'instance' is missing or not a non-empty string ({why})")
     return instance
@@ -135,7 +135,7 @@ def _when(value: Any, name: str) -> dt.datetime | None:
         return dt.datetime.fromtimestamp(seconds, dt.UTC)
     if isinstance(value, dict) and isinstance(value.get("low"), int):  # protobuf Long from Baileys
         return _when(value["low"] & 0xFFFFFFFF, name)
-    text = _text(value, name, required=True, max_len=64)
+    text = text_field(value, name, required=True, max_len=64)
     assert text is not None
     try:
         parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
@@ -145,7 +145,7 @@ def _when(value: Any, name: str) -> dt.datetime | None:
 
 
 def _delivery(doc: dict[str, Any], data: dict[str, Any]) -> DeliveryUpdate | str:
-    key_id = _text(data.get("keyId"), "data.keyId", required=True, max_len=MAX_KEY_ID_LENGTH)
+    key_id = text_field(data.get("keyId"), "data.keyId", required=True, max_len=MAX_KEY_ID_LENGTH)
     assert key_id is not None
     status = data.get("status")
     if not isinstance(status, str) or not status.strip():
@@ -154,7 +154,7 @@ def _delivery(doc: dict[str, Any], data: dict[str, Any]) -> DeliveryUpdate | str
     known = (*STATUS_MAP, ERROR_STATUS, *sorted(IGNORED_STATUSES))
     if status not in known:
         raise EnvelopeError(f"field 'data.status' must be one of {', '.join(known)}, got {ascii(status[:32])[:40]}")
-    remote_jid = _text(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
+    remote_jid = text_field(data.get("remoteJid"), "data.remoteJid", required=False, max_len=MAX_JID_LENGTH)
     from_me = data.get("fromMe")
     if from_me is not None and not isinstance(from_me, bool):
         raise EnvelopeError("field 'data.fromMe' must be a boolean")
@@ -180,7 +180,7 @@ def _message_text(message: Any, message_type: Any) -> tuple[str, bool]:
                 else None,
             ),
         ):
-            text = _text(value, name, required=False, max_len=MAX_TEXT_LENGTH)
+            text = text_field(value, name, required=False, max_len=MAX_TEXT_LENGTH)
             if text and text.strip():
                 return text, True
         kinds = [k for k in message if k != "messageContextInfo"]
@@ -199,8 +199,8 @@ def _inbound(doc: dict[str, Any], data: dict[str, Any]) -> InboundMessage | str:
     key = data.get("key")
     if not isinstance(key, dict):
         raise EnvelopeError("field 'data.key' is missing or not an object")
-    key_id = _text(key.get("id"), "data.key.id", required=True, max_len=MAX_KEY_ID_LENGTH)
-    remote_jid = _text(key.get("remoteJid"), "data.key.remoteJid", required=True, max_len=MAX_JID_LENGTH)
+    key_id = text_field(key.get("id"), "data.key.id", required=True, max_len=MAX_KEY_ID_LENGTH)
+    remote_jid = text_field(key.get("remoteJid"), "data.key.remoteJid", required=True, max_len=MAX_JID_LENGTH)
     assert key_id is not None and remote_jid is not None
     from_me = key.get("fromMe")
     if not isinstance(from_me, bool):
@@ -217,7 +217,7 @@ def _inbound(doc: dict[str, Any], data: dict[str, Any]) -> InboundMessage | str:
     sender = jid
     if addressing == "lid" or jid.endswith("@lid"):
         # WhatsApp's LID addressing: remoteJid is an opaque id; the phone is in remoteJidAlt (E-29)
-        alt = _text(key.get("remoteJidAlt"), "data.key.remoteJidAlt", required=False, max_len=MAX_JID_LENGTH)
+        alt = text_field(key.get("remoteJidAlt"), "data.key.remoteJidAlt", required=False, max_len=MAX_JID_LENGTH)
         if not alt or not alt.strip():
             return "a LID-addressed message without remoteJidAlt: the sender's phone is unknown"
         sender = alt.strip().lower()
@@ -262,7 +262,7 @@ def parse_envelope(doc: Any) -> DeliveryUpdate | InboundMessage | ConnectionChan
     """
     if not isinstance(doc, dict):
         raise EnvelopeError(f"body must be a JSON object, got {type(doc).__name__}")
-    event = _text(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
+    event = text_field(doc.get("event"), "event", required=True, max_len=MAX_EVENT_LENGTH)
     assert event is not None
     name = normalise_event(event)
     if name not in HANDLED_EVENTS:

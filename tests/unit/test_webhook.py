@@ -13,22 +13,20 @@ import pytest
 
 
 @pytest.fixture
-def fast_webhook(monkeypatch):
-    """An in-process receiver with a 1 s silence timeout and a 3 s whole-request deadline."""
+def fast_webhook():
+    """An in-process receiver whose request head and body each have a 3 s deadline."""
     import webhook
 
-    monkeypatch.setattr(webhook._Handler, "timeout", 1.0)
-    monkeypatch.setattr(webhook._Handler, "request_deadline", 3.0, raising=False)
-    server = webhook.WebhookServer(("127.0.0.1", 0), "s3cret-" + uuid.uuid4().hex)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = webhook.WebhookServer(
+        ("127.0.0.1", 0), "s3cret-" + uuid.uuid4().hex, head_timeout=3.0, body_timeout=3.0, threads=4
+    )
+    server.start()
     yield server
-    server.shutdown()
-    # server_close joins every handler thread: it must not hang on a trickling sender
-    closer = threading.Thread(target=server.server_close, daemon=True)
+    # the shutdown waits for open connections: it must not hang on a trickling sender
+    closer = threading.Thread(target=server.shutdown, daemon=True)
     closer.start()
     closer.join(10)
-    assert not closer.is_alive(), "server_close hung on a handler thread"
+    assert not closer.is_alive(), "shutdown hung on a trickling connection"
 
 
 def _trickle(sock: socket.socket, head: bytes, byte_every: float, for_seconds: float) -> float | None:
@@ -68,3 +66,17 @@ def test_webhook_trickling_sender_is_cut_off_at_the_request_deadline(fast_webhoo
         closed_after = _trickle(sock, head, byte_every=0.3, for_seconds=8.0)
     assert closed_after is not None, "the receiver kept a trickling connection open for 8 s"
     assert closed_after < 5.0, f"closed only after {closed_after:.1f} s (deadline 3 s)"
+
+
+def test_webhook_silent_connection_is_closed_at_the_head_deadline(fast_webhook):
+    """uvicorn arms no timer on a new connection (only between requests): a connection that never
+    sends a byte stayed open for ever, and thousands of them exhaust the connection limit."""
+    host, port = fast_webhook.server_address[:2]
+    with socket.create_connection((host, port), timeout=8) as sock:
+        started = time.monotonic()
+        try:
+            assert sock.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        closed_after = time.monotonic() - started
+    assert 2.0 < closed_after < 5.0, f"closed after {closed_after:.1f} s (deadline 3 s)"
