@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -20,20 +18,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import httpx
 import pika
 import pika.exceptions
 import pytest
 
+from devtools import services
 from sandbox.config import FaultError, validate, with_defaults
 from sandbox.events import EVENTS, lid_for, owner_jid
 from sandbox.testing import SandboxProcess
 
 ENVELOPE_KEYS = {"event", "instance", "data", "server_url", "date_time", "sender", "apikey"}
 NUMBER = "5511987654321"
-RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -107,14 +104,7 @@ def topology(amqp_url: str) -> Iterator[dict[str, str]]:
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return services.wait_until(pred, timeout=timeout, interval=0.05, what=what, error=AssertionError)
 
 
 def send(sb: SandboxProcess, text: str, *, instance: str = "acme-1", number: str = NUMBER) -> httpx.Response:
@@ -149,14 +139,8 @@ def drain(amqp_url: str, queue: str, n: int, timeout: float = 10.0) -> list[tupl
 
 
 def rabbitmqctl(*args: str) -> list[list[str]]:
-    out = subprocess.run(
-        [*RABBITMQCTL, *args, "--no-table-headers", "-q"], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
+    out = services.rabbitmqctl(*args, "--no-table-headers", "-q")
     return [line.split("\t") for line in out.splitlines() if line.strip()]
-
-
-def vhost_of(url: str) -> str:
-    return unquote(urlsplit(url).path[1:])
 
 
 def check_envelope(env: dict[str, Any], event: str, instance: str, sb: SandboxProcess) -> None:
@@ -185,7 +169,7 @@ def test_amqp_declares_evolution_global_topology(amqp_url: str, topology: dict[s
         assert amqp["queues"] == {e: f"{topology['prefix']}.{e}" for e in EVENTS}
         assert "guest:guest" not in amqp["url"]  # the password is masked
 
-        vhost = vhost_of(amqp_url)
+        vhost = services.vhost_of(amqp_url)
         exchanges = {
             row[0]: row[1:]
             for row in rabbitmqctl("list_exchanges", "-p", vhost, "name", "type", "durable", "auto_delete")
@@ -337,9 +321,7 @@ def _close_connections(name: str) -> int:
     rows = rabbitmqctl("list_connections", "pid", "client_properties")
     pids = [row[0] for row in rows if name in "\t".join(row[1:])]
     for pid in pids:
-        subprocess.run(
-            [*RABBITMQCTL, "close_connection", pid, "test closes it"], check=True, capture_output=True, timeout=60
-        )
+        services.rabbitmqctl("close_connection", pid, "test closes it")
     return len(pids)
 
 

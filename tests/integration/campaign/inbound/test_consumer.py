@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import subprocess
 import sys
 import threading
 import time
-from urllib.parse import unquote, urlsplit
 
 import pika
 import pytest
@@ -19,6 +17,7 @@ from campaign.db import db
 from campaign.errors import ConfigError
 from campaign.inbound.consumer import EVENTS, QUEUE_ARGUMENTS, InboundConsumer, declare_topology, queue_name
 from campaign.settings import get_settings
+from devtools import services
 from models import CampaignMessage, CampaignRun, Lead
 from tests.integration.campaign.inbound.test_handle import connection, upsert
 from tests.integration.pipeline_helpers import assert_counters_match, make_world
@@ -150,20 +149,13 @@ def test_poison_events_are_recorded_and_acked_never_redelivered(consumer, events
 
 def _close_consumer_connections(settings) -> int:
     """Close the consumer's broker connection(s) as a broker restart would (rabbitmqctl)."""
-    ctl = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
-    vhost = unquote(urlsplit(settings.evolution_events_rabbitmq_url).path.lstrip("/"))
-    out = subprocess.run(
-        [*ctl, "list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    vhost = services.vhost_of(settings.evolution_events_rabbitmq_url)
+    out = services.rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties")
     closed = 0
     for line in out.splitlines():
         fields = line.split("\t")
         if len(fields) >= 3 and fields[1] == vhost and "campaign-engine inbound" in fields[2]:
-            subprocess.run([*ctl, "close_connection", fields[0], "test: E-38"], check=True, timeout=60)
+            services.rabbitmqctl("close_connection", fields[0], "test: E-38")
             closed += 1
     return closed
 
