@@ -927,8 +927,8 @@ def test_replies_and_connection_changes_arrive_over_the_webhook_too(receiver, cl
     from campaign.inbound import handle
     from campaign.settings import get_settings
     from models import CampaignMessage, CampaignRun, Lead
-    from tests.pipeline_helpers import make_world
-    from tests.test_inbound import connection, upsert
+    from tests.integration.campaign.inbound.test_handle import connection, upsert
+    from tests.integration.pipeline_helpers import make_world
 
     w = make_world("hook")
     m, _other = w.add_leads(2)
