@@ -41,12 +41,12 @@ test: services
 demo: venv
 	$(PY) demo.py $(DEMO_ARGS)
 
-# SPEC §7 benchmarks (T-PERF-1..5) and the webhook under hostile load (issue 23), one after the
+# SPEC §7 benchmarks (T-PERF-1..6) and the webhook under hostile load (issue 23), one after the
 # other, each on its own database + vhost (+ sandbox + workers where it needs them); each prints
 # its figures, its reference and PASS/MISS. `make bench QUICK=1` runs the
 # small variants (minutes, not an hour); BENCH=... picks some (e.g. BENCH="pipeline scale");
 # BENCH_ARGS go to every script. Exit status non-zero when any target is missed.
-BENCH ?= pipeline latency ontime scale memory webhook
+BENCH ?= pipeline latency ontime scale memory webhook inbound
 bench: services
 	@set -a; . ./$(VENV)/services.env; set +a; rc=0; \
 	for b in $(BENCH); do \

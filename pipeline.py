@@ -55,6 +55,7 @@ from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
 from campaign.settings import Settings
+from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
 from campaign.text import (
@@ -150,39 +151,48 @@ class Context:
     stop_reason: str | None = None
 
 
-_CONTEXT_SQL = """
-SELECT m.id, m.status, m.run_id, r.status, m.lead_id, l.name, l.phone, l.custom_fields, l.column_id,
-       coalesce(l.opted_out, false), m.inbox_id, i.instance_name, i.disabled, c.source_column_id, c.model,
-       c.system_prompt, c.fallback_template, c.split_enabled, c.max_parts,
-       c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text, m.attempts, c.workspace_id,
-       r.run_date, c.timezone, c.window_start_minute, c.window_end_minute, m.stop_reason,
-       coalesce(l.last_reply_at >= m.created_at, false)
+# The step context, composed from named fragments (DESIGN: never str.replace on another
+# statement). Every column is aliased to the Context field (or the helper value) it fills, and rows
+# are read by name.
+_CONTEXT_COLUMNS = """
+    m.id AS message_id, m.status, m.run_id, r.status AS run_status, m.lead_id, l.name AS lead_name,
+    l.phone AS lead_phone, l.custom_fields AS lead_fields, l.column_id AS lead_column_id,
+    coalesce(l.opted_out, false) AS lead_opted_out, m.inbox_id, i.instance_name AS instance,
+    i.disabled AS inbox_disabled, c.source_column_id, c.model, c.system_prompt, c.fallback_template,
+    c.split_enabled, c.max_parts, c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text,
+    m.attempts, c.workspace_id, r.run_date, c.timezone, c.window_start_minute, c.window_end_minute,
+    m.stop_reason, coalesce(l.last_reply_at >= m.created_at, false) AS replied_since"""
+
+_CONTEXT_FROM = """
 FROM campaign_messages m
 JOIN campaign_runs r ON r.id = m.run_id
 JOIN campaign_configs c ON c.id = r.config_id
 JOIN inboxes i ON i.id = m.inbox_id
-LEFT JOIN leads l ON l.id = m.lead_id
-WHERE m.id = %s"""
+LEFT JOIN leads l ON l.id = m.lead_id"""
 
+#: the split step: how many parts the message already has
+_PARTS_COUNT_COLUMN = "(SELECT count(*) FROM message_parts WHERE message_id = m.id) AS parts_count"
 
-_CONTEXT_COLUMNS = 30
-
-# The send step's one read: the context, the inbox's failure streaks and known connection state,
-# and the first unsent part (id, idx, text, status, last idx), in one statement (T-PERF-1).
-_SEND_CONTEXT_SQL = _CONTEXT_SQL.replace(
-    "\nFROM campaign_messages m",
-    """,
-       i.consecutive_failures, i.gateway_failures, i.connection_state,
-       extract(epoch FROM now() - i.state_checked_at)::float, np.id, np.idx, np.text, np.status,
-       (SELECT max(idx) FROM message_parts WHERE message_id = m.id AND status <> 'skipped'), np.attempt_id,
-       np.provider_message_id
-FROM campaign_messages m""",
-).replace(
-    "LEFT JOIN leads l ON l.id = m.lead_id",
-    """LEFT JOIN leads l ON l.id = m.lead_id
+#: the send step: the inbox's failure streaks and known connection state, and the first unsent part
+_SEND_COLUMNS = """
+    i.consecutive_failures AS inbox_failures, i.gateway_failures, i.connection_state,
+    extract(epoch FROM now() - i.state_checked_at)::float AS state_age, np.id AS part_id, np.idx AS part_idx,
+    np.text AS part_text, np.status AS part_status,
+    (SELECT max(idx) FROM message_parts WHERE message_id = m.id AND status <> 'skipped') AS last_idx,
+    np.attempt_id AS part_attempt, np.provider_message_id AS part_key"""
+_NEXT_PART_JOIN = """
 LEFT JOIN LATERAL (SELECT id, idx, text, status, attempt_id, provider_message_id FROM message_parts
-                   WHERE message_id = m.id AND status NOT IN ('sent', 'skipped') ORDER BY idx LIMIT 1) np ON true""",
-)
+                   WHERE message_id = m.id AND status NOT IN ('sent', 'skipped') ORDER BY idx LIMIT 1) np ON true"""
+
+
+def _context_sql(where: str, *, extra_columns: str = "", extra_joins: str = "") -> str:
+    """SELECT the step context (plus ``extra_columns``) of the message matching ``where``."""
+    columns = _CONTEXT_COLUMNS + (f",{extra_columns}" if extra_columns else "")
+    return f"SELECT {columns}{_CONTEXT_FROM}{extra_joins}\nWHERE {where}"
+
+
+# The send step's one read: the context, the inbox's state and the next part, in one statement (T-PERF-1).
+_SEND_CONTEXT_SQL = _context_sql("m.id = %s", extra_columns=_SEND_COLUMNS, extra_joins=_NEXT_PART_JOIN)
 
 
 def _claim(
@@ -195,15 +205,10 @@ def _claim(
     mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
     """
-    context_sql = _CONTEXT_SQL.replace("WHERE m.id = %s", "WHERE m.id = (SELECT id FROM claimed)")
-    if count_parts:
-        context_sql = context_sql.replace(
-            "\nFROM campaign_messages m",
-            """,
-       (SELECT count(*) FROM message_parts WHERE message_id = m.id)
-FROM campaign_messages m""",
-        )
-    row = _one(
+    context_sql = _context_sql(
+        "m.id = (SELECT id FROM claimed)", extra_columns=_PARTS_COUNT_COLUMN if count_parts else ""
+    )
+    row = _named(
         f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %s, status_changed_at = now(),
@@ -217,73 +222,28 @@ FROM campaign_messages m""",
     ctx = _context_from_row(row)
     ctx.status = to_status
     if count_parts:
-        ctx.parts_count = row[_CONTEXT_COLUMNS]
+        ctx.parts_count = row["parts_count"]
     return ctx
 
 
-def _context_from_row(row: tuple) -> Context:
-    (
-        mid,
-        status,
-        run_id,
-        run_status,
-        lead_id,
-        name,
-        phone,
-        fields,
-        col,
-        opted,
-        inbox_id,
-        instance,
-        disabled,
-        src,
-        model,
-        prompt,
-        fallback,
-        split,
-        max_parts,
-        gmin,
-        gmax,
-        text,
-        attempts,
-        ws,
-        run_date,
-        tz,
-        wstart,
-        wend,
-        stop_reason,
-        replied,
-    ) = row[:_CONTEXT_COLUMNS]
-    logs.annotate(run=run_id, inbox=inbox_id)  # the step's log lines carry the run from here on (R-OPS-6)
-    return Context(
-        mid,
-        status,
-        run_id,
-        run_status,
-        lead_id,
-        name,
-        phone,
-        fields or {},
-        col,
-        opted,
-        inbox_id,
-        instance,
-        disabled,
-        src,
-        model,
-        prompt,
-        fallback,
-        split,
-        max_parts,
-        (gmin, gmax),
-        text,
-        attempts,
-        ws,
-        run_date,
-        tz,
-        (wstart, wend),
-        stop_reason=stop_reason or ("replied" if replied else None),
+def _context_from_row(row: dict[str, Any]) -> Context:
+    """The Context of a row of :func:`_context_sql` (read by column name)."""
+    logs.annotate(run=row["run_id"], inbox=row["inbox_id"])  # the step's log lines carry the run (R-OPS-6)
+    direct = {f.name for f in dataclasses.fields(Context)} & row.keys()
+    ctx = Context(
+        **{name: row[name] for name in direct},
+        part_gap=(row["part_gap_min_seconds"], row["part_gap_max_seconds"]),
+        window=(row["window_start_minute"], row["window_end_minute"]),
     )
+    ctx.lead_fields = ctx.lead_fields or {}
+    ctx.stop_reason = ctx.stop_reason or ("replied" if row["replied_since"] else None)
+    return ctx
+
+
+def load_context(message_id: int) -> Context | None:
+    """The step context of a message as it is now (no transition): prompts, tests, tools."""
+    row = _named(_context_sql("m.id = %s"), (message_id,))
+    return _context_from_row(row) if row is not None else None
 
 
 def _window_closed(ctx: Context) -> bool:
@@ -689,22 +649,19 @@ def _send_step(
     on_http: Callable[[], None] | None,
     lease: _LeaseState,
 ) -> SendOutcome:
-    row = _one(_SEND_CONTEXT_SQL, (message_id,))
+    row = _named(_SEND_CONTEXT_SQL, (message_id,))
     if row is None:
         return SendOutcome(False, None)
-    ctx = _context_from_row(row)
+    ctx = _context_from_row(row)  # the inbox's streaks and connection state included (same names)
     if ctx.status != "sending":
         return SendOutcome(False, None)
-    extra = row[_CONTEXT_COLUMNS:]
-    ctx.inbox_failures, ctx.gateway_failures = extra[0] or 0, extra[1] or 0
-    ctx.connection_state, ctx.state_age = extra[2], extra[3]
-    part = extra[4:] if extra[4] is not None else None
-    if part is None:
+    if row["part_id"] is None:
         # No part left to send: the rest was stopped by a reply (R-IN-3), or an operator's resolve
         # left every part sent. Finalize now: `sent` when a part went out, else skipped.
         _stop_rest(ctx, settings, ctx.stop_reason or "replied")
         return SendOutcome(False, None)
-    part_id, idx, text, part_status, last_idx, part_attempt, part_key = part
+    part_id, idx, text, part_status = row["part_id"], row["part_idx"], row["part_text"], row["part_status"]
+    last_idx, part_attempt, part_key = row["last_idx"], row["part_attempt"], row["part_key"]
     if part_status == "sending" and part_key is not None:
         # Evolution accepted this part (its key.id was kept) but recording it failed (a lock
         # timeout, a lost connection): a known outcome, never a doubt. Record it now.

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from campaign import dispatch
+from campaign.errors import ServicesError
 from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 from devtools import services
-from devtools.services import ServicesError, Throwaway, sandbox_env
+from devtools.services import Throwaway, sandbox_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

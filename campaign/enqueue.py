@@ -12,11 +12,8 @@ from collections.abc import Iterable
 
 import dramatiq
 
+from campaign.errors import BrokerNotSetUp
 from campaign.steps import Job, Step
-
-
-class BrokerNotSetUp(RuntimeError):
-    """Nothing set up the engine's broker: dramatiq's default one would publish to the wrong place."""
 
 
 def engine_broker() -> dramatiq.Broker:

@@ -7,6 +7,16 @@ and never look at HTTP status codes themselves::
 
     EngineError                      base of everything the engine raises on purpose
      ├─ ConfigError                  bad settings / bad operator input
+     │   ├─ PlanError, RunStateError, InboxCommandError, TemplateError, LeadImportError,
+     │   │  LeadNotFound, RunNotFound, DeadLetterUsageError
+     │   └─ ConfigFileError          an invalid TOML file (every problem by key path)
+     │       └─ ConcurrentChangeError
+     ├─ PipelineSignal               a step tells its actor how the delivery ends
+     │   ├─ StepFailed, RetryLater, Deferred
+     ├─ RepairRefused                an operator repair does not apply
+     ├─ BrokerNotSetUp               dramatiq's implicit default broker would lose messages
+     ├─ DemoError                    the demo cannot run (says what to do)
+     ├─ ServicesError                a throw-away database / vhost / worker step failed (devtools)
      ├─ EnvelopeError                an inbound Evolution event is malformed (also a ValueError)
      └─ ProviderError                an external provider call failed
          ├─ TransientError           a retry can help
@@ -49,6 +59,17 @@ __all__ = [
     "InvalidNumber",
     "AmbiguousSend",
     "EnvelopeError",
+    "DeadLetterUsageError",
+    "RunNotFound",
+    "ConfigFileError",
+    "ConcurrentChangeError",
+    "LeadImportError",
+    "LeadNotFound",
+    "TemplateError",
+    "InboxCommandError",
+    "BrokerNotSetUp",
+    "DemoError",
+    "ServicesError",
 ]
 
 
@@ -233,3 +254,55 @@ class RunStateError(ConfigError):
 
 class EnvelopeError(EngineError, ValueError):
     """An inbound Evolution event is not a usable envelope (the text names the field, never its value)."""
+
+
+# -- operator tools and devtools (raised on bad operator input; exit 2 with the text) ----------
+
+
+class DeadLetterUsageError(ConfigError):
+    """The command line asks for something inconsistent (exit 2)."""
+
+
+class RunNotFound(ConfigError):
+    """The run id given to ``report`` does not exist."""
+
+
+class ConfigFileError(ConfigError):
+    """The TOML file is invalid; ``errors`` lists every problem as ``key.path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        super().__init__(errors[0] + more)
+
+
+class ConcurrentChangeError(ConfigFileError):
+    """A campaign changed between validation and write (optimistic lock on ``version``)."""
+
+
+class LeadImportError(ConfigError):
+    """The CSV file as a whole cannot be imported (nothing was written)."""
+
+
+class LeadNotFound(ConfigError):
+    """LEAD names no lead (or more than one: the message lists the choices)."""
+
+
+class TemplateError(ConfigError, ValueError):
+    """A fallback template uses something :func:`render_template` does not implement."""
+
+
+class InboxCommandError(ConfigError):
+    """An inbox command cannot apply: unknown or ambiguous inbox name, missing reason."""
+
+
+class BrokerNotSetUp(EngineError, RuntimeError):
+    """Nothing set up the engine's broker: dramatiq's default one would publish to the wrong place."""
+
+
+class DemoError(EngineError):
+    """The demo cannot run (a service, a file or a setting is wrong); the text says what to do."""
+
+
+class ServicesError(EngineError, RuntimeError):
+    """A service a test run, benchmark or the demo needs does not answer or refuses a step (devtools)."""

@@ -21,11 +21,24 @@ def log_event(
     details: dict | None = None,
 ) -> None:
     """Append a line to ``campaign_events`` (and the process log)."""
-    getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
-        "%s run=%s message=%s lead=%s: %s", step, run_id, message_id, lead_id, text
-    )
+    log_line(step, text, run_id=run_id, message_id=message_id, lead_id=lead_id, level=level)
     db.execute_sql(
         "INSERT INTO campaign_events (run_id, message_id, lead_id, step, level, text, details) "
         "VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (run_id, message_id, lead_id, step, level, text, json.dumps(details or {})),
+    )
+
+
+def log_line(
+    step: str,
+    text: str,
+    *,
+    run_id: int | None = None,
+    message_id: int | None = None,
+    lead_id: int | None = None,
+    level: str = "info",
+) -> None:
+    """The process-log half of :func:`log_event`, for a caller that writes the row in a statement of its own."""
+    getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
+        "%s run=%s message=%s lead=%s: %s", step, run_id, message_id, lead_id, text
     )

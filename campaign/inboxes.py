@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 from campaign import runs
 from campaign.db import db
-from campaign.errors import ConfigError
+from campaign.errors import (
+    InboxCommandError,
+)
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
 
@@ -45,10 +47,6 @@ __all__ = [
 
 #: how many known inboxes an "unknown inbox" error lists
 LIST_IN_ERRORS = 20
-
-
-class InboxCommandError(ConfigError):
-    """An inbox command cannot apply: unknown or ambiguous inbox name, missing reason."""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from campaign.errors import TemplateError
+
 __all__ = [
     "MAX_PROMPT_FIELDS",
     "MAX_FIELD_KEY_CHARS",
@@ -97,10 +99,6 @@ def lead_block(name: str | None, fields: Mapping[Any, Any] | None) -> str:
     if left_out:
         lines.append(f"({left_out} more field(s) left out)")
     return f"{OPEN}\n" + "\n".join(lines) + f"\n{CLOSE}"
-
-
-class TemplateError(ValueError):
-    """A fallback template uses something :func:`render_template` does not implement."""
 
 
 def _parse(template: str) -> Iterator[tuple[str, str | None]]:

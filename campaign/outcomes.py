@@ -70,16 +70,14 @@ conv_old AS (
 )"""
 
 
-# The counters' %(n)s is 1 here: one message per statement.
-_FINISH_SQL = (
-    """
-WITH part AS (
+# The pieces of the terminal transition; the counters' %(n)s is 1 here: one message per statement.
+_PART_CTE = """part AS (
     UPDATE message_parts SET status = 'sent', provider_message_id = %(key_id)s, sent_at = now()
     WHERE id = %(part_id)s AND attempt_id = %(attempt)s AND status = 'sending'
     RETURNING id, message_id, text, provider_message_id
-), """
-    + OUT_LOG_CTES.strip()
-    + """, m AS (
+)"""
+
+_M_CTE = """m AS (
     UPDATE campaign_messages SET status = %(st)s, skip_reason = %(skip)s, error_class = %(err_class)s,
         error_message = %(err_msg)s, finished_at = now(), status_changed_at = now(),
         sent_at = CASE WHEN %(st)s = 'sent' THEN now() ELSE sent_at END,
@@ -87,32 +85,69 @@ WITH part AS (
         conversation_id = coalesce(conversation_id, (
             SELECT c.id FROM conversations c
              WHERE c.lead_id = campaign_messages.lead_id AND c.inbox_id = campaign_messages.inbox_id))
-    WHERE id = %(id)s AND status = ANY(%(from)s)
-      AND (%(part_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM part))
+    WHERE id = %(id)s AND status = ANY(%(from)s){part_guard}
     RETURNING id, run_id, lead_id
-), ctx AS (
+)"""
+
+_CTX_CTE = """ctx AS (
     SELECT m.run_id, m.lead_id, c.source_column_id AS src, c.target_column_id AS tgt, l.column_id AS old_col
     FROM m JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
     LEFT JOIN leads l ON l.id = m.lead_id
-), lead_upd AS (
+)"""
+
+_LEAD_UPD_CTE = """lead_upd AS (
     UPDATE leads l SET last_activity_at = now(),
         column_id = CASE WHEN l.column_id = ctx.src AND ctx.tgt IS NOT NULL THEN ctx.tgt ELSE l.column_id END
     FROM ctx WHERE %(st)s = 'sent' AND l.id = ctx.lead_id
     RETURNING l.id
-), run_upd AS (
+)"""
+
+_RUN_UPD_CTE = (
+    """run_upd AS (
     UPDATE campaign_runs r SET """
     + _RUN_COUNTERS_SET
     + """
     FROM m WHERE r.id = m.run_id
     RETURNING r.id, r.status, r.pause_reason
-), lease AS (
+)"""
+)
+
+_LEASE_CTE = """lease AS (
     -- the send step's inbox slot, given back in the statement that records the send (T-PERF-1)
     UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(), last_at = now()
     WHERE %(lease_key)s::text IS NOT NULL AND key = %(lease_key)s AND lease_token = %(lease_token)s
     RETURNING key
-)
+)"""
+
+_FINISH_SQL = (
+    "WITH "
+    + ", ".join(
+        (
+            _PART_CTE,
+            OUT_LOG_CTES.strip(),
+            _M_CTE.format(part_guard="\n      AND (%(part_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM part))"),
+            _CTX_CTE,
+            _LEAD_UPD_CTE,
+            _RUN_UPD_CTE,
+            _LEASE_CTE,
+        )
+    )
+    + """
 SELECT ctx.run_id, ctx.lead_id, ctx.src, ctx.tgt, ctx.old_col, run_upd.status, run_upd.pause_reason,
        (SELECT count(*) FROM part), (SELECT count(*) FROM lead_upd)
+FROM ctx LEFT JOIN run_upd ON run_upd.id = ctx.run_id
+"""
+)
+
+# The same transition when no part is recorded, no send slot is given back and the message does not
+# end `sent` (a skip, a failure, in_doubt): the part, conversation-log, lead-move and lease CTEs
+# would all be no-ops, so they are left out; PostgreSQL plans half a statement (a reply stopping a
+# lead's follow-up takes this path: T-PERF-6).
+_FINISH_BARE_SQL = (
+    "WITH "
+    + ", ".join((_M_CTE.format(part_guard=""), _CTX_CTE, _RUN_UPD_CTE))
+    + """
+SELECT ctx.run_id, ctx.lead_id, ctx.src, ctx.tgt, ctx.old_col, run_upd.status, run_upd.pause_reason, 0, 0
 FROM ctx LEFT JOIN run_upd ON run_upd.id = ctx.run_id
 """
 )
@@ -171,7 +206,8 @@ def finish_message(
         "lease_key": lease.key if lease and lease.granted else None,
         "lease_token": lease.token if lease and lease.granted else None,
     }
-    row = _one(_FINISH_SQL, params)
+    bare = last_part is None and params["lease_key"] is None and status != "sent"
+    row = _one(_FINISH_BARE_SQL if bare else _FINISH_SQL, params)
     if row is None:
         return None
     run_id, lead_id, src, tgt, old_col, run_status, pause_reason, _, _ = row
@@ -208,6 +244,70 @@ def finish_message(
         log_event("run", "run paused: failure ratio above the threshold", run_id=run_id, level="error")
     log.info("message %s %s run=%s lead=%s%s", message_id, status, run_id, lead_id, f" ({note})" if note else "")
     return Finished(run_id, lead_id, run_status, pause_reason, note)
+
+
+# The open messages of leads that replied (R-IN-3), in ONE statement: ``stop_reason`` on all of
+# them (the send path reads it before each part), and the not-started ones skipped exactly as
+# finish_message skips one (same columns, same counter expressions, run completion), the counters
+# once per run. Every message is locked before any run row (the send path's order), and the runs
+# in id order (two replies' transactions never take them crosswise).
+_STOP_OPEN_SQL = (
+    """
+WITH why AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS t(id, reason)
+), m AS (
+    UPDATE campaign_messages m SET stop_reason = coalesce(m.stop_reason, why.reason),
+        status = CASE WHEN m.status = ANY(%(not_started)s) THEN 'skipped' ELSE m.status END,
+        skip_reason = CASE WHEN m.status = ANY(%(not_started)s) THEN why.reason ELSE m.skip_reason END,
+        error_class = CASE WHEN m.status = ANY(%(not_started)s) THEN NULL ELSE m.error_class END,
+        error_message = CASE WHEN m.status = ANY(%(not_started)s) THEN NULL ELSE m.error_message END,
+        finished_at = CASE WHEN m.status = ANY(%(not_started)s) THEN now() ELSE m.finished_at END,
+        status_changed_at = CASE WHEN m.status = ANY(%(not_started)s) THEN now() ELSE m.status_changed_at END,
+        conversation_id = CASE WHEN m.status = ANY(%(not_started)s) THEN coalesce(m.conversation_id, (
+            SELECT c.id FROM conversations c WHERE c.lead_id = m.lead_id AND c.inbox_id = m.inbox_id))
+            ELSE m.conversation_id END
+      FROM why
+     WHERE m.id = why.id AND m.status = ANY(%(open)s)
+    RETURNING m.id, m.run_id, m.status,
+        (SELECT count(*) FROM message_parts p WHERE p.message_id = m.id AND p.status = 'sent') AS n_sent,
+        (SELECT count(*) FROM message_parts p
+          WHERE p.message_id = m.id AND p.status IN ('sending', 'in_doubt')) AS n_flight
+), agg AS (
+    SELECT run_id, count(*)::int AS n FROM m WHERE status = 'skipped' GROUP BY run_id
+), runs AS (
+    SELECT r.id FROM campaign_runs r WHERE r.id IN (SELECT run_id FROM agg) ORDER BY r.id FOR UPDATE
+), run_upd AS (
+    UPDATE campaign_runs r SET """
+    + _RUN_COUNTERS_SET.replace("%(n)s", "agg.n").replace("%(st)s", "'skipped'")
+    + """
+    FROM agg JOIN runs ON runs.id = agg.run_id WHERE r.id = agg.run_id
+    RETURNING r.id
+)
+SELECT m.id, m.status, m.n_sent, m.n_flight, (SELECT count(*) FROM run_upd) FROM m"""
+)
+
+
+def stop_open_messages(
+    reasons: dict[int, str], not_started: Sequence[str], open_statuses: Sequence[str], settings: Settings
+) -> list[tuple[int, str, int, int]]:
+    """Stop the open messages named in ``reasons`` (message id -> reason, R-IN-3): each gets its
+    ``stop_reason``; those in ``not_started`` are skipped with it, their runs' counters in the same
+    statement. Returns (message id, status now, parts sent, parts in flight) of every message that
+    was open, by id. No process-log line per skipped message: the caller's line names them all (a
+    reply's "inbound KEY inbox=.. lead=..: reply (skipped [ids] ...)")."""
+    ids = sorted(reasons)
+    rows = _all(
+        _STOP_OPEN_SQL,
+        {
+            "ids": ids,
+            "reasons": [reasons[i] for i in ids],
+            "not_started": list(not_started),
+            "open": list(open_statuses),
+            "min_n": settings.error_threshold_min_processed,
+            "ratio": settings.error_threshold_ratio,
+        },
+    )
+    return sorted((message_id, status, n_sent, n_flight) for message_id, status, n_sent, n_flight, _ in rows)
 
 
 def skip_pending_where(condition_sql: str, params: Sequence[Any], reason: str) -> int:

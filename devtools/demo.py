@@ -40,16 +40,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from campaign.errors import DemoError, EngineError, ServicesError
+from devtools.services import ensure_database as create_database_if_missing
+from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
-    ServicesError,
     probe_postgres,
     probe_rabbitmq,
     sandbox_env,
     vhost_of,
     with_database,
 )
-from devtools.services import ensure_database as create_database_if_missing
-from devtools.services import ensure_vhost as create_vhost_if_missing
 
 log = logging.getLogger("demo")
 
@@ -64,6 +64,7 @@ __all__ = [
     "WORKSPACE",
     "NOT_ON_WHATSAPP",
     "OPTS_OUT",
+    "OPTS_OUT_BY_REPLY",
     "INVALID_PHONE_RAW",
     "DEMO_FAULTS",
 ]
@@ -81,6 +82,10 @@ SEGMENT_COLUMNS = {"returning": "Returning"}  # ... then leads of these segments
 NOT_ON_WHATSAPP = "+5561967176492"  # Wagner Pinto: the sandbox answers 400 exists:false (E-13)
 OPTS_OUT = "+5519983787416"  # Otávio Rocha: replies STOP after planning (E-17)
 INVALID_PHONE_RAW = "12345"  # "Telefone Errado": rejected at import (E-18)
+OPTS_OUT_BY_REPLY = "+5581968576565"  # Carla Melo: answers "PARE 🛑" after her first part (R-IN-4, E-28)
+#: the reply the demo sends from the first lead whose message is between its parts (E-27)
+MIDWAY_REPLY = "Oi! Me conta mais?"
+DEMO_WEBHOOK_SECRET = "demo-webhook-secret"  # the in-process receiver's (the demo's own sandbox posts to it)
 
 #: sandbox faults that show the engine at work: a few 429s with Retry-After on the LLM (retried
 #: with backoff, never early), one number that is not on WhatsApp, small provider latencies
@@ -112,10 +117,6 @@ DEMO_JOB_SECONDS = {"dispatch_due": 0.2, "window_guard": 5.0, "recovery_sweep": 
 TERMINAL_RUN = ("completed", "failed", "cancelled")
 
 
-class DemoError(Exception):
-    """The demo cannot run (a service, a file or a setting is wrong); the text says what to do."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Services:
     """Where the demo's engine runs."""
@@ -142,6 +143,7 @@ class DemoResult:
     rejected_rows: list[str]
     opted_out: str | None
     sandbox_summary: dict[str, Any]
+    listening: dict[str, Any]
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
@@ -308,13 +310,21 @@ class AttachedSandbox:
         """Ledger summary counters."""
         return self._control("GET", "/__sandbox/ledger", params={"entries": "0"})["summary"]
 
+    def inbound(self, **fields: Any) -> dict[str, Any]:
+        """Publish a scripted inbound message (a lead's reply) as Evolution would."""
+        return self._control("POST", "/__sandbox/inbound", json=fields)
+
     def stop(self) -> None:
         """Close the control connection (the sandbox itself keeps running)."""
         self._http.close()
 
 
-def start_sandbox(url: str | None, seed: int) -> Any:
-    """Start the sandbox subprocess with the demo's faults, or attach to ``url`` and set them there."""
+def start_sandbox(url: str | None, seed: int, events_amqp_url: str | None = None) -> Any:
+    """Start the sandbox subprocess with the demo's faults, or attach to ``url`` and set them there.
+
+    ``events_amqp_url``: the sandbox also publishes Evolution's events to that RabbitMQ (global mode),
+    where ``inbound.py``'s consumer reads them (only a sandbox the demo starts).
+    """
     if url:
         sb = AttachedSandbox(url)
         try:
@@ -327,7 +337,7 @@ def start_sandbox(url: str | None, seed: int) -> Any:
     from sandbox.testing import SandboxProcess, SandboxStartError
 
     try:
-        return SandboxProcess(faults=DEMO_FAULTS, seed=seed).start()
+        return SandboxProcess(faults=DEMO_FAULTS, seed=seed, events_amqp_url=events_amqp_url).start()
     except SandboxStartError as exc:
         raise DemoError(f"the sandbox did not start: {exc}") from None
 
@@ -346,6 +356,7 @@ def configure_engine(services: Services, sb: Any) -> Any:
         "RABBITMQ_URL": services.rabbitmq_url,
         "CAMPAIGN_BROKER": services.broker,
         **sandbox_env(sb),
+        "WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
         **ENGINE_TUNING,
     }
     actors_module = sys.modules.get("actors")
@@ -601,7 +612,8 @@ def run_demo(
 
     services, pg_handle = choose_services(mode, data_dir=data_dir, database=database, vhost=vhost, threads=threads)
     console.print(services.line, style="bold")
-    sb = start_sandbox(sandbox_url, seed)
+    events_over_amqp = sandbox_url is None and services.broker == "rabbitmq"
+    sb = start_sandbox(sandbox_url, seed, services.rabbitmq_url if events_over_amqp else None)
     try:
         settings = configure_engine(services, sb)
         _configure_logging(settings, verbose)
@@ -622,6 +634,7 @@ def run_demo(
             timeout=timeout,
             started=started,
             pg_handle=pg_handle,
+            events_over_amqp=events_over_amqp,
         )
     finally:
         sb.stop()
@@ -640,6 +653,7 @@ def _run_engine(
     timeout: float,
     started: float,
     pg_handle: Any,
+    events_over_amqp: bool = False,
 ) -> DemoResult:
     import dramatiq
 
@@ -726,6 +740,8 @@ def _run_engine(
         _queues_of_vhost(services.rabbitmq_url, purge=services.own_vhost)
     import actors  # builds the broker from the settings above and declares the actors on it
 
+    listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
+    listening.start(console)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
@@ -744,6 +760,7 @@ def _run_engine(
             thread.join(15)
         worker.stop(timeout=10_000)
         actors.broker.close()
+        listening.stop()
 
     from campaign.ops import monitor
 
@@ -766,6 +783,8 @@ def _run_engine(
     pictures, report_missing = _reports(console, run_ids, output_dir)
     ledger = sb.summary()
     _outcomes(console, run_ids, ledger, mismatches)
+    heard = listening.summary(run_ids)
+    _heard(console, heard)
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -777,6 +796,7 @@ def _run_engine(
         rejected_rows=rejected,
         opted_out=opted_name,
         sandbox_summary=ledger,
+        listening=heard,
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
@@ -786,6 +806,149 @@ def _run_engine(
         style="bold green" if result.ok else "bold red",
     )
     return result
+
+
+class _Listening:
+    """The engine's ears in the demo, and two leads who answer.
+
+    The webhook receiver (``webhook.py``'s server, in this process) gets Evolution's events from
+    the sandbox; with a sandbox the demo started on real services, the RabbitMQ consumer
+    (``inbound.py``'s, in a thread) gets the same events from the sandbox's global-mode queues too,
+    and each one counts once (E-30). Two scripted replies: the first lead whose message is
+    between its parts answers (its next part is never sent, E-27), and ``OPTS_OUT_BY_REPLY``
+    answers "PARE 🛑" after its first part (opted out for good, the workspace's confirmation sent
+    once, R-IN-4).
+    """
+
+    def __init__(self, settings: Any, sb: Any, welcome_run: int, *, amqp_url: str | None) -> None:
+        self.settings, self.sb, self.welcome_run, self.amqp_url = settings, sb, welcome_run, amqp_url
+        self.hook: Any = None
+        self.consumer: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.midway: str | None = None  # the phone that answered between parts
+        self.opted: bool = False
+
+    def start(self, console: Any) -> None:
+        from campaign.inbound.consumer import InboundConsumer
+        from webhook import make_server
+
+        self.hook = make_server(self.settings, "127.0.0.1", 0)
+        self.hook.start()
+        self.sb.set_faults({"webhook_url": f"{self.hook.url}/webhook", "webhook_secret": self.settings.webhook_secret})
+        paths = f"webhook receiver {self.hook.url}/webhook"
+        if self.amqp_url:
+            self.consumer = InboundConsumer(self.settings, url=self.amqp_url)
+            t = threading.Thread(target=self.consumer.run, name="demo-inbound", daemon=True)
+            t.start()
+            self._threads.append(t)
+            if not self.consumer.ready.wait(15):
+                raise DemoError("the inbound consumer did not start (see the log)")
+            paths += f" and RabbitMQ consumer of {self.settings.evolution_events_prefix}.* (both get every event)"
+        t = threading.Thread(target=self._script, name="demo-replies", daemon=True)
+        t.start()
+        self._threads.append(t)
+        console.print(f"      listening: {paths}; two leads will answer", markup=False)
+
+    def _script(self) -> None:
+        """Post the two replies as soon as their moment comes (polling the database)."""
+        from campaign.db import db
+
+        instance = "demo-sales-1"
+        while not self._stop.wait(0.05) and not (self.midway and self.opted):
+            try:
+                with db.connection_context():
+                    if self.midway is None:
+                        row = db.execute_sql(
+                            """SELECT l.phone FROM campaign_messages m JOIN leads l ON l.id = m.lead_id
+                                JOIN message_parts p0 ON p0.message_id = m.id AND p0.idx = 0 AND p0.status = 'sent'
+                                JOIN message_parts p1 ON p1.message_id = m.id AND p1.idx = 1 AND p1.status = 'pending'
+                               WHERE m.run_id = %s AND m.status = 'sending' AND l.phone <> %s LIMIT 1""",
+                            (self.welcome_run, OPTS_OUT_BY_REPLY),
+                        ).fetchone()
+                        if row is not None:
+                            self.sb.inbound(instance=instance, number=row[0], text=MIDWAY_REPLY)
+                            self.midway = row[0]
+                    if not self.opted:
+                        row = db.execute_sql(
+                            """SELECT 1 FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
+                                 JOIN leads l ON l.id = m.lead_id
+                                WHERE m.run_id = %s AND l.phone = %s AND p.status = 'sent' LIMIT 1""",
+                            (self.welcome_run, OPTS_OUT_BY_REPLY),
+                        ).fetchone()
+                        if row is not None:
+                            self.sb.inbound(instance=instance, number=OPTS_OUT_BY_REPLY, text="PARE 🛑")
+                            self.opted = True
+            except Exception:  # the demo goes on; the summary says what did not happen
+                log.warning("demo replies: could not post a scripted reply", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.consumer is not None:
+            self.consumer.stop()
+        for t in self._threads:
+            t.join(10)
+        if self.hook is not None:
+            self.hook.shutdown()
+
+    def summary(self, run_ids: list[int]) -> dict[str, Any]:
+        """What was heard and what it did (rows, not what the demo meant to do)."""
+        from campaign.db import db
+
+        with db.connection_context():
+            replies, opt_outs = db.execute_sql(
+                """SELECT count(*) FILTER (WHERE outcome IN ('reply', 'opt_out')),
+                          count(*) FILTER (WHERE outcome = 'opt_out')
+                     FROM inbound_events"""
+            ).fetchone()
+            stopped = db.execute_sql(
+                """SELECT count(DISTINCT m.id) FROM campaign_messages m JOIN message_parts p ON p.message_id = m.id
+                    WHERE m.run_id = ANY(%s) AND m.status = 'sent' AND p.status = 'skipped'""",
+                (run_ids,),
+            ).fetchone()[0]
+            confirmed = db.execute_sql(
+                "SELECT opt_out_reply_at IS NOT NULL FROM leads WHERE phone = %s AND opted_out", (OPTS_OUT_BY_REPLY,)
+            ).fetchone()
+            receipts = db.execute_sql(
+                """SELECT count(*) FROM message_parts p JOIN campaign_messages m ON m.id = p.message_id
+                    WHERE m.run_id = ANY(%s) AND p.delivery_status IS NOT NULL""",
+                (run_ids,),
+            ).fetchone()[0]
+        out: dict[str, Any] = {
+            "replies": replies,
+            "opt_outs": opt_outs,
+            "stopped_between_parts": stopped,
+            "midway_phone": self.midway,
+            "opted_out_by_reply": bool(confirmed),
+            "opt_out_reply_sent": bool(confirmed and confirmed[0]),
+            "parts_with_receipts": receipts,
+        }
+        if self.consumer is not None:
+            by = self.consumer.stats.by_result
+            out["amqp_applied"] = self.consumer.stats.applied
+            out["amqp_replies"] = sum(n for k, n in by.items() if k.startswith("messages.upsert:"))
+            out["amqp_duplicates"] = by.get("messages.upsert:duplicate", 0)
+        return out
+
+
+def _heard(console: Any, heard: dict[str, Any]) -> None:
+    console.print(
+        f"  listening: {heard['replies']} repl(ies), {heard['opt_outs']} opt-out(s); "
+        f"{heard['stopped_between_parts']} message(s) stopped between their parts (E-27); "
+        f"{heard['parts_with_receipts']} part(s) with delivery receipts",
+        markup=False,
+    )
+    console.print(
+        f"  opted out by reply {OPTS_OUT_BY_REPLY}: {'yes' if heard['opted_out_by_reply'] else 'NO'}; "
+        f"confirmation {'sent once' if heard['opt_out_reply_sent'] else 'not sent yet (the sweep sends it)'}",
+        markup=False,
+    )
+    if "amqp_applied" in heard:
+        console.print(
+            f"  RabbitMQ consumer: {heard['amqp_applied']} event(s) handled, {heard['amqp_replies']} of them "
+            f"replies, {heard['amqp_duplicates']} of those already applied from the webhook: each counted once (E-30)",
+            markup=False,
+        )
 
 
 def _reports(console: Any, run_ids: list[int], output_dir: Path) -> tuple[list[str], bool]:
@@ -918,10 +1081,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="engine logs at INFO (default WARNING)")
     args = p.parse_args(argv)
-    try:
-        from campaign.errors import EngineError
-    except ImportError:  # pragma: no cover - part of the engine
-        EngineError = Exception  # type: ignore[misc,assignment]
     try:
         return run_from_args(args)
     except EngineError as exc:  # a bad setting in the environment, a broken demo file

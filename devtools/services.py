@@ -13,7 +13,8 @@
 
 Where the services are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres),
 TEST_RABBITMQ_URL (default amqp://guest:guest@127.0.0.1:5672/); a vhost is made with ``rabbitmqctl``
-(RABBITMQCTL to override the command). Every failure is a :class:`ServicesError` naming the service.
+(RABBITMQCTL to override the command). Every failure is a ServicesError (campaign.errors) naming the
+service.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import psycopg2
 from psycopg2 import sql
 
 from campaign.db import close_db, connect_kwargs, db, init_db
+from campaign.errors import ServicesError
 from campaign.settings import get_settings, redact_url, reset_settings
 from models.schema import migrate
 
@@ -51,10 +53,6 @@ WORKER_TIMEOUT_MS = "100"
 #: the line dramatiq logs once per worker process when it consumes
 WORKER_READY = "Worker process is ready for action"
 PROBE_TIMEOUT = 3.0
-
-
-class ServicesError(RuntimeError):
-    """A service the run needs does not answer or refuses a step; the text names which and why."""
 
 
 # --------------------------------------------------------------------------------------------

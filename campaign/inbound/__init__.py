@@ -18,7 +18,7 @@ from campaign.inbound.envelopes import (
     parse_envelope,
 )
 from campaign.inbound.receipts import UpdateResult, apply_update
-from campaign.inbound.replies import MessageResult, apply_message, stop_lead
+from campaign.inbound.replies import MessageResult, apply_message, apply_messages, stop_lead
 from campaign.settings import Settings
 
 __all__ = [
@@ -26,12 +26,14 @@ __all__ = [
     "ConnectionResult",
     "DeliveryUpdate",
     "EnvelopeError",
+    "Event",
     "InboundMessage",
     "MessageResult",
     "UpdateResult",
     "apply_connection",
     "apply_event",
     "apply_message",
+    "apply_messages",
     "apply_update",
     "handle",
     "parse_envelope",

@@ -9,15 +9,23 @@ PRECONDITION_FAILED) and consumes ``messages.upsert``, ``messages.update`` and
 
 Delivery is at least once and nothing is acked before it is committed:
 
-* what the broker has delivered is applied in ONE database transaction per batch (each event in
-  its own savepoint), then acked with one ``basic_ack(multiple=True)``: a burst costs one commit
-  and one ack, not one per event, while a lone reply is applied the moment it arrives;
+* what the broker has delivered is applied in as few database transactions as the send path's
+  lock order allows, and acked as they commit (``basic_ack(multiple=True)`` up to the committed
+  prefix): every receipt of a batch in one transaction and one statement, then the batch's
+  replies together (``apply_messages``: one transaction whose statements each do one step for
+  all of them, parts before messages before runs before leads, the send path's order; a lead
+  replying twice in the batch gets a second transaction), then each connection change on its
+  own. A burst costs a few commits, not one per event, while a lone reply is applied the moment
+  it arrives. A transaction that has stopped messages holds run rows, the send path's LAST lock:
+  nothing in it may wait on a part or a message after that, or a send holding one while it waits
+  for the run row would deadlock with it;
 * a poison event (not JSON, not an envelope, a field out of bounds) is recorded in
   ``campaign_events`` (never its body: it carries Evolution's apikey) and acked with its batch:
   never redelivered forever;
-* a database error rolls the batch back and nothing is acked; the events are applied again one by
-  one, and an event that keeps failing on its own (3 times, the database answering) is recorded
-  as poison; while the database is unreachable the consumer waits with backoff, holding them;
+* a database error rolls the transaction back and nothing of it is acked; its events are applied
+  again one by one, and an event that keeps failing on its own (3 times, the database answering)
+  is recorded as poison; while the database is unreachable the consumer waits with backoff,
+  holding them;
 * a lost broker connection (a restart, a network cut) is re-opened with backoff; the unacked
   events are redelivered by RabbitMQ and applied again harmlessly: every effect is idempotent on
   (inbox, provider message id) (E-30, E-38).
@@ -44,7 +52,16 @@ import psycopg2
 from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
-from campaign.inbound import handle
+from campaign.inbound import (
+    ConnectionChange,
+    DeliveryUpdate,
+    Event,
+    InboundMessage,
+    apply_event,
+    apply_messages,
+    parse_envelope,
+)
+from campaign.inbound.receipts import apply_updates
 from campaign.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -84,7 +101,7 @@ class Stats:
     applied: int = 0
     ignored: int = 0
     poison: int = 0
-    batches: int = 0
+    batches: int = 0  # transactions committed
     reconnects: int = 0
     by_result: dict[str, int] = field(default_factory=dict)
 
@@ -92,9 +109,62 @@ class Stats:
 @dataclass
 class _Delivery:
     tag: int
-    queue: str
+    queue: str  # the routing key Evolution published with: the event name (messages.upsert, ...)
     body: bytes
     redelivered: bool
+
+
+@dataclass
+class _Parsed:
+    delivery: _Delivery
+    doc: Any
+    event: Event | None = None
+    poison: str | None = None  # why the event is unusable
+    ignored: str | None = None  # why a valid event changes nothing
+
+    @property
+    def takes_runs(self) -> bool:
+        """A reply (it may stop messages: run counters) or a connection change (it pauses or
+        resumes runs) takes run rows, the send path's last lock: never in the receipts' transaction,
+        where a later statement could wait on a part or a message a send holds while that send
+        waits for the run row (a deadlock)."""
+        return isinstance(self.event, (InboundMessage, ConnectionChange))
+
+
+def _groups(parsed: list[_Parsed]) -> list[list[_Parsed]]:
+    """The batch cut into groups: every receipt, poison and ignored event of it (one transaction,
+    the receipts in one statement), then its replies (:func:`apply_messages`: together, in as many
+    transactions as a lead replying twice needs), then each connection change on its own. The
+    queues are independent (Evolution orders nothing across them): the order within each queue is
+    kept, which is all that matters."""
+    shared = [p for p in parsed if not p.takes_runs]
+    replies = [p for p in parsed if isinstance(p.event, InboundMessage)]
+    changes = [[p] for p in parsed if isinstance(p.event, ConnectionChange)]
+    return [g for g in (shared, replies) if g] + changes
+
+
+def _label(delivery: _Delivery, result: str) -> str:
+    return f"{delivery.queue}:{result}"  # the routing key Evolution published with: the event's name
+
+
+class _Acks:
+    """Acks a batch as its transactions commit: one ``basic_ack(multiple=True)`` up to the longest
+    committed prefix of its delivery tags, so no delivery is acked before it is committed."""
+
+    def __init__(self, channel: Any, batch: list[_Delivery]) -> None:
+        self.channel = channel
+        self.order = sorted(d.tag for d in batch)
+        self.done: set[int] = set()
+        self.next = 0
+
+    def committed(self, deliveries: list[_Delivery]) -> None:
+        self.done.update(d.tag for d in deliveries)
+        upto = None
+        while self.next < len(self.order) and self.order[self.next] in self.done:
+            upto = self.order[self.next]
+            self.next += 1
+        if upto is not None:
+            self.channel.basic_ack(delivery_tag=upto, multiple=True)
 
 
 class InboundConsumer:
@@ -211,26 +281,51 @@ class InboundConsumer:
     # -- applying ----------------------------------------------------------------------------
 
     def _apply_batch(self, channel: Any, batch: list[_Delivery]) -> None:
-        """Apply ``batch`` in one transaction and ack it; one by one after a database error."""
-        try:
-            with db.connection_context(), db.atomic():
-                results = [self._apply_one(d) for d in batch]
-        except (peewee.PeeweeException, psycopg2.Error):
-            log.warning("inbound: batch of %s rolled back by a database error; applying one by one", len(batch))
-            for delivery in batch:
-                self._apply_alone(channel, delivery)
-            return
-        channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
-        self._count(results)
+        """Apply ``batch`` in as few transactions as the send path's lock order allows (see
+        :func:`_groups`), acking what each commits; a group is applied one by one after a
+        database error."""
+        acks = _Acks(channel, batch)
+        for group in _groups([self._parse(d) for d in batch]):
+            try:
+                with db.connection_context():
+                    if isinstance(group[0].event, InboundMessage):
+                        results = self._apply_replies(group)  # its own transactions
+                    else:
+                        with db.atomic():
+                            results = self._apply_group(group)
+            except (peewee.PeeweeException, psycopg2.Error):
+                log.warning("inbound: %s event(s) rolled back by a database error; applying one by one", len(group))
+                for parsed in group:
+                    self._apply_alone(parsed.delivery)
+                    acks.committed([parsed.delivery])
+                continue
+            acks.committed([p.delivery for p in group])
+            self._count(results)
 
-    def _apply_alone(self, channel: Any, delivery: _Delivery) -> None:
+    def _apply_replies(self, group: list[_Parsed]) -> list[str]:
+        """A batch's replies, together (:func:`apply_messages` commits them); the result names."""
+        msgs = [p.event for p in group if isinstance(p.event, InboundMessage)]
+        assert len(msgs) == len(group)
+        return [_label(p.delivery, r.result) for p, r in zip(group, apply_messages(msgs, self.settings))]
+
+    def _apply_group(self, group: list[_Parsed]) -> list[str]:
+        """Apply a group inside the caller's transaction (its receipts in one statement); the result names."""
+        out = [self._apply_parsed(p) if not isinstance(p.event, DeliveryUpdate) else "" for p in group]
+        receipts = [(i, p.event) for i, p in enumerate(group) if isinstance(p.event, DeliveryUpdate)]
+        if receipts:
+            for (i, _), result in zip(receipts, apply_updates([u for _, u in receipts])):
+                out[i] = _label(group[i].delivery, result.result)
+        return out
+
+    def _apply_alone(self, delivery: _Delivery) -> None:
+        """Apply one event in its own transaction (the caller acks it): retried while the database
+        is away, recorded as poison when the database keeps refusing it."""
         failures = 0
         backoff = 0.2
         while True:
             try:
                 with db.connection_context(), db.atomic():
                     result = self._apply_one(delivery)
-                channel.basic_ack(delivery_tag=delivery.tag)
                 self._count([result])
                 return
             except _DB_DOWN as exc:
@@ -244,27 +339,40 @@ class InboundConsumer:
                 if failures >= POISON_AFTER:
                     with db.connection_context():
                         self._poison(delivery, f"database refused it {failures} times: {type(exc).__name__}")
-                    channel.basic_ack(delivery_tag=delivery.tag)
                     self.stats.poison += 1
                     return
 
     def _apply_one(self, delivery: _Delivery) -> str:
-        """Apply one event inside the caller's transaction (its own savepoint); the result name."""
+        """Apply one event inside the caller's transaction; the result name."""
+        return self._apply_parsed(self._parse(delivery))
+
+    @staticmethod
+    def _parse(delivery: _Delivery) -> _Parsed:
+        """Decode and validate a delivery (no database): the event, or why it is poison / ignored."""
         try:
             doc = json.loads(delivery.body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            self._poison(delivery, f"body is not valid JSON ({type(exc).__name__})")
-            return "poison"
+            return _Parsed(delivery, None, poison=f"body is not valid JSON ({type(exc).__name__})")
         try:
-            with db.atomic():
-                result = handle(doc, self.settings)
+            event = parse_envelope(doc)
         except EnvelopeError as exc:
-            self._poison(delivery, str(exc), doc)
+            return _Parsed(delivery, doc, poison=str(exc))
+        if isinstance(event, str):
+            return _Parsed(delivery, doc, ignored=event)
+        return _Parsed(delivery, doc, event=event)
+
+    def _apply_parsed(self, parsed: _Parsed) -> str:
+        """Apply one parsed event inside the caller's transaction; the result name."""
+        delivery = parsed.delivery
+        if parsed.poison is not None:
+            self._poison(delivery, parsed.poison, parsed.doc)
             return "poison"
-        if isinstance(result, str):
-            log.debug("inbound: %s ignored: %s", delivery.queue, result)
+        if parsed.event is None:
+            log.debug("inbound: %s ignored: %s", delivery.queue, parsed.ignored)
             return "ignored"
-        return f"{delivery.queue.rsplit('.', 1)[0]}:{result.result}"
+        # No savepoint per event (two round trips each): parsing raised before any statement, and
+        # a database error rolls the whole group back to be applied again one by one.
+        return _label(delivery, apply_event(parsed.event, self.settings).result)
 
     def _poison(self, delivery: _Delivery, reason: str, doc: Any = None) -> None:
         """Record an unusable event (reason, queue, size: never the body, it carries the apikey)."""

@@ -21,7 +21,7 @@ from campaign.db import db
 from campaign.inbound.envelopes import ERROR_STATUS, STATUS_MAP, DeliveryUpdate
 from models import DELIVERY_STATUSES
 
-__all__ = ["UpdateResult", "apply_update"]
+__all__ = ["UpdateResult", "apply_update", "apply_updates"]
 
 _RANKS = list(DELIVERY_STATUSES)
 
@@ -107,3 +107,78 @@ def apply_update(update: DeliveryUpdate) -> UpdateResult:
         run_id=row[2],
         reason="already recorded" if update.status == ERROR_STATUS else "already at or above",
     )
+
+
+# Many updates in one statement (the RabbitMQ consumer's batches, T-PERF-6): per part, the highest
+# status among them, applied with the same rank comparison as _UPGRADE_SQL; ranks never go down,
+# so the part ends exactly where applying them one after the other would leave it. Each update
+# also finds its part (or none: unknown) for its result.
+_UPGRADE_MANY_SQL = """
+WITH ev AS (
+    SELECT t.i, t.key_id, t.instance, t.status, array_position(%(ranks)s::text[], t.status) AS rank
+      FROM unnest(%(keys)s::text[], %(instances)s::text[], %(statuses)s::text[]) WITH ORDINALITY
+           AS t(key_id, instance, status, i)
+), best AS (
+    SELECT DISTINCT ON (key_id, instance) key_id, instance, status, rank FROM ev ORDER BY key_id, instance, rank DESC
+), part AS (
+    -- the parts locked in id order: two consumers side by side never take them crosswise
+    SELECT p.id, p.message_id, m.run_id, p.delivery_status, best.key_id, best.instance, best.status, best.rank
+      FROM best JOIN message_parts p ON p.provider_message_id = best.key_id
+      JOIN inboxes i ON i.id = p.inbox_id AND i.instance_name = best.instance
+      JOIN campaign_messages m ON m.id = p.message_id
+     ORDER BY p.id FOR UPDATE OF p
+), up AS (
+    UPDATE message_parts p SET delivery_status = part.status, delivery_updated_at = now()
+      FROM part
+     WHERE p.id = part.id AND coalesce(array_position(%(ranks)s::text[], p.delivery_status), 0) < part.rank
+    RETURNING p.id, p.delivery_status
+)
+SELECT ev.i, part.id, part.message_id, part.run_id, coalesce(up.delivery_status, part.delivery_status),
+       up.id IS NOT NULL AND up.delivery_status = ev.status
+  FROM ev LEFT JOIN part ON part.key_id = ev.key_id AND part.instance = ev.instance
+  LEFT JOIN up ON up.id = part.id
+ ORDER BY ev.i"""
+
+
+def apply_updates(updates: list[DeliveryUpdate]) -> list[UpdateResult]:
+    """Record many status changes (the caller holds a transaction); one result per update, in order.
+
+    The delivery statuses end exactly as :func:`apply_update` one by one would leave them, in one
+    statement; ``ERROR`` (rare) goes through :func:`apply_update`. Of several updates of one part
+    to the same status, each reports ``updated``; a lower one superseded in the same call reports
+    ``unchanged``.
+    """
+    out: list[UpdateResult | None] = [None] * len(updates)
+    ranked = [(i, u) for i, u in enumerate(updates) if u.status != ERROR_STATUS]
+    for i, u in enumerate(updates):
+        if u.status == ERROR_STATUS:
+            out[i] = apply_update(u)
+    if ranked:
+        rows = db.execute_sql(
+            _UPGRADE_MANY_SQL,
+            {
+                "ranks": _RANKS,
+                "keys": [u.key_id for _, u in ranked],
+                "instances": [u.instance for _, u in ranked],
+                "statuses": [STATUS_MAP[u.status] for _, u in ranked],
+            },
+        ).fetchall()
+        for n, part_id, message_id, run_id, status, upgraded in rows:
+            i = ranked[n - 1][0]
+            if part_id is None:
+                out[i] = UpdateResult("unknown", reason="no message part of this instance has this keyId")
+            elif upgraded:
+                out[i] = UpdateResult(
+                    "updated", delivery_status=status, part_id=part_id, message_id=message_id, run_id=run_id
+                )
+            else:
+                out[i] = UpdateResult(
+                    "unchanged",
+                    delivery_status=status,
+                    part_id=part_id,
+                    message_id=message_id,
+                    run_id=run_id,
+                    reason="already at or above",
+                )
+    assert all(r is not None for r in out)
+    return [r for r in out if r is not None]

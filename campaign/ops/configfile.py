@@ -43,7 +43,7 @@ import peewee
 
 from campaign import leadtext, optout
 from campaign.db import db
-from campaign.errors import ConfigError
+from campaign.errors import ConcurrentChangeError, ConfigError, ConfigFileError  # noqa: F401  (re-exported: the names callers know)
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,6 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 PG_INT_MAX = 2**31 - 1  # PostgreSQL ``integer``: every integer column this file writes
 MAX_DEPTH = 16  # tables and arrays; the format needs 6 (workspaces.W.campaigns.C.window.start)
 APPLY_LOCK_KEY = 0x61706C79  # "aply": serialises concurrent applies
-
-
-class ConfigFileError(ConfigError):
-    """The TOML file is invalid; ``errors`` lists every problem as ``key.path: message``."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = errors
-        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        super().__init__(errors[0] + more)
-
-
-class ConcurrentChangeError(ConfigFileError):
-    """A campaign changed between validation and write (optimistic lock on ``version``)."""
 
 
 @dataclass(frozen=True)

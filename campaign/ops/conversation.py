@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import phonenumbers
 
 from campaign.db import db
-from campaign.errors import ConfigError
+from campaign.errors import (
+    ConfigError,
+    LeadNotFound,
+)
 from campaign.ops.leads_import import DEFAULT_REGION, normalise_phone
 
 log = logging.getLogger(__name__)
@@ -47,10 +50,6 @@ _MAX_ID = 2**63 - 1  # bigserial
 _DIGITS = re.compile(r"[0-9]+")
 _ID_PREFIX = re.compile(r"id:\s*([0-9]+)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 / C1 controls but tab and newline
-
-
-class LeadNotFound(ConfigError):
-    """LEAD names no lead (or more than one: the message lists the choices)."""
 
 
 @dataclass(frozen=True)

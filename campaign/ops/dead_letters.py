@@ -46,7 +46,10 @@ import peewee
 from campaign import events, steps
 from campaign.db import db, init_db
 from campaign.enqueue import enqueue
-from campaign.errors import ConfigError
+from campaign.errors import (
+    ConfigError,
+    DeadLetterUsageError,
+)
 from campaign.logs import TextSink, configure_logging
 from campaign.ops import repairs
 from campaign.ops.repairs import REQUEUE_TARGETS, Repair
@@ -77,10 +80,6 @@ BROWSE_LIMIT = 50_000
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 Publisher = Callable[[str, tuple], None]
-
-
-class DeadLetterUsageError(ConfigError):
-    """The command line asks for something inconsistent (exit 2)."""
 
 
 class _DryRunRollback(Exception):

@@ -31,7 +31,9 @@ from pathlib import Path
 import phonenumbers
 
 from campaign.db import db
-from campaign.errors import ConfigError
+from campaign.errors import (
+    LeadImportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,6 @@ __all__ = [
 
 DEFAULT_REGION = "BR"
 MAX_FIELD_LENGTH = 10_000  # a cell longer than this is a broken file, not a lead
-
-
-class LeadImportError(ConfigError):
-    """The CSV file as a whole cannot be imported (nothing was written)."""
 
 
 @dataclass(frozen=True)

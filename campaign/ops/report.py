@@ -33,7 +33,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign import planner, runs
 from campaign.db import db
-from campaign.errors import ConfigError
+from campaign.errors import (
+    ConfigError,
+    RunNotFound,
+)
 
 if TYPE_CHECKING:  # matplotlib is imported by render_picture only (see above)
     from matplotlib.artist import Artist
@@ -58,10 +61,6 @@ PICTURE_SUFFIXES = (".png", ".svg")
 IN_FLIGHT = ("queued", "generating", "splitting", "sending")
 #: planned times drawn as hollow markers up to this many per inbox (beyond, the step line says it all)
 MARKERS_UP_TO = 40
-
-
-class RunNotFound(ConfigError):
-    """The run id given to ``report`` does not exist."""
 
 
 @dataclass(frozen=True)

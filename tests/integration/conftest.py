@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.services import ServicesError, Throwaway
+from campaign.errors import ServicesError
+from devtools.services import Throwaway
 
 RUN = Throwaway("ce_test")
 

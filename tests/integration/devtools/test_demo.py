@@ -72,6 +72,11 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     assert len(outcome) == WELCOME_LEADS + COMEBACK_LEADS
     assert outcome.pop(demo.NOT_ON_WHATSAPP) == ("failed", "invalid_number")
     assert outcome.pop(demo.OPTS_OUT) == ("skipped", "opted_out")
+    # R-IN: the two leads that answered: their first part had gone out, so their messages are `sent`
+    heard = result["listening"]
+    midway = heard["midway_phone"]
+    assert midway and outcome.pop(midway) == ("sent", None)
+    assert outcome.pop(demo.OPTS_OUT_BY_REPLY) == ("sent", None)
     assert {s for s, _ in outcome.values()} == {"sent"}, collections.Counter(s for s, _ in outcome.values())
 
     # counters equal row counts, both runs completed
@@ -106,7 +111,15 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     )
     assert columns.pop(demo.NOT_ON_WHATSAPP) == "New"
     assert columns.pop(demo.OPTS_OUT) == "Returning"
-    assert set(columns.values()) == {"Contacted"} and len(columns) == WELCOME_LEADS + COMEBACK_LEADS - 2
+    # who answered went to the welcome campaign's reply_column (R-IN-3)
+    assert columns.pop(midway) == "Replied" and columns.pop(demo.OPTS_OUT_BY_REPLY) == "Replied"
+    assert set(columns.values()) == {"Contacted"} and len(columns) == WELCOME_LEADS + COMEBACK_LEADS - 4
+    # the replies: one stopped its message between the parts (E-27), one opted out for good (R-IN-4)
+    assert (heard["replies"], heard["opt_outs"]) == (2, 1), heard
+    assert heard["stopped_between_parts"] >= 1 and heard["opted_out_by_reply"], heard
+    assert _rows(conn, "SELECT opted_out, opted_out_reason FROM leads WHERE phone = %s", (demo.OPTS_OUT_BY_REPLY,)) == [
+        (True, "PARE 🛑")
+    ]
 
     # split on for welcome (some messages in 2-3 bubbles), off for comeback (one part each)
     parts = dict(
@@ -125,7 +138,9 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
 
     # the ledger: each sent part exactly once, nothing to the failed/opted-out numbers, no early retry
     ledger = sb.ledger()
-    sends = ledger["sends"]
+    # the opt-out confirmation (R-IN-4) is a send of its own, not a campaign part
+    sends = [s for s in ledger["sends"] if not s["text"].startswith("Tudo bem, não vamos mais")]
+    assert len(ledger["sends"]) - len(sends) <= 1
     assert ledger["summary"]["duplicate_sends"] == 0 and ledger["summary"]["early_retries"] == 0
     assert collections.Counter((s["instance"], s["number"], s["text"]) for s in sends).most_common(1)[0][1] == 1
     sent_keys = sorted(

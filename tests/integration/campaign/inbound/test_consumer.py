@@ -11,6 +11,7 @@ import threading
 import time
 
 import pika
+import psycopg2
 import pytest
 
 from campaign.db import db
@@ -240,3 +241,175 @@ def test_fuzzed_amqp_bodies_are_all_acked_and_the_consumer_keeps_going(consumer,
     wait_for(lambda: CampaignMessage.get_by_id(m.id).status == "skipped", what="a good reply after the fuzz")
     assert consumer.stats.poison > 50
     assert total() == 301
+
+
+def test_a_batch_of_replies_never_deadlocks_with_a_send_recording_its_part(clean_db, services, events_settings, caplog):
+    """R-IN-3, DESIGN #7, T-PERF-6: two replies in one broker batch, and just before the second lead's
+    message is stopped a send records the part it just sent (part, message, then the run row: the
+    send path's order). Had the batch's transaction already taken the run row (the first reply
+    skipped a message of that run, one reply after the other), the send would wait for it holding
+    the second lead's message, and the stop would wait for that message: a deadlock, one side
+    aborted after deadlock_timeout (the send's recording lost, or the batch rolled back). The
+    replies stop all their messages before any run row, so the send goes through at once."""
+    import logging
+    import uuid
+
+    import campaign.inbound.consumer as consumer_module
+    from campaign.outcomes import finish_message
+    from tests.integration.campaign.inbound.test_handle import upsert
+
+    w = make_world("deadlock")
+    first, second = w.add_leads(2)
+    attempt = uuid.uuid4()
+    db.execute_sql("UPDATE campaign_messages SET status = 'sending', generated_text = 'x' WHERE id = %s", (second.id,))
+    part_id = db.execute_sql(
+        """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, attempt_id, sending_at)
+           VALUES (%s, %s, 0, 'Olá!', 'sending', %s, now()) RETURNING id""",
+        (second.id, second.inbox_id, str(attempt)),
+    ).fetchone()[0]
+    db.execute_sql(  # the split step creates the conversation the parts are logged in
+        """INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+           SELECT %s, lead_id, inbox_id FROM campaign_messages WHERE run_id = %s""",
+        (w.ws.id, w.run.id),
+    )
+    inst = w.inboxes[0].instance_name
+    phones = {m.id: Lead.get_by_id(m.lead_id).phone for m in (first, second)}
+    batch = [
+        consumer_module._Delivery(tag, "messages.upsert", json.dumps(upsert(inst, phones[m.id], "Oi")).encode(), False)
+        for tag, m in ((1, first), (2, second))
+    ]
+    send_error: list[BaseException] = []
+    send_pid: list[int] = []
+    send_done = threading.Event()
+
+    def record_send() -> None:
+        """What the send step does once the gateway accepted the part (its own connection)."""
+        try:
+            with db.connection_context():
+                send_pid.append(db.connection().get_backend_pid())
+                finish_message(
+                    second.id, "sent", get_settings(), from_statuses=("sending",), last_part=(part_id, attempt, "K-2")
+                )
+        except BaseException as exc:  # noqa: B036 - reported by the test below
+            send_error.append(exc)
+        finally:
+            send_done.set()
+
+    watcher = psycopg2.connect(services["DATABASE_URL"])  # outside the consumer's transaction
+    watcher.autocommit = True
+
+    def send_is_waiting() -> bool:
+        if not send_pid:
+            return False
+        with watcher.cursor() as cur:
+            cur.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (send_pid[0],))
+            row = cur.fetchone()
+        return row is not None and row[0] == "Lock"
+
+    import campaign.inbound.replies as replies_module
+
+    real_stop = replies_module.stop_open_messages
+    stops: list[list[int]] = []
+
+    def send_then_stop(reasons, *args, **kwargs):
+        if second.id in reasons:  # the send records its part first
+            threading.Thread(target=record_send).start()
+            wait_for(lambda: send_done.is_set() or send_is_waiting(), timeout=10, what="the send to record")
+        stops.append(sorted(reasons))
+        return real_stop(reasons, *args, **kwargs)
+
+    class Channel:
+        acks: list[tuple[int, bool]] = []
+
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            self.acks.append((delivery_tag, multiple))
+
+    c = InboundConsumer(events_settings)
+    caplog.set_level(logging.WARNING, logger="campaign.inbound.consumer")
+    replies_module.stop_open_messages = send_then_stop
+    try:
+        c._apply_batch(Channel(), batch)
+    finally:
+        replies_module.stop_open_messages = real_stop
+        watcher.close()
+    assert send_done.wait(15)
+    assert not send_error, f"the send could not record its part: {send_error[0]}"
+    assert "rolled back" not in caplog.text
+    assert c.stats.by_result == {"messages.upsert:reply": 2}
+    assert Channel.acks == [(2, True)]
+    assert CampaignMessage.get_by_id(first.id).status == "skipped"
+    assert CampaignMessage.get_by_id(second.id).status == "sent"  # its only part went out before the reply
+    assert_counters_match(w.run.id)
+
+
+def test_receipts_in_one_statement_end_where_one_by_one_would(clean_db):
+    """R-IN-7, R-OPS-5, T-PERF-6: the consumer applies a batch's receipts in one statement; for 300
+    random batches (repeats, downgrades, ERROR, unknown ids, another instance's id) every part ends
+    with the same delivery status and error mark as applying them one by one, and each result
+    names the part (or `unknown`)."""
+    import random
+
+    from campaign.inbound import DeliveryUpdate, apply_update
+    from campaign.inbound.receipts import apply_updates
+    from tests.integration.test_webhook import make_parts
+
+    rng = random.Random(14)
+    ours = make_parts(6, prefix="ONE", instance="inst-one")
+    twins = make_parts(6, prefix="TWO", instance="inst-two")  # the same keys on the other instance
+    keys = [p.provider_message_id for p in ours]
+    state_sql = """SELECT provider_message_id, delivery_status, delivery_error_at IS NOT NULL FROM message_parts
+                    ORDER BY provider_message_id"""
+    statuses = ("SERVER_ACK", "DELIVERY_ACK", "READ", "PLAYED", "ERROR")
+    for _ in range(300):
+        batch = [
+            DeliveryUpdate(
+                key_id=rng.choice([*keys, "NOPE-1", twins[0].provider_message_id]),
+                status=rng.choice(statuses),
+                instance=rng.choice(["inst-one", "inst-one", "inst-one", "inst-two"]),
+                remote_jid=None,
+                from_me=True,
+            )
+            for _ in range(rng.randint(1, 12))
+        ]
+        with db.atomic() as txn:
+            for u in batch:
+                apply_update(u)
+            expected = db.execute_sql(state_sql).fetchall()
+            txn.rollback()
+        with db.atomic():
+            results = apply_updates(batch)
+        assert db.execute_sql(state_sql).fetchall() == expected
+        assert len(results) == len(batch)
+        for u, r in zip(batch, results):
+            known = (
+                u.instance == "inst-one"
+                and u.key_id in keys
+                or (u.instance == "inst-two" and u.key_id == twins[0].provider_message_id)
+            )
+            assert (r.result == "unknown") == (not known), (u, r)
+            if known:
+                assert r.part_id is not None and r.result in ("updated", "unchanged")
+
+
+def test_acks_never_run_ahead_of_a_commit():
+    """R-IN-1: a batch's transactions commit out of delivery order (receipts first, then each
+    reply); an ack(multiple) only ever covers deliveries already committed."""
+    import campaign.inbound.consumer as consumer_module
+
+    class Channel:
+        def __init__(self) -> None:
+            self.acks: list[int] = []
+
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            assert multiple
+            self.acks.append(delivery_tag)
+
+    batch = [consumer_module._Delivery(tag, "q", b"{}", False) for tag in (11, 12, 13, 14, 15)]
+    channel = Channel()
+    acks = consumer_module._Acks(channel, batch)
+    acks.committed([batch[0], batch[2], batch[4]])  # the receipts: 11, 13, 15
+    assert channel.acks == [11]
+    acks.committed([batch[3]])  # a reply, 14: 12 is not committed yet
+    assert channel.acks == [11]
+    acks.committed([batch[1]])
+    assert channel.acks == [11, 15]

@@ -476,3 +476,120 @@ def test_r_in_8_a_connection_event_hours_off_the_clock_counts_as_observed_now(cl
         connection(w.inboxes[0].instance_name, "close", dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)), settings
     )
     assert res.result == "updated" and Inbox.get_by_id(w.inboxes[0].id).connection_state == "close"
+
+
+def _scenario(rng, name: str):
+    """A workspace whose leads stand everywhere a reply can find them: not-started messages in two
+    runs, a message mid-parts (part sent, next pending), one with its part in flight, one sending
+    with nothing out yet, finished ones, opted-out leads; two inboxes; a reply column on one run."""
+    import uuid
+
+    ws, cols = f.workspace(name)
+    inboxes = [f.inbox(ws, f"{name}-in-{k}", min_gap_seconds=0) for k in range(2)]
+    first = f.config(ws, inboxes[0], cols["New"], cols["Contacted"], reply_column_id=cols["Replied"].id)
+    second = f.config(ws, inboxes[1], cols["Contacted"], cols["Replied"])
+    runs = [f.run(first), f.run(second)]
+    leads = []
+    for k in range(14):
+        lead = f.lead(ws, rng.choice([cols["New"], cols["Contacted"], cols["Replied"]]), opted_out=k % 7 == 6)
+        leads.append(lead)
+        for run in runs:
+            shape = rng.choice(["none", "pending", "queued", "mid", "flight", "sending0", "sent", "skipped"])
+            if shape == "none":
+                continue
+            status = {"mid": "sending", "flight": "sending", "sending0": "sending"}.get(shape, shape)
+            m = f.message(
+                run,
+                lead,
+                status=status,
+                skip_reason="too_late" if status == "skipped" else None,
+                sent_at=dt.datetime.now(dt.UTC) if status == "sent" else None,
+                generated_text="x" if status in ("sending", "sent") else None,
+            )
+            parts = {"mid": ["sent", "pending"], "flight": ["sending", "pending"], "sending0": ["pending", "pending"]}
+            for idx, part_status in enumerate(parts.get(shape, ["sent"] if status == "sent" else [])):
+                db.execute_sql(
+                    """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, attempt_id, sent_at,
+                                                  provider_message_id)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (
+                        m.id,
+                        m.inbox_id,
+                        idx,
+                        f"part {idx}",
+                        part_status,
+                        str(uuid.uuid4()) if part_status == "sending" else None,
+                        dt.datetime.now(dt.UTC) if part_status == "sent" else None,
+                        f"{name}-out-{m.id}-{idx}" if part_status == "sent" else None,
+                    ),
+                )
+    for run in runs:
+        db.execute_sql(
+            """UPDATE campaign_runs r SET leads_total = (SELECT count(*) FROM campaign_messages WHERE run_id = r.id),
+                      leads_sent = (SELECT count(*) FROM campaign_messages WHERE run_id = r.id AND status = 'sent'),
+                      leads_skipped = (SELECT count(*) FROM campaign_messages
+                                        WHERE run_id = r.id AND status = 'skipped'),
+                      leads_processed = (SELECT count(*) FROM campaign_messages
+                                          WHERE run_id = r.id AND status IN ('sent', 'skipped'))
+                WHERE id = %s""",
+            (run.id,),
+        )
+    return ws, inboxes, leads
+
+
+_SNAPSHOT = {
+    "messages": """SELECT id, status, skip_reason, stop_reason, error_class, finished_at IS NOT NULL,
+                          conversation_id IS NOT NULL FROM campaign_messages ORDER BY id""",
+    "parts": "SELECT id, status, error_message FROM message_parts ORDER BY id",
+    "runs": """SELECT id, status, leads_total, leads_processed, leads_sent, leads_skipped, finished_at IS NOT NULL
+                 FROM campaign_runs ORDER BY id""",
+    "leads": """SELECT id, column_id, opted_out, opted_out_reason, opted_out_at IS NOT NULL, last_reply_at IS NOT NULL
+                  FROM leads ORDER BY id""",
+    "conversations": "SELECT lead_id, inbox_id FROM conversations ORDER BY 1, 2",
+    "log": """SELECT inbox_id, provider_message_id, direction, text, action FROM conversation_messages
+               ORDER BY 1, 2""",
+    "gates": "SELECT inbox_id, provider_message_id, outcome, lead_id FROM inbound_events ORDER BY 1, 2",
+    "events": "SELECT lead_id, step, level, text, details::text FROM campaign_events ORDER BY 1, 2, 3, 4, 5",
+}
+
+
+def test_replies_applied_together_end_as_one_by_one(clean_db, settings):
+    """R-IN-2..4, E-27..E-32, T-PERF-6: the consumer applies a batch's replies together (one
+    statement per step for all of them). For 40 random batches (replies, opt-outs, audio, a lead
+    twice or three times, duplicates of one key, unknown senders, an unknown instance) over leads in
+    every state, the results and every row end exactly as applying them one by one."""
+    import random
+
+    from campaign.inbound import InboundMessage, apply_message, apply_messages, parse_envelope
+
+    rng = random.Random(2014)
+    texts = ["Oi, tenho interesse", "pare", "Não quero mais", "vamos parar de enrolar e fechar?", None, "STOP!!"]
+    for round_no in range(40):
+        db.execute_sql("TRUNCATE workspaces, leads, inbound_events, campaign_events RESTART IDENTITY CASCADE")
+        ws, inboxes, leads = _scenario(rng, f"eq{round_no}")
+        docs: list[dict] = []
+        for _ in range(rng.randint(1, 16)):
+            if docs and rng.random() < 0.15:
+                docs.append(rng.choice(docs))  # a duplicate of an earlier event
+                continue
+            phone = rng.choice(leads).phone if rng.random() < 0.9 else "+5511987650000"
+            inst = rng.choice(inboxes).instance_name if rng.random() < 0.95 else "nobody-here"
+            docs.append(upsert(inst, phone, rng.choice(texts)))
+        batch = [parse_envelope(d) for d in docs]
+        assert all(isinstance(m, InboundMessage) for m in batch)
+        msgs = [m for m in batch if isinstance(m, InboundMessage)]
+
+        def state() -> dict:
+            return {k: db.execute_sql(sql).fetchall() for k, sql in _SNAPSHOT.items()}
+
+        with db.atomic() as txn:
+            together = [r.__dict__ for r in apply_messages(msgs, settings)]
+            after_together = state()
+            txn.rollback()
+        with db.atomic() as txn:
+            alone = [apply_message(m, settings).__dict__ for m in msgs]
+            after_alone = state()
+            txn.rollback()
+        assert together == alone, f"round {round_no}"
+        for k in _SNAPSHOT:
+            assert after_together[k] == after_alone[k], f"round {round_no}: {k} differ"
