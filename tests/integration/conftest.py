@@ -27,6 +27,8 @@ def services() -> Iterator[dict[str, str]]:
     """Create this run's database and vhost, point the settings at them, drop them afterwards."""
     with RUN:
         _refuse_a_broker_built_before(RUN)
+        import actors  # noqa: F401  (the engine's broker, on this run's vhost, as the entry points build it)
+
         yield RUN.env
 
 

@@ -35,14 +35,6 @@ def broker_queues(clean_db):
     purge_queues()
 
 
-@pytest.fixture
-def world(clean_db):
-    ws, cols = f.workspace("acme")
-    ibx = f.inbox(ws, "sales-1")
-    cfg = f.config(ws, ibx, cols["New"], cols["Contacted"], name="first-touch")
-    return ws, cols, ibx, cfg
-
-
 def _due_run(
     ws, cols, cfg, n: int, *, scheduled_at: dt.datetime, status: str = "running", run_date: dt.date | None = None
 ) -> CampaignRun:
