@@ -8,7 +8,7 @@
     python scripts/reprocess_dead_letters.py --purge --id 17
 
 Exit codes: 0 ok, 1 some dead letters could not be handled, 2 bad arguments. The logic lives in
-``dead_letters.py`` (also reachable as ``python cli.py dead-letters``).
+the package ``campaign/ops/dead_letters/`` (also reachable as ``python cli.py dead-letters``).
 """
 
 from __future__ import annotations
