@@ -164,9 +164,7 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
                 inbox, False, by, reason, note=f"already disabled ({inbox.disabled_reason}); nothing changed"
             )
         db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = %s WHERE id = %s", (reason, inbox.id))
-        paused = runs.pause_runs(
-            "r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (inbox.id,), "inbox_disabled"
-        )
+        paused = runs.pause_runs(runs.POOL_HOLDS_INBOX, (inbox.id,), "inbox_disabled")
         _event(
             inbox,
             f"inbox {inbox.label} disabled by {by}: {reason}",
@@ -178,7 +176,8 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
 
 
 def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
-    """Resume the runs paused ``inbox_disabled`` matching ``where`` (aliases r, c, i), each as the pipeline does.
+    """Resume the runs paused ``inbox_disabled`` matching ``where`` (alias r) once no inbox of their pool is
+    disabled, each as the pipeline does.
 
     The runs are locked first: an operator's pause of one of them lands either before (the run is
     no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
@@ -186,9 +185,10 @@ def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
     with db.atomic():
         rows = db.execute_sql(
             f"""
-            SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-              JOIN inboxes i ON i.id = c.inbox_id
-             WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND NOT i.disabled AND ({where})
+            SELECT r.id FROM campaign_runs r
+             WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND ({where})
+               AND NOT EXISTS (SELECT 1 FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
+                                WHERE p.config_id = r.config_id AND i.disabled)
              ORDER BY r.id
                FOR UPDATE OF r""",
             params,
@@ -210,7 +210,7 @@ def enable_inbox(
                                WHERE id = %s""",
                 (inbox.id,),
             )
-        resumed = _resume_disabled_runs("i.id = %s", (inbox.id,))
+        resumed = _resume_disabled_runs(runs.POOL_HOLDS_INBOX, (inbox.id,))
         wake_parked([inbox.id])  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
@@ -234,7 +234,7 @@ def enable_inbox(
 
 
 def resume_runs_of_usable_inboxes() -> list[int]:
-    """Resume runs paused ``inbox_disabled`` whose inbox is not disabled (a pause that raced an enable)."""
+    """Resume runs paused ``inbox_disabled`` whose pool has no disabled inbox (a pause that raced an enable)."""
     resumed = _resume_disabled_runs("true", ())
     if resumed:
         log.warning("resumed runs %s: paused inbox_disabled, but their inbox is enabled", resumed)
@@ -274,13 +274,16 @@ def store_state(inbox_id: int, state: str, *, observed_at: dt.datetime | None = 
 
 
 def resume_reconnected(inbox_id: int, *, wake: bool = True) -> list[int]:
-    """The inbox is open again: resume its runs paused ``inbox_disconnected`` (E-07) and wake its
-    parked started messages (E-24; ``wake=False``: the caller wakes many inboxes at once).
-    Returns the resumed runs."""
+    """The inbox is open again: resume the runs of its pools paused ``inbox_disconnected`` whose other
+    members are connected too (E-07), and wake its parked started messages (E-24; ``wake=False``:
+    the caller wakes many inboxes at once). Returns the resumed runs."""
     rows = _all(
-        """SELECT r.id FROM campaign_runs r JOIN campaign_configs c ON c.id = r.config_id
-            WHERE c.inbox_id = %s AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'""",
-        (inbox_id,),
+        f"""SELECT r.id FROM campaign_runs r
+             WHERE {runs.POOL_HOLDS_INBOX} AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'
+               AND NOT EXISTS (SELECT 1 FROM campaign_config_inboxes o JOIN inboxes oi ON oi.id = o.inbox_id
+                                WHERE o.config_id = r.config_id AND o.inbox_id <> %s
+                                  AND oi.disconnected_since IS NOT NULL)""",
+        (inbox_id, inbox_id),
     )
     resumed = [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disconnected")]
     if wake:

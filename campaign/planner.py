@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
-import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaign.db import db
 from campaign.errors import PlanError, RunStateError
+from campaign.pools import Assignment, Member, assign, gap_us, paced_times
 from campaign.settings import Settings
 from models import CampaignRun
 
@@ -154,14 +155,6 @@ def window_bounds(
     return _window_bounds_cached(_zone(tz), day, start_minute, end_minute)
 
 
-def _gap_us(gap_min: float, gap_max: float) -> tuple[int, int]:
-    if gap_min < 0 or gap_max < gap_min:
-        raise PlanError(f"gap bounds {gap_min}..{gap_max} s are not 0 <= min <= max")
-    lo = math.ceil(round(gap_min * 1_000_000, 3))
-    hi = max(lo, math.floor(round(gap_max * 1_000_000, 3)))
-    return lo, hi
-
-
 def spread_times(
     start: dt.datetime,
     end: dt.datetime,
@@ -174,17 +167,11 @@ def spread_times(
 ) -> list[dt.datetime]:
     """Up to ``count`` instants in ``[start, end)``: the first at start + U(0, first_offset_max), then
     gaps in [min, max]."""
-    lo_us, hi_us = _gap_us(gap_min, gap_max)
-    span_us = (end - start) // dt.timedelta(microseconds=1)
-    if count <= 0 or span_us <= 0:
+    if count <= 0:
+        gap_us(gap_min, gap_max)
         return []
-    first_max_us = hi_us if first_offset_max is None else max(0, round(first_offset_max * 1_000_000))
-    x = rng.randint(0, min(first_max_us, span_us - 1))
-    times: list[dt.datetime] = []
-    while x < span_us and len(times) < count:
-        times.append(start + dt.timedelta(microseconds=x))
-        x += rng.randint(lo_us, hi_us)
-    return times
+    times = paced_times(start, end, gap_min=gap_min, gap_max=gap_max, rng=rng, first_offset_max=first_offset_max)
+    return list(itertools.islice(times, count))
 
 
 def plan_schedule(
@@ -201,18 +188,27 @@ def plan_schedule(
     rng: random.Random,
 ) -> tuple[list[dt.datetime], int]:
     """Today's send times (UTC, ascending) for ``n_leads`` leads and the overflow (leads not scheduled)."""
+    span = _span_today(now_utc, tz, weekdays, window_start_minute, window_end_minute)
+    if span is None:
+        return [], n_leads
+    times = spread_times(span[0], span[1], gap_min=gap_min, gap_max=gap_max, count=min(daily_limit, n_leads), rng=rng)
+    return times, n_leads - len(times)
+
+
+def _span_today(
+    now_utc: dt.datetime, tz: dt.tzinfo | str, weekdays: Iterable[int], start_minute: int, end_minute: int
+) -> tuple[dt.datetime, dt.datetime] | None:
+    """``(max(window open, now), window close)`` of today's window (UTC); None when there is none left today."""
     if now_utc.tzinfo is None:
         raise PlanError("now_utc must be timezone-aware")
     zone = _zone(tz)
     today = now_utc.astimezone(zone).date()
     if today.weekday() not in set(weekdays):
-        return [], n_leads
-    bounds = window_bounds(today, zone, window_start_minute, window_end_minute)
+        return None
+    bounds = window_bounds(today, zone, start_minute, end_minute)
     if bounds is None:
-        return [], n_leads
-    start, end = max(bounds[0], now_utc.astimezone(UTC)), bounds[1]
-    times = spread_times(start, end, gap_min=gap_min, gap_max=gap_max, count=min(daily_limit, n_leads), rng=rng)
-    return times, n_leads - len(times)
+        return None
+    return max(bounds[0], now_utc.astimezone(UTC)), bounds[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,9 +355,16 @@ def _event(run_id: int | None, step: str, text: str, details: dict, level: str =
 # One query (R-PLAN-2, no N+1): every lead of the source column with a flag for its phone, minus the
 # leads this config already holds in an active run (E-19: never in two active runs of one config)
 # or already messaged today (local day start).
+#
+# Each lead comes with the pool inbox it already talks to (R-POOL-2 sticky: its latest conversation
+# with a member of this config's pool), found by one join, not a lookup per lead.
 _LEADS_SQL = f"""
-    SELECT l.id, l.phone ~ '{E164_SQL_REGEX}' AS phone_ok
+    SELECT l.id, l.phone ~ '{E164_SQL_REGEX}' AS phone_ok, s.inbox_id AS sticky_inbox
       FROM leads l
+      LEFT JOIN (SELECT DISTINCT ON (cv.lead_id) cv.lead_id, cv.inbox_id
+                   FROM conversations cv
+                   JOIN campaign_config_inboxes p ON p.inbox_id = cv.inbox_id AND p.config_id = %s
+                  ORDER BY cv.lead_id, cv.updated_at DESC, cv.id DESC) s ON s.lead_id = l.id
      WHERE l.workspace_id = %s AND l.column_id = %s AND NOT l.opted_out
        -- skip_if_replied (R-IN-3): a lead that answered after it entered the source column (before
        -- column_changed_at was kept: after its last campaign message) waits for a person to move it
@@ -380,6 +383,22 @@ _LEADS_SQL = f"""
                    -- until the operator resolves it (R-FAIL-4; resolve --sent moves the lead on)
                    OR m.status = 'in_doubt'))
      ORDER BY l.id"""
+
+# The pool of a config with each member's remaining capacity of the day (R-POOL-2): its daily cap
+# minus the messages every campaign planned on it for that day (skipped ones never sent anything).
+_POOL_SQL = """
+    SELECT p.inbox_id, p.position, i.max_per_day - (
+               SELECT count(*) FROM campaign_messages m
+                WHERE m.inbox_id = p.inbox_id AND m.scheduled_at >= %s AND m.scheduled_at < %s
+                  AND m.status <> 'skipped') AS remaining
+      FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
+     WHERE p.config_id = %s
+     ORDER BY p.position"""
+
+
+def _pool(config_id: int, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
+    rows = db.execute_sql(_POOL_SQL, (day_start, day_end, config_id)).fetchall()
+    return [Member(int(i), int(pos), None if rem is None else int(rem)) for i, pos, rem in rows]
 
 
 def _insert_run(cfg: _Config, day: dt.date, status: str, manual: bool, failure: str | None = None) -> int | None:
@@ -407,6 +426,36 @@ def _check_window_open(cfg: _Config, day: dt.date, now: dt.datetime) -> None:
 
 def _ts_array(times: Sequence[dt.datetime]) -> str:
     return "{" + ",".join(t.isoformat() for t in times) + "}"
+
+
+def _int_array(values: Sequence[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _assign(
+    cfg: _Config,
+    now: dt.datetime,
+    zone: dt.tzinfo,
+    lead_ids: list[int],
+    sticky: dict[int, int],
+    members: list[Member],
+    rng: random.Random,
+) -> Assignment:
+    """Today's plan of a config: each lead an inbox of its pool and a time in today's window (R-POOL-2)."""
+    span = _span_today(now, zone, cfg.weekdays, cfg.window_start_minute, cfg.window_end_minute)
+    if span is None:
+        return Assignment(overflow=len(lead_ids))
+    return assign(
+        lead_ids,
+        sticky,
+        members,
+        start=span[0],
+        end=span[1],
+        gap_min=cfg.gap_min,
+        gap_max=cfg.gap_max,
+        daily_limit=cfg.daily_limit,
+        rng=rng,
+    )
 
 
 def plan_run(
@@ -437,31 +486,23 @@ def plan_run(
         if run_id is None:
             return None
         zone = _zone(cfg.timezone)
-        day_start = window_bounds(day, zone, 0, 1440)
+        whole_day = window_bounds(day, zone, 0, 1440) or (now, now + dt.timedelta(days=1))
         rows = db.execute_sql(
             _LEADS_SQL,
-            (cfg.workspace_id, cfg.source_column_id, cfg.id, cfg.id, run_id, day_start[0] if day_start else now),
+            (cfg.id, cfg.workspace_id, cfg.source_column_id, cfg.id, cfg.id, run_id, whole_day[0]),
         ).fetchall()
         lead_ids = [r[0] for r in rows if r[1]]
+        sticky = {r[0]: r[2] for r in rows if r[1] and r[2] is not None}
         bad_phones = len(rows) - len(lead_ids)
-        times, overflow = plan_schedule(
-            now_utc=now,
-            tz=zone,
-            weekdays=cfg.weekdays,
-            window_start_minute=cfg.window_start_minute,
-            window_end_minute=cfg.window_end_minute,
-            gap_min=cfg.gap_min,
-            gap_max=cfg.gap_max,
-            daily_limit=cfg.daily_limit,
-            n_leads=len(lead_ids),
-            rng=rng,
-        )
+        plan = _assign(cfg, now, zone, lead_ids, sticky, _pool(cfg.id, *whole_day), rng)
+        times = plan.times
+        overflow = plan.overflow
         if times:
             db.execute_sql(
                 """INSERT INTO campaign_messages (run_id, lead_id, inbox_id, scheduled_at)
-                   SELECT %s, t.lead_id, %s, t.at
-                     FROM unnest(%s::bigint[], %s::timestamptz[]) AS t(lead_id, at)""",
-                (run_id, cfg.inbox_id, "{" + ",".join(map(str, lead_ids[: len(times)])) + "}", _ts_array(times)),
+                   SELECT %s, t.lead_id, t.inbox_id, t.at
+                     FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[]) AS t(lead_id, inbox_id, at)""",
+                (run_id, _int_array(plan.lead_ids), _int_array(plan.inbox_ids), _ts_array(times)),
             )
         db.execute_sql(
             """UPDATE campaign_runs SET leads_total = %s, leads_overflow = %s,
@@ -476,8 +517,10 @@ def plan_run(
             "leads_overflow": overflow,
             "invalid_phones": bad_phones,
             "manual": manual,
-            "first_at": times[0].isoformat() if times else None,
-            "last_at": times[-1].isoformat() if times else None,
+            "first_at": min(times).isoformat() if times else None,
+            "last_at": max(times).isoformat() if times else None,
+            "by_inbox": {str(k): v for k, v in sorted(plan.by_inbox().items())},
+            "sticky_waiting": plan.sticky_waiting,
         }
         _event(run_id, "plan", f"planned {len(times)} messages of {cfg.label} for {day}", details)
         if bad_phones:

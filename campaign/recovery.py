@@ -80,8 +80,8 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
     """Probe ``connectionState`` of every inbox with work (informative, R-FAIL-6); resume runs that
     were paused ``inbox_disconnected`` once their inbox is open again (E-07)."""
     inboxes = _all("""SELECT DISTINCT i.id, i.instance_name FROM inboxes i
-                      JOIN campaign_configs c ON c.inbox_id = i.id
-                      JOIN campaign_runs r ON r.config_id = c.id AND r.status IN ('running', 'paused')""")
+                      JOIN campaign_config_inboxes p ON p.inbox_id = i.id
+                      JOIN campaign_runs r ON r.config_id = p.config_id AND r.status IN ('running', 'paused')""")
     states: dict[int, str] = {}
     resumed: list[int] = []
     for inbox_id, instance in inboxes:

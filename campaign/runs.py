@@ -48,9 +48,17 @@ def pause_runs(condition_sql: str, params: Sequence[Any], reason: str) -> list[i
     return paused
 
 
+#: runs (alias r) of every campaign whose sender pool holds the inbox ``%s`` (R-POOL-1)
+POOL_HOLDS_INBOX = "r.config_id IN (SELECT p.config_id FROM campaign_config_inboxes p WHERE p.inbox_id = %s)"
+
+
 def pause_inbox_runs(inbox_id: int, reason: str) -> list[int]:
-    """Pause the running runs of every campaign on ``inbox_id`` with ``reason``."""
-    return pause_runs("r.config_id IN (SELECT id FROM campaign_configs WHERE inbox_id = %s)", (inbox_id,), reason)
+    """Pause the running runs of every campaign whose pool holds ``inbox_id`` with ``reason``.
+
+    Until pool failover (R-POOL-3) moves a down member's messages to the others, a run pauses when
+    any member of its pool goes down, as a one-inbox run does.
+    """
+    return pause_runs(POOL_HOLDS_INBOX, (inbox_id,), reason)
 
 
 def resume_paused_run(run_id: int, reason: str) -> bool:

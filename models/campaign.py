@@ -5,6 +5,7 @@ from __future__ import annotations
 from peewee import (
     BigAutoField,
     BooleanField,
+    CompositeKey,
     DateField,
     DoubleField,
     ForeignKeyField,
@@ -60,6 +61,22 @@ class CampaignConfig(BaseModel):
 
     class Meta:
         table_name = "campaign_configs"
+
+
+class CampaignConfigInbox(BaseModel):
+    """One inbox of a campaign's sender pool (R-POOL-1); ``campaign_configs.inbox_id`` is always a member."""
+
+    config = ForeignKeyField(CampaignConfig, backref="pool", on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
+    inbox = ForeignKeyField(Inbox, backref="+", on_delete="CASCADE")
+    inbox_id: int  # the foreign key's column, set by peewee
+    workspace = ForeignKeyField(Workspace, backref="+")
+    workspace_id: int  # the foreign key's column, set by peewee
+    position = IntegerField()
+
+    class Meta:
+        table_name = "campaign_config_inboxes"
+        primary_key = CompositeKey("config", "inbox")
 
 
 class CampaignRun(BaseModel):

@@ -430,7 +430,54 @@ V8 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8)
+V9 = Migration(
+    9,
+    "sender pools: a campaign's inboxes (R-POOL-1, E-20)",
+    (
+        # A config sends through a pool of inboxes of its own workspace (R-POOL-1): the composite
+        # foreign keys keep every member inside the config's workspace (E-20) in PostgreSQL itself.
+        # Both cascade: a workspace deleted with its campaigns and inboxes takes its pools along
+        # (the inbox a config names in inbox_id and the inbox of every message stay protected).
+        "ALTER TABLE campaign_configs ADD CONSTRAINT campaign_configs_id_workspace_key UNIQUE (id, workspace_id)",
+        f"""CREATE TABLE campaign_config_inboxes (
+        config_id bigint NOT NULL,
+        inbox_id bigint NOT NULL,
+        workspace_id bigint NOT NULL,
+        position integer NOT NULL CHECK (position BETWEEN 0 AND 99),{_TIMESTAMPS},
+        PRIMARY KEY (config_id, inbox_id),
+        UNIQUE (config_id, position),
+        FOREIGN KEY (config_id, workspace_id) REFERENCES campaign_configs(id, workspace_id) ON DELETE CASCADE,
+        FOREIGN KEY (inbox_id, workspace_id) REFERENCES inboxes(id, workspace_id) ON DELETE CASCADE)""",
+        "CREATE INDEX campaign_config_inboxes_inbox_idx ON campaign_config_inboxes (inbox_id)",
+        """CREATE TRIGGER campaign_config_inboxes_updated_at BEFORE UPDATE ON campaign_config_inboxes
+        FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
+        # Every existing one-inbox config becomes a pool of one.
+        """INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position)
+        SELECT id, inbox_id, workspace_id, 0 FROM campaign_configs""",
+        # campaign_configs.inbox_id stays: it is the pool's first member (position 0), the inbox
+        # that the readers of "the campaign's inbox" (pause, enable/disable, recovery, report,
+        # monitor, demo) still use. The trigger keeps it a member: a config written with an inbox
+        # outside its pool (an older writer, a factory) gets that inbox as its whole pool, so a
+        # one-inbox config needs no pool rows written by hand.
+        """CREATE FUNCTION campaign_config_primary_inbox() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NOT EXISTS (SELECT 1 FROM campaign_config_inboxes
+                          WHERE config_id = NEW.id AND inbox_id = NEW.inbox_id) THEN
+            DELETE FROM campaign_config_inboxes WHERE config_id = NEW.id;
+            INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position)
+            VALUES (NEW.id, NEW.inbox_id, NEW.workspace_id, 0);
+          END IF;
+          RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER campaign_configs_primary_inbox AFTER INSERT OR UPDATE OF inbox_id ON campaign_configs
+        FOR EACH ROW EXECUTE FUNCTION campaign_config_primary_inbox()""",
+        # Remaining capacity of the day (R-POOL-2) counts what every campaign planned on an inbox
+        # for the day: one index range per pool member, however long the message history.
+        "CREATE INDEX campaign_messages_inbox_day_idx ON campaign_messages (inbox_id, scheduled_at)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -21,6 +21,9 @@ Rules:
   campaign it names): weekdays every day, window 00:00-24:00 ("always open", R-PLAN-5),
   timezone UTC, part_gap_seconds 1.0-4.0, no fallback template, split off (max_parts 1; with
   ``split.enabled = true`` max_parts defaults to 3), active true.
+* A campaign names exactly one of ``inbox = "NAME"`` or a sender pool ``inboxes = ["A", "B"]``
+  (R-POOL-1): every member an inbox of the campaign's own workspace (E-20, errors name
+  ``...inboxes[1]``), no member twice; the first one is ``campaign_configs.inbox_id``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,17 @@ class CampaignSpec:
     path: str
     reply_column: str | None = None  # a lead who answers goes here (R-IN-3)
     skip_if_replied: bool = True
+    inboxes: tuple[str, ...] = ()  # the sender pool (R-POOL-1), ``inbox`` first; () means (inbox,)
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The campaign's inboxes in order: ``inboxes = [...]``, or the one ``inbox``."""
+        return self.inboxes or (self.inbox,)
+
+    @property
+    def pool_key(self) -> str:
+        """The TOML key that names the campaign's inboxes (for error paths)."""
+        return "inboxes" if self.inboxes else "inbox"
 
 
 @dataclass(frozen=True)
@@ -284,6 +298,7 @@ _WS_KEYS = {"columns", "inboxes", "campaigns", "opt_out_phrases", "opt_out_reply
 _INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds"}
 _CAMPAIGN_KEYS = {
     "inbox",
+    "inboxes",
     "source_column",
     "target_column",
     "weekdays",
@@ -300,7 +315,9 @@ _CAMPAIGN_KEYS = {
     "reply_column",
     "skip_if_replied",
 }
-_CAMPAIGN_REQUIRED = {"inbox", "source_column", "target_column", "daily_limit", "gap_seconds", "model", "system_prompt"}
+#: a sender pool holds at most this many inboxes (the schema's position check)
+MAX_POOL = 100
+_CAMPAIGN_REQUIRED = {"source_column", "target_column", "daily_limit", "gap_seconds", "model", "system_prompt"}
 
 
 def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
@@ -342,7 +359,8 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if t is None:
         return None
     get = t.get
-    inbox = ck.string(get("inbox"), f"{path}.inbox", max_len=100) if "inbox" in t else None
+    pool = _pool(ck, t, path)
+    inbox = pool[0] if pool else None
     source = ck.string(get("source_column"), f"{path}.source_column", max_len=100) if "source_column" in t else None
     target = ck.string(get("target_column"), f"{path}.target_column", max_len=100) if "target_column" in t else None
     if source is not None and target is not None and source == target:
@@ -416,7 +434,40 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         path,
         reply,
         skip_if_replied,
+        pool if "inboxes" in t and pool else (),
     )
+
+
+def _pool(ck: _Checker, t: dict, path: str) -> tuple[str, ...] | None:
+    """The campaign's inboxes (R-POOL-1): exactly one of ``inbox = "NAME"`` or ``inboxes = [...]``."""
+    if "inbox" in t and "inboxes" in t:
+        ck.err(path, 'give either inbox = "NAME" or inboxes = ["NAME", ...], not both')
+        return None
+    if "inbox" in t:
+        one = ck.string(t["inbox"], f"{path}.inbox", max_len=100)
+        return (one,) if one is not None else None
+    if "inboxes" not in t:
+        ck.err(f"{path}.inbox", 'is required (inbox = "NAME", or a pool: inboxes = ["NAME", ...])')
+        return None
+    raw = t["inboxes"]
+    if not isinstance(raw, list) or not raw:
+        ck.err(f"{path}.inboxes", f"must be a non-empty list of inbox names, got {_type(raw)}")
+        return None
+    if len(raw) > MAX_POOL:
+        ck.err(f"{path}.inboxes", f"has {len(raw)} inboxes; a pool holds at most {MAX_POOL}")
+        return None
+    names: list[str] = []
+    ok = True
+    for i, item in enumerate(raw):
+        name = ck.string(item, f"{path}.inboxes[{i}]", max_len=100)
+        if name is None:
+            ok = False
+        elif name in names:
+            ck.err(f"{path}.inboxes[{i}]", f"{name!r} is already in the pool (inboxes[{names.index(name)}])")
+            ok = False
+        else:
+            names.append(name)
+    return tuple(names) if ok else None
 
 
 def _weekdays(ck: _Checker, t: dict, path: str) -> tuple[int, ...] | None:
@@ -712,11 +763,13 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
         inbox_names = inboxes_by_ws.get(s.name, set()) | {i.name for i in s.inboxes}
         column_names = columns_by_ws.get(s.name, set()) | set(s.columns or ())
         for c in s.campaigns:
-            if c.inbox not in inbox_names:
-                errors.append(
-                    f"{c.path}.inbox: {c.inbox!r} is not an inbox of workspace {s.name!r}"
-                    + elsewhere("inbox", c.inbox, s.name)
-                )
+            for i, member in enumerate(c.pool):
+                if member not in inbox_names:
+                    key = f"inboxes[{i}]" if c.inboxes else "inbox"
+                    errors.append(
+                        f"{c.path}.{key}: {member!r} is not an inbox of workspace {s.name!r}"
+                        + elsewhere("inbox", member, s.name)
+                    )
             for key, col in (
                 ("source_column", c.source_column),
                 ("target_column", c.target_column),
@@ -865,26 +918,36 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                 (ws_id,),
             )
         }
+        pools: dict[int, list[int]] = {
+            int(cid): list(members)
+            for cid, members in db.execute_sql(
+                """SELECT config_id, array_agg(inbox_id ORDER BY position) FROM campaign_config_inboxes
+                    WHERE workspace_id = %s GROUP BY config_id""",
+                (ws_id,),
+            )
+        }
         file_campaigns = {c.name for c in s.campaigns}
         for c in s.campaigns:
+            pool = [inboxes[name][0] for name in c.pool]
             values = _campaign_values(
                 c,
-                inboxes[c.inbox][0],
+                pool[0],
                 columns[c.source_column][0],
                 columns[c.target_column][0],
                 columns[c.reply_column][0] if c.reply_column is not None else None,
             )
             label = f"{s.name}/{c.name}"
             if c.name not in existing:
-                db.execute_sql(
+                cid = db.execute_sql(
                     f"""INSERT INTO campaign_configs (workspace_id, name, {", ".join(_CAMPAIGN_COLUMNS)})
-                        VALUES (%s, %s, {", ".join(["%s"] * len(_CAMPAIGN_COLUMNS))})""",
+                        VALUES (%s, %s, {", ".join(["%s"] * len(_CAMPAIGN_COLUMNS))}) RETURNING id""",
                     (ws_id, c.name, *values),
-                )
+                ).fetchone()[0]
+                _write_pool(cid, ws_id, pool)
                 summary.add("created", "campaign", label)
                 continue
             cid, version, current = existing[c.name]
-            if _normalise(current) == _normalise(values):
+            if _normalise(current) == _normalise(values) and pools.get(cid) == pool:
                 summary.add("unchanged", "campaign", label)
                 continue
             cur = db.execute_sql(
@@ -900,11 +963,23 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                         f"applying (version {version} is stale); apply the file again"
                     ]
                 )
+            _write_pool(cid, ws_id, pool)
             summary.add("updated", "campaign", f"{label} (version {version + 1})")
         for name in existing:
             if name not in file_campaigns and s.campaigns:
                 summary.add("kept", "campaign", f"{s.name}/{name}")
     return summary
+
+
+def _write_pool(config_id: int, workspace_id: int, pool: list[int]) -> None:
+    """Make ``pool`` the config's inboxes in that order (R-POOL-1); its first is ``campaign_configs.inbox_id``."""
+    db.execute_sql("DELETE FROM campaign_config_inboxes WHERE config_id = %s", (config_id,))
+    db.execute_sql(
+        """INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position)
+           SELECT %s, t.inbox_id, %s, t.position - 1
+             FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(inbox_id, position)""",
+        (config_id, workspace_id, pool),
+    )
 
 
 def apply_text(text: str, source: str = "<text>") -> ApplySummary:

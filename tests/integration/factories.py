@@ -100,3 +100,15 @@ def bulk_leads(ws, column, n: int, start: int = 0) -> None:
 
 def messages_of(run_id: int) -> list[CampaignMessage]:
     return list(CampaignMessage.select().where(CampaignMessage.run == run_id).order_by(CampaignMessage.scheduled_at))
+
+
+def pool(cfg: CampaignConfig, *inboxes: Inbox) -> CampaignConfig:
+    """Make ``inboxes`` the sender pool of ``cfg`` (R-POOL-1), the first one its ``inbox_id``."""
+    db.execute_sql("DELETE FROM campaign_config_inboxes WHERE config_id = %s", (cfg.id,))
+    for pos, ibx in enumerate(inboxes):
+        db.execute_sql(
+            "INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position) VALUES (%s, %s, %s, %s)",
+            (cfg.id, ibx.id, cfg.workspace_id, pos),
+        )
+    db.execute_sql("UPDATE campaign_configs SET inbox_id = %s WHERE id = %s", (inboxes[0].id, cfg.id))
+    return CampaignConfig.get_by_id(cfg.id)

@@ -176,7 +176,8 @@ _RUN_SQL = """
     SELECT r.id, w.name, c.name, r.status, r.pause_reason, r.failure_reason, r.manual, r.run_date, c.timezone,
            c.window_start_minute, c.window_end_minute, coalesce(r.started_at, r.created_at), r.finished_at,
            r.leads_total, r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped, r.leads_in_doubt,
-           r.leads_overflow, c.inbox_id
+           r.leads_overflow,
+           (SELECT array_agg(p.inbox_id ORDER BY p.position) FROM campaign_config_inboxes p WHERE p.config_id = c.id)
       FROM campaign_runs r
       JOIN campaign_configs c ON c.id = r.config_id
       JOIN workspaces w ON w.id = c.workspace_id
@@ -294,7 +295,9 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         timings = db.execute_sql(_TIMINGS_SQL, {"run": run_id}).fetchone()
         messages = [_Msg(*r) for r in db.execute_sql(_MESSAGES_SQL, {"run": run_id}).fetchall()]
         parts = db.execute_sql(_PARTS_SQL, (run_id,)).fetchall()
-        inbox_ids = sorted({int(m.inbox_id) for m in messages} | {int(r[0]) for r in parts} | {int(run[20])})
+        inbox_ids = sorted(
+            {int(m.inbox_id) for m in messages} | {int(r[0]) for r in parts} | {int(i) for i in run[20] or ()}
+        )
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
@@ -336,7 +339,7 @@ def _assemble(
         skipped,
         in_doubt,
         overflow,
-        _cfg_inbox,
+        _pool,
     ) = run
     by_status = Counter(m.status for m in messages)
     failed_by = Counter(m.error_class or "unknown" for m in messages if m.status == "failed")

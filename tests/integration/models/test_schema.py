@@ -273,8 +273,8 @@ def _schema_foreign_keys() -> set[tuple[str, str, str]]:
 def test_the_models_match_the_migrated_schema(services):
     """Every table has a model and every model a table; each field is a column of the same type,
     NOT NULL where the model requires a value, nullable only where the model allows None, and a
-    foreign key field references its model's table. A migration that forgets the model (or the
-    reverse) fails here, not in production."""
+    foreign key field references its model's table (directly or through a composite key). A
+    migration that forgets the model (or the reverse) fails here, not in production."""
     from models import ALL_MODELS
 
     with db.connection_context():
@@ -301,7 +301,10 @@ def test_the_models_match_the_migrated_schema(services):
                 problems.append(f"{table}.{name} is NOT NULL, the model allows None")
             if isinstance(field, peewee.ForeignKeyField):
                 target = field.rel_model._meta.table_name
-                if (table, name, target) not in foreign_keys:
+                # directly, or through a composite key whose table references it by the same column
+                # (campaign_config_inboxes.workspace_id: via its config's and its inbox's workspace_id)
+                via = {t for tbl, col, t in foreign_keys if (tbl, col) == (table, name)}
+                if target not in via and not any((t, name, target) in foreign_keys for t in via):
                     problems.append(f"{table}.{name} has no foreign key to {target}")
     assert problems == [], "models vs schema:\n" + "\n".join(problems)
 
@@ -320,3 +323,91 @@ def test_the_model_check_can_fail(services, monkeypatch):
     monkeypatch.setattr(LeadModel._meta, "sorted_fields", [*LeadModel._meta.sorted_fields, field])
     with pytest.raises(AssertionError, match=r"Lead.nickname: no column leads.nickname"):
         test_the_models_match_the_migrated_schema(services)
+
+
+def test_models_match_schema(clean_db):
+    """Every peewee model names exactly the columns of its table (models == schema)."""
+    from models import ALL_MODELS
+
+    rows = db.execute_sql(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+    ).fetchall()
+    tables: dict[str, set[str]] = {}
+    for table, column in rows:
+        tables.setdefault(table, set()).add(column)
+    for model in ALL_MODELS:
+        table = model._meta.table_name
+        assert table in tables, f"model {model.__name__}: no table {table!r}"
+        fields = {fld.column_name for fld in model._meta.sorted_fields}
+        assert fields == tables[table], f"model {model.__name__} vs table {table}: {fields ^ tables[table]}"
+
+
+def test_upgrade_to_pools_makes_one_inbox_configs_pools_of_one(fresh_database):
+    """R-POOL-1: the migration to sender pools turns every existing config into a pool of its one inbox."""
+    pool_version = next(m.version for m in MIGRATIONS if "sender pools" in m.name)
+    assert _cli(fresh_database, "init-db", "--target", str(pool_version - 1)).returncode == 0
+    conn = psycopg2.connect(fresh_database)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO workspaces (name) VALUES ('keep') RETURNING id")
+        ws = cur.fetchone()[0]
+        cur.execute("INSERT INTO columns (workspace_id, name) VALUES (%s, 'New'), (%s, 'Done') RETURNING id", (ws, ws))
+        src, dst = (r[0] for r in cur.fetchall())
+        cur.execute(
+            "INSERT INTO inboxes (workspace_id, name, instance_name) VALUES (%s, 'a', 'keep-a'), (%s, 'b', 'keep-b') "
+            "RETURNING id",
+            (ws, ws),
+        )
+        ia, ib = (r[0] for r in cur.fetchall())
+        cfg_ids = []
+        for name, ibx in (("one", ia), ("two", ib)):
+            cur.execute(
+                """INSERT INTO campaign_configs (workspace_id, name, inbox_id, source_column_id, target_column_id,
+                       daily_limit, gap_min_seconds, gap_max_seconds, model, system_prompt)
+                   VALUES (%s, %s, %s, %s, %s, 10, 0, 0, 'm', 'p') RETURNING id""",
+                (ws, name, ibx, src, dst),
+            )
+            cfg_ids.append(cur.fetchone()[0])
+    assert _cli(fresh_database, "init-db").returncode == 0
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT config_id, inbox_id, workspace_id, position FROM campaign_config_inboxes ORDER BY config_id"
+        )
+        assert cur.fetchall() == [(cfg_ids[0], ia, ws, 0), (cfg_ids[1], ib, ws, 0)]
+    conn.close()
+
+
+def test_pool_member_of_another_workspace_rejected(world):
+    """E-20: a pool member must be an inbox of the config's own workspace (a composite foreign key)."""
+    ws, cols, ibx, cfg, run = world
+    other_ws, _ = f.workspace("other")
+    foreign = f.inbox(other_ws, "theirs")
+    with pytest.raises(peewee.IntegrityError), db.atomic():
+        db.execute_sql(
+            "INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position) VALUES (%s, %s, %s, 1)",
+            (cfg.id, foreign.id, ws.id),
+        )
+    with pytest.raises(peewee.IntegrityError), db.atomic():
+        db.execute_sql(
+            "INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position) VALUES (%s, %s, %s, 1)",
+            (cfg.id, foreign.id, other_ws.id),
+        )
+
+
+def test_config_inbox_is_always_a_pool_member(world):
+    """R-POOL-1: a config's inbox_id (its first member) is always in its pool, whoever writes the config."""
+    ws, cols, ibx, cfg, run = world
+    pool = lambda: db.execute_sql(  # noqa: E731
+        "SELECT inbox_id, position FROM campaign_config_inboxes WHERE config_id = %s ORDER BY position", (cfg.id,)
+    ).fetchall()
+    assert pool() == [(ibx.id, 0)]
+    second = f.inbox(ws, "sales-2")
+    db.execute_sql(
+        "INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position) VALUES (%s, %s, %s, 1)",
+        (cfg.id, second.id, ws.id),
+    )
+    db.execute_sql("UPDATE campaign_configs SET inbox_id = %s WHERE id = %s", (second.id, cfg.id))
+    assert pool() == [(ibx.id, 0), (second.id, 1)]  # already a member: the pool stays
+    third = f.inbox(ws, "sales-3")
+    db.execute_sql("UPDATE campaign_configs SET inbox_id = %s WHERE id = %s", (third.id, cfg.id))
+    assert pool() == [(third.id, 0)]  # an inbox outside the pool: a pool of that one inbox

@@ -25,6 +25,9 @@ def snapshot() -> list:
     out = []
     for table in ("workspaces", "columns", "inboxes", "campaign_configs"):
         out.append(db.execute_sql(f"SELECT to_jsonb(t) FROM {table} t ORDER BY id").fetchall())
+    out.append(
+        db.execute_sql("SELECT to_jsonb(t) FROM campaign_config_inboxes t ORDER BY config_id, position").fetchall()
+    )
     return out
 
 
@@ -210,6 +213,24 @@ BROKEN = [
     (
         lambda t: t.replace('target_column = "Contacted"', 'target_column = "Done"') + OTHER_WS,
         f"{CAMPAIGN}.target_column: 'Done' is not a column of workspace 'acme' (it belongs to workspace 'other'",
+    ),
+    (_edit('inbox = "sales-1"', 'inbox = "sales-1"\ninboxes = ["sales-1"]'), f"{CAMPAIGN}: give either inbox"),
+    (_edit('inbox = "sales-1"', ""), f"{CAMPAIGN}.inbox: is required"),
+    (_edit('inbox = "sales-1"', "inboxes = []"), f"{CAMPAIGN}.inboxes: must be a non-empty list"),
+    (_edit('inbox = "sales-1"', 'inboxes = "sales-1"'), f"{CAMPAIGN}.inboxes: must be a non-empty list"),
+    (_edit('inbox = "sales-1"', 'inboxes = ["sales-1", 7]'), f"{CAMPAIGN}.inboxes[1]: must be a string"),
+    (
+        _edit('inbox = "sales-1"', 'inboxes = ["sales-1", "sales-1"]'),
+        f"{CAMPAIGN}.inboxes[1]: 'sales-1' is already in the pool (inboxes[0])",
+    ),
+    (
+        _edit('inbox = "sales-1"', 'inboxes = ["sales-1", "sales-9"]'),
+        f"{CAMPAIGN}.inboxes[1]: 'sales-9' is not an inbox of workspace 'acme'",
+    ),
+    (
+        lambda t: t.replace('inbox = "sales-1"', 'inboxes = ["sales-1", "other-inbox"]') + OTHER_WS,
+        f"{CAMPAIGN}.inboxes[1]: 'other-inbox' is not an inbox of workspace 'acme' (it belongs to workspace "
+        "'other': cross-workspace references are not allowed)",
     ),
     (
         lambda t: t + OTHER_WS.replace('"other-1"', '"acme-sales-1"'),
@@ -422,3 +443,38 @@ def test_parse_only_needs_no_database():
     specs = configfile.parse_text(EXAMPLE)
     assert specs[0].campaigns[0].weekdays == (0, 1, 2, 3, 4)
     assert specs[0].campaigns[0].path == CAMPAIGN
+
+
+POOL_INBOX = """
+[workspaces.acme.inboxes.sales-2]
+instance = "acme-sales-2"
+"""
+
+
+def _pool_of(name: str) -> list[str]:
+    rows = db.execute_sql(
+        """SELECT i.name FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
+             JOIN campaign_configs c ON c.id = p.config_id WHERE c.name = %s ORDER BY p.position""",
+        (name,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_campaign_with_a_pool_of_inboxes(clean_db):
+    """R-POOL-1: ``inboxes = [...]`` makes the pool, in order; applying the same file twice changes nothing."""
+    text = EXAMPLE.replace('inbox = "sales-1"', 'inboxes = ["sales-2", "sales-1"]') + POOL_INBOX
+    apply_text(text)
+    assert _pool_of("first-touch") == ["sales-2", "sales-1"]
+    cfg = CampaignConfig.get(name="first-touch")
+    assert cfg.inbox.name == "sales-2" and cfg.version == 1  # the first member is the config's inbox
+    before = snapshot()
+    summary = apply_text(text)
+    assert snapshot() == before
+    assert summary.unchanged["campaign"] == ["acme/first-touch"]
+    # reordering the pool is a change of the campaign (version + 1); back to one inbox, a pool of one
+    apply_text(EXAMPLE.replace('inbox = "sales-1"', 'inboxes = ["sales-1", "sales-2"]') + POOL_INBOX)
+    assert _pool_of("first-touch") == ["sales-1", "sales-2"]
+    assert CampaignConfig.get(name="first-touch").version == 2
+    apply_text(EXAMPLE + POOL_INBOX)
+    assert _pool_of("first-touch") == ["sales-1"]
+    assert CampaignConfig.get(name="first-touch").version == 3
