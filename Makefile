@@ -56,7 +56,7 @@ bench: services
 # SPEC T-REL-1 fault-injection suite: >= 2,000 messages on real services while workers are
 # killed, RabbitMQ restarts and worker connections are terminated; its own database + vhost.
 # Prints the seed and the replay command; CHAOS_ARGS="--seed N --keep" replays and keeps the
-# database for forensics, "--ci" is the small variant tests/test_chaos.py runs.
+# database for forensics, "--ci" is the small variant tests/integration/chaos/test_run.py runs.
 chaos: services
 	set -a; . ./$(VENV)/services.env; set +a; $(PY) scripts/fault_suite.py $(CHAOS_ARGS)
 

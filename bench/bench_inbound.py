@@ -93,9 +93,9 @@ from bench.common import (
     result_line,
     row,
     verdict,
-    wait_until,
 )
 from campaign.optout import is_opt_out
+from devtools.services import wait_until
 
 TARGET_RATE = 500.0  # events/s applied
 TARGET_P99_S = 1.0  # reply-to-stop

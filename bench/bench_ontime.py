@@ -41,8 +41,8 @@ from bench.common import (
     row,
     status_counts,
     verdict,
-    wait_until,
 )
+from devtools.services import wait_until
 
 P99_TARGET_S = 2.0
 

@@ -40,7 +40,6 @@ from bench.common import (
     median,
     parts_per_message,
     print_counts,
-    purge_queues,
     q,
     q1,
     read_counts,
@@ -50,8 +49,8 @@ from bench.common import (
     status_counts,
     verdict,
     wait_progress,
-    wait_until,
 )
+from devtools.services import purge_queues, wait_until
 
 TARGET_RATIO = 1.0
 

@@ -1,11 +1,9 @@
 """What the benchmarks share: their own database and RabbitMQ vhost, the sandbox, real ``dramatiq``
 worker processes, bulk campaign data, round-trip counters and the PASS/MISS lines.
 
-Every benchmark makes its own PostgreSQL database and RabbitMQ vhost (like tests/conftest.py) and
-drops them at the end, so it can run beside the test suite and other benchmarks. Where the services
-are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres), TEST_RABBITMQ_URL
-(default amqp://guest:guest@127.0.0.1:5672/), RABBITMQCTL (default ``rabbitmqctl``): the same names
-``make test`` uses.
+Every benchmark makes its own PostgreSQL database and RabbitMQ vhost (devtools.services, as the
+tests do) and drops them at the end, so it can run beside the test suite and other benchmarks. Where
+the services are: TEST_POSTGRES_URL, TEST_RABBITMQ_URL, RABBITMQCTL: the same names ``make test`` uses.
 """
 
 from __future__ import annotations
@@ -14,34 +12,25 @@ import datetime as dt
 import json
 import logging
 import os
-import shlex
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import types
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
-
-import psycopg2
 
 from campaign import dispatch
+from campaign.errors import ServicesError
 from campaign.text import SPLIT_BELOW_CHARS, build_prompt
+from devtools import services
+from devtools.services import Throwaway, sandbox_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("bench")
-
-ADMIN_PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RABBIT_BASE_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-RABBITMQCTL = shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
-DRAMATIQ = str(Path(sys.executable).with_name("dramatiq"))
 
 UTC = dt.UTC
 SYSTEM_PROMPT = "You write short, friendly first-contact WhatsApp messages in Portuguese."
@@ -98,136 +87,34 @@ def median(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# own database + vhost
-
-
-def _with_path(url: str, path: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + path, parts.query, parts.fragment))
-
-
-def admin_pg() -> psycopg2.extensions.connection:
-    """An autocommit connection to the maintenance database (clear error when PostgreSQL is down)."""
-    try:
-        conn = psycopg2.connect(ADMIN_PG_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        raise SystemExit(f"error: PostgreSQL is not reachable at {ADMIN_PG_URL}: {exc}".strip()) from exc
-    conn.autocommit = True
-    return conn
-
-
-def rabbitmqctl(*args: str) -> None:
-    """Run ``rabbitmqctl``; a clear error when it is missing or fails."""
-    try:
-        subprocess.run([*RABBITMQCTL, *args], check=True, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"error: {RABBITMQCTL[0]} not found: the benchmarks need it to create their vhost") from exc
-    except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"error: rabbitmqctl {' '.join(args)} failed: {exc.stderr.strip()}") from exc
+# own database + vhost, the sandbox's settings, worker processes: devtools.services
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class BenchServices:
+class BenchServices(Throwaway):
     """This benchmark's own database (schema migrated) and vhost; the process environment points at
     them for the duration of the block, and both are dropped afterwards (also on Ctrl-C/SIGTERM)."""
 
     def __init__(self, tag: str) -> None:
-        self.name = f"ce_bench_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        self.env: dict[str, str] = {}
-        self._saved: dict[str, str | None] = {}
-        self._made_db = self._made_vhost = False
+        # another job on this shared machine may have RabbitMQ stopped for a moment: retry the vhost 2 min
+        super().__init__(f"ce_bench_{tag}", vhost_attempts=60)
 
     def __enter__(self) -> BenchServices:
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        admin = admin_pg()
         try:
-            with admin.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{self.name}"')
-            self._made_db = True
-        finally:
-            admin.close()
-        try:
-            for attempt in range(60):
-                try:
-                    rabbitmqctl("add_vhost", self.name)
-                    break
-                except SystemExit:
-                    # another job on this shared machine may have RabbitMQ stopped for a moment
-                    if attempt == 59:
-                        raise
-                    time.sleep(2)
-            self._made_vhost = True
-            rabbitmqctl(
-                "set_permissions", "-p", self.name, urlsplit(RABBIT_BASE_URL).username or "guest", ".*", ".*", ".*"
-            )
-            self.env = {
-                "DATABASE_URL": _with_path(ADMIN_PG_URL, self.name),
-                "RABBITMQ_URL": _with_path(RABBIT_BASE_URL, quote(self.name, safe="")),
-                "CAMPAIGN_BROKER": "rabbitmq",
-            }
-            self.set_env(self.env)
-            from campaign.db import db, init_db
-            from campaign.settings import get_settings
-            from models.schema import migrate
-
-            init_db(get_settings())
-            with db.connection_context():
-                migrate(db)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+            super().__enter__()
+        except ServicesError as exc:
+            raise SystemExit(f"error: {exc}") from exc
         return self
-
-    def set_env(self, env: dict[str, str]) -> None:
-        """Set variables in this process's environment (restored at exit) and re-read the settings."""
-        for k, v in env.items():
-            self._saved.setdefault(k, os.environ.get(k))
-            os.environ[k] = v
-        from campaign.settings import reset_settings
-
-        reset_settings()
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            from campaign.db import close_db
-
-            close_db()
-        except Exception:
-            log.debug("close_db failed", exc_info=True)
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if self._made_db:
-            admin = admin_pg()
-            try:
-                with admin.cursor() as cur:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            finally:
-                admin.close()
-        if self._made_vhost:
-            rabbitmqctl("delete_vhost", self.name)
 
 
 def engine_env(sb: Any, **extra: str) -> dict[str, str]:
     """Environment of engine processes wired to the sandbox ``sb``; the per-key LLM budget is lifted
     so the benchmark measures the pipeline, not OpenRouter's pacing (each bench says which limits it keeps)."""
-    return {
-        "OPENROUTER_BASE_URL": sb.openrouter_url,
-        "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url,
-        "EVOLUTION_API_KEY": sb.evolution_key,
-        "OPENROUTER_REQUESTS_PER_MINUTE": "1000000",
-        **extra,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# processes
+    return {**sandbox_env(sb), "OPENROUTER_REQUESTS_PER_MINUTE": "1000000", **extra}
 
 
 def _ppid(pid: int) -> int | None:
@@ -266,8 +153,9 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-class Workers:
-    """A real ``dramatiq`` command (like tests/workers.py) on the current environment plus ``env``."""
+class Workers(services.Workers):
+    """Real ``dramatiq`` worker processes (devtools.services.Workers: ready before ``with`` enters),
+    plus what the memory benchmark reads of them."""
 
     def __init__(
         self,
@@ -278,94 +166,18 @@ class Workers:
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
     ) -> None:
-        self.modules = list(modules)
-        self.processes = processes
-        self.threads = threads
-        self.env = env or {}
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="bench-worker-", suffix=".log")[1])
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, ready_timeout: float = 60) -> Workers:
-        """Start the command and wait until every worker process says it is ready."""
-        cmd = [
-            DRAMATIQ,
-            *self.modules,
-            "--processes",
-            str(self.processes),
-            "--threads",
-            str(self.threads),
-            "--path",
-            str(ROOT),
-        ]
-        # dramatiq_worker_timeout: how often a consumer wakes to release due delayed messages (ms);
-        # dramatiq's 1 s default would make every pacing delay up to a second late (tests/workers.py).
-        env = {**os.environ, "dramatiq_worker_timeout": "100", **self.env, "PYTHONUNBUFFERED": "1"}
-        self.log_path.write_bytes(b"")
-        out = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + ready_timeout
-        while self.log_path.read_text(errors="replace").count("Worker process is ready for action") < self.processes:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                self.stop()
-                raise RuntimeError(f"dramatiq {' '.join(self.modules)} did not start; log tail:\n{tail}")
-            time.sleep(0.1)
-        return self
+        log_path = log_path or Path(tempfile.mkstemp(prefix="bench-worker-", suffix=".log")[1])
+        super().__init__(modules, processes=processes, threads=threads, env=env, log_path=log_path)
 
     def worker_pids(self) -> list[int]:
         """The worker processes (children of the dramatiq supervisor)."""
-        if self.proc is None:
+        if not self.alive:
             return []
-        return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid]
+        return [p for p in descendants(self.pid) if _ppid(p) == self.pid]
 
     def rss_kb(self) -> dict[int, int]:
         """VmRSS (KiB) of every worker process."""
         return {pid: rss_kb(pid) for pid in self.worker_pids()}
-
-    def log_tail(self, n: int = 3000) -> str:
-        """The end of the worker log."""
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM the process group (graceful), SIGKILL if it hangs."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-    def __enter__(self) -> Workers:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def purge_queues(url: str, queues: Iterable[str]) -> None:
-    """Empty every given queue and its .DQ/.XQ twins (missing ones are fine)."""
-    import pika
-
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        for name in queues:
-            for q in (name, f"{name}.DQ", f"{name}.XQ"):
-                ch = conn.channel()
-                try:
-                    ch.queue_purge(q)
-                    ch.close()
-                except pika.exceptions.ChannelClosedByBroker:
-                    pass
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,26 +374,6 @@ def dispatch_all(settings: Any, *, until_empty: bool = True) -> int:
         total += n
         if n < settings.dispatch_batch_size or not until_empty:
             return total
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float,
-    interval: float = 0.2,
-    what: str = "condition",
-    on_timeout: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``predicate`` until truthy; a clear error naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = on_timeout() if on_timeout else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def wait_progress(

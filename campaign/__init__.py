@@ -1,3 +1,3 @@
 """The engine's library: settings, database, errors, logs, pacing, the step table, planning,
-run transitions, recovery, inbox state and text. Imports flow one way (tests/test_architecture.py).
+run transitions, recovery, inbox state and text. Imports flow one way (tests/unit/test_architecture.py).
 """

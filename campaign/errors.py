@@ -16,6 +16,7 @@ and never look at HTTP status codes themselves::
      ├─ RepairRefused                an operator repair does not apply
      ├─ BrokerNotSetUp               dramatiq's implicit default broker would lose messages
      ├─ DemoError                    the demo cannot run (says what to do)
+     ├─ ServicesError                a throw-away database / vhost / worker step failed (devtools)
      ├─ EnvelopeError                an inbound Evolution event is malformed (also a ValueError)
      └─ ProviderError                an external provider call failed
          ├─ TransientError           a retry can help
@@ -68,6 +69,7 @@ __all__ = [
     "InboxCommandError",
     "BrokerNotSetUp",
     "DemoError",
+    "ServicesError",
 ]
 
 
@@ -300,3 +302,7 @@ class BrokerNotSetUp(EngineError, RuntimeError):
 
 class DemoError(EngineError):
     """The demo cannot run (a service, a file or a setting is wrong); the text says what to do."""
+
+
+class ServicesError(EngineError, RuntimeError):
+    """A service a test run, benchmark or the demo needs does not answer or refuses a step (devtools)."""

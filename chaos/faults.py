@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.services import Proc, Services, Supervisor
+from chaos.services import Services, Supervisor
+from devtools.services import Proc
 
 log = logging.getLogger(__name__)
 

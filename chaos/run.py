@@ -22,12 +22,10 @@ from typing import Any, TypeVar
 import psycopg2
 
 from chaos import checks, faults, services, world
+from devtools.services import Proc, dramatiq_command, sandbox_env
 
 log = logging.getLogger("chaos")
 T = TypeVar("T")
-
-ADMIN_PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-RABBIT_BASE_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     name = f"chaos_{seed}_{uuid.uuid4().hex[:6]}"
-    svc = services.Services(name, ADMIN_PG_URL, RABBIT_BASE_URL, services.default_rabbitmqctl())
+    svc = services.Services(name)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(
@@ -277,14 +275,7 @@ def _run(
     probe = Probe(svc.database_url)
     try:
         sandbox.start()
-        env.update(
-            {
-                "OPENROUTER_BASE_URL": sandbox.openrouter_url,
-                "OPENROUTER_API_KEY": sandbox.chat_key,
-                "EVOLUTION_API_URL": sandbox.evolution_url,
-                "EVOLUTION_API_KEY": sandbox.evolution_key,
-            }
-        )
+        env.update(sandbox_env(sandbox))
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "RABBITMQ_URL", "CAMPAIGN_BROKER")})
         reset_settings()
         settings = Settings.from_env(env)
@@ -320,10 +311,10 @@ def _run(
             flush=True,
         )
         workers = [
-            services.Proc(f"worker-{i}", services.dramatiq_cmd(profile.threads), env, log_dir / f"worker-{i}.log")
+            Proc(f"worker-{i}", dramatiq_command(threads=profile.threads), env, log_dir / f"worker-{i}.log")
             for i in range(profile.workers)
         ]
-        scheduler = services.Proc("scheduler", [sys.executable, "scheduler.py"], env, log_dir / "scheduler.log")
+        scheduler = Proc("scheduler", [sys.executable, "scheduler.py"], env, log_dir / "scheduler.log")
         supervisor = services.Supervisor([*workers, scheduler])
         t0 = time.time()
         supervisor.start()

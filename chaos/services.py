@@ -1,105 +1,41 @@
-"""Throw-away database + vhost per suite run, and the processes the suite starts, supervises and kills."""
+"""The fault suite's own database + vhost (devtools.services.Throwaway) with the faults it injects on
+the services, and the supervisor that restarts the processes it kills."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import signal
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg2
 
+from devtools.services import Proc, Throwaway
+
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 #: application_name prefix of the worker processes' pooled connections (db.init_db's default)
 WORKER_APP_PREFIX = "campaign-engine:"
+ADMIN_APP_NAME = "campaign-chaos-admin"
 
 
-def _with_path(url: str, path: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + path, parts.query, parts.fragment))
+class Services(Throwaway):
+    """This run's own PostgreSQL database and RabbitMQ vhost (same name), and the faults on them."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self._probe: psycopg2.extensions.connection | None = None
 
-@dataclass
-class Services:
-    """This run's own PostgreSQL database and RabbitMQ vhost (same name), created and dropped here."""
-
-    name: str
-    admin_pg_url: str
-    rabbit_base_url: str
-    rabbitmqctl: list[str]
-    created_db: bool = False
-    created_vhost: bool = False
-    _probe: psycopg2.extensions.connection | None = field(default=None, repr=False)
-
-    @property
-    def database_url(self) -> str:
-        """DATABASE_URL of the run's database."""
-        return _with_path(self.admin_pg_url, self.name)
-
-    @property
-    def rabbitmq_url(self) -> str:
-        """RABBITMQ_URL of the run's vhost."""
-        return _with_path(self.rabbit_base_url, quote(self.name, safe=""))
-
-    def admin(self) -> psycopg2.extensions.connection:
+    def admin(self, application_name: str | None = ADMIN_APP_NAME) -> psycopg2.extensions.connection:
         """A fresh autocommit connection to the admin database (never one of the engine's)."""
-        conn = psycopg2.connect(self.admin_pg_url, connect_timeout=5, application_name="campaign-chaos-admin")
-        conn.autocommit = True
-        return conn
-
-    def ctl(self, *args: str, timeout: float = 60) -> str:
-        """Run rabbitmqctl; raise RuntimeError naming the command on failure."""
-        try:
-            done = subprocess.run(
-                [*self.rabbitmqctl, *args], check=True, capture_output=True, text=True, timeout=timeout
-            )
-        except FileNotFoundError as exc:
-            raise RuntimeError(f"{self.rabbitmqctl[0]} not found (set RABBITMQCTL)") from exc
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {exc.stderr.strip()}") from exc
-        return done.stdout
-
-    def create(self) -> None:
-        """Create the database (with the schema) and the vhost."""
-        conn = self.admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{self.name}"')
-            self.created_db = True
-        finally:
-            conn.close()
-        self.ctl("add_vhost", self.name)
-        self.created_vhost = True
-        self.ctl(
-            "set_permissions", "-p", self.name, urlsplit(self.rabbit_base_url).username or "guest", ".*", ".*", ".*"
-        )
+        return super().admin(application_name)
 
     def drop(self) -> None:
-        """Drop the database and delete the vhost (whatever of them was created)."""
+        """Drop the database and delete the vhost; what is left behind is only logged."""
         self.close()
-        if self.created_db:
-            conn = self.admin()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            finally:
-                conn.close()
-            self.created_db = False
-        if self.created_vhost:
-            try:
-                self.ctl("delete_vhost", self.name)
-            except RuntimeError as exc:
-                log.warning("vhost %s not deleted: %s", self.name, exc)
-            self.created_vhost = False
+        try:
+            super().drop()
+        except RuntimeError as exc:
+            log.warning("%s", exc)
 
     # -- faults on the services ---------------------------------------------------------------
 
@@ -174,83 +110,6 @@ class Services:
             self._probe = None
 
 
-@dataclass
-class Proc:
-    """One supervised process (its own process group, so a kill takes its children too)."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    starts: list[float] = field(default_factory=list)
-    expected_exit: bool = False
-
-    def start(self) -> None:
-        """Start (or restart) the process, appending to its log."""
-        out = open(self.log_path, "ab")
-        try:
-            self.popen = subprocess.Popen(
-                self.cmd,
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        self.starts.append(time.time())
-        self.expected_exit = False
-        log.info("%s started (pid %s)", self.name, self.popen.pid)
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process is running."""
-        return self.popen is not None and self.popen.poll() is None
-
-    def pids(self) -> set[int]:
-        """The process and its children (dramatiq forks its worker processes)."""
-        if not self.alive:
-            return set()
-        assert self.popen is not None  # alive
-        pid = self.popen.pid
-        out = {pid}
-        try:
-            children = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True, timeout=5).stdout
-            out.update(int(p) for p in children.split())
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
-        return out
-
-    def kill9(self) -> None:
-        """SIGKILL the whole process group (no shutdown hooks run: a crash)."""
-        if self.popen is None:
-            return
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(10)
-        log.warning("%s killed with SIGKILL (pid %s)", self.name, self.popen.pid)
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM the group, SIGKILL after ``timeout``."""
-        self.expected_exit = True
-        if not self.alive:
-            return
-        assert self.popen is not None  # alive
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
-        except ProcessLookupError:
-            pass
-
-
 class Supervisor:
     """Restarts any supervised process that died (what systemd/compose would do in production)."""
 
@@ -300,14 +159,4 @@ class Supervisor:
         self._thread.join(5)
         with self._lock:
             for p in self.procs:
-                p.stop()
-
-
-def dramatiq_cmd(threads: int) -> list[str]:
-    """The worker command line (``dramatiq actors``), one process per group."""
-    return [str(Path(sys.executable).with_name("dramatiq")), "actors", "--processes", "1", "--threads", str(threads)]
-
-
-def default_rabbitmqctl() -> list[str]:
-    """The rabbitmqctl command (env RABBITMQCTL, as the tests use)."""
-    return shlex.split(os.environ.get("RABBITMQCTL", "rabbitmqctl"))
+                p.stop(20)

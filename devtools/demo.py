@@ -32,8 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -41,9 +39,17 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from campaign.errors import DemoError, EngineError
+from campaign.errors import DemoError, EngineError, ServicesError
+from devtools.services import ensure_database as create_database_if_missing
+from devtools.services import ensure_vhost as create_vhost_if_missing
+from devtools.services import (
+    probe_postgres,
+    probe_rabbitmq,
+    sandbox_env,
+    vhost_of,
+    with_database,
+)
 
 log = logging.getLogger("demo")
 
@@ -109,7 +115,6 @@ ENGINE_TUNING = {
 DEMO_JOB_SECONDS = {"dispatch_due": 0.2, "window_guard": 5.0, "recovery_sweep": 5.0, "inbox_health": 10.0}
 
 TERMINAL_RUN = ("completed", "failed", "cancelled")
-PROBE_TIMEOUT = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,151 +165,25 @@ def _redact(url: str) -> str:
     return redact_url(url)
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(name, safe=""), parts.query, parts.fragment))
-
-
-def _with_vhost(url: str, vhost: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, parts.fragment))
-
-
-def _vhost_of(url: str) -> str:
-    path = urlsplit(url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _pg_connect(url: str, timeout: float = PROBE_TIMEOUT):
-    import psycopg2
-
-    from campaign.db import connect_kwargs
-
-    return psycopg2.connect(
-        **connect_kwargs(url), connect_timeout=max(1, int(timeout)), application_name="campaign-demo"
-    )
-
-
-def probe_postgres(url: str) -> str | None:
-    """None when the PostgreSQL server of ``url`` answers (its maintenance database), else why not."""
-    import psycopg2
-
-    try:
-        conn = _pg_connect(_with_database(url, "postgres"))
-    except psycopg2.Error as exc:
-        return _first_line(exc)
-    conn.close()
-    return None
-
-
-def probe_rabbitmq(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """None when RabbitMQ accepts a connection to ``url``, else why not."""
-    import pika
-    from pika.exceptions import AMQPError
-
-    logging.getLogger("pika").setLevel(logging.CRITICAL)  # a refused connection logs a page otherwise
-    try:
-        params = pika.URLParameters(url)
-        params.socket_timeout = timeout
-        params.stack_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.connection_attempts = 1
-        conn = pika.BlockingConnection(params)
-    except (AMQPError, OSError, ValueError) as exc:
-        return _first_line(exc) if str(exc).strip() else type(exc).__name__
-    conn.close()
-    return None
-
-
 def ensure_database(url: str) -> None:
     """Create the database named by ``url`` on its server when it does not exist yet."""
-    import psycopg2
-    from psycopg2 import sql
-
-    name = unquote(urlsplit(url).path.lstrip("/"))
     try:
-        conn = _pg_connect(_with_database(url, "postgres"))
-    except psycopg2.Error as exc:
-        raise DemoError(f"PostgreSQL at {_redact(url)} does not answer: {_first_line(exc)}") from None
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-                log.info("created database %s", name)
-    except psycopg2.errors.DuplicateDatabase:
-        pass  # another demo created it meanwhile
-    except psycopg2.Error as exc:
-        raise DemoError(
-            f"cannot create database {name!r} on {_redact(url)}: {_first_line(exc)} "
-            "(give the user CREATEDB, create it by hand, or run `python demo.py --embedded`)"
-        ) from None
-    finally:
-        conn.close()
-
-
-def _create_vhost_with_management_api(url: str, vhost: str) -> str | None:
-    """Create ``vhost`` through the management plugin (port 15672); None on success, else why not."""
-    import httpx
-
-    parts = urlsplit(url)
-    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
-    base = f"http://{parts.hostname or '127.0.0.1'}:15672/api"
-    try:
-        with httpx.Client(auth=(user, password), timeout=PROBE_TIMEOUT, trust_env=False) as http:
-            r = http.put(f"{base}/vhosts/{quote(vhost, safe='')}")
-            if r.status_code not in (201, 204):
-                return f"management API PUT /api/vhosts: HTTP {r.status_code}"
-            r = http.put(
-                f"{base}/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
-                json={"configure": ".*", "write": ".*", "read": ".*"},
-            )
-            if r.status_code not in (201, 204):
-                return f"management API PUT /api/permissions: HTTP {r.status_code}"
-    except httpx.HTTPError as exc:
-        return f"management API unreachable ({type(exc).__name__})"
-    return None
-
-
-def _create_vhost_with_rabbitmqctl(url: str, vhost: str) -> str | None:
-    """Create ``vhost`` with ``rabbitmqctl`` (works on the broker's own machine, as root)."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        return "rabbitmqctl not found"
-    user = unquote(urlsplit(url).username or "guest")
-    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, user, ".*", ".*", ".*"]):
-        try:
-            done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"rabbitmqctl {args[0]}: {type(exc).__name__}"
-        if done.returncode != 0 and "already exists" not in (done.stderr + done.stdout):
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            return f"rabbitmqctl {args[0]}: {lines[0] if lines else f'exit {done.returncode}'}"
-    return None
+        create_database_if_missing(url, application_name="campaign-demo")
+    except ServicesError as exc:
+        raise DemoError(f"{exc}; or run `python demo.py --embedded`") from None
 
 
 def ensure_vhost(url: str, vhost: str) -> str:
     """The URL of ``vhost`` on the RabbitMQ of ``url``, creating the vhost when it is missing."""
-    target = _with_vhost(url, vhost)
-    if probe_rabbitmq(target) is None:
-        return target
-    why = []
-    for create in (_create_vhost_with_management_api, _create_vhost_with_rabbitmqctl):
-        error = create(url, vhost)
-        if error is None and probe_rabbitmq(target) is None:
-            log.info("created RabbitMQ vhost %s", vhost)
-            return target
-        why.append(error or "created, but still not reachable")
-    raise DemoError(
-        f"RabbitMQ vhost {vhost!r} does not exist and could not be created ({'; '.join(why)}); "
-        f"create it (rabbitmqctl add_vhost {vhost}) or run `python demo.py --embedded`"
-    )
+    try:
+        return create_vhost_if_missing(url, vhost)
+    except ServicesError as exc:
+        raise DemoError(f"{exc} or run `python demo.py --embedded`") from None
 
 
 def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
@@ -353,7 +232,7 @@ def choose_services(requested: str, *, data_dir: Path, database: str, vhost: str
             problems.append(f"RabbitMQ at {_redact(mq_url)} does not answer: {mq_err}")
         if not problems:
             try:
-                db_url = _with_database(pg_url, database)
+                db_url = with_database(pg_url, database)
                 ensure_database(db_url)
                 vhost_url = ensure_vhost(mq_url, vhost)
             except DemoError as exc:
@@ -476,10 +355,7 @@ def configure_engine(services: Services, sb: Any) -> Any:
         "DATABASE_URL": services.database_url,
         "RABBITMQ_URL": services.rabbitmq_url,
         "CAMPAIGN_BROKER": services.broker,
-        "OPENROUTER_BASE_URL": sb.openrouter_url,
-        "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url,
-        "EVOLUTION_API_KEY": sb.evolution_key,
+        **sandbox_env(sb),
         "WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
         **ENGINE_TUNING,
     }
@@ -554,7 +430,7 @@ def _queues_of_vhost(url: str, purge: bool) -> None:
             if q.consumer_count and not name.endswith(".XQ"):
                 raise DemoError(
                     f"{q.consumer_count} consumer(s) already read queue {name} in vhost "
-                    f"{_vhost_of(url)!r}: other workers would take the demo's messages; stop them, "
+                    f"{vhost_of(url)!r}: other workers would take the demo's messages; stop them, "
                     "use another --vhost, or run `python demo.py --embedded`"
                 )
             if purge and q.message_count:

@@ -1,0 +1,122 @@
+"""actors.middleware (RateLimits) on the real PostgreSQL: engine bugs found by the fault-injection suite
+(scripts/fault_suite.py), one focused test each.
+
+Each test fails on the code before its fix; the docstring names the seed that exposed it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+
+import psycopg2
+
+from campaign import ratelimit, recovery, steps
+from campaign.db import db
+from campaign.settings import get_settings
+from tests.integration import factories as f
+from tests.integration.pipeline_helpers import sending_message
+from tests.integration.workers import terminate_own_connection
+
+
+def _lease(inbox_id: int) -> tuple:
+    admin = psycopg2.connect(get_settings().database_url)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT lease_token::text, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
+                (ratelimit.inbox_key(inbox_id),),
+            )
+            return cur.fetchone()
+    finally:
+        admin.close()
+
+
+def test_inbox_lease_is_released_after_the_workers_connection_was_terminated(clean_db):
+    """E-16 (chaos seed 1): a pg_terminate_backend under a send left the inbox's lease held, so the
+    whole inbox stalled ~45 s (send_lease_seconds) after every connection termination. The
+    release now retries on a fresh pooled connection."""
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+
+    from actors.middleware import RateLimits
+
+    ws, _ = f.workspace("acme")
+    ibx = f.inbox(ws, "sales-1", min_gap_seconds=0)
+    limiter = RateLimits(get_settings())
+    seen: dict = {}
+
+    def worker_thread() -> None:
+        # as in a worker: DbConnection checks a pooled connection out per message, closes it after
+        db.connect(reuse_if_open=True)
+        try:
+            grant = ratelimit.acquire_inbox(ibx.id, 100)
+            seen["grant"] = grant
+            limiter._local.grant = grant
+            limiter.mark_sent()
+            seen["leased"] = _lease(ibx.id)[0]
+            terminate_own_connection()
+            limiter.after_process_message(cast(dramatiq.Broker, None), cast(MessageProxy, None))  # reads neither
+        finally:
+            try:
+                db.close()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join(30)
+    assert seen["grant"].granted and seen["leased"] == seen["grant"].token
+    token, gap_started = _lease(ibx.id)
+    assert token is None, "the inbox's send slot is still leased: the inbox stalls until it expires"
+    assert gap_started  # the send counted: the min gap runs from it
+    assert ratelimit.acquire_inbox(ibx.id, 100).granted
+
+
+def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_sweep(clean_db):
+    """R-FAIL-8 (chaos seed 1): a send deferred again and again by its busy inbox (short waits
+    each) never looked alive to the sweep, which re-enqueued a copy every lease; the copies
+    joined the pollers, slowed the inbox further (more copies) and sent parts early after a
+    429. Every deferral now keeps the row fresh when it would otherwise look stale."""
+    import time
+    import types
+
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from actors.middleware import RateLimits
+    from tests.integration.pipeline_helpers import fast_settings
+
+    settings = fast_settings()  # lease 5 s
+    w, msg = sending_message()
+    db.execute_sql(
+        "UPDATE campaign_messages SET status_changed_at = now() - interval '4 seconds' WHERE id = %s", (msg.id,)
+    )
+    assert ratelimit.acquire_inbox(w.inboxes[0].id, 100).granted  # another send holds the inbox
+
+    class Broker:
+        enqueued: list = []
+
+        def get_actor(self, name):
+            return types.SimpleNamespace(options={"rate_limit": "inbox"})
+
+        def enqueue(self, message, delay=None):
+            self.enqueued.append((message, delay))
+
+    broker = Broker()
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=steps.SEND_PART.queue, actor_name="send_part", args=(msg.id, w.inboxes[0].id), kwargs={}, options={}
+    )
+    try:
+        # the stand-in has only what the hook calls (get_actor, enqueue); a worker passes a MessageProxy
+        RateLimits(settings).before_process_message(cast(dramatiq.Broker, broker), MessageProxy(message))
+        raise AssertionError("the inbox is busy: the message must be deferred")
+    except SkipMessage:
+        pass
+    assert len(broker.enqueued) == 1 and broker.enqueued[0][1] < 5000  # a short wait
+
+    time.sleep(2.0)  # without the refresh the row is now 6.5 s old: past the 5 s lease
+    copies: list = []
+    recovery.recovery_sweep(settings, publish=lambda queue, args: copies.extend(args))
+    assert copies == [], "the sweep copied a message that was only waiting its turn"

@@ -1,0 +1,154 @@
+"""Pool checkout without a `SELECT 1` per delivery (issue 7, T-PERF-1), and no loss of E-16 healing."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg2
+
+from campaign.db import db
+from campaign.settings import get_settings
+from tests.integration.workers import terminate_backend
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a fresh thread (its own pooled connection, as a worker thread); return its result."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # surfaced to the test below
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _checkout_and_backend_pid() -> int:
+    db.connect(reuse_if_open=True)
+    try:
+        return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _backends_state() -> dict[int, object]:
+    """pid -> time of its last state change, for every other backend of this test database."""
+    admin = psycopg2.connect(get_settings().database_url)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("""SELECT pid, state_change FROM pg_stat_activity
+                           WHERE datname = current_database() AND pid <> pg_backend_pid()""")
+            return dict(cur.fetchall())
+    finally:
+        admin.close()
+
+
+def test_checkout_sends_no_statement(services):
+    """A pooled connection handed out again costs no round trip (peewee's default pings with SELECT 1)."""
+    pid = _in_thread(_checkout_and_backend_pid)  # a connection now sits idle in the pool
+    before = _backends_state()
+    assert pid in before
+
+    def checkout_only() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.connection().get_backend_pid()
+        finally:
+            db.close()
+
+    reused = _in_thread(checkout_only)
+    assert reused in before, "the checkout opened a new connection instead of reusing the pooled one"
+    after = _backends_state()
+    assert after[reused] == before[reused], "the checkout sent a statement to the server"
+
+
+def test_a_pooled_connection_killed_while_idle_heals_on_the_first_statement(services):
+    """E-16: the backend of an idle pooled connection is terminated; the next unit of work runs normally."""
+    pid = _in_thread(_checkout_and_backend_pid)
+    terminate_backend(pid)
+
+    def work() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    new_pid = _in_thread(work)
+    assert new_pid != pid
+
+
+def test_a_transaction_on_a_pooled_connection_killed_while_idle_heals(services):
+    """E-16: the first thing of the unit of work is ``db.atomic()``: BEGIN runs again on a fresh connection."""
+    pid = _in_thread(_checkout_and_backend_pid)
+    terminate_backend(pid)
+
+    def work() -> tuple[int, int]:
+        db.connect(reuse_if_open=True)
+        try:
+            with db.atomic():
+                a = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+                b = db.execute_sql("SELECT txid_current()").fetchone()[0]
+            return a, b
+        finally:
+            db.close()
+
+    new_pid, txid = _in_thread(work)
+    assert new_pid != pid and txid > 0
+
+
+def _fill_pool_and_terminate_every_idle_backend(n: int = 3) -> list[int]:
+    """``n`` connections (at least) idle in the pool, then every idle pooled backend terminated:
+    the "full pool termination" of a server restart or a chaos fault."""
+    barrier = threading.Barrier(n)
+
+    def hold() -> None:
+        db.connect(reuse_if_open=True)
+        try:
+            db.execute_sql("SELECT 1")
+            barrier.wait(10)  # n connections checked out at once, so n distinct ones go back
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    pids = [conn.get_backend_pid() for _, _, conn in list(db.obj._connections)]
+    assert len(pids) >= n
+    for pid in pids:
+        terminate_backend(pid)
+    return pids
+
+
+def test_after_a_full_pool_termination_the_retry_gets_a_fresh_connection(services):
+    """Issue 23 item 8 (E-16): after every pooled connection was terminated, the single retry used
+    to check out another dead connection from the pool and fail; it now opens a new one."""
+    dead = _fill_pool_and_terminate_every_idle_backend()
+
+    def work() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    assert _in_thread(work) not in dead
+    dead = _fill_pool_and_terminate_every_idle_backend()
+
+    def transaction() -> int:
+        db.connect(reuse_if_open=True)
+        try:
+            with db.atomic():
+                return db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+        finally:
+            db.close()
+
+    assert _in_thread(transaction) not in dead
