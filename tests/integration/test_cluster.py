@@ -24,9 +24,10 @@ from campaign import dispatch, recovery
 from campaign.db import db
 from campaign.settings import get_settings, reset_settings
 from devtools.rabbit_cluster import Cluster
-from tests import factories as f
-from tests.pipeline_helpers import assert_counters_match, fast_settings, run_counters
-from tests.workers import start_worker, stop_worker, wait_for
+from devtools.services import start_worker, stop_worker
+from tests.integration import factories as f
+from tests.integration.pipeline_helpers import assert_counters_match, fast_settings, run_counters
+from tests.integration.workers import wait_for
 
 TOTAL = 500
 

@@ -21,7 +21,7 @@ from campaign import metrics
 from campaign.errors import ConfigError
 from campaign.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 MON = ROOT / "monitoring"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,10 +25,11 @@ from campaign import metrics
 from campaign.db import db
 from campaign.ops.monitor import queue_names
 from campaign.settings import get_settings
-from tests import factories as f
-from tests.workers import purge_queues, start_worker, stop_worker, wait_for
+from devtools.services import purge_queues, start_worker, stop_worker
+from tests.integration import factories as f
+from tests.integration.workers import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 SECRET = "whsec-metrics-test"
 
 #: labels Dramatiq's middleware and prometheus_client's default collectors use (all bounded)
@@ -86,7 +88,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def _wait_answering(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+def _wait_answering(port: int, proc: Any, log: Path, timeout: float = 60) -> None:
     def up() -> bool:
         assert proc.poll() is None, f"process exited {proc.returncode}:\n{log.read_text()[-3000:]}"
         try:
@@ -109,7 +111,7 @@ def stack(clean_db, sb, tmp_path):
     settings = get_settings()
     queues = tuple(sorted(actors.broker.get_declared_queues()))
     purge_queues(settings.rabbitmq_url, queues)
-    procs: list[subprocess.Popen] = []
+    procs: list[Any] = []  # subprocess.Popen, and the workers' devtools.services.Workers
     ports = {name: _free_port() for name in ("worker", "webhook", "inbound", "scheduler")}
     engine_env = {
         "OPENROUTER_BASE_URL": sb.openrouter_url,

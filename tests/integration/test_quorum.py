@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
 import pika
@@ -21,11 +21,16 @@ import pytest
 from campaign import dispatch
 from campaign.db import db
 from campaign.settings import Settings, get_settings, reset_settings
-from tests import factories as f
-from tests.conftest import RABBIT_BASE_URL, RABBITMQCTL, RUN_ID, _rabbitmqctl, _with_path
-from tests.pipeline_helpers import assert_counters_match, run_counters
-from tests.tcp_proxy import TcpProxy
-from tests.workers import start_worker, stop_worker, wait_for
+from devtools.services import rabbitmqctl, rabbitmqctl_command, start_worker, stop_worker, with_vhost
+from tests.integration import factories as f
+from tests.integration.conftest import RUN
+from tests.integration.pipeline_helpers import assert_counters_match, run_counters
+from tests.integration.tcp_proxy import TcpProxy
+from tests.integration.workers import wait_for
+
+RABBIT_BASE_URL = RUN.rabbit_base_url
+RABBITMQCTL = rabbitmqctl_command()
+RUN_ID = RUN.name
 
 
 def queue_types(vhost: str) -> dict[str, str]:
@@ -44,12 +49,12 @@ def queue_types(vhost: str) -> dict[str, str]:
 def vhost(services) -> Iterator[tuple[str, str]]:
     """(name, RABBITMQ_URL) of a fresh vhost, deleted afterwards."""
     name = f"{RUN_ID}_q{uuid.uuid4().hex[:6]}"
-    _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     try:
-        yield name, _with_path(RABBIT_BASE_URL, quote(name, safe=""))
+        yield name, with_vhost(RABBIT_BASE_URL, name)
     finally:
-        _rabbitmqctl("delete_vhost", name)
+        rabbitmqctl("delete_vhost", name)
 
 
 def engine_queues() -> list[str]:
@@ -128,7 +133,7 @@ def test_worker_refuses_to_start_on_queues_of_the_other_type(vhost, tmp_path):
         proc.wait(60)
     finally:
         stop_worker(proc)
-    assert proc.returncode == 3, log.read_text()[-3000:]
+    assert proc.poll() == 3, log.read_text()[-3000:]
     assert "RABBITMQ_QUEUE_TYPE=quorum" in log.read_text() and "most likely a classic queue" in log.read_text()
 
 
@@ -362,8 +367,8 @@ def test_inbound_consumer_moves_to_the_next_node_when_its_node_dies(clean_db, se
 
     from campaign.inbound.consumer import InboundConsumer
     from models import CampaignRun, Lead
-    from tests.pipeline_helpers import make_world
-    from tests.test_inbound import upsert
+    from tests.integration.campaign.inbound.test_handle import upsert
+    from tests.integration.pipeline_helpers import make_world
 
     proxy = TcpProxy(RABBIT_PORT)
     settings = dataclasses.replace(
