@@ -33,7 +33,7 @@ from typing import Any
 
 import peewee
 
-from campaign import logs, ratelimit, runs
+from campaign import health, logs, ratelimit, runs
 from campaign.db import db
 from campaign.errors import (
     AmbiguousSend,
@@ -149,6 +149,7 @@ class Context:
     # replied / opted_out: the lead answered after this message was planned (R-IN-3); nothing new
     # of it starts, and a started one sends no further part
     stop_reason: str | None = None
+    inbox_health: str = "healthy"  # healthy | throttled | restricted (R-HEALTH-2)
 
 
 # The step context, composed from named fragments (DESIGN: never str.replace on another
@@ -158,8 +159,8 @@ _CONTEXT_COLUMNS = """
     m.id AS message_id, m.status, m.run_id, r.status AS run_status, m.lead_id, l.name AS lead_name,
     l.phone AS lead_phone, l.custom_fields AS lead_fields, l.column_id AS lead_column_id,
     coalesce(l.opted_out, false) AS lead_opted_out, m.inbox_id, i.instance_name AS instance,
-    i.disabled AS inbox_disabled, c.source_column_id, c.model, c.system_prompt, c.fallback_template,
-    c.split_enabled, c.max_parts, c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text,
+    i.disabled AS inbox_disabled, i.health_state AS inbox_health, c.source_column_id, c.model, c.system_prompt,
+    c.fallback_template, c.split_enabled, c.max_parts, c.part_gap_min_seconds, c.part_gap_max_seconds, m.generated_text,
     m.attempts, c.workspace_id, r.run_date, c.timezone, c.window_start_minute, c.window_end_minute,
     m.stop_reason, coalesce(l.last_reply_at >= m.created_at, false) AS replied_since"""
 
@@ -310,8 +311,10 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
         # went out went out, so the message ends `sent` with the rest `skipped`.
         _stop_rest(ctx, settings, "opted_out" if ctx.lead_opted_out else ctx.stop_reason or "replied")
         return False
-    if ctx.inbox_disabled:
-        runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
+    if ctx.inbox_disabled or ctx.inbox_health == "restricted":
+        # restricted (R-HEALTH-2): nothing new starts on it; like a disabled inbox, a started
+        # message finishes (a person does not stop mid-sentence, DESIGN principle 8)
+        runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled" if ctx.inbox_disabled else health.PAUSE_REASON)
         if not started:
             _back_to_wait(ctx.message_id, ctx.status)
             return False
@@ -985,6 +988,8 @@ def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -
             ctx.inbox_id,
         ),
     )
+    # the number's own refusal is also R-HEALTH-2 evidence (a sliding hour, not only a streak)
+    health.record_refusal(ctx.inbox_id, str(getattr(exc, "code", None) or type(exc).__name__), settings)
     if row and row[0] and row[1] == settings.inbox_failure_limit:
         log_event(
             "inbox",

@@ -115,13 +115,15 @@ def _recovery(settings: Settings, active: Callable[[], bool]) -> object:
 
 
 def _inbox_health(settings: Settings, active: Callable[[], bool]) -> dict[str, Any]:
-    from campaign import inboxes
+    from campaign import health, inboxes
     from clients import get_evolution
 
     # a run paused inbox_disabled by a worker that raced the operator's `inbox enable` (R-FAIL-6)
     resumed_enabled = inboxes.resume_runs_of_usable_inboxes()
+    # R-HEALTH-2: cool-downs end by time alone; an evaluation a crash lost after its receipt is caught up
+    number_health = health.sweep(settings)
     evolution = get_evolution(settings.evolution_api_url, settings.evolution_api_key, timeout=10.0)
-    return {**recovery.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled}
+    return {**recovery.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled, **number_health}
 
 
 def _alerts(settings: Settings, active: Callable[[], bool]) -> object:

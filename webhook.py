@@ -92,7 +92,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from campaign import metrics
+from campaign import health, metrics
 from campaign.db import close_db, db, init_db
 from campaign.errors import EngineError, EnvelopeError
 from campaign.inbound import apply_event
@@ -206,6 +206,9 @@ def handle_messages_update(doc: dict[str, Any]) -> Answer:
         )
         return _UNAVAILABLE
     _log_outcome(parsed, outcome)
+    if parsed.status == ERROR_STATUS:  # committed: the inbox's health, in a transaction of its own (R-HEALTH-2)
+        with db.connection_context():
+            health.after_receipts([parsed.instance], get_settings())
     return Answer(HTTPStatus.OK, outcome.as_json())
 
 

@@ -23,13 +23,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from campaign import runs
+from campaign import health, runs
 from campaign.db import db
 from campaign.errors import (
     InboxCommandError,
 )
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
+from campaign.sql import health_cap
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,29 @@ class InboxRow:
     disabled: bool
     disabled_reason: str | None
     consecutive_failures: int
+    health_state: str = "healthy"
+    health_since: dt.datetime | None = None
+    health_until: dt.datetime | None = None
+    health_reason: str | None = None
+    max_per_hour: int | None = None
+    max_per_day: int | None = None
+    effective_per_day: int | None = None  # today's daily cap: throttled halves it (R-HEALTH-2)
+    sent_today: int = 0  # parts sent in the last 24 h (the window of the send-time daily cap)
+
+    @property
+    def state(self) -> str:
+        """``disabled`` (it wins), else the health state."""
+        return "disabled" if self.disabled else self.health_state
+
+    @property
+    def reason(self) -> str | None:
+        """Why it is disabled, throttled or restricted (None when healthy)."""
+        if self.disabled:
+            return self.disabled_reason
+        if self.health_state != "healthy":
+            until = f" (until {self.health_until:%Y-%m-%d %H:%M} UTC)" if self.health_until else ""
+            return f"{self.health_reason or self.health_state}{until}"
+        return None
 
     @property
     def label(self) -> str:
@@ -80,11 +104,15 @@ class InboxChange:
     note: str | None = None
     paused: list[int] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
+    health_was: str | None = None  # throttled / restricted before an enable (R-HEALTH-2)
 
 
-_INBOX_SQL = """
+_INBOX_SQL = f"""
     SELECT i.id, w.name, i.name, i.instance_name, i.connection_state, i.disconnected_since, i.disabled,
-           i.disabled_reason, i.consecutive_failures
+           i.disabled_reason, i.consecutive_failures, i.health_state, i.health_since, i.health_until,
+           i.health_reason, i.max_per_hour, i.max_per_day, {health_cap("max_per_day")},
+           (SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id AND p.status IN ('sent', 'in_doubt', 'sending')
+               AND p.sending_at > now() - interval '1 day')
       FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"""
 
 
@@ -210,10 +238,13 @@ def enable_inbox(
                                WHERE id = %s""",
                 (inbox.id,),
             )
+        # R-HEALTH-2: throttled / restricted end too, the problems so far forgiven
+        was_health = health.reset(inbox.id)
         resumed = _resume_disabled_runs(runs.POOL_HOLDS_INBOX, (inbox.id,))
+        resumed += health.resume_unrestricted_runs(inbox.id)
         wake_parked([inbox.id])  # its started messages waiting for it go on now (E-24)
-        if not inbox.disabled and not inbox.consecutive_failures and not resumed:
-            return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
+        if not inbox.disabled and not inbox.consecutive_failures and not resumed and was_health is None:
+            return InboxChange(inbox, False, by, reason, note="not disabled, throttled or restricted; nothing changed")
         why = reason or "no reason given"
         _event(
             inbox,
@@ -225,12 +256,14 @@ def enable_inbox(
                 "was_disabled": inbox.disabled,
                 "disabled_reason": inbox.disabled_reason,
                 "failures_reset": inbox.consecutive_failures,
+                "health_was": was_health or "healthy",
+                "health_reason": inbox.health_reason,
                 "resumed_runs": resumed,
             },
             "info",
         )
     log.info("inbox %s (id %s) enabled by %s (%s); resumed runs %s", inbox.label, inbox.id, by, why, resumed)
-    return InboxChange(inbox, True, by, reason, resumed=resumed)
+    return InboxChange(inbox, True, by, reason, resumed=resumed, health_was=was_health)
 
 
 def resume_runs_of_usable_inboxes() -> list[int]:

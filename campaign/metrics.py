@@ -29,12 +29,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from campaign import health
 from campaign.db import db
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,18 @@ INBOX_CONNECTION = Gauge(
 INBOX_DISABLED = Gauge(
     "campaign_inbox_disabled", "1 while the inbox is disabled", ["workspace", "inbox"], registry=DB_REGISTRY
 )
+INBOX_HEALTH = Gauge(
+    "campaign_inbox_health_state",
+    "1 for the inbox's current health state (healthy, throttled, restricted; R-HEALTH-2)",
+    ["workspace", "inbox", "state"],
+    registry=DB_REGISTRY,
+)
+INBOX_REPLY_RATIO = Gauge(
+    "campaign_inbox_reply_ratio",
+    "Replies / leads messaged by the inbox in the last 7 days (R-HEALTH-3; absent when it messaged nobody)",
+    ["workspace", "inbox"],
+    registry=DB_REGISTRY,
+)
 INBOX_DISCONNECTED = Gauge(
     "campaign_inbox_disconnected_seconds",
     "How long the inbox has been disconnected (0 while connected)",
@@ -219,7 +232,14 @@ REFRESH_SECONDS = Gauge(
 )
 
 #: the R-OPS-4 alert kinds (campaign.ops.monitor.alerts); each is exported, 0 when quiet
-ALERT_KINDS = ("stuck_messages", "failure_ratio", "scheduler_heartbeat", "inbox_disconnected", "dead_letters")
+ALERT_KINDS = (
+    "stuck_messages",
+    "failure_ratio",
+    "scheduler_heartbeat",
+    "inbox_disconnected",
+    "inbox_restricted",
+    "dead_letters",
+)
 
 
 def metric_names() -> set[str]:
@@ -234,12 +254,13 @@ def metric_names() -> set[str]:
 
 _DB_GAUGES: tuple[Gauge, ...] = (
     MESSAGES, MESSAGES_ENDED, PARTS, LLM_TOKENS, MESSAGES_STUCK, DEAD_LETTERS, INBOUND_EVENTS, INBOX_CONNECTION,
-    INBOX_DISABLED, INBOX_DISCONNECTED, INBOX_SENT_HOUR, INBOX_SENT_DAY, INBOX_CAP_HOUR, INBOX_CAP_DAY,
+    INBOX_DISABLED, INBOX_HEALTH, INBOX_REPLY_RATIO,
+    INBOX_DISCONNECTED, INBOX_SENT_HOUR, INBOX_SENT_DAY, INBOX_CAP_HOUR, INBOX_CAP_DAY,
     QUEUE_MESSAGES, HEARTBEAT, ALERTS, REFRESHED, REFRESH_SECONDS,
 )  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
-# the refresh: four statements, whatever the number of campaigns and inboxes
+# the refresh: five statements, whatever the number of campaigns and inboxes
 # ---------------------------------------------------------------------------------------------
 
 _MESSAGES_SQL = """
@@ -260,6 +281,7 @@ _PARTS_SQL = """
 
 _INBOXES_SQL = """
     SELECT w.name AS workspace, i.name AS inbox, i.connection_state, i.disabled, i.max_per_hour, i.max_per_day,
+           i.health_state, i.id,
            coalesce(extract(epoch FROM now() - i.disconnected_since), 0) AS disconnected_s,
            (SELECT count(*) FROM message_parts p
              WHERE p.inbox_id = i.id AND p.status = 'sent' AND p.sent_at > now() - interval '1 hour') AS sent_hour,
@@ -288,15 +310,17 @@ class Snapshot:
     parts: list[tuple]
     inboxes: list[tuple]
     ops: tuple
+    reply_ratios: dict[int, tuple[int, int]] = field(default_factory=dict)  # inbox id -> (messaged, replied)
 
 
 def read_snapshot() -> Snapshot:
-    """The four statements (one round trip each) behind every database gauge."""
+    """The five statements (one round trip each) behind every database gauge."""
     return Snapshot(
         messages=list(db.execute_sql(_MESSAGES_SQL).fetchall()),
         parts=list(db.execute_sql(_PARTS_SQL).fetchall()),
         inboxes=list(db.execute_sql(_INBOXES_SQL).fetchall()),
         ops=tuple(db.execute_sql(_OPS_SQL).fetchone()),
+        reply_ratios={i: (r.messaged, r.replied) for i, r in health.reply_ratios().items()},
     )
 
 
@@ -314,9 +338,15 @@ def _set_messages(rows: Iterable[tuple]) -> None:
         LLM_TOKENS.labels(*campaign_key).set(total)
 
 
-def _set_inboxes(rows: Iterable[tuple]) -> None:
-    for workspace, inbox, state, disabled, per_hour, per_day, disconnected_s, hour, day, inbound in rows:
+def _set_inboxes(rows: Iterable[tuple], replies: Mapping[int, tuple[int, int]]) -> None:
+    for row in rows:
+        workspace, inbox, state, disabled, per_hour, per_day, health, inbox_id = row[:8]
+        disconnected_s, hour, day, inbound = row[8:]
         INBOX_CONNECTION.labels(workspace, inbox, state).set(1)
+        INBOX_HEALTH.labels(workspace, inbox, health).set(1)
+        messaged, replied = replies.get(inbox_id, (0, 0))
+        if messaged:
+            INBOX_REPLY_RATIO.labels(workspace, inbox).set(replied / messaged)
         INBOX_DISABLED.labels(workspace, inbox).set(1 if disabled else 0)
         INBOX_DISCONNECTED.labels(workspace, inbox).set(float(disconnected_s))
         INBOX_SENT_HOUR.labels(workspace, inbox).set(hour)
@@ -337,7 +367,7 @@ def apply_snapshot(
     _set_messages(snap.messages)
     for workspace, campaign, status, n in snap.parts:
         PARTS.labels(workspace, campaign, status).set(n)
-    _set_inboxes(snap.inboxes)
+    _set_inboxes(snap.inboxes, snap.reply_ratios)
     stuck, beat, dead = snap.ops
     MESSAGES_STUCK.set(stuck)
     if beat is not None:
@@ -353,7 +383,7 @@ def apply_snapshot(
 
 
 def refresh(*, queue_depths: Mapping[str, int | None] | None = None, alerts: Iterable[str] = ()) -> Snapshot:
-    """Read the database gauges (four statements) and publish them; returns what was read."""
+    """Read the database gauges (five statements) and publish them; returns what was read."""
     started = time.monotonic()
     snap = read_snapshot()
     apply_snapshot(snap, queue_depths=queue_depths, alerts=alerts)

@@ -16,12 +16,18 @@ import uuid
 from dataclasses import dataclass
 
 from campaign.db import db
+from campaign.sql import health_cap, health_gap_factor
 
 log = logging.getLogger(__name__)
 
 
 _SENT_WINDOW = """(SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id
                    AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '{w}')"""
+
+# A throttled inbox (R-HEALTH-2) has its caps halved and its gap doubled for its cool-down.
+_GAP = f"make_interval(secs => i.min_gap_seconds * {health_gap_factor('i')})"
+_PER_HOUR = health_cap("max_per_hour")
+_PER_DAY = health_cap("max_per_day")
 
 _ACQUIRE_INBOX = f"""
 UPDATE rate_limits rl SET lease_token = %(token)s, lease_until = now() + make_interval(secs => %(lease)s),
@@ -30,9 +36,9 @@ FROM inboxes i
 WHERE rl.key = %(key)s AND i.id = %(inbox)s
   AND (rl.lease_until IS NULL OR rl.lease_until < now())
   AND (rl.blocked_until IS NULL OR rl.blocked_until <= now())
-  AND (rl.last_at IS NULL OR rl.last_at + make_interval(secs => i.min_gap_seconds) <= now())
-  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < i.max_per_hour)
-  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < i.max_per_day)
+  AND (rl.last_at IS NULL OR rl.last_at + {_GAP} <= now())
+  AND ({_PER_HOUR} IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_PER_HOUR})
+  AND ({_PER_DAY} IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_PER_DAY})
 RETURNING rl.key"""
 
 #: expected wait when another send of the inbox is in flight (its lease says only the worst case)
@@ -41,18 +47,18 @@ IN_FLIGHT_WAIT_SECONDS = 0.1
 _INBOX_WAIT = f"""
 SELECT rl.key IS NOT NULL,
     coalesce(extract(epoch FROM rl.lease_until - now()), 0)::float,
-    coalesce(extract(epoch FROM rl.last_at + make_interval(secs => i.min_gap_seconds) - now()), 0)::float,
+    coalesce(extract(epoch FROM rl.last_at + {_GAP} - now()), 0)::float,
     greatest(0,
       extract(epoch FROM rl.blocked_until - now()),
-      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= i.max_per_hour THEN
+      CASE WHEN {_PER_HOUR} IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= {_PER_HOUR} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
             + interval '1 hour' - now()) END,
-      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= i.max_per_day THEN
+      CASE WHEN {_PER_DAY} IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= {_PER_DAY} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
             + interval '1 day' - now()) END)::float,
-    i.min_gap_seconds
+    i.min_gap_seconds * {health_gap_factor("i")}
 FROM inboxes i LEFT JOIN rate_limits rl ON rl.key = %(key)s
 WHERE i.id = %(inbox)s"""
 

@@ -270,6 +270,26 @@ class Settings:
     inbox_failure_limit: int = field(
         default=5, metadata={"env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)}
     )
+    #: R-HEALTH-2: delivery ERRORs + send refusals in the sliding hour that throttle an inbox, AND
+    #: at least this share of the hour's sends; restrict it at the second pair; how long it lasts
+    health_throttle_errors: int = field(
+        default=5, metadata={"env": "HEALTH_THROTTLE_ERRORS", "parse": _int_in("HEALTH_THROTTLE_ERRORS", 1, 100000)}
+    )
+    health_throttle_ratio: float = field(
+        default=0.05,
+        metadata={"env": "HEALTH_THROTTLE_RATIO", "parse": _float_in("HEALTH_THROTTLE_RATIO", 0.0, 1.0)},
+    )
+    health_restrict_errors: int = field(
+        default=15, metadata={"env": "HEALTH_RESTRICT_ERRORS", "parse": _int_in("HEALTH_RESTRICT_ERRORS", 1, 100000)}
+    )
+    health_restrict_ratio: float = field(
+        default=0.15,
+        metadata={"env": "HEALTH_RESTRICT_RATIO", "parse": _float_in("HEALTH_RESTRICT_RATIO", 0.0, 1.0)},
+    )
+    health_cooldown_hours: float = field(
+        default=24.0,
+        metadata={"env": "HEALTH_COOLDOWN_HOURS", "parse": _float_in("HEALTH_COOLDOWN_HOURS", 0.001, 24 * 30)},
+    )
     error_threshold_ratio: float = field(
         default=0.10, metadata={"env": "ERROR_THRESHOLD_RATIO", "parse": _float_in("ERROR_THRESHOLD_RATIO", 0.0, 1.0)}
     )
@@ -316,6 +336,10 @@ class Settings:
         if self.lease_seconds < self.max_backoff_seconds:
             # a message waiting out its backoff would be re-enqueued by the sweep as "stuck"
             raise ConfigError("LEASE_SECONDS must be at least MAX_BACKOFF_SECONDS")
+        if self.health_restrict_errors < self.health_throttle_errors:
+            raise ConfigError("HEALTH_RESTRICT_ERRORS must not be below HEALTH_THROTTLE_ERRORS")
+        if self.health_restrict_ratio < self.health_throttle_ratio:
+            raise ConfigError("HEALTH_RESTRICT_RATIO must not be below HEALTH_THROTTLE_RATIO")
 
     @property
     def send_lease_seconds(self) -> float:

@@ -7,6 +7,35 @@ from typing import Any
 
 from campaign.db import db
 
+# -- inbox health (R-HEALTH-2, R-FAIL-6): what the send-time caps, failover and planning share ----
+
+
+def inbox_can_send(alias: str = "i") -> str:
+    """SQL predicate on the ``inboxes`` row ``alias``: the number may send at all (not disabled by an
+    operator or by N failures, not ``restricted``). Connection state is not part of it: a
+    disconnect is waited out (E-07) or failed over after its own delay (R-POOL-3)."""
+    return f"(NOT {alias}.disabled AND {alias}.health_state <> 'restricted')"
+
+
+#: :func:`inbox_can_send` of the alias ``i``
+INBOX_CAN_SEND = inbox_can_send("i")
+
+
+def health_cap_factor(alias: str = "i") -> str:
+    """SQL factor on an inbox's caps: ``throttled`` halves them for its cool-down (R-HEALTH-2)."""
+    return f"(CASE WHEN {alias}.health_state = 'throttled' THEN 0.5 ELSE 1 END)"
+
+
+def health_gap_factor(alias: str = "i") -> str:
+    """SQL factor on an inbox's minimum gap: ``throttled`` doubles it for its cool-down (R-HEALTH-2)."""
+    return f"(CASE WHEN {alias}.health_state = 'throttled' THEN 2 ELSE 1 END)"
+
+
+def health_cap(column: str, alias: str = "i") -> str:
+    """The effective value of the cap ``alias.column`` (NULL: uncapped): halved while throttled, at least 1."""
+    halved = f"greatest(1, floor({alias}.{column} * {health_cap_factor(alias)}))::int"
+    return f"(CASE WHEN {alias}.{column} IS NULL THEN NULL ELSE {halved} END)"
+
 
 def fetch_one(sql: str, params: Sequence[Any] | dict = ()) -> tuple | None:
     """The first row of ``sql`` (None when it returns none)."""

@@ -15,13 +15,23 @@ from models.campaign import (
     MessagePart,
 )
 from models.ops import DeadLetter, RateLimit, SchedulerHeartbeat
-from models.workspace import Column, Conversation, ConversationMessage, InboundEvent, Inbox, Lead, Workspace
+from models.workspace import (
+    Column,
+    Conversation,
+    ConversationMessage,
+    InboundEvent,
+    Inbox,
+    InboxRefusal,
+    Lead,
+    Workspace,
+)
 
 ALL_MODELS = (
     Workspace,
     Column,
     Lead,
     Inbox,
+    InboxRefusal,
     Conversation,
     CampaignConfig,
     CampaignConfigInbox,

@@ -477,7 +477,37 @@ V9 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9)
+V10 = Migration(
+    10,
+    "number health: healthy / throttled / restricted per inbox, send refusals (R-HEALTH-2)",
+    (
+        # The inbox's health state (R-HEALTH-2) beside `disabled` (R-FAIL-6, an operator's or N
+        # failures in a row): since when, until when its cool-down runs, and why. Problems before
+        # health_counted_from are not evidence any more (an operator's `inbox enable` forgives them).
+        """ALTER TABLE inboxes ADD COLUMN health_state text NOT NULL DEFAULT 'healthy'
+        CHECK (health_state IN ('healthy', 'throttled', 'restricted'))""",
+        "ALTER TABLE inboxes ADD COLUMN health_since timestamptz",
+        "ALTER TABLE inboxes ADD COLUMN health_until timestamptz",
+        "ALTER TABLE inboxes ADD COLUMN health_reason text",
+        "ALTER TABLE inboxes ADD COLUMN health_counted_from timestamptz",
+        """ALTER TABLE inboxes ADD CONSTRAINT inboxes_health_until_check
+        CHECK ((health_state = 'healthy') = (health_until IS NULL))""",
+        # Every answer that said "this number cannot send" (401/403/404 of the instance, "Connection
+        # Closed" while it says open), with its time: the sliding hour of R-HEALTH-2 counts them.
+        """CREATE TABLE inbox_refusals (
+        id bigserial PRIMARY KEY,
+        inbox_id bigint NOT NULL REFERENCES inboxes(id) ON DELETE CASCADE,
+        code text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now())""",
+        "CREATE INDEX inbox_refusals_inbox_at_idx ON inbox_refusals (inbox_id, at)",
+        # The delivery ERRORs of an inbox's last hour: one range of a partial index (only parts that
+        # got an ERROR are in it), however long the send history.
+        """CREATE INDEX message_parts_delivery_errors_idx ON message_parts (inbox_id, delivery_error_at)
+        WHERE delivery_error_at IS NOT NULL""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10)
 LATEST = MIGRATIONS[-1].version
 
 

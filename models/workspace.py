@@ -75,9 +75,29 @@ class Inbox(BaseModel):
     min_gap_seconds = DoubleField(default=1.0)
     max_per_hour = IntegerField(null=True)
     max_per_day = IntegerField(null=True)
+    health_state = TextField(default="healthy")  # healthy | throttled | restricted (R-HEALTH-2, V10)
+    health_since = DateTimeTZField(null=True)
+    health_until = DateTimeTZField(null=True)  # the cool-down's end (None while healthy)
+    health_reason = TextField(null=True)
+    health_counted_from = DateTimeTZField(null=True)  # problems before this are forgiven (`inbox enable`)
 
     class Meta:
         table_name = "inboxes"
+
+
+class InboxRefusal(BaseModel):
+    """A send the number itself refused (401/403/404, "Connection Closed" while open): R-HEALTH-2 evidence."""
+
+    id = BigAutoField()
+    inbox = ForeignKeyField(Inbox, on_delete="CASCADE")
+    inbox_id: int  # the foreign key's column, set by peewee
+    code = TextField()
+    at = DateTimeTZField()
+    created_at = None  # append-only: the table has neither timestamp
+    updated_at = None
+
+    class Meta:
+        table_name = "inbox_refusals"
 
 
 class Conversation(BaseModel):

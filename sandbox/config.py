@@ -25,6 +25,9 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "webhook_events": ["messages.update", "messages.upsert", "connection.update"],  # posted to webhook_url
       "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],  # RabbitMQ
       "replies": null,                    # automatic inbound replies (below); null: none
+      "delivery_errors": {},              # {instance: rate}: that share of the instance's accepted sends
+                                          #   get a delivery ERROR receipt (after SERVER_ACK) instead of
+                                          #   DELIVERY_ACK / READ, and no reply (R-HEALTH-2, E-35)
       "early_tolerance_ms": 10            # slack before a retry counts as early
     }
 
@@ -107,6 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "webhook_events": ["messages.update", "messages.upsert", "connection.update"],
     "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],
     "replies": None,
+    "delivery_errors": {},
     "early_tolerance_ms": 10,
 }
 
@@ -247,6 +251,11 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(doc[key], list) or not set(doc[key]) <= set(EVENTS):
             raise FaultError(f"{key}: a list of {list(EVENTS)}")
     _validate_replies(doc["replies"])
+    errors = doc["delivery_errors"]
+    if not isinstance(errors, dict):
+        raise FaultError("delivery_errors: expected an object {instance: rate}")
+    for instance, rate in errors.items():
+        _number(f"delivery_errors.{instance}", rate, hi=1.0)
     _number("early_tolerance_ms", doc["early_tolerance_ms"], hi=60000)
     return doc
 

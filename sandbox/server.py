@@ -721,11 +721,19 @@ class SandboxApp:
         assert bus is not None
         if bus.wants("send.message"):
             bus.schedule("send.message", instance, answer, epoch=epoch)
+        # delivery_errors: a deterministic draw per send (seed, key id) says whether this one fails
+        error_rate = float(cfg["delivery_errors"].get(instance, 0.0))
+        failed = error_rate > 0 and random.Random(f"{self.seed}|delivery_error|{key_id}").random() < error_rate
+        statuses = cfg["webhook_statuses"]
+        if failed:
+            statuses = [s for s in statuses if s == "SERVER_ACK"] + ["ERROR"]
         if bus.wants("messages.update"):
             gap_s = cfg["webhook_gap_ms"] / 1000.0
-            for i, status in enumerate(cfg["webhook_statuses"], start=1):
+            for i, status in enumerate(statuses, start=1):
                 data = messages_update_data(instance, key_id, remote_jid, status)
                 bus.schedule("messages.update", instance, data, delay_s=gap_s * i, epoch=epoch)
+        if failed:
+            return  # it never reached the lead: nobody answers it
         reply = draw_reply(cfg["replies"], self.seed, instance, number, part, key_id)
         if reply is not None:
             self.inbound(reply, epoch=epoch)

@@ -49,6 +49,7 @@ import pika
 import pika.exceptions
 import psycopg2
 
+from campaign import health
 from campaign.db import db
 from campaign.errors import ConfigError, EnvelopeError
 from campaign.events import log_event
@@ -61,6 +62,7 @@ from campaign.inbound import (
     apply_messages,
     parse_envelope,
 )
+from campaign.inbound.envelopes import ERROR_STATUS
 from campaign.inbound.receipts import apply_updates
 from campaign.settings import Settings, amqp_parameters, redact_url
 
@@ -305,6 +307,17 @@ class InboundConsumer:
                 continue
             acks.committed([p.delivery for p in group])
             self._count(results)
+            self._after_errors(group)
+
+    def _after_errors(self, group: list[_Parsed]) -> None:
+        """Delivery ``ERROR`` receipts committed: evaluate their inboxes' health (R-HEALTH-2), in
+        transactions of their own (they may pause runs: never in the receipts' transaction)."""
+        instances = [
+            p.event.instance for p in group if isinstance(p.event, DeliveryUpdate) and p.event.status == ERROR_STATUS
+        ]
+        if instances:
+            with db.connection_context():
+                health.after_receipts(instances, self.settings)
 
     def _apply_replies(self, group: list[_Parsed]) -> list[str]:
         """A batch's replies, together (:func:`apply_messages` commits them); the result names."""
@@ -331,6 +344,7 @@ class InboundConsumer:
                 with db.connection_context(), db.atomic():
                     result = self._apply_one(delivery)
                 self._count([result])
+                self._after_errors([self._parse(delivery)])
                 return
             except _DB_DOWN as exc:
                 # the database is away: hold the event (unacked) and wait for it

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import peewee
 from rich.text import Text
 
-from campaign import inboxes, planner, runs
+from campaign import health, inboxes, planner, runs
 from campaign.db import db, init_db
 from campaign.errors import ConfigError, EngineError
 from campaign.logs import configure_logging
@@ -205,7 +205,11 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 def _inbox_args(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, help_text in (
-        ("enable", "enable an inbox: failures reset, its runs paused inbox_disabled resume"),
+        (
+            "enable",
+            "enable an inbox: failures reset, throttled/restricted back to healthy, its runs paused "
+            "inbox_disabled / inbox_restricted resume",
+        ),
         ("disable", "disable an inbox: its running runs pause (inbox_disabled) until it is enabled"),
     ):
         a = actions.add_parser(action, help=help_text, description=help_text)
@@ -241,41 +245,83 @@ def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         print(
-            f"inbox {label} enabled by {change.by} (consecutive failures reset to 0); runs resumed: "
-            f"{_run_ids(change.resumed)}"
+            f"inbox {label} enabled by {change.by} (consecutive failures reset to 0"
+            + (f"; {change.health_was} -> healthy" if change.health_was else "")
+            + f"); runs resumed: {_run_ids(change.resumed)}"
         )
     return 0
 
 
+INBOX_COLUMNS = (
+    "inbox",
+    "instance",
+    "state",
+    "connection",
+    "cap today",
+    "sent 24 h",
+    "reply ratio 7 d",
+    "failures",
+    "reason",
+)
+
+
+def inbox_rows(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.ReplyRatio]) -> list[tuple[str, ...]]:
+    """The cells of the inbox table (R-HEALTH-4), one tuple per inbox in :data:`INBOX_COLUMNS` order."""
+    out: list[tuple[str, ...]] = []
+    for r in rows:
+        connection = r.connection_state + (
+            f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC" if r.disconnected_since else ""
+        )
+        cap = "-" if r.max_per_day is None else str(r.effective_per_day)
+        if r.max_per_day is not None and r.effective_per_day != r.max_per_day:
+            cap += f" (of {r.max_per_day})"
+        out.append(
+            (
+                r.label,
+                r.instance_name,
+                r.state,
+                connection,
+                cap,
+                str(r.sent_today),
+                ratios.get(r.id, health.ReplyRatio(0, 0)).text(),
+                str(r.consecutive_failures),
+                r.reason or "-",
+            )
+        )
+    return out
+
+
+def inbox_table(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.ReplyRatio]) -> RenderableType:
+    """The inboxes section of ``status``: the same cells as ``inboxes``."""
+    from rich.table import Table
+
+    t = Table(title=f"inboxes ({len(rows)})", title_justify="left")
+    for col in INBOX_COLUMNS:
+        t.add_column(col, overflow="fold")
+    styles = {"throttled": "yellow", "restricted": "red", "disabled": "red"}
+    for cells, r in zip(inbox_rows(rows, ratios), rows):
+        t.add_row(*(_plain(c) for c in cells), style=styles.get(r.state, ""))
+    return t
+
+
 @command(
     "inboxes",
-    "list the inboxes: connection state, disabled (why), consecutive send failures",
+    "list the inboxes: state (healthy/throttled/restricted/disabled), connection, cap today, sent, "
+    "reply ratio, consecutive send failures, reason",
     lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"),
 )
 def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         rows = inboxes.list_inboxes(args.workspace)
+        ratios = health.reply_ratios([r.id for r in rows])
     if not rows:
         print("no inbox (apply a TOML file first)")
         return 0
-    table = [("inbox", "instance", "state", "failures", "disabled")]
-    for r in rows:
-        state = r.connection_state + (
-            f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC" if r.disconnected_since else ""
-        )
-        table.append(
-            (
-                r.label,
-                r.instance_name,
-                state,
-                str(r.consecutive_failures),
-                f"yes: {r.disabled_reason}" if r.disabled else "no",
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    table = [INBOX_COLUMNS, *inbox_rows(rows, ratios)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(INBOX_COLUMNS) - 1)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     return 0
 
 
@@ -476,6 +522,8 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
 
     if snap.listening is not None:
         parts += _listening(snap.listening, snap.taken_at)
+    if snap.inboxes:
+        parts.append(inbox_table(snap.inboxes, snap.reply_ratios))
 
     if snap.alerts:
         parts.append(Text("alerts:", style="bold red"))

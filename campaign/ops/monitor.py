@@ -11,8 +11,10 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from campaign import steps
+from campaign import health, steps
 from campaign.db import db
+from campaign.health import ReplyRatio
+from campaign.inboxes import InboxRow, list_inboxes
 from campaign.settings import Settings, amqp_parameters, redact_url
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class MessageLine:
 @dataclass(frozen=True)
 class Alert:
     """An R-OPS-4 alert: ``kind`` is stable (stuck_messages, failure_ratio, scheduler_heartbeat,
-    inbox_disconnected, dead_letters); ``text`` is for humans."""
+    inbox_disconnected, inbox_restricted (R-HEALTH-2), dead_letters); ``text`` is for humans."""
 
     kind: str
     text: str
@@ -167,6 +169,9 @@ class StatusSnapshot:
     failed: list[MessageLine]
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
+    #: every inbox with its state and caps (R-HEALTH-4) and its 7-day reply ratio (R-HEALTH-3)
+    inboxes: list[InboxRow] = field(default_factory=list)
+    reply_ratios: dict[int, ReplyRatio] = field(default_factory=dict)
 
 
 _RUNS_SQL = """
@@ -317,6 +322,8 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     queues, queue_error = queue_depths(settings) if with_queues else ({}, None)
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.listening = listening(now=now)
+    snap.inboxes = list_inboxes()
+    snap.reply_ratios = health.reply_ratios(now=now)
     snap.alerts = alerts(settings, now=now)
     return snap
 
@@ -493,6 +500,20 @@ def alerts(settings: Settings, *, now: dt.datetime | None = None) -> list[Alert]
             Alert(
                 "inbox_disconnected",
                 f"inbox {label} (id {inbox_id}) is {state} for {(now - since).total_seconds() / 60:.0f} min",
+            )
+        )
+
+    for inbox_id, label, since, until, reason in db.execute_sql(
+        """SELECT i.id, w.name || '/' || i.name, i.health_since, i.health_until, i.health_reason
+                 FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
+                WHERE i.health_state = 'restricted' ORDER BY i.id"""
+    ):
+        out.append(
+            Alert(
+                "inbox_restricted",
+                f"inbox {label} (id {inbox_id}) is restricted since {since:%Y-%m-%d %H:%M} UTC: {reason}; "
+                f"no send starts on it until {until:%Y-%m-%d %H:%M} UTC (cool-down with no new error) "
+                "or `cli.py inbox enable`",
             )
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import re
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from campaign import planner, runs
+from campaign import health, planner, runs
 from campaign.db import db
 from campaign.errors import (
     ConfigError,
     RunNotFound,
 )
+from campaign.health import ReplyRatio
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class InboxReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead wrote on this inbox after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    health_state: str = "healthy"  # now (R-HEALTH-2)
+    reply_ratio_7d: ReplyRatio | None = None  # the inbox's, every campaign, last 7 days (R-HEALTH-3)
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,8 @@ _PARTS_SQL = """
      ORDER BY p.inbox_id, p.sent_at, p.id"""
 
 _INBOXES_SQL = """
-    SELECT id, name, instance_name, min_gap_seconds, disabled FROM inboxes WHERE id = ANY(%s) ORDER BY id"""
+    SELECT id, name, instance_name, min_gap_seconds, disabled, health_state FROM inboxes WHERE id = ANY(%s)
+     ORDER BY id"""
 
 _PLAN_EVENT_SQL = """
     SELECT details FROM campaign_events WHERE run_id = %s AND step = 'plan' AND details ? 'invalid_phones'
@@ -299,9 +304,11 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
             {int(m.inbox_id) for m in messages} | {int(r[0]) for r in parts} | {int(i) for i in run[20] or ()}
         )
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
+        ratios = health.reply_ratios(inbox_ids, now=now)
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
+    rep.inboxes = [dataclasses.replace(i, reply_ratio_7d=ratios.get(i.id)) for i in rep.inboxes]
     rep.closed_while_paused = closed_paused
     log.debug(
         "report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts), len(inbox_rows)
@@ -363,7 +370,7 @@ def _assemble(
         planned_by_inbox.setdefault(int(m.inbox_id), []).append((m.scheduled_at, m.first_sent))
 
     inboxes, series = [], []
-    for iid, name, instance, min_gap, disabled in sorted(inbox_rows, key=lambda r: (_natural(r[1]), r[0])):
+    for iid, name, instance, min_gap, disabled, state in sorted(inbox_rows, key=lambda r: (_natural(r[1]), r[0])):
         mine = [m for m in messages if m.inbox_id == iid]
         sends = sends_by_inbox.get(iid, [])
         replies = sorted((m.first_reply, m.first_sent) for m in mine if m.first_reply and m.first_sent)
@@ -386,6 +393,7 @@ def _assemble(
                 messaged=sum(m.first_sent is not None for m in mine),
                 replied=len(replies),
                 opted_out=len(opt_outs),
+                health_state=str(state),
             )
         )
         if mine or sends:

@@ -165,10 +165,13 @@ def render_text(rep: RunReport) -> str:
                 "configured gap",
                 "replied",
                 "opted out",
+                "reply ratio 7 d",
             ],
             [
                 [
-                    i.name + (" (disabled)" if i.disabled else ""),
+                    i.name
+                    + (" (disabled)" if i.disabled else "")
+                    + (f" ({i.health_state})" if i.health_state != "healthy" else ""),
                     str(i.messages),
                     str(i.messages_sent),
                     str(i.parts_sent),
@@ -179,6 +182,7 @@ def render_text(rep: RunReport) -> str:
                     _fmt_s(i.min_gap_seconds),
                     str(i.replied),
                     str(i.opted_out),
+                    i.reply_ratio_7d.text() if i.reply_ratio_7d else "-",
                 ]
                 for i in rep.inboxes
             ],
@@ -189,7 +193,8 @@ def render_text(rep: RunReport) -> str:
         )
         lines.append(
             "  replied / opted out: this run's leads who wrote to that inbox / opted out after their "
-            "message's first part went out"
+            "message's first part went out; reply ratio 7 d: the inbox's leads messaged in the last 7 days "
+            "(every campaign) who wrote back (R-HEALTH-3)"
         )
     else:
         lines.append("  (no inbox: nothing planned)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import re
 
 import pytest
 
@@ -125,6 +126,8 @@ def test_enable_resumes_exactly_the_runs_paused_inbox_disabled(world, capsys):
         "was_disabled": True,
         "disabled_reason": "5 consecutive send failures",
         "failures_reset": 5,
+        "health_was": "healthy",
+        "health_reason": None,
         "resumed_runs": [runs["a"].id],
     }
     resumed = db.execute_sql(
@@ -133,7 +136,7 @@ def test_enable_resumes_exactly_the_runs_paused_inbox_disabled(world, capsys):
     assert resumed == [(runs["a"].id,)]
     # enabling an enabled inbox: nothing to do, nothing logged
     code, out, _ = run_cli(capsys, "inbox", "enable", "sales-1")
-    assert code == 0 and out == "inbox acme/sales-1: not disabled; nothing changed\n"
+    assert code == 0 and out == "inbox acme/sales-1: not disabled, throttled or restricted; nothing changed\n"
     assert len(_inbox_events()) == 2
 
 
@@ -180,28 +183,33 @@ def test_names_workspaces_and_bad_input(world, capsys):
 
 
 def test_inboxes_lists_state_disabled_and_failures(world, capsys):
+    """R-HEALTH-4: state (disabled wins over health), connection, cap today (halved while throttled),
+    sent in 24 h, reply ratio, consecutive failures and the reason, one line per inbox."""
     ws, cols, one, two, runs = world
     db.execute_sql(
         """UPDATE inboxes SET connection_state = 'close', disconnected_since = '2026-06-10 12:00+00',
-                             consecutive_failures = 2 WHERE id = %s""",
+                             consecutive_failures = 2, max_per_day = 41, health_state = 'throttled',
+                             health_since = now(), health_until = '2099-01-02 03:04+00',
+                             health_reason = '6 delivery errors' WHERE id = %s""",
         (two.id,),
     )
+    db.execute_sql("UPDATE inboxes SET max_per_day = NULL WHERE id = %s", (one.id,))
     run_cli(capsys, "inbox", "disable", "sales-1", "--reason", "banned")
     code, out, _ = run_cli(capsys, "inboxes")
     assert code == 0
-    header, first, second = out.splitlines()
-    assert header.split() == ["inbox", "instance", "state", "failures", "disabled"]
-    assert first.split() == ["acme/sales-1", one.instance_name, "unknown", "0", "yes:", "banned"]
-    assert second.split() == [
+    header, first, second = (re.split(r"\s{2,}", line.strip()) for line in out.splitlines())
+    assert header == list(cli.INBOX_COLUMNS)
+    assert first == ["acme/sales-1", one.instance_name, "disabled", "unknown", "-", "0", "-", "0", "banned"]
+    assert second == [
         "acme/sales-2",
         two.instance_name,
-        "close",
-        "since",
-        "2026-06-10",
-        "12:00",
-        "UTC",
+        "throttled",
+        "close since 2026-06-10 12:00 UTC",
+        "20 (of 41)",
+        "0",
+        "-",
         "2",
-        "no",
+        "6 delivery errors (until 2099-01-02 03:04 UTC)",
     ]
     code, _, err = run_cli(capsys, "inboxes", "--workspace", "nope")
     assert code == 2 and "workspace 'nope' does not exist" in err
