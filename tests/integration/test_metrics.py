@@ -245,6 +245,18 @@ def test_metrics_equal_row_counts_after_a_run_with_faults_and_no_label_is_high_c
         (("inbox", "sales-1"), ("workspace", "acme")): float(parts["sent"])
     }
     assert sum(_pick(scraped, "campaign_inbox_connection_state", inbox="sales-1").values()) == 1.0
+    assert _pick(scraped, "campaign_inbox_health_state", inbox="sales-1") == {
+        (("inbox", "sales-1"), ("state", "healthy"), ("workspace", "acme")): 1.0
+    }
+    # R-HEALTH-3: the reply ratio is the leads who wrote back over the leads messaged (7 days)
+    from campaign import health
+
+    (iid,) = _rows("SELECT id FROM inboxes WHERE name = 'sales-1'")[0]
+    ratio = health.reply_ratios([iid])[iid]
+    assert ratio.messaged >= 1
+    assert _pick(scraped, "campaign_inbox_reply_ratio", inbox="sales-1") == {
+        (("inbox", "sales-1"), ("workspace", "acme")): ratio.ratio
+    }
     # dead letters, in doubt, stuck: the rows (none here) and nothing invented
     assert (
         sum(_pick(scraped, "campaign_dead_letters").values())

@@ -302,6 +302,24 @@ def test_error_is_recorded_without_downgrading(receiver, clean_db) -> None:
     assert part_state(b.id)[0] is None and part_state(b.id)[2] is not None
 
 
+def test_error_receipts_over_the_webhook_throttle_the_inbox(receiver, clean_db) -> None:
+    """R-HEALTH-2 on the webhook path: once the 5th delivery ERROR is committed, the receiver evaluates the
+    inbox's health (in a transaction of its own): throttled, with an event carrying the evidence."""
+    from models import Inbox, MessagePart
+
+    parts = make_parts(6)
+    inbox_id = MessagePart.get_by_id(parts[0].id).inbox_id
+    for part in parts[:4]:
+        assert receiver.post(envelope(part.provider_message_id, "ERROR")).json()["result"] == "updated"
+    assert Inbox.get_by_id(inbox_id).health_state == "healthy"
+    receiver.post(envelope(parts[4].provider_message_id, "ERROR"))
+    assert Inbox.get_by_id(inbox_id).health_state == "throttled"
+    from campaign.db import db
+
+    (details,) = db.execute_sql("SELECT details FROM campaign_events WHERE step = 'health'").fetchone()
+    assert (details["from"], details["to"], details["evidence"]["errors"]) == ("healthy", "throttled", 5)
+
+
 def test_unknown_id_and_other_events_are_acknowledged_and_ignored(receiver, clean_db) -> None:
     (part,) = make_parts(1)
     r = receiver.post(envelope("NOT-OURS-123", "READ"))

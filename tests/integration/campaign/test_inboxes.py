@@ -260,3 +260,68 @@ def test_operator_pause_of_a_run_paused_inbox_disabled_survives_enable(world, ca
     assert _run(runs["d"]) == ("paused", "manual")
     assert run_cli(capsys, "resume", str(runs["d"].id))[0] == 0
     assert _run(runs["d"]) == ("running", None)
+
+
+def _restrict(inbox: Inbox, world_runs: dict) -> None:
+    """Make ``inbox`` restricted through real evidence: 15 of its sent parts got a delivery ERROR."""
+    from campaign import health
+
+    run = next(r for r in world_runs.values() if r.config.inbox_id == inbox.id)
+    for i in range(15):
+        m = f.message(run, f.lead(run.config.workspace, None))
+        db.execute_sql(
+            """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, provider_message_id, sending_at,
+                                          sent_at, delivery_error_at)
+               VALUES (%s, %s, 0, 'x', 'sent', %s, now(), now(), now())""",
+            (m.id, inbox.id, f"KEY-{inbox.id}-{i}"),
+        )
+    change = health.evaluate(inbox.id, get_settings())
+    assert change is not None and change.new == "restricted"
+
+
+def test_enable_brings_a_restricted_inbox_back_and_resumes_its_runs(world, capsys):
+    """R-HEALTH-2: `inbox enable` ends restricted at once (the errors so far forgiven), resumes the runs
+    paused inbox_restricted on it, and logs who/why with the state it left."""
+    from campaign import health
+
+    ws, cols, one, two, runs = world
+    _restrict(one, runs)
+    assert _run(runs["a"]) == _run(runs["b"]) == _run(runs["c"]) == ("paused", "inbox_restricted")
+    assert _run(runs["d"]) == ("running", None)
+    code, out, err = run_cli(capsys, "inbox", "enable", "sales-1", "--reason", "checked the number")
+    assert code == 0, err
+    ids = ", ".join(str(runs[k].id) for k in "abc")
+    assert out == (
+        f"inbox acme/sales-1 enabled by alice (consecutive failures reset to 0; restricted -> healthy); "
+        f"runs resumed: {ids}\n"
+    )
+    ibx = Inbox.get_by_id(one.id)
+    assert (ibx.health_state, ibx.health_until, ibx.health_reason) == ("healthy", None, None)
+    assert _run(runs["a"]) == ("running", None)
+    level, text, details = _inbox_events()[-1]
+    assert details["health_was"] == "restricted" and "15 delivery error(s)" in details["health_reason"]
+    # the errors before the enable are forgiven: the next evaluation keeps it healthy
+    assert health.evaluate(one.id, get_settings()) is None and Inbox.get_by_id(one.id).health_state == "healthy"
+
+
+def test_apply_never_lifts_a_restricted_or_throttled_inbox(clean_db, capsys, tmp_path):
+    """R-HEALTH-2: re-applying (or changing) the TOML leaves the health state, its cool-down and reason alone."""
+    path = tmp_path / "acme.toml"
+    path.write_text(EXAMPLE)
+    assert run_cli(capsys, "apply", str(path))[0] == 0
+    db.execute_sql(
+        """UPDATE inboxes SET health_state = 'restricted', health_since = now(),
+                  health_until = now() + interval '20 hours', health_reason = '16 delivery errors'
+            WHERE name = 'sales-1'"""
+    )
+    before = Inbox.get(name="sales-1")
+    assert run_cli(capsys, "apply", str(path))[0] == 0
+    path.write_text(EXAMPLE.replace("max_per_hour = 60", "max_per_hour = 30"))
+    assert run_cli(capsys, "apply", str(path))[0] == 0
+    ibx = Inbox.get(name="sales-1")
+    assert ibx.max_per_hour == 30
+    assert (ibx.health_state, ibx.health_until, ibx.health_reason) == (
+        "restricted",
+        before.health_until,
+        "16 delivery errors",
+    )

@@ -322,6 +322,46 @@ def test_webhook_emission() -> None:
         receiver.close()
 
 
+def test_delivery_errors_answer_one_instance_with_error_receipts_at_its_rate() -> None:
+    """R-HEALTH-2 / E-35 fixture: ``delivery_errors = {instance: rate}`` gives that share of the
+    instance's accepted sends SERVER_ACK then ERROR (no DELIVERY_ACK / READ), published like every
+    receipt; other instances are untouched; the draw is deterministic; bad rates are refused."""
+    receiver = _Receiver()
+    try:
+        with (
+            SandboxProcess(webhook_url=receiver.url, webhook_secret="whsec-1", seed=9) as sb,
+            httpx.Client(base_url=sb.url, trust_env=False) as http,
+        ):
+            sb.set_faults(delivery_errors={"acme-1": 0.5}, webhook_gap_ms=1)
+            keys = {
+                send(http, sb, f"m{i}", number=f"55119876543{i:02d}").json()["key"]["id"]: "acme-1" for i in range(40)
+            }
+            keys[send(http, sb, "other", instance="acme-2").json()["key"]["id"]] = "acme-2"
+            by_key: dict[str, list[str]] = {}
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                by_key = {}
+                for e in receiver.events:
+                    by_key.setdefault(e["data"]["keyId"], []).append(e["data"]["status"])
+                done = sum(len(v) for v in by_key.values())
+                if done >= 41 * 2 and all(v[-1] in ("ERROR", "READ") for v in by_key.values()):
+                    break
+                time.sleep(0.05)
+            failed = {k for k, v in by_key.items() if v == ["SERVER_ACK", "ERROR"]}
+            fine = {k for k, v in by_key.items() if v == ["SERVER_ACK", "DELIVERY_ACK", "READ"]}
+            assert failed | fine == set(keys) and not failed & fine
+            assert {keys[k] for k in failed} == {"acme-1"}  # acme-2 never errs
+            assert 10 <= len(failed) <= 30  # about half of 40
+            with pytest.raises(ValueError, match="400"):
+                sb.set_faults(delivery_errors={"acme-1": 1.5})
+            with pytest.raises(ValueError, match="400"):
+                sb.set_faults(delivery_errors=["acme-1"])
+    finally:
+        receiver.close()
+    with pytest.raises(FaultError, match=r"delivery_errors.acme-1: 2 out of range"):
+        validate(with_defaults({"delivery_errors": {"acme-1": 2}}))
+
+
 # -- determinism, concurrency, shutdown --------------------------------------------------------------
 
 
