@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
+from devtools import demo_health
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
@@ -95,6 +96,7 @@ DEMO_FAULTS: dict[str, Any] = {
     "send": {"latency_ms": [20, 60]},
     "retry_after": 0.3,
     "invalid_numbers": [NOT_ON_WHATSAPP.lstrip("+")],
+    **demo_health.FAULTS,  # one number's delivery ERRORs: it gets throttled, its campaign goes on
 }
 
 #: engine settings on the demo's compressed clock (each is an ordinary environment setting)
@@ -108,6 +110,7 @@ ENGINE_TUNING = {
     # how often an in-process consumer releases due delayed messages (ms); the 1 s default would
     # make every pacing delay up to a second late
     "dramatiq_worker_timeout": "100",
+    **demo_health.ENGINE_TUNING,
 }
 
 #: the scheduler jobs the demo runs, at demo speed (seconds); planning is the explicit run-now
@@ -147,6 +150,7 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    health: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_health
 
     @property
     def ok(self) -> bool:
@@ -785,6 +789,7 @@ def _run_engine(
     _outcomes(console, run_ids, ledger, mismatches)
     heard = listening.summary(run_ids)
     _heard(console, heard)
+    health = demo_health.show(console, run_ids)
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -800,6 +805,7 @@ def _run_engine(
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
+        health=health,
     )
     console.print(
         f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s ({services.mode} mode)",

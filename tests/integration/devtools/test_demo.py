@@ -163,6 +163,12 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     assert [r["fault"] for r in tried] == ["invalid_number"]  # asked once, never retried (E-13)
     assert not [r for r in ledger["requests"] if r.get("number") == demo.OPTS_OUT.lstrip("+")]
 
+    # number health (R-HEALTH-2): sales-2's delivery ERRORs throttled it; its campaign went on and completed
+    health = result["health"]
+    assert health["inbox"] == "demo/sales-2" and health["errors"] >= 3, health
+    assert health["changes"][0] == "healthy -> throttled" and health["run_status"] == "completed", health
+    assert "number health   demo/sales-2" in output
+
     # the report of each run, text and picture
     assert len(result["pictures"]) == 2 and not result["report_missing"]
     for path in result["pictures"]:
