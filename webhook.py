@@ -207,8 +207,11 @@ def handle_messages_update(doc: dict[str, Any]) -> Answer:
         return _UNAVAILABLE
     _log_outcome(parsed, outcome)
     if parsed.status == ERROR_STATUS:  # committed: the inbox's health, in a transaction of its own (R-HEALTH-2)
-        with db.connection_context():
-            health.after_receipts([parsed.instance], get_settings())
+        try:
+            with db.connection_context():
+                health.after_receipts([parsed.instance], get_settings())
+        except _DB_ERRORS as exc:  # the receipt is recorded: the scheduler's health sweep catches up
+            log.warning("health of %s not evaluated: database error %s", parsed.instance, type(exc).__name__)
     return Answer(HTTPStatus.OK, outcome.as_json())
 
 

@@ -83,7 +83,7 @@ class InboxRow:
         if self.disabled:
             return self.disabled_reason
         if self.health_state != "healthy":
-            until = f" (until {self.health_until:%Y-%m-%d %H:%M} UTC)" if self.health_until else ""
+            until = f" (until {self.health_until.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC)" if self.health_until else ""
             return f"{self.health_reason or self.health_state}{until}"
         return None
 

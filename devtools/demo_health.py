@@ -56,8 +56,7 @@ def show(console: Any, run_ids: list[int]) -> dict[str, Any]:
     went = ", ".join(changes) if changes else "no change"
     console.print(
         f"  number health   {label}: {errors} delivery ERROR(s) of {sent} part(s) sent "
-        f"(sandbox error rate {ERROR_RATE:.0%}) -> {went}; now {state}"
-        + (f" ({reason})" if reason else ""),
+        f"(sandbox error rate {ERROR_RATE:.0%}) -> {went}; now {state}" + (f" ({reason})" if reason else ""),
         markup=False,
     )
     if run is not None:

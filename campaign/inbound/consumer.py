@@ -316,8 +316,11 @@ class InboundConsumer:
             p.event.instance for p in group if isinstance(p.event, DeliveryUpdate) and p.event.status == ERROR_STATUS
         ]
         if instances:
-            with db.connection_context():
-                health.after_receipts(instances, self.settings)
+            try:
+                with db.connection_context():
+                    health.after_receipts(instances, self.settings)
+            except (peewee.PeeweeException, psycopg2.Error) as exc:  # recorded: the health sweep catches up
+                log.warning("inbound: health of %s not evaluated (%s)", sorted(set(instances)), type(exc).__name__)
 
     def _apply_replies(self, group: list[_Parsed]) -> list[str]:
         """A batch's replies, together (:func:`apply_messages` commits them); the result names."""

@@ -511,8 +511,8 @@ def alerts(settings: Settings, *, now: dt.datetime | None = None) -> list[Alert]
         out.append(
             Alert(
                 "inbox_restricted",
-                f"inbox {label} (id {inbox_id}) is restricted since {since:%Y-%m-%d %H:%M} UTC: {reason}; "
-                f"no send starts on it until {until:%Y-%m-%d %H:%M} UTC (cool-down with no new error) "
+                f"inbox {label} (id {inbox_id}) is restricted since {_utc(since)}: {reason}; "
+                f"no send starts on it until {_utc(until)} (cool-down with no new error) "
                 "or `cli.py inbox enable`",
             )
         )
@@ -529,6 +529,10 @@ def alerts(settings: Settings, *, now: dt.datetime | None = None) -> list[Alert]
             )
         )
     return out
+
+
+def _utc(at: dt.datetime | None) -> str:
+    return "?" if at is None else f"{at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
 def log_alerts(settings: Settings) -> list[Alert]:

@@ -16,7 +16,7 @@ import pipeline
 from campaign import health, ratelimit
 from campaign.db import db
 from campaign.inbound.consumer import InboundConsumer
-from campaign.ops import monitor
+from campaign.ops import cli, monitor, report
 from campaign.settings import get_settings
 from models import CampaignMessage, CampaignRun, Inbox
 from sandbox.testing import SandboxProcess
@@ -74,7 +74,7 @@ def _health_events(inbox: Inbox) -> list[tuple[str, str, dict]]:
     ]
 
 
-def test_e35_errors_throttle_then_restrict_one_inbox_and_the_cool_down_brings_it_back(events, llm):
+def test_e35_errors_throttle_then_restrict_one_inbox_and_the_cool_down_brings_it_back(events, llm, capsys):
     """E-35: delivery ERRORs pile up on one inbox: throttled, then restricted; its run pauses
     ``inbox_restricted`` and the ``inbox_restricted`` alert fires; the other inbox (its own campaign)
     keeps sending and stays healthy; 24 h later with no new error it is healthy and its run resumes."""
@@ -83,7 +83,9 @@ def test_e35_errors_throttle_then_restrict_one_inbox_and_the_cool_down_brings_it
     bad, good = w.inboxes
     other_cfg = f.config(w.ws, good, w.cols["New"], w.cols["Contacted"], name="second")
     other_run = f.run(other_cfg)
-    sb.set_faults({"delivery_errors": {bad.instance_name: 1.0}})
+    # receipts trail their send by 0.2 s and 0.4 s, as real ones do: one that raced ahead of the
+    # send's own record would find no part (R-IN-8) and could not count
+    sb.set_faults({"delivery_errors": {bad.instance_name: 1.0}, "webhook_gap_ms": 200})
     from clients.evolution import EvolutionClient
 
     bad_msgs = w.add_leads(20, inbox=bad)
@@ -117,6 +119,15 @@ def test_e35_errors_throttle_then_restrict_one_inbox_and_the_cool_down_brings_it
         assert restricted["evidence"]["errors"] >= 15 and restricted["paused_runs"] == [w.run.id]
         kinds = {a.kind: a.text for a in monitor.alerts(settings)}
         assert "inbox_restricted" in kinds and "health/sales-0" in kinds["inbox_restricted"]
+        # status and report show it (R-HEALTH-3/4): state, reason, the reply ratio column, the alert
+        snap = monitor.status_snapshot(settings, with_queues=False)
+        assert {r.label: r.state for r in snap.inboxes} == {"health/sales-0": "restricted", "health/sales-1": "healthy"}
+        assert snap.reply_ratios[bad.id] == health.ReplyRatio(messaged=15, replied=0)
+        assert cli.main(["status", "--no-queues"]) == 0
+        out = capsys.readouterr().out
+        assert "inboxes (2)" in out and "restricted" in out and "! inbox_restricted: inbox health/sales-0" in out
+        text = report.render_text(report.build_report(w.run.id))
+        assert "reply ratio 7 d" in text and "sales-0 (restricted)" in text and "0% (0/15)" in text
         # nothing new starts on the restricted inbox, even when an operator resumes the run: the send
         # path sees the state, puts the message back and pauses the run again
         db.execute_sql("UPDATE campaign_runs SET status = 'running', pause_reason = NULL WHERE id = %s", (w.run.id,))
