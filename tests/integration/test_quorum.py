@@ -402,3 +402,50 @@ def test_inbound_consumer_moves_to_the_next_node_when_its_node_dies(clean_db, se
         t.join(15)
         if not proxy.killed:
             proxy.kill()
+
+
+def test_a_publish_refused_for_seconds_is_retried_until_the_queue_takes_it(vhost):
+    """The broker nacks publishes (as a quorum queue does while it elects a new leader after a node
+    died): Dramatiq's 6 immediate attempts would give up; the engine's broker keeps retrying with
+    backoff (PUBLISH_RETRY_SECONDS) and the message lands once the queue accepts again. Real
+    RabbitMQ: a policy max-length 0 + overflow reject-publish makes it nack every publish."""
+    import threading
+
+    from actors.broker import PUBLISH_RETRY_SECONDS
+
+    name, url = vhost
+    broker = broker_on(url, "quorum")
+    try:
+        queue = "campaign.system"
+        broker.ensure_queues()
+        rabbitmqctl(
+            "set_policy", "-p", name, "--apply-to", "queues", "refuse", f"^{queue}$",
+            '{"max-length": 0, "overflow": "reject-publish"}',
+        )  # fmt: skip
+        wait_for(lambda: "refuse" in rabbitmqctl("list_queues", "-p", name, "name", "policy"), timeout=30)
+        lifted = threading.Timer(3.0, rabbitmqctl, args=("clear_policy", "-p", name, "refuse"))
+        started = time.monotonic()
+        lifted.start()
+        try:
+            message = broker.enqueue(
+                dramatiq.Message(queue_name=queue, actor_name="ping", args=("x",), kwargs={}, options={})
+            )
+        finally:
+            lifted.join()
+        took = time.monotonic() - started
+        assert took >= 2.5, f"the publish was accepted after {took:.1f} s while the policy refused it"
+        assert took < PUBLISH_RETRY_SECONDS
+        assert broker.get_queue_message_counts(queue)[0] == 1
+        assert message.queue_name == queue
+
+        # refused for longer than the retry budget: the publish fails loudly (the sweep re-publishes)
+        rabbitmqctl(
+            "set_policy", "-p", name, "--apply-to", "queues", "refuse", f"^{queue}$",
+            '{"max-length": 0, "overflow": "reject-publish"}',
+        )  # fmt: skip
+        wait_for(lambda: "refuse" in rabbitmqctl("list_queues", "-p", name, "name", "policy"), timeout=30)
+        broker.publish_retry_seconds = 1.0
+        with pytest.raises(dramatiq.errors.ConnectionClosed):
+            broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="ping", args=("y",), kwargs={}, options={}))
+    finally:
+        broker.close()
