@@ -7,7 +7,9 @@ not from what the broker believes it declared.
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -135,6 +137,23 @@ def test_worker_refuses_to_start_on_queues_of_the_other_type(vhost, tmp_path):
         stop_worker(proc)
     assert proc.poll() == 3, log.read_text()[-3000:]
     assert "RABBITMQ_QUEUE_TYPE=quorum" in log.read_text() and "most likely a classic queue" in log.read_text()
+
+
+def test_scheduler_refuses_to_start_on_queues_of_the_other_type(vhost, tmp_path):
+    """``python scheduler.py`` exits with code 2 naming the queue and the way out, before it takes
+    the leader lock or runs a job."""
+    from tests import ROOT
+
+    name, url = vhost
+    broker_on(url, "quorum").ensure_queues()
+    env = {**os.environ, "RABBITMQ_URL": url, "RABBITMQ_QUEUE_TYPE": "classic", "METRICS_PORT": ""}
+    done = subprocess.run(
+        [sys.executable, "scheduler.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "RABBITMQ_QUEUE_TYPE=classic" in done.stderr and "most likely a quorum queue" in done.stderr
+    assert f"vhost {name!r}" in done.stderr and "guest:guest" not in done.stderr
+    assert set(queue_types(name).values()) == {"quorum"}  # nothing was changed
 
 
 def test_dead_letters_reach_the_quorum_xq_and_the_tool_browses_them_twice(vhost):
