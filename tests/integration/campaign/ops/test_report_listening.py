@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from campaign import health
 from campaign.db import db
 from campaign.inbound import handle
 from campaign.ops import report
@@ -92,10 +93,15 @@ def test_text_shows_run_totals_and_per_inbox_columns(answered):
     assert section[3].split() == ["replied", "2", "40.0%"], section
     assert section[4].split() == ["opted", "out", "1", "20.0%"], section
     header = next(line for line in lines if line.strip().startswith("inbox "))
-    assert header.split()[-3:] == ["replied", "opted", "out"]
+    assert header.split()[-7:] == ["replied", "opted", "out", "reply", "ratio", "7", "d"]
     row_one = next(line for line in lines if line.strip().startswith(w.inboxes[0].name + " "))
     row_two = next(line for line in lines if line.strip().startswith(w.inboxes[1].name + " "))
-    assert row_one.split()[-2:] == ["2", "1"] and row_two.split()[-2:] == ["0", "0"]
+    # R-HEALTH-3: the inbox's reply ratio over 7 days (every campaign), after this run's columns
+    ratios = health.reply_ratios([w.inboxes[0].id, w.inboxes[1].id])
+    one, two = (ratios[i.id].text() for i in w.inboxes[:2])
+    assert row_one.split()[-2 - len(one.split()) :] == ["2", "1", *one.split()]
+    assert row_two.split()[-2 - len(two.split()) :] == ["0", "0", *two.split()]
+    assert ratios[w.inboxes[0].id].replied == 2
 
 
 def _markers(root: ET.Element, gid: str) -> int:
