@@ -402,8 +402,17 @@ def sweep(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, An
     changes = [evaluate(inbox_id, settings, now=now) for (inbox_id,) in _all(_SWEEP_SQL, {"start": start})]
     with db.atomic():
         resumed = resume_unrestricted_runs()
+    # refusals older than any cool-down can still need (the longest setting is 30 days) are no evidence
+    purged = _all(
+        "DELETE FROM inbox_refusals WHERE at < now() - make_interval(secs => %s) RETURNING id",
+        ((settings.health_cooldown_hours + 24) * 3600,),
+    )
     done = [c for c in changes if c is not None]
-    return {"health_changes": [f"{c.label}: {c.old} -> {c.new}" for c in done], "resumed_unrestricted": resumed}
+    return {
+        "health_changes": [f"{c.label}: {c.old} -> {c.new}" for c in done],
+        "resumed_unrestricted": resumed,
+        "refusals_purged": len(purged),
+    }
 
 
 def reset(inbox_id: int) -> str | None:

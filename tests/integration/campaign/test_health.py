@@ -273,3 +273,16 @@ def test_reply_ratio_per_inbox_over_seven_days(clean_db):
     assert ratios[w.inboxes[0].id].text() == "50% (2/4)"
     assert ratios[w.inboxes[1].id].ratio is None and ratios[w.inboxes[1].id].text() == "-"
     assert pipeline is not None  # the send path is what fills message_parts in production
+
+
+def test_the_sweep_purges_refusals_no_cool_down_can_need(clean_db):
+    """inbox_refusals does not grow forever: rows older than the cool-down + a day go."""
+    w = make_world("purge")
+    ibx = w.inboxes[0]
+    db.execute_sql(
+        "INSERT INTO inbox_refusals (inbox_id, code, at) VALUES (%s, 'forbidden', now() - interval '49 hours'), "
+        "(%s, 'forbidden', now() - interval '47 hours')",
+        (ibx.id, ibx.id),
+    )
+    assert health.sweep(get_settings())["refusals_purged"] == 1
+    assert db.execute_sql("SELECT count(*) FROM inbox_refusals").fetchone() == (1,)

@@ -343,8 +343,7 @@ def test_delivery_errors_answer_one_instance_with_error_receipts_at_its_rate() -
                 by_key = {}
                 for e in receiver.events:
                     by_key.setdefault(e["data"]["keyId"], []).append(e["data"]["status"])
-                done = sum(len(v) for v in by_key.values())
-                if done >= 41 * 2 and all(v[-1] in ("ERROR", "READ") for v in by_key.values()):
+                if set(by_key) == set(keys) and all(v[-1] in ("ERROR", "READ") for v in by_key.values()):
                     break
                 time.sleep(0.05)
             failed = {k for k, v in by_key.items() if v == ["SERVER_ACK", "ERROR"]}
