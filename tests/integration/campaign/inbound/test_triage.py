@@ -213,7 +213,7 @@ def test_e37_garbage_or_an_intent_outside_the_six_is_other(clean_db, sb, llm, ev
     sb.set_faults({"triage": {f"rate_{fault}": 1.0}})
     assert triage_step(triage_id, settings, llm) == "other"
     row = ReplyTriage.get_by_id(triage_id)
-    assert (row.status, row.intent) == ("fallback", "other") and "unusable answer" in row.error_message
+    assert (row.status, row.intent) == ("fallback", "other") and "unusable answer" in (row.error_message or "")
     assert Lead.get_by_id(lead.id).column_id == cols["Replied"].id
     assert ConversationMessage.get(ConversationMessage.direction == "in").intent == "other"
 
