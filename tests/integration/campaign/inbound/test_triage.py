@@ -298,3 +298,57 @@ def test_a_campaign_without_triage_moves_at_once_and_writes_no_triage_row(clean_
 def test_the_six_intents_are_the_schema_s():
     """R-IN-5: exactly the six intents of the SPEC."""
     assert INTENTS == ("interested", "not_interested", "opt_out", "question", "out_of_office", "other")
+
+
+def test_intents_tokens_and_cost_are_counted_in_status_report_picture_and_metrics(clean_db, sb, llm, evo, tmp_path):
+    """R-IN-5: `status`, `report` (text and the picture's outcome panel) and the metrics count the
+    replies per intent, the keyword fallbacks and triage's own tokens and cost, apart from generation's."""
+    from campaign import metrics
+    from campaign.ops import monitor, report
+    from campaign.ops.cli import render_status
+    from campaign.ops.report.picture import _intents
+    from campaign.settings import get_settings
+
+    settings = fast_settings()
+    ws, cols, ibx, cfg, run = _triage_world(mapped=MAPPED)
+    a, b, c = _sent_leads(ws, cols, ibx, run, settings, llm, evo, 3)
+    assert _drive(_reply(ibx, a, "Quanto custa?", settings), settings, llm) == "question"
+    assert _drive(_reply(ibx, b, "Tenho interesse", settings), settings, llm) == "interested"
+    sb.set_faults({"triage": {"rate_garbage": 1.0}})
+    assert _drive(_reply(ibx, c, "Tenho interesse", settings), settings, llm) == "other"
+    generation_tokens = db.execute_sql("SELECT sum(tokens_used) FROM campaign_messages").fetchone()[0]
+
+    snap = monitor.status_snapshot(get_settings(), with_queues=False)
+    assert snap.triage is not None
+    recent, total = snap.triage
+    assert total.intents == {"interested": 1, "question": 1, "other": 1} and total.by_keywords == 1
+    assert recent.total_tokens == total.total_tokens > 0 and total.cost is not None and total.calls == 3
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(render_status(snap))
+    shown = console.export_text()
+    assert "reply triage" in shown and "triage tokens (not in generation's)" in shown
+
+    rep = report.build_report(run.id)
+    assert rep.triage.intents == total.intents and rep.tokens_total == generation_tokens
+    text = report.render_text(rep)
+    assert "reply triage (AI, R-IN-5)" in text and "1 by the keyword rules" in text
+    assert f"triage tokens: {total.total_tokens:,}" in text
+    assert ("reply: question", 1, "#1565c0") in _intents(rep)
+    assert report.render_picture(rep, tmp_path / "run.png").stat().st_size > 0
+
+    snapshot = metrics.refresh()
+    assert snapshot.triage
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in metrics.DB_REGISTRY.collect()
+        for s in fam.samples
+        if s.name.startswith(("campaign_reply_intents", "campaign_triage"))
+    }
+    label = (("campaign", "first-touch"), ("workspace", "acme"))
+    assert samples[("campaign_reply_intents", (*label[:1], ("intent", "other"), ("source", "keywords"), label[1]))] == 1
+    assert samples[("campaign_reply_intents", (*label[:1], ("intent", "question"), ("source", "llm"), label[1]))] == 1
+    assert samples[("campaign_triage_tokens", label)] == total.total_tokens
+    assert samples[("campaign_triage_cost", label)] == pytest.approx(total.cost)
+    metrics.clear()
