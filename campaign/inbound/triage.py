@@ -311,7 +311,7 @@ UPDATE leads l SET column_id = dest.col, last_activity_at = now()
   FROM dest
  WHERE l.id = %(lead)s AND dest.col IS NOT NULL AND l.column_id IS DISTINCT FROM dest.col
    AND l.column_id IN (SELECT col FROM own WHERE col IS NOT NULL)
-RETURNING l.column_id"""
+RETURNING l.column_id, (SELECT name FROM columns WHERE id = dest.col)"""
 
 
 def apply_intent(triage_id: int, verdict: Verdict, settings: Settings) -> bool:
@@ -349,7 +349,7 @@ def apply_intent(triage_id: int, verdict: Verdict, settings: Settings) -> bool:
             },
         )
         if moved is not None:
-            done.append(f"moved to column {moved[0]}")
+            done.append(f"moved to {moved[1]}")
         action = f"triage {verdict.intent} ({'llm' if verdict.status == 'done' else 'keywords'})"
         if done:
             action += ": " + ", ".join(done)

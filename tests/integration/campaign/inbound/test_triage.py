@@ -13,6 +13,7 @@ from campaign.errors import RetryLater, StepFailed
 from campaign.inbound import handle
 from campaign.inbound.triage import INTENTS, triage_step
 from campaign.optout import is_opt_out
+from campaign.ops import conversation
 from campaign.planner import plan_run
 from models import CampaignMessage, CampaignTriageColumn, ConversationMessage, Lead, ReplyTriage
 from tests.integration import factories as f
@@ -106,6 +107,9 @@ def test_each_intent_moves_the_lead_per_the_mapping(clean_db, sb, llm, evo, sett
     cm = ConversationMessage.get(ConversationMessage.direction == "in")
     assert cm.intent == intent and cm.action and f"triage {intent} (llm)" in cm.action
     assert Lead.get_by_id(lead.id).opted_out == (intent == "opt_out")
+    shown = conversation.render_text(conversation.load_conversation(conversation.find_lead(str(lead.id))))
+    assert f"intent {intent} · " in shown
+    assert (f"moved to {column}" in shown) == (column != "Contacted")
     # a second delivery of the same job does nothing twice
     assert triage_step(triage_id, settings, llm) is None
     assert_counters_match(run.id)
