@@ -12,8 +12,8 @@ from campaign.db import db
 from campaign.errors import RetryLater, StepFailed
 from campaign.inbound import handle
 from campaign.inbound.triage import INTENTS, triage_step
-from campaign.optout import is_opt_out
 from campaign.ops import conversation
+from campaign.optout import is_opt_out
 from campaign.planner import plan_run
 from models import CampaignMessage, CampaignTriageColumn, ConversationMessage, Lead, ReplyTriage
 from tests.integration import factories as f
