@@ -98,3 +98,29 @@ def test_e37_llm_down_for_good_keyword_rules_decide_and_the_dead_letter_is_kept(
     assert dead.run_id == row.run_id
     wait_for(lambda: _xq_depth(steps.TRIAGE_REPLY.queue) == 1, timeout=10, message="the .XQ copy")
     assert sb.summary()["by_route"]["triage"] == {"always_502": 3}
+
+
+def test_the_dead_letter_tool_lists_a_triage_dead_letter_and_replays_nothing(worker, sb, llm, evo, capsys):
+    """R-OPS-2 / E-37: the triage dead letter is listed with its run and no campaign message (its
+    argument is a reply_triage id), and --requeue resolves it without publishing: the keyword rules
+    already decided the reply."""
+    import argparse
+
+    from campaign.ops import dead_letters
+
+    settings, cols, ibx, lead = _world(llm, evo)
+    sb.set_faults({"triage": {"always_status": 502}})
+    handle(upsert(ibx.instance_name, lead.phone, "Tenho interesse"), settings)
+    wait_for(lambda: DeadLetter.select().count() == 1, timeout=60, message="the dead letter")
+    (item,) = dead_letters.collect([], include_resolved=False)
+    assert item.campaign_message_id is None and item.run_id == ReplyTriage.get().run_id
+    published: list = []
+    parser = argparse.ArgumentParser()
+    dead_letters.add_arguments(parser)
+    code = dead_letters.run(
+        parser.parse_args(["--requeue"]), get_settings(), publish=lambda q, a: published.append((q, a))
+    )
+    assert code == dead_letters.EXIT_OK and published == []
+    dead = DeadLetter.get()
+    assert dead.status == "resolved" and "keyword rules decided it" in (dead.note or "")
+    assert capsys.readouterr()
