@@ -42,6 +42,7 @@ from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
 from devtools import demo_triage
+from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
@@ -148,6 +149,7 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
 
     @property
     def ok(self) -> bool:
@@ -745,6 +747,8 @@ def _run_engine(
     listening.start(console)
     triage = demo_triage.TriageScene(sb, run_ids[1], skip_phones=(OPTS_OUT,))
     triage.start(console)
+    observed = DemoMetrics()
+    observed.start(console)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
@@ -792,6 +796,8 @@ def _run_engine(
     heard["triage"] = triage.summary()
     _heard(console, heard)
     demo_triage.show(console, heard["triage"], ledger)
+    panel, panel_mismatches = observed.summary(console, run_ids)
+    mismatches += panel_mismatches
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -804,6 +810,7 @@ def _run_engine(
         opted_out=opted_name,
         sandbox_summary=ledger,
         listening=heard,
+        metrics=panel,
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
