@@ -356,3 +356,49 @@ def test_intents_tokens_and_cost_are_counted_in_status_report_picture_and_metric
     assert samples[("campaign_triage_tokens", label)] == total.total_tokens
     assert samples[("campaign_triage_cost", label)] == pytest.approx(total.cost)
     metrics.clear()
+
+
+def test_a_rate_limited_triage_moves_its_own_row_s_deadline(clean_db, sb, llm, evo, settings):
+    """R-RATE-2 / R-FAIL-8: a triage job held by OpenRouter's per-key limit (a Retry-After on the
+    key) is re-enqueued with a delay and its reply_triage row's hand-off deadline moves past it, so
+    the sweep does not copy it meanwhile (and no campaign message of the same id is touched)."""
+    import types
+    from typing import Any, cast
+
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from actors.middleware import RateLimits
+    from campaign import ratelimit, steps
+
+    ws, cols, ibx, cfg, run = _triage_world()
+    lead = _sent_lead(ws, cols, ibx, run, settings, llm, evo)
+    triage_id = _reply(ibx, lead, "Oi", settings)
+    ratelimit.block_scope(ratelimit.openrouter_key(settings.openrouter_api_key), 30)
+    before = db.execute_sql("SELECT id, wake_at FROM campaign_messages ORDER BY id").fetchall()
+
+    class Broker:
+        enqueued: list = []
+
+        def get_actor(self, name):
+            return types.SimpleNamespace(options={"rate_limit": "openrouter", "triage_job": True})
+
+        def enqueue(self, message, delay=None):
+            self.enqueued.append((message, delay))
+
+    broker = Broker()
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=steps.TRIAGE_REPLY.queue, actor_name="triage_reply", args=(triage_id,), kwargs={}, options={}
+    )
+    with pytest.raises(SkipMessage):
+        RateLimits(settings).before_process_message(cast(dramatiq.Broker, broker), MessageProxy(message))
+    assert len(broker.enqueued) == 1 and broker.enqueued[0][1] > 25_000
+    (late,) = db.execute_sql(
+        "SELECT wake_at > now() + interval '25 seconds' FROM reply_triage WHERE id = %s", (triage_id,)
+    ).fetchone()
+    assert late
+    assert db.execute_sql("SELECT id, wake_at FROM campaign_messages ORDER BY id").fetchall() == before
+    swept: list = []
+    recovery.recovery_sweep(settings, publish=lambda q, args: swept.append((q, args)))
+    assert not [s for s in swept if s[0] == "campaign.triage"]
