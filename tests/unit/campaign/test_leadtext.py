@@ -66,7 +66,7 @@ HOSTILE = st.lists(_PIECES | st.text(max_size=8), max_size=30).map("".join) | st
 
 
 def _ctx(name, fields=None) -> types.SimpleNamespace:
-    return types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=SYSTEM)
+    return types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=SYSTEM, history=None)
 
 
 def _lenient(text: str) -> str:
