@@ -80,12 +80,14 @@ def _send_all(run_id: int, settings, llm, evo) -> None:
         assert drive(m.id, settings, llm, evo) == "sent", m.id
 
 
-def _planned(run: CampaignRun) -> dict[int, int]:
+def _planned(run: CampaignRun | None) -> dict[int | None, int]:
     """lead id -> inbox id of the run's messages."""
+    assert run is not None
     return {m.lead_id: m.inbox_id for m in CampaignMessage.select().where(CampaignMessage.run == run.id)}
 
 
-def _excluded(run: CampaignRun) -> tuple[int, int, int]:
+def _excluded(run: CampaignRun | None) -> tuple[int, int, int]:
+    assert run is not None
     r = CampaignRun.get_by_id(run.id)
     return r.excluded_too_recent, r.excluded_replied, r.excluded_opted_out
 
