@@ -410,3 +410,40 @@ def test_v10_migrates_leads_without_column_changed_at(fresh_database):
         with pytest.raises(psycopg2.errors.NotNullViolation):
             cur.execute("UPDATE leads SET column_changed_at = NULL")
     conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# status and report say who a follow-up left out (R-SEQ)
+
+
+def test_status_and_report_show_the_leads_a_follow_up_left_out(clean_db):
+    """R-SEQ: the counts per rule are stored on the run when it is planned (a later change of the
+    leads does not rewrite them); ``status`` and ``report`` show them."""
+    import io
+
+    from rich.console import Console
+
+    from campaign.ops import cli, monitor, report
+    from campaign.settings import get_settings
+
+    ws, cols, _, _, follow = _sequence_world()
+    old = [f.lead(ws, cols["Contacted"]) for _ in range(3)]
+    db.execute_sql(
+        "UPDATE leads SET column_changed_at = now() - interval '5 days' WHERE id = ANY(%s)",
+        ([lead.id for lead in old],),
+    )
+    db.execute_sql("UPDATE leads SET last_reply_at = now() - interval '1 day' WHERE id = %s", (old[0].id,))
+    db.execute_sql("UPDATE leads SET opted_out = true WHERE id = %s", (old[1].id,))
+    f.lead(ws, cols["Contacted"])  # entered just now: too recent for 3 days
+    run = planner.plan_run(follow.id, manual=True)
+    assert run is not None and run.leads_total == 1 and run.status == "running"
+    db.execute_sql("UPDATE leads SET opted_out = false")  # stored at planning: not recomputed
+
+    text = report.render_text(report.build_report(run.id))
+    assert "excluded from the source column: too recent 1 · replied 1 · opted out 1" in text
+    snap = monitor.status_snapshot(get_settings(), with_queues=False)
+    (mine,) = [r for r in snap.runs if r.id == run.id]
+    assert mine.excluded == {"too_recent": 1, "replied": 1, "opted_out": 1}
+    out = io.StringIO()
+    Console(file=out, width=300, color_system=None, force_terminal=False).print(cli.render_status(snap))
+    assert "excluded recent/replied/opted out" in out.getvalue() and "1/1/1" in out.getvalue()
