@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from campaign.db import close_db, init_db
 from campaign.errors import EngineError
 from campaign.inbound.consumer import InboundConsumer
 from campaign.logs import configure_logging
+from campaign.process import serve_metrics, stop_on_signals
 from campaign.settings import get_settings
 
 log = logging.getLogger("inbound")
@@ -53,19 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outcome",
         lambda: dict(consumer.stats.by_result),
     )
-    try:
-        metrics.serve(settings.metrics_port)
-    except OSError as exc:
-        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
-        close_db()
+    if not serve_metrics(settings):
         return 2
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        consumer.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(consumer.stop)
 
     def announce() -> None:
         if consumer.ready.wait():
