@@ -55,6 +55,7 @@ from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
+from campaign.sequence import HISTORY_COLUMN
 from campaign.settings import Settings
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
@@ -134,6 +135,9 @@ class Context:
     connection_state: str = "unknown"  # the inbox's last known connection state (send step only)
     state_age: float | None = None  # seconds since that state was observed; None: never (send step only)
     parts_count: int = 0  # parts the message already has (loaded by the split step only)
+    # the conversation so far on the message's inbox, oldest first, for a follow-up with
+    # history = K (loaded by the generate step and load_context; None when K is 0, R-SEQ-2)
+    history: list[dict[str, Any]] | None = None
     # replied / opted_out: the lead answered after this message was planned (R-IN-3); nothing new
     # of it starts, and a started one sends no further part
     stop_reason: str | None = None
@@ -184,7 +188,13 @@ _SEND_CONTEXT_SQL = _context_sql("m.id = %s", extra_columns=_SEND_COLUMNS, extra
 
 
 def _claim(
-    message_id: int, to_status: str, from_statuses: tuple[str, ...], settings: Settings, *, count_parts: bool = False
+    message_id: int,
+    to_status: str,
+    from_statuses: tuple[str, ...],
+    settings: Settings,
+    *,
+    count_parts: bool = False,
+    with_history: bool = False,
 ) -> Context | None:
     """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
 
@@ -192,10 +202,10 @@ def _claim(
     (R-FAIL-2). The step now owns the message until ``wake_at`` (the lease): a worker that dies
     mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
+    ``with_history``: ``ctx.history`` is the conversation a follow-up's prompt carries (same statement).
     """
-    context_sql = _context_sql(
-        "m.id = (SELECT id FROM claimed)", extra_columns=_PARTS_COUNT_COLUMN if count_parts else ""
-    )
+    extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
+    context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
     row = _named(
         f"""
         WITH claimed AS (
@@ -230,7 +240,7 @@ def _context_from_row(row: dict[str, Any]) -> Context:
 
 def load_context(message_id: int) -> Context | None:
     """The step context of a message as it is now (no transition): prompts, tests, tools."""
-    row = _named(_context_sql("m.id = %s"), (message_id,))
+    row = _named(_context_sql("m.id = %s", extra_columns=HISTORY_COLUMN), (message_id,))
     return _context_from_row(row) if row is not None else None
 
 
@@ -434,7 +444,7 @@ def _provider_pause(ctx: Context, exc: ProviderError) -> None:
 
 def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
     """queued -> generating -> splitting: write the message text. True when split should follow."""
-    ctx = _claim(message_id, "generating", ("queued", "generating"), settings)
+    ctx = _claim(message_id, "generating", ("queued", "generating"), settings, with_history=True)
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
         return False

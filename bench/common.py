@@ -293,7 +293,7 @@ def two_part_name(i: int, fields: dict[str, str] = LEAD_FIELDS, system_prompt: s
 
     for k in range(500):
         name = f"Ana {i}-{k}"
-        ctx = types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=system_prompt)
+        ctx = types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=system_prompt, history=None)
         text = generate_text(build_prompt(ctx))
         if len(text) > SPLIT_BELOW_CHARS and len(split_sentences(text)) >= 2:
             return name
