@@ -57,6 +57,7 @@ from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
 from campaign.sequence import HISTORY_COLUMN
 from campaign.settings import Settings
+from campaign.sql import async_commit
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
@@ -206,13 +207,15 @@ def _claim(
     """
     extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
     context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
+    # async commit: a lost claim only repeats the step, which has no outside effect before it
+    # calls the LLM again (campaign.sql.ASYNC_COMMIT)
     row = _named(
-        f"""
+        async_commit(f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %s, status_changed_at = now(),
                 wake_at = now() + make_interval(secs => %s)
             WHERE id = %s AND status = ANY(%s) RETURNING id
-        ) {context_sql}""",
+        ) {context_sql}"""),
         (to_status, settings.lease_seconds, message_id, list(from_statuses)),
     )
     if row is None:
@@ -484,11 +487,12 @@ def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
         _hold_openrouter(exc, settings)
         _transient(ctx, exc, settings, "generate")
         return False
+    # async commit: a lost text is generated again (tokens spent twice, nothing sent)
     row = _one(
-        """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+        async_commit("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'generating' RETURNING id""",
+                  WHERE id = %s AND status = 'generating' RETURNING id"""),
         (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
     )
     return row is not None
@@ -549,8 +553,9 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
     # of two racing deliveries only the winner writes parts (the loser's UPDATE waits on the row
     # lock, then finds 'sending' and returns nothing): a loser's different split never adds a
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
+    # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        """
+        async_commit("""
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -570,7 +575,7 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
             RETURNING id
         )
-        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m"""),
         {
             "ms": _ms(started),
             "id": message_id,
@@ -767,6 +772,7 @@ def _sent(
             last_part=(part_id, attempt, key_id),
             send_ms=send_ms,
             lease=lease.to_release,
+            async_commit=True,  # lost: the last part back to `sending`, an honest in_doubt (R-FAIL-4)
         )
         lease.released = True
         if done is None:
@@ -905,12 +911,15 @@ def _record_sent_part(
     lease: ratelimit.Grant | None = None,
     wake_in: float | None = None,
 ) -> None:
+    # async commit: a lost `sent` record leaves the part `sending` (its mark was committed
+    # synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
     row = _one(
-        """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
+        async_commit(
+            """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending'
                              RETURNING id, message_id, text, provider_message_id),"""
-        + OUT_LOG_CTES
-        + """,
+            + OUT_LOG_CTES
+            + """,
                   lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                                 last_at = now()
                             WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
@@ -918,7 +927,8 @@ def _record_sent_part(
                       status_changed_at = now(),
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
+                  WHERE id = (SELECT message_id FROM part) RETURNING id"""
+        ),
         (
             key_id,
             part_id,
