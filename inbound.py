@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    # the engine's broker (RABBITMQ_URL, publisher confirms): a reply of a triage campaign is
+    # published to campaign.triage right after its commit (R-IN-5); the sweep is the safety net
+    import actors  # noqa: F401
+
     init_db(settings, max_connections=4, application_name=f"campaign-inbound:{os.getpid()}")
     # R-OBS-1: the consumer's own tallies, read at scrape time (result names are a fixed vocabulary:
     # "<event queue>:<result>", "ignored", "poison")

@@ -136,7 +136,7 @@ def _metrics(settings: Settings, active: Callable[[], bool]) -> object:
     from campaign.ops import monitor
 
     # queue depths and alerts come from the same code as `status` (one passive declare per queue,
-    # the R-OPS-4 checks); the rest is four statements in campaign.metrics
+    # the R-OPS-4 checks); the rest is five statements in campaign.metrics
     depths, error = monitor.queue_depths(settings)
     if error:
         log.warning("metrics: queue depths unavailable: %s", error)

@@ -16,7 +16,7 @@ from peewee import (
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from models.base import BaseModel
-from models.workspace import Column, Conversation, Inbox, Lead, Workspace
+from models.workspace import Column, Conversation, ConversationMessage, Inbox, Lead, Workspace
 
 RUN_STATUSES = ("planning", "running", "paused", "completed", "cancelled", "failed")
 ACTIVE_RUN_STATUSES = ("planning", "running", "paused")
@@ -42,6 +42,8 @@ class CampaignConfig(BaseModel):
     reply_column = ForeignKeyField(Column, null=True, backref="+")
     reply_column_id: int | None  # the foreign key's column, set by peewee
     skip_if_replied = BooleanField(default=True)
+    min_days_in_column = IntegerField(default=0)  # a follow-up waits this many local days (R-SEQ-1)
+    history = IntegerField(default=0)  # conversation messages carried into the prompt (R-SEQ-2)
     weekdays = ArrayField(IntegerField, default=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
     window_start_minute = IntegerField(default=0)
     window_end_minute = IntegerField(default=1440)
@@ -56,6 +58,8 @@ class CampaignConfig(BaseModel):
     fallback_template = TextField(null=True)
     split_enabled = BooleanField(default=False)
     max_parts = IntegerField(default=1)
+    triage_enabled = BooleanField(default=False)  # R-IN-5
+    triage_model = TextField(null=True)  # None: the campaign's model
     active = BooleanField(default=True)
     version = IntegerField(default=1)
 
@@ -97,6 +101,10 @@ class CampaignRun(BaseModel):
     leads_skipped = IntegerField(default=0)
     leads_in_doubt = IntegerField(default=0)
     leads_overflow = IntegerField(default=0)
+    # leads of the source column left out when the run was planned, by rule (R-SEQ-1, R-IN-3/4)
+    excluded_too_recent = IntegerField(default=0)
+    excluded_replied = IntegerField(default=0)
+    excluded_opted_out = IntegerField(default=0)
     started_at = DateTimeTZField(null=True)
     finished_at = DateTimeTZField(null=True)
 
@@ -179,3 +187,49 @@ class CampaignEvent(BaseModel):
 
     class Meta:
         table_name = "campaign_events"
+
+
+class CampaignTriageColumn(BaseModel):
+    """Where a lead goes when triage gives its reply this intent (R-IN-5)."""
+
+    config = ForeignKeyField(CampaignConfig, backref="triage_columns", on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
+    workspace = ForeignKeyField(Workspace, backref="+")
+    workspace_id: int  # the foreign key's column, set by peewee
+    intent = TextField()
+    column = ForeignKeyField(Column, backref="+", on_delete="CASCADE")
+    column_id: int  # the foreign key's column, set by peewee
+
+    class Meta:
+        table_name = "campaign_triage_columns"
+        primary_key = CompositeKey("config", "intent")
+
+
+class ReplyTriage(BaseModel):
+    """The triage of one recorded reply (R-IN-5): pending until the LLM (or the keyword rules) decide."""
+
+    id = BigAutoField()
+    conversation_message = ForeignKeyField(ConversationMessage, unique=True, on_delete="CASCADE")
+    conversation_message_id: int  # the foreign key's column, set by peewee
+    lead = ForeignKeyField(Lead, on_delete="CASCADE")
+    lead_id: int  # the foreign key's column, set by peewee
+    config = ForeignKeyField(CampaignConfig, on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
+    run = ForeignKeyField(CampaignRun, null=True, on_delete="SET NULL")
+    run_id: int | None  # the foreign key's column, set by peewee
+    status = TextField(default="pending")  # pending | done | fallback
+    intent = TextField(null=True)
+    attempts = IntegerField(default=0)
+    wake_at = DateTimeTZField(null=True)
+    error_class = TextField(null=True)
+    error_message = TextField(null=True)
+    model = TextField(null=True)
+    prompt_tokens = IntegerField(null=True)
+    completion_tokens = IntegerField(null=True)
+    total_tokens = IntegerField(null=True)
+    cost = DoubleField(null=True)
+    triage_ms = IntegerField(null=True)
+    finished_at = DateTimeTZField(null=True)
+
+    class Meta:
+        table_name = "reply_triage"

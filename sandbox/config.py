@@ -6,6 +6,8 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
     {
       "chat":  {ROUTE},   # POST .../chat/completions without response_format
       "split": {ROUTE},   # POST .../chat/completions with response_format json_object
+      "triage": {ROUTE},  # the same with a <reply> block in the user message (reply triage, R-IN-5):
+                          # answered {"intent": ...} by sandbox.llm.triage_intent's keyword rules
       "send":  {ROUTE},   # POST /message/sendText/{instance}
       "state": {ROUTE},   # GET /instance/connectionState/{instance}
       "retry_after": 1.0,                 # seconds announced in Retry-After
@@ -28,7 +30,8 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "delivery_errors": {},              # {instance: rate}: that share of the instance's accepted sends
                                           #   get a delivery ERROR receipt (after SERVER_ACK) instead of
                                           #   DELIVERY_ACK / READ, and no reply (R-HEALTH-2, E-35)
-      "early_tolerance_ms": 10            # slack before a retry counts as early
+      "early_tolerance_ms": 10,           # slack before a retry counts as early
+      "keep_prompts": false               # chat requests keep their messages in the ledger ("messages")
     }
 
     replies = {                           # a lead = an (instance, number) pair; it replies at most once
@@ -47,6 +50,7 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "rate_error_in_200": 0.0, "rate_empty": 0.0,                      # chat, split
       "rate_non_json": 0.0, "rate_fenced": 0.0, "rate_prose": 0.0,
       "rate_too_many": 0.0, "rate_too_long": 0.0,                       # split
+      "rate_garbage": 0.0, "rate_unknown_intent": 0.0,                  # triage: not JSON / {"intent": "maybe"}
       "rate_accept_then_hang": 0.0,       # send: accepted (ledger), then hang/close without answering
       "retry_after": ..., "retry_after_form": ..., "hang_seconds": ..., "hang_mode": ...  # per-route overrides
     }
@@ -75,12 +79,13 @@ __all__ = [
     "ROUTE_OVERRIDES",
 ]
 
-ROUTES = ("chat", "split", "send", "state")
+ROUTES = ("chat", "split", "triage", "send", "state")
 
 #: content faults each route understands, in draw order (after the status faults)
 CONTENT_FAULTS: dict[str, tuple[str, ...]] = {
     "chat": ("error_in_200", "empty", "accept_then_hang"),
     "split": ("error_in_200", "empty", "non_json", "fenced", "prose", "too_many", "too_long", "accept_then_hang"),
+    "triage": ("error_in_200", "empty", "garbage", "unknown_intent", "accept_then_hang"),
     "send": ("accept_then_hang",),
     "state": ("accept_then_hang",),
 }
@@ -112,6 +117,9 @@ DEFAULTS: dict[str, Any] = {
     "replies": None,
     "delivery_errors": {},
     "early_tolerance_ms": 10,
+    # the ledger keeps each generation request's messages (what a test or the demo shows of a
+    # prompt); off by default: a fault run of thousands of messages need not hold every prompt
+    "keep_prompts": False,
 }
 
 #: the "replies" object's keys and defaults (a patch may give any subset)
@@ -257,6 +265,8 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
     for instance, rate in errors.items():
         _number(f"delivery_errors.{instance}", rate, hi=1.0)
     _number("early_tolerance_ms", doc["early_tolerance_ms"], hi=60000)
+    if not isinstance(doc["keep_prompts"], bool):
+        raise FaultError("keep_prompts: expected true or false")
     return doc
 
 

@@ -20,6 +20,8 @@ from campaign.errors import (
     RunNotFound,
 )
 from campaign.health import ReplyRatio
+from campaign.ops import triage_view
+from campaign.ops.triage_view import TriageSummary
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class InboxReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead wrote on this inbox after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
     health_state: str = "healthy"  # now (R-HEALTH-2)
     reply_ratio_7d: ReplyRatio | None = None  # the inbox's, every campaign, last 7 days (R-HEALTH-3)
 
@@ -129,6 +133,19 @@ class RunReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead replied after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
+    #: leads of the source column the run left out when it was planned, by rule (R-SEQ-1, R-IN-3/4)
+    excluded: dict[str, int] = field(default_factory=dict)
+    min_days_in_column: int = 0
+
+    @property
+    def excluded_text(self) -> str | None:
+        """``excluded from the source column: too recent N · replied N · opted out N`` for a follow-up
+        (a wait in days, or any lead left out); None for a first touch that left nobody out."""
+        if not self.min_days_in_column and not any(self.excluded.values()):
+            return None
+        return excluded_text(self.excluded)
 
     @property
     def label(self) -> str:
@@ -173,6 +190,14 @@ class RunReport:
         return _zone(self.timezone)
 
 
+def excluded_text(excluded: dict[str, int]) -> str:
+    """One line of the leads a run left out by rule (shared by ``report`` and ``status``)."""
+    return (
+        f"excluded from the source column: too recent {excluded.get('too_recent', 0)} · "
+        f"replied {excluded.get('replied', 0)} · opted out {excluded.get('opted_out', 0)}"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
@@ -181,7 +206,8 @@ _RUN_SQL = """
            c.window_start_minute, c.window_end_minute, coalesce(r.started_at, r.created_at), r.finished_at,
            r.leads_total, r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped, r.leads_in_doubt,
            r.leads_overflow,
-           (SELECT array_agg(p.inbox_id ORDER BY p.position) FROM campaign_config_inboxes p WHERE p.config_id = c.id)
+           (SELECT array_agg(p.inbox_id ORDER BY p.position) FROM campaign_config_inboxes p WHERE p.config_id = c.id),
+           r.excluded_too_recent, r.excluded_replied, r.excluded_opted_out, c.min_days_in_column
       FROM campaign_runs r
       JOIN campaign_configs c ON c.id = r.config_id
       JOIN workspaces w ON w.id = c.workspace_id
@@ -307,9 +333,11 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         ratios = health.reply_ratios(inbox_ids, now=now)
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
+        triage = triage_view.for_run(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
     rep.inboxes = [dataclasses.replace(i, reply_ratio_7d=ratios.get(i.id)) for i in rep.inboxes]
     rep.closed_while_paused = closed_paused
+    rep.triage = triage
     log.debug(
         "report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts), len(inbox_rows)
     )
@@ -347,6 +375,10 @@ def _assemble(
         in_doubt,
         overflow,
         _pool,
+        too_recent,
+        replied_excluded,
+        opted_out_excluded,
+        min_days,
     ) = run
     by_status = Counter(m.status for m in messages)
     failed_by = Counter(m.error_class or "unknown" for m in messages if m.status == "failed")
@@ -446,4 +478,6 @@ def _assemble(
         messaged=sum(m.first_sent is not None for m in messages),
         replied=sum(m.first_reply is not None and m.first_sent is not None for m in messages),
         opted_out=sum(m.opted_out_at is not None and m.first_sent is not None for m in messages),
+        excluded={"too_recent": too_recent, "replied": replied_excluded, "opted_out": opted_out_excluded},
+        min_days_in_column=min_days,
     )

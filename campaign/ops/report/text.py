@@ -77,6 +77,8 @@ def render_text(rep: RunReport) -> str:
     if rep.invalid_phones:
         extra.append(f"{rep.invalid_phones} lead(s) with an invalid phone not planned")
     lines.append("  " + " · ".join(extra))
+    if rep.excluded_text:
+        lines.append(f"  {rep.excluded_text} (counted when it was planned)")
     lines.append(f"  report taken {rep.generated_at.astimezone(rep.zone):%Y-%m-%d %H:%M:%S} ({rep.timezone})")
 
     def pct(n: int) -> str:
@@ -129,6 +131,9 @@ def render_text(rep: RunReport) -> str:
             ["opted out", str(rep.opted_out), of_messaged(rep.opted_out)],
         ],
     )
+
+    if not rep.triage.empty:
+        lines += _triage_lines(rep)
 
     lines += ["", "timings"]
 
@@ -199,3 +204,20 @@ def render_text(rep: RunReport) -> str:
     else:
         lines.append("  (no inbox: nothing planned)")
     return "\n".join(lines) + "\n"
+
+
+def _triage_lines(rep: RunReport) -> list[str]:
+    """The replies' AI triage (R-IN-5): per intent, keyword fallbacks (E-37), pending, and triage's
+    tokens and cost, apart from the generation tokens below."""
+    t = rep.triage
+    lines = ["", "reply triage (AI, R-IN-5)"]
+    lines += _table(["intent", "replies"], [[intent, str(n)] for intent, n in t.intents.items()] or [["-", "0"]])
+    lines.append(
+        f"  {t.settled} triaged ({t.by_keywords} by the keyword rules after an LLM failure) · {t.pending} pending"
+    )
+    cost = f"{t.cost:.4f} credits" if t.cost is not None else "not reported"
+    lines.append(
+        f"  triage tokens: {t.total_tokens:,} ({t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion) "
+        f"in {t.calls} call(s) · cost {cost} · not counted in the generation tokens"
+    )
+    return lines
