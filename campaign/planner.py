@@ -401,6 +401,10 @@ def _pool(config_id: int, day_start: dt.datetime, day_end: dt.datetime) -> list[
     return [Member(int(i), int(pos), None if rem is None else int(rem)) for i, pos, rem in rows]
 
 
+#: a config's pool with each member's room of the day: what planning uses, and what failover uses (R-POOL-3)
+pool_members = _pool
+
+
 def _insert_run(cfg: _Config, day: dt.date, status: str, manual: bool, failure: str | None = None) -> int | None:
     row = db.execute_sql(
         """INSERT INTO campaign_runs (config_id, run_date, status, manual, failure_reason, started_at, finished_at)
