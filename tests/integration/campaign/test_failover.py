@@ -76,7 +76,8 @@ def _started(run, lead, inbox) -> CampaignMessage:
     db.execute_sql(
         """INSERT INTO message_parts (message_id, inbox_id, idx, text, status, attempt_id, provider_message_id,
                                       sending_at, sent_at)
-           VALUES (%s, %s, 0, 'Oi!', 'sent', %s, %s, %s, %s), (%s, %s, 1, 'Tudo bem?', 'pending', NULL, NULL, NULL, NULL)""",
+           VALUES (%s, %s, 0, 'Oi!', 'sent', %s, %s, %s, %s),
+                  (%s, %s, 1, 'Tudo bem?', 'pending', NULL, NULL, NULL, NULL)""",
         (m.id, inbox.id, str(uuid.uuid4()), f"KEY-{m.id}", now, now, m.id, inbox.id),
     )
     return m
@@ -122,8 +123,9 @@ def test_e33_disabled_member_hands_its_not_started_messages_to_the_other(world):
     assert len(_on(run.id, a.id)) == 18
     _gaps_ok(run.id, a.id)
     assert (
-        db.execute_sql("SELECT count(*) FROM message_parts WHERE message_id = %s AND inbox_id = %s", (started.id, b.id))
-        .fetchone()[0]
+        db.execute_sql(
+            "SELECT count(*) FROM message_parts WHERE message_id = %s AND inbox_id = %s", (started.id, b.id)
+        ).fetchone()[0]
         == 2
     )  # its parts stay on its inbox too
     [event] = _events(run.id)
@@ -143,7 +145,9 @@ def test_e33_disconnected_member_waits_out_the_grace_then_hands_over(world):
     skips them, the run goes on with the other member); after it, they move."""
     ws, cols, a, b, cfg, run = world
     settings = get_settings()
-    db.execute_sql("UPDATE campaign_messages SET scheduled_at = now() - interval '1 second' WHERE run_id = %s", (run.id,))
+    db.execute_sql(
+        "UPDATE campaign_messages SET scheduled_at = now() - interval '1 second' WHERE run_id = %s", (run.id,)
+    )
     recent = dt.datetime.now(UTC) - dt.timedelta(seconds=5)
     apply_connection(ConnectionChange(instance=b.instance_name, state="close", at=recent, reason=None))
     assert _state(run.id) == ("running", None)
@@ -199,7 +203,9 @@ def test_sticky_lead_waits_for_its_number_and_goes_when_it_is_back(world):
     for m in on_b:
         _sticky(ws, m.lead_id, b)
     late = dt.datetime.now(UTC) - dt.timedelta(seconds=settings.max_lateness_seconds + 60)
-    db.execute_sql("UPDATE campaign_messages SET scheduled_at = %s WHERE run_id = %s AND inbox_id = %s", (late, run.id, b.id))
+    db.execute_sql(
+        "UPDATE campaign_messages SET scheduled_at = %s WHERE run_id = %s AND inbox_id = %s", (late, run.id, b.id)
+    )
     inboxes.disable_inbox("sales-2", workspace="acme", reason="checking", by="test")
     assert [m.id for m in _on(run.id, b.id, "pending")] == [m.id for m in on_b]  # every one waits
     assert _events(run.id) == []  # nothing moved: no failover row
@@ -259,7 +265,6 @@ def test_one_inbox_run_still_pauses_and_resumes(clean_db):
     run = planner.plan_run(cfg.id)
     apply_connection(ConnectionChange(instance=ibx.instance_name, state="close", at=None, reason=None))
     assert _state(run.id) == ("paused", "inbox_disconnected")
-    assert apply_connection(ConnectionChange(instance=ibx.instance_name, state="open", at=None, reason=None)).resumed == [
-        run.id
-    ]
+    back = apply_connection(ConnectionChange(instance=ibx.instance_name, state="open", at=None, reason=None))
+    assert back.resumed == [run.id]
     assert _events(run.id) == []
