@@ -57,7 +57,16 @@ from campaign.sql import fetch_one as _one
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Failover", "fail_over", "member_back", "FAILOVER_STEP", "NOT_STARTED_STATUSES"]
+__all__ = [
+    "Failover",
+    "fail_over",
+    "member_back",
+    "moved_away",
+    "failover_events",
+    "member_state",
+    "FAILOVER_STEP",
+    "NOT_STARTED_STATUSES",
+]
 
 UTC = dt.UTC
 #: the campaign_events step of a failover row
@@ -343,3 +352,28 @@ def moved_away(run_ids: Sequence[int]) -> dict[tuple[int, int], int]:
         ([int(r) for r in run_ids],),
     )
     return {(int(r), int(i)): int(n) for r, i, n in rows}
+
+
+def failover_events(run_id: int) -> list[tuple[dt.datetime, int, int, str]]:
+    """The failovers of a run, oldest first: (when, from inbox, messages moved, why)."""
+    rows = _all(
+        f"""SELECT created_at, (details ->> 'from_inbox')::bigint, (details ->> 'moved')::int, details ->> 'reason'
+              FROM campaign_events
+             WHERE run_id = %s AND step = '{FAILOVER_STEP}' AND details ? 'from_inbox'
+             ORDER BY id""",
+        (run_id,),
+    )
+    return [(at, int(i), int(n), str(why or "")) for at, i, n, why in rows]
+
+
+def member_state(disabled: bool, connection_state: str | None) -> str:
+    """A pool member's state as ``status``, ``report`` and ``inboxes`` show it (R-POOL-4): ``disabled``,
+    ``disconnected`` (close), ``connecting``, else ``ok``. (R-HEALTH's ``restricted`` /
+    ``throttled`` belong here when they land.)"""
+    if disabled:
+        return "disabled"
+    if connection_state == "close":
+        return "disconnected"
+    if connection_state == "connecting":
+        return "connecting"
+    return "ok"

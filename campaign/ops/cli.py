@@ -256,10 +256,11 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
 
     with db.connection_context():
         rows = inboxes.list_inboxes(args.workspace)
+        work = _inbox_work()
     if not rows:
         print("no inbox (apply a TOML file first)")
         return 0
-    table = [("inbox", "instance", "state", "failures", "disabled")]
+    table = [("inbox", "instance", "state", "failures", "runs now: assigned/sent/failed/moved away", "disabled")]
     for r in rows:
         state = r.connection_state + (
             f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC" if r.disconnected_since else ""
@@ -270,13 +271,25 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
                 r.instance_name,
                 state,
                 str(r.consecutive_failures),
+                work.get(r.id, "-"),
                 f"yes: {r.disabled_reason}" if r.disabled else "no",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
     return 0
+
+
+def _inbox_work() -> dict[int, str]:
+    """Per inbox, over the runs in progress of every pool it is in (R-POOL-4): assigned/sent/failed/moved away."""
+    active = [r[0] for r in db.execute_sql("SELECT id FROM campaign_runs WHERE status IN ('running', 'paused')")]
+    totals: dict[int, list[int]] = {}
+    for m in monitor.pool_members(active):
+        t = totals.setdefault(m.inbox_id, [0, 0, 0, 0])
+        for k, v in enumerate((m.assigned, m.sent, m.failed, m.moved_away)):
+            t[k] += v
+    return {i: "/".join(map(str, t)) for i, t in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +406,26 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _members_table(members: list[monitor.MemberStatus]) -> RenderableType:
+    """One line per inbox of the pool of each run in progress (R-POOL-4)."""
+    from rich.table import Table
+
+    t = Table(title="sender pools of the runs in progress", title_justify="left")
+    for col in ("run", "inbox", "state", "assigned", "sent", "failed", "moved away"):
+        t.add_column(col, justify="left" if col in ("inbox", "state") else "right")
+    for m in members:
+        t.add_row(
+            str(m.run_id),
+            _plain(m.inbox),
+            Text(m.state, style="" if m.state == "ok" else "yellow"),
+            str(m.assigned),
+            str(m.sent),
+            str(m.failed),
+            str(m.moved_away),
+        )
+    return t
+
+
 def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
@@ -437,6 +470,8 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
             f"{r.next_at:%H:%M:%S}" if r.next_at else "-",
         )
     parts.append(runs if snap.runs else Text("no run in progress"))
+    if snap.members:
+        parts.append(_members_table(snap.members))
 
     if snap.queues or snap.queue_error:
         queues = Table(title="queues (ready messages)", title_justify="left")

@@ -155,30 +155,34 @@ def render_text(rep: RunReport) -> str:
         lines += _table(
             [
                 "inbox",
-                "messages",
+                "assigned",
                 "sent",
                 "parts sent",
                 "failed",
+                "moved away",
                 "in doubt",
                 "min gap",
                 "median gap",
                 "configured gap",
                 "replied",
                 "opted out",
+                "state",
             ],
             [
                 [
-                    i.name + (" (disabled)" if i.disabled else ""),
-                    str(i.messages),
+                    i.name,
+                    str(i.assigned),
                     str(i.messages_sent),
                     str(i.parts_sent),
                     str(i.failed),
+                    str(i.moved_away),
                     str(i.in_doubt),
                     _fmt_s(i.gap_min_s),
                     _fmt_s(i.gap_median_s),
                     _fmt_s(i.min_gap_seconds),
                     str(i.replied),
                     str(i.opted_out),
+                    i.state,
                 ]
                 for i in rep.inboxes
             ],
@@ -191,6 +195,13 @@ def render_text(rep: RunReport) -> str:
             "  replied / opted out: this run's leads who wrote to that inbox / opted out after their "
             "message's first part went out"
         )
+        lines.append(
+            "  assigned: this run's messages on the inbox now; moved away: not-started messages a pool "
+            "failover handed to the other inboxes (R-POOL-3)"
+        )
+        zone = rep.zone
+        for fo in rep.failovers:
+            lines.append(f"  failover {fo.at.astimezone(zone):%H:%M:%S}: {fo.inbox} {fo.reason}: {fo.moved} moved away")
     else:
         lines.append("  (no inbox: nothing planned)")
     return "\n".join(lines) + "\n"

@@ -268,3 +268,41 @@ def test_one_inbox_run_still_pauses_and_resumes(clean_db):
     back = apply_connection(ConnectionChange(instance=ibx.instance_name, state="open", at=None, reason=None))
     assert back.resumed == [run.id]
     assert _events(run.id) == []
+
+
+def test_r_pool_4_status_report_and_inboxes_show_each_member(world, capsys, tmp_path):
+    """R-POOL-4: status, report (text and picture) and `cli.py inboxes` show per member: assigned,
+    sent, failed, moved away, state."""
+    from campaign.ops import cli, monitor
+    from campaign.ops.report import build_report, render_picture, render_text
+
+    ws, cols, a, b, cfg, run = world
+    sent = _on(run.id, a.id)[0]
+    db.execute_sql(
+        """UPDATE campaign_messages SET status = 'sent', sent_at = now(), finished_at = now() WHERE id = %s""",
+        (sent.id,),
+    )
+    db.execute_sql("UPDATE campaign_runs SET leads_sent = 1, leads_processed = 1 WHERE id = %s", (run.id,))
+    inboxes.disable_inbox("sales-2", workspace="acme", reason="banned", by="test")
+
+    members = {m.inbox: m for m in monitor.pool_members([run.id])}
+    assert members["acme/sales-1"] == monitor.MemberStatus(run.id, a.id, "acme/sales-1", 20, 1, 0, 0, "ok")
+    assert members["acme/sales-2"] == monitor.MemberStatus(run.id, b.id, "acme/sales-2", 0, 0, 0, 10, "disabled")
+    assert monitor.status_snapshot(get_settings(), with_queues=False).members == list(members.values())
+
+    rep = build_report(run.id)
+    by_name = {i.name: i for i in rep.inboxes}
+    assert (by_name["sales-1"].assigned, by_name["sales-1"].messages_sent, by_name["sales-1"].moved_away) == (20, 1, 0)
+    assert (by_name["sales-2"].assigned, by_name["sales-2"].moved_away, by_name["sales-2"].state) == (0, 10, "disabled")
+    assert [(fo.inbox, fo.moved) for fo in rep.failovers] == [("sales-2", 10)]
+    text = render_text(rep)
+    assert "moved away" in text and "failover" in text and "sales-2 disabled (banned): 10 moved away" in text
+    svg = render_picture(rep, tmp_path / "run.svg").read_text()
+    assert "sales-2: assigned 0 · sent 0 · failed 0 · moved away 10 · disabled" in svg
+    assert "sales-1: assigned 20 · sent 1 · failed 0 · moved away 0 · ok" in svg
+
+    assert cli.main(["inboxes"]) == 0
+    out = capsys.readouterr().out
+    assert "assigned/sent/failed/moved away" in out
+    line_b = next(line for line in out.splitlines() if line.startswith("acme/sales-2"))
+    assert "0/0/0/10" in line_b
