@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
+from devtools import demo_pool
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
@@ -108,11 +109,18 @@ ENGINE_TUNING = {
     # how often an in-process consumer releases due delayed messages (ms); the 1 s default would
     # make every pacing delay up to a second late
     "dramatiq_worker_timeout": "100",
+    **demo_pool.ENGINE_TUNING,  # the sender pool's failover on the demo's clock (R-POOL-3)
 }
 
 #: the scheduler jobs the demo runs, at demo speed (seconds); planning is the explicit run-now
 #: above, and alerts would only repeat what the demo prints
-DEMO_JOB_SECONDS = {"dispatch_due": 0.2, "window_guard": 5.0, "recovery_sweep": 5.0, "inbox_health": 10.0}
+DEMO_JOB_SECONDS = {
+    "dispatch_due": 0.2,
+    "window_guard": 5.0,
+    "recovery_sweep": 5.0,
+    "inbox_health": 10.0,
+    **demo_pool.JOB_SECONDS,
+}
 
 TERMINAL_RUN = ("completed", "failed", "cancelled")
 
@@ -147,6 +155,7 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    pool: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_pool's summary (E-33)
 
     @property
     def ok(self) -> bool:
@@ -742,6 +751,7 @@ def _run_engine(
 
     listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
     listening.start(console)
+    pool = demo_pool.PoolFailover(sb, run_ids)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
@@ -752,8 +762,10 @@ def _run_engine(
             f"window guard, inbox health) and {threads} worker threads on "
             f"{type(actors.broker).__name__}: running"
         )
+        pool.start(console)
         runs = _watch(console, run_ids, timeout)
     finally:
+        pool.stop()
         if scheduler is not None:
             scheduler.stop()
         if thread is not None:  # set together with scheduler
@@ -785,6 +797,7 @@ def _run_engine(
     _outcomes(console, run_ids, ledger, mismatches)
     heard = listening.summary(run_ids)
     _heard(console, heard)
+    pool_summary = pool.summary(console)
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -800,6 +813,7 @@ def _run_engine(
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
+        pool=pool_summary,
     )
     console.print(
         f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s ({services.mode} mode)",

@@ -181,12 +181,13 @@ def _draw_sends(ax: Axes, rep: RunReport) -> None:
             ax.axvline(fo.at, color="#c62828", linewidth=1, linestyle="-.")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
             ax.text(
                 fo.at,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
-                0.92,
+                0.99,
                 f" failover: {fo.inbox} → {fo.moved} moved",
                 transform=ax.get_xaxis_transform(),
                 fontsize=8,
                 color="#c62828",
                 va="top",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 1},
             )
     members = {i.id: i for i in rep.inboxes}
     handles: list[Artist] = [

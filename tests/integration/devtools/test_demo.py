@@ -170,6 +170,26 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     for run_id in run_ids:
         assert f"report of run {run_id}" in output
 
+    # the sender pool of `comeback` (E-33, devtools/demo_pool.py): sales-3 dropped mid-run, its
+    # not-started messages went out through sales-2, the run never paused, sales-3 came back
+    pool = result["pool"]
+    assert pool["run_id"] == runs["comeback"]["id"] and pool["down"] and pool["back"], pool
+    assert pool["moved"] > 0 and pool["paused"] == 0, pool
+    members = pool["members"]
+    assert set(members) == {"demo/sales-2", "demo/sales-3"} and members["demo/sales-3"][3] == pool["moved"]
+    assert sum(m[0] for m in members.values()) == COMEBACK_LEADS
+    comeback_numbers = {
+        p.lstrip("+")
+        for (p,) in _rows(
+            conn,
+            "SELECT l.phone FROM campaign_messages m JOIN leads l ON l.id = m.lead_id WHERE m.run_id = %s",
+            (pool["run_id"],),
+        )
+    }
+    by_instance = collections.Counter(s["instance"] for s in sends if s["number"] in comeback_numbers)
+    assert set(by_instance) == {"demo-sales-2", "demo-sales-3"}, by_instance  # both numbers sent
+    assert "sender pool (E-33): demo-sales-3 disconnected mid-run (yes)" in output
+
 
 def test_demo_embedded_pgserver_and_stub_broker(sb, tmp_path):
     """`python demo.py --embedded`: pgserver PostgreSQL + StubBroker + in-process workers, run twice."""
