@@ -195,7 +195,8 @@ def enable_inbox(
                 (inbox.id,),
             )
         resumed = runs.resume_runs_that_can_send([inbox.id])
-        failover.member_back(inbox.id)  # its messages that waited for it in running runs (R-POOL-3)
+        if inbox.disabled:
+            failover.member_back(inbox.id)  # its messages that waited for it in running runs (R-POOL-3)
         wake_parked([inbox.id])  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed:
             return InboxChange(inbox, False, by, reason, note="not disabled; nothing changed")
@@ -259,13 +260,15 @@ def store_state(inbox_id: int, state: str, *, observed_at: dt.datetime | None = 
     return row is not None
 
 
-def resume_reconnected(inbox_id: int, *, wake: bool = True) -> list[int]:
+def resume_reconnected(inbox_id: int, *, wake: bool = True, was_down: bool = True) -> list[int]:
     """The inbox is open again: resume the runs of its pools paused for a down inbox now that a member
-    can send (E-07, R-POOL-3), re-plan its messages that waited for it in running runs, and wake its
+    can send (E-07, R-POOL-3), re-plan its messages that waited for it in running runs (``was_down``:
+    only when it really was down; an open inbox polled open again keeps its schedule), and wake its
     parked started messages (E-24; ``wake=False``: the caller wakes many inboxes at once). Returns
     the resumed runs."""
     resumed = runs.resume_runs_that_can_send([inbox_id])
-    failover.member_back(inbox_id)
+    if was_down:
+        failover.member_back(inbox_id)
     if wake:
         wake_parked([inbox_id])
     return resumed

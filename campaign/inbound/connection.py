@@ -66,17 +66,17 @@ class ConnectionResult:
 
 def apply_connection(change: ConnectionChange) -> ConnectionResult:
     """Store the state when it is the newest observation; pause or resume the inbox's runs."""
-    row = _one("SELECT id FROM inboxes WHERE instance_name = %s", (change.instance,))
+    row = _one("SELECT id, connection_state FROM inboxes WHERE instance_name = %s", (change.instance,))
     if row is None:
         log.warning("connection.update: instance %r is no inbox of this engine; ignored", change.instance)
         return ConnectionResult("unknown_instance")
-    inbox_id = row[0]
+    inbox_id, before = row
     with db.atomic():
         if not store_state(inbox_id, change.state, observed_at=_observed_at(change.at)):
             return ConnectionResult("stale", inbox_id=inbox_id, state=change.state)
         result = ConnectionResult("updated", inbox_id=inbox_id, state=change.state)
         if change.state == "open":
-            result.resumed = resume_reconnected(inbox_id)
+            result.resumed = resume_reconnected(inbox_id, was_down=before in ("close", "connecting"))
         else:
             # only the runs whose pool has no other member that can send (R-POOL-3)
             result.paused = runs.pause_inbox_runs(inbox_id, "inbox_disconnected")

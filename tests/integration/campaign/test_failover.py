@@ -306,3 +306,21 @@ def test_r_pool_4_status_report_and_inboxes_show_each_member(world, capsys, tmp_
     assert "assigned/sent/failed/moved away" in out
     line_b = next(line for line in out.splitlines() if line.startswith("acme/sales-2"))
     assert "0/0/0/10" in line_b
+
+
+def test_planning_gives_a_member_that_hands_over_no_new_work(clean_db):
+    """R-POOL-3: a disabled member gets no new lead at planning while another can send; a lead sticky
+    to it waits for a later run; once it is enabled it takes work again at the next planning."""
+    ws, cols = f.workspace("acme")
+    a, b = f.inbox(ws, "sales-1"), f.inbox(ws, "sales-2")
+    cfg = f.pool(f.config(ws, a, cols["New"], cols["Contacted"], name="pooled"), a, b)
+    f.bulk_leads(ws, cols["New"], 10)
+    first = db.execute_sql("SELECT min(id) FROM leads").fetchone()[0]
+    _sticky(ws, first, b)
+    inboxes.disable_inbox("sales-2", workspace="acme", reason="banned", by="test")
+    run = planner.plan_run(cfg.id, rng=random.Random(5))
+    assert len(_on(run.id, a.id)) == 9 and _on(run.id, b.id) == []
+    assert run.leads_overflow == 1  # the sticky lead waits for its number
+    inboxes.enable_inbox("sales-2", workspace="acme", by="test")
+    later = planner.plan_run(cfg.id, now=dt.datetime.now(UTC) + dt.timedelta(days=1), rng=random.Random(6))
+    assert [m.lead_id for m in _on(later.id, b.id)] == [first]
