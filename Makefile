@@ -25,15 +25,21 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# Prometheus's promtool for the monitoring tests (check rules/config, the alert rules' unit
+# tests): from PATH, else unpacked from Debian's `prometheus` package (nothing installed)
+PROMTOOL := $(VENV)/bin/promtool
+$(PROMTOOL): | $(STAMP)
+	scripts/promtool.sh $@
+
 # the tests that need no service (seconds)
-test-unit: venv
+test-unit: venv $(PROMTOOL)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 services: venv
 	@scripts/ensure_services.sh > $(VENV)/services.env
 
 # The whole suite on real PostgreSQL + RabbitMQ: each run makes its own database and vhost.
-test: services
+test: services $(PROMTOOL)
 	set -a; . ./$(VENV)/services.env; set +a; $(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole engine end to end: real services when DATABASE_URL / RABBITMQ_URL answer (its own

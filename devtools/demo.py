@@ -42,6 +42,7 @@ from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
 from devtools import demo_pool
+from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
@@ -156,6 +157,7 @@ class DemoResult:
     elapsed_seconds: float
     report_missing: bool = False
     pool: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_pool's summary (E-33)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
 
     @property
     def ok(self) -> bool:
@@ -752,6 +754,8 @@ def _run_engine(
     listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
     listening.start(console)
     pool = demo_pool.PoolFailover(sb, run_ids)
+    observed = DemoMetrics()
+    observed.start(console)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
@@ -798,6 +802,8 @@ def _run_engine(
     heard = listening.summary(run_ids)
     _heard(console, heard)
     pool_summary = pool.summary(console)
+    panel, panel_mismatches = observed.summary(console, run_ids)
+    mismatches += panel_mismatches
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -810,6 +816,7 @@ def _run_engine(
         opted_out=opted_name,
         sandbox_summary=ledger,
         listening=heard,
+        metrics=panel,
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,

@@ -94,6 +94,15 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
         assert status == "completed"
         assert (total, processed, sent, failed, skipped, in_doubt) == (n, n, n_sent, n_failed, n_skipped, 0)
     assert runs["welcome"]["total"] == WELCOME_LEADS and runs["welcome"]["failed"] == 1
+
+    # R-OBS-1/2: the demo served its metrics and printed the dashboard's "Messages by status" panel
+    # from a scrape of them; the panel equals the rows (counted here, not by the demo)
+    by_status = dict(
+        _rows(conn, "SELECT status, count(*) FROM campaign_messages WHERE run_id = ANY(%s) GROUP BY status", (run_ids,))
+    )
+    assert result["metrics"]["values"] == by_status, (result["metrics"], by_status)
+    assert result["metrics"]["url"].startswith("http://127.0.0.1:") and f"metrics: {result['metrics']['url']}" in output
+    assert "dashboard panel 'Messages by status' (sum by (status) (campaign_messages))" in output
     assert runs["comeback"]["total"] == COMEBACK_LEADS and runs["comeback"]["skipped"] == 1
 
     # the invalid phone was rejected at import (line 22 of the CSV) and never became a lead
