@@ -160,13 +160,13 @@ def render_text(rep: RunReport) -> str:
                 "parts sent",
                 "failed",
                 "moved away",
+                "state",
                 "in doubt",
                 "min gap",
                 "median gap",
                 "configured gap",
                 "replied",
                 "opted out",
-                "state",
             ],
             [
                 [
@@ -176,13 +176,13 @@ def render_text(rep: RunReport) -> str:
                     str(i.parts_sent),
                     str(i.failed),
                     str(i.moved_away),
+                    i.state,
                     str(i.in_doubt),
                     _fmt_s(i.gap_min_s),
                     _fmt_s(i.gap_median_s),
                     _fmt_s(i.min_gap_seconds),
                     str(i.replied),
                     str(i.opted_out),
-                    i.state,
                 ]
                 for i in rep.inboxes
             ],
