@@ -249,7 +249,7 @@ def cmd_inbox(args: argparse.Namespace, settings: Settings) -> int:
 
 @command(
     "inboxes",
-    "list the inboxes: connection state, disabled (why), consecutive send failures",
+    "list the inboxes: connection state, disabled (why), consecutive send failures, work in runs in progress",
     lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"),
 )
 def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
@@ -260,7 +260,8 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no inbox (apply a TOML file first)")
         return 0
-    table = [("inbox", "instance", "state", "failures", "runs now: assigned/sent/failed/moved away", "disabled")]
+    # work: over the runs in progress of every pool the inbox is in (R-POOL-4)
+    table = [("inbox", "instance", "state", "failures", "assigned/sent/failed/moved-away", "disabled")]
     for r in rows:
         state = r.connection_state + (
             f" since {r.disconnected_since:%Y-%m-%d %H:%M} UTC" if r.disconnected_since else ""

@@ -303,7 +303,7 @@ def test_r_pool_4_status_report_and_inboxes_show_each_member(world, capsys, tmp_
 
     assert cli.main(["inboxes"]) == 0
     out = capsys.readouterr().out
-    assert "assigned/sent/failed/moved away" in out
+    assert "assigned/sent/failed/moved-away" in out
     line_b = next(line for line in out.splitlines() if line.startswith("acme/sales-2"))
     assert "0/0/0/10" in line_b
 

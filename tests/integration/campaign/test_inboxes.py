@@ -190,8 +190,9 @@ def test_inboxes_lists_state_disabled_and_failures(world, capsys):
     code, out, _ = run_cli(capsys, "inboxes")
     assert code == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["inbox", "instance", "state", "failures", "disabled"]
-    assert first.split() == ["acme/sales-1", one.instance_name, "unknown", "0", "yes:", "banned"]
+    assert header.split() == ["inbox", "instance", "state", "failures", "assigned/sent/failed/moved-away", "disabled"]
+    # three one-inbox runs of two messages each on sales-1 (paused now), one on sales-2 (R-POOL-4)
+    assert first.split() == ["acme/sales-1", one.instance_name, "unknown", "0", "6/0/0/0", "yes:", "banned"]
     assert second.split() == [
         "acme/sales-2",
         two.instance_name,
@@ -201,6 +202,7 @@ def test_inboxes_lists_state_disabled_and_failures(world, capsys):
         "12:00",
         "UTC",
         "2",
+        "2/0/0/0",
         "no",
     ]
     code, _, err = run_cli(capsys, "inboxes", "--workspace", "nope")
