@@ -73,8 +73,8 @@ UTC = dt.UTC
 FAILOVER_STEP = "failover"
 #: the message statuses a failover may move (with no part sent, sending or in doubt)
 NOT_STARTED_STATUSES = ("pending", "queued")
-#: transaction advisory-lock namespace: one failover pass per run at a time
-FAILOVER_LOCK_NAMESPACE = 0x706F6F6C  # "pool"
+#: transaction advisory-lock namespace: one failover pass (or re-plan, runs.replan_pending) per run at a time
+FAILOVER_LOCK_NAMESPACE = runs.SCHEDULE_LOCK_NAMESPACE
 
 # A message of the failed member in the run that may move: not started (status AND parts), and
 # not a sticky lead's (a conversation with the failed member that already has messages).

@@ -274,6 +274,10 @@ def pause_run(run_id: int, reason: str = "manual") -> str | None:
     return was if takeover else None
 
 
+#: transaction advisory-lock namespace: one change of a run's schedule at a time (replan, failover)
+SCHEDULE_LOCK_NAMESPACE = 0x706F6F6C  # "pool"
+
+
 def pace_start(run_id: int, inbox_id: int, now: dt.datetime, window_open: dt.datetime, gap_min: float) -> dt.datetime:
     """When an inbox's next message of a run may go at the earliest: from now (inside the window),
     at least ``gap_min`` after the latest message of the run already dispatched on that inbox."""
@@ -331,6 +335,9 @@ def replan_pending(
     """
     now = now or dt.datetime.now(UTC)
     rng = rng or random.Random()
+    # one schedule change of a run at a time: a resume, a member back and a pool failover (R-POOL-3)
+    # re-pace the same inboxes' messages; interleaved, two schedules could crowd one inbox
+    db.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (SCHEDULE_LOCK_NAMESPACE, run_id))
     bounds, gmin, gmax = run_pacing(run_id)
     pending = db.execute_sql(
         """SELECT id, inbox_id, scheduled_at FROM campaign_messages
