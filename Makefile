@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-unit lint typecheck demo venv services clean chaos bench
+.PHONY: test test-unit test-quorum lint typecheck demo venv services clean chaos bench
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ test: services $(PROMTOOL)
 # database and vhost), else embedded PostgreSQL (pgserver) + StubBroker. Never starts services.
 demo: venv
 	$(PY) demo.py $(DEMO_ARGS)
+
+# The same suite with every engine queue a quorum queue (R-SCALE-1): what a RabbitMQ cluster runs.
+# Its own target (it doubles the time of `make test`); the cluster itself is T-REL-3 in the suite.
+test-quorum: services $(PROMTOOL)
+	set -a; . ./$(VENV)/services.env; set +a; RABBITMQ_QUEUE_TYPE=quorum $(PY) -m pytest $(PYTEST_ARGS)
 
 # SPEC §7 benchmarks (T-PERF-1..6) and the webhook under hostile load (issue 23), one after the
 # other, each on its own database + vhost (+ sandbox + workers where it needs them); each prints

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
-from devtools import demo_pool
+from devtools import demo_pool, demo_triage
 from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
@@ -754,6 +754,8 @@ def _run_engine(
     listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
     listening.start(console)
     pool = demo_pool.PoolFailover(sb, run_ids)
+    triage = demo_triage.TriageScene(sb, run_ids[1], skip_phones=(OPTS_OUT,))
+    triage.start(console)
     observed = DemoMetrics()
     observed.start(console)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
@@ -768,8 +770,10 @@ def _run_engine(
         )
         pool.start(console)
         runs = _watch(console, run_ids, timeout)
+        triage.wait_settled(20)
     finally:
         pool.stop()
+        triage.stop()
         if scheduler is not None:
             scheduler.stop()
         if thread is not None:  # set together with scheduler
@@ -800,8 +804,10 @@ def _run_engine(
     ledger = sb.summary()
     _outcomes(console, run_ids, ledger, mismatches)
     heard = listening.summary(run_ids)
+    heard["triage"] = triage.summary()
     _heard(console, heard)
     pool_summary = pool.summary(console)
+    demo_triage.show(console, heard["triage"], ledger)
     panel, panel_mismatches = observed.summary(console, run_ids)
     mismatches += panel_mismatches
     result = DemoResult(

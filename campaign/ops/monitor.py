@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from campaign import failover, steps
 from campaign.db import db
+from campaign.ops import triage_view
 from campaign.settings import Settings, amqp_parameters, redact_url
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ class StatusSnapshot:
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
     members: list[MemberStatus] = field(default_factory=list)  # the pools of the runs in progress (R-POOL-4)
+    #: reply triage (R-IN-5): (last 24 h, total); None when no reply was ever triaged
+    triage: tuple[triage_view.TriageSummary, triage_view.TriageSummary] | None = None
 
 
 _RUNS_SQL = """
@@ -374,6 +377,8 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.members = pool_members(active)
     snap.listening = listening(now=now)
+    recent, total = triage_view.since(now - LISTENING_RECENT), triage_view.since(None)
+    snap.triage = None if total.empty else (recent, total)
     snap.alerts = alerts(settings, now=now)
     return snap
 

@@ -19,6 +19,8 @@ from campaign.errors import (
     ConfigError,
     RunNotFound,
 )
+from campaign.ops import triage_view
+from campaign.ops.triage_view import TriageSummary
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class InboxReport:
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
     moved_away: int = 0  # not-started messages pool failovers moved from it to other members (R-POOL-4)
     state: str = "ok"  # failover.member_state: ok, disconnected, connecting, disabled
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
 
     @property
     def assigned(self) -> int:
@@ -145,6 +149,8 @@ class RunReport:
     replied: int = 0  # ... whose lead replied after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
     failovers: list[Failover] = field(default_factory=list)  # R-POOL-3, oldest first
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
 
     @property
     def label(self) -> str:
@@ -322,12 +328,14 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
+        triage = triage_view.for_run(run_id)
         moves = failover.failover_events(run_id)
         missing = sorted({i for _, i, _, _ in moves} - set(inbox_ids))
         if missing:  # a member that moved all its work away and left the pool since
             inbox_rows += db.execute_sql(_INBOXES_SQL, (missing,)).fetchall()
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now, moves)
     rep.closed_while_paused = closed_paused
+    rep.triage = triage
     log.debug(
         "report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts), len(inbox_rows)
     )
