@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
-from devtools import demo_pool, demo_triage
+from devtools import demo_pool, demo_sequence, demo_triage
 from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
@@ -157,12 +157,19 @@ class DemoResult:
     elapsed_seconds: float
     report_missing: bool = False
     pool: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_pool's summary (E-33)
+    sequence: dict[str, Any] = dataclasses.field(default_factory=dict)  # the follow-up step (demo_sequence)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
 
     @property
     def ok(self) -> bool:
         """Every run completed and every counter matches its rows."""
-        return bool(self.runs) and all(r["status"] == "completed" for r in self.runs) and not self.mismatches
+        follow_up_ok = self.sequence.get("status", "completed") == "completed"
+        return (
+            bool(self.runs)
+            and all(r["status"] == "completed" for r in self.runs)
+            and not self.mismatches
+            and follow_up_ok
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,6 +728,8 @@ def _run_engine(
             "SELECT id, name FROM campaign_configs WHERE workspace_id = %s ORDER BY id", (ws_id,)
         ).fetchall()
         for config_id, name in configs:
+            if demo_sequence.plan_later(name):  # a follow-up: planned after the first touches (R-SEQ-3)
+                continue
             run = planner.plan_run(config_id, manual=True)
             if run is None or run.status == "failed":
                 raise DemoError(
@@ -761,6 +770,7 @@ def _run_engine(
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
+    sequence: dict[str, Any] = {}
     try:
         scheduler, thread = _start_scheduler(settings)
         console.print(
@@ -771,6 +781,8 @@ def _run_engine(
         pool.start(console)
         runs = _watch(console, run_ids, timeout)
         triage.wait_settled(20)
+        sequence = demo_sequence.run(console, sb, ws_id, watch=_watch, timeout=timeout)
+        run_ids += sequence.get("run_ids", [])  # its report and counters are shown and checked too
     finally:
         pool.stop()
         triage.stop()
@@ -827,6 +839,7 @@ def _run_engine(
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
         pool=pool_summary,
+        sequence=sequence,
     )
     console.print(
         f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s ({services.mode} mode)",
