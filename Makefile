@@ -57,7 +57,7 @@ test-quorum: services $(PROMTOOL)
 # its figures, its reference and PASS/MISS. `make bench QUICK=1` runs the
 # small variants (minutes, not an hour); BENCH=... picks some (e.g. BENCH="pipeline scale");
 # BENCH_ARGS go to every script. Exit status non-zero when any target is missed.
-BENCH ?= pipeline latency ontime scale memory webhook inbound
+BENCH ?= pipeline latency ontime scale memory webhook inbound pool
 bench: services
 	@set -a; . ./$(VENV)/services.env; set +a; rc=0; \
 	for b in $(BENCH); do \

@@ -33,7 +33,7 @@ from typing import Any
 
 import peewee
 
-from campaign import health, logs, ratelimit, runs
+from campaign import failover, health, logs, ratelimit, runs
 from campaign.db import db
 from campaign.errors import (
     AmbiguousSend,
@@ -313,11 +313,12 @@ def _preflight(ctx: Context, settings: Settings, *, started: bool = False) -> bo
         _stop_rest(ctx, settings, "opted_out" if ctx.lead_opted_out else ctx.stop_reason or "replied")
         return False
     if ctx.inbox_disabled or ctx.inbox_health == "restricted":
-        # restricted (R-HEALTH-2): nothing new starts on it; like a disabled inbox, a started
-        # message finishes (a person does not stop mid-sentence, DESIGN principle 8)
+        # restricted (R-HEALTH-2): nothing new starts on it; like a disabled inbox, a started message
+        # finishes (DESIGN principle 8); only a pool with no member left pauses (R-POOL-3)
         runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled" if ctx.inbox_disabled else health.PAUSE_REASON)
         if not started:
             _back_to_wait(ctx.message_id, ctx.status)
+            failover.fail_over(settings, inbox_ids=[ctx.inbox_id])  # the pool's others take it over
             return False
     return True
 
@@ -876,10 +877,12 @@ def _inbox_went_down(ctx: Context, settings: Settings, started_message: bool) ->
     parked, and goes on at its next part once the inbox is open again (E-24): it never fails
     because of a disconnect, and the inbox's failure count is untouched (R-FAIL-6).
     """
-    runs.pause_inbox_runs(ctx.inbox_id, "inbox_disconnected")
+    runs.pause_inbox_runs(ctx.inbox_id, "inbox_disconnected")  # only a pool with no member left (R-POOL-3)
     mark_disconnected(ctx.inbox_id)
     if not started_message:
         _back_to_wait(ctx.message_id, "sending")
+        # down long enough already (a straggler of an inbox its pool works around): hand it over
+        failover.fail_over(settings, inbox_ids=[ctx.inbox_id])
         return
     _park(ctx, settings.connection_state_max_age_seconds, f"inbox {ctx.inbox_id} disconnected mid-message")
 
@@ -1006,6 +1009,7 @@ def _count_inbox_failure(ctx: Context, settings: Settings, exc: BaseException) -
             level="error",
         )
         runs.pause_inbox_runs(ctx.inbox_id, "inbox_disabled")
+        failover.fail_over(settings, inbox_ids=[ctx.inbox_id])  # at once, not at the next poll (R-POOL-3)
 
 
 def _reset_inbox_failures(ctx: Context) -> None:

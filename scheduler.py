@@ -57,6 +57,7 @@ STANDBY_RETRY_SECONDS = 2.0  # a standby retries the lock this often (takeover w
 LOCK_CHECK_SECONDS = 2.0  # the active one checks its lock connection this often
 MAX_DISPATCH_ROUNDS = 50  # full batches dispatched back to back in one tick, at most
 HEARTBEAT_NAME = "scheduler"
+POOL_FAILOVER_CHECK_SECONDS = 5.0  # a pool member down POOL_FAILOVER_SECONDS hands over within this
 METRICS_REFRESH_SECONDS = 15.0  # the database gauges (R-OBS-1) are this fresh; a scrape never queries
 
 JobFunc = Callable[[Settings, Callable[[], bool]], object]
@@ -123,7 +124,20 @@ def _inbox_health(settings: Settings, active: Callable[[], bool]) -> dict[str, A
     # R-HEALTH-2: cool-downs end by time alone; an evaluation a crash lost after its receipt is caught up
     number_health = health.sweep(settings)
     evolution = get_evolution(settings.evolution_api_url, settings.evolution_api_key, timeout=10.0)
-    return {**recovery.check_inboxes(settings, evolution), "resumed_enabled": resumed_enabled, **number_health}
+    checked = recovery.check_inboxes(settings, evolution)
+    # what the probe found down long enough hands over now (R-POOL-3)
+    moved = _pool_failover(settings, active)
+    return {**checked, "resumed_enabled": resumed_enabled, **number_health, **moved}
+
+
+def _pool_failover(settings: Settings, active: Callable[[], bool]) -> dict[str, Any]:
+    """R-POOL-3: runs no member of whose pool can send pause; members down long enough hand their
+    not-started messages to the others (seconds after POOL_FAILOVER_SECONDS, not the next poll)."""
+    from campaign import failover
+
+    paused = runs.pause_runs_that_cannot_send()
+    moved = failover.fail_over(settings)
+    return {"paused": paused, "moved": {f"{m.run_id}:{m.from_inbox}": m.total for m in moved if m.total}}
 
 
 def _alerts(settings: Settings, active: Callable[[], bool]) -> object:
@@ -154,6 +168,7 @@ def job_specs(settings: Settings) -> list[JobSpec]:
         JobSpec("window_guard", _window_guard, 15),  # too-late skips (R-DISP-3) + window close (R-DISP-4)
         JobSpec("recovery_sweep", _recovery, settings.recovery_interval_seconds),  # R-FAIL-8
         JobSpec("inbox_health", _inbox_health, settings.inbox_health_interval_seconds),  # R-FAIL-6
+        JobSpec("pool_failover", _pool_failover, POOL_FAILOVER_CHECK_SECONDS),  # R-POOL-3
         JobSpec("alerts", _alerts, 60),  # R-OPS-4, logged at ERROR
         *extra,  # R-OBS-1: the database gauges, only when /metrics is served
     ]

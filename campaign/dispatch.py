@@ -8,6 +8,7 @@ from typing import Any
 
 from campaign import enqueue, steps
 from campaign.settings import Settings
+from campaign.sql import INBOX_CAN_SEND
 from campaign.sql import fetch_all as _all
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,14 @@ def dispatch_due(
     # so the planner cannot turn the run check into a scan of campaign_messages_run_status_idx
     # (which it picked on smaller tables: every pending message of the running runs, then a sort).
     rows = _all(
-        """
+        f"""
         UPDATE campaign_messages SET status = 'queued', status_changed_at = now(),
             wake_at = now() + make_interval(secs => %s)
         WHERE id IN (
             SELECT m.id FROM campaign_messages m
             WHERE m.status = 'pending' AND m.scheduled_at <= coalesce(%s, now())
               AND EXISTS (SELECT 1 FROM campaign_runs r WHERE r.id = m.run_id + 0 AND r.status = 'running')
+              AND EXISTS (SELECT 1 FROM inboxes i WHERE i.id = m.inbox_id AND {INBOX_CAN_SEND})
             ORDER BY m.scheduled_at LIMIT %s
             FOR UPDATE OF m SKIP LOCKED)
         AND status = 'pending'

@@ -46,7 +46,7 @@ from typing import Any
 import peewee
 import psycopg2
 
-from campaign import runs
+from campaign import failover, runs
 from campaign.db import db
 from campaign.settings import Settings
 from campaign.sql import fetch_all as _all
@@ -306,9 +306,12 @@ def _record(inbox_id: int, label: str, old: str, decision: Decision, evidence: E
     paused: list[int] = []
     resumed: list[int] = []
     if decision.state == "restricted":
+        # a pool with a member that can send goes on: the scheduler's failover job moves this one's
+        # not-started messages (R-POOL-3); a pool with none left pauses
         paused = runs.pause_inbox_runs(inbox_id, PAUSE_REASON)
     elif old == "restricted":
         resumed = resume_unrestricted_runs(inbox_id)
+        failover.member_back(inbox_id)  # its messages that waited for it take their place again
     level = {"restricted": "error", "throttled": "warning"}.get(decision.state, "info")
     text = f"inbox {label} {old} -> {decision.state}: {reason}"
     details = {
@@ -341,18 +344,9 @@ def _record(inbox_id: int, label: str, old: str, decision: Decision, evidence: E
 
 
 def resume_unrestricted_runs(inbox_id: int | None = None) -> list[int]:
-    """Resume runs paused ``inbox_restricted`` (of the pools holding ``inbox_id``; None: every one)
-    whose pool has no restricted inbox left."""
-    where, params = (runs.POOL_HOLDS_INBOX, (inbox_id,)) if inbox_id is not None else ("true", ())
-    rows = _all(
-        f"""SELECT r.id FROM campaign_runs r
-             WHERE r.status = 'paused' AND r.pause_reason = %s AND ({where})
-               AND NOT EXISTS (SELECT 1 FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
-                                WHERE p.config_id = r.config_id AND i.health_state = 'restricted')
-             ORDER BY r.id FOR UPDATE OF r""",
-        (PAUSE_REASON, *params),
-    )
-    return [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, PAUSE_REASON)]
+    """Resume runs paused for a down inbox (``inbox_restricted`` among them) whose pool can send again
+    (of the pools holding ``inbox_id``; None: every one): :func:`campaign.runs.resume_runs_that_can_send`."""
+    return runs.resume_runs_that_can_send(None if inbox_id is None else [inbox_id])
 
 
 def record_refusal(inbox_id: int, code: str, settings: Settings) -> Transition | None:
@@ -400,8 +394,7 @@ def sweep(settings: Settings, *, now: dt.datetime | None = None) -> dict[str, An
     raced a recovery)."""
     start = (now or dt.datetime.now(UTC)) - WINDOW
     changes = [evaluate(inbox_id, settings, now=now) for (inbox_id,) in _all(_SWEEP_SQL, {"start": start})]
-    with db.atomic():
-        resumed = resume_unrestricted_runs()
+    resumed = resume_unrestricted_runs()
     # refusals older than any cool-down can still need (the longest setting is 30 days) are no evidence
     purged = _all(
         "DELETE FROM inbox_refusals WHERE at < now() - make_interval(secs => %s) RETURNING id",

@@ -23,11 +23,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from campaign import health, runs
+from campaign import failover, health, runs
 from campaign.db import db
 from campaign.errors import (
     InboxCommandError,
 )
+from campaign.settings import get_settings
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
 from campaign.sql import health_cap
@@ -105,6 +106,7 @@ class InboxChange:
     paused: list[int] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
     health_was: str | None = None  # throttled / restricted before an enable (R-HEALTH-2)
+    moved: int = 0  # not-started messages its pools' other members took over (R-POOL-3)
 
 
 _INBOX_SQL = f"""
@@ -192,7 +194,9 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
                 inbox, False, by, reason, note=f"already disabled ({inbox.disabled_reason}); nothing changed"
             )
         db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = %s WHERE id = %s", (reason, inbox.id))
-        paused = runs.pause_runs(runs.POOL_HOLDS_INBOX, (inbox.id,), "inbox_disabled")
+        # a pool with another member that can send goes on without it (R-POOL-3): only the runs
+        # left with no member that can send pause; the failover below moves its not-started work
+        paused = runs.pause_inbox_runs(inbox.id, "inbox_disabled")
         _event(
             inbox,
             f"inbox {inbox.label} disabled by {by}: {reason}",
@@ -200,28 +204,8 @@ def disable_inbox(name: str, *, workspace: str | None = None, reason: str, by: s
             "warning",
         )
     log.warning("inbox %s (id %s) disabled by %s: %s; paused runs %s", inbox.label, inbox.id, by, reason, paused)
-    return InboxChange(inbox, True, by, reason, paused=paused)
-
-
-def _resume_disabled_runs(where: str, params: tuple) -> list[int]:
-    """Resume the runs paused ``inbox_disabled`` matching ``where`` (alias r) once no inbox of their pool is
-    disabled, each as the pipeline does.
-
-    The runs are locked first: an operator's pause of one of them lands either before (the run is
-    no longer paused ``inbox_disabled`` and is left alone) or after the resume; it is never undone.
-    """
-    with db.atomic():
-        rows = db.execute_sql(
-            f"""
-            SELECT r.id FROM campaign_runs r
-             WHERE r.status = 'paused' AND r.pause_reason = 'inbox_disabled' AND ({where})
-               AND NOT EXISTS (SELECT 1 FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
-                                WHERE p.config_id = r.config_id AND i.disabled)
-             ORDER BY r.id
-               FOR UPDATE OF r""",
-            params,
-        ).fetchall()
-        return [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disabled")]
+    moved = failover.fail_over(get_settings(), inbox_ids=[inbox.id])
+    return InboxChange(inbox, True, by, reason, paused=paused, moved=sum(m.total for m in moved))
 
 
 def enable_inbox(
@@ -240,8 +224,9 @@ def enable_inbox(
             )
         # R-HEALTH-2: throttled / restricted end too, the problems so far forgiven
         was_health = health.reset(inbox.id)
-        resumed = _resume_disabled_runs(runs.POOL_HOLDS_INBOX, (inbox.id,))
-        resumed += health.resume_unrestricted_runs(inbox.id)
+        resumed = runs.resume_runs_that_can_send([inbox.id])
+        if inbox.disabled or was_health == "restricted":
+            failover.member_back(inbox.id)  # its messages that waited for it in running runs (R-POOL-3)
         wake_parked([inbox.id])  # its started messages waiting for it go on now (E-24)
         if not inbox.disabled and not inbox.consecutive_failures and not resumed and was_health is None:
             return InboxChange(inbox, False, by, reason, note="not disabled, throttled or restricted; nothing changed")
@@ -267,10 +252,11 @@ def enable_inbox(
 
 
 def resume_runs_of_usable_inboxes() -> list[int]:
-    """Resume runs paused ``inbox_disabled`` whose pool has no disabled inbox (a pause that raced an enable)."""
-    resumed = _resume_disabled_runs("true", ())
+    """Resume runs paused for a down inbox with a member of their pool that can send (a pause that
+    raced an enable or a reconnect, R-POOL-3)."""
+    resumed = runs.resume_runs_that_can_send()
     if resumed:
-        log.warning("resumed runs %s: paused inbox_disabled, but their inbox is enabled", resumed)
+        log.warning("resumed runs %s: paused for an inbox, but a member of their pool can send", resumed)
     return resumed
 
 
@@ -306,19 +292,15 @@ def store_state(inbox_id: int, state: str, *, observed_at: dt.datetime | None = 
     return row is not None
 
 
-def resume_reconnected(inbox_id: int, *, wake: bool = True) -> list[int]:
-    """The inbox is open again: resume the runs of its pools paused ``inbox_disconnected`` whose other
-    members are connected too (E-07), and wake its parked started messages (E-24; ``wake=False``:
-    the caller wakes many inboxes at once). Returns the resumed runs."""
-    rows = _all(
-        f"""SELECT r.id FROM campaign_runs r
-             WHERE {runs.POOL_HOLDS_INBOX} AND r.status = 'paused' AND r.pause_reason = 'inbox_disconnected'
-               AND NOT EXISTS (SELECT 1 FROM campaign_config_inboxes o JOIN inboxes oi ON oi.id = o.inbox_id
-                                WHERE o.config_id = r.config_id AND o.inbox_id <> %s
-                                  AND oi.disconnected_since IS NOT NULL)""",
-        (inbox_id, inbox_id),
-    )
-    resumed = [run_id for (run_id,) in rows if runs.resume_paused_run(run_id, "inbox_disconnected")]
+def resume_reconnected(inbox_id: int, *, wake: bool = True, was_down: bool = True) -> list[int]:
+    """The inbox is open again: resume the runs of its pools paused for a down inbox now that a member
+    can send (E-07, R-POOL-3), re-plan its messages that waited for it in running runs (``was_down``:
+    only when it really was down; an open inbox polled open again keeps its schedule), and wake its
+    parked started messages (E-24; ``wake=False``: the caller wakes many inboxes at once). Returns
+    the resumed runs."""
+    resumed = runs.resume_runs_that_can_send([inbox_id])
+    if was_down:
+        failover.member_back(inbox_id)
     if wake:
         wake_parked([inbox_id])
     return resumed

@@ -44,7 +44,8 @@ from campaign.db import db
 from campaign.errors import PlanError, RunStateError
 from campaign.pools import Assignment, Member, assign, gap_us, paced_times
 from campaign.sequence import EXCLUSION_RULES, REPLIED_SQL
-from campaign.settings import Settings
+from campaign.settings import Settings, get_settings
+from campaign.sql import inbox_hands_over
 from models import CampaignRun
 
 log = logging.getLogger(__name__)
@@ -417,15 +418,29 @@ _POOL_SQL = """
     SELECT p.inbox_id, p.position, i.max_per_day - (
                SELECT count(*) FROM campaign_messages m
                 WHERE m.inbox_id = p.inbox_id AND m.scheduled_at >= %s AND m.scheduled_at < %s
-                  AND m.status <> 'skipped') AS remaining
+                  AND m.status <> 'skipped') AS remaining,
+           {hands_over} AS down
       FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
      WHERE p.config_id = %s
      ORDER BY p.position"""
 
 
 def _pool(config_id: int, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
-    rows = db.execute_sql(_POOL_SQL, (day_start, day_end, config_id)).fetchall()
-    return [Member(int(i), int(pos), None if rem is None else int(rem)) for i, pos, rem in rows]
+    """The pool's members with their room of the day. A member that hands its work over (disabled,
+    or disconnected for POOL_FAILOVER_SECONDS, R-POOL-3) gets no room while another member could
+    take it: its sticky leads wait for it, the rest go to the others (a pool of members all down
+    plans as before, and its run pauses)."""
+    sql = _POOL_SQL.format(hands_over=inbox_hands_over(get_settings().pool_failover_seconds))
+    rows = db.execute_sql(sql, (day_start, day_end, config_id)).fetchall()
+    usable = any(not down for *_, down in rows)
+    return [
+        Member(int(i), int(pos), 0 if down and usable else (None if rem is None else int(rem)))
+        for i, pos, rem, down in rows
+    ]
+
+
+#: a config's pool with each member's room of the day: what planning uses, and what failover uses (R-POOL-3)
+pool_members = _pool
 
 
 def _insert_run(cfg: _Config, day: dt.date, status: str, manual: bool, failure: str | None = None) -> int | None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from campaign.errors import PlanError
 
-__all__ = ["Member", "Assignment", "assign", "paced_times", "gap_us"]
+__all__ = ["Member", "Assignment", "assign", "paced_times", "gap_us", "share"]
 
 #: the room of an uncapped member: more than any day can hold
 _UNBOUNDED = 1 << 62
@@ -202,3 +202,23 @@ def _assign_one(
     times = list(itertools.islice(paced_times(start, end, gap_min=gap_min, gap_max=gap_max, rng=rng), count))
     planned = list(lead_ids[: len(times)])
     return Assignment(planned, [member.inbox_id] * len(times), times, len(lead_ids) - len(times), 0)
+
+
+def share(count: int, rooms: Sequence[tuple[int, int, int]]) -> dict[int, int]:
+    """Share ``count`` messages among members ``(inbox, room, position)`` as :func:`assign` does: each
+    to the member with the most room left, ties to the one with fewer so far, then to the pool's
+    order; never past a member's room (what does not fit is ``count - sum(result)``). Failover's
+    split of a failed member's work (R-POOL-3)."""
+    left = {inbox: max(0, room) for inbox, room, _ in rooms}
+    got = dict.fromkeys(left, 0)
+    heap = [(-left[inbox], 0, position, inbox) for inbox, _, position in rooms if left[inbox] > 0]
+    heapq.heapify(heap)
+    for _ in range(max(0, count)):
+        if not heap:
+            break
+        neg_room, n, position, inbox = heapq.heappop(heap)
+        got[inbox] = n + 1
+        left[inbox] = -neg_room - 1
+        if left[inbox] > 0:
+            heapq.heappush(heap, (-left[inbox], n + 1, position, inbox))
+    return got

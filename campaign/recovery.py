@@ -88,12 +88,12 @@ def _publish(queue: str, args_list: list[tuple]) -> None:
 def check_inboxes(settings: Settings, evolution: Any) -> dict:
     """Probe ``connectionState`` of every inbox with work (informative, R-FAIL-6); resume runs that
     were paused ``inbox_disconnected`` once their inbox is open again (E-07)."""
-    inboxes = _all("""SELECT DISTINCT i.id, i.instance_name FROM inboxes i
+    inboxes = _all("""SELECT DISTINCT i.id, i.instance_name, i.connection_state FROM inboxes i
                       JOIN campaign_config_inboxes p ON p.inbox_id = i.id
                       JOIN campaign_runs r ON r.config_id = p.config_id AND r.status IN ('running', 'paused')""")
     states: dict[int, str] = {}
     resumed: list[int] = []
-    for inbox_id, instance in inboxes:
+    for inbox_id, instance, before in inboxes:
         try:
             state = evolution.connection_state(instance)
         except ProviderError as exc:
@@ -102,7 +102,8 @@ def check_inboxes(settings: Settings, evolution: Any) -> dict:
         store_state(inbox_id, state)
         states[inbox_id] = state
         if state == "open":
-            resumed.extend(resume_reconnected(inbox_id, wake=False))
+            was_down = before in ("close", "connecting")
+            resumed.extend(resume_reconnected(inbox_id, wake=False, was_down=was_down))
         else:
             log.warning("inbox %s (%s) is %s", inbox_id, instance, state)
     wake_parked([inbox_id for inbox_id, state in states.items() if state == "open"])

@@ -15,6 +15,7 @@ from campaign.errors import PlanError, RunStateError
 from campaign.events import log_event
 from campaign.planner import UTC, _event, _ts_array, spread_times, window_bounds, window_close_at
 from campaign.settings import Settings
+from campaign.sql import INBOX_CAN_SEND
 from campaign.sql import fetch_all as _all
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,58 @@ def pause_runs(condition_sql: str, params: Sequence[Any], reason: str) -> list[i
 #: runs (alias r) of every campaign whose sender pool holds the inbox ``%s`` (R-POOL-1)
 POOL_HOLDS_INBOX = "r.config_id IN (SELECT p.config_id FROM campaign_config_inboxes p WHERE p.inbox_id = %s)"
 
+#: runs (alias r) with a member of their pool that can send (R-POOL-3: such a run never pauses for an inbox)
+POOL_CAN_SEND = f"""EXISTS (SELECT 1 FROM campaign_config_inboxes o JOIN inboxes i ON i.id = o.inbox_id
+                            WHERE o.config_id = r.config_id AND {INBOX_CAN_SEND})"""
+
+#: the pauses that end by themselves once a member of the run's pool can send again (R-FAIL-6, R-POOL-3)
+POOL_DOWN_REASONS = ("inbox_disconnected", "inbox_disabled", "inbox_restricted")
+
 
 def pause_inbox_runs(inbox_id: int, reason: str) -> list[int]:
-    """Pause the running runs of every campaign whose pool holds ``inbox_id`` with ``reason``.
-
-    Until pool failover (R-POOL-3) moves a down member's messages to the others, a run pauses when
-    any member of its pool goes down, as a one-inbox run does.
+    """Pause the running runs of every campaign whose pool holds ``inbox_id`` and has no OTHER member
+    that can send (R-POOL-3): a pool of one pauses as before (E-07); a pool with a working member
+    goes on, and the down member's messages wait for it or move to the others (campaign.failover).
     """
-    return pause_runs(POOL_HOLDS_INBOX, (inbox_id,), reason)
+    condition = f"""{POOL_HOLDS_INBOX} AND NOT EXISTS (
+        SELECT 1 FROM campaign_config_inboxes o JOIN inboxes i ON i.id = o.inbox_id
+         WHERE o.config_id = r.config_id AND o.inbox_id <> %s AND {INBOX_CAN_SEND})"""
+    return pause_runs(condition, (inbox_id, inbox_id), reason)
+
+
+def pause_runs_that_cannot_send() -> list[int]:
+    """Pause every running run no member of whose pool can send (a state stored by the health check
+    or an event, not seen by a send): ``inbox_disabled`` when all are disabled, else
+    ``inbox_disconnected``. The scheduler's failover job calls it; a no-op when all is well."""
+    all_disabled = """NOT EXISTS (SELECT 1 FROM campaign_config_inboxes o JOIN inboxes i ON i.id = o.inbox_id
+                                   WHERE o.config_id = r.config_id AND NOT i.disabled)"""
+    paused = pause_runs(all_disabled, (), "inbox_disabled")
+    return paused + pause_runs(f"NOT {POOL_CAN_SEND}", (), "inbox_disconnected")
+
+
+def resume_runs_that_can_send(inbox_ids: Sequence[int] | None = None) -> list[int]:
+    """Resume the runs paused for a down inbox (POOL_DOWN_REASONS) once a member of their pool can
+    send again (R-POOL-3: "resumes when one comes back"); ``inbox_ids``: only the pools holding one
+    of them. Each is resumed as an operator's resume is (overdue messages re-planned, E-22).
+
+    The runs are locked first: an operator's pause of one of them lands either before (the run is
+    no longer paused for an inbox and is left alone) or after the resume; it is never undone.
+    """
+    with db.atomic():
+        rows = _all(
+            f"""SELECT r.id, r.pause_reason FROM campaign_runs r
+                 WHERE r.status = 'paused' AND r.pause_reason = ANY(%s) AND {POOL_CAN_SEND}
+                   AND (%s::bigint[] IS NULL OR r.config_id IN (
+                        SELECT p.config_id FROM campaign_config_inboxes p WHERE p.inbox_id = ANY(%s::bigint[])))
+                 ORDER BY r.id
+                   FOR UPDATE OF r""",
+            (list(POOL_DOWN_REASONS), _ids(inbox_ids), _ids(inbox_ids)),
+        )
+        return [run_id for run_id, reason in rows if resume_paused_run(run_id, reason)]
+
+
+def _ids(ids: Sequence[int] | None) -> list[int] | None:
+    return None if ids is None else [int(i) for i in ids]
 
 
 def resume_paused_run(run_id: int, reason: str) -> bool:
@@ -77,7 +122,14 @@ def skip_too_late(settings: Settings, now: dt.datetime | None = None) -> int:
     """Skip ('too_late') every pending message of a running run more than max_lateness late: one statement."""
     now = now or dt.datetime.now(UTC)
     cutoff = now - dt.timedelta(seconds=settings.max_lateness_seconds)
-    n = outcomes.skip_pending_where("r.status = 'running' AND m.scheduled_at < %s", (cutoff,), "too_late")
+    # a message held for its pool member that cannot send (a sticky lead waiting for its number,
+    # R-POOL-3) is not late: it is re-planned when the member comes back, or closed with the window
+    n = outcomes.skip_pending_where(
+        f"""r.status = 'running' AND m.scheduled_at < %s
+            AND EXISTS (SELECT 1 FROM inboxes i WHERE i.id = m.inbox_id AND {INBOX_CAN_SEND})""",
+        (cutoff,),
+        "too_late",
+    )
     if n:
         log.warning("skipped %s pending messages more than %ss late", n, settings.max_lateness_seconds)
     return n
@@ -222,17 +274,36 @@ def pause_run(run_id: int, reason: str = "manual") -> str | None:
     return was if takeover else None
 
 
-def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.Random | None = None) -> dict[str, int]:
-    """Re-plan a run's pending messages from now into its remaining window (E-22); skip what no longer fits.
+#: transaction advisory-lock namespace: one change of a run's schedule at a time (replan, failover)
+SCHEDULE_LOCK_NAMESPACE = 0x706F6F6C  # "pool"
 
-    Nothing changes when no pending message is overdue. Otherwise every pending message (in its
-    planned order) gets a new time: the first at least ``gap_min`` after the latest message already
-    dispatched, the next ones ``[gap_min, gap_max]`` apart, never a burst of overdue ones. Messages
-    that no longer fit before the window closes are skipped ``window_closed``. Call inside the
-    transaction that resumes the run.
-    """
-    now = now or dt.datetime.now(UTC)
-    rng = rng or random.Random()
+
+def pace_start(run_id: int, inbox_id: int, now: dt.datetime, window_open: dt.datetime, gap_min: float) -> dt.datetime:
+    """When an inbox's next message of a run may go at the earliest: from now (inside the window),
+    at least ``gap_min`` after the latest message of the run already dispatched on that inbox."""
+    row = db.execute_sql(
+        """SELECT max(scheduled_at) FROM campaign_messages
+            WHERE run_id = %s AND inbox_id = %s AND status <> 'pending'""",
+        (run_id, inbox_id),
+    ).fetchone()
+    start = max(now, window_open)
+    if row and row[0] is not None:
+        start = max(start, row[0] + dt.timedelta(seconds=gap_min))
+    return start
+
+
+def pace(
+    start: dt.datetime, end: dt.datetime, gap_min: float, gap_max: float, count: int, rng: random.Random
+) -> list[dt.datetime]:
+    """Up to ``count`` times of one inbox from ``start`` (already ``gap_min`` after its last message)
+    to ``end``: the planner's pacing (pools.paced_times), the first within ``gap_max - gap_min``."""
+    return spread_times(
+        start, end, gap_min=gap_min, gap_max=gap_max, count=count, rng=rng, first_offset_max=gap_max - gap_min
+    )
+
+
+def run_pacing(run_id: int) -> tuple[tuple[dt.datetime, dt.datetime] | None, float, float]:
+    """A run's window ``(open, close)`` (UTC; None: none that day) and its gaps (min, max), seconds."""
     cfg_row = db.execute_sql(
         """SELECT r.run_date, c.timezone, c.window_start_minute, c.window_end_minute, c.gap_min_seconds,
                   c.gap_max_seconds
@@ -242,46 +313,67 @@ def replan_pending(run_id: int, *, now: dt.datetime | None = None, rng: random.R
     if cfg_row is None:
         raise RunStateError(f"run {run_id} does not exist")
     day, tz, ws_min, we_min, gmin, gmax = cfg_row
-    pending = db.execute_sql(
-        """SELECT id, scheduled_at FROM campaign_messages WHERE run_id = %s AND status = 'pending'
-            ORDER BY scheduled_at, id FOR UPDATE""",
-        (run_id,),
-    ).fetchall()
-    if not pending or pending[0][1] >= now:
-        return {"replanned": 0, "skipped": 0}
-    last_row = db.execute_sql(
-        "SELECT max(scheduled_at) FROM campaign_messages WHERE run_id = %s AND status <> 'pending'", (run_id,)
-    ).fetchone()
     try:
         bounds = window_bounds(day, tz, ws_min, we_min)
     except PlanError:
         bounds = None
-    times: list[dt.datetime] = []
-    if bounds is not None:
-        start = max(now, bounds[0])
-        if last_row[0] is not None:
-            start = max(start, last_row[0] + dt.timedelta(seconds=float(gmin)))
-        times = spread_times(
-            start,
-            bounds[1],
-            gap_min=float(gmin),
-            gap_max=float(gmax),
-            count=len(pending),
-            rng=rng,
-            first_offset_max=float(gmax) - float(gmin),
-        )
-    ids = [int(p[0]) for p in pending]
-    if times:
+    return bounds, float(gmin), float(gmax)
+
+
+def replan_pending(
+    run_id: int, *, now: dt.datetime | None = None, rng: random.Random | None = None, inbox_id: int | None = None
+) -> dict[str, int]:
+    """Re-plan a run's overdue pending messages from now into its remaining window (E-22), inbox by
+    inbox (the pacing of a pool is per inbox, R-POOL-2); skip what no longer fits.
+
+    An inbox whose first pending message is not overdue is left alone. Otherwise every pending
+    message of that inbox (in its planned order) gets a new time: the first at least ``gap_min``
+    after the latest message of the run already dispatched on it, the next ones ``[gap_min,
+    gap_max]`` apart, never a burst of overdue ones. Messages that no longer fit before the window
+    closes are skipped ``window_closed``. ``inbox_id``: that inbox only (a member back, R-POOL-3).
+    Call inside the transaction that resumes the run.
+    """
+    now = now or dt.datetime.now(UTC)
+    rng = rng or random.Random()
+    # one schedule change of a run at a time: a resume, a member back and a pool failover (R-POOL-3)
+    # re-pace the same inboxes' messages; interleaved, two schedules could crowd one inbox
+    db.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (SCHEDULE_LOCK_NAMESPACE, run_id))
+    bounds, gmin, gmax = run_pacing(run_id)
+    pending = db.execute_sql(
+        """SELECT id, inbox_id, scheduled_at FROM campaign_messages
+            WHERE run_id = %s AND status = 'pending' AND (%s::bigint IS NULL OR inbox_id = %s)
+            ORDER BY scheduled_at, id FOR UPDATE""",
+        (run_id, inbox_id, inbox_id),
+    ).fetchall()
+    by_inbox: dict[int, list[tuple[int, dt.datetime]]] = {}
+    for mid, iid, at in pending:
+        by_inbox.setdefault(int(iid), []).append((int(mid), at))
+    moved_ids: list[int] = []
+    moved_times: list[dt.datetime] = []
+    rest: list[int] = []
+    for iid, rows in sorted(by_inbox.items()):
+        if rows[0][1] >= now:
+            continue
+        times: list[dt.datetime] = []
+        if bounds is not None:
+            start = pace_start(run_id, iid, now, bounds[0], gmin)
+            times = pace(start, bounds[1], gmin, gmax, len(rows), rng)
+        moved_ids += [mid for mid, _ in rows[: len(times)]]
+        moved_times += times
+        rest += [mid for mid, _ in rows[len(times) :]]
+    if moved_ids:
         db.execute_sql(
             """UPDATE campaign_messages m SET scheduled_at = t.at
                  FROM unnest(%s::bigint[], %s::timestamptz[]) AS t(id, at)
                 WHERE m.id = t.id AND m.status = 'pending'""",
-            ("{" + ",".join(map(str, ids[: len(times)])) + "}", _ts_array(times)),
+            ("{" + ",".join(map(str, moved_ids)) + "}", _ts_array(moved_times)),
         )
-    rest = ids[len(times) :]
     skipped = outcomes.skip_pending_where("m.id = ANY(%s)", (rest,), "window_closed") if rest else 0
-    log.info("run %s re-planned: %s pending messages moved, %s skipped window_closed", run_id, len(times), skipped)
-    return {"replanned": len(times), "skipped": skipped}
+    if moved_ids or skipped:
+        log.info(
+            "run %s re-planned: %s pending messages moved, %s skipped window_closed", run_id, len(moved_ids), skipped
+        )
+    return {"replanned": len(moved_ids), "skipped": skipped}
 
 
 def resume_run(

@@ -267,6 +267,12 @@ class Settings:
             "parse": _float_in("GATEWAY_OUTAGE_TOLERANCE_SECONDS", 0, 86400),
         },
     )
+    #: a pool member disconnected this long hands its not-started messages to the pool's other
+    #: members (R-POOL-3, E-33); a disabled or restricted member hands them over at once
+    pool_failover_seconds: float = field(
+        default=120.0,
+        metadata={"env": "POOL_FAILOVER_SECONDS", "parse": _float_in("POOL_FAILOVER_SECONDS", 0, 86400)},
+    )
     inbox_failure_limit: int = field(
         default=5, metadata={"env": "INBOX_FAILURE_LIMIT", "parse": _int_in("INBOX_FAILURE_LIMIT", 1, 1000)}
     )

@@ -27,17 +27,6 @@ def async_commit(sql: str) -> str:
 # -- inbox health (R-HEALTH-2, R-FAIL-6): what the send-time caps, failover and planning share ----
 
 
-def inbox_can_send(alias: str = "i") -> str:
-    """SQL predicate on the ``inboxes`` row ``alias``: the number may send at all (not disabled by an
-    operator or by N failures, not ``restricted``). Connection state is not part of it: a
-    disconnect is waited out (E-07) or failed over after its own delay (R-POOL-3)."""
-    return f"(NOT {alias}.disabled AND {alias}.health_state <> 'restricted')"
-
-
-#: :func:`inbox_can_send` of the alias ``i``
-INBOX_CAN_SEND = inbox_can_send("i")
-
-
 def health_cap_factor(alias: str = "i") -> str:
     """SQL factor on an inbox's caps: ``throttled`` halves them for its cool-down (R-HEALTH-2)."""
     return f"(CASE WHEN {alias}.health_state = 'throttled' THEN 0.5 ELSE 1 END)"
@@ -72,3 +61,27 @@ def fetch_named(sql: str, params: Sequence[Any] | dict = ()) -> dict[str, Any] |
     if row is None:
         return None
     return dict(zip((d[0] for d in cursor.description), row, strict=True))
+
+
+# -- sender pools (R-POOL-3) ----------------------------------------------------------------
+
+#: THE "inbox can send" predicate of an inbox (alias ``i``): not disabled and not disconnected
+#: (``close``/``connecting``; ``unknown``/``error`` are no evidence, R-FAIL-6). Every pool decision
+#: reads it: the dispatcher holds the messages of an inbox that cannot send, a run pauses only
+#: when no member of its pool can send, and resumes when one can again.
+#: R-HEALTH-2: a ``restricted`` inbox cannot send either.
+INBOX_CAN_SEND = (
+    "(NOT i.disabled AND i.health_state <> 'restricted' AND i.connection_state NOT IN ('close', 'connecting'))"
+)
+
+
+def inbox_hands_over(failover_seconds: float) -> str:
+    """An inbox (alias ``i``) whose pool takes over its not-started messages (R-POOL-3): disabled
+    (or restricted, R-HEALTH: the same seam as :data:`INBOX_CAN_SEND`), or disconnected for at least
+    ``failover_seconds`` (POOL_FAILOVER_SECONDS)."""
+    seconds = float(failover_seconds)  # a float from the settings: safe to inline
+    return (
+        "(i.disabled OR i.health_state = 'restricted'"
+        " OR (i.connection_state IN ('close', 'connecting') AND i.disconnected_since IS NOT NULL"
+        f" AND i.disconnected_since <= now() - make_interval(secs => {seconds!r})))"
+    )

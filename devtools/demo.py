@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
-from devtools import demo_health, demo_sequence, demo_triage
+from devtools import demo_health, demo_pool, demo_sequence, demo_triage
 from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
@@ -111,12 +111,19 @@ ENGINE_TUNING = {
     # how often an in-process consumer releases due delayed messages (ms); the 1 s default would
     # make every pacing delay up to a second late
     "dramatiq_worker_timeout": "100",
+    **demo_pool.ENGINE_TUNING,  # the sender pool's failover on the demo's clock (R-POOL-3)
     **demo_health.ENGINE_TUNING,
 }
 
 #: the scheduler jobs the demo runs, at demo speed (seconds); planning is the explicit run-now
 #: above, and alerts would only repeat what the demo prints
-DEMO_JOB_SECONDS = {"dispatch_due": 0.2, "window_guard": 5.0, "recovery_sweep": 5.0, "inbox_health": 10.0}
+DEMO_JOB_SECONDS = {
+    "dispatch_due": 0.2,
+    "window_guard": 5.0,
+    "recovery_sweep": 5.0,
+    "inbox_health": 10.0,
+    **demo_pool.JOB_SECONDS,
+}
 
 TERMINAL_RUN = ("completed", "failed", "cancelled")
 
@@ -151,6 +158,7 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    pool: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_pool's summary (E-33)
     sequence: dict[str, Any] = dataclasses.field(default_factory=dict)  # the follow-up step (demo_sequence)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
     health: dict[str, Any] = dataclasses.field(default_factory=dict)  # devtools.demo_health
@@ -757,6 +765,7 @@ def _run_engine(
 
     listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
     listening.start(console)
+    pool = demo_pool.PoolFailover(sb, run_ids)
     triage = demo_triage.TriageScene(sb, run_ids[1], skip_phones=(OPTS_OUT,))
     triage.start(console)
     observed = DemoMetrics()
@@ -772,11 +781,13 @@ def _run_engine(
             f"window guard, inbox health) and {threads} worker threads on "
             f"{type(actors.broker).__name__}: running"
         )
+        pool.start(console)
         runs = _watch(console, run_ids, timeout)
         triage.wait_settled(20)
         sequence = demo_sequence.run(console, sb, ws_id, watch=_watch, timeout=timeout)
         run_ids += sequence.get("run_ids", [])  # its report and counters are shown and checked too
     finally:
+        pool.stop()
         triage.stop()
         if scheduler is not None:
             scheduler.stop()
@@ -810,6 +821,7 @@ def _run_engine(
     heard = listening.summary(run_ids)
     heard["triage"] = triage.summary()
     _heard(console, heard)
+    pool_summary = pool.summary(console)
     demo_triage.show(console, heard["triage"], ledger)
     health = demo_health.show(console, run_ids)
     panel, panel_mismatches = observed.summary(console, run_ids)
@@ -830,6 +842,7 @@ def _run_engine(
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
+        pool=pool_summary,
         sequence=sequence,
         health=health,
     )

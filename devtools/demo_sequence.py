@@ -12,7 +12,7 @@ workers, the scheduler and the listeners still running:
    (``column_changed_at``, ``last_reply_at``) moves back 24 hours, exactly as if the follow-up were
    planned the next day; nothing else changes, and the order of entries and replies stays;
 3. the ``follow-up`` campaign of ``examples/demo.toml`` (``min_days_in_column = 1``,
-   ``skip_if_replied``, ``history = 4``, the pool of both numbers) is planned the ``run-now`` way and
+   ``skip_if_replied``, ``history = 4``, a pool of every number) is planned the ``run-now`` way and
    run by the same workers: it writes only to the silent leads, each from the number it already
    talks to (R-POOL-2), and counts who it left out and why (too recent, replied, opted out);
 4. one LLM request of the follow-up is printed from the sandbox ledger: the first message is in its

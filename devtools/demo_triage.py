@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-INSTANCE = "demo-sales-2"  # the comeback campaign's inbox
+INSTANCE = "demo-sales-2"  # the comeback campaign's first inbox (a lead answers the one that wrote to it)
 #: (reply, the intent the sandbox gives it, the column the lead ends in)
 REPLIES: tuple[tuple[str, str, str], ...] = (
     ("Oi! Tenho interesse, me conta mais.", "interested", "Interested"),
@@ -59,15 +59,17 @@ class TriageScene:
         while len(self.posted) < len(REPLIES) and not self._stop.wait(0.05):
             try:
                 with db.connection_context():
+                    # the lead answers the number that wrote to it (comeback sends through a pool, R-POOL)
                     rows = db.execute_sql(
-                        """SELECT DISTINCT l.phone FROM campaign_messages m JOIN leads l ON l.id = m.lead_id
+                        """SELECT DISTINCT l.phone, i.instance_name FROM campaign_messages m
+                             JOIN leads l ON l.id = m.lead_id JOIN inboxes i ON i.id = m.inbox_id
                             WHERE m.run_id = %s AND m.status = 'sent' AND NOT (l.phone = ANY(%s))
                             ORDER BY l.phone LIMIT %s""",
                         (self.run_id, [*self.skip, *self.posted], len(REPLIES) - len(self.posted)),
                     ).fetchall()
-                for (phone,) in rows:
+                for phone, instance in rows:
                     text = REPLIES[len(self.posted)][0]
-                    self.sb.inbound(instance=INSTANCE, number=phone, text=text)
+                    self.sb.inbound(instance=instance or INSTANCE, number=phone, text=text)
                     self.posted[phone] = text
             except Exception:  # the demo goes on; the summary says what did not happen
                 log.warning("demo triage: could not post a scripted reply", exc_info=True)

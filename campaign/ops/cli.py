@@ -267,13 +267,17 @@ INBOX_COLUMNS = (
     "cap today",
     "sent 24 h",
     "reply ratio 7 d",
+    "assigned/sent/failed/moved-away",
     "failures",
     "reason",
 )
 
 
-def inbox_rows(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.ReplyRatio]) -> list[tuple[str, ...]]:
-    """The cells of the inbox table (R-HEALTH-4), one tuple per inbox in :data:`INBOX_COLUMNS` order."""
+def inbox_rows(
+    rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.ReplyRatio], work: dict[int, str] | None = None
+) -> list[tuple[str, ...]]:
+    """The cells of the inbox table (R-HEALTH-4), one tuple per inbox in :data:`INBOX_COLUMNS` order;
+    ``work``: per inbox, over the runs in progress of its pools (R-POOL-4)."""
     out: list[tuple[str, ...]] = []
     for r in rows:
         connection = r.connection_state + (
@@ -291,6 +295,7 @@ def inbox_rows(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.ReplyR
                 cap,
                 str(r.sent_today),
                 ratios.get(r.id, health.ReplyRatio(0, 0)).text(),
+                (work or {}).get(r.id, "-"),
                 str(r.consecutive_failures),
                 r.reason or "-",
             )
@@ -306,7 +311,7 @@ def inbox_table(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.Reply
     for col in INBOX_COLUMNS:
         t.add_column(col, overflow="fold")
     styles = {"throttled": "yellow", "restricted": "red", "disabled": "red"}
-    for cells, r in zip(inbox_rows(rows, ratios), rows):
+    for cells, r in zip(inbox_rows(rows, ratios, _inbox_work()), rows):
         t.add_row(*(_plain(c) for c in cells), style=styles.get(r.state, ""))
     return t
 
@@ -314,7 +319,7 @@ def inbox_table(rows: Sequence[inboxes.InboxRow], ratios: dict[int, health.Reply
 @command(
     "inboxes",
     "list the inboxes: state (healthy/throttled/restricted/disabled), connection, cap today, sent, "
-    "reply ratio, consecutive send failures, reason",
+    "reply ratio, work in runs in progress, consecutive send failures, reason",
     lambda p: p.add_argument("--workspace", default=None, help="only this workspace's inboxes"),
 )
 def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
@@ -322,14 +327,26 @@ def cmd_inboxes(args: argparse.Namespace, settings: Settings) -> int:
     with db.connection_context():
         rows = inboxes.list_inboxes(args.workspace)
         ratios = health.reply_ratios([r.id for r in rows])
+        work = _inbox_work()
     if not rows:
         print("no inbox (apply a TOML file first)")
         return 0
-    table = [INBOX_COLUMNS, *inbox_rows(rows, ratios)]
+    table = [INBOX_COLUMNS, *inbox_rows(rows, ratios, work)]
     widths = [max(len(row[i]) for row in table) for i in range(len(INBOX_COLUMNS) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     return 0
+
+
+def _inbox_work() -> dict[int, str]:
+    """Per inbox, over the runs in progress of every pool it is in (R-POOL-4): assigned/sent/failed/moved away."""
+    active = [r[0] for r in db.execute_sql("SELECT id FROM campaign_runs WHERE status IN ('running', 'paused')")]
+    totals: dict[int, list[int]] = {}
+    for m in monitor.pool_members(active):
+        t = totals.setdefault(m.inbox_id, [0, 0, 0, 0])
+        for k, v in enumerate((m.assigned, m.sent, m.failed, m.moved_away)):
+            t[k] += v
+    return {i: "/".join(map(str, t)) for i, t in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +490,26 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _members_table(members: list[monitor.MemberStatus]) -> RenderableType:
+    """One line per inbox of the pool of each run in progress (R-POOL-4)."""
+    from rich.table import Table
+
+    t = Table(title="sender pools of the runs in progress", title_justify="left")
+    for col in ("run", "inbox", "state", "assigned", "sent", "failed", "moved away"):
+        t.add_column(col, justify="left" if col in ("inbox", "state") else "right")
+    for m in members:
+        t.add_row(
+            str(m.run_id),
+            _plain(m.inbox),
+            Text(m.state, style="" if m.state == "ok" else "yellow"),
+            str(m.assigned),
+            str(m.sent),
+            str(m.failed),
+            str(m.moved_away),
+        )
+    return t
+
+
 def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
@@ -519,6 +556,8 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
             f"{r.next_at:%H:%M:%S}" if r.next_at else "-",
         )
     parts.append(runs if snap.runs else Text("no run in progress"))
+    if snap.members:
+        parts.append(_members_table(snap.members))
 
     if snap.queues or snap.queue_error:
         queues = Table(title="queues (ready messages)", title_justify="left")

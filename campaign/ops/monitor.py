@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from campaign import health, steps
+from campaign import failover, health, steps
 from campaign.db import db
 from campaign.health import ReplyRatio
 from campaign.inboxes import InboxRow, list_inboxes
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RunStatus",
+    "MemberStatus",
+    "pool_members",
     "MessageLine",
     "Alert",
     "Mismatch",
@@ -162,6 +164,59 @@ class Listening:
     last_at: dt.datetime | None
 
 
+@dataclass(frozen=True)
+class MemberStatus:
+    """One inbox of the sender pool of a run in progress (R-POOL-4)."""
+
+    run_id: int
+    inbox_id: int
+    inbox: str  # workspace/name
+    assigned: int  # the run's messages on it now (moved-in included, moved-away not)
+    sent: int
+    failed: int
+    moved_away: int  # not-started messages pool failovers handed to the other members (R-POOL-3)
+    state: str  # failover.member_state
+
+
+# Every member of the pools of the given runs with its share, one aggregate over their messages
+# (grouped once, not a count per member), in the pool's order.
+_MEMBERS_SQL = """
+    WITH mm AS (SELECT run_id, inbox_id, count(*) AS assigned, count(*) FILTER (WHERE status = 'sent') AS sent,
+                       count(*) FILTER (WHERE status = 'failed') AS failed
+                  FROM campaign_messages WHERE run_id = ANY(%(runs)s) GROUP BY run_id, inbox_id)
+    SELECT r.id, i.id, w.name || '/' || i.name, coalesce(mm.assigned, 0), coalesce(mm.sent, 0),
+           coalesce(mm.failed, 0), i.disabled, i.connection_state
+      FROM campaign_runs r
+      JOIN campaign_config_inboxes p ON p.config_id = r.config_id
+      JOIN inboxes i ON i.id = p.inbox_id
+      JOIN workspaces w ON w.id = i.workspace_id
+      LEFT JOIN mm ON mm.run_id = r.id AND mm.inbox_id = i.id
+     WHERE r.id = ANY(%(runs)s)
+     ORDER BY r.id, p.position"""
+
+
+def pool_members(run_ids: list[int]) -> list[MemberStatus]:
+    """Per run and member of its pool: assigned, sent, failed, moved away, state (R-POOL-4)."""
+    if not run_ids:
+        return []
+    moved = failover.moved_away(run_ids)
+    return [
+        MemberStatus(
+            run_id=int(r),
+            inbox_id=int(i),
+            inbox=label,
+            assigned=int(assigned),
+            sent=int(sent),
+            failed=int(failed),
+            moved_away=moved.get((int(r), int(i)), 0),
+            state=failover.member_state(bool(disabled), conn),
+        )
+        for r, i, label, assigned, sent, failed, disabled, conn in db.execute_sql(
+            _MEMBERS_SQL, {"runs": [int(x) for x in run_ids]}
+        ).fetchall()
+    ]
+
+
 @dataclass
 class StatusSnapshot:
     """Everything ``status`` shows."""
@@ -174,6 +229,7 @@ class StatusSnapshot:
     failed: list[MessageLine]
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
+    members: list[MemberStatus] = field(default_factory=list)  # the pools of the runs in progress (R-POOL-4)
     #: reply triage (R-IN-5): (last 24 h, total); None when no reply was ever triaged
     triage: tuple[triage_view.TriageSummary, triage_view.TriageSummary] | None = None
     #: every inbox with its state and caps (R-HEALTH-4) and its 7-day reply ratio (R-HEALTH-3)
@@ -332,6 +388,7 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     failed = _lines("failed", "AND r.status IN ('planning', 'running', 'paused')") if active else []
     queues, queue_error = queue_depths(settings) if with_queues else ({}, None)
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
+    snap.members = pool_members(active)
     snap.listening = listening(now=now)
     recent, total = triage_view.since(now - LISTENING_RECENT), triage_view.since(None)
     snap.triage = None if total.empty else (recent, total)

@@ -9,11 +9,12 @@ import logging
 import re
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from campaign import health, planner, runs
+from campaign import failover, health, planner, runs
 from campaign.db import db
 from campaign.errors import (
     ConfigError,
@@ -59,10 +60,28 @@ class InboxReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead wrote on this inbox after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    moved_away: int = 0  # not-started messages pool failovers moved from it to other members (R-POOL-4)
+    state: str = "ok"  # failover.member_state: ok, disconnected, connecting, disabled
     #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
     triage: TriageSummary = field(default_factory=TriageSummary)
     health_state: str = "healthy"  # now (R-HEALTH-2)
     reply_ratio_7d: ReplyRatio | None = None  # the inbox's, every campaign, last 7 days (R-HEALTH-3)
+
+    @property
+    def assigned(self) -> int:
+        """Messages of this run on this member now (moved-in ones included, moved-away ones not)."""
+        return self.messages
+
+
+@dataclass(frozen=True)
+class Failover:
+    """One pool failover of the run (R-POOL-3): when, from which member, how many moved, why."""
+
+    at: dt.datetime
+    inbox_id: int
+    inbox: str
+    moved: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,7 @@ class RunReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead replied after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    failovers: list[Failover] = field(default_factory=list)  # R-POOL-3, oldest first
     #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
     triage: TriageSummary = field(default_factory=TriageSummary)
     #: leads of the source column the run left out when it was planned, by rule (R-SEQ-1, R-IN-3/4)
@@ -275,7 +295,8 @@ _PARTS_SQL = """
      ORDER BY p.inbox_id, p.sent_at, p.id"""
 
 _INBOXES_SQL = """
-    SELECT id, name, instance_name, min_gap_seconds, disabled, health_state FROM inboxes WHERE id = ANY(%s)
+    SELECT id, name, instance_name, min_gap_seconds, disabled, connection_state, health_state FROM inboxes
+     WHERE id = ANY(%s)
      ORDER BY id"""
 
 _PLAN_EVENT_SQL = """
@@ -334,7 +355,11 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
         triage = triage_view.for_run(run_id)
-    rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
+        moves = failover.failover_events(run_id)
+        missing = sorted({i for _, i, _, _ in moves} - set(inbox_ids))
+        if missing:  # a member that moved all its work away and left the pool since
+            inbox_rows += db.execute_sql(_INBOXES_SQL, (missing,)).fetchall()
+    rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now, moves)
     rep.inboxes = [dataclasses.replace(i, reply_ratio_7d=ratios.get(i.id)) for i in rep.inboxes]
     rep.closed_while_paused = closed_paused
     rep.triage = triage
@@ -352,6 +377,7 @@ def _assemble(
     inbox_rows: list[tuple[Any, ...]],
     plan: tuple[Any, ...] | None,
     now: dt.datetime,
+    moves: Sequence[tuple[dt.datetime, int, int, str]] = (),
 ) -> RunReport:
     (
         rid,
@@ -401,8 +427,14 @@ def _assemble(
     for m in messages:
         planned_by_inbox.setdefault(int(m.inbox_id), []).append((m.scheduled_at, m.first_sent))
 
+    moved_away = Counter[int]()
+    for _, from_inbox, n, _ in moves:
+        moved_away[from_inbox] += n
+    names = {int(r[0]): r[1] for r in inbox_rows}
     inboxes, series = [], []
-    for iid, name, instance, min_gap, disabled, state in sorted(inbox_rows, key=lambda r: (_natural(r[1]), r[0])):
+    for iid, name, instance, min_gap, disabled, conn, health_state in sorted(
+        inbox_rows, key=lambda r: (_natural(r[1]), r[0])
+    ):
         mine = [m for m in messages if m.inbox_id == iid]
         sends = sends_by_inbox.get(iid, [])
         replies = sorted((m.first_reply, m.first_sent) for m in mine if m.first_reply and m.first_sent)
@@ -425,10 +457,12 @@ def _assemble(
                 messaged=sum(m.first_sent is not None for m in mine),
                 replied=len(replies),
                 opted_out=len(opt_outs),
-                health_state=str(state),
+                moved_away=moved_away[iid],
+                state=failover.member_state(bool(disabled), conn),
+                health_state=str(health_state),
             )
         )
-        if mine or sends:
+        if mine or sends or moved_away[iid]:  # a member whose work all moved away keeps its line (R-POOL-4)
             series.append(InboxSeries(iid, name, planned_by_inbox.get(iid, []), sends, replies, opt_outs))
 
     window_open, window_close = _window(run_date, tz, wstart, wend)
@@ -478,6 +512,7 @@ def _assemble(
         messaged=sum(m.first_sent is not None for m in messages),
         replied=sum(m.first_reply is not None and m.first_sent is not None for m in messages),
         opted_out=sum(m.opted_out_at is not None and m.first_sent is not None for m in messages),
+        failovers=[Failover(at, i, names.get(i, f"inbox {i}"), n, why) for at, i, n, why in moves],
         excluded={"too_recent": too_recent, "replied": replied_excluded, "opted_out": opted_out_excluded},
         min_days_in_column=min_days,
     )

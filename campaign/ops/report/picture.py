@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from campaign.ops.report.build import InboxSeries, RunReport
+from campaign.ops.report.build import InboxReport, InboxSeries, RunReport
 from campaign.ops.report.text import _fmt_s
 
 if TYPE_CHECKING:  # matplotlib is imported by render_picture only (see the package docstring)
@@ -188,7 +188,24 @@ def _draw_sends(ax: Axes, rep: RunReport) -> None:
     ax.grid(True, color="#e0e0e0", linewidth=0.6)
     ax.set_axisbelow(True)
 
-    handles: list[Artist] = [Line2D([], [], color=c, linewidth=2.2, label=s.name) for s, c in zip(rep.series, colours)]
+    for fo in rep.failovers:  # R-POOL-3: when a member handed its not-started work to the others
+        if lo <= fo.at <= hi:
+            ax.axvline(fo.at, color="#c62828", linewidth=1, linestyle="-.")  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+            ax.text(
+                fo.at,  # type: ignore[arg-type]  # datetime x: matplotlib#27140
+                0.99,
+                f" failover: {fo.inbox} → {fo.moved} moved",
+                transform=ax.get_xaxis_transform(),
+                fontsize=8,
+                color="#c62828",
+                va="top",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 1},
+            )
+    members = {i.id: i for i in rep.inboxes}
+    handles: list[Artist] = [
+        Line2D([], [], color=c, linewidth=2.2, label=_member_label(s.name, members.get(s.inbox_id)))
+        for s, c in zip(rep.series, colours)
+    ]
     handles += [
         Line2D(
             [], [], color="#444444", linestyle="--", marker="o", markerfacecolor="none", label="planned (scheduled_at)"
@@ -213,6 +230,16 @@ def _draw_sends(ax: Axes, rep: RunReport) -> None:
         ncol=min(4, len(handles)),
         fontsize=8.5,
         frameon=False,
+    )
+
+
+def _member_label(name: str, inbox: InboxReport | None) -> str:
+    """One line per inbox of the pool (R-POOL-4): assigned, sent, failed, moved away, state."""
+    if inbox is None:
+        return name
+    return (
+        f"{name}: assigned {inbox.assigned} · sent {inbox.messages_sent} · failed {inbox.failed} · "
+        f"moved away {inbox.moved_away} · {inbox.state}"
     )
 
 

@@ -160,10 +160,12 @@ def render_text(rep: RunReport) -> str:
         lines += _table(
             [
                 "inbox",
-                "messages",
+                "assigned",
                 "sent",
                 "parts sent",
                 "failed",
+                "moved away",
+                "state",
                 "in doubt",
                 "min gap",
                 "median gap",
@@ -174,13 +176,13 @@ def render_text(rep: RunReport) -> str:
             ],
             [
                 [
-                    i.name
-                    + (" (disabled)" if i.disabled else "")
-                    + (f" ({i.health_state})" if i.health_state != "healthy" else ""),
-                    str(i.messages),
+                    i.name + (f" ({i.health_state})" if i.health_state != "healthy" else ""),
+                    str(i.assigned),
                     str(i.messages_sent),
                     str(i.parts_sent),
                     str(i.failed),
+                    str(i.moved_away),
+                    i.state,
                     str(i.in_doubt),
                     _fmt_s(i.gap_min_s),
                     _fmt_s(i.gap_median_s),
@@ -201,6 +203,13 @@ def render_text(rep: RunReport) -> str:
             "message's first part went out; reply ratio 7 d: the inbox's leads messaged in the last 7 days "
             "(every campaign) who wrote back (R-HEALTH-3)"
         )
+        lines.append(
+            "  assigned: this run's messages on the inbox now; moved away: not-started messages a pool "
+            "failover handed to the other inboxes (R-POOL-3)"
+        )
+        zone = rep.zone
+        for fo in rep.failovers:
+            lines.append(f"  failover {fo.at.astimezone(zone):%H:%M:%S}: {fo.inbox} {fo.reason}: {fo.moved} moved away")
     else:
         lines.append("  (no inbox: nothing planned)")
     return "\n".join(lines) + "\n"

@@ -199,7 +199,8 @@ def test_inboxes_lists_state_disabled_and_failures(world, capsys):
     assert code == 0
     header, first, second = (re.split(r"\s{2,}", line.strip()) for line in out.splitlines())
     assert header == list(cli.INBOX_COLUMNS)
-    assert first == ["acme/sales-1", one.instance_name, "disabled", "unknown", "-", "0", "-", "0", "banned"]
+    # work: three one-inbox runs of two messages each on sales-1 (paused now), one on sales-2 (R-POOL-4)
+    assert first == ["acme/sales-1", one.instance_name, "disabled", "unknown", "-", "0", "-", "6/0/0/0", "0", "banned"]
     assert second == [
         "acme/sales-2",
         two.instance_name,
@@ -208,6 +209,7 @@ def test_inboxes_lists_state_disabled_and_failures(world, capsys):
         "20 (of 41)",
         "0",
         "-",
+        "2/0/0/0",
         "2",
         "6 delivery errors (until 2099-01-02 03:04 UTC)",
     ]

@@ -152,7 +152,7 @@ def test_one_inbox_config_plans_as_before(clean_db):
 
 
 # --------------------------------------------------------------------------------------------
-# a pool's runs pause and resume with its members (until failover, R-POOL-3, lands)
+# a pool's runs pause only when no member can send (R-POOL-3; the moves: test_failover.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -161,19 +161,18 @@ def _state(run_id: int) -> tuple[str, str | None]:
     return r.status, r.pause_reason
 
 
-def test_disabling_any_pool_member_pauses_the_run_until_none_is_disabled(world):
-    """R-POOL-1 with today's pause rule: any disabled member pauses the pool's run; it resumes only when
-    no member is disabled (no flapping between an enabled first member and a disabled second one)."""
+def test_disabling_pool_members_pauses_the_run_only_when_none_is_left(world):
+    """R-POOL-3: one disabled member leaves the run running (the other sends); all disabled pause it;
+    enabling either resumes it."""
     ws, cols, a, b, cfg = world
     bulk_leads(ws, cols["New"], 4)
     run = planner.plan_run(cfg.id)  # today: a resume re-plans into today's window
     change = inboxes.disable_inbox("sales-2", workspace="acme", reason="banned", by="test")
+    assert change.paused == [] and _state(run.id) == ("running", None)
+    change = inboxes.disable_inbox("sales-1", workspace="acme", reason="banned too", by="test")
     assert change.paused == [run.id] and _state(run.id) == ("paused", "inbox_disabled")
-    inboxes.disable_inbox("sales-1", workspace="acme", reason="banned too", by="test")
-    assert inboxes.enable_inbox("sales-1", workspace="acme", by="test").resumed == []  # sales-2 still disabled
     assert inboxes.resume_runs_of_usable_inboxes() == []
-    assert _state(run.id) == ("paused", "inbox_disabled")
-    assert inboxes.enable_inbox("sales-2", workspace="acme", by="test").resumed == [run.id]
+    assert inboxes.enable_inbox("sales-1", workspace="acme", by="test").resumed == [run.id]
     assert _state(run.id)[0] == "running"
 
 
@@ -189,16 +188,16 @@ class _Gateway:
         return self.states[instance]
 
 
-def test_disconnected_pool_member_is_probed_and_the_run_resumes_when_all_are_open(world):
-    """E-07 with a pool: the health check probes every member; the run paused inbox_disconnected resumes
-    once every member is connected again."""
+def test_disconnected_pool_member_is_probed_and_the_run_resumes_when_one_is_open(world):
+    """E-07 with a pool: the health check probes every member; the run paused inbox_disconnected (every
+    member closed) resumes as soon as one member is connected again (R-POOL-3)."""
     ws, cols, a, b, cfg = world
     bulk_leads(ws, cols["New"], 4)
     run = planner.plan_run(cfg.id)  # today: a resume re-plans into today's window
     for ibx in (a, b):
         inboxes.store_state(ibx.id, "close")
     assert runs.pause_inbox_runs(b.id, "inbox_disconnected") == [run.id]
-    gateway = _Gateway({a.instance_name: "open", b.instance_name: "close"})
+    gateway = _Gateway({a.instance_name: "close", b.instance_name: "close"})
     result = recovery.check_inboxes(get_settings(), gateway)
     assert sorted(gateway.asked) == sorted([a.instance_name, b.instance_name])
     assert result["resumed"] == [] and _state(run.id) == ("paused", "inbox_disconnected")

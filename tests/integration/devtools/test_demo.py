@@ -209,6 +209,26 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run_id in all_ids:
         assert f"report of run {run_id}" in output
+
+    # the sender pool of `comeback` (E-33, devtools/demo_pool.py): sales-3 dropped mid-run, its
+    # not-started messages went out through sales-2, the run never paused, sales-3 came back
+    pool = result["pool"]
+    assert pool["run_id"] == runs["comeback"]["id"] and pool["down"] and pool["back"], pool
+    assert pool["moved"] > 0 and pool["paused"] == 0, pool
+    members = pool["members"]
+    assert set(members) == {"demo/sales-2", "demo/sales-3"} and members["demo/sales-3"][3] == pool["moved"]
+    assert sum(m[0] for m in members.values()) == COMEBACK_LEADS
+    comeback_numbers = {
+        p.lstrip("+")
+        for (p,) in _rows(
+            conn,
+            "SELECT l.phone FROM campaign_messages m JOIN leads l ON l.id = m.lead_id WHERE m.run_id = %s",
+            (pool["run_id"],),
+        )
+    }
+    by_instance = collections.Counter(s["instance"] for s in sends if s["number"] in comeback_numbers)
+    assert set(by_instance) == {"demo-sales-2", "demo-sales-3"}, by_instance  # both numbers sent
+    assert "sender pool (E-33): demo-sales-3 disconnected mid-run (yes)" in output
     _assert_follow_up(conn, seq, ledger, output)
 
 
@@ -237,7 +257,9 @@ def _assert_follow_up(conn, seq: dict, ledger: dict, output: str) -> None:
     assert all(silent and status == "sent" for _, silent, status, _, _ in followed), followed
     assert not {phone for phone, *_ in followed} & (set(seq["answered"]) | {demo.OPTS_OUT_BY_REPLY})
     assert all(inbox == first_inbox for *_, inbox, first_inbox in followed)  # sticky: the same number
-    assert {inbox for *_, inbox, _ in followed} == set(
+    # every number of the first touches writes again (comeback's pool: sales-3 too, R-POOL)
+    assert {inbox for *_, inbox, _ in followed} == {first for *_, first in followed}
+    assert {inbox for *_, inbox, _ in followed} >= set(
         i for (i,) in _rows(conn, "SELECT id FROM inboxes WHERE name IN ('sales-1', 'sales-2')")
     )
     prompts = [

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from campaign.pools import Member, assign
+from campaign.pools import Member, assign, share
 
 UTC = dt.UTC
 START = dt.datetime(2026, 6, 10, 12, 0, tzinfo=UTC)
@@ -110,3 +110,26 @@ def test_assignment_balances_by_remaining_capacity(pool, daily_limit, seed):
         assert not uncapped and all(counts.get(m.inbox_id, 0) == max(0, m.remaining or 0) for m in members), (
             "a lead overflowed while a member still had room"
         )
+
+
+@given(
+    count=st.integers(0, 300),
+    rooms=st.lists(st.integers(0, 120), min_size=1, max_size=6),
+)
+def test_share_never_passes_a_room_and_fills_most_room_first(count, rooms):
+    """R-POOL-3 failover's split: never past a member's room; what fits is all placed; the members end
+    with rooms left as equal as the counts allow (most room first)."""
+    members = [(100 + k, room, k) for k, room in enumerate(rooms)]
+    got = share(count, members)
+    assert all(0 <= got[i] <= room for i, room, _ in members)
+    assert sum(got.values()) == min(count, sum(rooms))
+    left = [room - got[i] for i, room, _ in members]
+    taken = [i for i, _, _ in members if got[i]]
+    if taken:  # whoever got one had at least as much room left before its last as anyone has now
+        assert min(left[k] for k, (i, _, _) in enumerate(members) if got[i]) + 1 >= max(left)
+
+
+def test_share_ties_go_to_the_pool_order():
+    """Equal rooms: one each in the pool's order, round and round."""
+    assert share(5, [(7, 10, 0), (3, 10, 1)]) == {7: 3, 3: 2}
+    assert share(3, [(7, 0, 0), (3, 2, 1)]) == {7: 0, 3: 2}
