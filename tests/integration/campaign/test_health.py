@@ -286,3 +286,24 @@ def test_the_sweep_purges_refusals_no_cool_down_can_need(clean_db):
     )
     assert health.sweep(get_settings())["refusals_purged"] == 1
     assert db.execute_sql("SELECT count(*) FROM inbox_refusals").fetchone() == (1,)
+
+
+def test_e35_a_restricted_pool_member_fails_over_to_the_other(clean_db):
+    """E-35 with a sender pool (R-POOL-3): the restricted member's not-started messages move to the
+    member that can send; the run keeps running; back to healthy it takes work again."""
+    from campaign import failover
+
+    w = make_world("pooled", n_inboxes=2)
+    bad, good = w.inboxes
+    f.pool(w.config, bad, good)
+    settings = get_settings()
+    waiting = w.add_leads(4, inbox=bad)
+    parts = _sent_parts(w, 15)
+    _error(parts)
+    change = health.evaluate(bad.id, settings)
+    assert change is not None and change.new == "restricted"
+    assert change.paused == [] and CampaignRun.get_by_id(w.run.id).status == "running"  # the pool goes on
+    failover.fail_over(settings)
+    moved = [CampaignMessage.get_by_id(m.id).inbox_id for m in waiting]
+    assert moved == [good.id] * 4
+    assert "inbox_restricted" in {a.kind for a in monitor.alerts(settings)}
