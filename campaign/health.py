@@ -219,7 +219,8 @@ def decide(state: str, until: dt.datetime | None, evidence: Evidence, now: dt.da
 
 
 def can_send(disabled: bool, state: str) -> bool:
-    """Python twin of :func:`campaign.sql.inbox_can_send`."""
+    """Whether the number may send at all (not disabled, not restricted): :data:`campaign.sql.INBOX_CAN_SEND`
+    adds the connection state."""
     return not disabled and state != "restricted"
 
 

@@ -191,6 +191,6 @@ def test_thresholds_come_from_settings_and_must_be_ordered():
 
 
 def test_can_send():
-    """The predicate failover uses (campaign.sql.inbox_can_send in SQL)."""
+    """Disabled or restricted: the number may not send (campaign.sql.INBOX_CAN_SEND also checks the connection)."""
     assert health.can_send(False, "healthy") and health.can_send(False, "throttled")
     assert not health.can_send(False, "restricted") and not health.can_send(True, "healthy")
