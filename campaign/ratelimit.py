@@ -2,7 +2,8 @@
 
 Per inbox: one send in flight (a lease with an expiry, so a crashed holder cannot block the
 inbox forever), a minimum gap between consecutive sends (measured from the end of the last
-one), and sliding hour/day caps counted from the inbox's own send history. Per OpenRouter
+one), and sliding hour/day caps counted from the inbox's own send history — the effective caps of
+:mod:`campaign.capacity` (warm-up ramp, health multiplier; R-HEALTH-1). Per OpenRouter
 key: requests per minute. Acquiring is one statement; a refusal says how long to wait.
 """
 
@@ -15,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from campaign.capacity import daily_cap_sql, hourly_cap_sql
 from campaign.db import db
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _SENT_WINDOW = """(SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id
                    AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '{w}')"""
+
+_HOUR_CAP = hourly_cap_sql("i")
+_DAY_CAP = daily_cap_sql("i")
 
 _ACQUIRE_INBOX = f"""
 UPDATE rate_limits rl SET lease_token = %(token)s, lease_until = now() + make_interval(secs => %(lease)s),
@@ -31,8 +36,8 @@ WHERE rl.key = %(key)s AND i.id = %(inbox)s
   AND (rl.lease_until IS NULL OR rl.lease_until < now())
   AND (rl.blocked_until IS NULL OR rl.blocked_until <= now())
   AND (rl.last_at IS NULL OR rl.last_at + make_interval(secs => i.min_gap_seconds) <= now())
-  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < i.max_per_hour)
-  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < i.max_per_day)
+  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_HOUR_CAP})
+  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_DAY_CAP})
 RETURNING rl.key"""
 
 #: expected wait when another send of the inbox is in flight (its lease says only the worst case)
@@ -44,11 +49,11 @@ SELECT rl.key IS NOT NULL,
     coalesce(extract(epoch FROM rl.last_at + make_interval(secs => i.min_gap_seconds) - now()), 0)::float,
     greatest(0,
       extract(epoch FROM rl.blocked_until - now()),
-      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= i.max_per_hour THEN
+      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= {_HOUR_CAP} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
             + interval '1 hour' - now()) END,
-      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= i.max_per_day THEN
+      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= {_DAY_CAP} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
             + interval '1 day' - now()) END)::float,

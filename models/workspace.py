@@ -75,6 +75,9 @@ class Inbox(BaseModel):
     min_gap_seconds = DoubleField(default=1.0)
     max_per_hour = IntegerField(null=True)
     max_per_day = IntegerField(null=True)
+    warmup_start_per_day = IntegerField(null=True)  # R-HEALTH-1: day 0 cap of the warm-up ramp
+    warmup_days = IntegerField(null=True)  # days of the ramp up to max_per_day
+    first_send_at = DateTimeTZField(null=True)  # day 0 of the ramp: the inbox's first send
 
     class Meta:
         table_name = "inboxes"
