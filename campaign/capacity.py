@@ -40,6 +40,8 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
+from campaign.sql import fetch_all
+
 __all__ = [
     "DAY_SECONDS",
     "Warmup",
@@ -55,6 +57,8 @@ __all__ = [
     "daily_cap_sql",
     "hourly_cap_sql",
     "expected_parts_sql",
+    "InboxDay",
+    "inbox_days",
 ]
 
 DAY_SECONDS = 86_400
@@ -175,3 +179,91 @@ def hourly_cap_sql(inbox: str = "i") -> str:
 def expected_parts_sql(config: str = "c") -> str:
     """SQL of :func:`expected_parts` for campaign config alias ``config``."""
     return f"(CASE WHEN {config}.split_enabled THEN greatest(1, {config}.max_parts) ELSE 1 END)"
+
+
+# --------------------------------------------------------------------------------------------
+# read model: each inbox's day (``status``, ``cli.py inboxes``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InboxDay:
+    """An inbox's capacity now, in sends: caps, what the last hour/day used, what is planned, what is left.
+
+    ``used_*`` are sends started in the last hour / 24 h (the windows the send-time caps count);
+    ``planned`` the sends still to come from messages due in the next 24 h or in flight (expected
+    parts for a message not split yet, pending parts for one mid-way); ``left`` = the effective daily
+    cap minus both (negative: more is planned than the cap allows; the dispatcher holds the rest).
+    """
+
+    inbox_id: int
+    label: str  # workspace/inbox
+    max_per_hour: int | None
+    hour_cap: int | None
+    max_per_day: int | None
+    day_cap: int | None  # the effective daily cap now: warm-up and health included
+    warmup: Warmup | None
+    warmup_day: int | None  # day of its ramp (None without warm-up)
+    used_hour: int
+    used_day: int
+    planned: int
+
+    @property
+    def left(self) -> int | None:
+        """Sends left today under the daily cap (None: uncapped)."""
+        return None if self.day_cap is None else self.day_cap - self.used_day - self.planned
+
+
+_SENT_IN = """(SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id
+                AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '{w}')"""
+
+_INBOX_DAYS_SQL = f"""
+    WITH todo AS (
+        SELECT m.inbox_id, {expected_parts_sql("c")} AS sends
+          FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
+          JOIN campaign_configs c ON c.id = r.config_id
+         WHERE m.status = 'pending' AND m.scheduled_at < now() + interval '1 day' AND r.status = 'running'
+        UNION ALL
+        SELECT m.inbox_id, CASE WHEN m.status = 'sending'
+                                THEN (SELECT count(*) FROM message_parts mp
+                                       WHERE mp.message_id = m.id AND mp.status = 'pending')
+                                ELSE {expected_parts_sql("c")} END
+          FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
+          JOIN campaign_configs c ON c.id = r.config_id
+         WHERE m.status IN ('queued', 'generating', 'splitting', 'sending')
+    ), planned AS (SELECT inbox_id, sum(sends) AS sends FROM todo GROUP BY inbox_id)
+    SELECT i.id, w.name || '/' || i.name, i.max_per_hour, {hourly_cap_sql("i")}, i.max_per_day,
+           {daily_cap_sql("i")}, i.warmup_start_per_day, i.warmup_days, i.first_send_at,
+           {_SENT_IN.format(w="1 hour")}, {_SENT_IN.format(w="1 day")}, coalesce(pl.sends, 0), now()
+      FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id
+      LEFT JOIN planned pl ON pl.inbox_id = i.id
+     WHERE pl.sends IS NOT NULL
+        OR EXISTS (SELECT 1 FROM campaign_config_inboxes ci JOIN campaign_configs cc ON cc.id = ci.config_id
+                    WHERE ci.inbox_id = i.id AND cc.active)
+        OR EXISTS (SELECT 1 FROM message_parts p WHERE p.inbox_id = i.id
+                      AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
+     ORDER BY w.name, i.name"""
+
+
+def inbox_days() -> list[InboxDay]:
+    """The capacity of every inbox in use (in an active campaign, with work planned, or sent in 24 h)."""
+    out = []
+    for row in fetch_all(_INBOX_DAYS_SQL):
+        iid, label, mph, hcap, mpd, dcap, w_start, w_days, first, used_h, used_d, planned, now = row
+        warm = Warmup(int(w_start), int(w_days)) if w_start is not None and w_days is not None else None
+        out.append(
+            InboxDay(
+                int(iid),
+                label,
+                mph,
+                hcap,
+                mpd,
+                dcap,
+                warm,
+                warmup_day(first, now) if warm else None,
+                int(used_h),
+                int(used_d),
+                int(planned),
+            )
+        )
+    return out

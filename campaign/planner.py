@@ -51,7 +51,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from campaign import capacity
 from campaign.db import db
 from campaign.errors import PlanError, RunStateError
-from campaign.pools import Assignment, Member, assign, gap_us, paced_times
+from campaign.pools import Assignment, Member, assign, capped_member, gap_us, paced_times
 from campaign.settings import Settings
 from models import CampaignRun
 
@@ -420,23 +420,12 @@ _POOL_SQL = f"""
      ORDER BY p.position"""
 
 
-def _member(
-    inbox_id: int, position: int, day_cap: int | None, hour_cap: int | None, planned: int, parts: int
-) -> Member:
-    """A pool member as the planner sees it: its room today and its gap floor, in messages of ``parts`` sends."""
-    remaining = None if day_cap is None else max(0, day_cap - planned) // parts
-    floor = capacity.gap_floor_seconds(hour_cap, parts)
-    if floor is None:  # the hourly cap cannot take one message of this campaign: no room at all
-        return Member(inbox_id, position, 0)
-    return Member(inbox_id, position, remaining, floor)
-
-
 def _pool(cfg: _Config, now: dt.datetime, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
     rows = db.execute_sql(
         _POOL_SQL, {"at": now, "day_start": day_start, "day_end": day_end, "config": cfg.id}
     ).fetchall()
     return [
-        _member(int(i), int(pos), day_cap, hour_cap, int(planned), cfg.parts)
+        capped_member(int(i), int(pos), day_cap, hour_cap, int(planned), cfg.parts)
         for i, pos, day_cap, hour_cap, planned in rows
     ]
 

@@ -33,9 +33,10 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from campaign import capacity
 from campaign.errors import PlanError
 
-__all__ = ["Member", "Assignment", "assign", "paced_times", "gap_us"]
+__all__ = ["Member", "Assignment", "assign", "capped_member", "paced_times", "gap_us"]
 
 #: the room of an uncapped member: more than any day can hold
 _UNBOUNDED = 1 << 62
@@ -83,6 +84,23 @@ class Member:
     def gaps(self, gap_min: float, gap_max: float) -> tuple[float, float]:
         """The campaign's gap bounds on this member: both raised to its floor."""
         return max(gap_min, self.gap_floor), max(gap_max, self.gap_floor)
+
+
+def capped_member(
+    inbox_id: int, position: int, day_cap: int | None, hour_cap: int | None, planned_sends: int, parts: int
+) -> Member:
+    """A pool member within its caps, for a campaign whose messages take ``parts`` sends (issue 22).
+
+    Its room: the effective daily cap minus the sends already planned on it that day, in whole
+    messages; its gap floor: what its hourly cap allows. A cap that cannot take even one message
+    leaves it no room.
+    """
+    parts = max(1, parts)
+    remaining = None if day_cap is None else max(0, day_cap - planned_sends) // parts
+    floor = capacity.gap_floor_seconds(hour_cap, parts)
+    if floor is None:
+        return Member(inbox_id, position, 0)
+    return Member(inbox_id, position, remaining, floor)
 
 
 @dataclass

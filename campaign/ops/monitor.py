@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from campaign import steps
+from campaign import capacity, steps
 from campaign.db import db
 from campaign.settings import Settings, amqp_parameters, redact_url
 
@@ -167,6 +167,7 @@ class StatusSnapshot:
     failed: list[MessageLine]
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
+    inboxes: list[capacity.InboxDay] = field(default_factory=list)  # each inbox's day (issue 22, R-HEALTH-1)
 
 
 _RUNS_SQL = """
@@ -317,6 +318,7 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     queues, queue_error = queue_depths(settings) if with_queues else ({}, None)
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.listening = listening(now=now)
+    snap.inboxes = capacity.inbox_days()
     snap.alerts = alerts(settings, now=now)
     return snap
 
