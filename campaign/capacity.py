@@ -161,7 +161,10 @@ def _scaled_sql(cap: str, inbox: str) -> str:
 
 
 def daily_cap_sql(inbox: str = "i", at: str = "now()") -> str:
-    """SQL of the effective daily cap (:func:`daily_cap`) of inbox alias ``inbox`` at the instant ``at``."""
+    """SQL of the effective daily cap (:func:`daily_cap`) of inbox alias ``inbox`` at the instant ``at``.
+
+    ``at`` appears several times: give a named parameter (``%(at)s``) or an expression (``now()``).
+    """
     day = f"coalesce(greatest(0, floor(extract(epoch FROM ({at}) - {inbox}.first_send_at) / {DAY_SECONDS})), 0)::bigint"
     ramp = (
         f"CASE WHEN {inbox}.warmup_days IS NULL OR {day} >= {inbox}.warmup_days THEN {inbox}.max_per_day "
