@@ -7,6 +7,7 @@ around each actor call (and in which order).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import dramatiq
@@ -14,7 +15,7 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name, xq_name
-from dramatiq.errors import BrokerConnectionError
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -44,6 +45,7 @@ __all__ = [
     "QueuePreflight",
     "DELIVERY_LIMIT",
     "XQ_DELIVERY_LIMIT",
+    "PUBLISH_RETRY_SECONDS",
 ]
 
 #: A quorum queue dead-letters a message (to its .XQ, at least once) once it was handed to a
@@ -55,6 +57,13 @@ DELIVERY_LIMIT = 20
 #: leaving it out would mean 20 browses and the copy is gone). Never -1: on 3.10 that drops a
 #: message on its first return.
 XQ_DELIVERY_LIMIT = 1_000_000
+#: How long a publish keeps being retried (with backoff, on a new connection each time) before
+#: it fails. Dramatiq itself makes 6 immediate attempts; a quorum queue refuses (nacks) publishes
+#: for the few seconds its leader election takes after a node dies, and a node restart takes
+#: longer than 6 attempts. A duplicate publish is harmless (every step is a conditional
+#: transition); what the retries still cannot place, the recovery sweep re-publishes from
+#: PostgreSQL (R-FAIL-8).
+PUBLISH_RETRY_SECONDS = 30.0
 
 
 class QueueTypeMismatch(ConfigError, BrokerConnectionError):
@@ -87,12 +96,38 @@ class EngineRabbitmqBroker(RabbitmqBroker):
       :data:`XQ_DELIVERY_LIMIT`.
     """
 
-    def __init__(self, *, queue_type: str = "classic", **kwargs: Any) -> None:
+    def __init__(
+        self, *, queue_type: str = "classic", publish_retry_seconds: float = PUBLISH_RETRY_SECONDS, **kwargs: Any
+    ) -> None:
         if queue_type not in ("classic", "quorum"):
             raise ConfigError(f"RABBITMQ_QUEUE_TYPE={queue_type!r} must be one of classic, quorum")
         super().__init__(**kwargs)
         self.queue_type = queue_type
+        self.publish_retry_seconds = publish_retry_seconds
         self.vhost = _vhost(self.parameters)
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def enqueue(self, message: dramatiq.Message, *, delay: int | None = None) -> dramatiq.Message:
+        """Dramatiq's enqueue (publisher confirms), retried with backoff for up to
+        :data:`PUBLISH_RETRY_SECONDS` when the broker refuses or the connection drops."""
+        deadline = time.monotonic() + self.publish_retry_seconds
+        pause = 0.2
+        while True:
+            try:
+                return super().enqueue(message, delay=delay)
+            except ConnectionClosed as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "publish of %s to %s refused or connection lost (%s); retrying in %.1f s",
+                    message.message_id,
+                    message.queue_name,
+                    exc,
+                    pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     # -- what each queue is declared with --------------------------------------------------
 

@@ -134,6 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the database and vhost when a check fails (forensics)")
     p.add_argument("--report", type=Path, default=None, help="write the verdict as JSON here")
     p.add_argument("--log-dir", type=Path, default=None, help="worker/scheduler/sandbox logs (default: a temp dir)")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a local 3-node RabbitMQ cluster with quorum queues (devtools.rabbit_cluster; needs root); "
+        "the RabbitMQ fault kills -9 the node every process is connected to (T-REL-3)",
+    )
     args = p.parse_args(argv)
     if args.messages is not None and args.messages < 1:
         p.error("--messages must be >= 1")
@@ -197,6 +203,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--timeout", str(args.timeout)]
     if args.keep:
         parts.append("--keep")
+    if args.cluster:
+        parts.append("--cluster")
     return shlex.join(parts)
 
 
@@ -220,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     name = f"chaos_{seed}_{uuid.uuid4().hex[:6]}"
-    svc = services.Services(name)
+    cluster = _start_cluster() if args.cluster else None
+    svc = services.ClusterServices(name, cluster) if cluster else services.Services(name)
+    engine_env = {**ENGINE_ENV, **({"RABBITMQ_QUEUE_TYPE": "quorum"} if cluster else {})}
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"seed": seed, "replay": replay_command(args, seed), "name": name, "log_dir": str(log_dir)}
     try:
         svc.create()
-        ok, result = _run(svc, profile, seed, log_dir, result)
+        ok, result = _run(svc, profile, seed, log_dir, result, engine_env)
     except Exception as exc:
         log.exception("chaos run aborted")
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -250,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"(drop: psql -c 'DROP DATABASE \"{name}\"'; rabbitmqctl delete_vhost {name})",
                 flush=True,
             )
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.base, ignore_errors=True)
     print(
         f"chaos: {'PASS' if ok else 'FAIL'} in {result['duration_s']:.0f} s (seed {seed}; replay: {result['replay']})",
         flush=True,
@@ -257,8 +270,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _start_cluster() -> Any:
+    """Three local RabbitMQ nodes, clustered (devtools.rabbit_cluster), for ``--cluster``."""
+    from devtools.rabbit_cluster import Cluster, free_port_block
+
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="ce-chaos-cluster-")), free_port_block())
+    print(f"chaos: starting a 3-node RabbitMQ cluster under {cluster.base} ...", flush=True)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        shutil.rmtree(cluster.base, ignore_errors=True)
+        raise
+    print(f"chaos: cluster up: {cluster.url()}", flush=True)
+    return cluster
+
+
 def _run(
-    svc: services.Services, profile: Profile, seed: int, log_dir: Path, result: dict[str, Any]
+    svc: services.Services,
+    profile: Profile,
+    seed: int,
+    log_dir: Path,
+    result: dict[str, Any],
+    engine_env: dict[str, str],
 ) -> tuple[bool, dict[str, Any]]:
     from campaign.db import close_db, db, init_db
     from campaign.settings import Settings, reset_settings
@@ -266,7 +300,7 @@ def _run(
     from sandbox.testing import SandboxProcess
 
     rng = random.Random(seed)
-    env = {**os.environ, **ENGINE_ENV, "DATABASE_URL": svc.database_url, "RABBITMQ_URL": svc.rabbitmq_url}
+    env = {**os.environ, **engine_env, "DATABASE_URL": svc.database_url, "RABBITMQ_URL": svc.rabbitmq_url}
     sandbox_faults = json.loads(json.dumps(SANDBOX_FAULTS))
     sandbox_faults["send"]["rate_accept_then_hang"] = profile.hang_rate
     sandbox = SandboxProcess(seed=seed, faults=sandbox_faults)
@@ -276,7 +310,9 @@ def _run(
     try:
         sandbox.start()
         env.update(sandbox_env(sandbox))
-        os.environ.update({k: env[k] for k in ("DATABASE_URL", "RABBITMQ_URL", "CAMPAIGN_BROKER")})
+        os.environ.update(
+            {k: env[k] for k in ("DATABASE_URL", "RABBITMQ_URL", "CAMPAIGN_BROKER", "RABBITMQ_QUEUE_TYPE") if k in env}
+        )
         reset_settings()
         settings = Settings.from_env(env)
         init_db(settings, application_name=f"campaign-chaos:{os.getpid()}")

@@ -9,7 +9,8 @@ import time
 
 import psycopg2
 
-from devtools.services import Proc, Throwaway
+from devtools.rabbit_cluster import RABBITMQCTL, Cluster
+from devtools.services import Proc, Throwaway, with_vhost
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,37 @@ class Services(Throwaway):
         if self._probe is not None:
             self._probe.close()
             self._probe = None
+
+
+class ClusterServices(Services):
+    """The same run on a local 3-node RabbitMQ cluster (``--cluster``, T-REL-3 at the suite's scale):
+    the vhost is made on the cluster, the engine's RABBITMQ_URL names the three nodes, and the
+    "RabbitMQ restart" fault kills -9 the first node (the one every process is connected to) and
+    starts it again after the outage, instead of stop_app/start_app of the machine's node."""
+
+    def __init__(self, name: str, cluster: Cluster) -> None:
+        self.cluster = cluster
+        super().__init__(name)
+        self.rabbit_base_url = cluster.nodes[0].url()
+        self.rabbitmqctl = [RABBITMQCTL, "-n", cluster.nodes[0].name]
+
+    @property
+    def rabbitmq_url(self) -> str:
+        return ";".join(with_vhost(node.url(), self.name) for node in self.cluster.nodes)
+
+    def restart_rabbitmq(self, outage_s: float) -> dict[str, float]:
+        victim = self.cluster.nodes[0]
+        t0 = time.time()
+        try:
+            self.cluster.kill_node(victim)
+            stopped = time.time()
+            time.sleep(outage_s)
+        finally:
+            self.cluster.start_node(victim)
+            self.cluster.await_node(victim)
+        started = time.time()
+        log.warning("RabbitMQ node %s killed (SIGKILL), back after %.1f s", victim.name, started - stopped)
+        return {"t": t0, "stopped": stopped, "started": started}
 
 
 class Supervisor:

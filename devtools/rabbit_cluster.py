@@ -1,12 +1,12 @@
 """A local 3-node RabbitMQ cluster for tests (issue 21, T-REL-3): ``python -m devtools.rabbit_cluster``.
 
 Three nodes of the installed ``rabbitmq-server``, run as the ``rabbitmq`` user, each with its own
-node name (``ce-c1@localhost`` ...), AMQP port, distribution port, data, log and config files under
-one base directory. Nothing is shared with the machine's own node: its env file
+node name (``ce-c5701@localhost`` ..., after its AMQP port), AMQP port, distribution port, data,
+log and config files under one base directory. Nothing is shared with the machine's own node: its env file
 (/etc/rabbitmq/rabbitmq-env.conf) is replaced by our own, the nodes cluster through
 ``classic_config`` peer discovery at first boot, so no ``rabbitmqctl reset``/``join_cluster`` is
 ever run (a mistyped ``-n`` there could wipe the machine's node). Only the Erlang cookie of the
-``rabbitmq`` user is shared, which lets ``rabbitmqctl -n ce-c1@localhost`` reach our nodes.
+``rabbitmq`` user is shared, which lets ``rabbitmqctl -n ce-c5701@localhost`` reach our nodes.
 
     python -m devtools.rabbit_cluster start [--base DIR] [--port 5701]   # prints RABBITMQ_URL; Ctrl-C stops
     python -m devtools.rabbit_cluster status [--port 5701]
@@ -21,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,20 @@ RUN_AS = "rabbitmq"
 NAME_PREFIX = "ce-c"  # never "rabbit": the machine's node is rabbit@localhost
 
 
+def free_port_block(size: int = 3) -> int:
+    """A first AMQP port p such that p..p+size-1 and the distribution ports p+100.. are all free."""
+    for first in range(5701, 6500, 7):
+        ports = [first + i for i in range(size)] + [first + 100 + i for i in range(size)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no free port block for a local RabbitMQ cluster")
+
+
 @dataclass
 class Node:
     index: int
@@ -43,7 +58,9 @@ class Node:
 
     @property
     def name(self) -> str:
-        return f"{NAME_PREFIX}{self.index}@localhost"
+        # named after the AMQP port: two clusters on distinct ports (two test runs at once) never
+        # share a node name
+        return f"{NAME_PREFIX}{self.port}@localhost"
 
     @property
     def dir(self) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from campaign import dispatch, recovery
 from campaign.db import db
 from campaign.settings import get_settings, reset_settings
-from devtools.rabbit_cluster import Cluster
+from devtools.rabbit_cluster import Cluster, free_port_block
 from devtools.services import start_worker, stop_worker
 from tests.integration import factories as f
 from tests.integration.pipeline_helpers import assert_counters_match, fast_settings, run_counters
@@ -32,24 +31,10 @@ from tests.integration.workers import wait_for
 TOTAL = 500
 
 
-def _free_port_block(size: int = 3) -> int:
-    """A first port p such that p..p+size-1 and p+100..p+100+size-1 are all free."""
-    for first in range(5701, 6500, 7):
-        ports = [first + i for i in range(size)] + [first + 100 + i for i in range(size)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError("no free port block for the test cluster")
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="ce-test-cluster-"))  # /tmp: reachable by the rabbitmq user
-    c = Cluster(base, _free_port_block())
+    c = Cluster(base, free_port_block())
     try:
         c.start()
         yield c

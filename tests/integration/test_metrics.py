@@ -327,3 +327,98 @@ def test_metrics_port_taken_is_a_clear_start_up_error(clean_db, tmp_path):
             timeout=60,
         )
     assert proc.returncode == 2 and f"METRICS_PORT={port}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_every_endpoint_answers_while_rabbitmq_is_down_and_after_it_is_back(clean_db, sb, tmp_path):
+    """R-OBS-1: a scrape during a RabbitMQ outage gets an answer from every process (workers'
+    multiprocess endpoint, scheduler, inbound consumer, webhook), and the processes are still
+    there when the broker is back. The broker is a node of our own (devtools.rabbit_cluster, one
+    node on its own ports and data directory), killed with SIGKILL: the machine's node, which
+    other test runs share, is never touched."""
+    import shutil
+    import tempfile
+
+    from devtools.rabbit_cluster import Cluster, free_port_block
+
+    node_dir = Path(tempfile.mkdtemp(prefix="ce-test-metrics-rmq-"))  # /tmp: reachable by the rabbitmq user
+    rmq = Cluster(node_dir, free_port_block(1), size=1)
+    procs: list[Any] = []
+    worker: Any = None
+    try:
+        rmq.start()
+        url = rmq.url()
+        ports = {name: _free_port() for name in ("worker", "webhook", "inbound", "scheduler")}
+        env = {
+            "RABBITMQ_URL": url,
+            "EVOLUTION_EVENTS_RABBITMQ_URL": url,
+            "OPENROUTER_BASE_URL": sb.openrouter_url,
+            "OPENROUTER_API_KEY": sb.chat_key,
+            "EVOLUTION_API_URL": sb.evolution_url,
+            "EVOLUTION_API_KEY": sb.evolution_key,
+            "WEBHOOK_SECRET": SECRET,
+        }
+        prom_db = tmp_path / "prom"
+        prom_db.mkdir()
+        worker = start_worker(
+            processes=2,
+            threads=2,
+            log_path=tmp_path / "worker.log",
+            extra_env={
+                **env,
+                "METRICS_PORT": "0",
+                "dramatiq_prom_port": str(ports["worker"]),
+                "dramatiq_prom_host": "127.0.0.1",
+                "dramatiq_prom_db": str(prom_db),
+            },
+        )
+        logs = {name: tmp_path / f"{name}.log" for name in ("webhook", "inbound", "scheduler")}
+        commands = {"webhook": ["webhook.py", "--host", "127.0.0.1", "--port", "0"], "inbound": ["inbound.py"]}
+        commands["scheduler"] = ["scheduler.py"]
+        by_name = {
+            name: _spawn(command, {**env, "METRICS_PORT": str(ports[name])}, logs[name])
+            for name, command in commands.items()
+        }
+        procs.extend(by_name.values())
+        for name, proc in by_name.items():
+            _wait_answering(ports[name], proc, logs[name])
+
+        def worker_answers() -> bool:  # 200 with an empty body until a worker process has counted something
+            try:
+                return httpx.get(f"http://127.0.0.1:{ports['worker']}/metrics", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(worker_answers, timeout=60, message="the workers' /metrics")
+        wait_for(
+            lambda: "campaign_queue_messages" in _scrape_text(ports["scheduler"]),
+            timeout=60,
+            message="the scheduler's queue depth gauges",
+        )
+
+        rmq.kill_node(rmq.nodes[0])
+        down_until = time.monotonic() + 8
+        scrapes = 0
+        while time.monotonic() < down_until:
+            for name, port in ports.items():
+                answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)  # raises when refused or > 5 s
+                assert answer.status_code == 200, f"{name} /metrics answered {answer.status_code} during the outage"
+                assert name == "worker" or "campaign_" in answer.text, f"{name} /metrics lost the engine's metrics"
+                scrapes += 1
+            time.sleep(0.5)
+        assert scrapes >= 4 * len(ports)
+        for name, proc in by_name.items():
+            assert proc.poll() is None, f"{name} exited during the outage:\n{logs[name].read_text()[-3000:]}"
+
+        rmq.start_node(rmq.nodes[0])
+        rmq.await_node(rmq.nodes[0])
+        for name, port in ports.items():
+            assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200, name
+        for name, proc in by_name.items():
+            assert proc.poll() is None, f"{name} exited after the outage:\n{logs[name].read_text()[-3000:]}"
+    finally:
+        for proc in procs:
+            _stop(proc)
+        if worker is not None:
+            stop_worker(worker)
+        rmq.stop()
+        shutil.rmtree(node_dir, ignore_errors=True)

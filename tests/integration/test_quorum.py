@@ -7,7 +7,9 @@ not from what the broker believes it declared.
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -135,6 +137,23 @@ def test_worker_refuses_to_start_on_queues_of_the_other_type(vhost, tmp_path):
         stop_worker(proc)
     assert proc.poll() == 3, log.read_text()[-3000:]
     assert "RABBITMQ_QUEUE_TYPE=quorum" in log.read_text() and "most likely a classic queue" in log.read_text()
+
+
+def test_scheduler_refuses_to_start_on_queues_of_the_other_type(vhost, tmp_path):
+    """``python scheduler.py`` exits with code 2 naming the queue and the way out, before it takes
+    the leader lock or runs a job."""
+    from tests import ROOT
+
+    name, url = vhost
+    broker_on(url, "quorum").ensure_queues()
+    env = {**os.environ, "RABBITMQ_URL": url, "RABBITMQ_QUEUE_TYPE": "classic", "METRICS_PORT": ""}
+    done = subprocess.run(
+        [sys.executable, "scheduler.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "RABBITMQ_QUEUE_TYPE=classic" in done.stderr and "most likely a quorum queue" in done.stderr
+    assert f"vhost {name!r}" in done.stderr and "guest:guest" not in done.stderr
+    assert set(queue_types(name).values()) == {"quorum"}  # nothing was changed
 
 
 def test_dead_letters_reach_the_quorum_xq_and_the_tool_browses_them_twice(vhost):
@@ -402,3 +421,50 @@ def test_inbound_consumer_moves_to_the_next_node_when_its_node_dies(clean_db, se
         t.join(15)
         if not proxy.killed:
             proxy.kill()
+
+
+def test_a_publish_refused_for_seconds_is_retried_until_the_queue_takes_it(vhost):
+    """The broker nacks publishes (as a quorum queue does while it elects a new leader after a node
+    died): Dramatiq's 6 immediate attempts would give up; the engine's broker keeps retrying with
+    backoff (PUBLISH_RETRY_SECONDS) and the message lands once the queue accepts again. Real
+    RabbitMQ: a policy max-length 0 + overflow reject-publish makes it nack every publish."""
+    import threading
+
+    from actors.broker import PUBLISH_RETRY_SECONDS
+
+    name, url = vhost
+    broker = broker_on(url, "quorum")
+    try:
+        queue = "campaign.system"
+        broker.ensure_queues()
+        rabbitmqctl(
+            "set_policy", "-p", name, "--apply-to", "queues", "refuse", f"^{queue}$",
+            '{"max-length": 0, "overflow": "reject-publish"}',
+        )  # fmt: skip
+        wait_for(lambda: "refuse" in rabbitmqctl("list_queues", "-p", name, "name", "policy"), timeout=30)
+        lifted = threading.Timer(3.0, rabbitmqctl, args=("clear_policy", "-p", name, "refuse"))
+        started = time.monotonic()
+        lifted.start()
+        try:
+            message = broker.enqueue(
+                dramatiq.Message(queue_name=queue, actor_name="ping", args=("x",), kwargs={}, options={})
+            )
+        finally:
+            lifted.join()
+        took = time.monotonic() - started
+        assert took >= 2.5, f"the publish was accepted after {took:.1f} s while the policy refused it"
+        assert took < PUBLISH_RETRY_SECONDS
+        assert broker.get_queue_message_counts(queue)[0] == 1
+        assert message.queue_name == queue
+
+        # refused for longer than the retry budget: the publish fails loudly (the sweep re-publishes)
+        rabbitmqctl(
+            "set_policy", "-p", name, "--apply-to", "queues", "refuse", f"^{queue}$",
+            '{"max-length": 0, "overflow": "reject-publish"}',
+        )  # fmt: skip
+        wait_for(lambda: "refuse" in rabbitmqctl("list_queues", "-p", name, "name", "policy"), timeout=30)
+        broker.publish_retry_seconds = 1.0
+        with pytest.raises(dramatiq.errors.ConnectionClosed):
+            broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="ping", args=("y",), kwargs={}, options={}))
+    finally:
+        broker.close()

@@ -51,3 +51,48 @@ def test_compose_variables_are_documented():
     text = (ROOT / "docker-compose.yml").read_text()
     used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", text))
     assert not sorted(used - _env_names()), f"compose reads undocumented {sorted(used - _env_names())}"
+
+
+def test_cluster_profile_is_three_clustered_nodes_the_engine_can_use():
+    """R-SCALE-1/2: `docker compose --profile cluster up` adds two RabbitMQ nodes that join the
+    first by classic_config peer discovery (the mechanism devtools/rabbit_cluster.py runs for real
+    in T-REL-3), all with the same Erlang cookie; the engine waits for them and reads its
+    multi-node URL from RABBITMQ_CLUSTER_URL."""
+    services = COMPOSE["services"]
+    nodes = {name: svc for name, svc in services.items() if name.startswith("rabbitmq")}
+    assert sorted(nodes) == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    assert "profiles" not in nodes["rabbitmq"], "the first node is the default single node"
+    hostnames = set()
+    for name, svc in nodes.items():
+        assert svc["hostname"] == name
+        hostnames.add(svc["hostname"])
+        assert svc["image"] == nodes["rabbitmq"]["image"], f"{name} runs another RabbitMQ version"
+        assert svc["environment"]["RABBITMQ_ERLANG_COOKIE"].startswith("${RABBITMQ_ERLANG_COOKIE:?")
+        if name != "rabbitmq":
+            assert svc["profiles"] == ["cluster"]
+            assert svc["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+            data = [v for v in svc["volumes"] if v.endswith(":/var/lib/rabbitmq")]
+            assert len(data) == 1 and data[0].split(":")[0] != "mqdata", f"{name} shares a data volume"
+            mount = next(v for v in svc["volumes"] if "cluster.conf" in v)
+            assert (ROOT / mount.split(":")[0]).is_file() and mount.split(":")[1].startswith("/etc/rabbitmq/conf.d/")
+
+    conf = (ROOT / "rabbitmq" / "cluster.conf").read_text()
+    peers = set(re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@(\S+)$", conf, re.M))
+    assert peers == hostnames
+    assert "cluster_formation.peer_discovery_backend = classic_config" in conf
+    devtools = (ROOT / "devtools" / "rabbit_cluster.py").read_text()
+    assert "cluster_formation.peer_discovery_backend = classic_config" in devtools
+
+    for name in ("worker", "scheduler", "inbound"):
+        deps = services[name]["depends_on"]
+        assert deps["rabbitmq-2"] == {"condition": "service_healthy", "required": False}
+        assert deps["rabbitmq-3"] == {"condition": "service_healthy", "required": False}
+    url = services["worker"]["environment"]["RABBITMQ_URL"]
+    assert url.startswith("${RABBITMQ_CLUSTER_URL:-amqp://") and "@rabbitmq:5672/%2F" in url
+    example = re.search(r"^# RABBITMQ_CLUSTER_URL=(\S+)$", ENV_EXAMPLE, re.M)
+    assert example and [u.split("@")[1].split("/")[0] for u in example.group(1).split(";")] == [
+        "rabbitmq:5672",
+        "rabbitmq-2:5672",
+        "rabbitmq-3:5672",
+    ]
+    assert "--profile cluster" in README

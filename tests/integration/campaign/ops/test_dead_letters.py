@@ -22,7 +22,6 @@ from typing import Any
 import dramatiq
 import pika
 import pytest
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 
 from campaign import dispatch, recovery, steps
 from campaign.db import db
@@ -658,8 +657,11 @@ def test_missing_xq_between_two_browsed_ones_never_acks_another_dead_letter(queu
             depths = (_xq_depth("campaign.generate.XQ"), _xq_depth("campaign.send.XQ"))
             assert depths == (0, 1), f"generate.XQ, send.XQ = {depths}: expected the acked copy gone, the other kept"
         finally:
-            conn.channel().queue_declare(
-                "campaign.split.XQ", durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL}
-            )
+            import actors
+            from actors.broker import EngineRabbitmqBroker
+
+            # put it back as the engine declares it (quorum under RABBITMQ_QUEUE_TYPE=quorum)
+            assert isinstance(actors.broker, EngineRabbitmqBroker)
+            conn.channel().queue_declare("campaign.split.XQ", durable=True, arguments=actors.broker.xq_arguments())
     finally:
         conn.close()
