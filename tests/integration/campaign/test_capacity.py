@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -24,7 +25,7 @@ from tests.integration import factories as f
 
 UTC = dt.UTC
 NOON = dt.datetime(2026, 6, 10, 12, 0, tzinfo=UTC)  # a Wednesday
-WARM = dict(max_per_day=300, warmup_start_per_day=20, warmup_days=14)
+WARM: dict[str, Any] = dict(max_per_day=300, warmup_start_per_day=20, warmup_days=14)
 
 
 def bulk_leads(ws, column, n: int, start: int = 0) -> list[int]:
@@ -57,7 +58,7 @@ def sent_parts(ibx: Inbox, column, n: int, *, ago: str = "10 minutes") -> None:
     )
 
 
-def world(ws_name: str = "acme", **inbox_kw):
+def world(ws_name: str = "acme", **inbox_kw: Any):
     ws, cols = f.workspace(ws_name)
     ibx = f.inbox(ws, "sales-1", **inbox_kw)
     return ws, cols, ibx
@@ -87,7 +88,7 @@ def test_sql_caps_equal_the_pure_caps(clean_db):
                     "FROM inboxes i WHERE i.id = %(id)s",
                     {"at": at, "id": ibx.id},
                 ).fetchone()
-                warm = capacity.Warmup(start, days) if start else None
+                warm = capacity.Warmup(start, days) if start and days else None
                 assert got == (capacity.daily_cap(mpd, warm, first, at), 25), (mpd, start, days, first, hours)
 
 
