@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-unit lint typecheck demo venv services clean chaos bench
+.PHONY: test test-unit test-quorum lint typecheck demo venv services clean chaos bench
 
 venv: $(STAMP)
 
@@ -25,21 +25,32 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# Prometheus's promtool for the monitoring tests (check rules/config, the alert rules' unit
+# tests): from PATH, else unpacked from Debian's `prometheus` package (nothing installed)
+PROMTOOL := $(VENV)/bin/promtool
+$(PROMTOOL): | $(STAMP)
+	scripts/promtool.sh $@
+
 # the tests that need no service (seconds)
-test-unit: venv
+test-unit: venv $(PROMTOOL)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 services: venv
 	@scripts/ensure_services.sh > $(VENV)/services.env
 
 # The whole suite on real PostgreSQL + RabbitMQ: each run makes its own database and vhost.
-test: services
+test: services $(PROMTOOL)
 	set -a; . ./$(VENV)/services.env; set +a; $(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole engine end to end: real services when DATABASE_URL / RABBITMQ_URL answer (its own
 # database and vhost), else embedded PostgreSQL (pgserver) + StubBroker. Never starts services.
 demo: venv
 	$(PY) demo.py $(DEMO_ARGS)
+
+# The same suite with every engine queue a quorum queue (R-SCALE-1): what a RabbitMQ cluster runs.
+# Its own target (it doubles the time of `make test`); the cluster itself is T-REL-3 in the suite.
+test-quorum: services $(PROMTOOL)
+	set -a; . ./$(VENV)/services.env; set +a; RABBITMQ_QUEUE_TYPE=quorum $(PY) -m pytest $(PYTEST_ARGS)
 
 # SPEC §7 benchmarks (T-PERF-1..6) and the webhook under hostile load (issue 23), one after the
 # other, each on its own database + vhost (+ sandbox + workers where it needs them); each prints

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from campaign.db import close_db, init_db
 from campaign.errors import EngineError
 from campaign.inbound.consumer import InboundConsumer
 from campaign.logs import configure_logging
+from campaign.process import serve_metrics, stop_on_signals
 from campaign.settings import get_settings
 
 log = logging.getLogger("inbound")
@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    # the engine's broker (RABBITMQ_URL, publisher confirms): a reply of a triage campaign is
+    # published to campaign.triage right after its commit (R-IN-5); the sweep is the safety net
+    import actors  # noqa: F401
+
     init_db(settings, max_connections=4, application_name=f"campaign-inbound:{os.getpid()}")
     # R-OBS-1: the consumer's own tallies, read at scrape time (result names are a fixed vocabulary:
     # "<event queue>:<result>", "ignored", "poison")
@@ -53,19 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outcome",
         lambda: dict(consumer.stats.by_result),
     )
-    try:
-        metrics.serve(settings.metrics_port)
-    except OSError as exc:
-        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
-        close_db()
+    if not serve_metrics(settings):
         return 2
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        consumer.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(consumer.stop)
 
     def announce() -> None:
         if consumer.ready.wait():

@@ -54,6 +54,7 @@ from campaign.inboxes import mark_disconnected, store_state
 from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
+from campaign.retry import backoff_seconds
 from campaign.settings import Settings
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
@@ -78,19 +79,6 @@ log = logging.getLogger(__name__)
 
 def _ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
-
-
-def backoff_seconds(
-    attempt: int, settings: Settings, retry_after: float | None = None, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff with full jitter for ``attempt`` (1-based), never below Retry-After."""
-    draw = (rng or random).random()
-    ceiling = min(settings.max_backoff_seconds, settings.min_backoff_seconds * 2 ** (attempt - 1))
-    delay = settings.min_backoff_seconds + draw * max(0.0, ceiling - settings.min_backoff_seconds)
-    if retry_after is not None:
-        # Retry-After is a floor, not a suggestion (E-10); a little slack for clock skew.
-        delay = max(delay, retry_after + 0.05)
-    return min(delay, max(settings.max_backoff_seconds, (retry_after or 0) + 0.05))
 
 
 def _back_to_wait(message_id: int, from_status: str) -> bool:

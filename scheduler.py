@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -33,6 +32,7 @@ from campaign import dispatch, metrics, recovery, runs
 from campaign.db import close_db, connect_kwargs, db, init_db
 from campaign.errors import EngineError
 from campaign.logs import configure_logging
+from campaign.process import serve_metrics, stop_on_signals
 from campaign.settings import Settings, get_settings, redact_url
 
 log = logging.getLogger("scheduler")
@@ -134,7 +134,7 @@ def _metrics(settings: Settings, active: Callable[[], bool]) -> object:
     from campaign.ops import monitor
 
     # queue depths and alerts come from the same code as `status` (one passive declare per queue,
-    # the R-OPS-4 checks); the rest is four statements in campaign.metrics
+    # the R-OPS-4 checks); the rest is five statements in campaign.metrics
     depths, error = monitor.queue_depths(settings)
     if error:
         log.warning("metrics: queue depths unavailable: %s", error)
@@ -364,19 +364,9 @@ def main(argv: list[str] | None = None) -> int:
 
     proc = SchedulerProcess(settings)
     init_db(settings, max_connections=len(proc.jobs) + 3, application_name=f"campaign-scheduler:{os.getpid()}")
-    try:
-        metrics.serve(settings.metrics_port)
-    except OSError as exc:
-        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
-        close_db()
+    if not serve_metrics(settings):
         return 2
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        proc.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(proc.stop)
     try:
         proc.run()
     finally:

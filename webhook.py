@@ -69,7 +69,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -114,6 +113,7 @@ from campaign.inbound.envelopes import (
 )
 from campaign.inbound.receipts import UpdateResult, apply_update
 from campaign.logs import configure_logging, log_context
+from campaign.process import serve_metrics, stop_on_signals
 from campaign.settings import Settings, get_settings
 from models import DELIVERY_STATUSES
 
@@ -909,12 +909,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     init_db(settings, application_name=f"campaign-webhook:{os.getpid()}")
-    try:
-        # prometheus_client's server on METRICS_PORT, not a route here: this port faces Evolution
-        metrics.serve(settings.metrics_port)
-    except OSError as exc:
-        print(f"error: cannot serve /metrics on METRICS_PORT={settings.metrics_port}: {exc}", file=sys.stderr)
-        close_db()
+    # prometheus_client's server on METRICS_PORT, not a route here: this port faces Evolution
+    if not serve_metrics(settings):
         return 2
     try:
         server = make_server(settings, args.host, args.port)
@@ -922,13 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop.set)
     try:
         try:
             server.start()

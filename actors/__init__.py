@@ -13,6 +13,6 @@ from campaign.settings import get_settings
 
 broker: dramatiq.Broker = setup_broker(get_settings())
 
-from actors import generate, notify, send, split, system  # noqa: E402  (declared after the broker is set)
+from actors import generate, notify, send, split, system, triage  # noqa: E402  (declared after the broker is set)
 
-__all__ = ["broker", "generate", "notify", "split", "send", "system"]
+__all__ = ["broker", "generate", "notify", "split", "send", "system", "triage"]

@@ -21,6 +21,7 @@ from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 from actors.steplog import StepLog
 from campaign import outcomes, ratelimit
 from campaign.db import db, init_db
+from campaign.inbound import triage
 from campaign.settings import Settings
 from campaign.steps import MAX_BROKER_DELAY_SECONDS  # longer waits live in PostgreSQL (R-DISP-2)
 
@@ -87,7 +88,7 @@ class DeadLetters(Middleware):
 
     @property
     def actor_options(self) -> set[str]:
-        return {"campaign_step"}
+        return {"campaign_step", "triage_job"}
 
     def after_process_message(
         self,
@@ -103,9 +104,12 @@ class DeadLetters(Middleware):
             actor = broker.get_actor(message.actor_name)
         except Exception:
             actor = None
-        if actor is None or not actor.options.get("campaign_step"):
+        if actor is None or not (actor.options.get("campaign_step") or actor.options.get("triage_job")):
             return
-        message_id = message.args[0] if message.args else None
+        triage_job = bool(actor.options.get("triage_job"))
+        first = message.args[0] if message.args else None
+        # a triage message carries a reply_triage id: never a campaign message's
+        message_id = None if triage_job else first
         error = f"{type(exception).__name__}: {exception}"
         try:
             with db.atomic():
@@ -115,6 +119,11 @@ class DeadLetters(Middleware):
                     else None
                 )
                 run_id = finished.run_id if finished else None
+                if triage_job and isinstance(first, int):
+                    # E-37: the keyword rules decide a reply whose triage died (no-op when settled)
+                    triage.settle_dead(first, error, self.settings)
+                    found = db.execute_sql("SELECT run_id FROM reply_triage WHERE id = %s", (first,)).fetchone()
+                    run_id = found[0] if found else None
                 db.execute_sql(
                     """INSERT INTO dead_letters (queue, actor, dramatiq_message_id, campaign_message_id, run_id,
                                                  payload, error_class, error_message)
@@ -233,9 +242,16 @@ class RateLimits(Middleware):
             # (R-DISP-2: a daily cap, a long Retry-After) parks it in PostgreSQL instead: the
             # sweep re-publishes it at its due time.
             wake_in = delay if parked else delay + self.settings.handoff_grace_seconds
+            # the row whose hand-off deadline moves: the campaign message of a chain step, the
+            # reply_triage row of a triage job
+            table, live = (
+                ("reply_triage", "status = 'pending'")
+                if actor.options.get("triage_job")
+                else ("campaign_messages", "status IN ('queued', 'generating', 'splitting', 'sending')")
+            )
             db.execute_sql(
-                """UPDATE campaign_messages SET wake_at = now() + make_interval(secs => %s)
-                              WHERE id = %s AND status IN ('queued', 'generating', 'splitting', 'sending')
+                f"""UPDATE {table} SET wake_at = now() + make_interval(secs => %s)
+                              WHERE id = %s AND {live}
                                 AND (wake_at IS NULL OR wake_at < now() + make_interval(secs => %s))""",
                 (wake_in, int(message.args[0]), delay),
             )

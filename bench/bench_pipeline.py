@@ -137,11 +137,15 @@ def run_pipeline(
     timeout: float,
     logdir: Path,
     round_no: int,
+    parts: int = 2,
 ) -> dict:
-    """N two-part messages through the engine's workers; msg/s from dispatch to run completed."""
+    """N messages of ``parts`` parts (1: split off) through the engine's workers; msg/s from
+    dispatch to run completed."""
     world = create_world(f"bench{round_no}", inboxes, min_gap=0.0)
-    warm_cfg = create_config(world, "warmup", world.inbox_ids[0], split=True, max_parts=2, part_gap=(0, 0))
-    timed_cfg = create_config(world, "timed", world.inbox_ids[0], split=True, max_parts=2, part_gap=(0, 0))
+    warm_cfg, timed_cfg = (
+        create_config(world, name, world.inbox_ids[0], split=parts > 1, max_parts=max(parts, 1), part_gap=(0, 0))
+        for name in ("warmup", "timed")
+    )
     warm_leads = add_leads(world, warmup)
     timed_leads = add_leads(world, n)
     counters = Path(tempfile.mkdtemp(prefix="bench-pipeline-counts-"))
@@ -211,6 +215,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="300 messages, 50 warm-up")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one side (default from N)")
     p.add_argument("--logdir", type=Path, default=None, help="keep worker logs here")
+    p.add_argument(
+        "--parts",
+        default="1,2,3",
+        help="also measure round trips and commits for messages of these part counts (comma list; "
+        "the timed comparison is always 2 parts); '' for none",
+    )
     args = p.parse_args()
     if args.quick:
         args.messages, args.warmup = min(args.messages, 300), min(args.warmup, 50)
@@ -228,8 +238,15 @@ def main() -> int:
     )
     from sandbox.testing import SandboxProcess
 
+    try:
+        part_counts = sorted({int(x) for x in args.parts.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--parts {args.parts!r} must be a comma list of part counts (e.g. 1,2,3)")
+    if any(not 1 <= k <= 10 for k in part_counts):
+        p.error(f"--parts {args.parts!r}: each part count must be 1..10")
     bare_runs: list[dict] = []
     pipe_runs: list[dict] = []
+    by_parts: dict[int, dict] = {}
     with BenchServices("pipeline") as svc, SandboxProcess(seed=1) as sb:
         svc.set_env(engine_env(sb))
         from campaign.db import db
@@ -275,6 +292,17 @@ def main() -> int:
                 f"{pipe['rate']:7.1f} msg/s  ({args.messages} in {pipe['seconds']:.2f} s, "
                 f"dispatch {pipe['dispatch_seconds']:.2f} s, {pipe['round_trips']:.2f} DB round trips/msg)",
             )
+        # T-PERF-7 / R-SCALE-3: round trips and write commits per message and per step, by part count
+        counted = min(args.messages, 300)
+        for k in part_counts:
+            if k == 2:
+                by_parts[k] = pipe_runs[-1]
+                continue
+            attempt += 1
+            by_parts[k] = run_pipeline(
+                sb, settings, counted, min(args.warmup, 50), args.inboxes, args.processes, args.threads,
+                timeout, logdir, attempt, parts=k,
+            )  # fmt: skip
         db.close()
     bare_rate = median([b["rate"] for b in bare_runs])
     pipe_rate = median([p_["rate"] for p_ in pipe_runs])
@@ -296,6 +324,20 @@ def main() -> int:
     )
     print("   where the pipeline's round trips go (last round):")
     print_counts(last["counts"], args.messages)
+    if by_parts:
+        print("   per message, by part count (T-PERF-7: <= 8 round trips for 2 parts; R-SCALE-3's commits):")
+        for k, res in sorted(by_parts.items()):
+            n = args.messages if k == 2 else min(args.messages, 300)
+            c = res["counts"]
+            steps = "  ".join(
+                f"{actor} {stmts / n:.2f}/{c.commits.get(actor, 0) / n:.2f}"
+                for actor, (stmts, _s) in c.by_actor().items()
+            )
+            row(
+                f"  {k} part(s) ({res['parts_per_message']:.2f} observed)",
+                f"{c.statements / n:6.2f} round trips  {c.write_commits / n:5.2f} write commits   "
+                f"[step round trips/commits: {steps}]",
+            )
     ok = ratio >= TARGET_RATIO and last["statuses"] == {"sent": args.messages}
     result_line(
         "T-PERF-1",
@@ -304,6 +346,18 @@ def main() -> int:
             "pipeline_msg_s": round(pipe_rate, 2),
             "ratio": round(ratio, 3),
             "round_trips_per_msg": round(last["round_trips"], 2),
+            "write_commits_per_msg": round(last["counts"].write_commits / args.messages, 2),
+            "by_parts": {
+                k: {
+                    "round_trips": round(
+                        res["counts"].statements / (args.messages if k == 2 else min(args.messages, 300)), 2
+                    ),
+                    "write_commits": round(
+                        res["counts"].write_commits / (args.messages if k == 2 else min(args.messages, 300)), 2
+                    ),
+                }
+                for k, res in by_parts.items()
+            },
             "parts_per_message": round(last["parts_per_message"], 2),
             "messages": args.messages,
             "rounds": args.rounds,

@@ -422,6 +422,7 @@ class Counts:
     stmts: dict[str, list[float]] = field(default_factory=dict)
     publishes: dict[str, int] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
+    commits: dict[str, int] = field(default_factory=dict)  # write transactions committed, per actor
 
     def add(self, other: Counts, sign: int = 1) -> None:
         """Add (or subtract) another snapshot."""
@@ -433,11 +434,18 @@ class Counts:
             self.publishes[k] = self.publishes.get(k, 0) + sign * n
         for k, n in other.processed.items():
             self.processed[k] = self.processed.get(k, 0) + sign * n
+        for k, n in other.commits.items():
+            self.commits[k] = self.commits.get(k, 0) + sign * n
 
     @property
     def statements(self) -> int:
         """Total DB round trips."""
         return int(sum(n for n, _ in self.stmts.values()))
+
+    @property
+    def write_commits(self) -> int:
+        """Write transactions committed (the commits that wait for the WAL flush)."""
+        return int(sum(self.commits.values()))
 
     @property
     def db_seconds(self) -> float:
@@ -462,7 +470,9 @@ def read_counts(directory: Path) -> Counts:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now: the next snapshot has it
-        total.add(Counts(doc.get("stmts", {}), doc.get("publishes", {}), doc.get("processed", {})))
+        total.add(
+            Counts(doc.get("stmts", {}), doc.get("publishes", {}), doc.get("processed", {}), doc.get("commits", {}))
+        )
     return total
 
 
@@ -471,9 +481,10 @@ def print_counts(c: Counts, per: int, *, top: int = 40) -> None:
     for actor, (n, s) in c.by_actor().items():
         row(
             f"  {actor}",
-            f"{n / per:6.2f} round trips/msg  {1000 * s / per:7.2f} ms DB/msg "
-            f"({c.processed.get(actor, 0) / per:.2f} deliveries/msg)",
+            f"{n / per:6.2f} round trips/msg  {c.commits.get(actor, 0) / per:5.2f} write commits/msg  "
+            f"{1000 * s / per:7.2f} ms DB/msg ({c.processed.get(actor, 0) / per:.2f} deliveries/msg)",
         )
+    row("  all actors", f"{c.statements / per:6.2f} round trips/msg  {c.write_commits / per:5.2f} write commits/msg")
     print("   most frequent statements (per message, then mean ms):")
     for k, (count, secs) in sorted(c.stmts.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"     {count / per:5.2f}  {1000 * secs / max(count, 1):6.2f} ms  {k}")

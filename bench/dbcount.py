@@ -32,6 +32,12 @@ _lock = threading.Lock()
 _stmts: dict[str, list[float]] = {}
 _publishes: dict[str, int] = {}
 _processed: dict[str, int] = {}
+#: write transactions committed, per actor: the commits that wait for the WAL flush (fsync). A
+#: transaction (BEGIN .. COMMIT, or one statement in autocommit) counts when it wrote something:
+#: INSERT / UPDATE / DELETE (also inside WITH) or a row lock (SELECT ... FOR UPDATE / SHARE).
+_commits: dict[str, int] = {}
+_txn: dict[int, list[bool]] = {}  # id(connection) -> [inside BEGIN, wrote]
+_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE)\b|\bFOR (NO KEY )?(UPDATE|SHARE)\b|\bFOR KEY SHARE\b", re.I)
 _installed = False
 _capture: list[tuple[Any, Any]] | None = None  # (query, vars) of every statement while capturing
 _dumper: threading.Thread | None = None
@@ -48,6 +54,31 @@ def _label(query: Any) -> str:
         query = query.decode(errors="replace")
     text = _SPACES.sub(" ", str(query)).strip()
     return text[:90]
+
+
+def _track_commit(connection: Any, query: Any) -> None:
+    """Follow the connection's transaction; count a write transaction when it commits."""
+    if isinstance(query, bytes):
+        query = query.decode(errors="replace")
+    text = str(query).lstrip()
+    word = text[:8].split(None, 1)[0].upper() if text else ""
+    with _lock:
+        state = _txn.setdefault(id(connection), [False, False])
+        if word == "BEGIN":
+            state[:] = [True, False]
+            return
+        if word in ("COMMIT", "END", "ROLLBACK"):
+            if word != "ROLLBACK" and state[0] and state[1]:
+                actor = getattr(_local, "actor", None) or "other"
+                _commits[actor] = _commits.get(actor, 0) + 1
+            state[:] = [False, False]
+            return
+        wrote = bool(_WRITE.search(text))
+        if state[0]:
+            state[1] = state[1] or wrote
+        elif wrote:  # autocommit: the statement is its own transaction
+            actor = getattr(_local, "actor", None) or "other"
+            _commits[actor] = _commits.get(actor, 0) + 1
 
 
 def _record(query: Any, seconds: float, n: int = 1) -> None:
@@ -72,6 +103,7 @@ class CountingCursor(psycopg2.extensions.cursor):
             return super().execute(query, vars)
         finally:
             _record(query, time.perf_counter() - started)
+            _track_commit(self.connection, query)
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
         vars_list = list(vars_list)
@@ -121,6 +153,7 @@ def snapshot() -> dict[str, Any]:
             "stmts": {k: list(v) for k, v in _stmts.items()},
             "publishes": dict(_publishes),
             "processed": dict(_processed),
+            "commits": dict(_commits),
         }
 
 

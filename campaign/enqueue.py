@@ -8,12 +8,15 @@ on first use), so whoever calls this must have imported ``actors`` (the entry po
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import dramatiq
 
 from campaign.errors import BrokerNotSetUp
 from campaign.steps import Job, Step
+
+log = logging.getLogger(__name__)
 
 
 def engine_broker() -> dramatiq.Broker:
@@ -44,3 +47,16 @@ def enqueue_many(step: Step | Job, args_list: Iterable[tuple]) -> int:
         enqueue(step, args)
         n += 1
     return n
+
+
+def enqueue_after_commit(job: Step | Job, args_list: list[tuple]) -> int:
+    """Publish right after a commit, best effort: work whose row is already committed with a
+    hand-off deadline (``wake_at``) is published again by the recovery sweep if this fails or if
+    this process has no engine broker (the webhook receiver); returns how many were published."""
+    try:
+        return enqueue_many(job, args_list)
+    except BrokerNotSetUp:
+        log.debug("%s: no engine broker in this process; the recovery sweep publishes %s", job.name, args_list)
+    except Exception as exc:  # the broker away: the rows wait for the sweep, nothing is lost
+        log.warning("%s: publish failed (%s); the recovery sweep publishes %s", job.name, exc, args_list)
+    return 0

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -138,7 +138,25 @@ PARTS = Gauge(
 )
 LLM_TOKENS = Gauge(
     "campaign_llm_tokens",
-    "LLM tokens recorded on generated messages (generation; triage tokens are not recorded yet)",
+    "LLM tokens recorded on generated messages (generation only: triage's are campaign_triage_tokens)",
+    ["workspace", "campaign"],
+    registry=DB_REGISTRY,
+)
+REPLY_INTENTS = Gauge(
+    "campaign_reply_intents",
+    "Replies by AI triage intent (R-IN-5); source llm, keywords (the LLM failed, E-37) or pending",
+    ["workspace", "campaign", "intent", "source"],
+    registry=DB_REGISTRY,
+)
+TRIAGE_TOKENS = Gauge(
+    "campaign_triage_tokens",
+    "LLM tokens spent by reply triage (apart from generation's campaign_llm_tokens)",
+    ["workspace", "campaign"],
+    registry=DB_REGISTRY,
+)
+TRIAGE_COST = Gauge(
+    "campaign_triage_cost",
+    "What reply triage cost, in OpenRouter credits (usage.cost; absent when never reported)",
     ["workspace", "campaign"],
     registry=DB_REGISTRY,
 )
@@ -234,13 +252,13 @@ def metric_names() -> set[str]:
 
 
 _DB_GAUGES: tuple[Gauge, ...] = (
-    MESSAGES, MESSAGES_ENDED, PARTS, LLM_TOKENS, MESSAGES_STUCK, DEAD_LETTERS, INBOUND_EVENTS, INBOX_CONNECTION,
-    INBOX_DISABLED, INBOX_DISCONNECTED, INBOX_SENT_HOUR, INBOX_SENT_DAY, INBOX_CAP_HOUR, INBOX_CAP_DAY,
-    QUEUE_MESSAGES, HEARTBEAT, ALERTS, REFRESHED, REFRESH_SECONDS,
+    MESSAGES, MESSAGES_ENDED, PARTS, LLM_TOKENS, REPLY_INTENTS, TRIAGE_TOKENS, TRIAGE_COST, MESSAGES_STUCK,
+    DEAD_LETTERS, INBOUND_EVENTS, INBOX_CONNECTION, INBOX_DISABLED, INBOX_DISCONNECTED, INBOX_SENT_HOUR,
+    INBOX_SENT_DAY, INBOX_CAP_HOUR, INBOX_CAP_DAY, QUEUE_MESSAGES, HEARTBEAT, ALERTS, REFRESHED, REFRESH_SECONDS,
 )  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
-# the refresh: four statements, whatever the number of campaigns and inboxes
+# the refresh: five statements, whatever the number of campaigns and inboxes
 # ---------------------------------------------------------------------------------------------
 
 _MESSAGES_SQL = """
@@ -282,6 +300,14 @@ _OPS_SQL = """
                '{}'::json) AS dead"""
 
 
+_TRIAGE_SQL = """
+    SELECT w.name AS workspace, c.name AS campaign, coalesce(t.intent, 'pending') AS intent,
+           CASE t.status WHEN 'done' THEN 'llm' WHEN 'fallback' THEN 'keywords' ELSE 'pending' END AS source,
+           count(*) AS n, coalesce(sum(t.total_tokens), 0) AS tokens, sum(t.cost) AS cost
+      FROM reply_triage t JOIN campaign_configs c ON c.id = t.config_id JOIN workspaces w ON w.id = c.workspace_id
+     GROUP BY 1, 2, 3, 4"""
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What one refresh read (also returned to the caller, e.g. a test or the demo)."""
@@ -290,16 +316,32 @@ class Snapshot:
     parts: list[tuple]
     inboxes: list[tuple]
     ops: tuple
+    triage: list[tuple] = field(default_factory=list)  # reply triage per campaign, intent, source
 
 
 def read_snapshot() -> Snapshot:
-    """The four statements (one round trip each) behind every database gauge."""
+    """The five statements (one round trip each) behind every database gauge."""
     return Snapshot(
         messages=list(db.execute_sql(_MESSAGES_SQL).fetchall()),
         parts=list(db.execute_sql(_PARTS_SQL).fetchall()),
         inboxes=list(db.execute_sql(_INBOXES_SQL).fetchall()),
         ops=tuple(db.execute_sql(_OPS_SQL).fetchone()),
+        triage=list(db.execute_sql(_TRIAGE_SQL).fetchall()),
     )
+
+
+def _set_triage(rows: Iterable[tuple]) -> None:
+    tokens: dict[tuple[str, str], float] = {}
+    costs: dict[tuple[str, str], float] = {}
+    for workspace, campaign, intent, source, n, used, cost in rows:
+        REPLY_INTENTS.labels(workspace, campaign, intent, source).set(n)
+        tokens[(workspace, campaign)] = tokens.get((workspace, campaign), 0) + float(used)
+        if cost is not None:
+            costs[(workspace, campaign)] = costs.get((workspace, campaign), 0) + float(cost)
+    for key, total in tokens.items():
+        TRIAGE_TOKENS.labels(*key).set(total)
+    for key, total in costs.items():
+        TRIAGE_COST.labels(*key).set(total)
 
 
 def _set_messages(rows: Iterable[tuple]) -> None:
@@ -340,6 +382,7 @@ def apply_snapshot(
     for workspace, campaign, status, n in snap.parts:
         PARTS.labels(workspace, campaign, status).set(n)
     _set_inboxes(snap.inboxes)
+    _set_triage(snap.triage)
     stuck, beat, dead = snap.ops
     MESSAGES_STUCK.set(stuck)
     if beat is not None:
@@ -355,7 +398,7 @@ def apply_snapshot(
 
 
 def refresh(*, queue_depths: Mapping[str, int | None] | None = None, alerts: Iterable[str] = ()) -> Snapshot:
-    """Read the database gauges (four statements) and publish them; returns what was read."""
+    """Read the database gauges (five statements) and publish them; returns what was read."""
     started = time.monotonic()
     snap = read_snapshot()
     apply_snapshot(snap, queue_depths=queue_depths, alerts=alerts)

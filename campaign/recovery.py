@@ -10,6 +10,7 @@ from typing import Any
 from campaign import enqueue, ratelimit, runs, steps
 from campaign.errors import ProviderError
 from campaign.inbound.notify import due_confirmations
+from campaign.inbound.triage import due_triage, give_up_stale
 from campaign.inboxes import resume_reconnected, store_state, wake_parked
 from campaign.outcomes import mark_in_doubt
 from campaign.settings import Settings
@@ -58,6 +59,12 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
     confirmations = due_confirmations(settings)
     if confirmations:
         (publish or _publish)(steps.OPT_OUT_REPLY.queue, [(lead_id,) for lead_id in confirmations])
+    # R-IN-5 / E-37: replies whose triage publish was lost (or never made) go out again; one
+    # pending for too long is settled by the keyword rules
+    triage_stale = give_up_stale(settings)
+    triage_due = due_triage(settings)
+    if triage_due:
+        (publish or _publish)(steps.TRIAGE_REPLY.queue, [(triage_id,) for triage_id in triage_due])
     completed = runs.complete_runs_if_done()
     ratelimit.purge_expired_holds()
     result = {
@@ -65,6 +72,8 @@ def recovery_sweep(settings: Settings, *, publish: Callable[[str, list[tuple]], 
         "requeued": len(stale),
         "completed_runs": len(completed),
         "opt_out_replies": len(confirmations),
+        "triage_requeued": len(triage_due),
+        "triage_given_up": len(triage_stale),
     }
     if orphans or stale or completed:
         log.warning("recovery sweep: %s", result)

@@ -66,7 +66,9 @@ class Job:
 
 #: the confirmation a workspace sends, once, to a lead who opted out (R-IN-4)
 OPT_OUT_REPLY = Job("opt_out_reply", "campaign.notify")
-JOBS: tuple[Job, ...] = (OPT_OUT_REPLY,)
+#: the AI triage of one recorded reply (R-IN-5); its argument is a ``reply_triage`` row id
+TRIAGE_REPLY = Job("triage_reply", "campaign.triage")
+JOBS: tuple[Job, ...] = (OPT_OUT_REPLY, TRIAGE_REPLY)
 JOB_QUEUES: tuple[str, ...] = tuple(dict.fromkeys(j.queue for j in JOBS))
 
 

@@ -57,6 +57,8 @@ class Completion:
     model: str
     latency_ms: int
     id: str | None = None
+    #: what OpenRouter charged for the call (``usage.cost``, in credits) when the answer says so
+    cost: float | None = None
 
 
 class OpenRouterClient:
@@ -257,6 +259,7 @@ class OpenRouterClient:
             model=str(body.get("model") or model),
             latency_ms=latency_ms,
             id=body.get("id"),
+            cost=_float(usage.get("cost")),
         )
 
 
@@ -265,3 +268,10 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None

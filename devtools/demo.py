@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
+from devtools import demo_triage
+from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
 from devtools.services import (
@@ -147,6 +149,7 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
 
     @property
     def ok(self) -> bool:
@@ -742,6 +745,10 @@ def _run_engine(
 
     listening = _Listening(settings, sb, run_ids[0], amqp_url=services.rabbitmq_url if events_over_amqp else None)
     listening.start(console)
+    triage = demo_triage.TriageScene(sb, run_ids[1], skip_phones=(OPTS_OUT,))
+    triage.start(console)
+    observed = DemoMetrics()
+    observed.start(console)
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
@@ -753,7 +760,9 @@ def _run_engine(
             f"{type(actors.broker).__name__}: running"
         )
         runs = _watch(console, run_ids, timeout)
+        triage.wait_settled(20)
     finally:
+        triage.stop()
         if scheduler is not None:
             scheduler.stop()
         if thread is not None:  # set together with scheduler
@@ -784,7 +793,11 @@ def _run_engine(
     ledger = sb.summary()
     _outcomes(console, run_ids, ledger, mismatches)
     heard = listening.summary(run_ids)
+    heard["triage"] = triage.summary()
     _heard(console, heard)
+    demo_triage.show(console, heard["triage"], ledger)
+    panel, panel_mismatches = observed.summary(console, run_ids)
+    mismatches += panel_mismatches
     result = DemoResult(
         mode=services.mode,
         database_url=_redact(services.database_url),
@@ -797,6 +810,7 @@ def _run_engine(
         opted_out=opted_name,
         sandbox_summary=ledger,
         listening=heard,
+        metrics=panel,
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,

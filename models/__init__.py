@@ -12,7 +12,9 @@ from models.campaign import (
     CampaignEvent,
     CampaignMessage,
     CampaignRun,
+    CampaignTriageColumn,
     MessagePart,
+    ReplyTriage,
 )
 from models.ops import DeadLetter, RateLimit, SchedulerHeartbeat
 from models.workspace import Column, Conversation, ConversationMessage, InboundEvent, Inbox, Lead, Workspace
@@ -31,6 +33,8 @@ ALL_MODELS = (
     CampaignEvent,
     ConversationMessage,
     InboundEvent,
+    CampaignTriageColumn,
+    ReplyTriage,
     DeadLetter,
     RateLimit,
     SchedulerHeartbeat,

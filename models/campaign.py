@@ -16,7 +16,7 @@ from peewee import (
 from playhouse.postgres_ext import ArrayField, BinaryJSONField, DateTimeTZField
 
 from models.base import BaseModel
-from models.workspace import Column, Conversation, Inbox, Lead, Workspace
+from models.workspace import Column, Conversation, ConversationMessage, Inbox, Lead, Workspace
 
 RUN_STATUSES = ("planning", "running", "paused", "completed", "cancelled", "failed")
 ACTIVE_RUN_STATUSES = ("planning", "running", "paused")
@@ -56,6 +56,8 @@ class CampaignConfig(BaseModel):
     fallback_template = TextField(null=True)
     split_enabled = BooleanField(default=False)
     max_parts = IntegerField(default=1)
+    triage_enabled = BooleanField(default=False)  # R-IN-5
+    triage_model = TextField(null=True)  # None: the campaign's model
     active = BooleanField(default=True)
     version = IntegerField(default=1)
 
@@ -179,3 +181,49 @@ class CampaignEvent(BaseModel):
 
     class Meta:
         table_name = "campaign_events"
+
+
+class CampaignTriageColumn(BaseModel):
+    """Where a lead goes when triage gives its reply this intent (R-IN-5)."""
+
+    config = ForeignKeyField(CampaignConfig, backref="triage_columns", on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
+    workspace = ForeignKeyField(Workspace, backref="+")
+    workspace_id: int  # the foreign key's column, set by peewee
+    intent = TextField()
+    column = ForeignKeyField(Column, backref="+", on_delete="CASCADE")
+    column_id: int  # the foreign key's column, set by peewee
+
+    class Meta:
+        table_name = "campaign_triage_columns"
+        primary_key = CompositeKey("config", "intent")
+
+
+class ReplyTriage(BaseModel):
+    """The triage of one recorded reply (R-IN-5): pending until the LLM (or the keyword rules) decide."""
+
+    id = BigAutoField()
+    conversation_message = ForeignKeyField(ConversationMessage, unique=True, on_delete="CASCADE")
+    conversation_message_id: int  # the foreign key's column, set by peewee
+    lead = ForeignKeyField(Lead, on_delete="CASCADE")
+    lead_id: int  # the foreign key's column, set by peewee
+    config = ForeignKeyField(CampaignConfig, on_delete="CASCADE")
+    config_id: int  # the foreign key's column, set by peewee
+    run = ForeignKeyField(CampaignRun, null=True, on_delete="SET NULL")
+    run_id: int | None  # the foreign key's column, set by peewee
+    status = TextField(default="pending")  # pending | done | fallback
+    intent = TextField(null=True)
+    attempts = IntegerField(default=0)
+    wake_at = DateTimeTZField(null=True)
+    error_class = TextField(null=True)
+    error_message = TextField(null=True)
+    model = TextField(null=True)
+    prompt_tokens = IntegerField(null=True)
+    completion_tokens = IntegerField(null=True)
+    total_tokens = IntegerField(null=True)
+    cost = DoubleField(null=True)
+    triage_ms = IntegerField(null=True)
+    finished_at = DateTimeTZField(null=True)
+
+    class Meta:
+        table_name = "reply_triage"

@@ -477,8 +477,61 @@ V9 = Migration(
     ),
 )
 
+#: the six intents of AI reply triage (R-IN-5); campaign.inbound.triage.INTENTS is this tuple
+TRIAGE_INTENTS = ("interested", "not_interested", "opt_out", "question", "out_of_office", "other")
+_INTENT_LIST = ", ".join(f"'{i}'" for i in TRIAGE_INTENTS)
+
 V10 = Migration(
     10,
+    "AI reply triage: per-campaign settings, intent -> column map, one triage row per reply (R-IN-5, E-37)",
+    (
+        "ALTER TABLE campaign_configs ADD COLUMN triage_enabled boolean NOT NULL DEFAULT false",
+        "ALTER TABLE campaign_configs ADD COLUMN triage_model text",
+        # intent -> column of the campaign's own workspace (E-20 in PostgreSQL: composite keys);
+        # a column deleted takes its mapping along (the intent then moves like an unmapped one)
+        f"""CREATE TABLE campaign_triage_columns (
+        config_id bigint NOT NULL,
+        workspace_id bigint NOT NULL,
+        intent text NOT NULL CHECK (intent IN ({_INTENT_LIST})),
+        column_id bigint NOT NULL,{_TIMESTAMPS},
+        PRIMARY KEY (config_id, intent),
+        FOREIGN KEY (config_id, workspace_id) REFERENCES campaign_configs(id, workspace_id) ON DELETE CASCADE,
+        FOREIGN KEY (column_id, workspace_id) REFERENCES columns(id, workspace_id) ON DELETE CASCADE)""",
+        """CREATE TRIGGER campaign_triage_columns_updated_at BEFORE UPDATE ON campaign_triage_columns
+        FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
+        # One row per recorded reply of a lead whose campaign has triage on, written in the reply's
+        # own transaction: the state the triage actor works on and the recovery sweep finishes
+        # (nothing is stuck, E-37). pending -> done (the LLM's intent) | fallback (keyword rules).
+        f"""CREATE TABLE reply_triage (
+        id bigserial PRIMARY KEY,
+        conversation_message_id bigint NOT NULL UNIQUE REFERENCES conversation_messages(id) ON DELETE CASCADE,
+        lead_id bigint NOT NULL REFERENCES leads(id) ON DELETE CASCADE,
+        config_id bigint NOT NULL REFERENCES campaign_configs(id) ON DELETE CASCADE,
+        run_id bigint REFERENCES campaign_runs(id) ON DELETE SET NULL,
+        status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'fallback')),
+        intent text CHECK (intent IN ({_INTENT_LIST})),
+        attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        wake_at timestamptz,
+        error_class text,
+        error_message text,
+        model text,
+        prompt_tokens integer,
+        completion_tokens integer,
+        total_tokens integer,
+        cost double precision,
+        triage_ms integer,
+        finished_at timestamptz,{_TIMESTAMPS},
+        CHECK ((status = 'pending') = (intent IS NULL)))""",
+        "CREATE INDEX reply_triage_due_idx ON reply_triage (wake_at) WHERE status = 'pending'",
+        "CREATE INDEX reply_triage_config_idx ON reply_triage (config_id, intent)",
+        "CREATE INDEX reply_triage_run_idx ON reply_triage (run_id) WHERE run_id IS NOT NULL",
+        """CREATE TRIGGER reply_triage_updated_at BEFORE UPDATE ON reply_triage
+        FOR EACH ROW EXECUTE FUNCTION set_updated_at()""",
+    ),
+)
+
+V11 = Migration(
+    11,
     "warm-up ramps: start cap, days and first send of an inbox (R-HEALTH-1, E-34)",
     (
         # warmup = { start_per_day, days } (both or neither); the ramp needs max_per_day to grow to
@@ -499,7 +552,7 @@ V10 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10)
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -6,6 +6,8 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
     {
       "chat":  {ROUTE},   # POST .../chat/completions without response_format
       "split": {ROUTE},   # POST .../chat/completions with response_format json_object
+      "triage": {ROUTE},  # the same with a <reply> block in the user message (reply triage, R-IN-5):
+                          # answered {"intent": ...} by sandbox.llm.triage_intent's keyword rules
       "send":  {ROUTE},   # POST /message/sendText/{instance}
       "state": {ROUTE},   # GET /instance/connectionState/{instance}
       "retry_after": 1.0,                 # seconds announced in Retry-After
@@ -44,6 +46,7 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "rate_error_in_200": 0.0, "rate_empty": 0.0,                      # chat, split
       "rate_non_json": 0.0, "rate_fenced": 0.0, "rate_prose": 0.0,
       "rate_too_many": 0.0, "rate_too_long": 0.0,                       # split
+      "rate_garbage": 0.0, "rate_unknown_intent": 0.0,                  # triage: not JSON / {"intent": "maybe"}
       "rate_accept_then_hang": 0.0,       # send: accepted (ledger), then hang/close without answering
       "retry_after": ..., "retry_after_form": ..., "hang_seconds": ..., "hang_mode": ...  # per-route overrides
     }
@@ -72,12 +75,13 @@ __all__ = [
     "ROUTE_OVERRIDES",
 ]
 
-ROUTES = ("chat", "split", "send", "state")
+ROUTES = ("chat", "split", "triage", "send", "state")
 
 #: content faults each route understands, in draw order (after the status faults)
 CONTENT_FAULTS: dict[str, tuple[str, ...]] = {
     "chat": ("error_in_200", "empty", "accept_then_hang"),
     "split": ("error_in_200", "empty", "non_json", "fenced", "prose", "too_many", "too_long", "accept_then_hang"),
+    "triage": ("error_in_200", "empty", "garbage", "unknown_intent", "accept_then_hang"),
     "send": ("accept_then_hang",),
     "state": ("accept_then_hang",),
 }

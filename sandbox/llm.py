@@ -24,6 +24,10 @@ __all__ = [
     "max_parts_hint",
     "count_tokens",
     "request_digest",
+    "is_triage",
+    "triage_reply",
+    "triage_intent",
+    "TRIAGE_RULES",
 ]
 
 _LEAD_RE = re.compile(r"<lead>(.*?)</lead>", re.IGNORECASE | re.DOTALL)
@@ -193,3 +197,95 @@ def split_parts(text: str, max_parts: int | None) -> list[str]:
 def count_tokens(text: str) -> int:
     """Plausible token count (about 4 characters per token)."""
     return max(1, (len(text) + 3) // 4)
+
+
+# -- reply triage (R-IN-5) --------------------------------------------------------------------------
+
+_REPLY_RE = re.compile(r"<reply>(.*?)</reply>", re.IGNORECASE | re.DOTALL)
+
+#: the sandbox's scripted classifier: the first rule with a keyword found in the reply (lower-cased,
+#: as written) wins; none: ``other``. A reply that tries to instruct the model is data like any
+#: other: it is classified ``other`` (a well-behaved model is not steered by it).
+TRIAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("other", ("ignore your instructions", "ignore as instruções", "ignore previous", "system prompt")),
+    (
+        "opt_out",
+        (
+            "não me mandem",
+            "nao me mandem",
+            "não me envie",
+            "pare de",
+            "parem de",
+            "me tire",
+            "me remova",
+            "descadastr",
+            "unsubscribe",
+            "stop messaging",
+            "don't message",
+            "do not message",
+        ),
+    ),
+    (
+        "out_of_office",
+        (
+            "férias",
+            "ferias",
+            "fora do escritório",
+            "fora do escritorio",
+            "ausente",
+            "out of office",
+            "on holiday",
+            "on vacation",
+            "resposta automática",
+            "resposta automatica",
+            "volto dia",
+            "retorno dia",
+        ),
+    ),
+    (
+        "not_interested",
+        (
+            "não tenho interesse",
+            "nao tenho interesse",
+            "sem interesse",
+            "não, obrigad",
+            "nao, obrigad",
+            "não preciso",
+            "nao preciso",
+            "not interested",
+            "no thanks",
+            "no, thanks",
+        ),
+    ),
+    ("question", ("?",)),
+    ("interested", ("tenho interesse", "interesse", "quero", "me conta", "sim", "interested", "yes", "bora")),
+)
+
+
+def is_triage(messages: Any) -> bool:
+    """Whether a JSON-mode request is a reply triage (its user message holds a <reply> block)."""
+    return _REPLY_RE.search(user_text(messages)) is not None
+
+
+def triage_reply(messages: Any) -> str:
+    """The reply text a triage request classifies (the <reply> block of the user message)."""
+    match = _REPLY_RE.search(user_text(messages))
+    return match.group(1).strip() if match else ""
+
+
+def triage_intent(reply: str) -> str:
+    """The scripted intent of a reply: the first matching rule of TRIAGE_RULES, else ``other``."""
+    text = reply.lower()
+    for intent, keywords in TRIAGE_RULES:
+        if any(k in text for k in keywords):
+            return intent
+    return "other"
+
+
+def system_text(messages: Any) -> str:
+    """Every system message's text, joined (the ledger checks that a reply never lands there)."""
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(
+        _content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "system"
+    )

@@ -485,7 +485,7 @@ class SandboxApp:
             return self._or_error(400, f"Invalid request: {type(exc).__name__}: {str(exc)[:100]}")
         fmt = req.get("response_format")
         json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
-        route = "split" if json_mode else "chat"
+        route = ("triage" if llm.is_triage(messages) else "split") if json_mode else "chat"
         rcfg = cfg[route]
         epoch = self.ledger.epoch
         identity = ("llm", _digest(req))
@@ -514,7 +514,13 @@ class SandboxApp:
                 action=self._opt(cfg, rcfg, "hang_mode"), hang_seconds=float(self._opt(cfg, rcfg, "hang_seconds"))
             )
 
-        if json_mode:
+        if route == "triage":
+            reply = llm.triage_reply(messages)
+            intent = llm.triage_intent(reply)
+            content = self._triage_content(intent, fault)
+            # T-SEC-1 evidence: whether the reply's text reached a system message
+            entry.update(intent=intent, reply_in_system=bool(reply) and reply in llm.system_text(messages))
+        elif json_mode:
             source = llm.split_source(messages)
             content = self._split_content(source, llm.max_parts_hint(messages), fault, rng)
         else:
@@ -560,11 +566,21 @@ class SandboxApp:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+        if route == "triage":  # OpenRouter's usage accounting: what the call cost, in credits
+            answer["usage"]["cost"] = round((prompt_tokens + completion_tokens) * 1e-6, 8)
         if top_error is not None:
             answer = {"error": top_error, "user_id": "sandbox"}
         entry.update(status=200, fault=fault)
         self.ledger.record_request(entry, epoch)
         return _json_reply(200, answer)
+
+    @staticmethod
+    def _triage_content(intent: str, fault: str | None) -> str:
+        if fault == "garbage":
+            return f"The intent is probably {intent}, I think."
+        if fault == "unknown_intent":
+            return json.dumps({"intent": "maybe_later"})
+        return json.dumps({"intent": intent})
 
     @staticmethod
     def _split_content(source: str, max_parts: int | None, fault: str | None, rng: random.Random) -> str:

@@ -30,7 +30,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from campaign import steps
 from campaign.db import db
+from campaign.enqueue import enqueue_after_commit
 from campaign.events import log_event, log_line
 from campaign.inbound.envelopes import InboundMessage, phone_candidates
 from campaign.optout import is_opt_out, phrase_set
@@ -59,6 +61,7 @@ class MessageResult:
     ended: list[int] = field(default_factory=list)  # messages mid-parts ended `sent`
     in_flight: list[int] = field(default_factory=list)  # messages with a part in flight: stop after it
     moved_to: int | None = None  # the reply column the lead moved to
+    triage_id: int | None = None  # its reply_triage row, when its campaign has triage on (R-IN-5)
 
     def as_json(self) -> dict[str, object]:
         """The webhook's answer (no empty fields)."""
@@ -190,9 +193,11 @@ WITH ev AS (
                          %(ev_details)s::text[])
            AS t(lead, inbox, key, text, at, action, outcome, gate, opt, skipped, ev_text, ev_level, ev_details)
 ), camp AS (
-    SELECT ev.lead, c.reply_column_id, c.source_column_id, c.target_column_id
+    SELECT ev.lead, c.reply_column_id, c.source_column_id, c.target_column_id, c.config_id, c.run_id,
+           c.triage_enabled
       FROM ev CROSS JOIN LATERAL (
-        SELECT c.reply_column_id, c.source_column_id, c.target_column_id
+        SELECT c.reply_column_id, c.source_column_id, c.target_column_id, c.id AS config_id, m.run_id,
+               c.triage_enabled
           FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
           JOIN campaign_configs c ON c.id = r.config_id
          WHERE m.lead_id = ev.lead
@@ -203,7 +208,7 @@ WITH ev AS (
         opted_out = l.opted_out OR ev.opt,
         opted_out_at = CASE WHEN ev.opt AND NOT l.opted_out THEN now() ELSE l.opted_out_at END,
         opted_out_reason = CASE WHEN ev.opt AND NOT l.opted_out THEN left(ev.text, 500) ELSE l.opted_out_reason END,
-        column_id = CASE WHEN camp.reply_column_id IS NOT NULL
+        column_id = CASE WHEN camp.reply_column_id IS NOT NULL AND NOT camp.triage_enabled
                               AND l.column_id IN (camp.source_column_id, camp.target_column_id)
                          THEN camp.reply_column_id ELSE l.column_id END
       FROM ev LEFT JOIN camp ON camp.lead = ev.lead
@@ -216,7 +221,16 @@ WITH ev AS (
     INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id, text, at, action)
     SELECT c.id, ev.inbox, 'in', ev.key, ev.text, coalesce(ev.at, now()), ev.action
       FROM ev JOIN conversations c ON c.lead_id = ev.lead AND c.inbox_id = ev.inbox
-    ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id
+    ON CONFLICT (inbox_id, provider_message_id) DO NOTHING RETURNING id, inbox_id, provider_message_id
+), tri AS (
+    -- with triage on (R-IN-5) the column move is triage's: its row is written here, in the reply's
+    -- own transaction, so the sweep can always finish it (campaign.inbound.triage)
+    INSERT INTO reply_triage (conversation_message_id, lead_id, config_id, run_id, wake_at)
+    SELECT cm.id, ev.lead, camp.config_id, camp.run_id, now() + make_interval(secs => %(grace)s)
+      FROM cm JOIN ev ON ev.inbox = cm.inbox_id AND ev.key = cm.provider_message_id
+      JOIN camp ON camp.lead = ev.lead
+     WHERE camp.triage_enabled
+    RETURNING id, lead_id
 ), gate AS (
     UPDATE inbound_events g SET outcome = ev.outcome, lead_id = ev.lead FROM ev WHERE g.id = ev.gate RETURNING g.id
 ), note AS (
@@ -227,7 +241,8 @@ WITH ev AS (
       FROM ev WHERE ev.ev_text IS NOT NULL
     RETURNING id
 )
-SELECT ev.lead, moved.col, (SELECT count(*) FROM cm), (SELECT count(*) FROM gate), (SELECT count(*) FROM note)
+SELECT ev.lead, moved.col, (SELECT count(*) FROM cm), (SELECT count(*) FROM gate), (SELECT count(*) FROM note),
+       (SELECT tri.id FROM tri WHERE tri.lead_id = ev.lead)
   FROM ev LEFT JOIN moved ON moved.lead = ev.lead"""
 
 
@@ -307,8 +322,13 @@ def _round(
         reply.reason = "opted_out" if reply.opt_out or reply.already_out else "replied"
         now.append(reply)
     if now:
-        with db.atomic() if not db.in_transaction() else contextlib.nullcontext():
+        outer = db.in_transaction()
+        with db.atomic() if not outer else contextlib.nullcontext():
             _apply_round(now, results, settings)
+        if not outer:  # committed: hand the replies to triage now (the sweep does it otherwise)
+            triage = [(r.triage_id,) for r in (results[x.i] for x in now) if r is not None and r.triage_id]
+            if triage:
+                enqueue_after_commit(steps.TRIAGE_REPLY, triage)
         for reply in now:
             result = results[reply.i]
             assert result is not None
@@ -388,9 +408,10 @@ def _apply_round(now: list[_Reply], results: list[MessageResult | None], setting
             ("ev_details", json.dumps({"inbox_id": r.inbox_id, "key_id": r.msg.key_id, **result.as_json()})),
         ):
             rows[k].append(v)
-    for lead_id, moved_to, *_ in _all(_RECORD_SQL, rows):
+    for lead_id, moved_to, _, _, _, triage_id in _all(_RECORD_SQL, {**rows, "grace": settings.handoff_grace_seconds}):
         if moved_to is not None:
             stopped[lead_id].moved_to = moved_to
+        stopped[lead_id].triage_id = triage_id
     for r, ev_text, ev_level in zip(replies, rows["ev_text"], rows["ev_level"]):
         if ev_text is not None and ev_level is not None:
             log_line("inbound", ev_text, lead_id=r.lead_id, level=ev_level)

@@ -15,10 +15,12 @@ from rich.text import Text
 from campaign import capacity, inboxes, planner, runs
 from campaign.db import db, init_db
 from campaign.errors import ConfigError, EngineError
+from campaign.inbound.triage import INTENTS
 from campaign.logs import configure_logging
 from campaign.ops import conversation, dead_letters, monitor, report
 from campaign.ops.configfile import ConfigFileError, apply_file
 from campaign.ops.leads_import import import_file
+from campaign.ops.triage_view import TriageSummary
 from campaign.settings import Settings, get_settings, redact_url
 from devtools import demo
 from models.schema import LATEST, current_version, migrate
@@ -383,6 +385,33 @@ def _listening(heard: monitor.Listening, now: dt.datetime) -> list[RenderableTyp
     return [t, last]
 
 
+def _triage(recent: TriageSummary, total: TriageSummary) -> RenderableType:
+    """The reply triage section (R-IN-5): replies per intent, the keyword fallbacks (E-37), what is
+    pending, and triage's tokens and cost, apart from generation's."""
+    from rich.table import Table
+
+    t = Table(title="reply triage (AI, R-IN-5)", title_justify="left")
+    t.add_column("")
+    t.add_column("last 24 h", justify="right")
+    t.add_column("total", justify="right")
+    for intent in INTENTS:
+        t.add_row(intent, str(recent.intents.get(intent, 0)), str(total.intents.get(intent, 0)))
+    keyword_style = "yellow" if recent.by_keywords else ""
+    t.add_row(
+        Text("  of them by the keyword rules (LLM failed)", style=keyword_style),
+        Text(str(recent.by_keywords), style=keyword_style),
+        str(total.by_keywords),
+    )
+    t.add_row("pending", str(recent.pending), str(total.pending))
+    t.add_row("triage tokens (not in generation's)", f"{recent.total_tokens:,}", f"{total.total_tokens:,}")
+    t.add_row("triage cost (OpenRouter credits)", _cost(recent.cost), _cost(total.cost))
+    return t
+
+
+def _cost(cost: float | None) -> str:
+    return "-" if cost is None else f"{cost:.4f}"
+
+
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -506,6 +535,8 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
 
     if snap.listening is not None:
         parts += _listening(snap.listening, snap.taken_at)
+    if snap.triage is not None:
+        parts.append(_triage(*snap.triage))
 
     if snap.alerts:
         parts.append(Text("alerts:", style="bold red"))

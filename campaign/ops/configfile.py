@@ -47,6 +47,7 @@ import peewee
 from campaign import capacity, leadtext, optout
 from campaign.db import db
 from campaign.errors import ConcurrentChangeError, ConfigError, ConfigFileError  # noqa: F401  (re-exported: the names callers know)
+from models.schema import TRIAGE_INTENTS
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class CampaignSpec:
     reply_column: str | None = None  # a lead who answers goes here (R-IN-3)
     skip_if_replied: bool = True
     inboxes: tuple[str, ...] = ()  # the sender pool (R-POOL-1), ``inbox`` first; () means (inbox,)
+    triage: TriageSpec | None = None  # AI reply triage (R-IN-5); None: off
 
     @property
     def pool(self) -> tuple[str, ...]:
@@ -124,6 +126,15 @@ class CampaignSpec:
     def pool_key(self) -> str:
         """The TOML key that names the campaign's inboxes (for error paths)."""
         return "inboxes" if self.inboxes else "inbox"
+
+
+@dataclass(frozen=True)
+class TriageSpec:
+    """A campaign's ``triage = { enabled, model?, columns = { intent = "Column" } }`` (R-IN-5)."""
+
+    enabled: bool
+    model: str | None
+    columns: tuple[tuple[str, str], ...]  # (intent, column name), sorted by intent
 
 
 @dataclass(frozen=True)
@@ -317,6 +328,7 @@ _CAMPAIGN_KEYS = {
     "active",
     "reply_column",
     "skip_if_replied",
+    "triage",
 }
 #: a sender pool holds at most this many inboxes (the schema's position check)
 MAX_POOL = 100
@@ -419,6 +431,7 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
     if "skip_if_replied" in t:
         b = ck.boolean(t["skip_if_replied"], f"{path}.skip_if_replied")
         skip_if_replied = True if b is None else b
+    triage = _triage(ck, t["triage"], f"{path}.triage") if "triage" in t else None
 
     if (
         len(ck.errors) > n
@@ -457,7 +470,37 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         reply,
         skip_if_replied,
         pool if "inboxes" in t and pool else (),
+        triage,
     )
+
+
+def _triage(ck: _Checker, raw: Any, path: str) -> TriageSpec | None:
+    """``triage = { enabled = true, model = "...", columns = { interested = "Column", ... } }``:
+    ``enabled`` required; ``columns`` keys among the six intents (R-IN-5), values column names
+    (checked against the workspace with the other references)."""
+    t = ck.table(raw, path, {"enabled", "model", "columns"}, {"enabled"})
+    if t is None:
+        return None
+    n = len(ck.errors)
+    enabled = ck.boolean(t["enabled"], f"{path}.enabled") if "enabled" in t else None
+    model = ck.string(t["model"], f"{path}.model", max_len=200) if "model" in t else None
+    columns: list[tuple[str, str]] = []
+    if "columns" in t:
+        cols = t["columns"]
+        if not isinstance(cols, dict):
+            ck.err(f"{path}.columns", f'must be a table of intent = "Column", got {_type(cols)}')
+        else:
+            for intent, column in cols.items():
+                key = f"{path}.columns.{_key(str(intent))}"
+                if intent not in TRIAGE_INTENTS:
+                    ck.err(key, f"unknown intent {intent!r} (one of: {', '.join(TRIAGE_INTENTS)})")
+                    continue
+                name = ck.string(column, key, max_len=100)
+                if name is not None:
+                    columns.append((intent, name))
+    if len(ck.errors) > n or enabled is None:
+        return None
+    return TriageSpec(enabled, model, tuple(sorted(columns)))
 
 
 def _pool(ck: _Checker, t: dict, path: str) -> tuple[str, ...] | None:
@@ -713,6 +756,8 @@ _CAMPAIGN_COLUMNS = (
     "active",
     "reply_column_id",
     "skip_if_replied",
+    "triage_enabled",
+    "triage_model",
 )
 
 
@@ -740,6 +785,8 @@ def _campaign_values(
         c.active,
         reply_id,
         c.skip_if_replied,
+        bool(c.triage and c.triage.enabled),
+        c.triage.model if c.triage else None,
     )
 
 
@@ -796,6 +843,7 @@ def _check_references(specs: list[WorkspaceSpec]) -> list[str]:
                 ("source_column", c.source_column),
                 ("target_column", c.target_column),
                 ("reply_column", c.reply_column),
+                *((f"triage.columns.{intent}", name) for intent, name in (c.triage.columns if c.triage else ())),
             ):
                 if col is not None and col not in column_names:
                     errors.append(
@@ -954,9 +1002,15 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                 (ws_id,),
             )
         }
+        triage_maps: dict[int, dict[str, int]] = {}
+        for cid, intent, column_id in db.execute_sql(
+            "SELECT config_id, intent, column_id FROM campaign_triage_columns WHERE workspace_id = %s", (ws_id,)
+        ):
+            triage_maps.setdefault(int(cid), {})[intent] = int(column_id)
         file_campaigns = {c.name for c in s.campaigns}
         for c in s.campaigns:
             summary.warnings.extend(_cap_warnings(s.name, c, {n: inboxes[n][1] for n in c.pool}))
+            triage_map = {intent: columns[name][0] for intent, name in (c.triage.columns if c.triage else ())}
             pool = [inboxes[name][0] for name in c.pool]
             values = _campaign_values(
                 c,
@@ -973,10 +1027,15 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                     (ws_id, c.name, *values),
                 ).fetchone()[0]
                 _write_pool(cid, ws_id, pool)
+                _write_triage_map(cid, ws_id, triage_map)
                 summary.add("created", "campaign", label)
                 continue
             cid, version, current = existing[c.name]
-            if _normalise(current) == _normalise(values) and pools.get(cid) == pool:
+            if (
+                _normalise(current) == _normalise(values)
+                and pools.get(cid) == pool
+                and triage_maps.get(cid, {}) == triage_map
+            ):
                 summary.add("unchanged", "campaign", label)
                 continue
             cur = db.execute_sql(
@@ -993,6 +1052,7 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                     ]
                 )
             _write_pool(cid, ws_id, pool)
+            _write_triage_map(cid, ws_id, triage_map)
             summary.add("updated", "campaign", f"{label} (version {version + 1})")
         for name in existing:
             if name not in file_campaigns and s.campaigns:
@@ -1048,6 +1108,17 @@ def _write_pool(config_id: int, workspace_id: int, pool: list[int]) -> None:
              FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(inbox_id, position)""",
         (config_id, workspace_id, pool),
     )
+
+
+def _write_triage_map(config_id: int, workspace_id: int, mapping: dict[str, int]) -> None:
+    """Make ``mapping`` (intent -> column id) the config's triage columns (R-IN-5)."""
+    db.execute_sql("DELETE FROM campaign_triage_columns WHERE config_id = %s", (config_id,))
+    if mapping:
+        db.execute_sql(
+            """INSERT INTO campaign_triage_columns (config_id, workspace_id, intent, column_id)
+               SELECT %s, %s, t.intent, t.column_id FROM unnest(%s::text[], %s::bigint[]) AS t(intent, column_id)""",
+            (config_id, workspace_id, list(mapping), list(mapping.values())),
+        )
 
 
 def apply_text(text: str, source: str = "<text>") -> ApplySummary:

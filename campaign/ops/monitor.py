@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from campaign import capacity, steps
 from campaign.db import db
+from campaign.ops import triage_view
 from campaign.settings import Settings, amqp_parameters, redact_url
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class StatusSnapshot:
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
     inboxes: list[capacity.InboxDay] = field(default_factory=list)  # each inbox's day (issue 22, R-HEALTH-1)
+    #: reply triage (R-IN-5): (last 24 h, total); None when no reply was ever triaged
+    triage: tuple[triage_view.TriageSummary, triage_view.TriageSummary] | None = None
 
 
 _RUNS_SQL = """
@@ -319,6 +322,8 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.listening = listening(now=now)
     snap.inboxes = capacity.inbox_days()
+    recent, total = triage_view.since(now - LISTENING_RECENT), triage_view.since(None)
+    snap.triage = None if total.empty else (recent, total)
     snap.alerts = alerts(settings, now=now)
     return snap
 

@@ -16,17 +16,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dramatiq
 import pytest
 
 from campaign import dispatch, recovery
 from campaign.db import db
-from campaign.settings import get_settings, reset_settings
+from campaign.settings import get_settings
 from devtools.rabbit_cluster import Cluster, free_port_block
-from devtools.services import start_worker, stop_worker
 from tests.integration import factories as f
 from tests.integration.pipeline_helpers import assert_counters_match, fast_settings, run_counters
-from tests.integration.workers import wait_for
+from tests.integration.workers import quorum_engine_on, wait_for
 
 TOTAL = 500
 
@@ -52,27 +50,8 @@ def _types_and_members(cluster: Cluster) -> dict[str, tuple[str, int]]:
 def test_t_rel_3_a_node_killed_mid_run_loses_nothing_and_sends_nothing_twice(
     cluster, clean_db, sb, tmp_path, monkeypatch
 ):
-    from actors.broker import setup_broker
-
-    monkeypatch.setenv("RABBITMQ_URL", cluster.url())
-    monkeypatch.setenv("RABBITMQ_QUEUE_TYPE", "quorum")
-    reset_settings()
-    previous = dramatiq.get_broker()
-    broker = setup_broker(get_settings())
-    env = {
-        "OPENROUTER_BASE_URL": sb.openrouter_url,
-        "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url,
-        "EVOLUTION_API_KEY": sb.evolution_key,
-        "MIN_BACKOFF_SECONDS": "0.05",
-        "MAX_BACKOFF_SECONDS": "1",
-        "LEASE_SECONDS": "5",
-        "HANDOFF_GRACE_SECONDS": "3",
-        "SEND_TIMEOUT_SECONDS": "2",
-    }
     log = tmp_path / "worker.log"
-    proc = start_worker(processes=2, threads=4, extra_env=env, log_path=log)
-    try:
+    with quorum_engine_on(cluster.url(), sb, log, monkeypatch, processes=2, HANDOFF_GRACE_SECONDS="3"):
         ws, cols = f.workspace("acme")
         inboxes = [f.inbox(ws, f"sales-{i}", min_gap_seconds=0) for i in range(2)]
         runs = []
@@ -117,12 +96,6 @@ def test_t_rel_3_a_node_killed_mid_run_loses_nothing_and_sends_nothing_twice(
         except AssertionError:
             rows = db.execute_sql("SELECT status, count(*) FROM campaign_messages GROUP BY 1").fetchall()
             raise AssertionError(f"not terminal: {rows}; worker log tail:\n{log.read_text()[-4000:]}") from None
-    finally:
-        stop_worker(proc)
-        broker.close()
-        dramatiq.set_broker(previous)
-        monkeypatch.undo()
-        reset_settings()
     assert final_at_kill < TOTAL - 50, f"the node died with {final_at_kill} of {TOTAL} final: too late to test anything"
     for run in runs:
         c = run_counters(run.id)

@@ -22,13 +22,13 @@ import pytest
 
 from campaign import dispatch
 from campaign.db import db
-from campaign.settings import Settings, get_settings, reset_settings
+from campaign.settings import Settings, get_settings
 from devtools.services import rabbitmqctl, rabbitmqctl_command, start_worker, stop_worker, with_vhost
 from tests.integration import factories as f
 from tests.integration.conftest import RUN
 from tests.integration.pipeline_helpers import assert_counters_match, run_counters
 from tests.integration.tcp_proxy import TcpProxy
-from tests.integration.workers import wait_for
+from tests.integration.workers import quorum_engine_on, wait_for
 
 RABBIT_BASE_URL = RUN.rabbit_base_url
 RABBITMQCTL = rabbitmqctl_command()
@@ -192,34 +192,10 @@ def test_dead_letters_reach_the_quorum_xq_and_the_tool_browses_them_twice(vhost)
 @pytest.fixture
 def quorum_engine(clean_db, sb, vhost, tmp_path, monkeypatch):
     """This process's broker and real worker processes on a quorum vhost."""
-    from actors.broker import setup_broker
-
     name, url = vhost
-    monkeypatch.setenv("RABBITMQ_URL", url)
-    monkeypatch.setenv("RABBITMQ_QUEUE_TYPE", "quorum")
-    reset_settings()
-    previous = dramatiq.get_broker()
-    broker = setup_broker(get_settings())
-    env = {
-        "OPENROUTER_BASE_URL": sb.openrouter_url,
-        "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url,
-        "EVOLUTION_API_KEY": sb.evolution_key,
-        "MIN_BACKOFF_SECONDS": "0.05",
-        "MAX_BACKOFF_SECONDS": "1",
-        "LEASE_SECONDS": "5",
-        "SEND_TIMEOUT_SECONDS": "2",
-    }
     log = tmp_path / "worker.log"
-    proc = start_worker(processes=1, threads=4, extra_env=env, log_path=log)
-    try:
+    with quorum_engine_on(url, sb, log, monkeypatch):
         yield name, log
-    finally:
-        stop_worker(proc)
-        broker.close()
-        dramatiq.set_broker(previous)
-        monkeypatch.undo()
-        reset_settings()
 
 
 def test_pipeline_runs_on_quorum_queues(quorum_engine, sb):
@@ -277,37 +253,14 @@ def nodes(proxy: TcpProxy, url: str) -> str:
 @pytest.fixture
 def failover_engine(clean_db, sb, vhost, tmp_path, monkeypatch):
     """Workers and this process's publisher on quorum queues, RABBITMQ_URL = proxy;real node."""
-    from actors.broker import setup_broker
-
     name, url = vhost
     proxy = TcpProxy(RABBIT_PORT)
-    monkeypatch.setenv("RABBITMQ_URL", nodes(proxy, url))
-    monkeypatch.setenv("RABBITMQ_QUEUE_TYPE", "quorum")
-    reset_settings()
-    previous = dramatiq.get_broker()
-    broker = setup_broker(get_settings())
-    env = {
-        "OPENROUTER_BASE_URL": sb.openrouter_url,
-        "OPENROUTER_API_KEY": sb.chat_key,
-        "EVOLUTION_API_URL": sb.evolution_url,
-        "EVOLUTION_API_KEY": sb.evolution_key,
-        "MIN_BACKOFF_SECONDS": "0.05",
-        "MAX_BACKOFF_SECONDS": "1",
-        "LEASE_SECONDS": "5",
-        "HANDOFF_GRACE_SECONDS": "3",
-        "SEND_TIMEOUT_SECONDS": "2",
-    }
     log = tmp_path / "worker.log"
-    proc = start_worker(processes=1, threads=4, extra_env=env, log_path=log)
     try:
-        yield proxy, log
+        with quorum_engine_on(nodes(proxy, url), sb, log, monkeypatch, HANDOFF_GRACE_SECONDS="3"):
+            yield proxy, log
     finally:
-        stop_worker(proc)
         proxy.kill()
-        broker.close()
-        dramatiq.set_broker(previous)
-        monkeypatch.undo()
-        reset_settings()
 
 
 def _dispatch_pending(timeout: float = 60) -> None:

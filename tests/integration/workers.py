@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 from devtools.services import wait_until
 
@@ -35,3 +38,41 @@ def terminate_own_connection() -> None:
     from campaign.db import db
 
     terminate_backend(db.execute_sql("SELECT pg_backend_pid()").fetchone()[0])
+
+
+@contextlib.contextmanager
+def quorum_engine_on(
+    url: str, sb: Any, log: Path, monkeypatch: Any, *, processes: int = 1, threads: int = 4, **env: str
+) -> Iterator[Any]:
+    """This process's broker (publisher of the dispatcher and the sweep) and real worker processes,
+    all on ``url`` (one or several nodes) with RABBITMQ_QUEUE_TYPE=quorum, providers at the
+    sandbox ``sb``, test-speed backoffs (``env`` adds or overrides settings); the broker and the
+    environment are put back afterwards. Yields the broker."""
+    import dramatiq
+
+    from actors.broker import setup_broker
+    from campaign.settings import get_settings, reset_settings
+    from devtools.services import sandbox_env, start_worker, stop_worker
+
+    monkeypatch.setenv("RABBITMQ_URL", url)
+    monkeypatch.setenv("RABBITMQ_QUEUE_TYPE", "quorum")
+    reset_settings()
+    previous = dramatiq.get_broker()
+    broker = setup_broker(get_settings())
+    settings = {
+        **sandbox_env(sb),
+        "MIN_BACKOFF_SECONDS": "0.05",
+        "MAX_BACKOFF_SECONDS": "1",
+        "LEASE_SECONDS": "5",
+        "SEND_TIMEOUT_SECONDS": "2",
+        **env,
+    }
+    proc = start_worker(processes=processes, threads=threads, extra_env=settings, log_path=log)
+    try:
+        yield broker
+    finally:
+        stop_worker(proc)
+        broker.close()
+        dramatiq.set_broker(previous)
+        monkeypatch.undo()
+        reset_settings()

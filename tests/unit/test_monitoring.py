@@ -162,3 +162,39 @@ def test_workers_do_not_import_prometheus_client_before_boot():
         timeout=60,
     )
     assert out.stdout.strip().splitlines()[-1:] == ["False"], out.stderr[-2000:]
+
+
+PROMTOOL = ROOT / ".venv" / "bin" / "promtool"
+
+
+def _promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    assert PROMTOOL.exists(), f"{PROMTOOL} is missing: `make test` puts it there (scripts/promtool.sh)"
+    return subprocess.run([str(PROMTOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_rules_and_the_scrape_config(tmp_path):
+    """Prometheus's own checker reads the rules and the config exactly as the server would."""
+    done = _promtool("check", "rules", str(MON / "prometheus" / "rules" / "campaign.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the config names its rules by their path inside the container: point it at the repository's
+    config = (MON / "prometheus" / "prometheus.yml").read_text()
+    assert "/etc/prometheus/rules/*.yml" in config
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "campaign.yml").write_text((MON / "prometheus" / "rules" / "campaign.yml").read_text())
+    (tmp_path / "prometheus.yml").write_text(config.replace("/etc/prometheus/rules/", f"{tmp_path}/rules/"))
+    done = _promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout + done.stderr
+
+
+def test_each_alert_fires_on_its_series_after_its_for_and_not_before():
+    """promtool's rule unit tests (monitoring/prometheus/tests/rules_test.yml): every alert of
+    the rules file is exercised, with its labels and rendered annotations."""
+    tests = yaml.safe_load((MON / "prometheus" / "tests" / "rules_test.yml").read_text())
+    rules = yaml.safe_load((MON / "prometheus" / "rules" / "campaign.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    fired = {case["alertname"] for t in tests["tests"] for case in t["alert_rule_test"] if case.get("exp_alerts")}
+    assert fired == alerts, f"alerts without a firing test: {sorted(alerts - fired)}"
+    assert sorted(p.name for p in (MON / "prometheus" / "rules").iterdir()) == ["campaign.yml"]  # all loaded
+    done = _promtool("test", "rules", "rules_test.yml", cwd=MON / "prometheus" / "tests")
+    assert done.returncode == 0, done.stdout + done.stderr

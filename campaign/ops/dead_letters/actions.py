@@ -105,7 +105,10 @@ def _requeue_one(item: Item, settings: Settings, dry_run: bool) -> Outcome:
             item.row.status = current or "deleted"
             return _stale(item)
         mid = item.row.campaign_message_id
-        if mid is None:
+        if item.row.actor == steps.TRIAGE_REPLY.actor:
+            # E-37: the keyword rules settled the reply when its triage died; nothing to replay
+            repair = Repair(0, False, note="a reply triage: the keyword rules decided it when it died")
+        elif mid is None:
             repair = Repair(0, False, note="its campaign message no longer exists (its run was deleted)")
         else:
             repair = repairs.requeue_dead_step(mid, item.row.actor, settings)

@@ -32,7 +32,9 @@ class Row:
 
 _ROWS_SQL = """
     SELECT d.id, d.queue, d.actor, d.dramatiq_message_id,
+           -- a triage_reply's argument is a reply_triage id, never a campaign message's (R-IN-5)
            coalesce(d.campaign_message_id, CASE WHEN jsonb_typeof(d.payload->'args'->0) = 'number'
+                                                     AND d.actor <> 'triage_reply'
                                                 THEN (d.payload->'args'->>0)::bigint END),
            coalesce(d.run_id, m.run_id), d.error_class, d.error_message, d.status, d.created_at, d.resolved_at,
            d.note, m.status

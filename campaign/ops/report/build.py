@@ -18,6 +18,8 @@ from campaign.errors import (
     ConfigError,
     RunNotFound,
 )
+from campaign.ops import triage_view
+from campaign.ops.triage_view import TriageSummary
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class InboxReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead wrote on this inbox after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class RunReport:
     messaged: int = 0  # messages whose first part went out
     replied: int = 0  # ... whose lead replied after it (R-IN-2)
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
+    #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
+    triage: TriageSummary = field(default_factory=TriageSummary)
 
     @property
     def label(self) -> str:
@@ -301,8 +307,10 @@ def build_report(run_id: int, *, now: dt.datetime | None = None) -> RunReport:
         inbox_rows = db.execute_sql(_INBOXES_SQL, (inbox_ids,)).fetchall()
         plan = db.execute_sql(_PLAN_EVENT_SQL, (run_id,)).fetchone()
         closed_paused = runs.closed_while_paused(run_id)
+        triage = triage_view.for_run(run_id)
     rep = _assemble(run, timings, messages, parts, inbox_rows, plan, now)
     rep.closed_while_paused = closed_paused
+    rep.triage = triage
     log.debug(
         "report run=%s: %s messages, %s parts sent, %s inboxes", run_id, len(messages), len(parts), len(inbox_rows)
     )

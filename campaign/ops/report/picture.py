@@ -44,6 +44,18 @@ def _outcomes(rep: RunReport) -> list[tuple[str, int, str]]:
     return [r for r in rows if r[1] > 0]
 
 
+#: the replies' triage intents, drawn under the message outcomes (R-IN-5)
+_INTENT_COLOUR = "#1565c0"
+
+
+def _intents(rep: RunReport) -> list[tuple[str, int, str]]:
+    """(label, count, colour) of every triaged intent of the run's replies, and what is pending."""
+    rows = [(f"reply: {intent}", n, _INTENT_COLOUR) for intent, n in rep.triage.intents.items()]
+    if rep.triage.pending:
+        rows.append(("reply: triage pending", rep.triage.pending, "#90caf9"))
+    return rows
+
+
 def _short(text: str, limit: int = 26) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -260,7 +272,8 @@ def _draw_outcomes(ax: Axes, rep: RunReport) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.set_title(f"outcomes of {rep.total} message{'s' if rep.total != 1 else ''}", loc="left", fontsize=11)
-    rows = _outcomes(rep)
+    outcomes = _outcomes(rep)
+    rows = outcomes + _intents(rep)
     if not rows:
         ax.text(0.5, 0.5, "nothing planned", ha="center", va="center", transform=ax.transAxes, color="#555555")
         ax.set_xticks([])
@@ -274,9 +287,10 @@ def _draw_outcomes(ax: Axes, rep: RunReport) -> None:
     ax.set_ylim(max(len(rows), 5) - 0.5, -0.5)  # top down, and one bar never fills the panel
     top = max(counts)
     for y, n in zip(ys, counts):
-        ax.text(n + top * 0.02, y, f"{n}  ({n / rep.total:.0%})" if rep.total else str(n), va="center", fontsize=9)
+        share = f"  ({n / rep.total:.0%})" if rep.total and y < len(outcomes) else ""  # intents: replies, not messages
+        ax.text(n + top * 0.02, y, f"{n}{share}", va="center", fontsize=9)
     ax.set_xlim(0, top * 1.35)
-    ax.set_xlabel("messages")
+    ax.set_xlabel("messages" + (" · replies (blue: their triaged intent)" if len(rows) > len(outcomes) else ""))
     x_locator = ax.xaxis.get_major_locator()
     if isinstance(x_locator, MaxNLocator):  # the default AutoLocator is one
         x_locator.set_params(integer=True)

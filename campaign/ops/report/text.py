@@ -130,6 +130,9 @@ def render_text(rep: RunReport) -> str:
         ],
     )
 
+    if not rep.triage.empty:
+        lines += _triage_lines(rep)
+
     lines += ["", "timings"]
 
     def trow(name: str, d: Any, f: Any) -> list[str]:
@@ -194,3 +197,20 @@ def render_text(rep: RunReport) -> str:
     else:
         lines.append("  (no inbox: nothing planned)")
     return "\n".join(lines) + "\n"
+
+
+def _triage_lines(rep: RunReport) -> list[str]:
+    """The replies' AI triage (R-IN-5): per intent, keyword fallbacks (E-37), pending, and triage's
+    tokens and cost, apart from the generation tokens below."""
+    t = rep.triage
+    lines = ["", "reply triage (AI, R-IN-5)"]
+    lines += _table(["intent", "replies"], [[intent, str(n)] for intent, n in t.intents.items()] or [["-", "0"]])
+    lines.append(
+        f"  {t.settled} triaged ({t.by_keywords} by the keyword rules after an LLM failure) · {t.pending} pending"
+    )
+    cost = f"{t.cost:.4f} credits" if t.cost is not None else "not reported"
+    lines.append(
+        f"  triage tokens: {t.total_tokens:,} ({t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion) "
+        f"in {t.calls} call(s) · cost {cost} · not counted in the generation tokens"
+    )
+    return lines

@@ -232,6 +232,11 @@ def test_reply_while_the_only_part_is_in_flight_and_fails_sends_nothing_more(cle
     w = _reply_world()
     (m,) = w.add_leads(1)
     to_sending(m.id, settings, llm)
+    # one part whatever the sandbox wrote (its text length follows the lead's factory name)
+    db.execute_sql("DELETE FROM message_parts WHERE message_id = %s", (m.id,))
+    db.execute_sql(
+        "INSERT INTO message_parts (message_id, inbox_id, idx, text) VALUES (%s, %s, 0, 'Olá!')", (m.id, m.inbox_id)
+    )
     lead = Lead.get_by_id(m.lead_id)
     sb.set_faults({"send": {"rate_500": 1.0}})
 
