@@ -55,7 +55,9 @@ from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
+from campaign.sequence import HISTORY_COLUMN
 from campaign.settings import Settings
+from campaign.sql import async_commit
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
@@ -134,6 +136,9 @@ class Context:
     connection_state: str = "unknown"  # the inbox's last known connection state (send step only)
     state_age: float | None = None  # seconds since that state was observed; None: never (send step only)
     parts_count: int = 0  # parts the message already has (loaded by the split step only)
+    # the conversation so far on the message's inbox, oldest first, for a follow-up with
+    # history = K (loaded by the generate step and load_context; None when K is 0, R-SEQ-2)
+    history: list[dict[str, Any]] | None = None
     # replied / opted_out: the lead answered after this message was planned (R-IN-3); nothing new
     # of it starts, and a started one sends no further part
     stop_reason: str | None = None
@@ -184,7 +189,13 @@ _SEND_CONTEXT_SQL = _context_sql("m.id = %s", extra_columns=_SEND_COLUMNS, extra
 
 
 def _claim(
-    message_id: int, to_status: str, from_statuses: tuple[str, ...], settings: Settings, *, count_parts: bool = False
+    message_id: int,
+    to_status: str,
+    from_statuses: tuple[str, ...],
+    settings: Settings,
+    *,
+    count_parts: bool = False,
+    with_history: bool = False,
 ) -> Context | None:
     """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
 
@@ -192,17 +203,19 @@ def _claim(
     (R-FAIL-2). The step now owns the message until ``wake_at`` (the lease): a worker that dies
     mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
+    ``with_history``: ``ctx.history`` is the conversation a follow-up's prompt carries (same statement).
     """
-    context_sql = _context_sql(
-        "m.id = (SELECT id FROM claimed)", extra_columns=_PARTS_COUNT_COLUMN if count_parts else ""
-    )
+    extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
+    context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
+    # async commit: a lost claim only repeats the step, which has no outside effect before it
+    # calls the LLM again (campaign.sql.ASYNC_COMMIT)
     row = _named(
-        f"""
+        async_commit(f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %s, status_changed_at = now(),
                 wake_at = now() + make_interval(secs => %s)
             WHERE id = %s AND status = ANY(%s) RETURNING id
-        ) {context_sql}""",
+        ) {context_sql}"""),
         (to_status, settings.lease_seconds, message_id, list(from_statuses)),
     )
     if row is None:
@@ -230,7 +243,7 @@ def _context_from_row(row: dict[str, Any]) -> Context:
 
 def load_context(message_id: int) -> Context | None:
     """The step context of a message as it is now (no transition): prompts, tests, tools."""
-    row = _named(_context_sql("m.id = %s"), (message_id,))
+    row = _named(_context_sql("m.id = %s", extra_columns=HISTORY_COLUMN), (message_id,))
     return _context_from_row(row) if row is not None else None
 
 
@@ -434,7 +447,7 @@ def _provider_pause(ctx: Context, exc: ProviderError) -> None:
 
 def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
     """queued -> generating -> splitting: write the message text. True when split should follow."""
-    ctx = _claim(message_id, "generating", ("queued", "generating"), settings)
+    ctx = _claim(message_id, "generating", ("queued", "generating"), settings, with_history=True)
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
         return False
@@ -474,11 +487,12 @@ def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
         _hold_openrouter(exc, settings)
         _transient(ctx, exc, settings, "generate")
         return False
+    # async commit: a lost text is generated again (tokens spent twice, nothing sent)
     row = _one(
-        """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+        async_commit("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'generating' RETURNING id""",
+                  WHERE id = %s AND status = 'generating' RETURNING id"""),
         (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
     )
     return row is not None
@@ -539,8 +553,9 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
     # of two racing deliveries only the winner writes parts (the loser's UPDATE waits on the row
     # lock, then finds 'sending' and returns nothing): a loser's different split never adds a
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
+    # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        """
+        async_commit("""
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -560,7 +575,7 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
             RETURNING id
         )
-        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m"""),
         {
             "ms": _ms(started),
             "id": message_id,
@@ -762,6 +777,7 @@ def _sent(
             last_part=(part_id, attempt, key_id),
             send_ms=send_ms,
             lease=lease.to_release,
+            async_commit=True,  # lost: the last part back to `sending`, an honest in_doubt (R-FAIL-4)
         )
         lease.released = True
         if done is None:
@@ -900,12 +916,15 @@ def _record_sent_part(
     lease: ratelimit.Grant | None = None,
     wake_in: float | None = None,
 ) -> None:
+    # async commit: a lost `sent` record leaves the part `sending` (its mark was committed
+    # synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
     row = _one(
-        """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
+        async_commit(
+            """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending'
                              RETURNING id, message_id, text, provider_message_id),"""
-        + OUT_LOG_CTES
-        + """,
+            + OUT_LOG_CTES
+            + """,
                   lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
                                 last_at = now()
                             WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
@@ -913,7 +932,8 @@ def _record_sent_part(
                       status_changed_at = now(),
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
+                  WHERE id = (SELECT message_id FROM part) RETURNING id"""
+        ),
         (
             key_id,
             part_id,

@@ -324,19 +324,26 @@ def main() -> int:
     )
     print("   where the pipeline's round trips go (last round):")
     print_counts(last["counts"], args.messages)
+    per_part_count: dict[int, dict[str, float]] = {}
     if by_parts:
         print("   per message, by part count (T-PERF-7: <= 8 round trips for 2 parts; R-SCALE-3's commits):")
         for k, res in sorted(by_parts.items()):
             n = args.messages if k == 2 else min(args.messages, 300)
             c = res["counts"]
+            per_part_count[k] = {
+                "round_trips": round(c.statements / n, 2),
+                "write_commits": round(c.write_commits / n, 2),
+                "flushed_commits": round(c.flushed_commits / n, 2),
+            }
             steps = "  ".join(
-                f"{actor} {stmts / n:.2f}/{c.commits.get(actor, 0) / n:.2f}"
+                f"{actor} {stmts / n:.2f}/{c.commits.get(actor, 0) / n:.2f}/"
+                f"{(c.commits.get(actor, 0) - c.async_commits.get(actor, 0)) / n:.2f}"
                 for actor, (stmts, _s) in c.by_actor().items()
             )
             row(
                 f"  {k} part(s) ({res['parts_per_message']:.2f} observed)",
-                f"{c.statements / n:6.2f} round trips  {c.write_commits / n:5.2f} write commits   "
-                f"[step round trips/commits: {steps}]",
+                f"{c.statements / n:6.2f} round trips  {c.write_commits / n:5.2f} write commits "
+                f"({c.flushed_commits / n:.2f} flushed)   [step round trips/commits/flushed: {steps}]",
             )
     ok = ratio >= TARGET_RATIO and last["statuses"] == {"sent": args.messages}
     result_line(
@@ -347,17 +354,8 @@ def main() -> int:
             "ratio": round(ratio, 3),
             "round_trips_per_msg": round(last["round_trips"], 2),
             "write_commits_per_msg": round(last["counts"].write_commits / args.messages, 2),
-            "by_parts": {
-                k: {
-                    "round_trips": round(
-                        res["counts"].statements / (args.messages if k == 2 else min(args.messages, 300)), 2
-                    ),
-                    "write_commits": round(
-                        res["counts"].write_commits / (args.messages if k == 2 else min(args.messages, 300)), 2
-                    ),
-                }
-                for k, res in by_parts.items()
-            },
+            "flushed_commits_per_msg": round(last["counts"].flushed_commits / args.messages, 2),
+            "by_parts": per_part_count,
             "parts_per_message": round(last["parts_per_message"], 2),
             "messages": args.messages,
             "rounds": args.rounds,

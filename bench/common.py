@@ -293,7 +293,7 @@ def two_part_name(i: int, fields: dict[str, str] = LEAD_FIELDS, system_prompt: s
 
     for k in range(500):
         name = f"Ana {i}-{k}"
-        ctx = types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=system_prompt)
+        ctx = types.SimpleNamespace(lead_name=name, lead_fields=fields, system_prompt=system_prompt, history=None)
         text = generate_text(build_prompt(ctx))
         if len(text) > SPLIT_BELOW_CHARS and len(split_sentences(text)) >= 2:
             return name
@@ -423,6 +423,7 @@ class Counts:
     publishes: dict[str, int] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
     commits: dict[str, int] = field(default_factory=dict)  # write transactions committed, per actor
+    async_commits: dict[str, int] = field(default_factory=dict)  # of those, synchronous_commit off
 
     def add(self, other: Counts, sign: int = 1) -> None:
         """Add (or subtract) another snapshot."""
@@ -436,6 +437,8 @@ class Counts:
             self.processed[k] = self.processed.get(k, 0) + sign * n
         for k, n in other.commits.items():
             self.commits[k] = self.commits.get(k, 0) + sign * n
+        for k, n in other.async_commits.items():
+            self.async_commits[k] = self.async_commits.get(k, 0) + sign * n
 
     @property
     def statements(self) -> int:
@@ -444,8 +447,13 @@ class Counts:
 
     @property
     def write_commits(self) -> int:
-        """Write transactions committed (the commits that wait for the WAL flush)."""
+        """Write transactions committed."""
         return int(sum(self.commits.values()))
+
+    @property
+    def flushed_commits(self) -> int:
+        """Write transactions whose commit waited for the WAL flush (synchronous_commit on)."""
+        return self.write_commits - int(sum(self.async_commits.values()))
 
     @property
     def db_seconds(self) -> float:
@@ -471,7 +479,13 @@ def read_counts(directory: Path) -> Counts:
         except (OSError, ValueError):
             continue  # being replaced right now: the next snapshot has it
         total.add(
-            Counts(doc.get("stmts", {}), doc.get("publishes", {}), doc.get("processed", {}), doc.get("commits", {}))
+            Counts(
+                doc.get("stmts", {}),
+                doc.get("publishes", {}),
+                doc.get("processed", {}),
+                doc.get("commits", {}),
+                doc.get("async_commits", {}),
+            )
         )
     return total
 
@@ -481,10 +495,15 @@ def print_counts(c: Counts, per: int, *, top: int = 40) -> None:
     for actor, (n, s) in c.by_actor().items():
         row(
             f"  {actor}",
-            f"{n / per:6.2f} round trips/msg  {c.commits.get(actor, 0) / per:5.2f} write commits/msg  "
+            f"{n / per:6.2f} round trips/msg  {c.commits.get(actor, 0) / per:5.2f} write commits/msg "
+            f"({(c.commits.get(actor, 0) - c.async_commits.get(actor, 0)) / per:.2f} flushed)  "
             f"{1000 * s / per:7.2f} ms DB/msg ({c.processed.get(actor, 0) / per:.2f} deliveries/msg)",
         )
-    row("  all actors", f"{c.statements / per:6.2f} round trips/msg  {c.write_commits / per:5.2f} write commits/msg")
+    row(
+        "  all actors",
+        f"{c.statements / per:6.2f} round trips/msg  {c.write_commits / per:5.2f} write commits/msg "
+        f"({c.flushed_commits / per:.2f} flushed)",
+    )
     print("   most frequent statements (per message, then mean ms):")
     for k, (count, secs) in sorted(c.stmts.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"     {count / per:5.2f}  {1000 * secs / max(count, 1):6.2f} ms  {k}")

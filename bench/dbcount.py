@@ -36,7 +36,8 @@ _processed: dict[str, int] = {}
 #: transaction (BEGIN .. COMMIT, or one statement in autocommit) counts when it wrote something:
 #: INSERT / UPDATE / DELETE (also inside WITH) or a row lock (SELECT ... FOR UPDATE / SHARE).
 _commits: dict[str, int] = {}
-_txn: dict[int, list[bool]] = {}  # id(connection) -> [inside BEGIN, wrote]
+_async_commits: dict[str, int] = {}  # of those, the ones with synchronous_commit off (no WAL flush wait)
+_txn: dict[int, list[bool]] = {}  # id(connection) -> [inside BEGIN, wrote, asynchronous]
 _WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE)\b|\bFOR (NO KEY )?(UPDATE|SHARE)\b|\bFOR KEY SHARE\b", re.I)
 _installed = False
 _capture: list[tuple[Any, Any]] | None = None  # (query, vars) of every statement while capturing
@@ -62,23 +63,30 @@ def _track_commit(connection: Any, query: Any) -> None:
         query = query.decode(errors="replace")
     text = str(query).lstrip()
     word = text[:8].split(None, 1)[0].upper() if text else ""
+    asynchronous = "synchronous_commit TO off" in text
+    actor = getattr(_local, "actor", None) or "other"
     with _lock:
-        state = _txn.setdefault(id(connection), [False, False])
+        state = _txn.setdefault(id(connection), [False, False, False])
         if word == "BEGIN":
-            state[:] = [True, False]
+            state[:] = [True, False, False]
             return
         if word in ("COMMIT", "END", "ROLLBACK"):
             if word != "ROLLBACK" and state[0] and state[1]:
-                actor = getattr(_local, "actor", None) or "other"
-                _commits[actor] = _commits.get(actor, 0) + 1
-            state[:] = [False, False]
+                _count_commit(actor, state[2])
+            state[:] = [False, False, False]
             return
         wrote = bool(_WRITE.search(text))
         if state[0]:
             state[1] = state[1] or wrote
-        elif wrote:  # autocommit: the statement is its own transaction
-            actor = getattr(_local, "actor", None) or "other"
-            _commits[actor] = _commits.get(actor, 0) + 1
+            state[2] = state[2] or asynchronous
+        elif wrote:  # autocommit: the statement (or the statements sent together) is its own transaction
+            _count_commit(actor, asynchronous)
+
+
+def _count_commit(actor: str, asynchronous: bool) -> None:
+    _commits[actor] = _commits.get(actor, 0) + 1
+    if asynchronous:
+        _async_commits[actor] = _async_commits.get(actor, 0) + 1
 
 
 def _record(query: Any, seconds: float, n: int = 1) -> None:
@@ -154,6 +162,7 @@ def snapshot() -> dict[str, Any]:
             "publishes": dict(_publishes),
             "processed": dict(_processed),
             "commits": dict(_commits),
+            "async_commits": dict(_async_commits),
         }
 
 

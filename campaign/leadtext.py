@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from campaign.errors import TemplateError
@@ -51,6 +51,11 @@ __all__ = [
     "CLOSE",
     "data_value",
     "lead_block",
+    "CONVERSATION_OPEN",
+    "CONVERSATION_CLOSE",
+    "MAX_HISTORY_MESSAGE_CHARS",
+    "MAX_HISTORY_CHARS",
+    "conversation_block",
     "TemplateError",
     "template_fields",
     "render_template",
@@ -62,6 +67,10 @@ MAX_PROMPT_FIELDS = 20  # custom fields in one prompt (the name comes on top)
 MAX_FIELD_KEY_CHARS = 60
 MAX_FIELD_VALUE_CHARS = 300
 MAX_LEAD_BLOCK_CHARS = 4_000  # the whole block, escapes included
+
+CONVERSATION_OPEN, CONVERSATION_CLOSE = "<conversation>", "</conversation>"
+MAX_HISTORY_MESSAGE_CHARS = 500  # one conversation message in a prompt
+MAX_HISTORY_CHARS = 4_000  # the whole conversation block: the oldest messages give way first
 
 _ESCAPES = str.maketrans({"<": "&lt;", ">": "&gt;"})
 _SPACE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Zs"})
@@ -99,6 +108,30 @@ def lead_block(name: str | None, fields: Mapping[Any, Any] | None) -> str:
     if left_out:
         lines.append(f"({left_out} more field(s) left out)")
     return f"{OPEN}\n" + "\n".join(lines) + f"\n{CLOSE}"
+
+
+def conversation_block(messages: Sequence[Mapping[str, Any]] | None) -> str:
+    """The ``<conversation>`` … ``</conversation>`` block of a follow-up's prompt (R-SEQ-2): one line
+    per message, oldest first, ``us:`` for what the engine sent and ``lead:`` for what the lead
+    wrote, each text escaped like a lead field (:func:`data_value`) and cut to
+    ``MAX_HISTORY_MESSAGE_CHARS``. Past ``MAX_HISTORY_CHARS`` the OLDEST lines are left out (the
+    latest exchange matters most) and counted on the first line. Empty string for no messages."""
+    if not messages:
+        return ""
+    lines: list[str] = []
+    size = 0
+    for msg in reversed(messages):  # newest first while filling, so the oldest are the ones cut
+        who = "us" if msg.get("direction") == "out" else "lead"
+        line = f"{who}: {data_value(msg.get('text') or '', MAX_HISTORY_MESSAGE_CHARS)}"
+        if size + 1 + len(line) > MAX_HISTORY_CHARS:
+            break
+        lines.append(line)
+        size += 1 + len(line)
+    lines.reverse()
+    left_out = len(messages) - len(lines)
+    if left_out:
+        lines.insert(0, f"({left_out} earlier message(s) left out)")
+    return f"{CONVERSATION_OPEN}\n" + "\n".join(lines) + f"\n{CONVERSATION_CLOSE}"
 
 
 def _parse(template: str) -> Iterator[tuple[str, str | None]]:

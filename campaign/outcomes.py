@@ -17,6 +17,7 @@ from campaign import ratelimit
 from campaign.db import db
 from campaign.events import log_event
 from campaign.settings import Settings
+from campaign.sql import ASYNC_COMMIT
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
 from campaign.steps import BY_NAME, IN_FLIGHT
@@ -177,6 +178,7 @@ def finish_message(
     last_part: tuple[int, uuid.UUID, str] | None = None,
     send_ms: int | None = None,
     lease: ratelimit.Grant | None = None,
+    async_commit: bool = False,
 ) -> Finished | None:
     """Move one message to a terminal status with lead move, counters and run completion, atomically.
 
@@ -184,6 +186,9 @@ def finish_message(
     same statement, and nothing happens unless it was still ``sending`` with that attempt.
     ``lease``: an inbox send slot released (a send happened: the gap counts from now) in the
     same statement, whether or not the transition applies.
+    ``async_commit``: the send step's record of its last part commits without waiting for the
+    WAL flush (campaign.sql.ASYNC_COMMIT: lost, the part is back to ``sending`` and ends in
+    doubt). Never inside a transaction holding other writes.
     """
     assert status in ("sent", "failed", "skipped", "in_doubt"), status
     if error is not None:
@@ -207,7 +212,8 @@ def finish_message(
         "lease_token": lease.token if lease and lease.granted else None,
     }
     bare = last_part is None and params["lease_key"] is None and status != "sent"
-    row = _one(_FINISH_BARE_SQL if bare else _FINISH_SQL, params)
+    sql = _FINISH_BARE_SQL if bare else _FINISH_SQL
+    row = _one(ASYNC_COMMIT + sql if async_commit else sql, params)
     if row is None:
         return None
     run_id, lead_id, src, tgt, old_col, run_status, pause_reason, _, _ = row

@@ -52,6 +52,7 @@ from campaign import capacity
 from campaign.db import db
 from campaign.errors import PlanError, RunStateError
 from campaign.pools import Assignment, Member, assign, capped_member, gap_us, paced_times
+from campaign.sequence import EXCLUSION_RULES, REPLIED_SQL
 from campaign.settings import Settings
 from models import CampaignRun
 
@@ -67,6 +68,7 @@ __all__ = [
     "plan_due_runs",
     "find_config",
     "window_close_at",
+    "entered_before",
     "E164_SQL_REGEX",
     "PLAN_AHEAD_SECONDS",
 ]
@@ -243,6 +245,8 @@ class _Config:
     gap_max: float
     active: bool
     broken: str | None  # why a run of this config cannot start (R-PLAN-5), None when fine
+    skip_if_replied: bool = True  # R-IN-3
+    min_days_in_column: int = 0  # R-SEQ-1
     parts: int = 1  # sends one message is planned to take (capacity.expected_parts)
 
     @property
@@ -257,7 +261,8 @@ _CONFIG_SQL = f"""
            {capacity.expected_parts_sql("c")},
            i.id IS NOT NULL, i.workspace_id = c.workspace_id,
            sc.id IS NOT NULL, sc.workspace_id = c.workspace_id,
-           tc.id IS NOT NULL, tc.workspace_id = c.workspace_id
+           tc.id IS NOT NULL, tc.workspace_id = c.workspace_id,
+           c.skip_if_replied, c.min_days_in_column
       FROM campaign_configs c
       JOIN workspaces w ON w.id = c.workspace_id
       LEFT JOIN inboxes i ON i.id = c.inbox_id
@@ -289,6 +294,8 @@ def _config_from_row(row: Sequence) -> _Config:
         src_same,
         tgt_ok,
         tgt_same,
+        skip_if_replied,
+        min_days,
     ) = row
     broken = None
     if not inbox_ok:
@@ -325,6 +332,8 @@ def _config_from_row(row: Sequence) -> _Config:
         float(gmax),
         active,
         broken,
+        bool(skip_if_replied),
+        int(min_days),
         int(parts),
     )
 
@@ -365,33 +374,51 @@ def _event(run_id: int | None, step: str, text: str, details: dict, level: str =
     )
 
 
-# One query (R-PLAN-2, no N+1): every lead of the source column with a flag for its phone, minus the
-# leads this config already holds in an active run (E-19: never in two active runs of one config)
-# or already messaged today (local day start).
+def entered_before(day: dt.date, tz: dt.tzinfo | str, min_days: int) -> dt.datetime | None:
+    """The instant before which a lead must have entered its column to be eligible on ``day`` for a
+    campaign with ``min_days_in_column = min_days`` (R-SEQ-1); None when it is 0 (no wait).
+
+    Days are the campaign's LOCAL calendar days, not periods of 24 h: a lead that entered "Contacted"
+    on Monday at 17:00 is 3 days in it on Thursday from the local midnight on, so Thursday's 09:00 run
+    of a 3-day follow-up writes to it, as an operator expects (with 72 h it would wait for Friday).
+    So the bound is the local midnight that starts day ``day - min_days + 1``: entered before it means
+    entered on day ``day - min_days`` or earlier. DST changes no count (midnights are local)."""
+    if min_days <= 0:
+        return None
+    zone = _zone(tz)
+    first_too_recent = day - dt.timedelta(days=min_days - 1)
+    bounds = window_bounds(first_too_recent, zone, 0, 1440)
+    if bounds is None:  # a local date the zone skipped (Samoa, 2011-12-30): its next day's start
+        bounds = window_bounds(first_too_recent + dt.timedelta(days=1), zone, 0, 1440)
+    return bounds[0] if bounds else dt.datetime.combine(first_too_recent, dt.time(0), tzinfo=zone)
+
+
+# One query (R-PLAN-2, no N+1): every lead of the source column with a flag for its phone and the
+# rule that excludes it, if any (counted on the run, R-SEQ), minus the leads this config already
+# holds in an active run (E-19: never in two active runs of one config) or already messaged today
+# (local day start). The rules are campaign.sequence's, in its order: opted out (R-IN-4), replied
+# since it entered the column (skip_if_replied, R-IN-3), entered too recently (min_days_in_column,
+# R-SEQ-1). Both times are columns of the row, so the rules cost nothing per lead (T-PERF-4).
 #
 # Each lead comes with the pool inbox it already talks to (R-POOL-2 sticky: its latest conversation
 # with a member of this config's pool), found by one join, not a lookup per lead.
 _LEADS_SQL = f"""
-    SELECT l.id, l.phone ~ '{E164_SQL_REGEX}' AS phone_ok, s.inbox_id AS sticky_inbox
+    SELECT l.id, l.phone ~ '{E164_SQL_REGEX}' AS phone_ok, s.inbox_id AS sticky_inbox,
+           CASE WHEN l.opted_out THEN 'opted_out'
+                WHEN %(skip_if_replied)s AND {REPLIED_SQL} THEN 'replied'
+                WHEN l.column_changed_at >= %(entered_before)s THEN 'too_recent'
+           END AS excluded
       FROM leads l
       LEFT JOIN (SELECT DISTINCT ON (cv.lead_id) cv.lead_id, cv.inbox_id
                    FROM conversations cv
-                   JOIN campaign_config_inboxes p ON p.inbox_id = cv.inbox_id AND p.config_id = %s
+                   JOIN campaign_config_inboxes p ON p.inbox_id = cv.inbox_id AND p.config_id = %(config)s
                   ORDER BY cv.lead_id, cv.updated_at DESC, cv.id DESC) s ON s.lead_id = l.id
-     WHERE l.workspace_id = %s AND l.column_id = %s AND NOT l.opted_out
-       -- skip_if_replied (R-IN-3): a lead that answered after it entered the source column (before
-       -- column_changed_at was kept: after its last campaign message) waits for a person to move it
-       AND NOT (l.last_reply_at IS NOT NULL
-                AND (SELECT skip_if_replied FROM campaign_configs WHERE id = %s)
-                AND l.last_reply_at > coalesce(
-                    l.column_changed_at,
-                    (SELECT max(m0.sent_at) FROM campaign_messages m0 WHERE m0.lead_id = l.id),
-                    '-infinity'))
+     WHERE l.workspace_id = %(workspace)s AND l.column_id = %(column)s
        AND NOT EXISTS (
            SELECT 1 FROM campaign_messages m JOIN campaign_runs r ON r.id = m.run_id
-            WHERE m.lead_id = l.id AND r.config_id = %s AND r.id <> %s
+            WHERE m.lead_id = l.id AND r.config_id = %(config)s AND r.id <> %(run)s
               AND (r.status IN ('planning', 'running', 'paused')
-                   OR (m.sent_at IS NOT NULL AND m.sent_at >= %s)
+                   OR (m.sent_at IS NOT NULL AND m.sent_at >= %(day_start)s)
                    -- a message in doubt may have reached the lead: nothing new is written to it
                    -- until the operator resolves it (R-FAIL-4; resolve --sent moves the lead on)
                    OR m.status = 'in_doubt'))
@@ -518,11 +545,24 @@ def plan_run(
         whole_day = window_bounds(day, zone, 0, 1440) or (now, now + dt.timedelta(days=1))
         rows = db.execute_sql(
             _LEADS_SQL,
-            (cfg.id, cfg.workspace_id, cfg.source_column_id, cfg.id, cfg.id, run_id, whole_day[0]),
+            {
+                "config": cfg.id,
+                "workspace": cfg.workspace_id,
+                "column": cfg.source_column_id,
+                "run": run_id,
+                "day_start": whole_day[0],
+                "skip_if_replied": cfg.skip_if_replied,
+                # no wait (min_days_in_column = 0): a bound no lead reaches
+                "entered_before": entered_before(day, zone, cfg.min_days_in_column) or "infinity",
+            },
         ).fetchall()
-        lead_ids = [r[0] for r in rows if r[1]]
-        sticky = {r[0]: r[2] for r in rows if r[1] and r[2] is not None}
-        bad_phones = len(rows) - len(lead_ids)
+        excluded = dict.fromkeys(EXCLUSION_RULES, 0)
+        for r in rows:
+            if r[3] is not None:
+                excluded[r[3]] += 1
+        lead_ids = [r[0] for r in rows if r[1] and r[3] is None]
+        sticky = {r[0]: r[2] for r in rows if r[1] and r[3] is None and r[2] is not None}
+        bad_phones = sum(1 for r in rows if not r[1] and r[3] is None)
         plan = _assign(cfg, now, zone, lead_ids, sticky, _pool(cfg, now, *whole_day), rng)
         times = plan.times
         overflow = plan.overflow
@@ -535,16 +575,27 @@ def plan_run(
             )
         db.execute_sql(
             """UPDATE campaign_runs SET leads_total = %s, leads_overflow = %s,
+                      excluded_too_recent = %s, excluded_replied = %s, excluded_opted_out = %s,
                       status = CASE WHEN %s = 0 THEN 'completed' ELSE status END,
                       finished_at = CASE WHEN %s = 0 THEN now() END
                 WHERE id = %s""",
-            (len(times), overflow, len(times), len(times), run_id),
+            (
+                len(times),
+                overflow,
+                excluded["too_recent"],
+                excluded["replied"],
+                excluded["opted_out"],
+                len(times),
+                len(times),
+                run_id,
+            ),
         )
         details = {
             "config_id": cfg.id,
             "leads_total": len(times),
             "leads_overflow": overflow,
             "invalid_phones": bad_phones,
+            "excluded": excluded,
             "manual": manual,
             "first_at": min(times).isoformat() if times else None,
             "last_at": max(times).isoformat() if times else None,

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import DemoError, EngineError, ServicesError
-from devtools import demo_triage
+from devtools import demo_sequence, demo_triage
 from devtools.demo_metrics import DemoMetrics
 from devtools.services import ensure_database as create_database_if_missing
 from devtools.services import ensure_vhost as create_vhost_if_missing
@@ -149,12 +149,19 @@ class DemoResult:
     mismatches: list[str]
     elapsed_seconds: float
     report_missing: bool = False
+    sequence: dict[str, Any] = dataclasses.field(default_factory=dict)  # the follow-up step (demo_sequence)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # the dashboard panel of the summary
 
     @property
     def ok(self) -> bool:
         """Every run completed and every counter matches its rows."""
-        return bool(self.runs) and all(r["status"] == "completed" for r in self.runs) and not self.mismatches
+        follow_up_ok = self.sequence.get("status", "completed") == "completed"
+        return (
+            bool(self.runs)
+            and all(r["status"] == "completed" for r in self.runs)
+            and not self.mismatches
+            and follow_up_ok
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,6 +720,8 @@ def _run_engine(
             "SELECT id, name FROM campaign_configs WHERE workspace_id = %s ORDER BY id", (ws_id,)
         ).fetchall()
         for config_id, name in configs:
+            if demo_sequence.plan_later(name):  # a follow-up: planned after the first touches (R-SEQ-3)
+                continue
             run = planner.plan_run(config_id, manual=True)
             if run is None or run.status == "failed":
                 raise DemoError(
@@ -752,6 +761,7 @@ def _run_engine(
     worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     scheduler = thread = None
+    sequence: dict[str, Any] = {}
     try:
         scheduler, thread = _start_scheduler(settings)
         console.print(
@@ -761,6 +771,8 @@ def _run_engine(
         )
         runs = _watch(console, run_ids, timeout)
         triage.wait_settled(20)
+        sequence = demo_sequence.run(console, sb, ws_id, watch=_watch, timeout=timeout)
+        run_ids += sequence.get("run_ids", [])  # its report and counters are shown and checked too
     finally:
         triage.stop()
         if scheduler is not None:
@@ -814,6 +826,7 @@ def _run_engine(
         mismatches=mismatches,
         elapsed_seconds=round(time.monotonic() - started, 2),
         report_missing=report_missing,
+        sequence=sequence,
     )
     console.print(
         f"demo {'finished' if result.ok else 'FAILED'} in {result.elapsed_seconds:.1f} s ({services.mode} mode)",

@@ -42,6 +42,8 @@ class CampaignConfig(BaseModel):
     reply_column = ForeignKeyField(Column, null=True, backref="+")
     reply_column_id: int | None  # the foreign key's column, set by peewee
     skip_if_replied = BooleanField(default=True)
+    min_days_in_column = IntegerField(default=0)  # a follow-up waits this many local days (R-SEQ-1)
+    history = IntegerField(default=0)  # conversation messages carried into the prompt (R-SEQ-2)
     weekdays = ArrayField(IntegerField, default=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
     window_start_minute = IntegerField(default=0)
     window_end_minute = IntegerField(default=1440)
@@ -99,6 +101,10 @@ class CampaignRun(BaseModel):
     leads_skipped = IntegerField(default=0)
     leads_in_doubt = IntegerField(default=0)
     leads_overflow = IntegerField(default=0)
+    # leads of the source column left out when the run was planned, by rule (R-SEQ-1, R-IN-3/4)
+    excluded_too_recent = IntegerField(default=0)
+    excluded_replied = IntegerField(default=0)
+    excluded_opted_out = IntegerField(default=0)
     started_at = DateTimeTZField(null=True)
     finished_at = DateTimeTZField(null=True)
 

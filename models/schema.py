@@ -532,6 +532,35 @@ V10 = Migration(
 
 V11 = Migration(
     11,
+    "follow-ups: days in column, history, exclusions per run (R-SEQ-1..2, R-IN-3)",
+    (
+        # Leads of before V7 have no column_changed_at: the best evidence of when each entered its
+        # column is the engine's last message to it (finalize moves a lead right after its last
+        # part), else the row's creation (import placed it there). The same fallback the planner
+        # used for skip_if_replied until now; from here the trigger keeps it and it is never NULL,
+        # so the eligibility query compares columns, not a sub-select per lead (T-PERF-4).
+        """UPDATE leads l SET column_changed_at = coalesce(
+               (SELECT max(m.sent_at) FROM campaign_messages m WHERE m.lead_id = l.id), l.created_at)
+         WHERE l.column_changed_at IS NULL""",
+        "ALTER TABLE leads ALTER COLUMN column_changed_at SET DEFAULT now()",
+        "ALTER TABLE leads ALTER COLUMN column_changed_at SET NOT NULL",
+        # The planner's one eligibility query reads a column's leads opted out or not (it counts
+        # the excluded ones) and compares when they entered it (min_days_in_column).
+        "CREATE INDEX leads_column_changed_idx ON leads (column_id, column_changed_at)",
+        # A follow-up waits N local days in its source column and may carry the conversation so far.
+        """ALTER TABLE campaign_configs ADD COLUMN min_days_in_column integer NOT NULL DEFAULT 0
+           CHECK (min_days_in_column BETWEEN 0 AND 3650)""",
+        """ALTER TABLE campaign_configs ADD COLUMN history integer NOT NULL DEFAULT 0
+           CHECK (history BETWEEN 0 AND 50)""",
+        # Leads of the source column a run left out, by rule, counted when it was planned (R-SEQ).
+        "ALTER TABLE campaign_runs ADD COLUMN excluded_too_recent integer NOT NULL DEFAULT 0",
+        "ALTER TABLE campaign_runs ADD COLUMN excluded_replied integer NOT NULL DEFAULT 0",
+        "ALTER TABLE campaign_runs ADD COLUMN excluded_opted_out integer NOT NULL DEFAULT 0",
+    ),
+)
+
+V12 = Migration(
+    12,
     "warm-up ramps: start cap, days and first send of an inbox (R-HEALTH-1, E-34)",
     (
         # warmup = { start_per_day, days } (both or neither); the ramp needs max_per_day to grow to
@@ -552,7 +581,7 @@ V11 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11)
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -49,7 +49,8 @@ class Lead(BaseModel):
     opted_out_reason = TextField(null=True)  # the reply that opted the lead out
     opt_out_reply_at = DateTimeTZField(null=True)  # the confirmation went out (never twice)
     last_reply_at = DateTimeTZField(null=True)
-    column_changed_at = DateTimeTZField(null=True)  # kept by a trigger on column_id (V7)
+    # when the lead entered its column: kept by a trigger on column_id (V7), never NULL (V10)
+    column_changed_at = DateTimeTZField()  # filled by the database (default now(), the trigger)
     last_activity_at = DateTimeTZField(null=True)
 
     class Meta:

@@ -27,7 +27,8 @@ read it without a lock. Shape (every key optional in a patch; ``null`` restores 
       "webhook_events": ["messages.update", "messages.upsert", "connection.update"],  # posted to webhook_url
       "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],  # RabbitMQ
       "replies": null,                    # automatic inbound replies (below); null: none
-      "early_tolerance_ms": 10            # slack before a retry counts as early
+      "early_tolerance_ms": 10,           # slack before a retry counts as early
+      "keep_prompts": false               # chat requests keep their messages in the ledger ("messages")
     }
 
     replies = {                           # a lead = an (instance, number) pair; it replies at most once
@@ -112,6 +113,9 @@ DEFAULTS: dict[str, Any] = {
     "amqp_events": ["messages.upsert", "messages.update", "connection.update", "send.message"],
     "replies": None,
     "early_tolerance_ms": 10,
+    # the ledger keeps each generation request's messages (what a test or the demo shows of a
+    # prompt); off by default: a fault run of thousands of messages need not hold every prompt
+    "keep_prompts": False,
 }
 
 #: the "replies" object's keys and defaults (a patch may give any subset)
@@ -252,6 +256,8 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
             raise FaultError(f"{key}: a list of {list(EVENTS)}")
     _validate_replies(doc["replies"])
     _number("early_tolerance_ms", doc["early_tolerance_ms"], hi=60000)
+    if not isinstance(doc["keep_prompts"], bool):
+        raise FaultError("keep_prompts: expected true or false")
     return doc
 
 

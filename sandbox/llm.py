@@ -54,6 +54,14 @@ _GREETINGS = (
     "Oi {name}! Que bom falar com você.",
 )
 _ANONYMOUS_GREETINGS = ("Olá! Tudo bem?", "Oi, tudo certo por aí?", "Bom dia!")
+#: a prompt that carries the conversation so far (a follow-up, R-SEQ-2) continues it, never greets anew
+_FOLLOW_UP_GREETINGS = (
+    "Oi {name}, passando para retomar nossa conversa.",
+    "{name}, conseguiu ver minha última mensagem?",
+    "Olá de novo, {name}! Só voltando aqui rapidinho.",
+)
+_ANONYMOUS_FOLLOW_UPS = ("Oi, passando para retomar nossa conversa.", "Conseguiu ver minha última mensagem?")
+_CONVERSATION_OPEN = "<conversation>"
 _FIELD_SENTENCES = (
     "Vi aqui que {key} é {value}, achei muito interessante.",
     "Sobre {key} ({value}), tenho uma ideia que pode ajudar.",
@@ -134,15 +142,19 @@ def _first_name(fields: dict[str, str]) -> str | None:
 
 
 def generate_text(messages: Any) -> str:
-    """A friendly personalised text of 1-4 sentences, deterministic in the request messages."""
+    """A friendly personalised text of 1-4 sentences, deterministic in the request messages; a
+    prompt with a ``<conversation>`` block (a follow-up) gets a text that picks the conversation up."""
     text = user_text(messages)
     fields = parse_lead(text)
     digest = request_digest(messages)
     name = _first_name(fields)
+    follow_up = _CONVERSATION_OPEN in text
+    greetings = _FOLLOW_UP_GREETINGS if follow_up else _GREETINGS
+    anonymous = _ANONYMOUS_FOLLOW_UPS if follow_up else _ANONYMOUS_GREETINGS
     if name:
-        greeting = _GREETINGS[digest % len(_GREETINGS)].format(name=name)
+        greeting = greetings[digest % len(greetings)].format(name=name)
     else:
-        greeting = _ANONYMOUS_GREETINGS[digest % len(_ANONYMOUS_GREETINGS)]
+        greeting = anonymous[digest % len(anonymous)]
     n_sentences = 1 + (digest >> 8) % 4
     pool: list[str] = []
     for i, (key, value) in enumerate(sorted(fields.items())):

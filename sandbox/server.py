@@ -495,6 +495,9 @@ class SandboxApp:
         latency = self._latency(rcfg, rng)
         self._sleep(latency)
         entry: dict[str, Any] = {"route": route, "early": early, "latency_ms": round(latency * 1000, 1)}
+        if cfg["keep_prompts"] and route == "chat":
+            entry["model"] = model
+            entry["messages"] = messages
 
         status = rcfg.get("always_status")
         if status is not None and not 200 <= status < 300:

@@ -33,13 +33,14 @@ What an intent does (:func:`apply_intent`, one transaction, a conditional transi
   anywhere else stays where the person put it);
 * ``opt_out`` does R-IN-4: opted out (when, and the reply as the reason), every not-started
   message of the lead in every campaign stopped, the workspace's confirmation sent once;
-* ``out_of_office`` does not count as a reply: see :data:`COUNTED_REPLY_AT_SQL`.
+* ``out_of_office`` does not count as a reply: see :func:`campaign.sequence.recount_last_reply`.
 
-**What counts as a reply** (the one rule, kept here): ``leads.last_reply_at`` is the time of the
-lead's last inbound message that counts, i.e. every inbound message except one triaged
-``out_of_office``. The reply handler sets it when it records a reply (every reply counts until
-triage says otherwise, so a follow-up is never planned in the seconds triage takes); when triage
-says ``out_of_office``, :data:`COUNTED_REPLY_AT_SQL` recomputes it from the conversation log. Every
+**What counts as a reply** (the one rule, kept in :mod:`campaign.sequence`): ``leads.last_reply_at``
+is the time of the lead's last inbound message that counts, i.e. every inbound message except one
+triaged ``out_of_office`` (``sequence.NOT_A_REPLY_INTENTS``). The reply handler sets it when it
+records a reply (every reply counts until triage says otherwise, so a follow-up is never planned in
+the seconds triage takes); when triage says ``out_of_office``, ``sequence.recount_last_reply``
+recomputes it from the conversation log. Every
 reader (``skip_if_replied`` in the planner, the chain's ``replied_since``) reads ``last_reply_at``
 and nothing else.
 """
@@ -53,7 +54,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from campaign import ratelimit, runs
+from campaign import ratelimit, runs, sequence
 from campaign.db import db
 from campaign.errors import (
     AuthError,
@@ -80,7 +81,6 @@ from models.schema import TRIAGE_INTENTS
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "COUNTED_REPLY_AT_SQL",
     "GIVE_UP_SECONDS",
     "INTENTS",
     "SYSTEM_PROMPT",
@@ -121,15 +121,9 @@ SYSTEM_PROMPT = (
     'Answer with one JSON object and nothing else: {"intent": "<one of: ' + ", ".join(INTENTS) + '>"}'
 )
 
+
 # "What counts as a reply" (see the module docstring): the lead's last inbound message that
 # counts, recomputed from the conversation log; everything else reads leads.last_reply_at.
-COUNTED_REPLY_AT_SQL = """
-UPDATE leads l SET last_reply_at = (
-    SELECT max(cm.at) FROM conversation_messages cm JOIN conversations c ON c.id = cm.conversation_id
-     WHERE c.lead_id = l.id AND cm.direction = 'in' AND cm.intent IS DISTINCT FROM 'out_of_office')
- WHERE l.id = %s RETURNING l.last_reply_at"""
-
-
 def build_messages(reply: str, last_sent: str | None) -> list[dict[str, str]]:
     """The chat messages of one triage call: the constant system prompt; the reply and the engine's
     last message only in the user message, escaped so that no text can close its block (T-SEC-1)."""
@@ -359,7 +353,7 @@ def apply_intent(triage_id: int, verdict: Verdict, settings: Settings) -> bool:
             (verdict.intent, action, cm_id),
         )
         if verdict.intent == "out_of_office":
-            _one(COUNTED_REPLY_AT_SQL, (lead_id,))  # an away message does not count as a reply
+            sequence.recount_last_reply(lead_id)  # an away message does not count as a reply
         log_event(
             "triage",
             f"reply triaged {verdict.intent}"

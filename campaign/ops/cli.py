@@ -151,6 +151,11 @@ def cmd_run_now(args: argparse.Namespace, settings: Settings) -> int:
         f"run {run.id} of {args.campaign} planned for {run.run_date}: {run.leads_total} message(s){when}; "
         f"overflow {run.leads_overflow}; status {run.status}"
     )
+    if run.excluded_too_recent or run.excluded_replied or run.excluded_opted_out:
+        print(
+            f"  excluded from the source column: too recent {run.excluded_too_recent} · "
+            f"replied {run.excluded_replied} · opted out {run.excluded_opted_out}"
+        )
     return 0
 
 
@@ -472,6 +477,7 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
         "pending",
         "in flight",
         "overflow",
+        "excluded recent/replied/opted out",
         "next due (UTC)",
     ):
         runs.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
@@ -491,6 +497,7 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
             str(r.pending),
             str(r.in_flight),
             str(r.overflow),
+            "/".join(str(r.excluded.get(k, 0)) for k in ("too_recent", "replied", "opted_out")),
             f"{r.next_at:%H:%M:%S}" if r.next_at else "-",
         )
     parts.append(runs if snap.runs else Text("no run in progress"))

@@ -20,7 +20,8 @@ Rules:
 * Omitted optional campaign keys take their documented default (the file is the truth for a
   campaign it names): weekdays every day, window 00:00-24:00 ("always open", R-PLAN-5),
   timezone UTC, part_gap_seconds 1.0-4.0, no fallback template, split off (max_parts 1; with
-  ``split.enabled = true`` max_parts defaults to 3), active true.
+  ``split.enabled = true`` max_parts defaults to 3), active true, skip_if_replied true,
+  min_days_in_column 0 (no wait), history 0 (no conversation in the prompt).
 * A campaign names exactly one of ``inbox = "NAME"`` or a sender pool ``inboxes = ["A", "B"]``
   (R-POOL-1): every member an inbox of the campaign's own workspace (E-20, errors name
   ``...inboxes[1]``), no member twice; the first one is ``campaign_configs.inbox_id``.
@@ -47,6 +48,7 @@ import peewee
 from campaign import capacity, leadtext, optout
 from campaign.db import db
 from campaign.errors import ConcurrentChangeError, ConfigError, ConfigFileError  # noqa: F401  (re-exported: the names callers know)
+from campaign.sequence import HISTORY_MAX
 from models.schema import TRIAGE_INTENTS
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,8 @@ class CampaignSpec:
     skip_if_replied: bool = True
     inboxes: tuple[str, ...] = ()  # the sender pool (R-POOL-1), ``inbox`` first; () means (inbox,)
     triage: TriageSpec | None = None  # AI reply triage (R-IN-5); None: off
+    min_days_in_column: int = 0  # a follow-up waits this many local days in its source column (R-SEQ-1)
+    history: int = 0  # conversation messages carried into the prompt (R-SEQ-2)
 
     @property
     def pool(self) -> tuple[str, ...]:
@@ -329,7 +333,11 @@ _CAMPAIGN_KEYS = {
     "reply_column",
     "skip_if_replied",
     "triage",
+    "min_days_in_column",
+    "history",
 }
+#: ``min_days_in_column`` is at most this (ten years; the schema's check)
+MAX_MIN_DAYS = 3650
 #: a sender pool holds at most this many inboxes (the schema's position check)
 MAX_POOL = 100
 _CAMPAIGN_REQUIRED = {"source_column", "target_column", "daily_limit", "gap_seconds", "model", "system_prompt"}
@@ -432,6 +440,10 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         b = ck.boolean(t["skip_if_replied"], f"{path}.skip_if_replied")
         skip_if_replied = True if b is None else b
     triage = _triage(ck, t["triage"], f"{path}.triage") if "triage" in t else None
+    min_days: int | None = 0
+    if "min_days_in_column" in t:
+        min_days = ck.integer(t["min_days_in_column"], f"{path}.min_days_in_column", 0, MAX_MIN_DAYS)
+    history = ck.integer(t["history"], f"{path}.history", 0, HISTORY_MAX) if "history" in t else 0
 
     if (
         len(ck.errors) > n
@@ -471,6 +483,8 @@ def _campaign(ck: _Checker, name: str, raw: Any, path: str) -> CampaignSpec | No
         skip_if_replied,
         pool if "inboxes" in t and pool else (),
         triage,
+        min_days or 0,
+        history or 0,
     )
 
 
@@ -758,6 +772,8 @@ _CAMPAIGN_COLUMNS = (
     "skip_if_replied",
     "triage_enabled",
     "triage_model",
+    "min_days_in_column",
+    "history",
 )
 
 
@@ -787,6 +803,8 @@ def _campaign_values(
         c.skip_if_replied,
         bool(c.triage and c.triage.enabled),
         c.triage.model if c.triage else None,
+        c.min_days_in_column,
+        c.history,
     )
 
 

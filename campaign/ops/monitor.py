@@ -7,6 +7,7 @@ yet shows 0); RabbitMQ being unreachable is shown, never fatal: PostgreSQL is th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class RunStatus:
     in_flight: int
     next_at: dt.datetime | None
     started_at: dt.datetime | None
+    #: leads of the source column left out when the run was planned (R-SEQ): too recent, replied,
+    #: opted out (campaign.sequence.EXCLUSION_RULES)
+    excluded: dict[str, int] = field(default_factory=dict)
 
     @property
     def progress(self) -> float:
@@ -176,7 +180,8 @@ class StatusSnapshot:
 _RUNS_SQL = """
     SELECT r.id, w.name || '/' || c.name, r.run_date, r.status, r.pause_reason, r.manual, r.leads_total,
            r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped, r.leads_in_doubt, r.leads_overflow,
-           coalesce(m.pending, 0), coalesce(m.in_flight, 0), m.next_at, r.started_at
+           coalesce(m.pending, 0), coalesce(m.in_flight, 0), m.next_at, r.started_at,
+           r.excluded_too_recent, r.excluded_replied, r.excluded_opted_out
       FROM campaign_runs r
       JOIN campaign_configs c ON c.id = r.config_id
       JOIN workspaces w ON w.id = c.workspace_id
@@ -313,7 +318,10 @@ def listening(*, now: dt.datetime | None = None) -> Listening:
 def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.datetime | None = None) -> StatusSnapshot:
     """Runs in progress, queue depths, in-doubt and failed messages, what was heard, alerts."""
     now = now or dt.datetime.now(UTC)
-    runs = [RunStatus(*r) for r in db.execute_sql(_RUNS_SQL).fetchall()]
+    runs = [
+        dataclasses.replace(RunStatus(*r[:-3]), excluded={"too_recent": r[-3], "replied": r[-2], "opted_out": r[-1]})
+        for r in db.execute_sql(_RUNS_SQL).fetchall()
+    ]
     active = [r.id for r in runs]
     # in doubt: every unresolved one (the operator must decide); failed: those of active runs
     in_doubt = _lines("in_doubt")

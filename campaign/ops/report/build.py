@@ -131,6 +131,17 @@ class RunReport:
     opted_out: int = 0  # ... whose lead opted out after it (R-IN-4)
     #: the AI triage of the replies to this run's messages (R-IN-5): intents, tokens and cost
     triage: TriageSummary = field(default_factory=TriageSummary)
+    #: leads of the source column the run left out when it was planned, by rule (R-SEQ-1, R-IN-3/4)
+    excluded: dict[str, int] = field(default_factory=dict)
+    min_days_in_column: int = 0
+
+    @property
+    def excluded_text(self) -> str | None:
+        """``excluded from the source column: too recent N · replied N · opted out N`` for a follow-up
+        (a wait in days, or any lead left out); None for a first touch that left nobody out."""
+        if not self.min_days_in_column and not any(self.excluded.values()):
+            return None
+        return excluded_text(self.excluded)
 
     @property
     def label(self) -> str:
@@ -175,6 +186,14 @@ class RunReport:
         return _zone(self.timezone)
 
 
+def excluded_text(excluded: dict[str, int]) -> str:
+    """One line of the leads a run left out by rule (shared by ``report`` and ``status``)."""
+    return (
+        f"excluded from the source column: too recent {excluded.get('too_recent', 0)} · "
+        f"replied {excluded.get('replied', 0)} · opted out {excluded.get('opted_out', 0)}"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
@@ -183,7 +202,8 @@ _RUN_SQL = """
            c.window_start_minute, c.window_end_minute, coalesce(r.started_at, r.created_at), r.finished_at,
            r.leads_total, r.leads_processed, r.leads_sent, r.leads_failed, r.leads_skipped, r.leads_in_doubt,
            r.leads_overflow,
-           (SELECT array_agg(p.inbox_id ORDER BY p.position) FROM campaign_config_inboxes p WHERE p.config_id = c.id)
+           (SELECT array_agg(p.inbox_id ORDER BY p.position) FROM campaign_config_inboxes p WHERE p.config_id = c.id),
+           r.excluded_too_recent, r.excluded_replied, r.excluded_opted_out, c.min_days_in_column
       FROM campaign_runs r
       JOIN campaign_configs c ON c.id = r.config_id
       JOIN workspaces w ON w.id = c.workspace_id
@@ -348,6 +368,10 @@ def _assemble(
         in_doubt,
         overflow,
         _pool,
+        too_recent,
+        replied_excluded,
+        opted_out_excluded,
+        min_days,
     ) = run
     by_status = Counter(m.status for m in messages)
     failed_by = Counter(m.error_class or "unknown" for m in messages if m.status == "failed")
@@ -446,4 +470,6 @@ def _assemble(
         messaged=sum(m.first_sent is not None for m in messages),
         replied=sum(m.first_reply is not None and m.first_sent is not None for m in messages),
         opted_out=sum(m.opted_out_at is not None and m.first_sent is not None for m in messages),
+        excluded={"too_recent": too_recent, "replied": replied_excluded, "opted_out": opted_out_excluded},
+        min_days_in_column=min_days,
     )

@@ -77,6 +77,8 @@ def render_text(rep: RunReport) -> str:
     if rep.invalid_phones:
         extra.append(f"{rep.invalid_phones} lead(s) with an invalid phone not planned")
     lines.append("  " + " · ".join(extra))
+    if rep.excluded_text:
+        lines.append(f"  {rep.excluded_text} (counted when it was planned)")
     lines.append(f"  report taken {rep.generated_at.astimezone(rep.zone):%Y-%m-%d %H:%M:%S} ({rep.timezone})")
 
     def pct(n: int) -> str:

@@ -57,6 +57,8 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     runs = {r["campaign"]: r for r in result["runs"]}
     assert set(runs) == {"welcome", "comeback"}
     run_ids = [r["id"] for r in result["runs"]]
+    seq = result["sequence"]  # the follow-up a "day" later (R-SEQ-3): checked in _assert_follow_up
+    all_ids = run_ids + seq["run_ids"]
 
     # every message terminal, and exactly the planted outcomes
     outcome = {
@@ -98,7 +100,7 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     # R-OBS-1/2: the demo served its metrics and printed the dashboard's "Messages by status" panel
     # from a scrape of them; the panel equals the rows (counted here, not by the demo)
     by_status = dict(
-        _rows(conn, "SELECT status, count(*) FROM campaign_messages WHERE run_id = ANY(%s) GROUP BY status", (run_ids,))
+        _rows(conn, "SELECT status, count(*) FROM campaign_messages WHERE run_id = ANY(%s) GROUP BY status", (all_ids,))
     )
     assert result["metrics"]["values"] == by_status, (result["metrics"], by_status)
     assert result["metrics"]["url"].startswith("http://127.0.0.1:") and f"metrics: {result['metrics']['url']}" in output
@@ -122,17 +124,32 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     assert columns.pop(demo.OPTS_OUT) == "Returning"
     # who answered went to the welcome campaign's reply_column (R-IN-3)
     assert columns.pop(midway) == "Replied" and columns.pop(demo.OPTS_OUT_BY_REPLY) == "Replied"
-    # the comeback leads who answered went where the AI triage of their reply says (R-IN-5)
-    triaged = {r["phone"]: r for r in heard["triage"]}
-    expected = {text: (intent, column) for text, intent, column in demo_triage.REPLIES}
+    # the comeback leads who answered went where the AI triage of their reply says (R-IN-5); the
+    # away message (out_of_office) is no reply for skip_if_replied, so that lead was followed up (E-36)
+    assert len(seq["answered"]) == 2
+    triaged = {r["phone"]: r for r in heard["triage"] if r["phone"] not in seq["answered"]}
+    expected = {
+        text: (intent, "Followed up" if intent == "out_of_office" else column)
+        for text, intent, column in demo_triage.REPLIES
+    }
     assert sorted(r["reply"] for r in triaged.values()) == sorted(expected), heard["triage"]
     for phone, r in triaged.items():
         assert (r["intent"], columns.pop(phone)) == expected[r["reply"]], r
         assert r["opted_out"] == (r["intent"] == "opt_out"), r
-    assert set(columns.values()) == {"Contacted"} and len(columns) == WELCOME_LEADS + COMEBACK_LEADS - 4 - len(triaged)
+    # the two comeback leads that answered before the follow-up (one of them "PARE") were triaged
+    # too and moved out of Contacted by examples/demo.toml's map; every silent lead was followed up
+    mapped = {"interested": "Interested", "question": "Questions", "not_interested": "Lost", "opt_out": "Lost"}
+    later = {r["phone"]: r for r in heard["triage"] if r["phone"] in seq["answered"]}
+    assert sorted(later) == sorted(seq["answered"]), heard["triage"]
+    for phone, r in later.items():
+        assert columns.pop(phone) == mapped.get(r["intent"], "Replied"), r
+        assert r["opted_out"] == (seq["answered"][phone].startswith("PARE")), r
+    assert set(columns.values()) == {"Followed up"}
+    assert len(columns) == WELCOME_LEADS + COMEBACK_LEADS - 6 - len(triaged)
     # the replies: one stopped its message between the parts (E-27), one opted out for good (R-IN-4),
-    # and the triaged ones (one of which opts out in words no keyword matches)
-    assert (heard["replies"], heard["opt_outs"]) == (2 + len(triaged), 2), heard
+    # the triaged ones (one of which opts out in words no keyword matches) and the follow-up step's
+    # two (one of them a "PARE")
+    assert (heard["replies"], heard["opt_outs"]) == (2 + len(triaged) + 2, 3), heard
     assert heard["stopped_between_parts"] >= 1 and heard["opted_out_by_reply"], heard
     assert _rows(conn, "SELECT opted_out, opted_out_reason FROM leads WHERE phone = %s", (demo.OPTS_OUT_BY_REPLY,)) == [
         (True, "PARE 🛑")
@@ -155,9 +172,9 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
 
     # the ledger: each sent part exactly once, nothing to the failed/opted-out numbers, no early retry
     ledger = sb.ledger()
-    # the opt-out confirmation (R-IN-4) is a send of its own, not a campaign part
+    # the opt-out confirmations (R-IN-4) are sends of their own, not campaign parts
     sends = [s for s in ledger["sends"] if not s["text"].startswith("Tudo bem, não vamos mais")]
-    assert len(ledger["sends"]) - len(sends) <= 2  # the "PARE" lead's and the triaged opt-out's
+    assert len(ledger["sends"]) - len(sends) <= 3  # the two "PARE" leads' and the triaged opt-out's
     assert ledger["summary"]["duplicate_sends"] == 0 and ledger["summary"]["early_retries"] == 0
     assert collections.Counter((s["instance"], s["number"], s["text"]) for s in sends).most_common(1)[0][1] == 1
     sent_keys = sorted(
@@ -167,7 +184,7 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
             """SELECT p.provider_message_id FROM message_parts p
                                                       JOIN campaign_messages m ON m.id = p.message_id
                                                      WHERE m.run_id = ANY(%s) AND p.status = 'sent'""",
-            (run_ids,),
+            (all_ids,),
         )
     )
     assert sent_keys == sorted(s["key_id"] for s in sends if s["outcome"] == "ok")
@@ -181,11 +198,53 @@ def _assert_outcome(conn, result: dict, output: str, sb) -> None:
     assert not [r for r in ledger["requests"] if r.get("number") == demo.OPTS_OUT.lstrip("+")]
 
     # the report of each run, text and picture
-    assert len(result["pictures"]) == 2 and not result["report_missing"]
+    assert len(result["pictures"]) == 3 and not result["report_missing"]
     for path in result["pictures"]:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for run_id in run_ids:
+    for run_id in all_ids:
         assert f"report of run {run_id}" in output
+    _assert_follow_up(conn, seq, ledger, output)
+
+
+def _assert_follow_up(conn, seq: dict, ledger: dict, output: str) -> None:
+    """R-SEQ-3: the follow-up wrote to exactly the silent leads of Contacted, each from the number
+    of its first touch (R-POOL-2), counted who it left out, and its prompts carry the first message."""
+    (follow_id,) = seq["run_ids"]
+    assert seq["status"] == "completed"
+    # who answered left Contacted (the welcome campaign's reply column, the comeback campaign's AI
+    # triage), so the follow-up never even considered them: none is left to exclude by a rule; the
+    # triage scene's away message (out_of_office) stayed and is followed up (E-36)
+    moved_by_triage = sum(1 for _, intent, _ in demo_triage.REPLIES if intent != "out_of_office")
+    assert _rows(
+        conn,
+        """SELECT excluded_too_recent, excluded_replied, excluded_opted_out, leads_total
+             FROM campaign_runs WHERE id = %s""",
+        (follow_id,),
+    ) == [(0, 0, 0, WELCOME_LEADS + COMEBACK_LEADS - 6 - moved_by_triage)]
+    followed = _rows(
+        conn,
+        """SELECT l.phone, l.last_reply_at IS NULL AND NOT l.opted_out, m.status, m.inbox_id,
+                  (SELECT f.inbox_id FROM campaign_messages f WHERE f.lead_id = m.lead_id AND f.run_id <> m.run_id)
+             FROM campaign_messages m JOIN leads l ON l.id = m.lead_id WHERE m.run_id = %s""",
+        (follow_id,),
+    )
+    assert all(silent and status == "sent" for _, silent, status, _, _ in followed), followed
+    assert not {phone for phone, *_ in followed} & (set(seq["answered"]) | {demo.OPTS_OUT_BY_REPLY})
+    assert all(inbox == first_inbox for *_, inbox, first_inbox in followed)  # sticky: the same number
+    assert {inbox for *_, inbox, _ in followed} == set(
+        i for (i,) in _rows(conn, "SELECT id FROM inboxes WHERE name IN ('sales-1', 'sales-2')")
+    )
+    prompts = [
+        r["messages"]
+        for r in ledger["requests"]
+        if r.get("route") == "chat" and r.get("status") == 200 and r.get("messages")
+    ]
+    follow_ups = [m for m in prompts if "<conversation>" in m[-1]["content"]]
+    assert len(follow_ups) >= len(followed)
+    for system, user in ((m[0]["content"], m[-1]["content"]) for m in follow_ups):
+        assert "<conversation>" not in system and "name:" not in system  # lead data only in the user message
+        assert "\nus: " in user
+    assert "one LLM request of the follow-up" in output and "<conversation>" in output
 
 
 def test_demo_embedded_pgserver_and_stub_broker(sb, tmp_path):
@@ -217,7 +276,8 @@ def test_demo_embedded_pgserver_and_stub_broker(sb, tmp_path):
         conn = psycopg2.connect(server.get_uri("campaign_demo"))
         try:
             assert _rows(conn, "SELECT count(*) FROM workspaces") == [(1,)]
-            assert _rows(conn, "SELECT count(*) FROM campaign_runs") == [(2,)]  # the first run's are gone
+            # the first run's are gone: the two first touches and the follow-up of this one
+            assert _rows(conn, "SELECT count(*) FROM campaign_runs") == [(3,)]
             _assert_outcome(conn, result, output, sb)
         finally:
             conn.close()

@@ -301,3 +301,28 @@ def test_daily_limit_and_fractional_gaps():
     now = dt.datetime(2026, 6, 10, 9, 0, tzinfo=UTC)
     times, overflow = _plan(now, "UTC", 0, 1440, gmin=0.05, gmax=0.2, limit=300, n=1000)
     assert len(times) == 300 and overflow == 700
+
+
+# --------------------------------------------------------------------------------------------
+# min_days_in_column: local days (R-SEQ-1)
+
+
+def test_entered_before_is_the_local_midnight_min_days_minus_one_days_back():
+    """R-SEQ-1: eligible on ``day`` = entered on local day ``day - N`` or earlier, so the bound is the
+    local midnight starting ``day - N + 1``; N = 0 is no bound."""
+    from campaign.planner import entered_before
+
+    assert entered_before(dt.date(2026, 6, 11), "America/Sao_Paulo", 0) is None
+    assert entered_before(dt.date(2026, 6, 11), "America/Sao_Paulo", 1) == dt.datetime(2026, 6, 11, 3, tzinfo=dt.UTC)
+    assert entered_before(dt.date(2026, 6, 11), "America/Sao_Paulo", 3) == dt.datetime(2026, 6, 9, 3, tzinfo=dt.UTC)
+    assert entered_before(dt.date(2026, 6, 11), "Asia/Tokyo", 1) == dt.datetime(2026, 6, 10, 15, tzinfo=dt.UTC)
+
+
+def test_entered_before_counts_days_across_dst_by_local_midnights():
+    """R-SEQ-1 over a DST change: New York springs forward on 2026-03-08; a 1-day follow-up on the
+    9th counts from its local midnight (04:00 UTC, EDT), on the 8th from the 8th's (05:00 UTC, EST):
+    the day of the change is 23 h long and still one day."""
+    from campaign.planner import entered_before
+
+    assert entered_before(dt.date(2026, 3, 9), "America/New_York", 1) == dt.datetime(2026, 3, 9, 4, tzinfo=dt.UTC)
+    assert entered_before(dt.date(2026, 3, 9), "America/New_York", 2) == dt.datetime(2026, 3, 8, 5, tzinfo=dt.UTC)

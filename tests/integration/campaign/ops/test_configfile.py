@@ -204,6 +204,17 @@ BROKEN = [
         "workspaces.\"acme corp\": 'acme corp' is not a valid workspace name",
     ),
     (_edit("active = true", "active = 1"), f"{CAMPAIGN}.active: must be true or false"),
+    # a follow-up's keys (R-SEQ-1/2)
+    (
+        _edit("active = true", "active = true\nmin_days_in_column = -1"),
+        f"{CAMPAIGN}.min_days_in_column: -1 is out of range 0..3650",
+    ),
+    (
+        _edit("active = true", "active = true\nmin_days_in_column = 1.5"),
+        f"{CAMPAIGN}.min_days_in_column: must be an integer",
+    ),
+    (_edit("active = true", "active = true\nhistory = 51"), f"{CAMPAIGN}.history: 51 is out of range 0..50"),
+    (_edit("active = true", 'active = true\nhistory = "6"'), f"{CAMPAIGN}.history: must be an integer"),
     (_edit("daily_limit = 200", "daily_limit = = 200"), "invalid TOML"),
     # E-20: naming an inbox / column that only exists in another workspace
     (
@@ -478,3 +489,19 @@ def test_campaign_with_a_pool_of_inboxes(clean_db):
     apply_text(EXAMPLE + POOL_INBOX)
     assert _pool_of("first-touch") == ["sales-1"]
     assert CampaignConfig.get(name="first-touch").version == 3
+
+
+def test_follow_up_keys_are_applied_and_default_to_no_wait_and_no_history(clean_db):
+    """R-SEQ-1/2: ``min_days_in_column`` and ``history`` are stored; omitted, they are 0 (a first touch);
+    changing one is a change of the campaign (version + 1)."""
+    apply_text(EXAMPLE)
+    c = CampaignConfig.get(name="first-touch")
+    assert (c.min_days_in_column, c.history, c.skip_if_replied) == (0, 0, True)
+    follow = EXAMPLE.replace(
+        "active = true", "active = true\nmin_days_in_column = 3\nhistory = 6\nskip_if_replied = false"
+    )
+    summary = apply_text(follow)
+    assert summary.updated["campaign"] == ["acme/first-touch (version 2)"]
+    c = CampaignConfig.get(name="first-touch")
+    assert (c.min_days_in_column, c.history, c.skip_if_replied) == (3, 6, False)
+    assert apply_text(follow).changed is False
