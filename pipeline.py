@@ -695,9 +695,14 @@ def _send_step(
     if _retry_after_pending(ctx, settings):
         return SendOutcome(False, None)
     attempt = uuid.uuid4()
+    # The inbox's first send ever starts its warm-up ramp (R-HEALTH-1): same statement, no extra
+    # round trip; once set, the inboxes row is only read (its WHERE is false), never locked.
     claimed = _one(
-        """UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
-                      WHERE id = %s AND status IN ('pending', 'failed') RETURNING id""",
+        """WITH p AS (UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
+                       WHERE id = %s AND status IN ('pending', 'failed') RETURNING id, inbox_id),
+                first AS (UPDATE inboxes SET first_send_at = now()
+                           WHERE id = (SELECT inbox_id FROM p) AND first_send_at IS NULL RETURNING id)
+           SELECT id FROM p""",
         (str(attempt), part_id),
     )
     if claimed is None:

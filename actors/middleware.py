@@ -157,6 +157,20 @@ class DeadLetters(Middleware):
             )
 
 
+def _back_to_pending(message_id: int, delay: float) -> bool:
+    """A ``sending`` message with no part out yet back to ``pending``, due in ``delay`` seconds."""
+    row = db.execute_sql(
+        """UPDATE campaign_messages m SET status = 'pending', status_changed_at = now(), wake_at = NULL,
+                  scheduled_at = greatest(m.scheduled_at, now() + make_interval(secs => %s))
+            WHERE m.id = %s AND m.status = 'sending'
+              AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.message_id = m.id
+                                 AND p.status IN ('sent', 'sending', 'in_doubt'))
+            RETURNING m.id""",
+        (delay, message_id),
+    ).fetchone()
+    return row is not None
+
+
 class RateLimitUnavailable(MiddlewareError):
     """The shared pacing state could not be read or the delayed copy not published: do not run."""
 
@@ -211,6 +225,12 @@ class RateLimits(Middleware):
             self._local.grant = grant if kind == "inbox" else None
             return
         delay = grant.wait
+        if kind == "inbox" and delay > self.settings.dispatch_horizon_seconds and message.args:
+            # A cap (hourly, daily, warm-up) holds the inbox longer than the dispatch horizon and
+            # this message has not started: it goes back to PostgreSQL, `pending` and due when the
+            # inbox has room (R-DISP-2, issue 22), its text and parts kept for then.
+            if _back_to_pending(int(message.args[0]), delay):
+                raise SkipMessage(f"inbox capped for {delay:.0f}s: back to pending until then")
         parked = delay > MAX_BROKER_DELAY_SECONDS
         log.debug("rate limited %s args=%s: retry in %.2fs", message.actor_name, message.args, delay)
         if message.args:

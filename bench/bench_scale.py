@@ -8,8 +8,9 @@ leads in its source column; ``--history`` sent messages in completed runs of ear
 same config, so the planner's "not already messaged" check meets all of them). Then
 ``planner.plan_run`` plans today's run (timed; every lead eligible, none overflowing), and
 ``dispatch.dispatch_due`` claims the 500 first due messages (timed, repeated, publish left out:
-the claim is the statement under test). The claim's statement is captured as the engine runs it
-and explained (in a transaction rolled back); the plan must use an index on campaign_messages.
+the claim is the statement under test). The claim's search (the due messages, ``FOR UPDATE SKIP
+LOCKED``; the just-in-time capacity check and the UPDATE by id follow it) is captured as the engine
+runs it and explained (in a transaction rolled back); the plan must use an index on campaign_messages.
 
 References measured in the same run: a bare ``INSERT ... SELECT`` of as many message rows (the
 floor under planning) and a single-row UPDATE by primary key (the floor under one claim).
@@ -203,7 +204,8 @@ def main() -> int:
         finally:
             statements = dbcount.stop_capture()
         q("UPDATE campaign_messages SET status = 'pending' WHERE run_id = %s AND status = 'queued'", (run.id,))
-        claim_sql = next((s for s in statements if "status = 'queued'" in str(s[0])), None)
+        # the claim's search: the due messages, locked (SKIP LOCKED); the UPDATE that follows is by id
+        claim_sql = next((s for s in statements if "SKIP LOCKED" in str(s[0])), None)
         if claim_sql is None:
             raise SystemExit("error: the claim statement was not seen: did dispatch_due change?")
         conn = db.connection()

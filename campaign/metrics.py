@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from campaign import health
+from campaign import capacity, health
 from campaign.db import db
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ INBOX_CAP_HOUR = Gauge(
 )
 INBOX_CAP_DAY = Gauge(
     "campaign_inbox_max_per_day",
-    "The inbox's daily cap (absent when uncapped)",
+    "The inbox's effective daily cap now: warm-up ramp included (absent when uncapped)",
     ["workspace", "inbox"],
     registry=DB_REGISTRY,
 )
@@ -297,9 +297,9 @@ _PARTS_SQL = """
       JOIN workspaces w ON w.id = c.workspace_id
      GROUP BY 1, 2, 3"""
 
-_INBOXES_SQL = """
-    SELECT w.name AS workspace, i.name AS inbox, i.connection_state, i.disabled, i.max_per_hour, i.max_per_day,
-           i.health_state, i.id,
+_INBOXES_SQL = f"""
+    SELECT w.name AS workspace, i.name AS inbox, i.connection_state, i.disabled, {capacity.hourly_cap_sql("i")},
+           {capacity.daily_cap_sql("i")}, i.health_state, i.id,
            coalesce(extract(epoch FROM now() - i.disconnected_since), 0) AS disconnected_s,
            (SELECT count(*) FROM message_parts p
              WHERE p.inbox_id = i.id AND p.status = 'sent' AND p.sent_at > now() - interval '1 hour') AS sent_hour,
@@ -307,7 +307,7 @@ _INBOXES_SQL = """
              WHERE p.inbox_id = i.id AND p.status = 'sent' AND p.sent_at > now() - interval '1 day') AS sent_day,
            coalesce((SELECT json_object_agg(e.outcome, e.n) FROM (
                SELECT outcome, count(*) AS n FROM inbound_events WHERE inbox_id = i.id GROUP BY outcome) e),
-               '{}'::json) AS inbound
+               '{{}}'::json) AS inbound
       FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"""
 
 _OPS_SQL = """

@@ -26,10 +26,19 @@ uniformly in ``[gap_min, gap_max]`` (microsecond resolution, never below ``gap_m
 time is before the window end and the count below ``min(daily_limit, n_leads)``.
 ``len(times) + overflow == n_leads`` always: overflow counts eligible leads NOT scheduled (daily
 limit or window too short, E-05); they stay in the source column for the next run.
+
+Within every cap (issue 22, R-HEALTH-1)
+---------------------------------------
+Each inbox of the pool gets only what its caps allow (:mod:`campaign.capacity`): its effective
+daily cap today (warm-up ramp included) minus the sends every campaign already planned on it for
+the day, in messages of :func:`~campaign.capacity.expected_parts` sends; and a gap floor from its
+hourly cap, so no hour of its schedule holds more sends than the cap. What does not fit is
+overflow, like a window too short.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import itertools
@@ -40,9 +49,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from campaign import capacity
 from campaign.db import db
 from campaign.errors import PlanError, RunStateError
-from campaign.pools import Assignment, Member, assign, gap_us, paced_times
+from campaign.pools import Assignment, Member, assign, capped_member, gap_us, paced_times
 from campaign.sequence import EXCLUSION_RULES, REPLIED_SQL
 from campaign.settings import Settings, get_settings
 from campaign.sql import inbox_hands_over
@@ -239,16 +249,18 @@ class _Config:
     broken: str | None  # why a run of this config cannot start (R-PLAN-5), None when fine
     skip_if_replied: bool = True  # R-IN-3
     min_days_in_column: int = 0  # R-SEQ-1
+    parts: int = 1  # sends one message is planned to take (capacity.expected_parts)
 
     @property
     def label(self) -> str:
         return f"{self.workspace}/{self.name}"
 
 
-_CONFIG_SQL = """
+_CONFIG_SQL = f"""
     SELECT c.id, c.workspace_id, w.name, c.name, c.inbox_id, c.source_column_id, c.target_column_id,
            c.weekdays, c.window_start_minute, c.window_end_minute, c.timezone, c.daily_limit,
            c.gap_min_seconds, c.gap_max_seconds, c.active,
+           {capacity.expected_parts_sql("c")},
            i.id IS NOT NULL, i.workspace_id = c.workspace_id,
            sc.id IS NOT NULL, sc.workspace_id = c.workspace_id,
            tc.id IS NOT NULL, tc.workspace_id = c.workspace_id,
@@ -277,6 +289,7 @@ def _config_from_row(row: Sequence) -> _Config:
         gmin,
         gmax,
         active,
+        parts,
         inbox_ok,
         inbox_same,
         src_ok,
@@ -323,6 +336,7 @@ def _config_from_row(row: Sequence) -> _Config:
         broken,
         bool(skip_if_replied),
         int(min_days),
+        int(parts),
     )
 
 
@@ -412,35 +426,50 @@ _LEADS_SQL = f"""
                    OR m.status = 'in_doubt'))
      ORDER BY l.id"""
 
-# The pool of a config with each member's remaining capacity of the day (R-POOL-2): its daily cap
-# minus the messages every campaign planned on it for that day (skipped ones never sent anything).
-_POOL_SQL = """
-    SELECT p.inbox_id, p.position, i.max_per_day - (
-               SELECT count(*) FROM campaign_messages m
-                WHERE m.inbox_id = p.inbox_id AND m.scheduled_at >= %s AND m.scheduled_at < %s
-                  AND m.status <> 'skipped') AS remaining,
-           {hands_over} AS down
+# The pool of a config with each member's caps at the planning instant (R-POOL-2, R-HEALTH-1):
+# its effective daily cap (warm-up ramp, health) and hourly cap, and the sends every campaign
+# already planned on it for the day: a message not started counts its campaign's expected parts,
+# a started or finished one the parts it sent or still has to send (skipped ones sent nothing);
+# and whether it hands its work over (R-POOL-3).
+_POOL_SQL = f"""
+    SELECT p.inbox_id, p.position, {capacity.daily_cap_sql("i", "%(at)s")} AS day_cap,
+           {capacity.hourly_cap_sql("i")} AS hour_cap,
+           (SELECT coalesce(sum(CASE WHEN m.status IN ('pending', 'queued', 'generating', 'splitting')
+                                     THEN {capacity.expected_parts_sql("c2")}
+                                     ELSE (SELECT count(*) FROM message_parts mp
+                                            WHERE mp.message_id = m.id
+                                              AND (mp.status IN ('sent', 'sending', 'in_doubt')
+                                                   OR (mp.status = 'pending' AND m.status = 'sending'))) END), 0)
+              FROM campaign_messages m
+              JOIN campaign_runs r2 ON r2.id = m.run_id
+              JOIN campaign_configs c2 ON c2.id = r2.config_id
+             WHERE m.inbox_id = p.inbox_id AND m.scheduled_at >= %(day_start)s AND m.scheduled_at < %(day_end)s
+               AND m.status <> 'skipped') AS planned_sends,
+           {{hands_over}} AS down
       FROM campaign_config_inboxes p JOIN inboxes i ON i.id = p.inbox_id
-     WHERE p.config_id = %s
+     WHERE p.config_id = %(config)s
      ORDER BY p.position"""
 
 
-def _pool(config_id: int, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
-    """The pool's members with their room of the day. A member that hands its work over (disabled,
-    or disconnected for POOL_FAILOVER_SECONDS, R-POOL-3) gets no room while another member could
-    take it: its sticky leads wait for it, the rest go to the others (a pool of members all down
-    plans as before, and its run pauses)."""
+def _pool(cfg: _Config, now: dt.datetime, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
+    """The pool's members within their caps of the day (issue 22, R-HEALTH-1). A member that hands
+    its work over (disabled, restricted, or disconnected for POOL_FAILOVER_SECONDS, R-POOL-3) gets
+    no room while another member could take it: its sticky leads wait for it, the rest go to the
+    others (a pool of members all down plans as before, and its run pauses)."""
     sql = _POOL_SQL.format(hands_over=inbox_hands_over(get_settings().pool_failover_seconds))
-    rows = db.execute_sql(sql, (day_start, day_end, config_id)).fetchall()
+    rows = db.execute_sql(sql, {"at": now, "day_start": day_start, "day_end": day_end, "config": cfg.id}).fetchall()
     usable = any(not down for *_, down in rows)
-    return [
-        Member(int(i), int(pos), 0 if down and usable else (None if rem is None else int(rem)))
-        for i, pos, rem, down in rows
-    ]
+    members = []
+    for i, pos, day_cap, hour_cap, planned, down in rows:
+        member = capped_member(int(i), int(pos), day_cap, hour_cap, int(planned), cfg.parts)
+        members.append(dataclasses.replace(member, remaining=0) if down and usable else member)
+    return members
 
 
-#: a config's pool with each member's room of the day: what planning uses, and what failover uses (R-POOL-3)
-pool_members = _pool
+def pool_members(config_id: int, day_start: dt.datetime, day_end: dt.datetime) -> list[Member]:
+    """A config's pool with each member's room of the day, as planning sees it now: what failover
+    uses (R-POOL-3)."""
+    return _pool(_load_config(config_id), dt.datetime.now(UTC), day_start, day_end)
 
 
 def _insert_run(cfg: _Config, day: dt.date, status: str, manual: bool, failure: str | None = None) -> int | None:
@@ -549,7 +578,7 @@ def plan_run(
         lead_ids = [r[0] for r in rows if r[1] and r[3] is None]
         sticky = {r[0]: r[2] for r in rows if r[1] and r[3] is None and r[2] is not None}
         bad_phones = sum(1 for r in rows if not r[1] and r[3] is None)
-        plan = _assign(cfg, now, zone, lead_ids, sticky, _pool(cfg.id, *whole_day), rng)
+        plan = _assign(cfg, now, zone, lead_ids, sticky, _pool(cfg, now, *whole_day), rng)
         times = plan.times
         overflow = plan.overflow
         if times:

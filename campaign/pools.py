@@ -15,8 +15,12 @@ Assignment (R-POOL-2) takes the leads in planning order:
 
 Each member draws its own schedule with the campaign's gaps (:func:`paced_times`): the pacing is
 per inbox, so a pool of N numbers sends about N times as many messages in one window, each number
-at a human pace. The campaign's ``daily_limit`` caps the total. Times are drawn lazily, only for
-messages that get planned, and the choice of member is a heap: O(n log m) for n leads, m members.
+at a human pace. A member whose hourly cap allows fewer messages than the campaign's gaps would
+send paces at its own floor instead (``Member.gap_floor``, :func:`campaign.capacity.gap_floor_seconds`):
+both gap bounds are raised to it, so its plan never asks an hour for more sends than its cap
+(issue 22); its ``remaining`` room already counts its daily (warm-up) cap in messages. The
+campaign's ``daily_limit`` caps the total. Times are drawn lazily, only for messages that get
+planned, and the choice of member is a heap: O(n log m) for n leads, m members.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from campaign import capacity
 from campaign.errors import PlanError
 
-__all__ = ["Member", "Assignment", "assign", "paced_times", "gap_us", "share"]
+__all__ = ["Member", "Assignment", "assign", "capped_member", "paced_times", "gap_us", "share"]
 
 #: the room of an uncapped member: more than any day can hold
 _UNBOUNDED = 1 << 62
@@ -74,6 +79,28 @@ class Member:
     inbox_id: int
     position: int
     remaining: int | None
+    gap_floor: float = 0.0  # least gap between two of its messages (its hourly cap), seconds
+
+    def gaps(self, gap_min: float, gap_max: float) -> tuple[float, float]:
+        """The campaign's gap bounds on this member: both raised to its floor."""
+        return max(gap_min, self.gap_floor), max(gap_max, self.gap_floor)
+
+
+def capped_member(
+    inbox_id: int, position: int, day_cap: int | None, hour_cap: int | None, planned_sends: int, parts: int
+) -> Member:
+    """A pool member within its caps, for a campaign whose messages take ``parts`` sends (issue 22).
+
+    Its room: the effective daily cap minus the sends already planned on it that day, in whole
+    messages; its gap floor: what its hourly cap allows. A cap that cannot take even one message
+    leaves it no room.
+    """
+    parts = max(1, parts)
+    remaining = None if day_cap is None else max(0, day_cap - planned_sends) // parts
+    floor = capacity.gap_floor_seconds(hour_cap, parts)
+    if floor is None:
+        return Member(inbox_id, position, 0)
+    return Member(inbox_id, position, remaining, floor)
 
 
 @dataclass
@@ -108,7 +135,10 @@ class _Slots:
         self.left = {m.inbox_id: (_UNBOUNDED if m.remaining is None else max(0, m.remaining)) for m in members}
         self.count = dict.fromkeys(self.left, 0)
         self.position = {m.inbox_id: m.position for m in members}
-        self.times = {m.inbox_id: paced_times(start, end, gap_min=gaps[0], gap_max=gaps[1], rng=rng) for m in members}
+        self.times: dict[int, Iterator[dt.datetime]] = {}
+        for m in members:
+            lo, hi = m.gaps(*gaps)
+            self.times[m.inbox_id] = paced_times(start, end, gap_min=lo, gap_max=hi, rng=rng)
         self.full: set[int] = set()
 
     def key(self, inbox_id: int) -> tuple[int, int, int, int]:
@@ -199,7 +229,8 @@ def _assign_one(
     """A pool of one: every lead (sticky or not) on that inbox, within its room, the window and the limit."""
     room = _UNBOUNDED if member.remaining is None else max(0, member.remaining)
     count = min(len(lead_ids), daily_limit, room)
-    times = list(itertools.islice(paced_times(start, end, gap_min=gap_min, gap_max=gap_max, rng=rng), count))
+    lo, hi = member.gaps(gap_min, gap_max)
+    times = list(itertools.islice(paced_times(start, end, gap_min=lo, gap_max=hi, rng=rng), count))
     planned = list(lead_ids[: len(times)])
     return Assignment(planned, [member.inbox_id] * len(times), times, len(lead_ids) - len(times), 0)
 

@@ -2,7 +2,8 @@
 
 Per inbox: one send in flight (a lease with an expiry, so a crashed holder cannot block the
 inbox forever), a minimum gap between consecutive sends (measured from the end of the last
-one), and sliding hour/day caps counted from the inbox's own send history. Per OpenRouter
+one), and sliding hour/day caps counted from the inbox's own send history — the effective caps of
+:mod:`campaign.capacity` (warm-up ramp, health multiplier; R-HEALTH-1). Per OpenRouter
 key: requests per minute. Acquiring is one statement; a refusal says how long to wait.
 """
 
@@ -15,8 +16,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from campaign.capacity import daily_cap_sql, hourly_cap_sql
 from campaign.db import db
-from campaign.sql import health_cap, health_gap_factor
+from campaign.sql import health_gap_factor
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +26,11 @@ log = logging.getLogger(__name__)
 _SENT_WINDOW = """(SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id
                    AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '{w}')"""
 
-# A throttled inbox (R-HEALTH-2) has its caps halved and its gap doubled for its cool-down.
+# A throttled inbox (R-HEALTH-2) has its gap doubled for its cool-down; its caps are halved by
+# campaign.capacity's health multiplier (the effective caps: warm-up and health, R-HEALTH-1/2).
 _GAP = f"make_interval(secs => i.min_gap_seconds * {health_gap_factor('i')})"
-_PER_HOUR = health_cap("max_per_hour")
-_PER_DAY = health_cap("max_per_day")
+_HOUR_CAP = hourly_cap_sql("i")
+_DAY_CAP = daily_cap_sql("i")
 
 _ACQUIRE_INBOX = f"""
 UPDATE rate_limits rl SET lease_token = %(token)s, lease_until = now() + make_interval(secs => %(lease)s),
@@ -37,8 +40,8 @@ WHERE rl.key = %(key)s AND i.id = %(inbox)s
   AND (rl.lease_until IS NULL OR rl.lease_until < now())
   AND (rl.blocked_until IS NULL OR rl.blocked_until <= now())
   AND (rl.last_at IS NULL OR rl.last_at + {_GAP} <= now())
-  AND ({_PER_HOUR} IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_PER_HOUR})
-  AND ({_PER_DAY} IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_PER_DAY})
+  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_HOUR_CAP})
+  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_DAY_CAP})
 RETURNING rl.key"""
 
 #: expected wait when another send of the inbox is in flight (its lease says only the worst case)
@@ -50,11 +53,11 @@ SELECT rl.key IS NOT NULL,
     coalesce(extract(epoch FROM rl.last_at + {_GAP} - now()), 0)::float,
     greatest(0,
       extract(epoch FROM rl.blocked_until - now()),
-      CASE WHEN {_PER_HOUR} IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= {_PER_HOUR} THEN
+      CASE WHEN i.max_per_hour IS NOT NULL AND {_SENT_WINDOW.format(w="1 hour")} >= {_HOUR_CAP} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 hour')
             + interval '1 hour' - now()) END,
-      CASE WHEN {_PER_DAY} IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= {_PER_DAY} THEN
+      CASE WHEN i.max_per_day IS NOT NULL AND {_SENT_WINDOW.format(w="1 day")} >= {_DAY_CAP} THEN
         extract(epoch FROM (SELECT min(p.sending_at) FROM message_parts p WHERE p.inbox_id = i.id
             AND p.status IN ('sent', 'in_doubt', 'sending') AND p.sending_at > now() - interval '1 day')
             + interval '1 day' - now()) END)::float,

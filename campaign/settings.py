@@ -219,6 +219,12 @@ class Settings:
     dispatch_batch_size: int = field(
         default=200, metadata={"env": "DISPATCH_BATCH_SIZE", "parse": _int_in("DISPATCH_BATCH_SIZE", 1, 1000)}
     )
+    #: a message is claimed for generation only when its inbox's caps let it send within this
+    #: long; otherwise it stays pending and its due time moves to when they will (R-DISP-2)
+    dispatch_horizon_seconds: float = field(
+        default=120.0,
+        metadata={"env": "DISPATCH_HORIZON_SECONDS", "parse": _float_in("DISPATCH_HORIZON_SECONDS", 1, 3600)},
+    )
     dispatch_interval_seconds: float = field(
         default=1.0,
         metadata={"env": "DISPATCH_INTERVAL_SECONDS", "parse": _float_in("DISPATCH_INTERVAL_SECONDS", 0.1, 60)},

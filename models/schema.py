@@ -589,7 +589,29 @@ V12 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12)
+V13 = Migration(
+    13,
+    "warm-up ramps: start cap, days and first send of an inbox (R-HEALTH-1, E-34)",
+    (
+        # warmup = { start_per_day, days } (both or neither); the ramp needs max_per_day to grow to
+        # and starts no higher than it (campaign.capacity draws the curve).
+        "ALTER TABLE inboxes ADD COLUMN warmup_start_per_day integer CHECK (warmup_start_per_day > 0)",
+        "ALTER TABLE inboxes ADD COLUMN warmup_days integer CHECK (warmup_days > 0)",
+        """ALTER TABLE inboxes ADD CONSTRAINT inboxes_warmup_check CHECK (
+        (warmup_start_per_day IS NULL) = (warmup_days IS NULL)
+        AND (warmup_start_per_day IS NULL
+             OR (max_per_day IS NOT NULL AND warmup_start_per_day <= max_per_day)))""",
+        # The instant the inbox first started a send: day 0 of its ramp. Set by the send step the
+        # first time a part goes `sending`; an inbox that already sent takes its oldest send.
+        "ALTER TABLE inboxes ADD COLUMN first_send_at timestamptz",
+        """UPDATE inboxes i SET first_send_at = s.first
+             FROM (SELECT inbox_id, min(sending_at) AS first FROM message_parts
+                    WHERE status IN ('sent', 'in_doubt', 'sending') GROUP BY inbox_id) s
+            WHERE s.inbox_id = i.id""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -81,6 +81,9 @@ class Inbox(BaseModel):
     health_until = DateTimeTZField(null=True)  # the cool-down's end (None while healthy)
     health_reason = TextField(null=True)
     health_counted_from = DateTimeTZField(null=True)  # problems before this are forgiven (`inbox enable`)
+    warmup_start_per_day = IntegerField(null=True)  # R-HEALTH-1: day 0 cap of the warm-up ramp
+    warmup_days = IntegerField(null=True)  # days of the ramp up to max_per_day
+    first_send_at = DateTimeTZField(null=True)  # day 0 of the ramp: the inbox's first send
 
     class Meta:
         table_name = "inboxes"

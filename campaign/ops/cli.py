@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import peewee
 from rich.text import Text
 
-from campaign import health, inboxes, planner, runs
+from campaign import capacity, health, inboxes, planner, runs
 from campaign.db import db, init_db
 from campaign.errors import ConfigError, EngineError
 from campaign.inbound.triage import INTENTS
@@ -510,6 +510,34 @@ def _members_table(members: list[monitor.MemberStatus]) -> RenderableType:
     return t
 
 
+def _inbox_days(days: list[capacity.InboxDay]) -> RenderableType:
+    """Per inbox, its capacity in sends: caps (warm-up day), used, planned, left (issue 22, R-HEALTH-1)."""
+    from rich.table import Table
+
+    t = Table(title="inbox capacity (sends; caps count every part)", title_justify="left")
+    for col in ("inbox", "cap today", "warm-up", "hour: used/cap", "used 24h", "planned", "left"):
+        t.add_column(col, justify="left" if col in ("inbox", "warm-up") else "right", overflow="fold")
+
+    def cap(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    for d in days:
+        warm = f"day {d.warmup_day} of {d.warmup.days}" if d.warmup and d.warmup_day is not None else "-"
+        if d.warmup and d.warmup_day is not None and d.warmup_day >= d.warmup.days:
+            warm = "done"
+        left = d.left
+        t.add_row(
+            _plain(d.label),
+            cap(d.day_cap),
+            warm,
+            f"{d.used_hour}/{cap(d.hour_cap)}",
+            str(d.used_day),
+            str(d.planned),
+            Text("-" if left is None else str(left), style="red" if left is not None and left < 0 else ""),
+        )
+    return t
+
+
 def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     """The rich renderable of a status snapshot; every value from outside goes in as plain Text."""
     from rich.console import Group
@@ -558,6 +586,8 @@ def render_status(snap: monitor.StatusSnapshot) -> RenderableType:
     parts.append(runs if snap.runs else Text("no run in progress"))
     if snap.members:
         parts.append(_members_table(snap.members))
+    if snap.capacity_days:
+        parts.append(_inbox_days(snap.capacity_days))
 
     if snap.queues or snap.queue_error:
         queues = Table(title="queues (ready messages)", title_justify="left")

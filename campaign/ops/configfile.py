@@ -45,7 +45,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee
 
-from campaign import leadtext, optout
+from campaign import capacity, leadtext, optout
 from campaign.db import db
 from campaign.errors import ConcurrentChangeError, ConfigError, ConfigFileError  # noqa: F401  (re-exported: the names callers know)
 from campaign.sequence import HISTORY_MAX
@@ -87,6 +87,7 @@ class InboxSpec:
     max_per_day: int | None
     min_gap_seconds: float
     path: str
+    warmup: capacity.Warmup | None = None  # R-HEALTH-1: warmup = { start_per_day, days }
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class ApplySummary:
     updated: dict[str, list[str]] = field(default_factory=dict)
     unchanged: dict[str, list[str]] = field(default_factory=dict)
     kept: dict[str, list[str]] = field(default_factory=dict)  # in the database, not in the file: untouched
+    warnings: list[str] = field(default_factory=list)  # applied, but worth a look (issue 22: gaps vs caps)
 
     def add(self, outcome: str, kind: str, name: str) -> None:
         """Record ``name`` of ``kind`` under ``outcome`` (created/updated/unchanged/kept)."""
@@ -191,6 +193,7 @@ class ApplySummary:
             )
         if not self.changed:
             out.append("nothing changed")
+        out.extend(f"warning: {w}" for w in self.warnings)
         return out
 
 
@@ -310,7 +313,7 @@ def _type(value: Any) -> str:
 
 
 _WS_KEYS = {"columns", "inboxes", "campaigns", "opt_out_phrases", "opt_out_reply"}
-_INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds"}
+_INBOX_KEYS = {"instance", "max_per_hour", "max_per_day", "min_gap_seconds", "warmup"}
 _CAMPAIGN_KEYS = {
     "inbox",
     "inboxes",
@@ -351,9 +354,28 @@ def _inbox(ck: _Checker, name: str, raw: Any, path: str) -> InboxSpec | None:
     per_hour = ck.integer(t["max_per_hour"], f"{path}.max_per_hour", 1) if "max_per_hour" in t else None
     per_day = ck.integer(t["max_per_day"], f"{path}.max_per_day", 1) if "max_per_day" in t else None
     gap = ck.number(t["min_gap_seconds"], f"{path}.min_gap_seconds", 0, 3600) if "min_gap_seconds" in t else 1.0
+    warmup = _warmup(ck, t["warmup"], f"{path}.warmup", per_day, "max_per_day" in t) if "warmup" in t else None
     if len(ck.errors) > n or instance is None or gap is None:
         return None
-    return InboxSpec(name, instance, per_hour, per_day, gap, path)
+    return InboxSpec(name, instance, per_hour, per_day, gap, path, warmup)
+
+
+def _warmup(ck: _Checker, raw: Any, path: str, per_day: int | None, has_per_day: bool) -> capacity.Warmup | None:
+    """``warmup = { start_per_day = 20, days = 14 }`` (R-HEALTH-1): a ramp up to ``max_per_day``."""
+    t = ck.table(raw, path, {"start_per_day", "days"}, {"start_per_day", "days"})
+    if t is None or "start_per_day" not in t or "days" not in t:
+        return None
+    start = ck.integer(t["start_per_day"], f"{path}.start_per_day", 1)
+    days = ck.integer(t["days"], f"{path}.days", 1, 3650)
+    if start is None or days is None:
+        return None
+    if not has_per_day:
+        ck.err(path, "needs max_per_day on the inbox: the ramp grows from start_per_day to max_per_day")
+        return None
+    if per_day is not None and start > per_day:
+        ck.err(f"{path}.start_per_day", f"{start} must not exceed max_per_day ({per_day})")
+        return None
+    return capacity.Warmup(start, days)
 
 
 def _bounds(ck: _Checker, raw: Any, path: str, default: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -945,30 +967,36 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
                     summary.add("kept", "column", f"{s.name}/{name}")
 
         inboxes = {
-            name: (iid, (inst, ph, pd, gap))
-            for iid, name, inst, ph, pd, gap in db.execute_sql(
-                "SELECT id, name, instance_name, max_per_hour, max_per_day, min_gap_seconds FROM inboxes "
-                "WHERE workspace_id = %s",
+            name: (iid, (inst, ph, pd, gap, ws_start, ws_days))
+            for iid, name, inst, ph, pd, gap, ws_start, ws_days in db.execute_sql(
+                "SELECT id, name, instance_name, max_per_hour, max_per_day, min_gap_seconds, "
+                "warmup_start_per_day, warmup_days FROM inboxes WHERE workspace_id = %s",
                 (ws_id,),
             )
         }
         file_inboxes = {i.name for i in s.inboxes}
         for i in s.inboxes:
-            values = (i.instance, i.max_per_hour, i.max_per_day, i.min_gap_seconds)
+            warm = (i.warmup.start_per_day, i.warmup.days) if i.warmup else (None, None)
+            values = (i.instance, i.max_per_hour, i.max_per_day, i.min_gap_seconds, *warm)
             if i.name not in inboxes:
                 iid = db.execute_sql(
                     """INSERT INTO inboxes (workspace_id, name, instance_name, max_per_hour, max_per_day,
-                                            min_gap_seconds) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id""",
+                                            min_gap_seconds, warmup_start_per_day, warmup_days)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
                     (ws_id, i.name, *values),
                 ).fetchone()[0]
                 inboxes[i.name] = (iid, values)
                 summary.add("created", "inbox", f"{s.name}/{i.name}")
             elif inboxes[i.name][1] != values:
+                # first_send_at is the number's history, not configuration: a new or changed
+                # warm-up keeps counting from the inbox's first send (R-HEALTH-1)
                 db.execute_sql(
                     """UPDATE inboxes SET instance_name = %s, max_per_hour = %s, max_per_day = %s,
-                                         min_gap_seconds = %s WHERE id = %s""",
+                                         min_gap_seconds = %s, warmup_start_per_day = %s, warmup_days = %s
+                        WHERE id = %s""",
                     (*values, inboxes[i.name][0]),
                 )
+                inboxes[i.name] = (inboxes[i.name][0], values)
                 summary.add("updated", "inbox", f"{s.name}/{i.name}")
             else:
                 summary.add("unchanged", "inbox", f"{s.name}/{i.name}")
@@ -999,6 +1027,7 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
             triage_maps.setdefault(int(cid), {})[intent] = int(column_id)
         file_campaigns = {c.name for c in s.campaigns}
         for c in s.campaigns:
+            summary.warnings.extend(_cap_warnings(s.name, c, {n: inboxes[n][1] for n in c.pool}))
             triage_map = {intent: columns[name][0] for intent, name in (c.triage.columns if c.triage else ())}
             pool = [inboxes[name][0] for name in c.pool]
             values = _campaign_values(
@@ -1047,6 +1076,45 @@ def _apply(specs: list[WorkspaceSpec]) -> ApplySummary:
             if name not in file_campaigns and s.campaigns:
                 summary.add("kept", "campaign", f"{s.name}/{name}")
     return summary
+
+
+def _cap_warnings(workspace: str, c: CampaignSpec, caps: dict[str, tuple]) -> list[str]:
+    """Where a campaign's gaps or daily limit ask for more than its inboxes' caps allow (issue 22).
+
+    Not an error: the planner keeps every inbox within its caps (wider gaps, overflow); the
+    operator should know the campaign will send less than its file suggests. ``caps`` maps each
+    pool member to its ``(instance, max_per_hour, max_per_day, min_gap, warmup start, warmup days)``.
+    """
+    out: list[str] = []
+    label = f"{workspace}/{c.name}"
+    parts = capacity.expected_parts(c.split_enabled, c.max_parts)
+    per = f"{parts} sends per message (split.max_parts)" if parts > 1 else "1 send per message"
+    day_caps: list[int] = []
+    for name, (_inst, per_hour, per_day, *_rest) in caps.items():
+        if per_hour is not None:
+            floor = capacity.gap_floor_seconds(per_hour, parts)
+            asked = 3600.0 / c.gap_min_seconds * parts if c.gap_min_seconds > 0 else math.inf
+            if floor is None:
+                out.append(
+                    f"campaign {label}: inbox {name} has max_per_hour = {per_hour}, less than one message of "
+                    f"{per}: nothing will be planned on it"
+                )
+            elif asked > per_hour:
+                asked_txt = "unbounded" if math.isinf(asked) else f"{asked:,.0f}"
+                out.append(
+                    f"campaign {label}: gap_seconds.min = {c.gap_min_seconds:g} s asks inbox {name} for up to "
+                    f"{asked_txt} sends/hour ({per}) but its max_per_hour is {per_hour}: its messages will be "
+                    f"planned at least {floor:g} s apart ({per_hour // parts} per hour), the rest is overflow"
+                )
+        if per_day is not None:
+            day_caps.append(per_day)
+    if day_caps and len(day_caps) == len(caps) and c.daily_limit * parts > sum(day_caps):
+        out.append(
+            f"campaign {label}: daily_limit = {c.daily_limit} ({c.daily_limit * parts:,} sends, {per}) is more than "
+            f"its inboxes' max_per_day allow: {sum(day_caps):,} sends a day (less while warming up); "
+            "the rest is overflow"
+        )
+    return out
 
 
 def _write_pool(config_id: int, workspace_id: int, pool: list[int]) -> None:

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from campaign import failover, health, steps
+from campaign import capacity, failover, health, steps
 from campaign.db import db
 from campaign.health import ReplyRatio
 from campaign.inboxes import InboxRow, list_inboxes
@@ -230,6 +230,7 @@ class StatusSnapshot:
     alerts: list[Alert] = field(default_factory=list)
     listening: Listening | None = None
     members: list[MemberStatus] = field(default_factory=list)  # the pools of the runs in progress (R-POOL-4)
+    capacity_days: list[capacity.InboxDay] = field(default_factory=list)  # each inbox's day (issue 22, R-HEALTH-1)
     #: reply triage (R-IN-5): (last 24 h, total); None when no reply was ever triaged
     triage: tuple[triage_view.TriageSummary, triage_view.TriageSummary] | None = None
     #: every inbox with its state and caps (R-HEALTH-4) and its 7-day reply ratio (R-HEALTH-3)
@@ -390,6 +391,7 @@ def status_snapshot(settings: Settings, *, with_queues: bool = True, now: dt.dat
     snap = StatusSnapshot(now, runs, queues, queue_error, in_doubt, failed)
     snap.members = pool_members(active)
     snap.listening = listening(now=now)
+    snap.capacity_days = capacity.inbox_days()
     recent, total = triage_view.since(now - LISTENING_RECENT), triage_view.since(None)
     snap.triage = None if total.empty else (recent, total)
     snap.inboxes = list_inboxes()

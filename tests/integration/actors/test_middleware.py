@@ -120,3 +120,68 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
     copies: list = []
     recovery.recovery_sweep(settings, publish=lambda queue, args: copies.extend(args))
     assert copies == [], "the sweep copied a message that was only waiting its turn"
+
+
+def test_a_send_held_by_a_cap_past_the_horizon_goes_back_to_pending_not_to_the_delay_queue(clean_db):
+    """R-DISP-2 / issue 22: a not-started message whose inbox's daily cap is spent waits in PostgreSQL
+    (`pending`, due when the cap has room, text and parts kept), not in a `.DQ` loop; a message whose
+    first part went out keeps its place (it finishes on its inbox)."""
+    import types
+
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+    from dramatiq.middleware import SkipMessage
+
+    from actors.middleware import RateLimits
+    from models import CampaignMessage, MessagePart
+    from tests.integration.pipeline_helpers import fast_settings
+
+    settings = fast_settings()
+    w, msg = sending_message()
+    ibx = w.inboxes[0]
+    db.execute_sql("UPDATE inboxes SET max_per_day = 1 WHERE id = %s", (ibx.id,))
+    other = f.message(w.run, f.lead(w.ws, w.cols["New"]), inbox=ibx.id, status="sent", sent_at=db_now())
+    MessagePart.create(
+        message=other.id, inbox=ibx.id, idx=0, text="x", status="sent", sending_at=db_now(), sent_at=db_now()
+    )
+
+    class Broker:
+        enqueued: list = []
+
+        def get_actor(self, name):
+            return types.SimpleNamespace(options={"rate_limit": "inbox"})
+
+        def enqueue(self, message, delay=None):
+            self.enqueued.append((message, delay))
+
+    def attempt() -> None:
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=steps.SEND_PART.queue, actor_name="send_part", args=(msg.id, ibx.id), kwargs={}, options={}
+        )
+        try:
+            RateLimits(settings).before_process_message(cast(dramatiq.Broker, Broker()), MessageProxy(message))
+            raise AssertionError("the daily cap is spent: the message must not run")
+        except SkipMessage:
+            pass
+
+    attempt()
+    back = CampaignMessage.get_by_id(msg.id)
+    assert back.status == "pending" and back.generated_text  # its text kept for when it is dispatched again
+    assert (back.scheduled_at - db_now()).total_seconds() > 23 * 3600
+    assert Broker.enqueued == []
+    assert [p.status for p in MessagePart.select().where(MessagePart.message == msg.id)] == ["pending"]
+
+    # started (a part out): it stays `sending` and waits in the delay queue / PostgreSQL as before
+    db.execute_sql("UPDATE campaign_messages SET status = 'sending' WHERE id = %s", (msg.id,))
+    MessagePart.create(message=msg.id, inbox=ibx.id, idx=1, text="y", status="pending")
+    db.execute_sql(
+        "UPDATE message_parts SET status = 'sent', sent_at = now(), sending_at = now() - interval '1 minute' "
+        "WHERE message_id = %s AND idx = 0",
+        (msg.id,),
+    )
+    attempt()
+    assert CampaignMessage.get_by_id(msg.id).status == "sending"
+
+
+def db_now():
+    return db.execute_sql("SELECT now()").fetchone()[0]
