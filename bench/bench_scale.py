@@ -105,14 +105,18 @@ def main() -> int:
     p.add_argument("--history", type=int, default=1_000_000, help="historical message rows")
     p.add_argument("--repeat", type=int, default=9, help="timed claims (median reported)")
     p.add_argument("--quick", action="store_true", help="20,000 leads, 200,000 historical rows")
+    p.add_argument(
+        "--pool", type=int, default=10, help="inboxes in the campaign's sender pool (R-POOL; issue 15 plans with 10)"
+    )
     args = p.parse_args()
     if args.quick:
         args.leads, args.history = min(args.leads, 20_000), min(args.history, 200_000)
-    if args.leads < CLAIM or args.history < 0 or args.repeat < 1:
-        p.error(f"--leads must be >= {CLAIM}, --history >= 0, --repeat >= 1")
+    if args.leads < CLAIM or args.history < 0 or args.repeat < 1 or not 1 <= args.pool <= 100:
+        p.error(f"--leads must be >= {CLAIM}, --history >= 0, --repeat >= 1, --pool 1..100")
     header(
         "T-PERF-4 scale: planning and one dispatcher claim",
-        f"{args.leads} eligible leads, {args.history} historical message rows, claim of {CLAIM}",
+        f"{args.leads} eligible leads, a sender pool of {args.pool} inbox(es), {args.history} historical "
+        f"message rows, claim of {CLAIM}",
     )
     with BenchServices("scale"):
         from campaign import planner
@@ -121,7 +125,7 @@ def main() -> int:
 
         settings = get_settings()
         db.connect(reuse_if_open=True)
-        world = create_world("scale", 1, min_gap=0.0)
+        world = create_world("scale", args.pool, min_gap=0.0)
         # Today's schedule must fit the whole list: gaps of 0..20 ms from 00:00:30 UTC (about
         # 17 minutes for 100,000 leads), inside an always-open window.
         config_id = create_config(
@@ -134,6 +138,12 @@ def main() -> int:
             daily_limit=args.leads,
             active=True,
         )
+        for position, inbox_id in enumerate(world.inbox_ids[1:], start=1):  # the pool (R-POOL-1)
+            q(
+                """INSERT INTO campaign_config_inboxes (config_id, inbox_id, workspace_id, position)
+                   VALUES (%s, %s, %s, %s)""",
+                (config_id, inbox_id, world.ws_id, position),
+            )
         t = time.perf_counter()
         load_history(world, config_id, args.leads, args.history)
         row(
