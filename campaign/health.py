@@ -12,7 +12,7 @@ state         entered when (sliding hour, both conditions)             effect
 healthy       the cool-down ended with no new problem, or             none
               ``cli.py inbox enable``
 throttled     >= HEALTH_THROTTLE_ERRORS problems and >= HEALTH_          caps halved, minimum gap doubled
-              THROTTLE_RATIO of the hour's attempts                    (``campaign.sql.health_cap``)
+              THROTTLE_RATIO of the hour's attempts                    (``campaign.capacity``)
 restricted    >= HEALTH_RESTRICT_ERRORS and >= HEALTH_RESTRICT_RATIO   no send starts: runs pause
                                                                        ``inbox_restricted`` (or fail over),
                                                                        alert ``inbox_restricted``

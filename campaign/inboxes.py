@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from campaign import failover, health, runs
+from campaign.capacity import daily_cap_sql
 from campaign.db import db
 from campaign.errors import (
     InboxCommandError,
@@ -31,7 +32,6 @@ from campaign.errors import (
 from campaign.settings import get_settings
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
-from campaign.sql import health_cap
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class InboxChange:
 _INBOX_SQL = f"""
     SELECT i.id, w.name, i.name, i.instance_name, i.connection_state, i.disconnected_since, i.disabled,
            i.disabled_reason, i.consecutive_failures, i.health_state, i.health_since, i.health_until,
-           i.health_reason, i.max_per_hour, i.max_per_day, {health_cap("max_per_day")},
+           i.health_reason, i.max_per_hour, i.max_per_day, {daily_cap_sql("i")},
            (SELECT count(*) FROM message_parts p WHERE p.inbox_id = i.id AND p.status IN ('sent', 'in_doubt', 'sending')
                AND p.sending_at > now() - interval '1 day')
       FROM inboxes i JOIN workspaces w ON w.id = i.workspace_id"""

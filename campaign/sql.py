@@ -37,12 +37,6 @@ def health_gap_factor(alias: str = "i") -> str:
     return f"(CASE WHEN {alias}.health_state = 'throttled' THEN 2 ELSE 1 END)"
 
 
-def health_cap(column: str, alias: str = "i") -> str:
-    """The effective value of the cap ``alias.column`` (NULL: uncapped): halved while throttled, at least 1."""
-    halved = f"greatest(1, floor({alias}.{column} * {health_cap_factor(alias)}))::int"
-    return f"(CASE WHEN {alias}.{column} IS NULL THEN NULL ELSE {halved} END)"
-
-
 def fetch_one(sql: str, params: Sequence[Any] | dict = ()) -> tuple | None:
     """The first row of ``sql`` (None when it returns none)."""
     return db.execute_sql(sql, params).fetchone()
