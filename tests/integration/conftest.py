@@ -76,10 +76,42 @@ def clean_db(services) -> Iterator[None]:
         "scheduler_heartbeats",
     )
     with db.connection_context():
-        # no RESTART IDENTITY: a stale broker message of an earlier test must never meet a reused id
-        db.execute_sql(f"TRUNCATE {', '.join(tables)} CASCADE")
+        # DELETE, children first, not TRUNCATE ... CASCADE: the same rows go (every table that
+        # references these, as CASCADE would), but in a few milliseconds where TRUNCATE takes
+        # ~0.15 s (new files for 20 tables and their indexes), once per test. Sequences go on, as
+        # without RESTART IDENTITY: a stale broker message of an earlier test never meets a reused id.
+        with db.atomic():
+            for table in _delete_order(db, tables):
+                db.execute_sql(f"DELETE FROM {table}")
     with db.connection_context():
         yield
+
+
+_DELETE_ORDERS: dict[tuple[str, ...], list[str]] = {}
+
+
+def _delete_order(db, tables: tuple[str, ...]) -> list[str]:
+    """``tables`` and every table that references them (transitively), referencing tables first."""
+    if tables not in _DELETE_ORDERS:
+        edges = db.execute_sql(
+            """SELECT conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint
+                WHERE contype = 'f' AND conrelid <> confrelid"""
+        ).fetchall()
+        wanted = set(tables)
+        while True:  # what TRUNCATE ... CASCADE would empty too
+            more = {child for child, parent in edges if parent in wanted} - wanted
+            if not more:
+                break
+            wanted |= more
+        order: list[str] = []
+        left = set(wanted)
+        while left:  # a table goes once nothing left still references it
+            ready = sorted(t for t in left if not any(p == t and c in left for c, p in edges))
+            assert ready, f"foreign keys in a cycle among {sorted(left)}: clean_db cannot order its DELETEs"
+            order += ready
+            left -= set(ready)
+        _DELETE_ORDERS[tables] = order
+    return _DELETE_ORDERS[tables]
 
 
 @pytest.fixture(scope="session")
