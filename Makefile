@@ -39,8 +39,12 @@ services: venv
 	@scripts/ensure_services.sh > $(VENV)/services.env
 
 # The whole suite on real PostgreSQL + RabbitMQ: each run makes its own database and vhost.
+# scripts/test_suite.sh: TEST_WORKERS processes (pytest-xdist, each its own database and vhost),
+# then the tests marked `exclusive` alone (the chaos CI variant restarts the machine's RabbitMQ);
+# TEST_WORKERS=0: one process, as plain pytest.
+TEST_WORKERS ?= 2
 test: services $(PROMTOOL)
-	set -a; . ./$(VENV)/services.env; set +a; $(PY) -m pytest $(PYTEST_ARGS)
+	set -a; . ./$(VENV)/services.env; set +a; TEST_WORKERS=$(TEST_WORKERS) scripts/test_suite.sh $(PY) $(PYTEST_ARGS)
 
 # The whole engine end to end: real services when DATABASE_URL / RABBITMQ_URL answer (its own
 # database and vhost), else embedded PostgreSQL (pgserver) + StubBroker. Never starts services.
@@ -50,7 +54,8 @@ demo: venv
 # The same suite with every engine queue a quorum queue (R-SCALE-1): what a RabbitMQ cluster runs.
 # Its own target (it doubles the time of `make test`); the cluster itself is T-REL-3 in the suite.
 test-quorum: services $(PROMTOOL)
-	set -a; . ./$(VENV)/services.env; set +a; RABBITMQ_QUEUE_TYPE=quorum $(PY) -m pytest $(PYTEST_ARGS)
+	set -a; . ./$(VENV)/services.env; set +a; RABBITMQ_QUEUE_TYPE=quorum TEST_WORKERS=$(TEST_WORKERS) \
+	  scripts/test_suite.sh $(PY) $(PYTEST_ARGS)
 
 # SPEC §7 benchmarks (T-PERF-1..6) and the webhook under hostile load (issue 23), one after the
 # other, each on its own database + vhost (+ sandbox + workers where it needs them); each prints

@@ -26,6 +26,10 @@ from tests.integration import factories as f
 from tests.integration.pipeline_helpers import assert_counters_match, fast_settings, run_counters
 from tests.integration.workers import quorum_engine_on, wait_for
 
+# three more RabbitMQ nodes and worker processes on a 2-core machine, and a node SIGKILLed: make
+# test runs it after the parallel part, alone
+pytestmark = pytest.mark.exclusive
+
 TOTAL = 500
 
 

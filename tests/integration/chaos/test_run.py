@@ -14,8 +14,14 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from chaos import faults
 from tests import ROOT
+
+# it stops and starts the machine's RabbitMQ (rabbitmqctl stop_app / start_app): no other test may
+# run beside it (make test runs it after the parallel part, alone)
+pytestmark = pytest.mark.exclusive
 
 CI_BUDGET_S = 240  # the CI variant must finish within 4 minutes
 
