@@ -12,12 +12,14 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import httpx
 import pytest
 
 import pipeline
 from campaign.db import db
 from campaign.errors import ConfigError
 from campaign.ops import report
+from clients.evolution import EvolutionClient
 from models import CampaignMessage, CampaignRun, Lead
 from tests import ROOT
 from tests.integration.pipeline_helpers import (
@@ -31,6 +33,7 @@ from tests.integration.pipeline_helpers import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK_READ = httpx.Timeout(connect=2.0, read=0.5, write=2.0, pool=2.0)
 LONG_TEXT = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
 
 
@@ -65,7 +68,12 @@ def finished(clean_db, sb, llm, evo):
             CampaignMessage.update(generated_text=LONG_TEXT).where(CampaignMessage.id == m.id).execute()
         if m is doubt:
             sb.set_faults(send={"rate_accept_then_hang": 1.0}, hang_seconds=3.0)
-        drive(m.id, settings, llm, evo)
+            # the hung send is ambiguous once the client's read times out: after 0.5 s, not the
+            # 2 s of ``evo`` (this fixture is set up for every test of the module)
+            with EvolutionClient(sb.evolution_url, sb.evolution_key, timeout=QUICK_READ) as quick:
+                drive(m.id, settings, llm, quick)
+        else:
+            drive(m.id, settings, llm, evo)
         if m is doubt:
             sb.set_faults(send={"rate_accept_then_hang": 0.0})
     assert len(parts_of(long_one.id)) >= 2
