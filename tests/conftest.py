@@ -3,7 +3,9 @@
 Importing the ``actors`` package builds the engine's broker from the environment once per process.
 The integration run points the environment at its own vhost in a session fixture
 (tests/integration/conftest.py); a unit test that imported ``actors`` first would leave the broker
-on another vhost, and every publish of the integration tests would go there.
+on another vhost, and every publish of the integration tests would go there. Under pytest-xdist
+(make test) each worker process is handed tests in this order too (its default ``load`` scheduling
+sends the pending tests front first), so none runs a unit test before an integration test.
 """
 
 from __future__ import annotations

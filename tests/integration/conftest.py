@@ -1,7 +1,8 @@
 """Test harness on the REAL services (DESIGN #7).
 
 Each pytest session gets its own PostgreSQL database and its own RabbitMQ vhost, created here
-and dropped at the end, so concurrent runs and leftovers never see each other. A missing
+and dropped at the end, so concurrent runs and leftovers never see each other; under pytest-xdist
+(make test) each worker process is a session of its own, with its own database, vhost and sandbox. A missing
 service is an error, never a skip: in CI it must fail the run.
 
 Where the services are: TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
