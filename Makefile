@@ -40,7 +40,8 @@ services: venv
 
 # The whole suite on real PostgreSQL + RabbitMQ: each run makes its own database and vhost.
 # scripts/test_suite.sh: TEST_WORKERS processes (pytest-xdist, each its own database and vhost),
-# then the tests marked `exclusive` alone (the chaos CI variant restarts the machine's RabbitMQ);
+# then the tests marked `exclusive` or `in_order` in one process, alone (the chaos CI variant
+# restarts the machine's RabbitMQ; test_webhook.py's last tests read what its earlier ones left);
 # TEST_WORKERS=0: one process, as plain pytest.
 TEST_WORKERS ?= 2
 test: services $(PROMTOOL)

@@ -33,6 +33,10 @@ from tests import ROOT
 from tests.integration import factories as f
 from webhook import openapi_document
 
+# its last tests read what the earlier ones left (the fuzz tallies, the receiver's log): the module
+# runs whole, in order, in one process (make test runs it after the parallel part)
+pytestmark = pytest.mark.in_order
+
 SECRET = "whsec-" + "".join(random.choices(string.ascii_letters + string.digits, k=24))
 WRONG = "wrong-" + "".join(random.choices(string.ascii_letters, k=24))
 INSTANCE = "acme-1"  # the instance of make_parts' inbox, named by envelope()
