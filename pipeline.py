@@ -57,7 +57,7 @@ from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
 from campaign.sequence import HISTORY_COLUMN
 from campaign.settings import Settings
-from campaign.sql import async_commit
+from campaign.sql import async_commit, prepared
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
@@ -99,6 +99,12 @@ def _back_to_wait(message_id: int, from_status: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # dispatch (scheduler side)
+
+
+def prepared_async(sql: str) -> str:
+    """A hot statement of the chain committed asynchronously (see campaign.sql.ASYNC_COMMIT for
+    when that is allowed), run prepared (campaign.db.prepared)."""
+    return prepared(async_commit(sql))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +220,7 @@ _SEND_CONTEXT_SQL = _context_sql(
     "m.id = %(id)s", extra_columns=f"{_SEND_COLUMNS}, {_SEND_READY} AS ready", extra_joins=_NEXT_PART_JOIN
 )
 
+# hot: prepared once per connection (campaign.db.prepared: no parse or plan per send)
 _SEND_CLAIM_SQL = f"""
 WITH ctx AS (
     {_SEND_CONTEXT_SQL}
@@ -236,6 +243,7 @@ WITH ctx AS (
      WHERE id = (SELECT inbox_id FROM part) AND first_send_at IS NULL RETURNING id
 )
 SELECT ctx.*, EXISTS (SELECT 1 FROM slot) AS slot_taken, EXISTS (SELECT 1 FROM part) AS claimed FROM ctx"""
+prepared(_SEND_CLAIM_SQL)
 
 
 def _claim(
@@ -271,13 +279,15 @@ def _claim(
                       WHERE {needs})"""
     # async commit: a lost claim only repeats the step, which has no outside effect before it
     # calls the LLM again (campaign.sql.ASYNC_COMMIT)
-    sql = async_commit(f"""
+    sql = prepared(
+        async_commit(f"""
         WITH claimed AS (
             UPDATE campaign_messages SET status = %(to)s, status_changed_at = now(),
                 wake_at = now() + make_interval(secs => %(lease)s)
             WHERE id = %(id)s AND status = ANY(%(from)s) RETURNING id
         ), {ratelimit.minute_ctes(gate)}
         SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget""")
+    )
     waited = 0.0
     for _ in range(_CLAIM_TRIES):
         took_local = llm_budget is not None and ratelimit.take_local(key)
@@ -604,7 +614,7 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
         return False
     # async commit: a lost text is generated again (tokens spent twice, nothing sent)
     row = _one(
-        async_commit("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+        prepared_async("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
                   WHERE id = %s AND status = 'generating' RETURNING id"""),
@@ -679,7 +689,7 @@ def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = F
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
     # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        async_commit("""
+        prepared_async("""
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -1099,7 +1109,7 @@ def _record_sent_part(
     # async commit: a lost `sent` record leaves the part `sending` (its mark was committed
     # synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
     row = _one(
-        async_commit(
+        prepared_async(
             """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending'
                              RETURNING id, message_id, text, provider_message_id),"""

@@ -174,3 +174,29 @@ def test_a_started_message_goes_on_through_a_disabled_inbox(clean_db, sb, llm, e
     assert pipeline.send_step(m.id, settings, evo, pace=_no_wait).sent
     assert CampaignMessage.get_by_id(m.id).status == "sent"
     assert len(sb.ledger()["sends"]) == 2
+
+
+def test_the_chain_s_hot_statements_run_prepared(clean_db, sb, llm, evo, settings, caplog):
+    """T-PERF-1: the chain's statements are parsed and planned once per connection (campaign.db.prepared):
+    after a message went through every step, each of them is a prepared statement of the session
+    and none was refused by PostgreSQL (a parameter of unknown type would make it run unprepared)."""
+    from campaign import db as dbmod
+
+    w = make_world(split=True, max_parts=2, part_gap_min_seconds=0, part_gap_max_seconds=0)
+    (m,) = w.add_leads(1)
+    _connected(w.inboxes[0].id)
+    db.execute_sql("UPDATE campaign_messages SET status = 'queued' WHERE id = %s", (m.id,))
+    with caplog.at_level("WARNING", logger="campaign.db"):
+        assert pipeline.generate_step(m.id, settings, llm, paced=True)
+        db.execute_sql("UPDATE campaign_messages SET generated_text = %s WHERE id = %s", (LONG_TEXT, m.id))
+        assert pipeline.split_step(m.id, settings, llm, paced=True)
+        while pipeline.send_step(m.id, settings, evo, pace=_no_wait).next_delay is not None:
+            pass
+    assert CampaignMessage.get_by_id(m.id).status == "sent" and len(parts_of(m.id)) == 2
+    assert "cannot be prepared" not in caplog.text
+    session = {r[0] for r in db.execute_sql("SELECT name FROM pg_prepared_statements").fetchall()}
+    hot = {h.name for h in dbmod._hot.values() if h is not None}
+    send_claim = dbmod._hot[pipeline._SEND_CLAIM_SQL]
+    assert send_claim is not None and send_claim.name in session, session
+    # generate claim + record, split claim + record, send claim, part record, finish: all prepared here
+    assert len(hot & session) >= 7, (hot & session, hot)
