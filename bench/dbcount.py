@@ -71,9 +71,27 @@ def _statement(query: Any) -> str:
     return _by_name.get(name, text)
 
 
+_labels: dict[str, str] = {}  # statement text -> label (the engine's statements repeat: cached)
+_writes: dict[str, bool] = {}  # statement text -> whether it writes
+
+
 def _label(query: Any) -> str:
-    text = _SPACES.sub(" ", _statement(query)).strip()
-    return text[:90]
+    text = _statement(query)
+    label = _labels.get(text)
+    if label is None:
+        label = _SPACES.sub(" ", text[:400]).strip()[:90]
+        if len(_labels) < 10_000:  # a text with its parameters inlined repeats less: bounded
+            _labels[text] = label
+    return label
+
+
+def _writes_something(text: str) -> bool:
+    wrote = _writes.get(text)
+    if wrote is None:
+        wrote = bool(_WRITE.search(text))
+        if len(_writes) < 10_000:
+            _writes[text] = wrote
+    return wrote
 
 
 def _track_commit(connection: Any, query: Any) -> None:
@@ -94,7 +112,7 @@ def _track_commit(connection: Any, query: Any) -> None:
                 _count_commit(actor, state[2])
             state[:] = [False, False, False]
             return
-        wrote = bool(_WRITE.search(text))
+        wrote = _writes_something(text)
         if state[0]:
             state[1] = state[1] or wrote
             state[2] = state[2] or asynchronous

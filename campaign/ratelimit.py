@@ -9,6 +9,7 @@ key: requests per minute. Acquiring is one statement; a refusal says how long to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -91,6 +92,7 @@ def inbox_key(inbox_id: int) -> str:
     return f"inbox:{inbox_id}"
 
 
+@functools.lru_cache(maxsize=16)
 def openrouter_key(api_key: str) -> str:
     """The rate-limit key of an OpenRouter API key (hashed: keys never stored or logged)."""
     return "openrouter:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
