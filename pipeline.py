@@ -101,10 +101,10 @@ def _back_to_wait(message_id: int, from_status: str) -> bool:
 # dispatch (scheduler side)
 
 
-def prepared_async(sql: str) -> str:
+def prepared_async(sql: str, label: str) -> str:
     """A hot statement of the chain committed asynchronously (see campaign.sql.ASYNC_COMMIT for
-    when that is allowed), run prepared (campaign.db.prepared)."""
-    return prepared(async_commit(sql))
+    when that is allowed), run prepared (campaign.db.prepared) under ``label``."""
+    return prepared(async_commit(sql), label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ WITH ctx AS (
      WHERE id = (SELECT inbox_id FROM part) AND first_send_at IS NULL RETURNING id
 )
 SELECT ctx.*, EXISTS (SELECT 1 FROM slot) AS slot_taken, EXISTS (SELECT 1 FROM part) AS claimed FROM ctx"""
-prepared(_SEND_CLAIM_SQL)
+prepared(_SEND_CLAIM_SQL, "send_claim")  # chaos/services.py finds sends in flight by this name
 
 
 def _claim(
@@ -614,10 +614,13 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
         return False
     # async commit: a lost text is generated again (tokens spent twice, nothing sent)
     row = _one(
-        prepared_async("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+        prepared_async(
+            """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'generating' RETURNING id"""),
+                  WHERE id = %s AND status = 'generating' RETURNING id""",
+            "generate_record",
+        ),
         (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
     )
     return row is not None
@@ -689,7 +692,8 @@ def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = F
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
     # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        prepared_async("""
+        prepared_async(
+            """
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -709,7 +713,9 @@ def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = F
             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
             RETURNING id
         )
-        SELECT m.id, (SELECT count(*) FROM ins) FROM m"""),
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+            "split_record",
+        ),
         {
             "ms": _ms(started),
             "id": message_id,
@@ -1122,7 +1128,8 @@ def _record_sent_part(
                       status_changed_at = now(),
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM part) RETURNING id"""
+                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
+            "part_sent",
         ),
         (
             key_id,

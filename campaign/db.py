@@ -65,11 +65,14 @@ _hot: dict[str, _Hot | None] = {}  # SQL text -> how to run it prepared (None: c
 _hot_lock = threading.Lock()
 
 
-def prepared(sql: str) -> str:
+def prepared(sql: str, label: str = "stmt") -> str:
     """Mark ``sql`` (pyformat ``%(name)s`` or ``%s`` parameters, optionally prefixed with
-    ASYNC_COMMIT) as a hot statement run as a server-side prepared statement; returns it unchanged."""
+    ASYNC_COMMIT) as a hot statement run as a server-side prepared statement; returns it unchanged.
+    ``label`` names it where operators see it (``pg_stat_activity``: ``EXECUTE ce_<label>_<hash>(…)``)."""
     if sql in _hot:
         return sql
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", label):
+        raise ValueError(f"prepared statement label {label!r}: lower-case letters, digits and _ only")
     prefix, body = (ASYNC_COMMIT, sql[len(ASYNC_COMMIT) :]) if sql.startswith(ASYNC_COMMIT) else ("", sql)
     names: list[str] = []
     args: list[str] = []
@@ -92,11 +95,17 @@ def prepared(sql: str) -> str:
     numbered = _PARAM.sub(number, body)
     if names and positional:
         raise ValueError("a prepared statement uses named or positional parameters, not both")
-    name = "ce_" + hashlib.sha1(body.encode()).hexdigest()[:16]
+    name = f"ce_{label}_{hashlib.sha1(body.encode()).hexdigest()[:12]}"
     call = f"EXECUTE {name}({', '.join(args)})" if args else f"EXECUTE {name}"
     with _hot_lock:
         _hot[sql] = _Hot(name, f"PREPARE {name} AS {numbered}", prefix + call)
     return sql
+
+
+def prepared_name(sql: str) -> str | None:
+    """The server-side name of a hot statement (what ``pg_stat_activity`` shows it as: ``EXECUTE name(...)``)."""
+    hot = _hot.get(sql)
+    return hot.name if hot is not None else None
 
 
 def connect_kwargs(url: str) -> dict:

@@ -214,7 +214,7 @@ def finish_message(
     bare = last_part is None and params["lease_key"] is None and status != "sent"
     sql = _FINISH_BARE_SQL if bare else _FINISH_SQL
     # a hot statement (every message ends here): prepared once per connection (campaign.db.prepared)
-    row = _one(prepared(ASYNC_COMMIT + sql if async_commit else sql), params)
+    row = _one(prepared(ASYNC_COMMIT + sql if async_commit else sql, "finish"), params)
     if row is None:
         return None
     run_id, lead_id, src, tgt, old_col, run_status, pause_reason, _, _ = row
