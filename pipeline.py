@@ -286,7 +286,8 @@ def _claim(
                 wake_at = now() + make_interval(secs => %(lease)s)
             WHERE id = %(id)s AND status = ANY(%(from)s) RETURNING id
         ), {ratelimit.minute_ctes(gate)}
-        SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget""")
+        SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget"""),
+        f"claim_{to_status}",
     )
     waited = 0.0
     for _ in range(_CLAIM_TRIES):
