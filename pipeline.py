@@ -57,7 +57,7 @@ from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
 from campaign.sequence import HISTORY_COLUMN
 from campaign.settings import Settings
-from campaign.sql import async_commit
+from campaign.sql import async_commit, prepared
 from campaign.sql import fetch_named as _named
 from campaign.sql import fetch_one as _one
 from campaign.steps import MAX_BROKER_DELAY_SECONDS
@@ -79,6 +79,10 @@ log = logging.getLogger(__name__)
 # small helpers
 
 
+#: tries of a claim statement in one delivery before it is deferred (slot or budget contention, races)
+_CLAIM_TRIES = 50
+
+
 def _ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
@@ -95,6 +99,12 @@ def _back_to_wait(message_id: int, from_status: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # dispatch (scheduler side)
+
+
+def prepared_async(sql: str, label: str) -> str:
+    """A hot statement of the chain committed asynchronously (see campaign.sql.ASYNC_COMMIT for
+    when that is allowed), run prepared (campaign.db.prepared) under ``label``."""
+    return prepared(async_commit(sql), label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +195,55 @@ def _context_sql(where: str, *, extra_columns: str = "", extra_joins: str = "") 
     return f"SELECT {columns}{_CONTEXT_FROM}{extra_joins}\nWHERE {where}"
 
 
-# The send step's one read: the context, the inbox's state and the next part, in one statement (T-PERF-1).
-_SEND_CONTEXT_SQL = _context_sql("m.id = %s", extra_columns=_SEND_COLUMNS, extra_joins=_NEXT_PART_JOIN)
+# The send step's statement (T-PERF-7: one round trip takes the inbox's slot, claims the part and
+# reads the context). ``ready``: every check the step makes before a send would say yes — the
+# message is `sending` with a pending/failed next part; a message not started (next part 0) has
+# its run running and its lead in the source column; the lead exists, is not opted out and did
+# not answer; the inbox is not disabled or restricted; and (unless %(checked)s: the step has just
+# made those checks itself) no Retry-After can be pending (attempts 0) and the inbox's known
+# state is fresh and open. The slot is taken whenever it is free (%(pace)s: a worker's delivery
+# paces; a direct call does not), as the pacing middleware did before the step: a part found
+# `sending` is judged only while no send of its inbox is in flight. Only a ready message has its
+# part committed `sending`; otherwise the step settles it from the context with the checks in
+# _before_claim (rare: the paths that pause, skip or doubt) and claims again with %(checked)s.
+# The local window is checked right after the claim (its DST arithmetic lives in Python):
+# closed, the part goes back before any HTTP call.
+_SEND_READY = """(m.status = 'sending' AND np.status IN ('pending', 'failed') AND (%(checked)s OR (
+        l.id IS NOT NULL AND NOT coalesce(l.opted_out, false) AND m.stop_reason IS NULL
+        AND NOT coalesce(l.last_reply_at >= m.created_at, false)
+        AND NOT i.disabled AND i.health_state <> 'restricted'
+        AND (np.idx > 0 OR (r.status = 'running' AND l.column_id = c.source_column_id))
+        AND m.attempts = 0 AND i.connection_state NOT IN ('close', 'connecting')
+        AND i.state_checked_at > now() - make_interval(secs => %(max_age)s))))"""
+
+_SEND_CONTEXT_SQL = _context_sql(
+    "m.id = %(id)s", extra_columns=f"{_SEND_COLUMNS}, {_SEND_READY} AS ready", extra_joins=_NEXT_PART_JOIN
+)
+
+# hot: prepared once per connection (campaign.db.prepared: no parse or plan per send)
+_SEND_CLAIM_SQL = f"""
+WITH ctx AS (
+    {_SEND_CONTEXT_SQL}
+), slot AS (
+    UPDATE rate_limits rl SET {ratelimit.TAKE_SLOT}
+      FROM ctx, inboxes i
+     WHERE %(pace)s AND i.id = ctx.inbox_id AND rl.key = 'inbox:' || ctx.inbox_id
+       AND (rl.lease_token = %(token)s OR {ratelimit.SLOT_FREE})
+    RETURNING rl.key
+), part AS (
+    UPDATE message_parts p SET status = 'sending', attempt_id = %(attempt)s, sending_at = now()
+      FROM ctx
+     WHERE ctx.ready AND p.id = ctx.part_id AND p.status IN ('pending', 'failed')
+       AND (NOT %(pace)s OR EXISTS (SELECT 1 FROM slot))
+    RETURNING p.id, p.inbox_id
+), first AS (
+    -- the inbox's first send ever starts its warm-up ramp (R-HEALTH-1); once set, the row is
+    -- only read (its WHERE is false), never locked
+    UPDATE inboxes SET first_send_at = now()
+     WHERE id = (SELECT inbox_id FROM part) AND first_send_at IS NULL RETURNING id
+)
+SELECT ctx.*, EXISTS (SELECT 1 FROM slot) AS slot_taken, EXISTS (SELECT 1 FROM part) AS claimed FROM ctx"""
+prepared(_SEND_CLAIM_SQL, "send_claim")  # chaos/services.py finds sends in flight by this name
 
 
 def _claim(
@@ -197,6 +254,7 @@ def _claim(
     *,
     count_parts: bool = False,
     with_history: bool = False,
+    llm_budget: str | None = None,
 ) -> Context | None:
     """Move the message to ``to_status`` if it is in ``from_statuses``, and load its context.
 
@@ -205,27 +263,73 @@ def _claim(
     mid-step has its delivery redelivered by RabbitMQ, the sweep is only the safety net.
     ``count_parts``: ``ctx.parts_count`` is the number of parts the message already has (same statement).
     ``with_history``: ``ctx.history`` is the conversation a follow-up's prompt carries (same statement).
+    ``llm_budget``: SQL (over ``m``, ``c``) saying whether the step will call the LLM; the request
+    is then counted against the OpenRouter key's per-minute budget (R-RATE-1) — from this
+    process's block, or a new block taken in this same statement (T-PERF-7: no round trip of its
+    own). A budget spent for the minute makes the message wait (short: in the thread; else
+    deferred, no attempt spent) and returns None. None: no budget is counted (a direct call).
     """
     extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
+    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+    needs = llm_budget or "false"
+    extra.append(f"({needs}) AS llm_needed")
     context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
+    gate = f"""EXISTS (SELECT 1 FROM claimed JOIN campaign_messages m ON m.id = claimed.id
+                       JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
+                      WHERE {needs})"""
     # async commit: a lost claim only repeats the step, which has no outside effect before it
     # calls the LLM again (campaign.sql.ASYNC_COMMIT)
-    row = _named(
+    sql = prepared(
         async_commit(f"""
         WITH claimed AS (
-            UPDATE campaign_messages SET status = %s, status_changed_at = now(),
-                wake_at = now() + make_interval(secs => %s)
-            WHERE id = %s AND status = ANY(%s) RETURNING id
-        ) {context_sql}"""),
-        (to_status, settings.lease_seconds, message_id, list(from_statuses)),
+            UPDATE campaign_messages SET status = %(to)s, status_changed_at = now(),
+                wake_at = now() + make_interval(secs => %(lease)s)
+            WHERE id = %(id)s AND status = ANY(%(from)s) RETURNING id
+        ), {ratelimit.minute_ctes(gate)}
+        SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget"""),
+        f"claim_{to_status}",
     )
-    if row is None:
+    waited = 0.0
+    for _ in range(_CLAIM_TRIES):
+        took_local = llm_budget is not None and ratelimit.take_local(key)
+        params = {
+            "to": to_status,
+            "lease": settings.lease_seconds,
+            "id": message_id,
+            "from": list(from_statuses),
+            **ratelimit.minute_params(
+                key, settings.openrouter_requests_per_minute, take=llm_budget is not None and not took_local
+            ),
+        }
+        asked_at = time.monotonic()
+        row = _named(sql, params)
+        if row is None:
+            if took_local:
+                ratelimit.give_back_local(key)
+            return None
+        ctx = _context_from_row(row)
+        ctx.status = to_status
+        if count_parts:
+            ctx.parts_count = row["parts_count"]
+        if llm_budget is None or took_local or not row["llm_needed"]:
+            if took_local and not row["llm_needed"]:
+                ratelimit.give_back_local(key)
+            return ctx
+        grant = ratelimit.minute_outcome(key, row, asked_at)
+        if grant is None:
+            ratelimit.ensure_minute_row(key)  # the key's first request ever
+            continue
+        if grant.granted:
+            return ctx
+        if waited + grant.wait <= ratelimit.IN_THREAD_WAIT_SECONDS:
+            waited += grant.wait
+            time.sleep(grant.wait)
+            continue
+        # the minute's budget is spent: the message waits for the next one, no attempt spent
+        # (R-RATE-2); in the delay queue (raises Deferred) or, longer, parked in PostgreSQL
+        _wait(ctx, grant.wait, settings, "OpenRouter per-minute budget spent")
         return None
-    ctx = _context_from_row(row)
-    ctx.status = to_status
-    if count_parts:
-        ctx.parts_count = row["parts_count"]
-    return ctx
+    raise Deferred(0.1, "the OpenRouter budget stayed contended")
 
 
 def _context_from_row(row: dict[str, Any]) -> Context:
@@ -449,9 +553,27 @@ def _provider_pause(ctx: Context, exc: ProviderError) -> None:
 # Imported here, beside their only users, so this section merges independently of the rest.
 
 
-def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
-    """queued -> generating -> splitting: write the message text. True when split should follow."""
-    ctx = _claim(message_id, "generating", ("queued", "generating"), settings, with_history=True)
+#: the generate step calls the LLM (its request counts against the per-minute budget, R-RATE-1)
+_GENERATE_NEEDS_LLM = "m.generated_text IS NULL"
+#: the split step calls the LLM: a text long enough, split on, no parts yet (split_step's test, in SQL)
+_SPLIT_NEEDS_LLM = f"""m.generated_text IS NOT NULL AND c.split_enabled AND c.max_parts > 1
+    AND char_length(m.generated_text) > {int(SPLIT_BELOW_CHARS)}
+    AND NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = m.id)"""
+
+
+def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> bool:
+    """queued -> generating -> splitting: write the message text. True when split should follow.
+
+    ``paced``: the LLM request counts against the OpenRouter key's per-minute budget, taken in
+    the claim statement (a worker's delivery; a direct call is not paced)."""
+    ctx = _claim(
+        message_id,
+        "generating",
+        ("queued", "generating"),
+        settings,
+        with_history=True,
+        llm_budget=_GENERATE_NEEDS_LLM if paced else None,
+    )
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
         return False
@@ -493,10 +615,13 @@ def generate_step(message_id: int, settings: Settings, llm: LLM) -> bool:
         return False
     # async commit: a lost text is generated again (tokens spent twice, nothing sent)
     row = _one(
-        async_commit("""UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
+        prepared_async(
+            """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
                       status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
                       error_message = NULL, wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'generating' RETURNING id"""),
+                  WHERE id = %s AND status = 'generating' RETURNING id""",
+            "generate_record",
+        ),
         (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
     )
     return row is not None
@@ -517,9 +642,18 @@ def _advance(ctx: Context, to_status: str, settings: Settings) -> bool:
 # split (R-PIPE-2)
 
 
-def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
-    """splitting -> sending: store the parts. Returns the inbox id when sending should follow."""
-    ctx = _claim(message_id, "splitting", ("splitting",), settings, count_parts=True)
+def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> int | None:
+    """splitting -> sending: store the parts. Returns the inbox id when sending should follow.
+
+    ``paced``: as in :func:`generate_step` (only a split that calls the LLM counts a request)."""
+    ctx = _claim(
+        message_id,
+        "splitting",
+        ("splitting",),
+        settings,
+        count_parts=True,
+        llm_budget=_SPLIT_NEEDS_LLM if paced else None,
+    )
     if ctx is None:
         return None
     if not _preflight(ctx, settings):
@@ -559,7 +693,8 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
     # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        async_commit("""
+        prepared_async(
+            """
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
@@ -579,7 +714,9 @@ def split_step(message_id: int, settings: Settings, llm: LLM) -> int | None:
             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
             RETURNING id
         )
-        SELECT m.id, (SELECT count(*) FROM ins) FROM m"""),
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+            "split_record",
+        ),
         {
             "ms": _ms(started),
             "id": message_id,
@@ -604,6 +741,12 @@ class SendOutcome:
     next_delay: float | None
 
 
+#: How a worker's delivery waits for its inbox's slot (actors.middleware.RateLimits.slot_refused):
+#: called with the seconds to wait, it sleeps a short wait (the step then tries again) or defers
+#: the delivery (raises; the message waits in the delay queue or PostgreSQL, R-RATE-1..3).
+Pace = Callable[[float], None]
+
+
 def send_step(
     message_id: int,
     settings: Settings,
@@ -611,16 +754,18 @@ def send_step(
     *,
     rng: random.Random | None = None,
     on_http: Callable[[], None] | None = None,
-    lease: ratelimit.Grant | None = None,
+    pace: Pace | None = None,
 ) -> SendOutcome:
     """Send the first unsent part of a ``sending`` message; finalize after the last one.
 
-    ``lease``: the inbox send slot the caller holds; this step gives it back on every path (in
-    the statement recording the part sent, when there is one: no round trip of its own).
+    ``pace``: the delivery is paced per inbox (R-RATE-1): the step takes the inbox's send slot in
+    the statement that claims the part, gives it back on every path (in the statement recording
+    the part sent, when there is one: no round trip of its own), and calls ``pace`` with the wait
+    when the slot is not free. None: no slot is taken (a direct call: tools, tests).
     """
-    state = _LeaseState(lease)
+    state = _LeaseState(None)
     try:
-        return _send_step(message_id, settings, evolution, rng=rng, on_http=on_http, lease=state)
+        return _send_step(message_id, settings, evolution, rng=rng, on_http=on_http, lease=state, pace=pace)
     finally:
         if state.grant is not None and not state.released:
             try:
@@ -655,59 +800,55 @@ def _send_step(
     rng: random.Random | None,
     on_http: Callable[[], None] | None,
     lease: _LeaseState,
+    pace: Pace | None,
 ) -> SendOutcome:
-    row = _named(_SEND_CONTEXT_SQL, (message_id,))
-    if row is None:
-        return SendOutcome(False, None)
-    ctx = _context_from_row(row)  # the inbox's streaks and connection state included (same names)
-    if ctx.status != "sending":
-        return SendOutcome(False, None)
-    if row["part_id"] is None:
-        # No part left to send: the rest was stopped by a reply (R-IN-3), or an operator's resolve
-        # left every part sent. Finalize now: `sent` when a part went out, else skipped.
-        _stop_rest(ctx, settings, ctx.stop_reason or "replied")
-        return SendOutcome(False, None)
-    part_id, idx, text, part_status = row["part_id"], row["part_idx"], row["part_text"], row["part_status"]
-    last_idx, part_attempt, part_key = row["last_idx"], row["part_attempt"], row["part_key"]
-    if part_status == "sending" and part_key is not None:
-        # Evolution accepted this part (its key.id was kept) but recording it failed (a lock
-        # timeout, a lost connection): a known outcome, never a doubt. Record it now.
-        log.warning(
-            "send message=%s: part %s was accepted (key %s) but not recorded; recording it",
-            message_id,
-            part_id,
-            part_key,
-        )
-        return _sent(ctx, settings, part_id, uuid.UUID(str(part_attempt)), part_key, idx, last_idx, None, lease, rng)
-    if part_status in ("sending", "in_doubt"):
-        # Someone committed this part `sending` and never recorded an outcome (a crash, a lost
-        # answer): it may have gone out. Never resend it automatically (R-FAIL-4), and settle it
-        # BEFORE any other check: a cancel, a closed window, a moved or opted-out lead must not
-        # turn a possibly-delivered message into `skipped` or `failed` (R-PIPE-3, E-25).
-        mark_in_doubt(ctx.message_id, part_id, "part found in 'sending' without an outcome", settings)
-        return SendOutcome(False, None)
-    started_message = idx > 0
-    if not _preflight(ctx, settings, started=started_message):
-        return SendOutcome(False, None)
-    if not _inbox_connected(ctx, settings, evolution):
-        _inbox_went_down(ctx, settings, started_message)
-        return SendOutcome(False, None)
-    if _retry_after_pending(ctx, settings):
-        return SendOutcome(False, None)
     attempt = uuid.uuid4()
-    # The inbox's first send ever starts its warm-up ramp (R-HEALTH-1): same statement, no extra
-    # round trip; once set, the inboxes row is only read (its WHERE is false), never locked.
-    claimed = _one(
-        """WITH p AS (UPDATE message_parts SET status = 'sending', attempt_id = %s, sending_at = now()
-                       WHERE id = %s AND status IN ('pending', 'failed') RETURNING id, inbox_id),
-                first AS (UPDATE inboxes SET first_send_at = now()
-                           WHERE id = (SELECT inbox_id FROM p) AND first_send_at IS NULL RETURNING id)
-           SELECT id FROM p""",
-        (str(attempt), part_id),
-    )
-    if claimed is None:
-        return SendOutcome(False, None)  # another delivery got there first
-    # committed (autocommit): from here on, an interruption leaves evidence (`sending`)
+    token = str(uuid.uuid4())
+    checked = False
+    for _ in range(_CLAIM_TRIES):
+        row = _named(
+            _SEND_CLAIM_SQL,
+            {
+                "id": message_id,
+                "checked": checked,
+                "max_age": settings.connection_state_max_age_seconds,
+                "pace": pace is not None,
+                "token": token,
+                "lease": settings.send_lease_seconds,
+                "attempt": str(attempt),
+            },
+        )
+        if row is None:
+            return SendOutcome(False, None)
+        ctx = _context_from_row(row)  # the inbox's streaks and connection state included (same names)
+        if row["slot_taken"]:
+            lease.grant = ratelimit.Grant(ratelimit.inbox_key(ctx.inbox_id), token)
+        if row["claimed"]:
+            break
+        if pace is not None and lease.grant is None:
+            refused = ratelimit.inbox_wait(ctx.inbox_id)
+            if refused is None:
+                return SendOutcome(False, None)
+            pace(refused.wait)  # sleeps (try again), or defers this delivery (raises)
+            continue
+        if row["ready"]:  # ready, yet its part was claimed meanwhile: another delivery got there first
+            return SendOutcome(False, None)  # (a slot taken is released by send_step, not counted)
+        settled = _before_claim(ctx, row, settings, evolution, lease, rng)
+        if settled is not None:
+            return settled
+        checked = True  # the checks passed: claim without them (the state they read is fresh)
+    else:
+        raise Deferred(0.1, "the inbox's send slot stayed contended")
+    part_id, idx, text = row["part_id"], row["part_idx"], row["part_text"]
+    last_idx = row["last_idx"]
+    started_message = idx > 0
+    # committed `sending` (autocommit): from here on, an interruption leaves evidence
+    if not started_message and not checked and _window_closed(ctx):
+        # the claim's one check not in SQL: nothing went out, so the part goes back and the
+        # message is skipped (a crash right here leaves the part `sending`: in doubt, never resent)
+        _release_part(part_id, attempt, "pending", "window closed")
+        finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
+        return SendOutcome(False, None)
     lease.http = True
     if on_http:
         on_http()
@@ -757,6 +898,56 @@ def _send_step(
             (result.key_id, part_id, str(attempt)),
         )
         raise
+
+
+def _before_claim(
+    ctx: Context,
+    row: dict[str, Any],
+    settings: Settings,
+    evolution: Messenger,
+    lease: _LeaseState,
+    rng: random.Random | None,
+) -> SendOutcome | None:
+    """The checks before a send, for a message the claim statement did not find ready (R-PIPE-3).
+
+    Returns how the step ends when the message was settled or put back to wait; None when every
+    check passed (the step claims again, without the checks).
+    """
+    if ctx.status != "sending":
+        return SendOutcome(False, None)
+    if row["part_id"] is None:
+        # No part left to send: the rest was stopped by a reply (R-IN-3), or an operator's resolve
+        # left every part sent. Finalize now: `sent` when a part went out, else skipped.
+        _stop_rest(ctx, settings, ctx.stop_reason or "replied")
+        return SendOutcome(False, None)
+    part_id, idx, part_status = row["part_id"], row["part_idx"], row["part_status"]
+    if part_status == "sending" and row["part_key"] is not None:
+        # Evolution accepted this part (its key.id was kept) but recording it failed (a lock
+        # timeout, a lost connection): a known outcome, never a doubt. Record it now.
+        log.warning(
+            "send message=%s: part %s was accepted (key %s) but not recorded; recording it",
+            ctx.message_id,
+            part_id,
+            row["part_key"],
+        )
+        attempt = uuid.UUID(str(row["part_attempt"]))
+        return _sent(ctx, settings, part_id, attempt, row["part_key"], idx, row["last_idx"], None, lease, rng)
+    if part_status in ("sending", "in_doubt"):
+        # Someone committed this part `sending` and never recorded an outcome (a crash, a lost
+        # answer): it may have gone out. Never resend it automatically (R-FAIL-4), and settle it
+        # BEFORE any other check: a cancel, a closed window, a moved or opted-out lead must not
+        # turn a possibly-delivered message into `skipped` or `failed` (R-PIPE-3, E-25).
+        mark_in_doubt(ctx.message_id, part_id, "part found in 'sending' without an outcome", settings)
+        return SendOutcome(False, None)
+    started_message = idx > 0
+    if not _preflight(ctx, settings, started=started_message):
+        return SendOutcome(False, None)
+    if not _inbox_connected(ctx, settings, evolution):
+        _inbox_went_down(ctx, settings, started_message)
+        return SendOutcome(False, None)
+    if _retry_after_pending(ctx, settings):
+        return SendOutcome(False, None)
+    return None
 
 
 def _sent(
@@ -925,7 +1116,7 @@ def _record_sent_part(
     # async commit: a lost `sent` record leaves the part `sending` (its mark was committed
     # synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
     row = _one(
-        async_commit(
+        prepared_async(
             """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
                              WHERE id = %s AND attempt_id = %s AND status = 'sending'
                              RETURNING id, message_id, text, provider_message_id),"""
@@ -938,7 +1129,8 @@ def _record_sent_part(
                       status_changed_at = now(),
                       wake_at = CASE WHEN %s::float IS NULL THEN wake_at
                                      ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM part) RETURNING id"""
+                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
+            "part_sent",
         ),
         (
             key_id,

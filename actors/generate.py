@@ -15,11 +15,11 @@ _settings = get_settings()
 
 @dramatiq.actor(
     actor_name=steps.GENERATE.actor,
-    rate_limit="openrouter",
     **step_options(_settings, steps.GENERATE.queue, time_limit_s=150),
 )
 @as_dramatiq_retry
 def generate(message_id: int) -> None:
     """Generate the text of campaign message ``message_id``, then enqueue its split."""
-    if pipeline.generate_step(message_id, _settings, openrouter()):
+    # paced: its LLM request counts against the per-minute budget, in the claim statement (R-RATE-1)
+    if pipeline.generate_step(message_id, _settings, openrouter(), paced=True):
         enqueue(steps.SPLIT, steps.SPLIT.args(message_id))

@@ -27,10 +27,8 @@ from campaign.steps import MAX_BROKER_DELAY_SECONDS  # longer waits live in Post
 
 log = logging.getLogger(__name__)
 
-#: a wait this short is spent in the worker thread (polling) instead of a round trip through the
-#: delay queue: the handover between two sends of one inbox stays fast, and a thread is held for
-#: at most this long, so other inboxes are not slowed (R-RATE-3)
-IN_THREAD_WAIT_SECONDS = 0.5
+#: a wait this short is spent in the worker thread (campaign.ratelimit: one definition)
+IN_THREAD_WAIT_SECONDS = ratelimit.IN_THREAD_WAIT_SECONDS
 
 
 class DbConnection(Middleware):
@@ -176,10 +174,15 @@ class RateLimitUnavailable(MiddlewareError):
 
 
 class RateLimits(Middleware):
-    """Shared per-inbox and per-OpenRouter-key pacing before an actor runs (R-RATE-1..3).
+    """Shared per-inbox and per-OpenRouter-key pacing of the actors that declare it (R-RATE-1..3).
 
-    A message that may not run yet is re-enqueued with a delay and skipped: it is never
-    dropped and never spends a retry (raising RateLimitExceeded would).
+    ``rate_limit="openrouter"`` (the triage job): one request of the key's per-minute budget is
+    taken before the actor runs (generate and split take theirs in their claim statement,
+    pipeline._claim). ``rate_limit="inbox"``: the send step takes its inbox's slot itself, in the
+    statement that claims the part (one round trip, T-PERF-7), and calls :meth:`slot_refused`
+    when the slot is not free. Either way, a message that may not run yet is re-enqueued with a
+    delay and skipped: it is never dropped and never spends a retry (raising RateLimitExceeded
+    would).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -201,8 +204,7 @@ class RateLimits(Middleware):
             raise RateLimitUnavailable(f"rate limit check failed: {type(exc).__name__}: {exc}") from exc
 
     def _acquire(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        self._local.grant = None
-        self._local.sent = False
+        self._local.delivery = None
         actor = broker.get_actor(message.actor_name)
         kind = actor.options.get("rate_limit")
         if kind is None:
@@ -210,22 +212,39 @@ class RateLimits(Middleware):
         if kind not in ("inbox", "openrouter"):
             raise ValueError(f"unknown rate_limit option {kind!r} on actor {message.actor_name}")
         deadline = time.monotonic() + IN_THREAD_WAIT_SECONDS
+        if kind == "inbox":
+            # the step asks for its slot; this delivery is what slot_refused defers
+            self._local.delivery = (broker, message, deadline)
+            return
         while True:
-            if kind == "inbox":
-                grant = ratelimit.acquire_inbox(int(message.args[1]), self.settings.send_lease_seconds)
-            else:
-                grant = ratelimit.acquire_minute(
-                    ratelimit.openrouter_key(self.settings.openrouter_api_key),
-                    self.settings.openrouter_requests_per_minute,
-                )
+            grant = ratelimit.acquire_minute(
+                ratelimit.openrouter_key(self.settings.openrouter_api_key),
+                self.settings.openrouter_requests_per_minute,
+            )
             if grant.granted or time.monotonic() + grant.wait > deadline:
                 break
             time.sleep(grant.wait)
-        if grant.granted:
-            self._local.grant = grant if kind == "inbox" else None
+        if not grant.granted:
+            self._defer(broker, message, grant.wait, inbox=False)
+
+    def slot_refused(self, wait: float) -> None:
+        """The send step's inbox slot is not free for ``wait`` seconds: a short wait is spent in
+        this thread (returns: the step tries again); a longer one defers the delivery (raises
+        SkipMessage). Outside a paced delivery (no ``before_process_message``), it only sleeps."""
+        delivery = getattr(self._local, "delivery", None)
+        if delivery is None:
+            time.sleep(min(wait, IN_THREAD_WAIT_SECONDS))
             return
-        delay = grant.wait
-        if kind == "inbox" and delay > self.settings.dispatch_horizon_seconds and message.args:
+        broker, message, deadline = delivery
+        if time.monotonic() + wait <= deadline:
+            time.sleep(wait)
+            return
+        self._defer(broker, message, wait, inbox=True)
+
+    def _defer(self, broker: dramatiq.Broker, message: MessageProxy, delay: float, *, inbox: bool) -> None:
+        """Re-enqueue a copy of ``message`` ``delay`` seconds later (or park it in PostgreSQL) and skip it."""
+        actor = broker.get_actor(message.actor_name)
+        if inbox and delay > self.settings.dispatch_horizon_seconds and message.args:
             # A cap (hourly, daily, warm-up) holds the inbox longer than the dispatch horizon and
             # this message has not started: it goes back to PostgreSQL, `pending` and due when the
             # inbox has room (R-DISP-2, issue 22), its text and parts kept for then.
@@ -260,17 +279,6 @@ class RateLimits(Middleware):
         broker.enqueue(message.copy(), delay=int(min(delay, MAX_BROKER_DELAY_SECONDS) * 1000) + 1)
         raise SkipMessage(f"rate limited for {delay:.2f}s")
 
-    def take_grant(self) -> ratelimit.Grant | None:
-        """Hand this delivery's inbox slot to the step, which then owns its release (in the same
-        statement that records the send: one round trip less, T-PERF-1)."""
-        grant = getattr(self._local, "grant", None)
-        self._local.grant = None
-        return grant
-
-    def mark_sent(self) -> None:
-        """Called by the send step right before its HTTP call: the gap counts from this send."""
-        self._local.sent = True
-
     def after_process_message(
         self,
         broker: dramatiq.Broker,
@@ -279,20 +287,10 @@ class RateLimits(Middleware):
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
-        self._release()
+        self._local.delivery = None
 
     def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        grant = getattr(self._local, "grant", None)
-        self._local.grant = None
-        if grant is None:
-            return
-        try:
-            ratelimit.release_inbox(grant, sent=bool(getattr(self._local, "sent", False)))
-        except Exception:  # the lease expires by itself (settings.send_lease_seconds)
-            log.warning("could not release %s; its lease will expire", grant.key, exc_info=True)
+        self._local.delivery = None
 
 
 def engine_middleware(settings: Settings) -> tuple[list[Middleware], list[Middleware]]:
@@ -303,7 +301,7 @@ def engine_middleware(settings: Settings) -> tuple[list[Middleware], list[Middle
 
 
 def current_rate_limits(broker: dramatiq.Broker) -> RateLimits | None:
-    """The broker's RateLimits middleware (the send step tells it when a send happened)."""
+    """The broker's RateLimits middleware (the send step asks it to wait for its inbox's slot)."""
     for m in broker.middleware:
         if isinstance(m, RateLimits):
             return m

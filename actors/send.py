@@ -23,14 +23,9 @@ _settings = get_settings()
 def send_part(message_id: int, inbox_id: int) -> None:
     """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""
     limiter = current_rate_limits(dramatiq.get_broker())
-    # send_step releases the inbox slot itself, on every path (the middleware then has none left)
-    outcome = pipeline.send_step(
-        message_id,
-        _settings,
-        evolution(),
-        on_http=limiter.mark_sent if limiter else None,
-        lease=limiter.take_grant() if limiter else None,
-    )
+    # the step takes the inbox's slot in the statement claiming the part and gives it back on
+    # every path; when the slot is not free, the limiter waits or defers this delivery
+    outcome = pipeline.send_step(message_id, _settings, evolution(), pace=limiter.slot_refused if limiter else None)
     if outcome.next_delay is not None:
         # a zero gap goes straight onto the queue (a delay would hop through the delay queue)
         enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id), delay_s=outcome.next_delay)

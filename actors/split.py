@@ -15,12 +15,12 @@ _settings = get_settings()
 
 @dramatiq.actor(
     actor_name=steps.SPLIT.actor,
-    rate_limit="openrouter",
     **step_options(_settings, steps.SPLIT.queue, time_limit_s=150),
 )
 @as_dramatiq_retry
 def split(message_id: int) -> None:
     """Split the text of campaign message ``message_id`` into parts, then enqueue its first send."""
-    inbox_id = pipeline.split_step(message_id, _settings, openrouter())
+    # paced: an LLM split counts against the per-minute budget, in the claim statement (R-RATE-1)
+    inbox_id = pipeline.split_step(message_id, _settings, openrouter(), paced=True)
     if inbox_id:
         enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id))

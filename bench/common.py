@@ -224,9 +224,14 @@ def create_world(
             (ws_id, ws_id),
         )
     )
+    # connected, as the scheduler's inbox_health job (every INBOX_HEALTH_INTERVAL_SECONDS) and
+    # Evolution's connection.update events keep a live inbox: a send polls connectionState only
+    # when that knowledge is older than CONNECTION_STATE_MAX_AGE_SECONDS (R-PIPE-3)
     rows = q(
-        """INSERT INTO inboxes (workspace_id, name, instance_name, min_gap_seconds, max_per_hour, max_per_day)
-                SELECT %s, 'inbox-' || i, %s || '-inbox-' || i, %s, %s, %s FROM generate_series(1, %s) i
+        """INSERT INTO inboxes (workspace_id, name, instance_name, min_gap_seconds, max_per_hour, max_per_day,
+                               connection_state, state_checked_at)
+                SELECT %s, 'inbox-' || i, %s || '-inbox-' || i, %s, %s, %s, 'open', now()
+                  FROM generate_series(1, %s) i
                 ORDER BY i RETURNING id, instance_name""",
         (ws_id, name, min_gap, max_per_hour, max_per_day, n_inboxes),
     )

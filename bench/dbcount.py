@@ -50,18 +50,53 @@ def set_actor(name: str | None) -> None:
     _local.actor = name
 
 
-def _label(query: Any) -> str:
+_EXECUTE = re.compile(r"^\s*(?:SET LOCAL synchronous_commit TO off;\s*)?EXECUTE (ce_\w+)")
+_by_name: dict[str, str] = {}  # prepared statement name -> the SQL it runs (campaign.db.prepared)
+
+
+def _statement(query: Any) -> str:
+    """The SQL a query runs: a hot statement's EXECUTE is shown (and judged) as the statement it
+    executes, so the counts per statement read the same whether it ran prepared or not."""
     if isinstance(query, bytes):
         query = query.decode(errors="replace")
-    text = _SPACES.sub(" ", str(query)).strip()
-    return text[:90]
+    text = str(query)
+    match = _EXECUTE.match(text)
+    if match is None:
+        return text
+    name = match.group(1)
+    if name not in _by_name:
+        from campaign import db as dbmod
+
+        _by_name.update({hot.name: sql for sql, hot in list(dbmod._hot.items()) if hot is not None})
+    return _by_name.get(name, text)
+
+
+_labels: dict[str, str] = {}  # statement text -> label (the engine's statements repeat: cached)
+_writes: dict[str, bool] = {}  # statement text -> whether it writes
+
+
+def _label(query: Any) -> str:
+    text = _statement(query)
+    label = _labels.get(text)
+    if label is None:
+        label = _SPACES.sub(" ", text[:400]).strip()[:90]
+        if len(_labels) < 10_000:  # a text with its parameters inlined repeats less: bounded
+            _labels[text] = label
+    return label
+
+
+def _writes_something(text: str) -> bool:
+    wrote = _writes.get(text)
+    if wrote is None:
+        wrote = bool(_WRITE.search(text))
+        if len(_writes) < 10_000:
+            _writes[text] = wrote
+    return wrote
 
 
 def _track_commit(connection: Any, query: Any) -> None:
     """Follow the connection's transaction; count a write transaction when it commits."""
-    if isinstance(query, bytes):
-        query = query.decode(errors="replace")
-    text = str(query).lstrip()
+    text = _statement(query).lstrip()
     word = text[:8].split(None, 1)[0].upper() if text else ""
     asynchronous = "synchronous_commit TO off" in text
     actor = getattr(_local, "actor", None) or "other"
@@ -70,12 +105,14 @@ def _track_commit(connection: Any, query: Any) -> None:
         if word == "BEGIN":
             state[:] = [True, False, False]
             return
+        if word in ("PREPARE", "DEALLOCATE"):  # the plan of a hot statement: it writes nothing
+            return
         if word in ("COMMIT", "END", "ROLLBACK"):
             if word != "ROLLBACK" and state[0] and state[1]:
                 _count_commit(actor, state[2])
             state[:] = [False, False, False]
             return
-        wrote = bool(_WRITE.search(text))
+        wrote = _writes_something(text)
         if state[0]:
             state[1] = state[1] or wrote
             state[2] = state[2] or asynchronous

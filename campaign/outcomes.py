@@ -17,7 +17,7 @@ from campaign import ratelimit
 from campaign.db import db
 from campaign.events import log_event
 from campaign.settings import Settings
-from campaign.sql import ASYNC_COMMIT
+from campaign.sql import ASYNC_COMMIT, prepared
 from campaign.sql import fetch_all as _all
 from campaign.sql import fetch_one as _one
 from campaign.steps import BY_NAME, IN_FLIGHT
@@ -213,7 +213,8 @@ def finish_message(
     }
     bare = last_part is None and params["lease_key"] is None and status != "sent"
     sql = _FINISH_BARE_SQL if bare else _FINISH_SQL
-    row = _one(ASYNC_COMMIT + sql if async_commit else sql, params)
+    # a hot statement (every message ends here): prepared once per connection (campaign.db.prepared)
+    row = _one(prepared(ASYNC_COMMIT + sql if async_commit else sql, "finish"), params)
     if row is None:
         return None
     run_id, lead_id, src, tgt, old_col, run_status, pause_reason, _, _ = row

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from campaign.db import ASYNC_COMMIT as _ASYNC_COMMIT
 from campaign.db import db
+from campaign.db import prepared as prepared
 
 #: Sent before a statement in the same round trip (one simple-protocol query: one implicit
 #: transaction), this makes THAT statement's commit asynchronous: PostgreSQL answers before the
@@ -16,7 +18,8 @@ from campaign.db import db
 #: honest ``in_doubt`` (a part recorded ``sent``: it goes back to ``sending``, which the sweep
 #: calls in doubt). NEVER for the commit before a foreign call (a part's ``sending`` mark), for an
 #: operator's action, or inside a transaction that holds other writes (SET LOCAL covers it all).
-ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off;\n"
+#: (Defined in campaign.db, which runs hot statements prepared with it in front.)
+ASYNC_COMMIT = _ASYNC_COMMIT
 
 
 def async_commit(sql: str) -> str:

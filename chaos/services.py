@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 
 #: application_name prefix of the worker processes' pooled connections (db.init_db's default)
 WORKER_APP_PREFIX = "campaign-engine:"
+#: what a worker's connection last ran when it just committed a part `sending` (it is in the HTTP
+#: call now): the send step's claim, a prepared statement (campaign.db.prepared, label send_claim),
+#: or the `sending` mark as text
+_SENDING_CLAIMS = ["EXECUTE ce_send_claim_%", "%UPDATE message_parts SET status = 'sending'%"]
 ADMIN_APP_NAME = "campaign-chaos-admin"
 
 
@@ -85,8 +89,8 @@ class Services(Throwaway):
                     cur.execute(
                         """SELECT application_name FROM pg_stat_activity
                                    WHERE datname = %s AND application_name LIKE %s AND state = 'idle'
-                                     AND query ILIKE %s""",
-                        (self.name, WORKER_APP_PREFIX + "%", "%UPDATE message_parts SET status = 'sending'%"),
+                                     AND query ILIKE ANY(%s)""",
+                        (self.name, WORKER_APP_PREFIX + "%", _SENDING_CLAIMS),
                     )
                     rows = cur.fetchall()
                 break

@@ -41,7 +41,7 @@ from campaign.errors import (
     RateLimited,
     UnknownInstance,
 )
-from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
+from clients.http import ProviderClient, error_message_from_body, parse_retry_after, truncate
 
 __all__ = ["EvolutionClient", "SendResult", "DEFAULT_TIMEOUT", "normalize_number", "parse_retry_after"]
 
@@ -81,8 +81,10 @@ def normalize_number(number: str) -> str:
     return digits
 
 
-class EvolutionClient:
+class EvolutionClient(ProviderClient):
     """Thread-safe Evolution API client; share one per process (see ``clients.get_evolution``)."""
+
+    PROVIDER = PROVIDER
 
     def __init__(
         self,
@@ -93,31 +95,9 @@ class EvolutionClient:
         transport: httpx.BaseTransport | None = None,
         client: httpx.Client | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
-        self._timeout = timeout
-        self._owns_client = client is None
-        self._client = client or build_http_client(
-            self.base_url,
-            timeout=timeout,
-            headers={"apikey": api_key, "Accept": "application/json"},
-            transport=transport,
+        super().__init__(
+            base_url, api_key, auth={"apikey": api_key}, timeout=timeout, transport=transport, client=client
         )
-        self._headers: dict[str, str] | None = {"apikey": api_key} if client is not None else None
-
-    def __repr__(self) -> str:
-        return f"EvolutionClient(base_url={redact(self.base_url, self._api_key)!r})"
-
-    def __enter__(self) -> EvolutionClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the underlying httpx client if this object created it."""
-        if self._owns_client:
-            self._client.close()
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -238,9 +218,9 @@ class EvolutionClient:
         retry_after: float | None = None,
         code: str | None = None,
     ) -> ProviderError:
-        status = f"HTTP {status_code}" if status_code is not None else "no response"
-        message = f"evolution {path}: {status}: {truncate(redact(detail, self._api_key))}"
-        return cls(message, provider=PROVIDER, status_code=status_code, retry_after=retry_after, code=code)
+        return self._provider_error(
+            cls, f"evolution {path}", detail, status_code=status_code, retry_after=retry_after, code=code
+        )
 
     def _classify(self, response: httpx.Response, path: str, body: Any, raw: str, *, send: bool) -> ProviderError:
         status = response.status_code

@@ -10,9 +10,11 @@ import os
 import re
 import ssl
 import threading
-from typing import Any
+from typing import Any, Self
 
 import httpx
+
+from campaign.errors import ProviderError
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -81,6 +83,66 @@ def build_http_client(
         follow_redirects=False,
         trust_env=False,
     )
+
+
+class ProviderClient:
+    """What both provider clients share (issue 13: one base): one keep-alive httpx client (or the
+    caller's, which then gets the auth header on each request), the API key never in a repr, and
+    close() / ``with``, and one shape of error message. Thread-safe; share one per process
+    (``clients.get_openrouter`` / ``get_evolution``)."""
+
+    #: the provider's name in errors and metrics (``openrouter``, ``evolution``)
+    PROVIDER: str = ""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        auth: dict[str, str],
+        timeout: httpx.Timeout,
+        transport: httpx.BaseTransport | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+        self._owns_client = client is None
+        self._client = client or build_http_client(
+            self.base_url, timeout=timeout, headers={**auth, "Accept": "application/json"}, transport=transport
+        )
+        # a caller-supplied client still needs our auth header on each request
+        self._headers: dict[str, str] | None = dict(auth) if client is not None else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={redact(self.base_url, self._api_key)!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying httpx client if this object created it."""
+        if self._owns_client:
+            self._client.close()
+
+    def _provider_error(
+        self,
+        cls: type[ProviderError],
+        where: str,
+        detail: str,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        code: str | None = None,
+    ) -> ProviderError:
+        """The error ``cls`` of a call to ``where`` (e.g. "evolution /message/sendText/x"): its HTTP
+        status, and the detail truncated with the API key masked."""
+        status = f"HTTP {status_code}" if status_code is not None else "no response"
+        message = f"{where}: {status}: {truncate(redact(detail, self._api_key))}"
+        return cls(message, provider=self.PROVIDER, status_code=status_code, retry_after=retry_after, code=code)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:

@@ -35,7 +35,7 @@ from campaign.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from clients.http import build_http_client, error_message_from_body, parse_retry_after, redact, truncate
+from clients.http import ProviderClient, error_message_from_body, parse_retry_after
 
 __all__ = ["OpenRouterClient", "Completion", "DEFAULT_TIMEOUT", "parse_retry_after"]
 
@@ -61,8 +61,10 @@ class Completion:
     cost: float | None = None
 
 
-class OpenRouterClient:
+class OpenRouterClient(ProviderClient):
     """Thread-safe OpenRouter client; share one per process (see ``clients.get_openrouter``)."""
+
+    PROVIDER = PROVIDER
 
     def __init__(
         self,
@@ -73,34 +75,9 @@ class OpenRouterClient:
         transport: httpx.BaseTransport | None = None,
         client: httpx.Client | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        auth = {"Authorization": f"Bearer {api_key}"}
+        super().__init__(base_url, api_key, auth=auth, timeout=timeout, transport=transport, client=client)
         self._url = f"{self.base_url}/chat/completions"  # absolute: also works with a caller's client
-        self._api_key = api_key
-        self._owns_client = client is None
-        self._client = client or build_http_client(
-            self.base_url,
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            transport=transport,
-        )
-        if client is not None:  # a caller-supplied client still needs our auth header on each request
-            self._headers: dict[str, str] | None = {"Authorization": f"Bearer {api_key}"}
-        else:
-            self._headers = None
-
-    def __repr__(self) -> str:
-        return f"OpenRouterClient(base_url={redact(self.base_url, self._api_key)!r})"
-
-    def __enter__(self) -> OpenRouterClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the underlying httpx client if this object created it."""
-        if self._owns_client:
-            self._client.close()
 
     def chat(
         self,
@@ -161,9 +138,9 @@ class OpenRouterClient:
         retry_after: float | None = None,
         code: str | None = None,
     ) -> ProviderError:
-        status = f"HTTP {status_code}" if status_code is not None else "no response"
-        message = f"openrouter chat/completions: {status}: {truncate(redact(detail, self._api_key))}"
-        return cls(message, provider=PROVIDER, status_code=status_code, retry_after=retry_after, code=code)
+        return self._provider_error(
+            cls, "openrouter chat/completions", detail, status_code=status_code, retry_after=retry_after, code=code
+        )
 
     def _parse(self, response: httpx.Response, model: str, latency_ms: int) -> Completion:
         status = response.status_code

@@ -611,7 +611,25 @@ V13 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13)
+V14 = Migration(
+    14,
+    "every inbox has its rate_limits row from its creation (issue 20, T-PERF-7)",
+    (
+        # The send step takes an inbox's slot inside the statement that claims the part (one round
+        # trip); that UPDATE needs the row to exist. It is made with the inbox, by a trigger (an
+        # inbox inserted by any path, SQL included, has it), never probed per send.
+        """CREATE FUNCTION inbox_rate_limit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO rate_limits (key) VALUES ('inbox:' || NEW.id) ON CONFLICT (key) DO NOTHING;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER inboxes_rate_limit_row AFTER INSERT ON inboxes
+        FOR EACH ROW EXECUTE FUNCTION inbox_rate_limit_row()""",
+        "INSERT INTO rate_limits (key) SELECT 'inbox:' || id FROM inboxes ON CONFLICT (key) DO NOTHING",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14)
 LATEST = MIGRATIONS[-1].version
 
 

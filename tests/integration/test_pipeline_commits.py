@@ -149,8 +149,9 @@ def test_which_commits_wait_for_the_wal_flush(clean_db, sb, llm, evo, settings, 
     assert kinds("INSERT INTO message_parts") == {True}
     assert kinds("SET status = 'sent', provider_message_id") == {True}  # part 1, and part 2 + finish
     assert kinds("SET status = 'sending', attempt_id") == {False}  # before the foreign call
-    # the inbox slot (taken by the RateLimits middleware, not in this in-process drive) never
+    # the inbox slot (taken in the send claim statement, above; and by ratelimit's acquire) never
     # commits asynchronously: its loss could let a number send twice within its gap
+    assert kinds("lease_token = %(token)s") == {False}
     assert "ASYNC_COMMIT" not in ratelimit_source() and "async_commit" not in ratelimit_source()
     assert not [sql for sql in seen if sql.startswith(ASYNC_COMMIT) and "BEGIN" in sql.upper().split()]
 

@@ -571,9 +571,14 @@ def _slot(inbox_id: int) -> tuple:
     ).fetchone()
 
 
+def _no_wait(wait: float) -> None:
+    raise AssertionError(f"the inbox's slot was free, yet the step was told to wait {wait:.2f}s")
+
+
 @pytest.mark.parametrize("outcome", ["sent", "invalid_number"])
 def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm, evo, settings, outcome):
-    """The slot handed to send_step is released (gap counted from the send) whether the part went out or not."""
+    """A paced send takes its inbox's slot in the claim statement (held during the HTTP call) and
+    releases it (gap counted from the send) whether the part went out or not."""
     from campaign import ratelimit
 
     w = make_world()
@@ -584,9 +589,10 @@ def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm
             "SELECT l.phone FROM leads l JOIN campaign_messages m ON m.lead_id = l.id WHERE m.id = %s", (msg.id,)
         ).fetchone()[0]
         sb.set_faults(invalid_numbers=[phone.lstrip("+")])
-    grant = ratelimit.acquire_inbox(w.inboxes[0].id, 60)
-    assert grant.granted and _slot(w.inboxes[0].id) == (False, False)
-    pipeline.send_step(msg.id, settings, evo, lease=grant)
+    assert _slot(w.inboxes[0].id) == (True, False)  # the inbox's row exists from its creation (V14)
+    during: list = []
+    pipeline.send_step(msg.id, settings, evo, pace=_no_wait, on_http=lambda: during.append(_slot(w.inboxes[0].id)))
+    assert during == [(False, False)]  # leased while the send was in flight
     assert _slot(w.inboxes[0].id) == (True, True)
     assert CampaignMessage.get_by_id(msg.id).status == ("sent" if outcome == "sent" else "failed")
     # the next send of the inbox gets the slot at once (min gap 0)
@@ -600,11 +606,68 @@ def test_the_send_step_releases_the_slot_when_it_does_not_send(clean_db, sb, llm
     w = make_world()
     (msg,) = w.add_leads(1)
     _to_sending(msg.id, settings, llm)
-    assert pipeline.send_step(msg.id, settings, evo).sent
-    grant = ratelimit.acquire_inbox(w.inboxes[0].id, 60)
-    db.execute_sql("UPDATE rate_limits SET last_at = NULL WHERE key = %s", (grant.key,))
-    assert not pipeline.send_step(msg.id, settings, evo, lease=grant).sent  # already sent: nothing to do
+    assert pipeline.send_step(msg.id, settings, evo, pace=_no_wait).sent
+    db.execute_sql("UPDATE rate_limits SET last_at = NULL WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),))
+    assert not pipeline.send_step(msg.id, settings, evo, pace=_no_wait).sent  # already sent: nothing to do
     assert _slot(w.inboxes[0].id) == (True, False)
+
+
+def test_a_paced_send_behind_a_busy_inbox_waits_and_claims_nothing(clean_db, sb, llm, evo, settings):
+    """R-RATE-1: another send of the inbox holds its slot: the step is told how long to wait, writes
+    nothing (the part stays pending) and sends once the slot is free."""
+    from campaign import ratelimit
+
+    w = make_world()
+    (msg,) = w.add_leads(1)
+    _to_sending(msg.id, settings, llm)
+    held = ratelimit.acquire_inbox(w.inboxes[0].id, 60)
+    waits: list[float] = []
+
+    def pace(wait: float) -> None:
+        waits.append(wait)
+        if len(waits) == 3:
+            ratelimit.release_inbox(held, sent=False)  # the other send ends
+
+    assert pipeline.send_step(msg.id, settings, evo, pace=pace).sent
+    assert len(waits) == 3 and all(0 < wait <= 1 for wait in waits)
+    assert [s["text"] for s in sb.ledger()["sends"]] == [p.text for p in parts_of(msg.id)][:1]
+
+
+def test_a_duplicate_delivery_while_a_part_is_in_flight_waits_instead_of_calling_it_in_doubt(
+    clean_db, sb, llm, evo, settings
+):
+    """R-FAIL-4 / R-PIPE-5: a second delivery of a send finds its part `sending` while the first
+    delivery's HTTP call is in flight (it holds the inbox's slot). It must wait for the slot, not
+    judge the part in doubt; once the first records the part sent, the second finds nothing to do."""
+    from campaign import ratelimit
+    from models import MessagePart
+
+    w = make_world()
+    (msg,) = w.add_leads(1)
+    _to_sending(msg.id, settings, llm)
+    inner: list = []
+
+    def duplicate_during_http() -> None:
+        def pace(wait: float) -> None:
+            inner.append(wait)
+            raise _Deferred()
+
+        try:
+            pipeline.send_step(msg.id, settings, evo, pace=pace)
+        except _Deferred:
+            pass
+
+    assert pipeline.send_step(msg.id, settings, evo, pace=_no_wait, on_http=duplicate_during_http).sent
+    assert len(inner) == 1, "the duplicate did not wait for the slot the first delivery holds"
+    statuses = [p.status for p in MessagePart.select().where(MessagePart.message == msg.id).order_by(MessagePart.idx)]
+    assert statuses[0] == "sent" and "in_doubt" not in statuses
+    assert CampaignMessage.get_by_id(msg.id).status in ("sending", "sent")
+    assert len(sb.ledger()["sends"]) == 1
+    assert ratelimit.acquire_inbox(w.inboxes[0].id, 60).granted
+
+
+class _Deferred(Exception):
+    """Stands for the middleware's SkipMessage in a direct call."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,18 +32,28 @@ def _lease(inbox_id: int) -> tuple:
         admin.close()
 
 
+class _NoGateway:
+    """The send must not reach the gateway in these tests: any call is a failure."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the gateway was called ({name}) although the inbox's slot was refused")
+
+
+def _deliver(limiter: Any, broker: Any, message: Any, settings: Any) -> None:
+    """A send delivery as a worker runs it: the pacing hook, then the step asking for its slot."""
+    import pipeline
+
+    limiter.before_process_message(broker, message)
+    pipeline.send_step(message.args[0], settings, cast(Any, _NoGateway()), pace=limiter.slot_refused)
+
+
 def test_inbox_lease_is_released_after_the_workers_connection_was_terminated(clean_db):
     """E-16 (chaos seed 1): a pg_terminate_backend under a send left the inbox's lease held, so the
     whole inbox stalled ~45 s (send_lease_seconds) after every connection termination. The
     release now retries on a fresh pooled connection."""
-    import dramatiq
-    from dramatiq.broker import MessageProxy
-
-    from actors.middleware import RateLimits
 
     ws, _ = f.workspace("acme")
     ibx = f.inbox(ws, "sales-1", min_gap_seconds=0)
-    limiter = RateLimits(get_settings())
     seen: dict = {}
 
     def worker_thread() -> None:
@@ -52,11 +62,10 @@ def test_inbox_lease_is_released_after_the_workers_connection_was_terminated(cle
         try:
             grant = ratelimit.acquire_inbox(ibx.id, 100)
             seen["grant"] = grant
-            limiter._local.grant = grant
-            limiter.mark_sent()
             seen["leased"] = _lease(ibx.id)[0]
             terminate_own_connection()
-            limiter.after_process_message(cast(dramatiq.Broker, None), cast(MessageProxy, None))  # reads neither
+            # what the send step does on its way out when its record could not release the slot
+            ratelimit.release_inbox(grant, sent=True)
         finally:
             try:
                 db.close()
@@ -109,8 +118,8 @@ def test_a_message_waiting_behind_a_busy_inbox_is_not_copied_by_the_recovery_swe
         queue_name=steps.SEND_PART.queue, actor_name="send_part", args=(msg.id, w.inboxes[0].id), kwargs={}, options={}
     )
     try:
-        # the stand-in has only what the hook calls (get_actor, enqueue); a worker passes a MessageProxy
-        RateLimits(settings).before_process_message(cast(dramatiq.Broker, broker), MessageProxy(message))
+        # the stand-in has only what the hooks call (get_actor, enqueue); a worker passes a MessageProxy
+        _deliver(RateLimits(settings), cast(dramatiq.Broker, broker), MessageProxy(message), settings)
         raise AssertionError("the inbox is busy: the message must be deferred")
     except SkipMessage:
         pass
@@ -159,7 +168,7 @@ def test_a_send_held_by_a_cap_past_the_horizon_goes_back_to_pending_not_to_the_d
             queue_name=steps.SEND_PART.queue, actor_name="send_part", args=(msg.id, ibx.id), kwargs={}, options={}
         )
         try:
-            RateLimits(settings).before_process_message(cast(dramatiq.Broker, Broker()), MessageProxy(message))
+            _deliver(RateLimits(settings), cast(dramatiq.Broker, Broker()), MessageProxy(message), settings)
             raise AssertionError("the daily cap is spent: the message must not run")
         except SkipMessage:
             pass

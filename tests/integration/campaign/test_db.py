@@ -152,3 +152,70 @@ def test_after_a_full_pool_termination_the_retry_gets_a_fresh_connection(service
             db.close()
 
     assert _in_thread(transaction) not in dead
+
+
+# --------------------------------------------------------------------------------------------
+# hot statements run prepared (campaign.db.prepared, issue 20)
+
+
+def _session_statements() -> set[str]:
+    return {r[0] for r in db.execute_sql("SELECT name FROM pg_prepared_statements").fetchall()}
+
+
+def test_a_hot_statement_is_prepared_once_per_connection_and_answers_as_text_would(clean_db):
+    from campaign.db import _hot, prepared
+
+    sql = prepared("SELECT %(a)s::int + %(b)s::int AS total, %(a)s::int * 2 AS twice")
+    hot = _hot[sql]
+    assert hot is not None
+    with db.connection_context():
+        assert db.execute_sql(sql, {"a": 2, "b": 3}).fetchone() == (5, 4)
+        assert hot.name in _session_statements()
+        assert db.execute_sql(sql, {"a": 10, "b": -1}).fetchone() == (9, 20)
+        # inside a transaction it is sent as text (an explicit transaction keeps what it is sent)
+        with db.atomic():
+            assert db.execute_sql(sql, {"a": 1, "b": 1}).fetchone() == (2, 2)
+
+
+def test_a_statement_postgresql_cannot_prepare_runs_as_text_and_says_so(clean_db, caplog):
+    from campaign.db import _hot, prepared
+
+    sql = prepared("SELECT %s IS NULL AS untyped")  # PostgreSQL cannot tell the type of $1 here
+    with caplog.at_level("WARNING", logger="campaign.db"), db.connection_context():
+        assert db.execute_sql(sql, ("x",)).fetchone() == (False,)
+        assert db.execute_sql(sql, (None,)).fetchone() == (True,)
+    assert _hot[sql] is None and caplog.text.count("cannot be prepared") == 1
+
+
+def test_a_prepared_statement_survives_its_connection_being_terminated(clean_db):
+    """E-16: the pool replaces a terminated connection; the new session prepares the statement again."""
+    from campaign.db import prepared
+    from tests.integration.workers import terminate_own_connection
+
+    sql = prepared("SELECT count(*) FROM workspaces WHERE id > %(floor)s")
+    with db.connection_context():
+        assert db.execute_sql(sql, {"floor": 0}).fetchone() == (0,)
+        terminate_own_connection()
+        assert db.execute_sql(sql, {"floor": -1}).fetchone() == (0,)
+
+
+def test_a_schema_change_under_a_prepared_statement_is_survived(clean_db):
+    """A migration while a worker runs can change a statement's result type: PostgreSQL refuses the
+    old plan ("cached plan must not change result type"); the statement runs as text and is
+    prepared again next time."""
+    from campaign.db import _hot, prepared
+
+    db.execute_sql("DROP TABLE IF EXISTS prepared_probe")
+    db.execute_sql("CREATE TABLE prepared_probe (a int)")
+    db.execute_sql("INSERT INTO prepared_probe VALUES (1)")
+    sql = prepared("SELECT * FROM prepared_probe WHERE a >= %(a)s")
+    try:
+        with db.connection_context():
+            assert db.execute_sql(sql, {"a": 0}).fetchall() == [(1,)]
+            db.execute_sql("ALTER TABLE prepared_probe ADD COLUMN b int DEFAULT 7")
+            assert db.execute_sql(sql, {"a": 0}).fetchall() == [(1, 7)]
+            assert db.execute_sql(sql, {"a": 0}).fetchall() == [(1, 7)]
+            hot = _hot[sql]
+            assert hot is not None and hot.name in _session_statements()
+    finally:
+        db.execute_sql("DROP TABLE IF EXISTS prepared_probe")

@@ -1,5 +1,6 @@
 """actors.middleware without services: the options each middleware declares, RateLimits' decisions
-(run, wait in the thread, re-enqueue with a delay, fail closed) and its release of the inbox slot,
+(run, wait in the thread, re-enqueue with a delay, fail closed) for a per-minute budget and for a
+send step's refused inbox slot,
 DeadLetters ignoring what is not a dead campaign step, and the order of the engine's middleware.
 
 The shared pacing state (campaign.ratelimit, PostgreSQL) is replaced by scripted grants here; its
@@ -91,21 +92,64 @@ def test_actor_options_are_declared_by_the_middleware_that_reads_them(mw):
 # RateLimits
 
 
-def test_an_actor_without_rate_limit_runs_and_holds_no_slot(mw, monkeypatch):
-    calls = _script(monkeypatch, "acquire_inbox", [ratelimit.Grant("inbox:7", "T")])
+def test_an_actor_without_rate_limit_runs_and_asks_for_nothing(mw, monkeypatch):
+    calls = _script(monkeypatch, "acquire_minute", [ratelimit.Grant("k", "T")])
     limiter, broker = mw.RateLimits(SETTINGS), _Broker(None)
     limiter.before_process_message(broker, _message())
-    assert calls == [] and broker.enqueued == [] and limiter.take_grant() is None
+    assert calls == [] and broker.enqueued == []
 
 
-def test_a_granted_inbox_slot_is_handed_to_the_step_once(mw, monkeypatch):
-    grant = ratelimit.Grant("inbox:7", "TOKEN")
-    calls = _script(monkeypatch, "acquire_inbox", [grant])
-    limiter = mw.RateLimits(SETTINGS)
-    limiter.before_process_message(_Broker("inbox"), _message(args=(41, 7)))
-    assert calls == [(7, SETTINGS.send_lease_seconds)]  # the inbox is the send's second argument
-    assert limiter.take_grant() is grant
-    assert limiter.take_grant() is None  # handed over: the step owns its release now
+def test_an_inbox_paced_actor_runs_at_once_its_step_takes_the_slot(mw, monkeypatch):
+    """T-PERF-7: no round trip before a send: its step takes the inbox's slot in its claim statement."""
+    calls = _script(monkeypatch, "acquire_inbox", [ratelimit.Grant("inbox:7", "T")])
+    minute = _script(monkeypatch, "acquire_minute", [ratelimit.Grant("k", "T")])
+    broker = _Broker("inbox")
+    mw.RateLimits(SETTINGS).before_process_message(broker, _message(args=(41, 7)))
+    assert calls == [] and minute == [] and broker.enqueued == []
+
+
+def test_a_refused_slot_with_a_short_wait_is_waited_in_the_thread(mw, monkeypatch):
+    """R-RATE-3: the step's slot refused for less than IN_THREAD_WAIT_SECONDS: sleep, then the step tries again."""
+    slept: list[float] = []
+    monkeypatch.setattr(mw.time, "sleep", slept.append)
+    limiter, broker = mw.RateLimits(SETTINGS), _Broker("inbox")
+    limiter.before_process_message(broker, _message(args=(41, 7)))
+    limiter.slot_refused(0.05)
+    assert slept == [0.05] and broker.enqueued == []
+
+
+def test_a_refused_slot_with_a_longer_wait_defers_the_delivery(mw, monkeypatch):
+    """R-RATE-1: a delayed copy of the send (same message), then SkipMessage: never dropped, no retry spent.
+    (Its row's hand-off deadline moving is checked on PostgreSQL: tests/integration/actors/test_middleware.py.)"""
+    monkeypatch.setattr(mw, "db", types.SimpleNamespace(execute_sql=lambda *a, **k: None))
+    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message(args=(41, 7))
+    limiter.before_process_message(broker, message)
+    with pytest.raises(SkipMessage, match="rate limited for 2.00s"):
+        limiter.slot_refused(mw.IN_THREAD_WAIT_SECONDS + 1.5)
+    ((copy, delay),) = broker.enqueued
+    assert delay == 2001 and (copy.message_id, copy.args) == (message.message_id, (41, 7))
+
+
+def test_the_in_thread_budget_is_per_delivery(mw, monkeypatch):
+    """Short waits add up: once IN_THREAD_WAIT_SECONDS of this delivery are spent, the next refusal defers."""
+    clock = [100.0]
+    monkeypatch.setattr(mw.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(mw.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(mw, "db", types.SimpleNamespace(execute_sql=lambda *a, **k: None))
+    limiter, broker = mw.RateLimits(SETTINGS), _Broker("inbox")
+    limiter.before_process_message(broker, _message(args=(41, 7)))
+    limiter.slot_refused(0.3)
+    with pytest.raises(SkipMessage):
+        limiter.slot_refused(0.3)
+    assert len(broker.enqueued) == 1
+
+
+def test_a_refused_slot_outside_a_paced_delivery_only_sleeps(mw, monkeypatch):
+    """A direct call (a tool, a test) has no delivery to defer: it waits at most IN_THREAD_WAIT_SECONDS."""
+    slept: list[float] = []
+    monkeypatch.setattr(mw.time, "sleep", slept.append)
+    mw.RateLimits(SETTINGS).slot_refused(30.0)
+    assert slept == [mw.IN_THREAD_WAIT_SECONDS]
 
 
 def test_a_short_wait_is_spent_in_the_thread_not_in_the_delay_queue(mw, monkeypatch):
@@ -145,9 +189,9 @@ def test_a_failing_pacing_check_fails_closed_and_names_the_cause(mw, monkeypatch
     def broken(*args: object) -> ratelimit.Grant:
         raise OSError("database unreachable")
 
-    monkeypatch.setattr(ratelimit, "acquire_inbox", broken)
+    monkeypatch.setattr(ratelimit, "acquire_minute", broken)
     with pytest.raises(mw.RateLimitUnavailable, match="rate limit check failed: OSError: database unreachable"):
-        mw.RateLimits(SETTINGS).before_process_message(_Broker("inbox"), _message())
+        mw.RateLimits(SETTINGS).before_process_message(_Broker("openrouter"), _message("generate", args=()))
 
 
 def test_an_unknown_rate_limit_option_is_refused_with_the_actor_named(mw):
@@ -155,35 +199,15 @@ def test_an_unknown_rate_limit_option_is_refused_with_the_actor_named(mw):
         mw.RateLimits(SETTINGS).before_process_message(_Broker("per_hour"), _message())
 
 
-@pytest.mark.parametrize("sent", [True, False])
-def test_the_slot_not_taken_by_the_step_is_released_after_the_message(mw, monkeypatch, sent):
-    """The gap counts from a send only when one was attempted (mark_sent)."""
-    grant = ratelimit.Grant("inbox:7", "TOKEN")
-    _script(monkeypatch, "acquire_inbox", [grant])
-    released: list[tuple[ratelimit.Grant, bool]] = []
-    monkeypatch.setattr(ratelimit, "release_inbox", lambda g, *, sent: released.append((g, sent)))
-    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message()
+def test_a_delivery_is_forgotten_after_its_message(mw, monkeypatch):
+    """The next message of the thread must not be deferred as if it were the last one."""
+    slept: list[float] = []
+    monkeypatch.setattr(mw.time, "sleep", slept.append)
+    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message(args=(41, 7))
     limiter.before_process_message(broker, message)
-    if sent:
-        limiter.mark_sent()
     limiter.after_process_message(broker, message)
-    limiter.after_process_message(broker, message)  # a second hook call releases nothing more
-    assert released == [(grant, sent)]
-
-
-def test_a_failed_release_is_logged_not_raised(mw, monkeypatch, caplog):
-    """The lease expires by itself; the message's outcome must not change because of the release."""
-    _script(monkeypatch, "acquire_inbox", [ratelimit.Grant("inbox:7", "TOKEN")])
-
-    def broken(grant: ratelimit.Grant, *, sent: bool) -> None:
-        raise OSError("gone")
-
-    monkeypatch.setattr(ratelimit, "release_inbox", broken)
-    limiter, broker, message = mw.RateLimits(SETTINGS), _Broker("inbox"), _message()
-    limiter.before_process_message(broker, message)
-    with caplog.at_level(logging.WARNING, logger=mw.__name__):
-        limiter.after_skip_message(broker, message)
-    assert "could not release inbox:7; its lease will expire" in caplog.text
+    limiter.slot_refused(30.0)  # no delivery any more: a bounded sleep, no copy
+    assert broker.enqueued == [] and slept == [mw.IN_THREAD_WAIT_SECONDS]
 
 
 # --------------------------------------------------------------------------------------------
