@@ -199,22 +199,23 @@ def _context_sql(where: str, *, extra_columns: str = "", extra_joins: str = "") 
 # reads the context). ``ready``: every check the step makes before a send would say yes — the
 # message is `sending` with a pending/failed next part; a message not started (next part 0) has
 # its run running and its lead in the source column; the lead exists, is not opted out and did
-# not answer; the inbox is not disabled or restricted; and (unless %(checked)s: the step has just
-# made those checks itself) no Retry-After can be pending (attempts 0) and the inbox's known
-# state is fresh and open. The slot is taken whenever it is free (%(pace)s: a worker's delivery
-# paces; a direct call does not), as the pacing middleware did before the step: a part found
+# not answer; and (unless %(checked)s: the step has just made these checks itself, and a started
+# message goes on through a disabled inbox) the inbox is not disabled or restricted, no
+# Retry-After can be pending (attempts 0) and the inbox's known state is fresh and open. The slot
+# is taken whenever it is free (%(pace)s: a worker's delivery paces; a direct call does not), as
+# the pacing middleware did before the step: a part found
 # `sending` is judged only while no send of its inbox is in flight. Only a ready message has its
 # part committed `sending`; otherwise the step settles it from the context with the checks in
 # _before_claim (rare: the paths that pause, skip or doubt) and claims again with %(checked)s.
 # The local window is checked right after the claim (its DST arithmetic lives in Python):
 # closed, the part goes back before any HTTP call.
-_SEND_READY = """(m.status = 'sending' AND np.status IN ('pending', 'failed') AND (%(checked)s OR (
-        l.id IS NOT NULL AND NOT coalesce(l.opted_out, false) AND m.stop_reason IS NULL
+_SEND_READY = """(m.status = 'sending' AND np.status IN ('pending', 'failed')
+        AND l.id IS NOT NULL AND NOT coalesce(l.opted_out, false) AND m.stop_reason IS NULL
         AND NOT coalesce(l.last_reply_at >= m.created_at, false)
-        AND NOT i.disabled AND i.health_state <> 'restricted'
         AND (np.idx > 0 OR (r.status = 'running' AND l.column_id = c.source_column_id))
-        AND m.attempts = 0 AND i.connection_state NOT IN ('close', 'connecting')
-        AND i.state_checked_at > now() - make_interval(secs => %(max_age)s))))"""
+        AND (%(checked)s OR (NOT i.disabled AND i.health_state <> 'restricted'
+             AND m.attempts = 0 AND i.connection_state NOT IN ('close', 'connecting')
+             AND i.state_checked_at > now() - make_interval(secs => %(max_age)s))))"""
 
 _SEND_CONTEXT_SQL = _context_sql(
     "m.id = %(id)s", extra_columns=f"{_SEND_COLUMNS}, {_SEND_READY} AS ready", extra_joins=_NEXT_PART_JOIN
@@ -268,6 +269,9 @@ def _claim(
     process's block, or a new block taken in this same statement (T-PERF-7: no round trip of its
     own). A budget spent for the minute makes the message wait (short: in the thread; else
     deferred, no attempt spent) and returns None. None: no budget is counted (a direct call).
+    The count commits with the claim, asynchronously: a PostgreSQL crash can lose the last few
+    hundred milliseconds of counted requests, and that minute can then overspend by as many — the
+    provider's 429 and its Retry-After (held for the whole key, R-FAIL-2) cover it.
     """
     extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
     key = ratelimit.openrouter_key(settings.openrouter_api_key)
@@ -821,9 +825,10 @@ def _send_step(
         if row is None:
             return SendOutcome(False, None)
         ctx = _context_from_row(row)  # the inbox's streaks and connection state included (same names)
-        if row["slot_taken"]:
-            lease.grant = ratelimit.Grant(ratelimit.inbox_key(ctx.inbox_id), token)
-        if row["claimed"]:
+        _note_slot(lease, row["slot_taken"], ratelimit.inbox_key(ctx.inbox_id), token, paced=pace is not None)
+        if row["claimed"] or (row["part_status"] == "sending" and str(row["part_attempt"]) == str(attempt)):
+            # (the second: this delivery's own claim, committed before its connection was lost and
+            # the statement ran again on a fresh one, E-16: not someone else's send in doubt)
             break
         if pace is not None and lease.grant is None:
             refused = ratelimit.inbox_wait(ctx.inbox_id)
@@ -846,8 +851,7 @@ def _send_step(
     if not started_message and not checked and _window_closed(ctx):
         # the claim's one check not in SQL: nothing went out, so the part goes back and the
         # message is skipped (a crash right here leaves the part `sending`: in doubt, never resent)
-        _release_part(part_id, attempt, "pending", "window closed")
-        finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
+        _unclaim_past_window(ctx, part_id, attempt, settings)
         return SendOutcome(False, None)
     lease.http = True
     if on_http:
@@ -898,6 +902,31 @@ def _send_step(
             (result.key_id, part_id, str(attempt)),
         )
         raise
+
+
+def _note_slot(lease: _LeaseState, taken: bool, key: str, token: str, *, paced: bool) -> None:
+    """What the claim statement said of the inbox's slot: held (under ``token``), or not held —
+    never taken, or lost when its lease ended during a slow check: then it is not ours to release."""
+    if taken:
+        if lease.grant is not None and lease.grant.key != key:  # the message moved inbox meanwhile
+            ratelimit.release_inbox(lease.grant, sent=False)
+        lease.grant = ratelimit.Grant(key, token)
+    elif paced:
+        lease.grant = None
+
+
+def _unclaim_past_window(ctx: Context, part_id: int, attempt: uuid.UUID, settings: Settings) -> None:
+    """A part claimed after its run's window closed (E-06): it goes back, nothing went out, and the
+    message is skipped ``window_closed``; an inbox that never sent does not start its warm-up ramp
+    (R-HEALTH-1: the claim set its first send)."""
+    _release_part(part_id, attempt, "pending", "window closed")
+    _one(
+        """UPDATE inboxes i SET first_send_at = NULL WHERE i.id = %s AND first_send_at IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM message_parts p WHERE p.inbox_id = i.id
+                                AND p.status IN ('sent', 'sending', 'in_doubt')) RETURNING id""",
+        (ctx.inbox_id,),
+    )
+    finish_message(ctx.message_id, "skipped", settings, skip_reason="window_closed")
 
 
 def _before_claim(

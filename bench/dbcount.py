@@ -96,9 +96,12 @@ def _writes_something(text: str) -> bool:
 
 def _track_commit(connection: Any, query: Any) -> None:
     """Follow the connection's transaction; count a write transaction when it commits."""
-    text = _statement(query).lstrip()
+    sent = query.decode(errors="replace") if isinstance(query, bytes) else str(query)
+    text = _statement(sent).lstrip()
     word = text[:8].split(None, 1)[0].upper() if text else ""
-    asynchronous = "synchronous_commit TO off" in text
+    # from what was sent: the synchronous and asynchronous variants of a statement share one
+    # prepared statement (its name), so the mapped text cannot tell them apart
+    asynchronous = "synchronous_commit TO off" in sent
     actor = getattr(_local, "actor", None) or "other"
     with _lock:
         state = _txn.setdefault(id(connection), [False, False, False])

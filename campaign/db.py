@@ -128,9 +128,6 @@ def connect_kwargs(url: str) -> dict:
 
 
 class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
-    #: the hot statements each open connection has prepared (a connection replaced forgets them)
-    _prepared_on: weakref.WeakKeyDictionary[Any, set[str]]
-
     """The pool, plus: a statement run OUTSIDE a transaction whose connection turns out to be dead
     (``pg_terminate_backend``, a server restart: E-16) runs once more on a fresh connection.
 
@@ -141,6 +138,9 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
     conditional UPDATE (DESIGN #2): a second run finds nothing left to do. Inside a transaction
     nothing is retried: the whole transaction is gone, the caller's error handling owns it.
     """
+
+    #: the hot statements each open connection has prepared (a connection replaced forgets them)
+    _prepared_on: weakref.WeakKeyDictionary[Any, set[str]]
 
     def execute_sql(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None, named_cursor: Any = None

@@ -200,3 +200,45 @@ def test_the_chain_s_hot_statements_run_prepared(clean_db, sb, llm, evo, setting
     assert send_claim is not None and send_claim.name in session, session
     # generate claim + record, split claim + record, send claim, part record, finish: all prepared here
     assert len(hot & session) >= 7, (hot & session, hot)
+
+
+def test_a_slot_lost_during_a_slow_check_is_not_ours_any_more(clean_db, sb, llm, evo, settings):
+    """A delivery takes the slot, then its checks outlast the lease (a connectionState poll that
+    hangs): another send of the inbox takes the expired slot meanwhile. The first must then wait
+    for the slot like anyone else — not send without it, not judge anything in doubt, and not
+    release the other's lease."""
+    w = make_world()
+    (m,) = w.add_leads(1)
+    to_sending(m.id, settings, llm)  # the inbox's state is unknown: the step will poll it
+    other: list[ratelimit.Grant] = []
+
+    class SlowProbe:
+        def connection_state(self, instance: str) -> str:
+            db.execute_sql(
+                "UPDATE rate_limits SET lease_until = now() - interval '1 second' WHERE key = %s",
+                (ratelimit.inbox_key(w.inboxes[0].id),),
+            )
+            other.append(ratelimit.acquire_inbox(w.inboxes[0].id, 60))  # another send takes it
+            return "open"
+
+        def send_text(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("sent without holding the inbox's slot")
+
+    waits: list[float] = []
+
+    def pace(wait: float) -> None:
+        waits.append(wait)
+        raise _Deferred()
+
+    with pytest.raises(_Deferred):
+        pipeline.send_step(m.id, settings, SlowProbe(), pace=pace)
+    assert other and other[0].granted and len(waits) == 1
+    assert [p.status for p in parts_of(m.id)] == ["pending"]
+    token = db.execute_sql(
+        "SELECT lease_token::text FROM rate_limits WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),)
+    ).fetchone()[0]
+    assert token == other[0].token, "the other send's lease was released by the delivery that lost it"
+
+
+class _Deferred(Exception):
+    """Stands for the middleware's SkipMessage in a direct call."""
