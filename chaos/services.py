@@ -16,10 +16,20 @@ log = logging.getLogger(__name__)
 
 #: application_name prefix of the worker processes' pooled connections (db.init_db's default)
 WORKER_APP_PREFIX = "campaign-engine:"
-#: what a worker's connection last ran when it just committed a part `sending` (it is in the HTTP
-#: call now): the send step's claim, a prepared statement (campaign.db.prepared, label send_claim),
-#: or the `sending` mark as text
-_SENDING_CLAIMS = ["EXECUTE ce_send_claim_%", "%UPDATE message_parts SET status = 'sending'%"]
+#: worker connections that just committed a part `sending` (they are in the HTTP call now): their
+#: last statement was the send step's claim (a prepared statement, campaign.db.prepared, label
+#: send_claim) AND a part is `sending` under the attempt id that statement carried (the claim also
+#: runs for a message it then does not claim: a check, a connectionState poll), or the text mark
+_MID_SEND_SQL = r"""
+SELECT a.application_name FROM pg_stat_activity a
+ WHERE a.datname = %s AND a.application_name LIKE %s AND a.state = 'idle'
+   AND (a.query ILIKE '%%UPDATE message_parts SET status = ''sending''%%'
+        OR (a.query LIKE 'EXECUTE ce\_send\_claim\_%%' AND EXISTS (
+              SELECT 1 FROM message_parts p
+               WHERE p.status = 'sending'
+                 AND p.attempt_id::text IN (
+                     SELECT (regexp_matches(a.query, '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}',
+                                            'g'))[1]))))"""
 ADMIN_APP_NAME = "campaign-chaos-admin"
 
 
@@ -84,14 +94,11 @@ class Services(Throwaway):
         for attempt in range(2):
             try:
                 if self._probe is None or self._probe.closed:
-                    self._probe = self.admin()
+                    # on the run's own database (pg_stat_activity is the cluster's; the parts are here)
+                    self._probe = psycopg2.connect(self.database_url, application_name=ADMIN_APP_NAME)
+                    self._probe.autocommit = True
                 with self._probe.cursor() as cur:
-                    cur.execute(
-                        """SELECT application_name FROM pg_stat_activity
-                                   WHERE datname = %s AND application_name LIKE %s AND state = 'idle'
-                                     AND query ILIKE ANY(%s)""",
-                        (self.name, WORKER_APP_PREFIX + "%", _SENDING_CLAIMS),
-                    )
+                    cur.execute(_MID_SEND_SQL, (self.name, WORKER_APP_PREFIX + "%"))
                     rows = cur.fetchall()
                 break
             except psycopg2.Error:

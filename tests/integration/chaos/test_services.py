@@ -8,10 +8,11 @@ PostgreSQL (since issue 20, a prepared statement: ``EXECUTE ce_send_claim_…``)
 from __future__ import annotations
 
 import os
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pipeline
-from campaign.db import db, prepared_name
+from campaign.db import prepared_name
 from campaign.settings import get_settings
 from chaos.services import Services
 from tests.integration.pipeline_helpers import fast_settings, make_world, to_sending
@@ -22,24 +23,33 @@ def _no_wait(wait: float) -> None:
 
 
 def test_a_worker_in_the_http_call_of_a_send_is_seen_mid_send(clean_db, sb, llm, evo):
+    """Seen mid-send during the HTTP call of a part it claimed; NOT while its claim statement claimed
+    nothing and it polls connectionState (the inbox's state unknown): a kill then is no kill mid-send."""
     settings = fast_settings()
     w = make_world()
     m1, m2 = w.add_leads(2)
     to_sending(m1.id, settings, llm)
     to_sending(m2.id, settings, llm)
-    db.execute_sql("UPDATE inboxes SET connection_state = 'open', state_checked_at = now()")
     services = Services(urlsplit(get_settings().database_url).path.lstrip("/"))
-    seen: list[set[int]] = []
+    during_probe: list[set[int]] = []
+    during_send: list[set[int]] = []
+
+    class Watched:
+        def connection_state(self, instance: str) -> str:
+            during_probe.append(services.mid_send_worker_pids())
+            return evo.connection_state(instance)
+
+        def send_text(self, *args: Any, **kwargs: Any) -> Any:
+            during_send.append(services.mid_send_worker_pids())
+            return evo.send_text(*args, **kwargs)
+
     try:
-        # before any send: nobody is mid-send
-        assert os.getpid() not in services.mid_send_worker_pids()
-        for m in (m1, m2):  # the first prepares the claim on this connection, the second only executes it
-            assert pipeline.send_step(
-                m.id, settings, evo, pace=_no_wait, on_http=lambda: seen.append(services.mid_send_worker_pids())
-            ).sent
+        assert os.getpid() not in services.mid_send_worker_pids()  # before any send
+        for m in (m1, m2):  # the first polls the unknown state, then claims; the second claims at once
+            assert pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=_no_wait).sent
         assert os.getpid() not in services.mid_send_worker_pids()  # the sends were recorded since
     finally:
         services.close()
     assert prepared_name(pipeline._SEND_CLAIM_SQL), "the send claim is not a prepared statement"
-    assert all(os.getpid() in pids for pids in seen), seen
-    assert len(seen) == 2
+    assert len(during_probe) == 1 and os.getpid() not in during_probe[0], during_probe
+    assert len(during_send) == 2 and all(os.getpid() in pids for pids in during_send), during_send
