@@ -278,7 +278,10 @@ def test_workers_and_publisher_move_to_the_next_node_when_theirs_dies_mid_run(fa
     proxy, log = failover_engine
 
     ws, cols = f.workspace("acme")
-    ibx = f.inbox(ws, "sales", min_gap_seconds=0)
+    # paced (~250 parts at >= 0.04 s: the run lasts ~10 s), so the node dies with the run under way
+    # whatever the machine's speed: unpaced, a fast engine finished before the kill and the test
+    # proved nothing
+    ibx = f.inbox(ws, "sales", min_gap_seconds=0.04)
     cfg = f.config(ws, ibx, cols["New"], cols["Contacted"], split_enabled=True, max_parts=3)
     run = f.run(cfg)
     total = 120
@@ -289,12 +292,14 @@ def test_workers_and_publisher_move_to_the_next_node_when_theirs_dies_mid_run(fa
     _dispatch_pending()
     wait_for(lambda: len(sb.ledger()["sends"]) >= 20, timeout=60, message="the run to be under way")
     assert proxy.accepted >= 2, "the worker did not connect through the first node"
-    proxy.kill()
 
     def terminal() -> bool:
         return not db.execute_sql(
             "SELECT count(*) FROM campaign_messages WHERE status NOT IN ('sent', 'failed', 'skipped', 'in_doubt')"
         ).fetchone()[0]
+
+    proxy.kill()
+    assert not terminal(), "the run was over before the node died: the scenario tested nothing"
 
     try:
         wait_for(terminal, timeout=180, interval=0.25, message="every message to be terminal")
