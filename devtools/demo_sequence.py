@@ -139,12 +139,16 @@ def _replies(console: Any, sb: Any, workspace_id: int, timeout: float) -> dict[s
         sb.inbound(instance=instance, number=phone, text=answered[phone])
     deadline = time.monotonic() + min(timeout, 30.0)
     while answered and time.monotonic() < deadline:
+        # applied AND triaged: the AI triage (an actor of its own) moves each answer out of
+        # Contacted; the follow-up is planned only then, so it never meets them there
         with db.connection_context():
-            (applied,) = db.execute_sql(
-                "SELECT count(*) FROM leads WHERE workspace_id = %s AND phone = ANY(%s) AND last_reply_at IS NOT NULL",
+            (settled,) = db.execute_sql(
+                """SELECT count(*) FROM leads l JOIN columns c ON c.id = l.column_id
+                    WHERE l.workspace_id = %s AND l.phone = ANY(%s) AND l.last_reply_at IS NOT NULL
+                      AND c.name <> 'Contacted'""",
                 (workspace_id, list(answered)),
             ).fetchone()
-        if applied == len(answered):
+        if settled == len(answered):
             break
         time.sleep(0.1)
     console.print(
