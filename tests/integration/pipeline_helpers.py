@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pipeline
 from campaign import outcomes
@@ -164,3 +167,42 @@ def sending_message(text: str = "Olá, tudo bem? Uma ideia rápida para a sua lo
     CampaignMessage.update(status="sending", generated_text=text).where(CampaignMessage.id == msg.id).execute()
     MessagePart.create(message=msg.id, inbox=w.inboxes[0].id, idx=0, text=text)
     return w, msg
+
+
+# -- the send step's statements and inbox slot, as tests watch them ------------------------------
+
+
+@contextlib.contextmanager
+def statements(monkeypatch) -> Iterator[list[str]]:
+    """Every statement this process sends while the block runs (as the caller wrote it)."""
+    seen: list[str] = []
+    real = db.obj.execute_sql
+
+    def execute_sql(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        seen.append(sql)
+        return real(sql, params, *args, **kwargs)
+
+    monkeypatch.setattr(db.obj, "execute_sql", execute_sql)
+    try:
+        yield seen
+    finally:
+        monkeypatch.undo()
+
+
+def slot_state(inbox_id: int) -> tuple:
+    """(slot free, gap started) of the inbox's send slot."""
+    from campaign import ratelimit
+
+    return db.execute_sql(
+        "SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
+        (ratelimit.inbox_key(inbox_id),),
+    ).fetchone()
+
+
+def no_wait(wait: float) -> None:
+    """A send step's ``pace`` where the inbox's slot must be free."""
+    raise AssertionError(f"the inbox's slot was free, yet the step was told to wait {wait:.2f}s")
+
+
+class Paused(Exception):
+    """Stands for the middleware's SkipMessage in a direct call of a paced send step."""

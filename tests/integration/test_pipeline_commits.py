@@ -32,6 +32,7 @@ from tests.integration.pipeline_helpers import (
     make_world,
     parts_of,
     run_counters,
+    statements,
 )
 
 LONG_TEXT = "Olá, tudo bem? " + "Temos uma proposta para a sua empresa em Recife. " * 3 + "Podemos falar amanhã?"
@@ -53,23 +54,6 @@ class _Kept:
 
     def fetchall(self) -> list[tuple]:
         return self.rows
-
-
-@contextlib.contextmanager
-def statements(monkeypatch) -> Iterator[list[str]]:
-    """Every statement this process sends while the block runs."""
-    seen: list[str] = []
-    real = db.obj.execute_sql
-
-    def execute_sql(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
-        seen.append(sql)
-        return real(sql, params, *args, **kwargs)
-
-    monkeypatch.setattr(db.obj, "execute_sql", execute_sql)
-    try:
-        yield seen
-    finally:
-        monkeypatch.undo()
 
 
 @contextlib.contextmanager

@@ -8,8 +8,6 @@ starting the gap.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,10 +17,14 @@ from campaign import ratelimit, runs
 from campaign.db import db
 from models import CampaignMessage, Lead
 from tests.integration.pipeline_helpers import (
+    Paused,
     assert_counters_match,
     fast_settings,
     make_world,
+    no_wait,
     parts_of,
+    slot_state,
+    statements,
     to_sending,
 )
 
@@ -34,37 +36,9 @@ def settings():
     return fast_settings()
 
 
-@contextlib.contextmanager
-def statements(monkeypatch) -> Iterator[list[str]]:
-    """Every statement this process sends while the block runs."""
-    seen: list[str] = []
-    real = db.obj.execute_sql
-
-    def execute_sql(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
-        seen.append(sql)
-        return real(sql, params, *args, **kwargs)
-
-    monkeypatch.setattr(db.obj, "execute_sql", execute_sql)
-    try:
-        yield seen
-    finally:
-        monkeypatch.undo()
-
-
 def _connected(inbox_id: int) -> None:
     """The inbox's state as the health job and connection.update events keep it: open, just seen."""
     db.execute_sql("UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (inbox_id,))
-
-
-def _slot(inbox_id: int) -> tuple:
-    return db.execute_sql(
-        "SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
-        (ratelimit.inbox_key(inbox_id),),
-    ).fetchone()
-
-
-def _no_wait(wait: float) -> None:
-    raise AssertionError(f"the inbox's slot was free, yet the step was told to wait {wait:.2f}s")
 
 
 def test_a_paced_send_of_a_two_part_message_is_two_round_trips_per_part(clean_db, sb, llm, evo, settings, monkeypatch):
@@ -83,12 +57,12 @@ def test_a_paced_send_of_a_two_part_message_is_two_round_trips_per_part(clean_db
     per_part = []
     for _ in range(2):
         with statements(monkeypatch) as seen:
-            assert pipeline.send_step(m.id, settings, evo, pace=_no_wait).sent
+            assert pipeline.send_step(m.id, settings, evo, pace=no_wait).sent
         per_part.append(seen)
     assert [len(s) for s in per_part] == [2, 2], per_part
     assert all(s[0].lstrip().startswith("WITH ctx AS") for s in per_part)
     assert CampaignMessage.get_by_id(m.id).status == "sent"
-    assert _slot(w.inboxes[0].id) == (True, True)
+    assert slot_state(w.inboxes[0].id) == (True, True)
 
 
 def test_the_first_send_of_an_unknown_inbox_polls_its_state_then_claims(clean_db, sb, llm, evo, settings, monkeypatch):
@@ -99,10 +73,10 @@ def test_the_first_send_of_an_unknown_inbox_polls_its_state_then_claims(clean_db
     to_sending(m1.id, settings, llm)
     to_sending(m2.id, settings, llm)
     with statements(monkeypatch) as first:
-        assert pipeline.send_step(m1.id, settings, evo, pace=_no_wait).sent
+        assert pipeline.send_step(m1.id, settings, evo, pace=no_wait).sent
     assert [s for s in first if "connection_state = %(state)s" in s], "connectionState was not polled and stored"
     with statements(monkeypatch) as second:
-        assert pipeline.send_step(m2.id, settings, evo, pace=_no_wait).sent
+        assert pipeline.send_step(m2.id, settings, evo, pace=no_wait).sent
     assert len(second) == 2, second
     assert len(sb.ledger()["sends"]) == 2
 
@@ -136,7 +110,7 @@ def test_a_message_not_ready_on_a_connected_inbox_ends_as_the_checks_say(clean_d
         )
     else:  # the run's day is over: its local window closed (the one check made after the claim)
         db.execute_sql("UPDATE campaign_runs SET run_date = run_date - 2 WHERE id = %s", (w.run.id,))
-    out = pipeline.send_step(m.id, settings, evo, pace=_no_wait)
+    out = pipeline.send_step(m.id, settings, evo, pace=no_wait)
     assert not out.sent and out.next_delay is None
     msg = CampaignMessage.get_by_id(m.id)
     expected = {
@@ -151,7 +125,7 @@ def test_a_message_not_ready_on_a_connected_inbox_ends_as_the_checks_say(clean_d
     assert (msg.status, msg.skip_reason) == expected, (change, msg.status, msg.skip_reason)
     assert sb.ledger()["sends"] == []
     assert "sending" not in [p.status for p in parts_of(m.id)]
-    assert _slot(w.inboxes[0].id) == (True, False)
+    assert slot_state(w.inboxes[0].id) == (True, False)
     assert_counters_match(w.run.id)
 
 
@@ -169,9 +143,9 @@ def test_a_started_message_goes_on_through_a_disabled_inbox(clean_db, sb, llm, e
             (m.id, w.inboxes[0].id, LONG_TEXT[:80], m.id, w.inboxes[0].id, LONG_TEXT[80:]),
         )
     _connected(w.inboxes[0].id)
-    assert pipeline.send_step(m.id, settings, evo, pace=_no_wait).sent
+    assert pipeline.send_step(m.id, settings, evo, pace=no_wait).sent
     db.execute_sql("UPDATE inboxes SET disabled = true, disabled_reason = 'operator' WHERE id = %s", (w.inboxes[0].id,))
-    assert pipeline.send_step(m.id, settings, evo, pace=_no_wait).sent
+    assert pipeline.send_step(m.id, settings, evo, pace=no_wait).sent
     assert CampaignMessage.get_by_id(m.id).status == "sent"
     assert len(sb.ledger()["sends"]) == 2
 
@@ -190,7 +164,7 @@ def test_the_chain_s_hot_statements_run_prepared(clean_db, sb, llm, evo, setting
         assert pipeline.generate_step(m.id, settings, llm, paced=True)
         db.execute_sql("UPDATE campaign_messages SET generated_text = %s WHERE id = %s", (LONG_TEXT, m.id))
         assert pipeline.split_step(m.id, settings, llm, paced=True)
-        while pipeline.send_step(m.id, settings, evo, pace=_no_wait).next_delay is not None:
+        while pipeline.send_step(m.id, settings, evo, pace=no_wait).next_delay is not None:
             pass
     assert CampaignMessage.get_by_id(m.id).status == "sent" and len(parts_of(m.id)) == 2
     assert "cannot be prepared" not in caplog.text
@@ -228,9 +202,9 @@ def test_a_slot_lost_during_a_slow_check_is_not_ours_any_more(clean_db, sb, llm,
 
     def pace(wait: float) -> None:
         waits.append(wait)
-        raise _Deferred()
+        raise Paused()
 
-    with pytest.raises(_Deferred):
+    with pytest.raises(Paused):
         pipeline.send_step(m.id, settings, SlowProbe(), pace=pace)
     assert other and other[0].granted and len(waits) == 1
     assert [p.status for p in parts_of(m.id)] == ["pending"]
@@ -238,7 +212,3 @@ def test_a_slot_lost_during_a_slow_check_is_not_ours_any_more(clean_db, sb, llm,
         "SELECT lease_token::text FROM rate_limits WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),)
     ).fetchone()[0]
     assert token == other[0].token, "the other send's lease was released by the delivery that lost it"
-
-
-class _Deferred(Exception):
-    """Stands for the middleware's SkipMessage in a direct call."""

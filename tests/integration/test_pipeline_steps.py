@@ -20,15 +20,18 @@ from campaign.errors import Deferred, RetryLater
 from campaign.text import MAX_PART_CHARS, _norm, build_prompt, local_split
 from models import CampaignEvent, CampaignMessage, Column, Lead, MessagePart
 from tests.integration.pipeline_helpers import (
+    Paused,
     assert_counters_match,
     claim,
     drive,
     fast_settings,
     lead_column,
     make_world,
+    no_wait,
     parts_of,
     run_counters,
     sending_message,
+    slot_state,
 )
 from tests.integration.workers import terminate_own_connection
 
@@ -562,19 +565,6 @@ def test_split_of_a_message_that_already_has_parts_keeps_them(clean_db, sb, llm,
     assert [s["text"] for s in sb.ledger()["sends"]] == ["kept part"]
 
 
-def _slot(inbox_id: int) -> tuple:
-    from campaign import ratelimit
-
-    return db.execute_sql(
-        "SELECT lease_token IS NULL, last_at IS NOT NULL FROM rate_limits WHERE key = %s",
-        (ratelimit.inbox_key(inbox_id),),
-    ).fetchone()
-
-
-def _no_wait(wait: float) -> None:
-    raise AssertionError(f"the inbox's slot was free, yet the step was told to wait {wait:.2f}s")
-
-
 @pytest.mark.parametrize("outcome", ["sent", "invalid_number"])
 def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm, evo, settings, outcome):
     """A paced send takes its inbox's slot in the claim statement (held during the HTTP call) and
@@ -589,11 +579,11 @@ def test_the_send_step_gives_the_inbox_slot_back_on_every_path(clean_db, sb, llm
             "SELECT l.phone FROM leads l JOIN campaign_messages m ON m.lead_id = l.id WHERE m.id = %s", (msg.id,)
         ).fetchone()[0]
         sb.set_faults(invalid_numbers=[phone.lstrip("+")])
-    assert _slot(w.inboxes[0].id) == (True, False)  # the inbox's row exists from its creation (V14)
+    assert slot_state(w.inboxes[0].id) == (True, False)  # the inbox's row exists from its creation (V14)
     during: list = []
-    pipeline.send_step(msg.id, settings, evo, pace=_no_wait, on_http=lambda: during.append(_slot(w.inboxes[0].id)))
+    pipeline.send_step(msg.id, settings, evo, pace=no_wait, on_http=lambda: during.append(slot_state(w.inboxes[0].id)))
     assert during == [(False, False)]  # leased while the send was in flight
-    assert _slot(w.inboxes[0].id) == (True, True)
+    assert slot_state(w.inboxes[0].id) == (True, True)
     assert CampaignMessage.get_by_id(msg.id).status == ("sent" if outcome == "sent" else "failed")
     # the next send of the inbox gets the slot at once (min gap 0)
     assert ratelimit.acquire_inbox(w.inboxes[0].id, 60).granted
@@ -606,10 +596,10 @@ def test_the_send_step_releases_the_slot_when_it_does_not_send(clean_db, sb, llm
     w = make_world()
     (msg,) = w.add_leads(1)
     _to_sending(msg.id, settings, llm)
-    assert pipeline.send_step(msg.id, settings, evo, pace=_no_wait).sent
+    assert pipeline.send_step(msg.id, settings, evo, pace=no_wait).sent
     db.execute_sql("UPDATE rate_limits SET last_at = NULL WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),))
-    assert not pipeline.send_step(msg.id, settings, evo, pace=_no_wait).sent  # already sent: nothing to do
-    assert _slot(w.inboxes[0].id) == (True, False)
+    assert not pipeline.send_step(msg.id, settings, evo, pace=no_wait).sent  # already sent: nothing to do
+    assert slot_state(w.inboxes[0].id) == (True, False)
 
 
 def test_a_paced_send_behind_a_busy_inbox_waits_and_claims_nothing(clean_db, sb, llm, evo, settings):
@@ -650,24 +640,20 @@ def test_a_duplicate_delivery_while_a_part_is_in_flight_waits_instead_of_calling
     def duplicate_during_http() -> None:
         def pace(wait: float) -> None:
             inner.append(wait)
-            raise _Deferred()
+            raise Paused()
 
         try:
             pipeline.send_step(msg.id, settings, evo, pace=pace)
-        except _Deferred:
+        except Paused:
             pass
 
-    assert pipeline.send_step(msg.id, settings, evo, pace=_no_wait, on_http=duplicate_during_http).sent
+    assert pipeline.send_step(msg.id, settings, evo, pace=no_wait, on_http=duplicate_during_http).sent
     assert len(inner) == 1, "the duplicate did not wait for the slot the first delivery holds"
     statuses = [p.status for p in MessagePart.select().where(MessagePart.message == msg.id).order_by(MessagePart.idx)]
     assert statuses[0] == "sent" and "in_doubt" not in statuses
     assert CampaignMessage.get_by_id(msg.id).status in ("sending", "sent")
     assert len(sb.ledger()["sends"]) == 1
     assert ratelimit.acquire_inbox(w.inboxes[0].id, 60).granted
-
-
-class _Deferred(Exception):
-    """Stands for the middleware's SkipMessage in a direct call."""
 
 
 # --------------------------------------------------------------------------------------------

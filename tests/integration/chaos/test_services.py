@@ -15,11 +15,7 @@ import pipeline
 from campaign.db import prepared_name
 from campaign.settings import get_settings
 from chaos.services import Services
-from tests.integration.pipeline_helpers import fast_settings, make_world, to_sending
-
-
-def _no_wait(wait: float) -> None:
-    raise AssertionError(f"the inbox's slot was free, yet the step was told to wait {wait:.2f}s")
+from tests.integration.pipeline_helpers import fast_settings, make_world, no_wait, to_sending
 
 
 def test_a_worker_in_the_http_call_of_a_send_is_seen_mid_send(clean_db, sb, llm, evo):
@@ -46,7 +42,7 @@ def test_a_worker_in_the_http_call_of_a_send_is_seen_mid_send(clean_db, sb, llm,
     try:
         assert os.getpid() not in services.mid_send_worker_pids()  # before any send
         for m in (m1, m2):  # the first polls the unknown state, then claims; the second claims at once
-            assert pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=_no_wait).sent
+            assert pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=no_wait).sent
         assert os.getpid() not in services.mid_send_worker_pids()  # the sends were recorded since
     finally:
         services.close()
