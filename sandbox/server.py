@@ -439,6 +439,28 @@ class SandboxApp:
         if seconds > 0:
             self.stop_event.wait(seconds)
 
+    def _forced_error(
+        self,
+        cfg: dict[str, Any],
+        rcfg: dict[str, Any],
+        fault: str | None,
+        entry: dict[str, Any],
+        identity: Hashable,
+        epoch: int,
+    ) -> tuple[int, list[tuple[str, str]]] | None:
+        """The error status (and Retry-After headers) a request gets from the route's
+        ``always_status`` or a drawn status fault, recorded in the ledger; None: no forced error."""
+        status = rcfg.get("always_status")
+        if status is not None and not 200 <= status < 300:
+            fault = f"always_{status}"
+        elif fault is not None and fault.isdigit():
+            status = int(fault)
+        else:
+            return None
+        entry.update(status=status, fault=fault)
+        self.ledger.record_request(entry, epoch)
+        return status, self._retry_after(cfg, rcfg, status, identity, epoch)
+
     def _retry_after(
         self, cfg: dict[str, Any], rcfg: dict[str, Any], status: int, identity: Hashable, epoch: int
     ) -> list[tuple[str, str]]:
@@ -499,17 +521,10 @@ class SandboxApp:
             entry["model"] = model
             entry["messages"] = messages
 
-        status = rcfg.get("always_status")
-        if status is not None and not 200 <= status < 300:
-            fault = f"always_{status}"
-        elif fault is not None and fault.isdigit():
-            status = int(fault)
-        else:
-            status = None
-        if status is not None:
-            entry.update(status=status, fault=fault)
-            self.ledger.record_request(entry, epoch)
-            return self._or_error(status, headers=self._retry_after(cfg, rcfg, status, identity, epoch))
+        forced = self._forced_error(cfg, rcfg, fault, entry, identity, epoch)
+        if forced is not None:
+            status, headers = forced
+            return self._or_error(status, headers=headers)
         if fault == "accept_then_hang":
             entry.update(status=None, fault=fault)
             self.ledger.record_request(entry, epoch)
@@ -682,19 +697,10 @@ class SandboxApp:
             "latency_ms": round(latency * 1000, 1),
         }
 
-        status = rcfg.get("always_status")
-        if status is not None and not 200 <= status < 300:
-            fault = f"always_{status}"
-        elif fault is not None and fault.isdigit():
-            status = int(fault)
-        else:
-            status = None
-        if status is not None:
-            entry.update(status=status, fault=fault)
-            self.ledger.record_request(entry, epoch)
-            return self._evo_error(
-                status, [HTTPStatus(status).phrase], self._retry_after(cfg, rcfg, status, identity, epoch)
-            )
+        forced = self._forced_error(cfg, rcfg, fault, entry, identity, epoch)
+        if forced is not None:
+            status, headers = forced
+            return self._evo_error(status, [HTTPStatus(status).phrase], headers)
         if instance in cfg["disconnected_instances"] or instance in cfg["connecting_instances"]:
             entry.update(status=500, fault="disconnected")
             self.ledger.record_request(entry, epoch)
@@ -776,19 +782,10 @@ class SandboxApp:
             "early": early,
             "latency_ms": round(latency * 1000, 1),
         }
-        status = rcfg.get("always_status")
-        if status is not None and not 200 <= status < 300:
-            fault = f"always_{status}"
-        elif fault is not None and fault.isdigit():
-            status = int(fault)
-        else:
-            status = None
-        if status is not None:
-            entry.update(status=status, fault=fault)
-            self.ledger.record_request(entry, epoch)
-            return self._evo_error(
-                status, [HTTPStatus(status).phrase], self._retry_after(cfg, rcfg, status, identity, epoch)
-            )
+        forced = self._forced_error(cfg, rcfg, fault, entry, identity, epoch)
+        if forced is not None:
+            status, headers = forced
+            return self._evo_error(status, [HTTPStatus(status).phrase], headers)
         if fault == "accept_then_hang":
             entry.update(status=None, fault=fault)
             self.ledger.record_request(entry, epoch)

@@ -23,7 +23,14 @@ import pytest
 from campaign import dispatch
 from campaign.db import db
 from campaign.settings import Settings, get_settings
-from devtools.services import rabbitmqctl, rabbitmqctl_command, start_worker, stop_worker, with_vhost
+from devtools.services import (
+    create_vhost,
+    delete_vhost,
+    rabbitmqctl,
+    rabbitmqctl_command,
+    start_worker,
+    stop_worker,
+)
 from tests.integration import factories as f
 from tests.integration.conftest import RUN
 from tests.integration.pipeline_helpers import assert_counters_match, run_counters
@@ -51,12 +58,11 @@ def queue_types(vhost: str) -> dict[str, str]:
 def vhost(services) -> Iterator[tuple[str, str]]:
     """(name, RABBITMQ_URL) of a fresh vhost, deleted afterwards."""
     name = f"{RUN_ID}_q{uuid.uuid4().hex[:6]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    url = create_vhost(name, RABBIT_BASE_URL)
     try:
-        yield name, with_vhost(RABBIT_BASE_URL, name)
+        yield name, url
     finally:
-        rabbitmqctl("delete_vhost", name)
+        delete_vhost(name)
 
 
 def engine_queues() -> list[str]:

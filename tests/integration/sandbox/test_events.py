@@ -12,11 +12,9 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -28,51 +26,13 @@ from devtools import services
 from sandbox.config import FaultError, validate, with_defaults
 from sandbox.events import EVENTS, lid_for, owner_jid
 from sandbox.testing import SandboxProcess
+from tests.integration.sandbox.receiver import Receiver
 
 ENVELOPE_KEYS = {"event", "instance", "data", "server_url", "date_time", "sender", "apikey"}
 NUMBER = "5511987654321"
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-class Receiver:
-    """A webhook receiver collecting the JSON bodies it is sent."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with receiver.cond:
-                    receiver.events.append(body)
-                    receiver.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0) -> list[dict[str, Any]]:
-        with self.cond:
-            self.cond.wait_for(lambda: pred(self.events), timeout)
-            return list(self.events)
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e for e in self.events if e["event"] == event]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

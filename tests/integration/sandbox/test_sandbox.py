@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from sandbox import llm
 from sandbox.config import DEFAULTS, FaultError, merge_patch, validate, with_defaults
 from sandbox.testing import SandboxProcess, SandboxStartError
+from tests.integration.sandbox.receiver import Receiver
 
 CHAT_PATH = "/api/v1/chat/completions"
 
@@ -242,43 +242,8 @@ def test_config_merge_patch_and_validation() -> None:
 # -- webhooks ------------------------------------------------------------------------------------
 
 
-class _Receiver:
-    """A tiny webhook receiver collecting JSON bodies."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with receiver.cond:
-                    receiver.events.append(body)
-                    receiver.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.events) >= n, timeout)
-            return list(self.events)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_webhook_emission() -> None:
-    receiver = _Receiver()
+    receiver = Receiver()
     try:
         with (
             SandboxProcess(webhook_url=receiver.url, webhook_secret="whsec-123") as sb,
@@ -326,7 +291,7 @@ def test_delivery_errors_answer_one_instance_with_error_receipts_at_its_rate() -
     """R-HEALTH-2 / E-35 fixture: ``delivery_errors = {instance: rate}`` gives that share of the
     instance's accepted sends SERVER_ACK then ERROR (no DELIVERY_ACK / READ), published like every
     receipt; other instances are untouched; the draw is deterministic; bad rates are refused."""
-    receiver = _Receiver()
+    receiver = Receiver()
     try:
         with (
             SandboxProcess(webhook_url=receiver.url, webhook_secret="whsec-1", seed=9) as sb,

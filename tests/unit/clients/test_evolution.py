@@ -24,6 +24,7 @@ from campaign.errors import (
 )
 from clients import close_clients, get_evolution
 from clients.evolution import EvolutionClient, SendResult, normalize_number
+from tests.unit.clients.transport import raise_, respond
 
 KEY = "evo-SUPERSECRET-abcdef0123"
 BASE = "https://evo.test"
@@ -46,22 +47,6 @@ def client_for(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) ->
     return EvolutionClient(
         kw.pop("base_url", BASE), kw.pop("api_key", KEY), transport=httpx.MockTransport(handler), **kw
     )
-
-
-def respond(status: int, body: Any = None, *, headers: dict[str, str] | None = None, text: str | None = None):
-    def handler(request: httpx.Request) -> httpx.Response:
-        if text is not None:
-            return httpx.Response(status, text=text, headers=headers)
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def raise_(exc_type: type[httpx.RequestError]):
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc_type("boom", request=request)
-
-    return handler
 
 
 # -- request shape -------------------------------------------------------------------------------

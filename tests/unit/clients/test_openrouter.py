@@ -26,6 +26,7 @@ from campaign.errors import (
 )
 from clients import close_clients, get_openrouter
 from clients.openrouter import Completion, OpenRouterClient, parse_retry_after
+from tests.unit.clients.transport import raise_, respond
 
 KEY = "sk-or-v1-SUPERSECRET0123456789"
 BASE = "https://openrouter.test/api/v1"
@@ -47,22 +48,6 @@ def client_for(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) ->
     return OpenRouterClient(
         kw.pop("base_url", BASE), kw.pop("api_key", KEY), transport=httpx.MockTransport(handler), **kw
     )
-
-
-def respond(status: int, body: Any = None, *, headers: dict[str, str] | None = None, text: str | None = None):
-    def handler(request: httpx.Request) -> httpx.Response:
-        if text is not None:
-            return httpx.Response(status, text=text, headers=headers)
-        return httpx.Response(status, json=body, headers=headers)
-
-    return handler
-
-
-def raise_(exc_type: type[httpx.RequestError]):
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc_type("boom", request=request)
-
-    return handler
 
 
 def err_body(status: int, message: str = "nope") -> dict[str, Any]:
