@@ -16,8 +16,10 @@ BEFORE the HTTP call (DESIGN #3); a part found ``sending`` by anyone else is ``i
 and is never resent automatically (R-FAIL-4).
 
 Every terminal outcome is ONE SQL statement (``campaign.outcomes``); the last part's ``sent`` is
-in that same statement: finalize needs no hop of its own. Dispatching is ``campaign.dispatch``,
-the sweep ``campaign.recovery``, the texts ``campaign.text``, the repairs ``campaign.ops.repairs``.
+in that same statement: finalize needs no hop of its own; nor does split, which runs in the
+generate delivery on the text record's word that nothing changed (``generate_then_split``).
+Dispatching is ``campaign.dispatch``, the sweep ``campaign.recovery``, the texts
+``campaign.text``, the repairs ``campaign.ops.repairs``.
 """
 
 from __future__ import annotations
@@ -570,6 +572,46 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
 
     ``paced``: the LLM request counts against the OpenRouter key's per-minute budget, taken in
     the claim statement (a worker's delivery; a direct call is not paced)."""
+    return _generate(message_id, settings, llm, paced=paced, inline=False) is not None
+
+
+def generate_then_split(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> int | None:
+    """The generate actor's delivery: write the text, then split it in the same delivery (T-PERF-1:
+    no hop through RabbitMQ, and no claim statement of the split's own when nothing changed while
+    the LLM wrote — the text's record answers whether the split may go straight on). Returns the
+    inbox id when sending should follow, like :func:`split_step`.
+
+    Redelivered (a worker died, a retry, a deferral of the split's LLM budget), the message may be
+    ``splitting`` already: the split then runs from its own claim, as the split actor would.
+    """
+    handoff = _generate(message_id, settings, llm, paced=paced, inline=True)
+    if isinstance(handoff, Context):
+        return _split(handoff, settings, llm)
+    # not claimed for generating (already `splitting`: a redelivery; or finished, or elsewhere),
+    # or something changed while the LLM wrote: the split's claim and preflight settle it
+    if handoff is None and not _status_is(message_id, "splitting"):
+        return None
+    return split_step(message_id, settings, llm, paced=paced)
+
+
+def _status_is(message_id: int, status: str) -> bool:
+    return _one("SELECT 1 FROM campaign_messages WHERE id = %s AND status = %s", (message_id, status)) is not None
+
+
+#: the text's record, for a split in the same delivery: whether every check the split's preflight
+#: makes would still pass (run running, lead in the source column and not stopped, inbox usable;
+#: the window is checked in Python), and the parts the message has
+_SPLIT_READY = """r.status = 'running' AND l.id IS NOT NULL AND l.column_id = c.source_column_id
+        AND NOT coalesce(l.opted_out, false) AND rec.stop_reason IS NULL
+        AND NOT coalesce(l.last_reply_at >= rec.created_at, false)
+        AND NOT i.disabled AND i.health_state <> 'restricted'"""
+
+
+def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inline: bool) -> Context | bool | None:
+    """The generate step. None: nothing follows; True: the split follows (its own claim);
+    a Context (``inline`` only): the split may run on it in this delivery, without a claim — the
+    record moved the message to `splitting` under the step's lease and found it still ready, and
+    the split's LLM request (if any) is already counted (``paced``)."""
     ctx = _claim(
         message_id,
         "generating",
@@ -580,13 +622,13 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
     )
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
-        return False
+        return None
     if not _preflight(ctx, settings):
-        return False
+        return None
     if ctx.generated_text:  # resumed after a wait: the text is already there
-        return _advance(ctx, "splitting", settings)
+        return True if _advance(ctx, "splitting", settings) else None
     if _retry_after_pending(ctx, settings):
-        return False
+        return None
     started = time.perf_counter()
     tokens = None
     try:
@@ -596,11 +638,11 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
     except (AuthError, CreditsExhausted) as exc:
         log.error("generate message=%s: %s", message_id, exc)
         _provider_pause(ctx, exc)
-        return False
+        return None
     except PermanentError as exc:
         if not ctx.fallback_template:
             finish_message(message_id, "failed", settings, from_statuses=("generating",), error=exc)
-            return False
+            return None
         text = render_fallback(ctx.fallback_template, ctx)
         log_event(
             "generate",
@@ -612,23 +654,53 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
         )
         if len(text) < 1:
             finish_message(message_id, "failed", settings, from_statuses=("generating",), error=exc)
-            return False
+            return None
     except TransientError as exc:
         _hold_openrouter(exc, settings)
         _transient(ctx, exc, settings, "generate")
-        return False
-    # async commit: a lost text is generated again (tokens spent twice, nothing sent)
-    row = _one(
+        return None
+    # the split in this delivery: its LLM request (if it makes one) comes from this process's
+    # block of the per-minute budget; none left, the split takes it in its own claim
+    needs_llm = _split_calls_llm(ctx, text)
+    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+    budget_taken = inline and paced and needs_llm and ratelimit.take_local(key)
+    inline = inline and (budget_taken or not (paced and needs_llm))
+    # async commit: a lost text is generated again (tokens spent twice, nothing sent). Split in
+    # this delivery, the message is the step's until the lease ends (the sweep's safety net);
+    # handed to the split actor, until the short hand-off grace.
+    row = _named(
         prepared_async(
-            """UPDATE campaign_messages SET generated_text = %s, tokens_used = %s, generation_ms = %s,
-                      status = 'splitting', status_changed_at = now(), attempts = 0, error_class = NULL,
-                      error_message = NULL, wake_at = now() + make_interval(secs => %s)
-                  WHERE id = %s AND status = 'generating' RETURNING id""",
+            f"""WITH rec AS (
+                UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
+                      generation_ms = %(ms)s, status = 'splitting', status_changed_at = now(), attempts = 0,
+                      error_class = NULL, error_message = NULL, wake_at = now() + make_interval(secs => %(wake)s)
+                  WHERE id = %(id)s AND status = 'generating'
+                  RETURNING id, run_id, lead_id, inbox_id, stop_reason, created_at)
+            SELECT rec.id, ({_SPLIT_READY}) AS ready,
+                   (SELECT count(*) FROM message_parts WHERE message_id = rec.id) AS parts_count
+              FROM rec JOIN campaign_runs r ON r.id = rec.run_id JOIN campaign_configs c ON c.id = r.config_id
+              JOIN inboxes i ON i.id = rec.inbox_id LEFT JOIN leads l ON l.id = rec.lead_id""",
             "generate_record",
         ),
-        (text, tokens, _ms(started), settings.handoff_grace_seconds, message_id),
+        {
+            "text": text,
+            "tokens": tokens,
+            "ms": _ms(started),
+            "wake": settings.lease_seconds if inline else settings.handoff_grace_seconds,
+            "id": message_id,
+        },
     )
-    return row is not None
+    if row is None or not (inline and row["ready"] and not _window_closed(ctx)):
+        if budget_taken:
+            ratelimit.give_back_local(key)
+        return None if row is None else True
+    ctx.status, ctx.generated_text, ctx.parts_count = "splitting", text, row["parts_count"]
+    return ctx
+
+
+def _split_calls_llm(ctx: Context, text: str) -> bool:
+    """Whether splitting ``text`` asks the LLM (R-PIPE-2; _SPLIT_NEEDS_LLM says the same in SQL)."""
+    return ctx.split_enabled and ctx.max_parts > 1 and len(text) > SPLIT_BELOW_CHARS
 
 
 def _advance(ctx: Context, to_status: str, settings: Settings) -> bool:
@@ -662,6 +734,13 @@ def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = F
         return None
     if not _preflight(ctx, settings):
         return None
+    return _split(ctx, settings, llm)
+
+
+def _split(ctx: Context, settings: Settings, llm: LLM) -> int | None:
+    """The split of a message the step owns (``splitting``, checked: by the split's claim and
+    preflight, or by the text's record in the same delivery): parts stored, the message ``sending``."""
+    message_id = ctx.message_id
     existing = ctx.parts_count
     started = time.perf_counter()
     if existing:
@@ -669,7 +748,7 @@ def split_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = F
     else:
         text = ctx.generated_text or ""
         parts = [text]
-        if ctx.split_enabled and ctx.max_parts > 1 and len(text) > SPLIT_BELOW_CHARS:
+        if _split_calls_llm(ctx, text):
             parts = None
             try:
                 completion = llm.chat(

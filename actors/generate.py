@@ -1,4 +1,9 @@
-"""Step 1: write the personal message with the LLM (queue ``campaign.generate``)."""
+"""Steps 1 and 2: write the personal message with the LLM, then split it (queue ``campaign.generate``).
+
+The split runs in the same delivery (pipeline.generate_then_split: one hop through RabbitMQ
+fewer per message, T-PERF-1); the split actor (queue ``campaign.split``) carries the splits that
+start on their own: a hand-off after a wait or a resume, the recovery sweep, a dead letter requeued.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ _settings = get_settings()
 
 @dramatiq.actor(
     actor_name=steps.GENERATE.actor,
-    **step_options(_settings, steps.GENERATE.queue, time_limit_s=150),
+    # two LLM calls in one delivery (each bounded by LLM_TIMEOUT_SECONDS)
+    **step_options(_settings, steps.GENERATE.queue, time_limit_s=300),
 )
 @as_dramatiq_retry
 def generate(message_id: int) -> None:
-    """Generate the text of campaign message ``message_id``, then enqueue its split."""
-    # paced: its LLM request counts against the per-minute budget, in the claim statement (R-RATE-1)
-    if pipeline.generate_step(message_id, _settings, openrouter(), paced=True):
-        enqueue(steps.SPLIT, steps.SPLIT.args(message_id))
+    """Generate and split the text of campaign message ``message_id``, then enqueue its first send."""
+    # paced: its LLM requests count against the per-minute budget (R-RATE-1)
+    inbox_id = pipeline.generate_then_split(message_id, _settings, openrouter(), paced=True)
+    if inbox_id:
+        enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id))

@@ -1,4 +1,9 @@
-"""Step 2: split the text into 1..N parts (queue ``campaign.split``)."""
+"""Step 2 on its own: split the text into 1..N parts (queue ``campaign.split``).
+
+A fresh text is split in the generate delivery (actors/generate.py); this actor carries the
+splits that start on their own: a hand-off after a wait or a resume, the recovery sweep, a
+requeued dead letter.
+"""
 
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ def drive(message_id: int, settings: Settings, llm, evo, *, max_rounds: int = 60
         status = CampaignMessage.get_by_id(message_id).status
         try:
             if status in ("queued", "generating"):
-                if not pipeline.generate_step(message_id, settings, llm):
+                # the generate actor's delivery: generate, then split in the same delivery
+                if pipeline.generate_then_split(message_id, settings, llm) is None:
                     if CampaignMessage.get_by_id(message_id).status == status:
                         return status
             elif status == "splitting":

@@ -1,0 +1,197 @@
+"""The generate actor's delivery writes the text and splits it (issue 20, T-PERF-1): no hop through
+RabbitMQ between the two steps, and no claim statement of the split's own when nothing changed
+while the LLM wrote — the text's record answers whether the split may go straight on. These tests
+pin the round trips, that a change made while the LLM wrote is settled by the split's own claim
+and checks exactly as before (R-PIPE-1/2), that a redelivery of a message already `splitting`
+still splits it, and that the split's LLM request is always counted against the per-minute budget
+(R-RATE-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import pipeline
+from campaign import ratelimit, runs
+from campaign.db import db
+from campaign.text import SPLIT_BELOW_CHARS, build_prompt
+from models import CampaignMessage, Lead
+from sandbox.llm import generate_text, split_sentences
+from tests.integration.pipeline_helpers import (
+    assert_counters_match,
+    claim,
+    fast_settings,
+    make_world,
+    parts_of,
+    statements,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_block_kept(monkeypatch):
+    """Each test starts with no per-minute block kept in this process (as a fresh worker)."""
+    monkeypatch.setattr(ratelimit, "_blocks", {})
+
+
+@pytest.fixture
+def settings():
+    # 600 a minute: this process takes its requests from PostgreSQL in blocks of 10
+    return fast_settings(openrouter_requests_per_minute=600)
+
+
+def chats(sb, routes: tuple[str, ...] = ("chat", "split")) -> int:
+    """LLM requests the sandbox has seen (the text's and the split's)."""
+    return len([r for r in sb.ledger()["requests"] if r["route"] in routes])
+
+
+def minute_count(settings) -> int:
+    """Requests counted this minute against the OpenRouter key's budget (0: no row yet)."""
+    row = db.execute_sql(
+        "SELECT CASE WHEN minute_start = date_trunc('minute', now()) THEN minute_count ELSE 0 END "
+        "FROM rate_limits WHERE key = %s",
+        (ratelimit.openrouter_key(settings.openrouter_api_key),),
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def long_text(*messages: CampaignMessage) -> None:
+    """Rename each message's lead so that the sandbox's (deterministic) text is long enough for the
+    engine to ask the LLM to split it (as bench/common.two_part_name does)."""
+    for m in messages:
+        for k in range(500):
+            Lead.update(name=f"Ana {m.id}-{k}").where(Lead.id == m.lead_id).execute()
+            ctx = pipeline.load_context(m.id)
+            assert ctx is not None
+            text = generate_text(build_prompt(ctx))
+            if len(text) > SPLIT_BELOW_CHARS and len(split_sentences(text)) >= 2:
+                break
+        else:
+            raise AssertionError(f"no lead name gives message {m.id} a long text")
+
+
+class ChangingLLM:
+    """The real client; ``change`` runs once, right after the first answer (while the step writes)."""
+
+    def __init__(self, llm: Any, change: Callable[[], object]) -> None:
+        self.llm, self.change, self.done = llm, change, False
+
+    def chat(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.llm.chat(*args, **kwargs)
+        if not self.done:
+            self.done = True
+            self.change()
+        return out
+
+
+def test_one_generate_delivery_writes_and_splits_the_text_in_three_statements(clean_db, sb, llm, settings, monkeypatch):
+    """T-PERF-1/T-PERF-7: the generate claim, the text's record (which hands the split its checks)
+    and the parts' record; both LLM requests counted, the send follows."""
+    w = make_world(split=True, max_parts=2)
+    m1, m2 = w.add_leads(2)
+    long_text(m1, m2)
+    claim(m1.id)
+    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True) == w.inboxes[0].id  # budget row made
+    claim(m2.id)
+    before = chats(sb)
+    with statements(monkeypatch) as seen:
+        assert pipeline.generate_then_split(m2.id, settings, llm, paced=True) == w.inboxes[0].id
+    msg = CampaignMessage.get_by_id(m2.id)
+    assert msg.status == "sending"
+    assert len(msg.generated_text or "") > SPLIT_BELOW_CHARS, "the sandbox's text is too short to ask for a split"
+    assert chats(sb) - before == 2  # the text, then the split
+    assert len(seen) == 3, seen
+    assert "WITH claimed AS" in seen[0] and "generated_text = %(text)s" in seen[1]
+    assert "INSERT INTO message_parts" in seen[2]
+    assert parts_of(m2.id), "no parts stored"
+    # every request was counted (blocks of 10 are taken ahead: at least as many as were made)
+    assert minute_count(settings) >= chats(sb)
+
+
+CHANGES: dict[str, tuple[Callable[[Any, Any], object], tuple[str, str | None]]] = {
+    "cancelled": (lambda w, m: runs.cancel_run(w.run.id), ("skipped", "cancelled")),
+    "paused": (lambda w, m: runs.pause_run(w.run.id), ("pending", None)),
+    "lead_moved": (
+        lambda w, m: Lead.update(column=w.cols["Replied"]).where(Lead.id == m.lead_id).execute(),
+        ("skipped", "lead_moved"),
+    ),
+    "opted_out": (
+        lambda w, m: Lead.update(opted_out=True).where(Lead.id == m.lead_id).execute(),
+        ("skipped", "opted_out"),
+    ),
+    "replied": (
+        lambda w, m: db.execute_sql("UPDATE leads SET last_reply_at = now() WHERE id = %s", (m.lead_id,)),
+        ("skipped", "replied"),
+    ),
+    "inbox_disabled": (
+        lambda w, m: db.execute_sql(
+            "UPDATE inboxes SET disabled = true, disabled_reason = 'operator' WHERE id = %s", (w.inboxes[0].id,)
+        ),
+        ("pending", None),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(clean_db, sb, llm, settings, change):
+    """R-PIPE-1/2, R-IN-3: the text is kept, but the split does not go straight on: its claim and
+    preflight settle the message as they always did — no split request, no part, counters exact."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+    act, expected = CHANGES[change]
+    writer = ChangingLLM(llm, lambda: act(w, m))
+    assert pipeline.generate_then_split(m.id, settings, writer, paced=True) is None
+    msg = CampaignMessage.get_by_id(m.id)
+    assert (msg.status, msg.skip_reason) == expected, (change, msg.status, msg.skip_reason)
+    assert msg.generated_text, "the text written was lost"
+    assert chats(sb, ("chat",)) == 1
+    assert chats(sb, ("split",)) == 0, "the split asked the LLM for a message that was not to be split"
+    assert parts_of(m.id) == []
+    assert_counters_match(w.run.id)
+
+
+def test_a_redelivered_generate_of_a_message_already_splitting_splits_it(clean_db, sb, llm, settings, monkeypatch):
+    """R-PIPE-5: the text was recorded and the delivery died (or deferred its split's budget wait):
+    the delivery again splits the message from the split's own claim instead of leaving it to the
+    recovery sweep."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+    assert pipeline.generate_step(m.id, settings, llm)  # text recorded, the split not run
+    assert CampaignMessage.get_by_id(m.id).status == "splitting"
+    assert pipeline.generate_then_split(m.id, settings, llm, paced=True) == w.inboxes[0].id
+    assert CampaignMessage.get_by_id(m.id).status == "sending"
+    assert chats(sb) == 2 and parts_of(m.id)
+    # and a further duplicate finds nothing to do: no request, no statement that writes
+    with statements(monkeypatch) as seen:
+        assert pipeline.generate_then_split(m.id, settings, llm, paced=True) is None
+    assert chats(sb) == 2
+    assert len(seen) == 2, seen  # the generate claim finds nothing; is it splitting? no
+
+
+def test_with_no_request_left_in_this_process_the_split_takes_its_budget_in_its_claim(
+    clean_db, sb, llm, settings, monkeypatch
+):
+    """R-RATE-1: a small budget is shared one request at a time (no block kept in the process), so
+    the split in the same delivery cannot count its request locally: it takes it in its own claim
+    statement — both requests counted, exactly."""
+    settings = dataclasses.replace(settings, openrouter_requests_per_minute=10)
+    assert ratelimit.block_size(10) == 1
+    w = make_world(split=True, max_parts=2)
+    m1, m2 = w.add_leads(2)
+    long_text(m1, m2)
+    claim(m1.id)
+    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)  # budget row made
+    claim(m2.id)
+    counted = minute_count(settings)
+    with statements(monkeypatch) as seen:
+        assert pipeline.generate_then_split(m2.id, settings, llm, paced=True) == w.inboxes[0].id
+    assert len(seen) == 4, "\n---\n".join(seen)  # generate claim, text record, split claim, parts record
+    assert minute_count(settings) - counted == 2
+    assert minute_count(settings) == chats(sb) == 4
