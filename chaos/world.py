@@ -25,6 +25,8 @@ class CampaignPlan:
     leads: int
     split: bool
     max_parts: int = 3
+    #: parts sent back to back (part gap 0): the send actor sends them in one delivery
+    zero_part_gap: bool = False
 
     @property
     def label(self) -> str:
@@ -65,7 +67,9 @@ def plan_world(
     """Lay out ``campaigns`` campaigns over ``inboxes`` inboxes in two workspaces.
 
     Campaigns 3, 7, ... do not split (1 part), campaigns 1, 5, ... split into at most 2 parts, the
-    others into at most 3: the run has messages of 1, 2 and 3 parts.
+    others into at most 3: the run has messages of 1, 2 and 3 parts. Campaigns 1, 5, ... send
+    their parts back to back (part gap 0: one send delivery carries them), the others at
+    ``part_gap``.
 
     Campaign k uses inbox k % inboxes, so with more campaigns than inboxes some inboxes serve two
     campaigns (their pacing is shared, R-RATE-1); every campaign has its own source column.
@@ -90,6 +94,7 @@ def plan_world(
                 base + (1 if k < extra else 0),
                 split=(k % 4 != 3),
                 max_parts=2 if k % 4 == 1 else 3,
+                zero_part_gap=(k % 4 == 1),
             )
         )
     lines: list[str] = []
@@ -118,7 +123,8 @@ def plan_world(
                 "# no window and no weekdays: always open, so the scheduler plans it at once",
                 f"daily_limit = {c.leads + 10}",
                 f"gap_seconds = {{ min = {gap[0]}, max = {gap[1]} }}",
-                f"part_gap_seconds = {{ min = {part_gap[0]}, max = {part_gap[1]} }}",
+                "part_gap_seconds = "
+                + ("{ min = 0, max = 0 }" if c.zero_part_gap else f"{{ min = {part_gap[0]}, max = {part_gap[1]} }}"),
                 'model = "sandbox/chaos"',
                 'system_prompt = "You write short, friendly first-contact WhatsApp messages in Portuguese."',
                 'fallback_template = "Olá {name}, tudo bem? Aqui é da {company}."',
