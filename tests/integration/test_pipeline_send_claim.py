@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import peewee
 import pytest
 
 import pipeline
@@ -212,3 +213,37 @@ def test_a_slot_lost_during_a_slow_check_is_not_ours_any_more(clean_db, sb, llm,
         "SELECT lease_token::text FROM rate_limits WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),)
     ).fetchone()[0]
     assert token == other[0].token, "the other send's lease was released by the delivery that lost it"
+
+
+def test_a_claim_committed_before_its_connection_died_is_recognised_as_its_own(
+    clean_db, sb, llm, evo, settings, monkeypatch
+):
+    """E-16 (review of issue 20): the claim statement commits the part `sending`, then the
+    connection dies before its answer arrives; campaign.db runs the statement again on a fresh
+    connection, which finds the part `sending` under this delivery's own attempt id. That is this
+    send, not someone else's in doubt: the part goes out once and is recorded `sent`."""
+    w = make_world()
+    (m,) = w.add_leads(1)
+    to_sending(m.id, settings, llm)
+    _connected(w.inboxes[0].id)
+    db_class = type(db.obj)
+    real = db_class._execute_maybe_prepared
+    lost: list[str] = []
+
+    def answer_lost_once(self: Any, sql: str, params: Any, named_cursor: Any) -> Any:
+        out = real(self, sql, params, named_cursor)
+        if sql == pipeline._SEND_CLAIM_SQL and not lost:
+            lost.append(sql)
+            out.fetchall()  # committed (autocommit) and answered; the answer never reaches the step
+            self._state.conn.close()
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+        return out
+
+    monkeypatch.setattr(db_class, "_execute_maybe_prepared", answer_lost_once)
+    out = pipeline.send_step(m.id, settings, evo, pace=no_wait)
+    assert lost, "the claim's answer was not lost: the test proves nothing"
+    assert out.sent
+    assert [p.status for p in parts_of(m.id)] == ["sent"]
+    assert CampaignMessage.get_by_id(m.id).status == "sent"
+    assert len(sb.ledger()["sends"]) == 1
+    assert slot_state(w.inboxes[0].id) == (True, True)
