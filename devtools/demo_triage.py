@@ -29,6 +29,8 @@ REPLIES: tuple[tuple[str, str, str], ...] = (
     ("Por favor, não me mandem mais nada.", "opt_out", "Lost"),
     ("👍", "other", "Replied"),
 )
+#: where examples/demo.toml's intent map sends a triaged lead of the comeback campaign (else Replied)
+FOLLOW_UP_MAP = {"interested": "Interested", "question": "Questions", "not_interested": "Lost", "opt_out": "Lost"}
 #: a share of triage calls the sandbox answers 503 (with Retry-After): retried like generation's
 TRIAGE_FAULTS = {"triage": {"rate_503": 0.2}}
 
@@ -120,7 +122,10 @@ class TriageScene:
 
 def show(console: Any, rows: list[dict[str, Any]], ledger: dict[str, Any]) -> None:
     """Print where each reply landed, and how many triage calls the sandbox failed (retried)."""
-    expected = {text: (intent, column) for text, intent, column in REPLIES}
+    # the away message is no reply for skip_if_replied: that lead is followed up (E-36)
+    expected = {
+        text: (intent, "Followed up" if intent == "out_of_office" else column) for text, intent, column in REPLIES
+    }
     retried = ledger.get("by_route", {}).get("triage", {}).get("503", 0)
     console.print(
         f"  reply triage (R-IN-5): {len(rows)} repl(ies) classified; {retried} LLM call(s) answered 503 and retried",
@@ -128,7 +133,9 @@ def show(console: Any, rows: list[dict[str, Any]], ledger: dict[str, Any]) -> No
     )
     for r in rows:
         want = expected.get(r["reply"])
-        ok = want is not None and (r["intent"], r["column"]) == want
+        if want is None:  # an answer of the follow-up scene: examples/demo.toml's map says where it goes
+            want = (r["intent"], FOLLOW_UP_MAP.get(r["intent"] or "", "Replied"))
+        ok = (r["intent"], r["column"]) == want
         console.print(
             f"    {r['phone']}  {r['reply'][:44]!r:48} -> {r['intent'] or 'pending'} "
             f"({'llm' if r['status'] == 'done' else 'keywords' if r['status'] == 'fallback' else 'pending'}) "
