@@ -155,3 +155,25 @@ def test_the_layer_rule_can_fail():
     """The checker itself: an upward import is reported (a test that cannot fail proves nothing)."""
     assert layer("campaign.planner") < layer("pipeline") < layer("actors.send") < layer("campaign.ops.cli")
     assert layer("campaign.settings") < layer("models.campaign") < layer("clients.http") < layer("campaign.runs")
+
+
+def _actors_at_module_level(path: Path) -> list[int]:
+    """Lines of ``path`` importing ``actors`` (or one of its modules) outside any function."""
+    return [line for target, line, inside in imports(path) if target.split(".")[0] == "actors" and not inside]
+
+
+def test_test_modules_import_actors_only_once_the_test_services_are_set(tmp_path):
+    """Importing ``actors`` builds the engine's broker from the environment. A test module doing it
+    at collection time binds the broker (and the cached settings) to whatever the environment held
+    before the ``services`` fixture set the run's own database and vhost: later worker tests in the
+    same process then publish where no worker listens. Tests import it inside a test or fixture."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for line in _actors_at_module_level(path)
+    ]
+    assert found == [], "module-level imports of actors in tests:\n" + "\n".join(found)
+    # the rule can fail
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import actors.send as send_actor\n\n\ndef test_x():\n    import actors\n")
+    assert _actors_at_module_level(bad) == [1]
