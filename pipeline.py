@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -249,6 +250,30 @@ SELECT ctx.*, EXISTS (SELECT 1 FROM slot) AS slot_taken, EXISTS (SELECT 1 FROM p
 prepared(_SEND_CLAIM_SQL, "send_claim")  # chaos/services.py finds sends in flight by this name
 
 
+@functools.cache
+def _claim_sql(to_status: str, count_parts: bool, with_history: bool, llm_budget: str | None) -> str:
+    """The claim statement of one variant (built once per process, then run prepared)."""
+    extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
+    needs = llm_budget or "false"
+    extra.append(f"({needs}) AS llm_needed")
+    context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
+    gate = f"""EXISTS (SELECT 1 FROM claimed JOIN campaign_messages m ON m.id = claimed.id
+                       JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
+                      WHERE {needs})"""
+    # async commit: a lost claim only repeats the step, which has no outside effect before it
+    # calls the LLM again (campaign.sql.ASYNC_COMMIT)
+    return prepared(
+        async_commit(f"""
+        WITH claimed AS (
+            UPDATE campaign_messages SET status = %(to)s, status_changed_at = now(),
+                wake_at = now() + make_interval(secs => %(lease)s)
+            WHERE id = %(id)s AND status = ANY(%(from)s) RETURNING id
+        ), {ratelimit.minute_ctes(gate)}
+        SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget"""),
+        f"claim_{to_status}",
+    )
+
+
 def _claim(
     message_id: int,
     to_status: str,
@@ -275,26 +300,8 @@ def _claim(
     hundred milliseconds of counted requests, and that minute can then overspend by as many — the
     provider's 429 and its Retry-After (held for the whole key, R-FAIL-2) cover it.
     """
-    extra = [c for c, wanted in ((_PARTS_COUNT_COLUMN, count_parts), (HISTORY_COLUMN, with_history)) if wanted]
     key = ratelimit.openrouter_key(settings.openrouter_api_key)
-    needs = llm_budget or "false"
-    extra.append(f"({needs}) AS llm_needed")
-    context_sql = _context_sql("m.id = (SELECT id FROM claimed)", extra_columns=",".join(extra))
-    gate = f"""EXISTS (SELECT 1 FROM claimed JOIN campaign_messages m ON m.id = claimed.id
-                       JOIN campaign_runs r ON r.id = m.run_id JOIN campaign_configs c ON c.id = r.config_id
-                      WHERE {needs})"""
-    # async commit: a lost claim only repeats the step, which has no outside effect before it
-    # calls the LLM again (campaign.sql.ASYNC_COMMIT)
-    sql = prepared(
-        async_commit(f"""
-        WITH claimed AS (
-            UPDATE campaign_messages SET status = %(to)s, status_changed_at = now(),
-                wake_at = now() + make_interval(secs => %(lease)s)
-            WHERE id = %(id)s AND status = ANY(%(from)s) RETURNING id
-        ), {ratelimit.minute_ctes(gate)}
-        SELECT * FROM ({context_sql}) ctx, LATERAL (SELECT {ratelimit.MINUTE_COLUMNS}) budget"""),
-        f"claim_{to_status}",
-    )
+    sql = _claim_sql(to_status, count_parts, with_history, llm_budget)
     waited = 0.0
     for _ in range(_CLAIM_TRIES):
         took_local = llm_budget is not None and ratelimit.take_local(key)
