@@ -148,14 +148,14 @@ def test_redactor_work_is_bounded_and_a_cut_never_leaves_the_head_of_a_secret(mo
             filler = "x" * 40 + " "
             msg = (filler * (limit // len(filler) + 1))[: limit - shift] + straddler + " " + "A" * 250_000
             line = _format("%s", msg)
-            assert max(seen) <= limit + 200, max(seen)  # never the 250 KB
+            assert max(seen, default=0) <= limit + 200, max(seen)  # never the 250 KB
             assert len(line) < limit + 1000
             for head in ("tok_live_abc", "pa55word"):
                 assert head not in line, (shift, line[-200:])
             assert "more chars cut]" in line
     seen.clear()
     line = _format("%s", "a" * 250_000)  # the alphanumeric run
-    assert max(seen) <= limit + 200 and "a" * 100 not in line
+    assert max(seen, default=0) <= limit + 200 and "a" * 100 not in line  # (no pattern may even run)
 
 
 def test_redactor_masks_the_same_with_a_bound():
