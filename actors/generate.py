@@ -20,8 +20,10 @@ _settings = get_settings()
 
 @dramatiq.actor(
     actor_name=steps.GENERATE.actor,
-    # two LLM calls in one delivery (each bounded by LLM_TIMEOUT_SECONDS)
-    **step_options(_settings, steps.GENERATE.queue, time_limit_s=300),
+    # two LLM calls in one delivery, each bounded by LLM_TIMEOUT_SECONDS (+ connect, write, pool)
+    **step_options(
+        _settings, steps.GENERATE.queue, time_limit_s=max(300, int(2 * (_settings.llm_timeout_seconds + 20) + 30))
+    ),
 )
 @as_dramatiq_retry
 def generate(message_id: int) -> None:

@@ -373,10 +373,11 @@ def mark_in_doubt(
 def fail_exhausted(message_id: int, error: str, settings: Settings, step: str | None = None) -> Finished | None:
     """A step's Dramatiq message died (retries exhausted): the campaign message fails, counters follow.
 
-    Only while the message is still in that step's statuses: a dead duplicate of an earlier
-    step must not fail a message another delivery has carried on (R-PIPE-5).
+    Only while the message is still in a status that step's delivery carries (generate's: its
+    split's too, pipeline.generate_then_split): a dead duplicate of an earlier step must not fail
+    a message another delivery has carried on (R-PIPE-5).
     """
-    statuses = BY_NAME[step].statuses if step in BY_NAME else IN_FLIGHT
+    statuses = BY_NAME[step].carried if step in BY_NAME else IN_FLIGHT
     with db.atomic():
         finished = finish_message(
             message_id, "failed", settings, from_statuses=statuses, error_class="retries_exhausted", error_message=error

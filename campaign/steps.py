@@ -24,6 +24,14 @@ class Step:
     entry_status: str
     #: whether the actor takes the inbox id after the message id (per-inbox pacing)
     takes_inbox: bool = False
+    #: statuses of a later step the actor's delivery also carries (generate splits in the same
+    #: delivery): a dead delivery settles these too (campaign.outcomes.fail_exhausted)
+    also_carries: tuple[str, ...] = ()
+
+    @property
+    def carried(self) -> tuple[str, ...]:
+        """Every status a delivery of this step's actor may leave a message in while it works."""
+        return self.statuses + self.also_carries
 
     @property
     def actor(self) -> str:
@@ -39,7 +47,7 @@ class Step:
         return (message_id,)
 
 
-GENERATE = Step("generate", "campaign.generate", ("queued", "generating"), "queued")
+GENERATE = Step("generate", "campaign.generate", ("queued", "generating"), "queued", also_carries=("splitting",))
 SPLIT = Step("split", "campaign.split", ("splitting",), "splitting")
 SEND_PART = Step("send_part", "campaign.send", ("sending",), "sending", takes_inbox=True)
 

@@ -67,9 +67,9 @@ def plan_world(
     """Lay out ``campaigns`` campaigns over ``inboxes`` inboxes in two workspaces.
 
     Campaigns 3, 7, ... do not split (1 part), campaigns 1, 5, ... split into at most 2 parts, the
-    others into at most 3: the run has messages of 1, 2 and 3 parts. Campaigns 1, 5, ... send
-    their parts back to back (part gap 0: one send delivery carries them), the others at
-    ``part_gap``.
+    others into at most 3: the run has messages of 1, 2 and 3 parts. Campaigns 0, 4, ... (up
+    to 3 parts) send their parts back to back (part gap 0: one send delivery carries them), the
+    others at ``part_gap``.
 
     Campaign k uses inbox k % inboxes, so with more campaigns than inboxes some inboxes serve two
     campaigns (their pacing is shared, R-RATE-1); every campaign has its own source column.
@@ -94,7 +94,7 @@ def plan_world(
                 base + (1 if k < extra else 0),
                 split=(k % 4 != 3),
                 max_parts=2 if k % 4 == 1 else 3,
-                zero_part_gap=(k % 4 == 1),
+                zero_part_gap=(k % 4 == 0),
             )
         )
     lines: list[str] = []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import pipeline
-from campaign import ratelimit, runs
+from campaign import outcomes, ratelimit, runs
 from campaign.db import db
 from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 from models import CampaignMessage, Lead
@@ -73,6 +73,26 @@ def long_text(*messages: CampaignMessage) -> None:
             raise AssertionError(f"no lead name gives message {m.id} a long text")
 
 
+def local_tokens(monkeypatch) -> tuple[Callable[[], int], Callable[[], int]]:
+    """(taken, given back): counts of the requests taken from this process's per-minute block
+    and of those given back."""
+    taken, given = [0], [0]
+    take, give = ratelimit.take_local, ratelimit.give_back_local
+
+    def counting_take(key: str) -> bool:
+        ok = take(key)
+        taken[0] += ok
+        return ok
+
+    def counting_give(key: str) -> None:
+        given[0] += 1
+        give(key)
+
+    monkeypatch.setattr(ratelimit, "take_local", counting_take)
+    monkeypatch.setattr(ratelimit, "give_back_local", counting_give)
+    return (lambda: taken[0]), (lambda: given[0])
+
+
 class ChangingLLM:
     """The real client; ``change`` runs once, right after the first answer (while the step writes)."""
 
@@ -97,8 +117,10 @@ def test_one_generate_delivery_writes_and_splits_the_text_in_three_statements(cl
     assert pipeline.generate_then_split(m1.id, settings, llm, paced=True) == w.inboxes[0].id  # budget row made
     claim(m2.id)
     before = chats(sb)
+    taken, given = local_tokens(monkeypatch)
     with statements(monkeypatch) as seen:
         assert pipeline.generate_then_split(m2.id, settings, llm, paced=True) == w.inboxes[0].id
+    assert (taken(), given()) == (2, 0), "each LLM request of the delivery is counted from the process's block"
     msg = CampaignMessage.get_by_id(m2.id)
     assert msg.status == "sending"
     assert len(msg.generated_text or "") > SPLIT_BELOW_CHARS, "the sandbox's text is too short to ask for a split"
@@ -132,11 +154,25 @@ CHANGES: dict[str, tuple[Callable[[Any, Any], object], tuple[str, str | None]]] 
         ),
         ("pending", None),
     ),
+    "inbox_restricted": (
+        lambda w, m: db.execute_sql(
+            "UPDATE inboxes SET health_state = 'restricted', health_until = now() + interval '1 hour' WHERE id = %s",
+            (w.inboxes[0].id,),
+        ),
+        ("pending", None),
+    ),
+    "stopped": (  # the lead answered: R-IN-3 marked the message itself
+        lambda w, m: db.execute_sql("UPDATE campaign_messages SET stop_reason = 'replied' WHERE id = %s", (m.id,)),
+        ("skipped", "replied"),
+    ),
+    "window_closed": (lambda w, m: None, ("skipped", "window_closed")),  # the clock moved on (below)
 }
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
-def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(clean_db, sb, llm, settings, change):
+def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(
+    clean_db, sb, llm, settings, change, monkeypatch
+):
     """R-PIPE-1/2, R-IN-3: the text is kept, but the split does not go straight on: its claim and
     preflight settle the message as they always did — no split request, no part, counters exact."""
     w = make_world(split=True, max_parts=2)
@@ -144,8 +180,14 @@ def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(
     long_text(m)
     claim(m.id)
     act, expected = CHANGES[change]
+    if change == "window_closed":  # the run's local window closes while the LLM writes
+        act = lambda w, m: monkeypatch.setattr(pipeline, "_window_closed", lambda ctx: True)  # noqa: E731
     writer = ChangingLLM(llm, lambda: act(w, m))
+    _, given = local_tokens(monkeypatch)
     assert pipeline.generate_then_split(m.id, settings, writer, paced=True) is None
+    # the request taken for a split in the same delivery goes back (the split's own claim then
+    # counts one for itself, before its checks: as a split delivery always did)
+    assert given() >= 1, "the split's request taken for the same delivery was not given back"
     msg = CampaignMessage.get_by_id(m.id)
     assert (msg.status, msg.skip_reason) == expected, (change, msg.status, msg.skip_reason)
     assert msg.generated_text, "the text written was lost"
@@ -195,3 +237,21 @@ def test_with_no_request_left_in_this_process_the_split_takes_its_budget_in_its_
     assert len(seen) == 4, "\n---\n".join(seen)  # generate claim, text record, split claim, parts record
     assert minute_count(settings) - counted == 2
     assert minute_count(settings) == chats(sb) == 4
+
+
+def test_a_dead_generate_delivery_fails_a_message_it_left_splitting(clean_db, sb, llm, settings):
+    """R-FAIL-3: the generate delivery carries the split too, so when it dies (retries exhausted)
+    with the message `splitting` — its split kept failing — the message fails at once instead of
+    waiting out the lease for the sweep; a dead generate copy of a message another delivery carried
+    on to `sending` still fails nothing (R-PIPE-5)."""
+    w = make_world(split=True, max_parts=2)
+    m1, m2 = w.add_leads(2)
+    for m in (m1, m2):
+        claim(m.id)
+        assert pipeline.generate_step(m.id, settings, llm)  # the text recorded: `splitting`
+    assert outcomes.fail_exhausted(m1.id, "generate gave up", settings, "generate") is not None
+    assert CampaignMessage.get_by_id(m1.id).status == "failed"
+    assert pipeline.split_step(m2.id, settings, llm) == w.inboxes[0].id
+    assert outcomes.fail_exhausted(m2.id, "a dead copy", settings, "generate") is None
+    assert CampaignMessage.get_by_id(m2.id).status == "sending"
+    assert_counters_match(w.run.id)

@@ -156,6 +156,9 @@ def test_redactor_work_is_bounded_and_a_cut_never_leaves_the_head_of_a_secret(mo
     seen.clear()
     line = _format("%s", "a" * 250_000)  # the alphanumeric run
     assert max(seen, default=0) <= limit + 200 and "a" * 100 not in line  # (no pattern may even run)
+    seen.clear()
+    line = _format("%s", "token " + "a" * 250_000)  # the same run where a pattern must look at it
+    assert seen and max(seen) <= limit + 200 and "a" * 100 not in line
 
 
 def test_redactor_masks_the_same_with_a_bound():
