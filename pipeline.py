@@ -595,14 +595,9 @@ def generate_then_split(message_id: int, settings: Settings, llm: LLM, *, paced:
     if isinstance(handoff, Context):
         return _split(handoff, settings, llm)
     # not claimed for generating (already `splitting`: a redelivery; or finished, or elsewhere),
-    # or something changed while the LLM wrote: the split's claim and preflight settle it
-    if handoff is None and not _status_is(message_id, "splitting"):
-        return None
+    # or something changed while the LLM wrote: the split's own claim (conditional on
+    # `splitting`, so nothing when the message is anywhere else) and preflight settle it
     return split_step(message_id, settings, llm, paced=paced)
-
-
-def _status_is(message_id: int, status: str) -> bool:
-    return _one("SELECT 1 FROM campaign_messages WHERE id = %s AND status = %s", (message_id, status)) is not None
 
 
 #: the text's record, for a split in the same delivery: whether every check the split's preflight

@@ -29,11 +29,13 @@ CONTINUE_WITHIN_SECONDS = 1.0
 def send_part(message_id: int, inbox_id: int) -> None:
     """Send the first unsent part of ``message_id`` (paced per ``inbox_id``); chain the next part."""
     limiter = current_rate_limits(dramatiq.get_broker())
+    # the step takes the inbox's slot in the statement claiming the part and gives it back on
+    # every path; when the slot is not free, the limiter waits or defers this delivery
+    pace = limiter.slot_refused if limiter else None
+    messenger = evolution()
     started = time.monotonic()
     while True:
-        # the step takes the inbox's slot in the statement claiming the part and gives it back on
-        # every path; when the slot is not free, the limiter waits or defers this delivery
-        outcome = pipeline.send_step(message_id, _settings, evolution(), pace=limiter.slot_refused if limiter else None)
+        outcome = pipeline.send_step(message_id, _settings, messenger, pace=pace)
         # A zero part gap: the next part goes now, in this delivery (T-PERF-1: no hop through
         # RabbitMQ) — only right after a quick send, so the time limit still covers a whole step.
         if not outcome.sent or outcome.next_delay != 0 or time.monotonic() - started > CONTINUE_WITHIN_SECONDS:

@@ -214,7 +214,7 @@ def test_a_redelivered_generate_of_a_message_already_splitting_splits_it(clean_d
     with statements(monkeypatch) as seen:
         assert pipeline.generate_then_split(m.id, settings, llm, paced=True) is None
     assert chats(sb) == 2
-    assert len(seen) == 2, seen  # the generate claim finds nothing; is it splitting? no
+    assert len(seen) == 2, seen  # the generate claim finds nothing, nor does the split's
 
 
 def test_with_no_request_left_in_this_process_the_split_takes_its_budget_in_its_claim(
