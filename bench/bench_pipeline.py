@@ -30,6 +30,8 @@ from bench.common import (
     Workers,
     add_leads,
     add_messages,
+    cpu_between,
+    cpu_snapshot,
     create_config,
     create_run,
     create_world,
@@ -102,11 +104,13 @@ def run_bare(sb, n: int, warmup: int, processes: int, threads: int, timeout: flo
             batch(warmup)
         time.sleep(0.6)
         before = read_counts(counters)
+        cpu_before = cpu_snapshot()
         seconds, _ = batch(n)
+        cpu = cpu_between(cpu_before, cpu_snapshot())
         time.sleep(0.6)
         counts = read_counts(counters)
         counts.add(before, -1)
-    return {"seconds": seconds, "rate": n / seconds, "round_trips": counts.statements / n}
+    return {"seconds": seconds, "rate": n / seconds, "round_trips": counts.statements / n, "cpu": cpu}
 
 
 def abandon(settings) -> None:
@@ -168,6 +172,7 @@ def run_pipeline(
         run_id = create_run(timed_cfg)
         add_messages(run_id, timed_leads, world.inbox_ids)
         dispatcher_before = Counts(**{k: v for k, v in dbcount.snapshot().items() if k != "pid"})
+        cpu_before = cpu_snapshot()
         t0 = db_now()
         dbcount.set_actor("dispatcher")
         try:
@@ -178,6 +183,7 @@ def run_pipeline(
         wait_progress(lambda: processed(run_id), n, timeout=timeout, what="the timed run", on_timeout=tail)
         wait_until(lambda: runs_done([run_id]), timeout=30, what="the timed run to complete", on_timeout=tail)
         t_end = q1("SELECT finished_at FROM campaign_runs WHERE id = %s", (run_id,))
+        cpu = cpu_between(cpu_before, cpu_snapshot())
         time.sleep(0.6)
         counts = read_counts(counters)
         counts.add(before, -1)
@@ -199,6 +205,7 @@ def run_pipeline(
         "db_ms_per_message": 1000 * counts.db_seconds / n,
         "counts": counts,
         "worker_log_errors": errors,
+        "cpu": cpu,
     }
 
 
@@ -317,6 +324,14 @@ def main() -> int:
         f"{last['round_trips']:7.2f}  ({last['db_ms_per_message']:.1f} ms of DB wait per message, summed over threads)",
     )
     row("DB round trips per message: reference", f"{median([b['round_trips'] for b in bare_runs]):7.2f}")
+    for label, runs in (("pipeline", pipe_runs), ("reference", bare_runs)):
+        groups = {g: median([r_["cpu"][g] for r_ in runs]) * 1000 / args.messages for g in runs[0]["cpu"]}
+        row(
+            f"CPU ms per message: {label}",
+            f"{sum(groups.values()):6.2f}  ("
+            + ", ".join(f"{g} {ms:.2f}" for g, ms in groups.items())
+            + "; medians of the timed windows, this machine's processes by group)",
+        )
     row(
         "pipeline outcome",
         f"{last['statuses']}, {last['parts_per_message']:.2f} parts/message, "

@@ -153,6 +153,55 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+CPU_GROUPS = ("workers", "postgres", "rabbitmq", "sandbox", "other")
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_group(pid: int) -> str | None:
+    """Which process group a process belongs to, by its command line (None: not ours to count)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return None
+    if b"postgres" in cmd:
+        return "postgres"
+    if b"beam.smp" in cmd or b"rabbit" in cmd:
+        return "rabbitmq"
+    if b"dramatiq" in cmd:
+        return "workers"
+    if b" -m sandbox" in cmd:
+        return "sandbox"
+    if b"python" in cmd:
+        return "other"
+    return None
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process of the machine that belongs to a group."""
+    out: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        group = _cpu_group(pid)
+        if group is not None:
+            out[pid] = (group, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return out
+
+
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per group spent between two snapshots (processes that ended in between are lost:
+    the measured processes live through the window)."""
+    out = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, secs) in after.items():
+        out[group] += secs - before.get(pid, (group, 0.0))[1]
+    return out
+
+
 class Workers(services.Workers):
     """Real ``dramatiq`` worker processes (devtools.services.Workers: ready before ``with`` enters),
     plus what the memory benchmark reads of them."""
