@@ -231,16 +231,20 @@ class _Publisher:
             self._lost(exc)
 
     def _connect(self) -> None:
+        conn = None
         try:
             conn = pika.BlockingConnection(self._params)
             channel = conn.channel()
             channel.confirm_delivery()
             channel.exchange_declare(self.exchange, exchange_type="topic", durable=True, auto_delete=False)
-            self.conn, self._channel = conn, channel
+            self._channel = channel
             self.declared = set()
             for event in self._events():
                 self._declare(event)
+            # connected (the control API's view) only once every queue is declared
+            self.conn = conn
         except (pika.exceptions.AMQPError, OSError) as exc:
+            self.conn = self.conn or conn  # closed by _lost
             self._lost(exc)
             return
         self.connects += 1
