@@ -113,7 +113,7 @@ class EvolutionClient(ProviderClient):
         """POST /message/sendText/{instance}; return the accepted message's key or raise a ProviderError."""
         digits = normalize_number(number)
         body: dict[str, Any] = {"number": digits, "text": text}
-        timeout: httpx.Timeout | Any = httpx.USE_CLIENT_DEFAULT
+        timeout: httpx.Timeout | None = None  # None: the client's
         if delay_ms:
             body["delay"] = int(delay_ms)
             # Evolution blocks for `delay` before answering: give the read that much more time
@@ -129,7 +129,7 @@ class EvolutionClient(ProviderClient):
         path = f"/message/sendText/{urllib.parse.quote(instance, safe='')}"
         started = time.perf_counter()
         try:
-            response = self._client.post(self.base_url + path, json=body, headers=self._headers, timeout=timeout)
+            response = self._send("POST", path, json_body=body, timeout=timeout)
         except _NOT_SENT as exc:
             raise self._error(
                 ProviderUnavailable, path, f"request not sent ({type(exc).__name__}): {exc}", code="connect_error"
@@ -176,7 +176,7 @@ class EvolutionClient(ProviderClient):
         """GET /instance/connectionState/{instance} -> "open" | "close" | "connecting" (or another state)."""
         path = f"/instance/connectionState/{urllib.parse.quote(instance, safe='')}"
         try:
-            response = self._client.get(self.base_url + path, headers=self._headers)
+            response = self._send("GET", path)
         except httpx.TimeoutException as exc:
             raise self._error(ProviderUnavailable, path, f"timeout ({type(exc).__name__})", code="timeout") from exc
         except httpx.UnsupportedProtocol as exc:

@@ -77,7 +77,6 @@ class OpenRouterClient(ProviderClient):
     ) -> None:
         auth = {"Authorization": f"Bearer {api_key}"}
         super().__init__(base_url, api_key, auth=auth, timeout=timeout, transport=transport, client=client)
-        self._url = f"{self.base_url}/chat/completions"  # absolute: also works with a caller's client
 
     def chat(
         self,
@@ -100,12 +99,7 @@ class OpenRouterClient(ProviderClient):
             body["response_format"] = {"type": "json_object"}
         started = time.perf_counter()
         try:
-            response = self._client.post(
-                self._url,
-                json=body,
-                headers=self._headers,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
+            response = self._send("POST", "/chat/completions", json_body=body, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise self._error(ProviderUnavailable, f"timeout ({type(exc).__name__})", code="timeout") from exc
         except httpx.ConnectError as exc:
