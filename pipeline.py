@@ -156,6 +156,10 @@ class Context:
     # of it starts, and a started one sends no further part
     stop_reason: str | None = None
     inbox_health: str = "healthy"  # healthy | throttled | restricted (R-HEALTH-2)
+    # (tokens, generation ms) of a text written in this delivery and not yet recorded: the split
+    # in the same delivery records it with the parts, in one statement (generate_then_split)
+    unrecorded: tuple[int | None, int] | None = None
+    resplit: bool = False  # that record found something changed: the text alone was recorded
 
 
 # The step context, composed from named fragments (DESIGN: never str.replace on another
@@ -584,36 +588,39 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
 
 def generate_then_split(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> int | None:
     """The generate actor's delivery: write the text, then split it in the same delivery (T-PERF-1:
-    no hop through RabbitMQ, and no claim statement of the split's own when nothing changed while
-    the LLM wrote — the text's record answers whether the split may go straight on). Returns the
-    inbox id when sending should follow, like :func:`split_step`.
+    no hop through RabbitMQ, no claim statement of the split's own, and one statement records the
+    text, the parts and the move to `sending` — it checks in the same rows that nothing the
+    split's preflight checks changed while the LLM wrote). Returns the inbox id when sending
+    should follow, like :func:`split_step`.
 
     Redelivered (a worker died, a retry, a deferral of the split's LLM budget), the message may be
     ``splitting`` already: the split then runs from its own claim, as the split actor would.
     """
     handoff = _generate(message_id, settings, llm, paced=paced, inline=True)
     if isinstance(handoff, Context):
-        return _split(handoff, settings, llm)
+        inbox_id = _split(handoff, settings, llm)
+        if not handoff.resplit:
+            return inbox_id
     # not claimed for generating (already `splitting`: a redelivery; or finished, or elsewhere),
     # or something changed while the LLM wrote: the split's own claim (conditional on
     # `splitting`, so nothing when the message is anywhere else) and preflight settle it
     return split_step(message_id, settings, llm, paced=paced)
 
 
-#: the text's record, for a split in the same delivery: whether every check the split's preflight
-#: makes would still pass (run running, lead in the source column and not stopped, inbox usable;
-#: the window is checked in Python), and the parts the message has
+#: the text and parts of a split in the same delivery are recorded only when every check the
+#: split's preflight makes would still pass (run running, lead in the source column and not
+#: stopped, inbox usable; the window is checked in Python, before the split)
 _SPLIT_READY = """r.status = 'running' AND l.id IS NOT NULL AND l.column_id = c.source_column_id
-        AND NOT coalesce(l.opted_out, false) AND rec.stop_reason IS NULL
-        AND NOT coalesce(l.last_reply_at >= rec.created_at, false)
+        AND NOT coalesce(l.opted_out, false) AND cm.stop_reason IS NULL
+        AND NOT coalesce(l.last_reply_at >= cm.created_at, false)
         AND NOT i.disabled AND i.health_state <> 'restricted'"""
 
 
 def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inline: bool) -> Context | bool | None:
-    """The generate step. None: nothing follows; True: the split follows (its own claim);
-    a Context (``inline`` only): the split may run on it in this delivery, without a claim — the
-    record moved the message to `splitting` under the step's lease and found it still ready, and
-    the split's LLM request (if any) is already counted (``paced``)."""
+    """The generate step. None: nothing follows; True: the text is recorded and the split follows
+    (its own claim); a Context (``inline`` only): the text, not recorded yet (``ctx.unrecorded``),
+    is split in this delivery without a claim, the message still `generating` under the step's
+    lease, and the split's LLM request (if any) already counted (``paced``)."""
     ctx = _claim(
         message_id,
         "generating",
@@ -666,38 +673,33 @@ def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inl
     needs_llm = _split_calls_llm(ctx, text)
     key = ratelimit.openrouter_key(settings.openrouter_api_key)
     budget_taken = inline and paced and needs_llm and ratelimit.take_local(key)
-    inline = inline and (budget_taken or not (paced and needs_llm))
-    # async commit: a lost text is generated again (tokens spent twice, nothing sent). Split in
-    # this delivery, the message is the step's until the lease ends (the sweep's safety net);
-    # handed to the split actor, until the short hand-off grace.
-    row = _named(
+    if inline and (budget_taken or not (paced and needs_llm)) and not _window_closed(ctx):
+        # nothing recorded yet: the split records the text with its parts (one statement, which
+        # checks that nothing changed while the LLM wrote). The message stays the step's,
+        # `generating`, until the claim's lease ends; a crash before that record costs the text
+        # only (written again, nothing sent).
+        ctx.generated_text, ctx.unrecorded = text, (tokens, _ms(started))
+        return ctx
+    if budget_taken:
+        ratelimit.give_back_local(key)
+    return _record_text(message_id, text, tokens, _ms(started), settings)
+
+
+def _record_text(message_id: int, text: str, tokens: int | None, ms: int, settings: Settings) -> bool | None:
+    """generating -> splitting with the text; the split actor takes over (True), or None when the
+    message is no longer the step's. Async commit: a lost text is generated again (tokens spent
+    twice, nothing sent); the message is the split's after the short hand-off grace."""
+    row = _one(
         prepared_async(
-            f"""WITH rec AS (
-                UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
+            """UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
                       generation_ms = %(ms)s, status = 'splitting', status_changed_at = now(), attempts = 0,
                       error_class = NULL, error_message = NULL, wake_at = now() + make_interval(secs => %(wake)s)
-                  WHERE id = %(id)s AND status = 'generating'
-                  RETURNING id, run_id, lead_id, inbox_id, stop_reason, created_at)
-            SELECT rec.id, ({_SPLIT_READY}) AS ready,
-                   (SELECT count(*) FROM message_parts WHERE message_id = rec.id) AS parts_count
-              FROM rec JOIN campaign_runs r ON r.id = rec.run_id JOIN campaign_configs c ON c.id = r.config_id
-              JOIN inboxes i ON i.id = rec.inbox_id LEFT JOIN leads l ON l.id = rec.lead_id""",
+                  WHERE id = %(id)s AND status = 'generating' RETURNING id""",
             "generate_record",
         ),
-        {
-            "text": text,
-            "tokens": tokens,
-            "ms": _ms(started),
-            "wake": settings.lease_seconds if inline else settings.handoff_grace_seconds,
-            "id": message_id,
-        },
+        {"text": text, "tokens": tokens, "ms": ms, "wake": settings.handoff_grace_seconds, "id": message_id},
     )
-    if row is None or not (inline and row["ready"] and not _window_closed(ctx)):
-        if budget_taken:
-            ratelimit.give_back_local(key)
-        return None if row is None else True
-    ctx.status, ctx.generated_text, ctx.parts_count = "splitting", text, row["parts_count"]
-    return ctx
+    return None if row is None else True
 
 
 def _split_calls_llm(ctx: Context, text: str) -> bool:
@@ -772,6 +774,8 @@ def _split(ctx: Context, settings: Settings, llm: LLM) -> int | None:
                 _hold_openrouter(exc, settings)
             if parts is None:
                 parts = local_split(text, ctx.max_parts)
+    if ctx.unrecorded is not None:
+        return _record_text_and_parts(ctx, list(parts or []), _ms(started), settings)
     # One statement: the transition and the parts. The parts hang off the transition's row, so
     # of two racing deliveries only the winner writes parts (the loser's UPDATE waits on the row
     # lock, then finds 'sending' and returns nothing): a loser's different split never adds a
@@ -779,39 +783,92 @@ def _split(ctx: Context, settings: Settings, llm: LLM) -> int | None:
     # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
         prepared_async(
-            """
+            f"""
         WITH m AS (
             UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
                 attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
                 wake_at = now() + make_interval(secs => %(grace)s),
                 split_ms = coalesce(split_ms, %(ms)s)
-            WHERE id = %(id)s AND status = 'splitting' RETURNING id
-        ), conv AS (
-            -- the lead x inbox conversation the parts will be logged in (R-IN-6)
-            INSERT INTO conversations (workspace_id, lead_id, inbox_id)
-            SELECT i.workspace_id, cm.lead_id, cm.inbox_id
-              FROM m JOIN campaign_messages cm ON cm.id = m.id JOIN inboxes i ON i.id = cm.inbox_id
-             WHERE cm.lead_id IS NOT NULL
-            ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id
-        ), ins AS (
-            INSERT INTO message_parts (message_id, inbox_id, idx, text)
-            SELECT m.id, %(inbox)s, u.i - 1, u.t FROM m, unnest(%(parts)s::text[]) WITH ORDINALITY AS u(t, i)
-            WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
-            RETURNING id
-        )
+            WHERE id = %(id)s AND status = 'splitting' RETURNING id, lead_id, inbox_id
+        ), {_PARTS_CTES}
         SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
             "split_record",
         ),
         {
             "ms": _ms(started),
             "id": message_id,
-            "inbox": ctx.inbox_id,
             "parts": list(parts or []),
             "fresh": not existing,
             "grace": settings.handoff_grace_seconds,
         },
     )
     return ctx.inbox_id if row is not None else None
+
+
+#: the parts of the message updated in the CTE ``m`` (id, lead_id, inbox_id), and the lead x
+#: inbox conversation they will be logged in (R-IN-6); parts already there are kept as they are
+_PARTS_CTES = """conv AS (
+            INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+            SELECT i.workspace_id, m.lead_id, m.inbox_id FROM m JOIN inboxes i ON i.id = m.inbox_id
+             WHERE m.lead_id IS NOT NULL
+            ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id
+        ), ins AS (
+            INSERT INTO message_parts (message_id, inbox_id, idx, text)
+            SELECT m.id, m.inbox_id, u.i - 1, u.t FROM m, unnest(%(parts)s::text[]) WITH ORDINALITY AS u(t, i)
+            WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
+            RETURNING id
+        )"""
+
+
+def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settings: Settings) -> int | None:
+    """generating -> sending: the text written in this delivery, its parts and the move, in one
+    statement (T-PERF-7) — only when, in the same rows, every check of the split's preflight
+    still passes (something may have changed while the LLM wrote: a cancel, a pause, the lead
+    moved, opted out or answered, the inbox disabled). Not ready, the text alone is recorded and
+    the split's own claim and preflight settle the message (its parts are split again then).
+    Async commit: lost, the message is `generating` again under the step's lease, and is written
+    and split again (tokens spent twice, nothing sent; the parts vanish with it)."""
+    assert ctx.unrecorded is not None
+    tokens, generation_ms = ctx.unrecorded
+    row = _named(
+        prepared_async(
+            f"""
+        WITH chk AS (
+            SELECT ({_SPLIT_READY}) AS ready
+              FROM campaign_messages cm JOIN campaign_runs r ON r.id = cm.run_id
+              JOIN campaign_configs c ON c.id = r.config_id JOIN inboxes i ON i.id = cm.inbox_id
+              LEFT JOIN leads l ON l.id = cm.lead_id
+             WHERE cm.id = %(id)s AND cm.status = 'generating'
+        ), m AS (
+            UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
+                generation_ms = %(gen_ms)s, split_ms = %(split_ms)s, status = 'sending',
+                status_changed_at = now(), attempts = 0, error_class = NULL, error_message = NULL,
+                wake_at = now() + make_interval(secs => %(grace)s)
+            WHERE id = %(id)s AND status = 'generating' AND (SELECT ready FROM chk)
+            RETURNING id, lead_id, inbox_id
+        ), {_PARTS_CTES}
+        SELECT (SELECT ready FROM chk) AS ready, (SELECT id FROM m) AS recorded""",
+            "text_and_parts_record",
+        ),
+        {
+            "id": ctx.message_id,
+            "text": ctx.generated_text,
+            "tokens": tokens,
+            "gen_ms": generation_ms,
+            "split_ms": split_ms,
+            "parts": parts,
+            "grace": settings.handoff_grace_seconds,
+        },
+    )
+    ctx.unrecorded = None
+    if row is not None and row["recorded"] is not None:
+        return ctx.inbox_id
+    if row is None or row["ready"] is not False:
+        return None  # no longer `generating`: another delivery took it over, nothing to record
+    # something changed while the LLM wrote: the text is kept, and the split's own claim and
+    # preflight settle the rest (generate_then_split)
+    ctx.resplit = _record_text(ctx.message_id, ctx.generated_text or "", tokens, generation_ms, settings) is not None
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The generate actor's delivery writes the text and splits it (issue 20, T-PERF-1): no hop through
-RabbitMQ between the two steps, and no claim statement of the split's own when nothing changed
-while the LLM wrote — the text's record answers whether the split may go straight on. These tests
-pin the round trips, that a change made while the LLM wrote is settled by the split's own claim
-and checks exactly as before (R-PIPE-1/2), that a redelivery of a message already `splitting`
-still splits it, and that the split's LLM request is always counted against the per-minute budget
-(R-RATE-1).
+RabbitMQ between the two steps, no claim statement of the split's own, and one statement records
+the text, the parts and the move to `sending` — when, in the same rows, nothing the split's
+preflight checks changed while the LLM wrote. These tests pin the round trips, that a change made
+while the LLM wrote is settled by the split's own claim and checks exactly as before (R-PIPE-1/2),
+that a redelivery of a message already `splitting` still splits it, that a copy that lost the
+message to another delivery records nothing, and that the split's LLM request is always counted
+against the per-minute budget (R-RATE-1).
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class ChangingLLM:
         return out
 
 
-def test_one_generate_delivery_writes_and_splits_the_text_in_three_statements(clean_db, sb, llm, settings, monkeypatch):
-    """T-PERF-1/T-PERF-7: the generate claim, the text's record (which hands the split its checks)
-    and the parts' record; both LLM requests counted, the send follows."""
+def test_one_generate_delivery_writes_and_splits_the_text_in_two_statements(clean_db, sb, llm, settings, monkeypatch):
+    """T-PERF-1/T-PERF-7: the generate claim, then one record of the text and its parts (which
+    checks the split's preflight in the same rows); both LLM requests counted, the send follows."""
     w = make_world(split=True, max_parts=2)
     m1, m2 = w.add_leads(2)
     long_text(m1, m2)
@@ -125,10 +126,11 @@ def test_one_generate_delivery_writes_and_splits_the_text_in_three_statements(cl
     assert msg.status == "sending"
     assert len(msg.generated_text or "") > SPLIT_BELOW_CHARS, "the sandbox's text is too short to ask for a split"
     assert chats(sb) - before == 2  # the text, then the split
-    assert len(seen) == 3, seen
-    assert "WITH claimed AS" in seen[0] and "generated_text = %(text)s" in seen[1]
-    assert "INSERT INTO message_parts" in seen[2]
-    assert parts_of(m2.id), "no parts stored"
+    assert len(seen) == 2, seen
+    assert "WITH claimed AS" in seen[0]
+    assert "generated_text = %(text)s" in seen[1] and "INSERT INTO message_parts" in seen[1]
+    assert len(parts_of(m2.id)) == 2, "the parts were not stored"
+    assert msg.tokens_used and msg.generation_ms is not None and msg.split_ms is not None
     # every request was counted (blocks of 10 are taken ahead: at least as many as were made)
     assert minute_count(settings) >= chats(sb)
 
@@ -173,8 +175,12 @@ CHANGES: dict[str, tuple[Callable[[Any, Any], object], tuple[str, str | None]]] 
 def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(
     clean_db, sb, llm, settings, change, monkeypatch
 ):
-    """R-PIPE-1/2, R-IN-3: the text is kept, but the split does not go straight on: its claim and
-    preflight settle the message as they always did — no split request, no part, counters exact."""
+    """R-PIPE-1/2, R-IN-3: the text is kept, but the split does not go on: the record of the text
+    and parts finds the change in the same rows and records the text alone, then the split's own
+    claim and preflight settle the message as they always did — no part, counters exact. (The
+    split's LLM request was made before that record: a change while the LLM writes costs one
+    request, the price of no statement between the two LLM calls. A window found closed before
+    the split costs none.)"""
     w = make_world(split=True, max_parts=2)
     (m,) = w.add_leads(1)
     long_text(m)
@@ -185,16 +191,40 @@ def test_a_change_made_while_the_llm_writes_is_settled_by_the_splits_own_checks(
     writer = ChangingLLM(llm, lambda: act(w, m))
     _, given = local_tokens(monkeypatch)
     assert pipeline.generate_then_split(m.id, settings, writer, paced=True) is None
-    # the request taken for a split in the same delivery goes back (the split's own claim then
-    # counts one for itself, before its checks: as a split delivery always did)
-    assert given() >= 1, "the split's request taken for the same delivery was not given back"
     msg = CampaignMessage.get_by_id(m.id)
     assert (msg.status, msg.skip_reason) == expected, (change, msg.status, msg.skip_reason)
     assert msg.generated_text, "the text written was lost"
     assert chats(sb, ("chat",)) == 1
-    assert chats(sb, ("split",)) == 0, "the split asked the LLM for a message that was not to be split"
+    if change == "window_closed":
+        # the request taken for a split in the same delivery goes back (the split's own claim then
+        # counts one for itself, before its checks: as a split delivery always did)
+        assert given() >= 1, "the split's request taken for the same delivery was not given back"
+        assert chats(sb, ("split",)) == 0, "the split asked the LLM after the window closed"
+    else:
+        assert chats(sb, ("split",)) == 1, "the split's own claim asked the LLM again"
     assert parts_of(m.id) == []
     assert_counters_match(w.run.id)
+
+
+def test_a_copy_that_lost_the_message_to_another_delivery_records_nothing(clean_db, sb, llm, settings):
+    """R-PIPE-5: two copies of the generate delivery (a redelivery after a lease ran out): the one
+    whose message another copy already moved on records neither its text nor its parts."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+
+    def other_copy_records_first() -> None:
+        db.execute_sql(
+            "UPDATE campaign_messages SET status = 'splitting', generated_text = 'the other copy' WHERE id = %s",
+            (m.id,),
+        )
+
+    writer = ChangingLLM(llm, other_copy_records_first)
+    assert pipeline.generate_then_split(m.id, settings, writer, paced=True) is None
+    msg = CampaignMessage.get_by_id(m.id)
+    assert (msg.status, msg.generated_text) == ("splitting", "the other copy")
+    assert parts_of(m.id) == [], "a copy that lost the message wrote parts"
 
 
 def test_a_redelivered_generate_of_a_message_already_splitting_splits_it(clean_db, sb, llm, settings, monkeypatch):
