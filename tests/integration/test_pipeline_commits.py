@@ -129,7 +129,7 @@ def test_which_commits_wait_for_the_wal_flush(clean_db, sb, llm, evo, settings, 
         return found
 
     assert kinds("WITH claimed AS") == {True}  # generate and split claims
-    assert kinds("SET generated_text") == {True}
+    assert kinds("SET generated_text") == {True}  # the text alone (generate_step), and with its parts
     assert kinds("INSERT INTO message_parts") == {True}
     assert kinds("SET status = 'sent', provider_message_id") == {True}  # part 1, and part 2 + finish
     assert kinds("SET status = 'sending', attempt_id") == {False}  # before the foreign call
@@ -141,20 +141,23 @@ def test_which_commits_wait_for_the_wal_flush(clean_db, sb, llm, evo, settings, 
 
 
 @pytest.mark.parametrize(
-    ("marker", "what"),
+    ("marker", "what", "split_on_its_own"),
     [
-        ("WITH claimed AS", "the generate claim"),
-        ("SET generated_text", "the LLM's text"),
-        ("INSERT INTO message_parts", "the split (the parts with it)"),
+        ("WITH claimed AS", "the generate claim", False),
+        ("generated_text = %(text)s", "the LLM's text with its parts (the generate delivery's split)", False),
+        ("generation_ms = %(ms)s", "the LLM's text alone (the split follows on its own)", True),
+        ("AND status = 'splitting' RETURNING id, lead_id", "the split on its own (the parts with it)", True),
     ],
 )
 def test_a_lost_commit_before_any_send_repeats_work_and_sends_each_part_once(
-    clean_db, sb, llm, evo, settings, monkeypatch, marker, what
+    clean_db, sb, llm, evo, settings, monkeypatch, marker, what, split_on_its_own
 ):
     w = make_world(split=True, max_parts=2, part_gap_min_seconds=0, part_gap_max_seconds=0)
     (m,) = w.add_leads(1)
     claim(m.id)
     with losing(monkeypatch, marker):
+        if split_on_its_own:  # the text recorded by itself (a hand-off to the split actor)
+            pipeline.generate_step(m.id, settings, llm)
         # the redelivery finds the row where the lost commit left it and does the work again
         status = drive(m.id, settings, llm, evo)
     if status not in ("sent", "failed", "skipped", "in_doubt"):
