@@ -1,7 +1,8 @@
 """actors.send: a part whose gap is zero goes out in the same delivery as the one before it
 (issue 20, T-PERF-1: no hop through RabbitMQ); a part with a gap, or after a slow send, is
-enqueued as before. The actor's function runs in this process on the real PostgreSQL and sandbox;
-what it would publish is recorded instead of sent.
+enqueued as before. The first part goes out from the generate delivery (send_now) when the inbox
+can send now; anything else hands it to the send actor. The actors' functions run in this process
+on the real PostgreSQL and sandbox; what they would publish is recorded instead of sent.
 """
 
 from __future__ import annotations
@@ -74,3 +75,92 @@ def test_after_a_slow_send_the_next_part_is_enqueued_not_sent_in_the_same_delive
     send_actor.send_part.fn(m.id, w.inboxes[0].id)
     assert [p.status for p in parts_of(m.id)] == ["sent", "pending"]
     assert send_actor.published == [("send_part", (m.id, w.inboxes[0].id), 0.0)]
+
+
+def _slot_held_by_another_send(inbox_id: int) -> None:
+    db.execute_sql(
+        "UPDATE rate_limits SET lease_token = '00000000-0000-4000-8000-000000000001', "
+        "lease_until = now() + interval '1 minute' WHERE key = %s",
+        (f"inbox:{inbox_id}",),
+    )
+
+
+def test_send_now_sends_the_first_parts_without_a_hop(clean_db, sb, send_actor):
+    w, m = _message(2, 0.0)
+    send_actor.send_now(m.id, w.inboxes[0].id)
+    assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
+    assert CampaignMessage.get_by_id(m.id).status == "sent"
+    assert send_actor.published == [], "the first send hopped through RabbitMQ"
+
+
+def test_send_now_leaves_a_busy_inbox_to_the_send_actor(clean_db, sb, send_actor):
+    """R-RATE-1: another send of the inbox in flight — nothing goes out here, nothing waits in this
+    thread; the send actor (which waits for the slot) gets the message at once."""
+    w, m = _message(2, 0.0)
+    _slot_held_by_another_send(w.inboxes[0].id)
+    send_actor.send_now(m.id, w.inboxes[0].id)
+    assert [p.status for p in parts_of(m.id)] == ["pending", "pending"]
+    assert sb.ledger()["sends"] == []
+    assert send_actor.published == [("send_part", (m.id, w.inboxes[0].id), None)]
+    held = db.execute_sql(
+        "SELECT lease_token FROM rate_limits WHERE key = %s", (f"inbox:{w.inboxes[0].id}",)
+    ).fetchone()
+    assert str(held[0]) == "00000000-0000-4000-8000-000000000001", "the other send's slot was touched"
+
+
+def test_send_now_hands_a_send_that_hit_trouble_to_the_send_actor_with_its_delay(clean_db, sb, send_actor):
+    """R-FAIL-2: a 503 from the gateway — the part goes back to pending with the attempt counted,
+    and the send actor retries it after the backoff (as a retry of its own delivery would)."""
+    w, m = _message(1, 0.0)
+    sb.set_faults(send={"always_status": 503})
+    try:
+        send_actor.send_now(m.id, w.inboxes[0].id)
+    finally:
+        sb.set_faults(send={"always_status": None})
+    assert [p.status for p in parts_of(m.id)] == ["pending"]
+    assert CampaignMessage.get_by_id(m.id).status == "sending"
+    assert len(send_actor.published) == 1
+    name, args, delay = send_actor.published[0]
+    assert (name, args) == ("send_part", (m.id, w.inboxes[0].id)) and delay and delay > 0
+
+
+@pytest.fixture
+def generate_actor(services, monkeypatch, send_actor, llm) -> Any:
+    """actors.generate in this process, with the sandbox's LLM and the send module of send_actor."""
+    import actors.generate as generate_actor
+
+    monkeypatch.setattr(generate_actor, "openrouter", lambda: llm)
+    monkeypatch.setattr(generate_actor, "_settings", send_actor._settings)
+    monkeypatch.setattr(generate_actor, "enqueue", send_actor.enqueue)
+    return generate_actor
+
+
+def _queued(parts: int) -> tuple[Any, CampaignMessage]:
+    w = make_world(split=True, max_parts=parts, part_gap_min_seconds=0, part_gap_max_seconds=0)
+    (m,) = w.add_leads(1)
+    CampaignMessage.update(status="queued").where(CampaignMessage.id == m.id).execute()
+    db.execute_sql(
+        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (w.inboxes[0].id,)
+    )
+    return w, m
+
+
+def test_one_generate_delivery_writes_splits_and_sends(clean_db, sb, send_actor, generate_actor):
+    """T-PERF-1: queued to sent in one delivery when the inbox can send now — no publish at all."""
+    w, m = _queued(2)
+    generate_actor.generate.fn(m.id)
+    assert CampaignMessage.get_by_id(m.id).status == "sent"
+    assert [p.status for p in parts_of(m.id)] == ["sent"] * len(parts_of(m.id))
+    assert len(sb.ledger()["sends"]) == len(parts_of(m.id)) >= 1
+    assert send_actor.published == []
+
+
+def test_a_generate_delivery_that_took_long_enqueues_the_send(clean_db, sb, send_actor, generate_actor, monkeypatch):
+    """The delivery's time limit covers its LLM calls and one whole send step: when the LLM calls
+    used up their share, the send gets a delivery of its own."""
+    monkeypatch.setattr(generate_actor, "LLM_SECONDS", -1)
+    w, m = _queued(2)
+    generate_actor.generate.fn(m.id)
+    assert CampaignMessage.get_by_id(m.id).status == "sending"
+    assert sb.ledger()["sends"] == []
+    assert send_actor.published == [("send_part", (m.id, w.inboxes[0].id), None)]
