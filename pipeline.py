@@ -160,6 +160,10 @@ class Context:
     # in the same delivery records it with the parts, in one statement (generate_then_split)
     unrecorded: tuple[int | None, int] | None = None
     resplit: bool = False  # that record found something changed: the text alone was recorded
+    # the generate delivery sends the first part itself until then (time.monotonic()): the record
+    # of the text and parts claims it `sending` too when the inbox can send now (generate_then_split)
+    claim_first_until: float | None = None
+    first_send: FirstSend | None = None  # what that record claimed
 
 
 # The step context, composed from named fragments (DESIGN: never str.replace on another
@@ -586,7 +590,9 @@ def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool 
     return _generate(message_id, settings, llm, paced=paced, inline=False) is not None
 
 
-def generate_then_split(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> int | None:
+def generate_then_split(
+    message_id: int, settings: Settings, llm: LLM, *, paced: bool = False, claim_first_until: float | None = None
+) -> int | FirstSend | None:
     """The generate actor's delivery: write the text, then split it in the same delivery (T-PERF-1:
     no hop through RabbitMQ, no claim statement of the split's own, and one statement records the
     text, the parts and the move to `sending` — it checks in the same rows that nothing the
@@ -595,10 +601,18 @@ def generate_then_split(message_id: int, settings: Settings, llm: LLM, *, paced:
 
     Redelivered (a worker died, a retry, a deferral of the split's LLM budget), the message may be
     ``splitting`` already: the split then runs from its own claim, as the split actor would.
+
+    ``claim_first_until`` (a time.monotonic() deadline; the generate actor's): until then, the same
+    record also claims the first part `sending` and takes the inbox's slot when every check of the
+    send step's claim passes and the slot is free — returned as a :class:`FirstSend` for
+    :func:`send_claimed` (T-PERF-7: the send step's claim statement saved).
     """
     handoff = _generate(message_id, settings, llm, paced=paced, inline=True)
     if isinstance(handoff, Context):
+        handoff.claim_first_until = claim_first_until
         inbox_id = _split(handoff, settings, llm)
+        if handoff.first_send is not None:
+            return handoff.first_send
         if not handoff.resplit:
             return inbox_id
     # not claimed for generating (already `splitting`: a redelivery; or finished, or elsewhere),
@@ -621,6 +635,18 @@ def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inl
     (its own claim); a Context (``inline`` only): the text, not recorded yet (``ctx.unrecorded``),
     is split in this delivery without a claim, the message still `generating` under the step's
     lease, and the split's LLM request (if any) already counted (``paced``)."""
+    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+    reserved = [False]  # the split's request, taken from this process's block right after the claim
+    try:
+        return _generate_text(message_id, settings, llm, paced=paced, inline=inline, key=key, reserved=reserved)
+    finally:
+        if reserved[0]:  # not used: the split needs no LLM, or the step ended before it
+            ratelimit.give_back_local(key)
+
+
+def _generate_text(
+    message_id: int, settings: Settings, llm: LLM, *, paced: bool, inline: bool, key: str, reserved: list[bool]
+) -> Context | bool | None:
     ctx = _claim(
         message_id,
         "generating",
@@ -632,6 +658,11 @@ def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inl
     if ctx is None:
         log.debug("generate message=%s: not queued/generating any more, nothing to do", message_id)
         return None
+    if inline and paced and ctx.split_enabled and ctx.max_parts > 1 and not ctx.generated_text:
+        # the split in this delivery will likely ask the LLM too: its request is taken now, while
+        # the block the claim may just have taken is fresh (a block drained by other threads
+        # meanwhile would send the split through its own claim: three statements more)
+        reserved[0] = ratelimit.take_local(key)
     if not _preflight(ctx, settings):
         return None
     if ctx.generated_text:  # resumed after a wait: the text is already there
@@ -671,8 +702,9 @@ def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inl
     # the split in this delivery: its LLM request (if it makes one) comes from this process's
     # block of the per-minute budget; none left, the split takes it in its own claim
     needs_llm = _split_calls_llm(ctx, text)
-    key = ratelimit.openrouter_key(settings.openrouter_api_key)
-    budget_taken = inline and paced and needs_llm and ratelimit.take_local(key)
+    budget_taken = inline and paced and needs_llm and (reserved[0] or ratelimit.take_local(key))
+    if budget_taken:
+        reserved[0] = False  # the split's now (given back below if it does not run here)
     if inline and (budget_taken or not (paced and needs_llm)) and not _window_closed(ctx):
         # nothing recorded yet: the split records the text with its parts (one statement, which
         # checks that nothing changed while the LLM wrote). The message stays the step's,
@@ -820,21 +852,15 @@ _PARTS_CTES = """conv AS (
         )"""
 
 
-def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settings: Settings) -> int | None:
-    """generating -> sending: the text written in this delivery, its parts and the move, in one
-    statement (T-PERF-7) — only when, in the same rows, every check of the split's preflight
-    still passes (something may have changed while the LLM wrote: a cancel, a pause, the lead
-    moved, opted out or answered, the inbox disabled). Not ready, the text alone is recorded and
-    the split's own claim and preflight settle the message (its parts are split again then).
-    Async commit: lost, the message is `generating` again under the step's lease, and is written
-    and split again (tokens spent twice, nothing sent; the parts vanish with it)."""
-    assert ctx.unrecorded is not None
-    tokens, generation_ms = ctx.unrecorded
-    row = _named(
-        prepared_async(
-            f"""
-        WITH chk AS (
-            SELECT ({_SPLIT_READY}) AS ready
+#: the message, checked for the split (``chk``: _SPLIT_READY over ``cm``) and, for the claim
+#: variant, for the first send (``sendable``: as the send step's claim, _SEND_READY)
+_RECORD_CHK = f"""chk AS (
+            SELECT ({_SPLIT_READY}) AS ready,
+                   (NOT i.disabled AND i.health_state <> 'restricted'
+                    AND i.connection_state NOT IN ('close', 'connecting')
+                    AND i.state_checked_at > now() - make_interval(secs => %(max_age)s)) AS sendable,
+                   cm.inbox_id, i.consecutive_failures AS inbox_failures, i.gateway_failures, i.connection_state,
+                   extract(epoch FROM now() - i.state_checked_at)::float AS state_age
               FROM campaign_messages cm JOIN campaign_runs r ON r.id = cm.run_id
               JOIN campaign_configs c ON c.id = r.config_id JOIN inboxes i ON i.id = cm.inbox_id
               LEFT JOIN leads l ON l.id = cm.lead_id
@@ -846,10 +872,77 @@ def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settin
                 wake_at = now() + make_interval(secs => %(grace)s)
             WHERE id = %(id)s AND status = 'generating' AND (SELECT ready FROM chk)
             RETURNING id, lead_id, inbox_id
-        ), {_PARTS_CTES}
+        )"""
+
+# async commit: see _record_text_and_parts
+_RECORD_SQL = prepared_async(
+    f"""
+        WITH {_RECORD_CHK}, {_PARTS_CTES}
         SELECT (SELECT ready FROM chk) AS ready, (SELECT id FROM m) AS recorded""",
-            "text_and_parts_record",
-        ),
+    "text_and_parts_record",
+)
+
+# The same, and the first part claimed `sending` with the inbox's slot taken when the send step's
+# claim would (every check of _SEND_READY for a message not started; the slot free): the part is
+# inserted `sending` under %(attempt)s. A synchronous commit: the `sending` mark before the HTTP
+# call (campaign.sql.ASYNC_COMMIT).
+_RECORD_AND_CLAIM_SQL = prepared(
+    f"""
+        WITH {_RECORD_CHK}, slot AS (
+            UPDATE rate_limits rl SET {ratelimit.TAKE_SLOT}
+              FROM chk, inboxes i
+             WHERE chk.ready AND chk.sendable AND EXISTS (SELECT 1 FROM m)
+               AND NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
+               AND i.id = chk.inbox_id AND rl.key = 'inbox:' || chk.inbox_id AND {ratelimit.SLOT_FREE}
+            RETURNING rl.key
+        ), conv AS (
+            INSERT INTO conversations (workspace_id, lead_id, inbox_id)
+            SELECT i.workspace_id, m.lead_id, m.inbox_id FROM m JOIN inboxes i ON i.id = m.inbox_id
+             WHERE m.lead_id IS NOT NULL
+            ON CONFLICT (lead_id, inbox_id) DO NOTHING RETURNING id
+        ), ins AS (
+            INSERT INTO message_parts (message_id, inbox_id, idx, text, status, attempt_id, sending_at)
+            SELECT m.id, m.inbox_id, u.i - 1, u.t,
+                   CASE WHEN u.i = 1 AND EXISTS (SELECT 1 FROM slot) THEN 'sending' ELSE 'pending' END,
+                   CASE WHEN u.i = 1 AND EXISTS (SELECT 1 FROM slot) THEN %(attempt)s::uuid END,
+                   CASE WHEN u.i = 1 AND EXISTS (SELECT 1 FROM slot) THEN now() END
+              FROM m, unnest(%(parts)s::text[]) WITH ORDINALITY AS u(t, i)
+             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
+            RETURNING id, idx
+        ), first AS (
+            -- the inbox's first send ever starts its warm-up ramp (R-HEALTH-1), as in the send claim
+            UPDATE inboxes SET first_send_at = now()
+             WHERE id = (SELECT inbox_id FROM chk) AND EXISTS (SELECT 1 FROM slot) AND first_send_at IS NULL
+            RETURNING id
+        )
+        SELECT chk.ready, (SELECT id FROM m) AS recorded,
+               EXISTS (SELECT 1 FROM slot) AND EXISTS (SELECT 1 FROM ins WHERE idx = 0) AS claimed,
+               (SELECT id FROM ins WHERE idx = 0) AS part_id, (SELECT max(idx) FROM ins) AS last_idx,
+               chk.inbox_failures, chk.gateway_failures, chk.connection_state, chk.state_age
+          FROM (SELECT 1) one LEFT JOIN chk ON true""",
+    "text_parts_and_claim",  # chaos/services.py finds sends in flight by this name too
+)
+
+
+def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settings: Settings) -> int | None:
+    """generating -> sending: the text written in this delivery, its parts and the move, in one
+    statement (T-PERF-7) — only when, in the same rows, every check of the split's preflight
+    still passes (something may have changed while the LLM wrote: a cancel, a pause, the lead
+    moved, opted out or answered, the inbox disabled). Not ready, the text alone is recorded and
+    the split's own claim and preflight settle the message (its parts are split again then).
+    Async commit: lost, the message is `generating` again under the step's lease, and is written
+    and split again (tokens spent twice, nothing sent; the parts vanish with it).
+
+    With ``ctx.claim_first_until`` not past, the statement also claims the first part `sending`
+    and takes the inbox's slot — when the send step's claim would (its checks: the inbox usable
+    and known connected, the slot free: ``ratelimit.SLOT_FREE``) — and then commits
+    synchronously, as every `sending` mark before an HTTP call does (``ctx.first_send``)."""
+    assert ctx.unrecorded is not None
+    tokens, generation_ms = ctx.unrecorded
+    claim = ctx.claim_first_until is not None and time.monotonic() <= ctx.claim_first_until
+    attempt, token = uuid.uuid4(), str(uuid.uuid4())
+    row = _named(
+        _RECORD_AND_CLAIM_SQL if claim else _RECORD_SQL,
         {
             "id": ctx.message_id,
             "text": ctx.generated_text,
@@ -858,8 +951,18 @@ def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settin
             "split_ms": split_ms,
             "parts": parts,
             "grace": settings.handoff_grace_seconds,
+            "max_age": settings.connection_state_max_age_seconds,
+            "token": token,
+            "lease": settings.send_lease_seconds,
+            "attempt": str(attempt),
         },
     )
+    if row is not None and row["recorded"] is not None and claim and row["claimed"]:
+        ctx.status = "sending"
+        ctx.attempts = 0
+        for name in ("inbox_failures", "gateway_failures", "connection_state", "state_age"):
+            setattr(ctx, name, row[name])
+        ctx.first_send = FirstSend(ctx.inbox_id, ctx, row["part_id"], parts[0], row["last_idx"], attempt, token)
     ctx.unrecorded = None
     if row is not None and row["recorded"] is not None:
         return ctx.inbox_id
@@ -982,8 +1085,80 @@ def _send_step(
         checked = True  # the checks passed: claim without them (the state they read is fresh)
     else:
         raise Deferred(0.1, "the inbox's send slot stayed contended")
-    part_id, idx, text = row["part_id"], row["part_idx"], row["part_text"]
-    last_idx = row["last_idx"]
+    return _send_claimed(
+        ctx,
+        settings,
+        evolution,
+        part_id=row["part_id"],
+        idx=row["part_idx"],
+        text=row["part_text"],
+        last_idx=row["last_idx"],
+        attempt=attempt,
+        checked=checked,
+        lease=lease,
+        rng=rng,
+        on_http=on_http,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstSend:
+    """A message whose first part the record of its text and parts also claimed `sending` (in the
+    generate delivery, the inbox's slot taken under ``token``): :func:`send_claimed` sends it."""
+
+    inbox_id: int
+    ctx: Context
+    part_id: int
+    text: str
+    last_idx: int
+    attempt: uuid.UUID
+    token: str
+
+
+def send_claimed(first: FirstSend, settings: Settings, evolution: Messenger) -> SendOutcome:
+    """Send the part the generate delivery's record claimed (the send step after its claim: the
+    window, the HTTP call, the outcome; the slot given back on every path)."""
+    state = _LeaseState(ratelimit.Grant(ratelimit.inbox_key(first.inbox_id), first.token))
+    try:
+        return _send_claimed(
+            first.ctx,
+            settings,
+            evolution,
+            part_id=first.part_id,
+            idx=0,
+            text=first.text,
+            last_idx=first.last_idx,
+            attempt=first.attempt,
+            checked=False,
+            lease=state,
+            rng=None,
+            on_http=None,
+        )
+    finally:
+        if not state.released:
+            try:
+                ratelimit.release_inbox(state.grant, sent=state.http)  # type: ignore[arg-type]
+            except Exception:  # the lease expires by itself (settings.send_lease_seconds)
+                log.warning("send message=%s: could not release its inbox slot", first.ctx.message_id, exc_info=True)
+
+
+def _send_claimed(
+    ctx: Context,
+    settings: Settings,
+    evolution: Messenger,
+    *,
+    part_id: int,
+    idx: int,
+    text: str,
+    last_idx: int,
+    attempt: uuid.UUID,
+    checked: bool,
+    lease: _LeaseState,
+    rng: random.Random | None,
+    on_http: Callable[[], None] | None,
+) -> SendOutcome:
+    """The send step once its part is committed `sending` under ``attempt``."""
+    message_id = ctx.message_id
     started_message = idx > 0
     # committed `sending` (autocommit): from here on, an interruption leaves evidence
     if not started_message and not checked and _window_closed(ctx):

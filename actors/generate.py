@@ -38,11 +38,16 @@ def generate(message_id: int) -> None:
     """Generate and split the text of campaign message ``message_id``, then send its first part
     (or enqueue it)."""
     started = time.monotonic()
-    # paced: its LLM requests count against the per-minute budget (R-RATE-1)
-    inbox_id = pipeline.generate_then_split(message_id, _settings, openrouter(), paced=True)
-    if not inbox_id:
+    # paced: its LLM requests count against the per-minute budget (R-RATE-1); the record of the
+    # text and parts claims the first send too while a whole send step still fits the time limit
+    out = pipeline.generate_then_split(
+        message_id, _settings, openrouter(), paced=True, claim_first_until=started + LLM_SECONDS
+    )
+    if isinstance(out, pipeline.FirstSend):
+        send_now(message_id, out.inbox_id, out)
+    elif not out:
         return
-    if time.monotonic() - started <= LLM_SECONDS:
-        send_now(message_id, inbox_id)
+    elif time.monotonic() - started <= LLM_SECONDS:
+        send_now(message_id, out)
     else:
-        enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id))
+        enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, out))

@@ -43,14 +43,19 @@ def send_part(message_id: int, inbox_id: int) -> None:
     _send_parts(message_id, inbox_id, limiter.slot_refused if limiter else None)
 
 
-def _send_parts(message_id: int, inbox_id: int, pace: pipeline.Pace | None) -> None:
-    """Send the first unsent part; a zero part gap sends the next one in the same delivery (T-PERF-1:
-    no hop through RabbitMQ), only right after a quick send, so the time limit still covers a whole
-    step; a part with a gap is enqueued with it."""
+def _send_parts(
+    message_id: int, inbox_id: int, pace: pipeline.Pace | None, first: pipeline.FirstSend | None = None
+) -> None:
+    """Send the first unsent part (``first``: already claimed); a zero part gap sends the next one in
+    the same delivery (T-PERF-1: no hop through RabbitMQ), only right after a quick send, so the
+    time limit still covers a whole step; a part with a gap is enqueued with it."""
     messenger = evolution()
     started = time.monotonic()
     while True:
-        outcome = pipeline.send_step(message_id, _settings, messenger, pace=pace)
+        if first is not None:
+            outcome, first = pipeline.send_claimed(first, _settings, messenger), None
+        else:
+            outcome = pipeline.send_step(message_id, _settings, messenger, pace=pace)
         if not outcome.sent or outcome.next_delay != 0 or time.monotonic() - started > CONTINUE_WITHIN_SECONDS:
             break
     if outcome.next_delay is not None:
@@ -66,7 +71,7 @@ def _refuse(wait: float) -> None:
     raise _SlotInUse(wait)
 
 
-def send_now(message_id: int, inbox_id: int) -> None:
+def send_now(message_id: int, inbox_id: int, first: pipeline.FirstSend | None = None) -> None:
     """The first send of a message just split, from the generate delivery (T-PERF-1: one hop through
     RabbitMQ fewer per message). The step is the send actor's own (the slot taken in its claim, the
     same checks, zero-gap parts after it); whatever keeps it from sending now — the inbox's slot in
@@ -74,10 +79,11 @@ def send_now(message_id: int, inbox_id: int) -> None:
     which waits, retries or gives up as it always does (with MAX_ATTEMPTS=1, a first send that
     failed for a passing reason is tried once more there). A failure of the worker or the database
     mid-send leaves what a send delivery's would: the part `sending`, settled by the send step
-    (recorded from the provider's key, or in doubt) when the sweep hands the message on."""
+    (recorded from the provider's key, or in doubt) when the sweep hands the message on.
+    ``first``: the first part was claimed by the record of the text and parts (its slot taken)."""
     args = steps.SEND_PART.args(message_id, inbox_id)
     try:
-        _send_parts(message_id, inbox_id, _refuse)
+        _send_parts(message_id, inbox_id, _refuse, first)
     except _SlotInUse:
         enqueue(steps.SEND_PART, args)
     except PipelineSignal as exc:  # RetryLater, Deferred (their delay), StepFailed (the actor decides)

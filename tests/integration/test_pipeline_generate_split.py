@@ -11,6 +11,7 @@ against the per-minute budget (R-RATE-1).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import pipeline
 from campaign import outcomes, ratelimit, runs
 from campaign.db import db
+from campaign.sql import ASYNC_COMMIT
 from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 from models import CampaignMessage, Lead
 from sandbox.llm import generate_text, split_sentences
@@ -285,3 +287,111 @@ def test_a_dead_generate_delivery_fails_a_message_it_left_splitting(clean_db, sb
     assert outcomes.fail_exhausted(m2.id, "a dead copy", settings, "generate") is None
     assert CampaignMessage.get_by_id(m2.id).status == "sending"
     assert_counters_match(w.run.id)
+
+
+# -- the first send claimed by the same record (the generate actor's claim_first_until) ---------------
+
+
+def _open_inbox(inbox_id: int, checked_ago_s: float = 0.0) -> None:
+    db.execute_sql(
+        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() - make_interval(secs => %s) "
+        "WHERE id = %s",
+        (checked_ago_s, inbox_id),
+    )
+
+
+def _slot(inbox_id: int) -> Any:
+    return db.execute_sql(
+        "SELECT lease_token FROM rate_limits WHERE key = %s", (ratelimit.inbox_key(inbox_id),)
+    ).fetchone()[0]
+
+
+def test_the_record_claims_the_first_part_when_the_inbox_can_send_now(clean_db, sb, llm, evo, settings, monkeypatch):
+    """T-PERF-7: with the inbox known connected and its slot free, the record of the text and parts
+    also takes the slot and inserts the first part `sending` — one statement for what the send
+    step's claim did, committed synchronously (the mark before the HTTP call) — then the send."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+    _open_inbox(w.inboxes[0].id)
+    with statements(monkeypatch) as seen:
+        first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
+    assert isinstance(first, pipeline.FirstSend), first
+    assert len(seen) == 2, seen
+    assert not seen[1].startswith(ASYNC_COMMIT), "the `sending` mark of the first part was committed asynchronously"
+    parts = parts_of(m.id)
+    assert [p.status for p in parts] == ["sending", "pending"]
+    assert (parts[0].id, str(parts[0].attempt_id)) == (first.part_id, str(first.attempt))
+    assert str(_slot(w.inboxes[0].id)) == first.token, "the inbox's slot is not held for the send"
+    assert (first.inbox_id, first.last_idx, first.text) == (w.inboxes[0].id, 1, parts[0].text)
+    outcome = pipeline.send_claimed(first, settings, evo)
+    assert outcome.sent and outcome.next_delay is not None
+    assert [p.status for p in parts_of(m.id)] == ["sent", "pending"]
+    assert _slot(w.inboxes[0].id) is None, "the slot was not given back"
+    assert [s["text"] for s in sb.ledger()["sends"]] == [parts[0].text]
+
+
+CANNOT_SEND_NOW: dict[str, Callable[[Any], object]] = {
+    "state_unknown_for_long": lambda w: _open_inbox(w.inboxes[0].id, checked_ago_s=3600),
+    "slot_in_use": lambda w: db.execute_sql(
+        "UPDATE rate_limits SET lease_token = '00000000-0000-4000-8000-000000000001', "
+        "lease_until = now() + interval '1 minute' WHERE key = %s",
+        (ratelimit.inbox_key(w.inboxes[0].id),),
+    ),
+    "gap_not_over": lambda w: (
+        db.execute_sql("UPDATE inboxes SET min_gap_seconds = 60 WHERE id = %s", (w.inboxes[0].id,)),
+        db.execute_sql(
+            "UPDATE rate_limits SET last_at = now() WHERE key = %s", (ratelimit.inbox_key(w.inboxes[0].id),)
+        ),
+    ),
+    "inbox_disconnected": lambda w: db.execute_sql(
+        "UPDATE inboxes SET connection_state = 'close' WHERE id = %s", (w.inboxes[0].id,)
+    ),
+    "time_is_up": lambda w: None,  # claim_first_until already past (below)
+}
+
+
+@pytest.mark.parametrize("case", sorted(CANNOT_SEND_NOW))
+def test_the_record_claims_nothing_when_the_send_step_would_not(clean_db, sb, llm, settings, case):
+    """R-RATE-1, R-PIPE-3: the inbox's state not known fresh, its slot in use, its gap not over, it
+    disconnected, or the delivery's time for a send used up — the text and parts are recorded, no
+    part is `sending` and the slot is untouched: the send step (with its waits and checks) decides."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+    _open_inbox(w.inboxes[0].id)
+    CANNOT_SEND_NOW[case](w)
+    slot_before = _slot(w.inboxes[0].id)
+    until = time.monotonic() + (-1 if case == "time_is_up" else 60)
+    out = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=until)
+    assert out == w.inboxes[0].id, out
+    assert CampaignMessage.get_by_id(m.id).status == "sending"
+    assert [p.status for p in parts_of(m.id)] == ["pending", "pending"]
+    assert _slot(w.inboxes[0].id) == slot_before
+    assert sb.ledger()["sends"] == []
+
+
+def test_the_splits_request_is_reserved_before_other_threads_drain_the_block(clean_db, sb, llm, settings, monkeypatch):
+    """R-RATE-1, T-PERF-7: the split's request is taken from the process's block right after the
+    generate claim; other threads emptying the block while the LLM writes do not send the split
+    through its own claim (two statements, both requests counted once)."""
+    w = make_world(split=True, max_parts=2)
+    m1, m2 = w.add_leads(2)
+    long_text(m1, m2)
+    claim(m1.id)
+    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)  # budget row made, a block kept
+    claim(m2.id)
+    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+
+    def other_threads_drain_the_block() -> None:
+        while ratelimit.take_local(key):
+            pass
+
+    with statements(monkeypatch) as seen:
+        out = pipeline.generate_then_split(m2.id, settings, ChangingLLM(llm, other_threads_drain_the_block), paced=True)
+    assert out == w.inboxes[0].id
+    assert len(seen) == 2, "\n---\n".join(seen)  # the claim, the text and parts: no split claim
+    assert chats(sb, ("split",)) == 2
+    assert CampaignMessage.get_by_id(m2.id).status == "sending" and len(parts_of(m2.id)) == 2

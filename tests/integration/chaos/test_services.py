@@ -8,14 +8,15 @@ PostgreSQL (since issue 20, a prepared statement: ``EXECUTE ce_send_claim_…``)
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pipeline
-from campaign.db import prepared_name
+from campaign.db import db, prepared_name
 from campaign.settings import get_settings
 from chaos.services import Services
-from tests.integration.pipeline_helpers import fast_settings, make_world, no_wait, to_sending
+from tests.integration.pipeline_helpers import claim, fast_settings, make_world, no_wait, to_sending
 
 
 def test_a_worker_in_the_http_call_of_a_send_is_seen_mid_send(clean_db, sb, llm, evo):
@@ -49,3 +50,31 @@ def test_a_worker_in_the_http_call_of_a_send_is_seen_mid_send(clean_db, sb, llm,
     assert prepared_name(pipeline._SEND_CLAIM_SQL), "the send claim is not a prepared statement"
     assert len(during_probe) == 1 and os.getpid() not in during_probe[0], during_probe
     assert len(during_send) == 2 and all(os.getpid() in pids for pids in during_send), during_send
+
+
+def test_a_worker_sending_the_first_part_its_generate_delivery_claimed_is_seen_mid_send(clean_db, sb, llm, evo):
+    """The generate delivery's record of the text and parts claims the first part `sending` itself
+    (issue 20): a worker in that part's HTTP call is mid-send too."""
+    settings = fast_settings()
+    w = make_world()
+    (m,) = w.add_leads(1)
+    claim(m.id)
+    db.execute_sql(
+        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (w.inboxes[0].id,)
+    )
+    services = Services(urlsplit(get_settings().database_url).path.lstrip("/"))
+    during_send: list[set[int]] = []
+
+    class Watched:
+        def send_text(self, *args: Any, **kwargs: Any) -> Any:
+            during_send.append(services.mid_send_worker_pids())
+            return evo.send_text(*args, **kwargs)
+
+    try:
+        first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
+        assert isinstance(first, pipeline.FirstSend), first
+        assert pipeline.send_claimed(first, settings, cast(Any, Watched())).sent
+        assert os.getpid() not in services.mid_send_worker_pids()  # the send was recorded since
+    finally:
+        services.close()
+    assert len(during_send) == 1 and os.getpid() in during_send[0], during_send
