@@ -233,4 +233,4 @@ def _ready_at(inbox_id: int, room: _Room, need: int, horizon: float) -> dt.datet
 
 
 def _publish_generate(queue: str, ids: list[int]) -> None:
-    enqueue.enqueue_many(steps.BY_QUEUE[queue], ((message_id,) for message_id in ids))
+    enqueue.enqueue_many(steps.BY_QUEUE[queue], ((message_id,) for message_id in ids), parallel=True)

@@ -9,7 +9,10 @@ on first use), so whoever calls this must have imported ``actors`` (the entry po
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import dramatiq
 
@@ -40,13 +43,48 @@ def enqueue(step: Step | Job, args: tuple, *, delay_s: float | None = None) -> d
     return broker.enqueue(message, delay=delay)
 
 
-def enqueue_many(step: Step | Job, args_list: Iterable[tuple]) -> int:
-    """Publish one message per argument tuple (each confirmed by RabbitMQ); return how many."""
-    n = 0
-    for args in args_list:
-        enqueue(step, args)
-        n += 1
-    return n
+#: confirmed publishes in flight at once for ``enqueue_many(..., parallel=True)`` (the dispatcher)
+PUBLISH_THREADS = 4
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _publishers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # the parent's threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def enqueue_many(step: Step | Job, args_list: Iterable[tuple], *, parallel: bool = False) -> int:
+    """Publish one message per argument tuple (each confirmed by RabbitMQ); return how many.
+
+    ``parallel``: PUBLISH_THREADS publishes in flight at once, each thread on its own channel (as
+    Dramatiq's worker threads publish). A publisher confirm is a round trip, so one after the
+    other the single active scheduler's dispatch was bound by RabbitMQ's latency — 2,000 due
+    messages took ~1 s on an idle machine and 3-5 s beside busy workers (~0.6 s with 4 in
+    flight, idle). Every publish is waited for; the first failure is raised after the others
+    ended (the caller knows the whole batch may or may not be out)."""
+    items = list(args_list)
+    if not parallel or len(items) < 2:
+        for args in items:
+            enqueue(step, args)
+        return len(items)
+    futures = [_publishers().submit(enqueue, step, args) for args in items]
+    errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
+    if errors:
+        raise errors[0]
+    return len(items)
 
 
 def enqueue_after_commit(job: Step | Job, args_list: list[tuple]) -> int:

@@ -38,3 +38,48 @@ def test_each_step_goes_to_its_queue_by_name_with_its_arguments(broker):
         assert (message.actor_name, message.args) == (step.actor, step.args(7, 3))
     (delayed,) = [dramatiq.Message.decode(m) for m in broker.queues["campaign.send.DQ"].queue]
     assert delayed.args == (8, 3) and delayed.options["eta"] > 0
+
+
+def test_enqueue_many_in_parallel_publishes_each_once_from_several_threads(broker, monkeypatch):
+    """The dispatcher's publishes go out several at a time (each confirm is a round trip), each
+    message exactly once."""
+    import threading
+    import time
+
+    seen: list[tuple[tuple, str]] = []
+    lock = threading.Lock()
+
+    def slow_enqueue(step, args, *, delay_s=None):
+        time.sleep(0.01)  # a confirm's round trip
+        with lock:
+            seen.append((tuple(args), threading.current_thread().name))
+
+    monkeypatch.setattr(enqueue, "enqueue", slow_enqueue)
+    assert enqueue.enqueue_many(steps.GENERATE, ((i,) for i in range(40)), parallel=True) == 40
+    assert sorted(a for a, _ in seen) == [(i,) for i in range(40)]
+    assert len({t for _, t in seen}) > 1, "the publishes did not overlap"
+    seen.clear()
+    enqueue.enqueue_many(steps.GENERATE, ((i,) for i in range(5)))
+    assert {t for _, t in seen} == {threading.current_thread().name}  # one after the other by default
+
+
+def test_enqueue_many_raises_a_failed_publish_after_the_others_ended(broker, monkeypatch):
+    """A publish refused (RabbitMQ away, a nack) is raised to the dispatcher, which returns the
+    batch to pending — only once every other publish of the batch has ended."""
+    import threading
+    import time
+
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def enqueue_or_fail(step, args, *, delay_s=None):
+        if args == (3,):
+            raise RuntimeError("publish nacked")
+        time.sleep(0.01)
+        with lock:
+            done.append(args[0])
+
+    monkeypatch.setattr(enqueue, "enqueue", enqueue_or_fail)
+    with pytest.raises(RuntimeError, match="nacked"):
+        enqueue.enqueue_many(steps.GENERATE, ((i,) for i in range(20)), parallel=True)
+    assert sorted(done) == [i for i in range(20) if i != 3], "the failure was raised before the rest ended"
