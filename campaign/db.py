@@ -46,7 +46,7 @@ ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off;\n"
 # carries three data-modifying CTEs) planning costs more than running: ~1 ms against ~0.3 ms on
 # this machine's PostgreSQL, which shares the CPU with the workers. A statement marked with
 # prepared() is sent once per pooled connection as PREPARE (server-side; the plan is kept for the
-# session, PostgreSQL's plan cache then plans it generically once custom plans stop paying), and
+# session: one generic plan, planned at its first EXECUTE — see plan_cache_mode below), and
 # afterwards as EXECUTE name(parameters): one round trip, as before, and no parse or plan. The
 # caller's SQL text and parameters do not change; anyone watching execute_sql sees the statement
 # it asked for. Only outside a transaction (an explicit transaction keeps its statements as sent).
@@ -264,8 +264,14 @@ def init_db(
         connect_timeout=5,
         application_name=application_name or f"campaign-engine:{os.getpid()}",
         # Timestamps come back in UTC whatever the server's default; statements cannot hang
-        # forever on a lock (a stuck worker would hold its message lease).
-        options="-c timezone=UTC -c lock_timeout=30000",
+        # forever on a lock (a stuck worker would hold its message lease). The prepared hot
+        # statements (every one a single message or row by its key: a generic plan is the right
+        # one) are planned once, not custom-planned for their first five runs on each connection
+        # as PostgreSQL does by default — ~2 ms of server CPU each time for the big ones, which
+        # added up to more than their runs in a fresh worker's first minutes (T-PERF-1 --quick).
+        # Only server-side prepared statements (and PL/pgSQL's, all trivial here) use the plan
+        # cache; everything else psycopg2 sends as text is planned as always.
+        options="-c timezone=UTC -c lock_timeout=30000 -c plan_cache_mode=force_generic_plan",
         **kwargs,
     )
     database._campaign_url = settings.database_url
