@@ -54,7 +54,7 @@ from campaign.errors import (
 )
 from campaign.events import log_event
 from campaign.inboxes import mark_disconnected, store_state
-from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt
+from campaign.outcomes import OUT_LOG_CTES, finish_message, mark_in_doubt, out_log_ctes
 from campaign.planner import window_close_at
 from campaign.providers import LLM, Messenger
 from campaign.retry import backoff_seconds
@@ -195,9 +195,17 @@ _SEND_COLUMNS = """
     np.text AS part_text, np.status AS part_status,
     (SELECT max(idx) FROM message_parts WHERE message_id = m.id AND status <> 'skipped') AS last_idx,
     np.attempt_id AS part_attempt, np.provider_message_id AS part_key"""
-_NEXT_PART_JOIN = """
+
+
+def _next_part_join(also: str = "") -> str:
+    """The first part of the message not sent or skipped (``also``: a further condition on it)."""
+    return f"""
 LEFT JOIN LATERAL (SELECT id, idx, text, status, attempt_id, provider_message_id FROM message_parts
-                   WHERE message_id = m.id AND status NOT IN ('sent', 'skipped') ORDER BY idx LIMIT 1) np ON true"""
+                   WHERE message_id = m.id AND status NOT IN ('sent', 'skipped'){also}
+                   ORDER BY idx LIMIT 1) np ON true"""
+
+
+_NEXT_PART_JOIN = _next_part_join()
 
 
 def _context_sql(where: str, *, extra_columns: str = "", extra_joins: str = "") -> str:
@@ -980,10 +988,40 @@ def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settin
 
 @dataclasses.dataclass(frozen=True)
 class SendOutcome:
-    """What the send step did: ``next_delay`` seconds until the next part, or None when done."""
+    """What the send step did: ``next_delay`` seconds until the next part, or None when done.
+    ``unrecorded``: the part went out and its record waits for the next part's claim (``defer_record``)."""
 
     sent: bool
     next_delay: float | None
+    unrecorded: PendingSent | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSent:
+    """A middle part Evolution accepted, not recorded yet: the claim statement of the next part
+    records it (``send_step(prev=...)``, T-PERF-7: one round trip for both), or :func:`record_sent`
+    does. Its inbox's slot is still held under ``token``."""
+
+    message_id: int
+    inbox_id: int
+    part_id: int
+    attempt: uuid.UUID
+    key_id: str
+    send_ms: int
+    token: str
+
+
+def record_sent(pending: PendingSent, settings: Settings) -> None:
+    """Record a part whose record was left for a next claim that is not coming (the slot given back)."""
+    _record_sent_part(
+        pending.part_id,
+        pending.attempt,
+        pending.key_id,
+        message_id=pending.message_id,
+        send_ms=pending.send_ms,
+        lease=ratelimit.Grant(ratelimit.inbox_key(pending.inbox_id), pending.token),
+        wake_in=settings.handoff_grace_seconds,
+    )
 
 
 #: How a worker's delivery waits for its inbox's slot (actors.middleware.RateLimits.slot_refused):
@@ -1000,6 +1038,8 @@ def send_step(
     rng: random.Random | None = None,
     on_http: Callable[[], None] | None = None,
     pace: Pace | None = None,
+    prev: PendingSent | None = None,
+    defer_record: bool = False,
 ) -> SendOutcome:
     """Send the first unsent part of a ``sending`` message; finalize after the last one.
 
@@ -1007,10 +1047,24 @@ def send_step(
     the statement that claims the part, gives it back on every path (in the statement recording
     the part sent, when there is one: no round trip of its own), and calls ``pace`` with the wait
     when the slot is not free. None: no slot is taken (a direct call: tools, tests).
+    ``prev``: the part before, sent by this delivery and not recorded yet: the claim records it
+    (and keeps its slot for this part when the inbox's gap is zero). ``defer_record``: a middle
+    part sent with a zero gap after it is not recorded here but returned (``unrecorded``) for the
+    next part's claim; the caller passes it on or calls :func:`record_sent`.
     """
     state = _LeaseState(None)
     try:
-        return _send_step(message_id, settings, evolution, rng=rng, on_http=on_http, lease=state, pace=pace)
+        return _send_step(
+            message_id,
+            settings,
+            evolution,
+            rng=rng,
+            on_http=on_http,
+            lease=state,
+            pace=pace,
+            prev=prev,
+            defer_record=defer_record,
+        )
     finally:
         if state.grant is not None and not state.released:
             try:
@@ -1046,23 +1100,30 @@ def _send_step(
     on_http: Callable[[], None] | None,
     lease: _LeaseState,
     pace: Pace | None,
+    prev: PendingSent | None,
+    defer_record: bool,
 ) -> SendOutcome:
     attempt = uuid.uuid4()
     token = str(uuid.uuid4())
     checked = False
+    carry_ms = 0
     for _ in range(_CLAIM_TRIES):
-        row = _named(
-            _SEND_CLAIM_SQL,
-            {
-                "id": message_id,
-                "checked": checked,
-                "max_age": settings.connection_state_max_age_seconds,
-                "pace": pace is not None,
-                "token": token,
-                "lease": settings.send_lease_seconds,
-                "attempt": str(attempt),
-            },
-        )
+        params = {
+            "id": message_id,
+            "checked": checked,
+            "max_age": settings.connection_state_max_age_seconds,
+            "pace": pace is not None,
+            "token": token,
+            "lease": settings.send_lease_seconds,
+            "attempt": str(attempt),
+        }
+        if prev is not None:
+            row = _claim_after(prev, params, settings)
+            if row is not None and row["claimed"]:
+                carry_ms = prev.send_ms  # its send_ms goes into this part's record
+            prev = None
+        else:
+            row = _named(_SEND_CLAIM_SQL, params)
         if row is None:
             return SendOutcome(False, None)
         ctx = _context_from_row(row)  # the inbox's streaks and connection state included (same names)
@@ -1098,7 +1159,95 @@ def _send_step(
         lease=lease,
         rng=rng,
         on_http=on_http,
+        carry_ms=carry_ms,
+        defer_record=defer_record,
     )
+
+
+# The claim of the next part that records the part before it (sent by the same delivery a moment
+# ago, zero gap): that part `sent` with its outbound log (R-IN-6), and the inbox's slot — still
+# held by the delivery — kept for this part when ratelimit.SLOT_KEEP says the gap is zero and no
+# cap is reached, else given back (the gap counting from now). The next part is claimed `sending`
+# only with the slot kept and every check of _SEND_READY passing; otherwise the message row gets
+# the part's record as part_sent would write it, and the step goes on with its usual claim.
+# Synchronous commit: the `sending` mark before an HTTP call (and the part before, recorded).
+_SEND_NEXT_CONTEXT_SQL = _context_sql(
+    "m.id = %(id)s",
+    extra_columns=f"{_SEND_COLUMNS}, {_SEND_READY} AS ready",
+    extra_joins=_next_part_join(" AND id <> %(prev_id)s"),  # the part before is `sent` in this statement
+)
+_SEND_NEXT_SQL = prepared(
+    f"""
+WITH prev AS (
+    UPDATE message_parts SET status = 'sent', provider_message_id = %(prev_key)s, sent_at = now()
+     WHERE id = %(prev_id)s AND attempt_id = %(prev_attempt)s AND status = 'sending'
+    RETURNING id, message_id, text, provider_message_id
+), {out_log_ctes("prev").strip()}, ctx AS (
+    {_SEND_NEXT_CONTEXT_SQL}
+), keep AS (
+    SELECT (EXISTS (SELECT 1 FROM prev) AND ctx.ready AND ctx.part_status IN ('pending', 'failed')
+            AND {ratelimit.SLOT_KEEP}) AS keep
+      FROM ctx JOIN inboxes i ON i.id = ctx.inbox_id JOIN rate_limits rl ON rl.key = 'inbox:' || ctx.inbox_id
+), slot AS (
+    UPDATE rate_limits rl SET
+        lease_token = CASE WHEN k.keep THEN %(token)s::uuid END,
+        lease_until = CASE WHEN k.keep THEN now() + make_interval(secs => %(lease)s) END,
+        last_at = now(), updated_at = now()
+      FROM ctx, keep k
+     WHERE rl.key = 'inbox:' || ctx.inbox_id AND rl.lease_token = %(prev_token)s::uuid
+    RETURNING k.keep
+), part AS (
+    UPDATE message_parts p SET status = 'sending', attempt_id = %(attempt)s, sending_at = now()
+      FROM ctx
+     WHERE p.id = ctx.part_id AND p.status IN ('pending', 'failed') AND coalesce((SELECT keep FROM slot), false)
+    RETURNING p.id
+), msg AS (
+    UPDATE campaign_messages SET send_ms = coalesce(send_ms, 0) + %(prev_ms)s, attempts = 0,
+        status_changed_at = now(), wake_at = now() + make_interval(secs => %(wake)s)
+     WHERE id = (SELECT message_id FROM prev) AND NOT EXISTS (SELECT 1 FROM part)
+    RETURNING id
+)
+SELECT ctx.*, EXISTS (SELECT 1 FROM prev) AS prev_recorded, coalesce((SELECT keep FROM slot), false) AS slot_taken,
+       EXISTS (SELECT 1 FROM part) AS claimed FROM ctx""",
+    "send_next_claim",  # chaos/services.py finds sends in flight by this name too
+)
+
+
+def _claim_after(prev: PendingSent, params: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
+    """Run _SEND_NEXT_SQL for ``prev``; its part is recorded (or its provider key kept) whatever happens."""
+    try:
+        row = _named(
+            _SEND_NEXT_SQL,
+            {
+                **params,
+                "prev_id": prev.part_id,
+                "prev_key": prev.key_id,
+                "prev_attempt": str(prev.attempt),
+                "prev_token": prev.token,
+                "prev_ms": prev.send_ms,
+                "wake": settings.handoff_grace_seconds,
+            },
+        )
+    except peewee.DatabaseError:
+        _keep_key(prev.part_id, prev.attempt, prev.key_id)
+        try:  # as send_step gives a slot back when a part's record failed
+            ratelimit.release_inbox(ratelimit.Grant(ratelimit.inbox_key(prev.inbox_id), prev.token), sent=True)
+        except Exception:  # the lease expires by itself (settings.send_lease_seconds)
+            log.warning("send message=%s: could not release its inbox slot", prev.message_id, exc_info=True)
+        raise
+    if row is None or not row["prev_recorded"]:
+        # the part was moved meanwhile (an operator's resolve): keep the provider's id anyway; a
+        # slot still held under its token is given back
+        log.warning(
+            "part %s: sent (key %s) but no longer 'sending' with attempt %s", prev.part_id, prev.key_id, prev.attempt
+        )
+        _one(
+            "UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s) WHERE id = %s "
+            "RETURNING id",
+            (prev.key_id, prev.part_id),
+        )
+        ratelimit.release_inbox(ratelimit.Grant(ratelimit.inbox_key(prev.inbox_id), prev.token), sent=True)
+    return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1115,9 +1264,12 @@ class FirstSend:
     token: str
 
 
-def send_claimed(first: FirstSend, settings: Settings, evolution: Messenger) -> SendOutcome:
+def send_claimed(
+    first: FirstSend, settings: Settings, evolution: Messenger, *, defer_record: bool = False
+) -> SendOutcome:
     """Send the part the generate delivery's record claimed (the send step after its claim: the
-    window, the HTTP call, the outcome; the slot given back on every path)."""
+    window, the HTTP call, the outcome; the slot given back on every path; ``defer_record`` as in
+    :func:`send_step`)."""
     state = _LeaseState(ratelimit.Grant(ratelimit.inbox_key(first.inbox_id), first.token))
     try:
         return _send_claimed(
@@ -1133,6 +1285,7 @@ def send_claimed(first: FirstSend, settings: Settings, evolution: Messenger) -> 
             lease=state,
             rng=None,
             on_http=None,
+            defer_record=defer_record,
         )
     finally:
         if not state.released:
@@ -1156,8 +1309,11 @@ def _send_claimed(
     lease: _LeaseState,
     rng: random.Random | None,
     on_http: Callable[[], None] | None,
+    carry_ms: int = 0,
+    defer_record: bool = False,
 ) -> SendOutcome:
-    """The send step once its part is committed `sending` under ``attempt``."""
+    """The send step once its part is committed `sending` under ``attempt`` (``carry_ms``: send
+    time of the part before, whose record left it for this one's)."""
     message_id = ctx.message_id
     started_message = idx > 0
     # committed `sending` (autocommit): from here on, an interruption leaves evidence
@@ -1204,17 +1360,33 @@ def _send_claimed(
         finish_message(message_id, "failed", settings, from_statuses=("sending",), error=exc)
         return SendOutcome(False, None)
     try:
-        return _sent(ctx, settings, part_id, attempt, result.key_id, idx, last_idx, _ms(started), lease, rng)
-    except peewee.DatabaseError:
-        # The part went out but its record failed (a lock timeout, the connection lost mid-way):
-        # keep the provider's key on the part alone (no lock on the run), so the redelivery of
-        # this step records the known outcome instead of calling it in doubt.
-        _one(
-            """UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s)
-                WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
-            (result.key_id, part_id, str(attempt)),
+        return _sent(
+            ctx,
+            settings,
+            part_id,
+            attempt,
+            result.key_id,
+            idx,
+            last_idx,
+            _ms(started) + carry_ms,
+            lease,
+            rng,
+            defer_record=defer_record,
         )
+    except peewee.DatabaseError:
+        _keep_key(part_id, attempt, result.key_id)
         raise
+
+
+def _keep_key(part_id: int, attempt: uuid.UUID, key_id: str) -> None:
+    """The part went out but its record failed (a lock timeout, the connection lost mid-way): keep
+    the provider's key on the part alone (no lock on the run), so the redelivery of this step
+    records the known outcome instead of calling it in doubt."""
+    _one(
+        """UPDATE message_parts SET provider_message_id = coalesce(provider_message_id, %s)
+            WHERE id = %s AND attempt_id = %s AND status = 'sending' RETURNING id""",
+        (key_id, part_id, str(attempt)),
+    )
 
 
 def _note_slot(lease: _LeaseState, taken: bool, key: str, token: str, *, paced: bool) -> None:
@@ -1303,8 +1475,12 @@ def _sent(
     send_ms: int | None,
     lease: _LeaseState,
     rng: random.Random | None,
+    *,
+    defer_record: bool = False,
 ) -> SendOutcome:
-    """Record a part Evolution accepted; after the last one the message finishes in the same statement."""
+    """Record a part Evolution accepted; after the last one the message finishes in the same statement.
+    ``defer_record``: a middle part with a zero gap after it is returned unrecorded, its slot still
+    held, for the next part's claim to record (see send_step)."""
     if idx >= last_idx:
         done = finish_message(
             ctx.message_id,
@@ -1323,6 +1499,12 @@ def _sent(
         return SendOutcome(True, None)
     gap_min, gap_max = ctx.part_gap
     delay = (rng or random).uniform(gap_min, gap_max)
+    grant = lease.to_release
+    if defer_record and delay == 0 and grant is not None and grant.token is not None:
+        lease.released = True  # the slot goes on with the record (record_sent, or the next claim)
+        _reset_inbox_failures(ctx)
+        pending = PendingSent(ctx.message_id, ctx.inbox_id, part_id, attempt, key_id, send_ms or 0, grant.token)
+        return SendOutcome(True, 0.0, pending)
     _record_sent_part(
         part_id,
         attempt,

@@ -51,13 +51,20 @@ def _send_parts(
     time limit still covers a whole step; a part with a gap is enqueued with it."""
     messenger = evolution()
     started = time.monotonic()
-    while True:
-        if first is not None:
-            outcome, first = pipeline.send_claimed(first, _settings, messenger), None
-        else:
-            outcome = pipeline.send_step(message_id, _settings, messenger, pace=pace)
-        if not outcome.sent or outcome.next_delay != 0 or time.monotonic() - started > CONTINUE_WITHIN_SECONDS:
-            break
+    pending: pipeline.PendingSent | None = None  # a part sent, its record left for the next claim
+    try:
+        while True:
+            if first is not None:
+                outcome, first = pipeline.send_claimed(first, _settings, messenger, defer_record=True), None
+            else:
+                prev, pending = pending, None  # recorded by this claim (or its key kept), whatever happens
+                outcome = pipeline.send_step(message_id, _settings, messenger, pace=pace, prev=prev, defer_record=True)
+            pending = outcome.unrecorded
+            if not outcome.sent or outcome.next_delay != 0 or time.monotonic() - started > CONTINUE_WITHIN_SECONDS:
+                break
+    finally:
+        if pending is not None:  # no next claim in this delivery: the part is recorded now
+            pipeline.record_sent(pending, _settings)
     if outcome.next_delay is not None:
         # a zero gap goes straight onto the queue (a delay would hop through the delay queue)
         enqueue(steps.SEND_PART, steps.SEND_PART.args(message_id, inbox_id), delay_s=outcome.next_delay)

@@ -47,28 +47,35 @@ _RUN_COUNTERS_SET = """
 
 
 # The outbound conversation log (R-IN-6), written by the statement that records a part `sent`
-# (no round trip of its own, T-PERF-7). Needs a CTE ``part`` returning the sent part's
-# (id, message_id, text, provider_message_id). The conversation normally exists (the split step
+# (no round trip of its own, T-PERF-7). Needs a CTE ``part`` (or another name: out_log_ctes) returning
+# the sent part's (id, message_id, text, provider_message_id). The conversation normally exists (the split step
 # creates it): it is read, never locked, so a reply handled at the same moment cannot deadlock
 # with the send; only a message split before it existed inserts it here.
-OUT_LOG_CTES = """
+def out_log_ctes(source: str = "part") -> str:
+    """The outbound log CTEs (R-IN-6) over the CTE ``source`` returning the sent part's (id,
+    message_id, text, provider_message_id)."""
+    return f"""
 conv_old AS (
-    SELECT c.id, c.inbox_id FROM part JOIN campaign_messages mm ON mm.id = part.message_id
+    SELECT c.id, c.inbox_id FROM {source} JOIN campaign_messages mm ON mm.id = {source}.message_id
       JOIN conversations c ON c.lead_id = mm.lead_id AND c.inbox_id = mm.inbox_id
 ), conv_new AS (
     INSERT INTO conversations (workspace_id, lead_id, inbox_id)
-    SELECT i.workspace_id, mm.lead_id, mm.inbox_id FROM part JOIN campaign_messages mm ON mm.id = part.message_id
+    SELECT i.workspace_id, mm.lead_id, mm.inbox_id
+      FROM {source} JOIN campaign_messages mm ON mm.id = {source}.message_id
       JOIN inboxes i ON i.id = mm.inbox_id
      WHERE mm.lead_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM conv_old)
     ON CONFLICT (lead_id, inbox_id) DO NOTHING
     RETURNING id, inbox_id
 ), out_log AS (
     INSERT INTO conversation_messages (conversation_id, inbox_id, direction, provider_message_id, text, part_id)
-    SELECT c.id, c.inbox_id, 'out', part.provider_message_id, part.text, part.id
-      FROM part, (SELECT id, inbox_id FROM conv_old UNION ALL SELECT id, inbox_id FROM conv_new) c
+    SELECT c.id, c.inbox_id, 'out', {source}.provider_message_id, {source}.text, {source}.id
+      FROM {source}, (SELECT id, inbox_id FROM conv_old UNION ALL SELECT id, inbox_id FROM conv_new) c
     ON CONFLICT (inbox_id, provider_message_id) DO NOTHING
     RETURNING conversation_id
 )"""
+
+
+OUT_LOG_CTES = out_log_ctes("part")
 
 
 # The pieces of the terminal transition; the counters' %(n)s is 1 here: one message per statement.

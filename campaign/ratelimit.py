@@ -43,6 +43,15 @@ SLOT_FREE = f"""(rl.lease_until IS NULL OR rl.lease_until < now())
   AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_HOUR_CAP})
   AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_DAY_CAP})"""
 
+#: The slot's holder, whose send has just ended, may keep it for the next part of the same message
+#: sent right away (the send step's claim that records the part before, pipeline._SEND_NEXT_SQL):
+#: no hold, the inbox's gap zero (counted from the send that just ended), the caps not reached —
+#: what SLOT_FREE would say the moment the slot was given back.
+SLOT_KEEP = f"""(rl.blocked_until IS NULL OR rl.blocked_until <= now())
+  AND {_GAP} = make_interval()
+  AND (i.max_per_hour IS NULL OR {_SENT_WINDOW.format(w="1 hour")} < {_HOUR_CAP})
+  AND (i.max_per_day IS NULL OR {_SENT_WINDOW.format(w="1 day")} < {_DAY_CAP})"""
+
 #: The SET list taking the slot for the lease %(token)s, %(lease)s seconds long.
 TAKE_SLOT = "lease_token = %(token)s, lease_until = now() + make_interval(secs => %(lease)s), updated_at = now()"
 

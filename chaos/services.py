@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 #: application_name prefix of the worker processes' pooled connections (db.init_db's default)
 WORKER_APP_PREFIX = "campaign-engine:"
 #: worker connections that just committed a part `sending` (they are in the HTTP call now): their
-#: last statement was the send step's claim (a prepared statement, campaign.db.prepared, label
-#: send_claim) or the generate delivery's record that claims the first part (label
-#: text_parts_and_claim) AND a part is `sending` under the attempt id that statement carried (either
-#: also runs for a message it then does not claim: a check, a connectionState poll), or the text mark
+#: last statement was one of the three that claim a part (prepared statements, campaign.db.prepared:
+#: the send step's claim, label send_claim; its claim that records the part before, send_next_claim;
+#: the generate delivery's record claiming the first part, text_parts_and_claim) AND a part is
+#: `sending` under an attempt id that statement carried (each also runs for a message it then does
+#: not claim: a check, a connectionState poll), or the text mark
 _MID_SEND_SQL = r"""
 SELECT a.application_name FROM pg_stat_activity a
  WHERE a.datname = %s AND a.application_name LIKE %s AND a.state = 'idle'
    AND (a.query ILIKE '%%UPDATE message_parts SET status = ''sending''%%'
-        OR ((a.query LIKE 'EXECUTE ce\_send\_claim\_%%' OR a.query LIKE 'EXECUTE ce\_text\_parts\_and\_claim\_%%')
+        OR ((a.query LIKE 'EXECUTE ce\_send\_claim\_%%' OR a.query LIKE 'EXECUTE ce\_send\_next\_claim\_%%'
+             OR a.query LIKE 'EXECUTE ce\_text\_parts\_and\_claim\_%%')
             AND EXISTS (
               SELECT 1 FROM message_parts p
                WHERE p.status = 'sending'

@@ -13,7 +13,7 @@ import pytest
 
 from campaign.db import db
 from models import CampaignMessage, MessagePart
-from tests.integration.pipeline_helpers import fast_settings, make_world, parts_of
+from tests.integration.pipeline_helpers import fast_settings, make_world, parts_of, statements
 
 
 def _message(parts: int, gap: float) -> tuple[Any, CampaignMessage]:
@@ -49,8 +49,13 @@ def send_actor(services, monkeypatch, sb, evo) -> Any:
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_parts_with_a_zero_gap_go_out_in_one_delivery(clean_db, sb, send_actor, parts):
+    """T-PERF-7: each part after the first is claimed by the statement recording the one before
+    (the inbox's slot kept through): parts + 1 statements for the delivery."""
     w, m = _message(parts, 0.0)
-    send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    with pytest.MonkeyPatch.context() as mp, statements(mp) as seen:
+        send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    assert len(seen) == parts + 1, "\n---\n".join(seen)
+    assert sum("WITH prev AS" in sql for sql in seen) == parts - 1
     assert [p.status for p in parts_of(m.id)] == ["sent"] * parts
     assert CampaignMessage.get_by_id(m.id).status == "sent"
     assert [s["text"] for s in sb.ledger()["sends"]] == [f"parte {i + 1}" for i in range(parts)]
@@ -164,3 +169,97 @@ def test_a_generate_delivery_that_took_long_enqueues_the_send(clean_db, sb, send
     assert CampaignMessage.get_by_id(m.id).status == "sending"
     assert sb.ledger()["sends"] == []
     assert send_actor.published == [("send_part", (m.id, w.inboxes[0].id), None)]
+
+
+class _During:
+    """The sandbox's gateway; ``change`` runs while the first part is in its HTTP call."""
+
+    def __init__(self, evo: Any, change: Any) -> None:
+        self.evo, self.change, self.calls = evo, change, 0
+
+    def send_text(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.change()
+        return self.evo.send_text(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.evo, name)
+
+
+def _slot_row(inbox_id: int) -> tuple:
+    return db.execute_sql(
+        "SELECT lease_token, last_at IS NOT NULL FROM rate_limits WHERE key = %s", (f"inbox:{inbox_id}",)
+    ).fetchone()
+
+
+def test_an_inbox_gap_between_sends_is_kept_between_zero_gap_parts(clean_db, sb, send_actor):
+    """R-RATE-1: the part before is recorded by the next claim, but the slot is kept only when the
+    inbox's own gap is zero: with a gap, the slot is given back and the next part waits for it."""
+    w, m = _message(2, 0.0)
+    db.execute_sql("UPDATE inboxes SET min_gap_seconds = 0.3 WHERE id = %s", (w.inboxes[0].id,))
+    send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
+    t0, t1 = (s["t"] for s in sb.ledger()["sends"])
+    assert t1 - t0 >= 0.3, f"the second part went out {t1 - t0:.3f} s after the first: the inbox's gap was not kept"
+    assert _slot_row(w.inboxes[0].id) == (None, True)
+
+
+def test_a_lead_who_opts_out_during_a_part_gets_no_next_part(clean_db, sb, evo, send_actor, monkeypatch):
+    """R-IN-3: the next claim records the part that went out and claims nothing more; the step's
+    own checks then stop the rest, as before."""
+    w, m = _message(2, 0.0)
+    change = lambda: db.execute_sql("UPDATE leads SET opted_out = true WHERE id = %s", (m.lead_id,))  # noqa: E731
+    monkeypatch.setattr(send_actor, "evolution", lambda: _During(evo, change))
+    send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    parts = parts_of(m.id)
+    assert parts[0].status == "sent" and parts[0].provider_message_id
+    assert parts[1].status != "sent" and len(sb.ledger()["sends"]) == 1
+    assert _slot_row(w.inboxes[0].id)[0] is None, "the slot was not given back"
+
+
+def test_a_part_moved_while_it_was_sent_keeps_its_key_and_gives_the_slot_back(
+    clean_db, sb, evo, send_actor, monkeypatch
+):
+    """An operator resolved the part while it was in its HTTP call: the next claim cannot record it,
+    so the provider's key is kept on it anyway, the slot given back, and nothing more is sent."""
+    w, m = _message(2, 0.0)
+
+    def resolve() -> None:
+        db.execute_sql("UPDATE message_parts SET status = 'in_doubt' WHERE message_id = %s AND idx = 0", (m.id,))
+
+    monkeypatch.setattr(send_actor, "evolution", lambda: _During(evo, resolve))
+    send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    first = parts_of(m.id)[0]
+    assert first.status == "in_doubt" and first.provider_message_id
+    assert len(sb.ledger()["sends"]) == 1
+    assert _slot_row(w.inboxes[0].id)[0] is None, "the slot was not given back"
+
+
+def test_a_next_claim_that_fails_keeps_the_key_of_the_part_before(clean_db, sb, send_actor, monkeypatch):
+    """The statement that would record the part before fails (the connection lost): the provider's
+    key is kept on the part, so its redelivery records the known outcome instead of a doubt."""
+    import peewee
+
+    import pipeline
+
+    w, m = _message(2, 0.0)
+    real = pipeline._named
+
+    def failing(sql: str, params: Any) -> Any:
+        if sql is pipeline._SEND_NEXT_SQL:
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+        return real(sql, params)
+
+    monkeypatch.setattr(pipeline, "_named", failing)
+    with pytest.raises(peewee.OperationalError):
+        send_actor.send_part.fn(m.id, w.inboxes[0].id)
+    first = parts_of(m.id)[0]
+    assert first.status == "sending" and first.provider_message_id == sb.ledger()["sends"][0]["key_id"]
+    monkeypatch.setattr(pipeline, "_named", real)
+    db.execute_sql(
+        "UPDATE rate_limits SET lease_token = NULL, lease_until = NULL WHERE key = %s", (f"inbox:{w.inboxes[0].id}",)
+    )
+    send_actor.send_part.fn(m.id, w.inboxes[0].id)  # the redelivery
+    assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
+    assert len(sb.ledger()["sends"]) == 2, "a part went out twice"

@@ -78,3 +78,37 @@ def test_a_worker_sending_the_first_part_its_generate_delivery_claimed_is_seen_m
     finally:
         services.close()
     assert len(during_send) == 1 and os.getpid() in during_send[0], during_send
+
+
+def test_a_worker_sending_a_part_claimed_with_the_record_of_the_one_before_is_seen_mid_send(clean_db, sb, llm, evo):
+    """A zero-gap part is claimed by the statement recording the part before it (issue 20): a worker
+    in that part's HTTP call is mid-send; in the first part's, after the plain claim, too."""
+    settings = fast_settings()
+    w = make_world(split=True, max_parts=2, part_gap_min_seconds=0, part_gap_max_seconds=0)
+    (m,) = w.add_leads(1)
+    to_sending(m.id, settings, llm)
+    db.execute_sql("DELETE FROM message_parts WHERE message_id = %s", (m.id,))
+    for i in range(2):
+        db.execute_sql(
+            "INSERT INTO message_parts (message_id, inbox_id, idx, text) VALUES (%s, %s, %s, %s)",
+            (m.id, w.inboxes[0].id, i, f"parte {i + 1}"),
+        )
+    db.execute_sql(
+        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (w.inboxes[0].id,)
+    )
+    services = Services(urlsplit(get_settings().database_url).path.lstrip("/"))
+    during_send: list[set[int]] = []
+
+    class Watched:
+        def send_text(self, *args: Any, **kwargs: Any) -> Any:
+            during_send.append(services.mid_send_worker_pids())
+            return evo.send_text(*args, **kwargs)
+
+    try:
+        first = pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=no_wait, defer_record=True)
+        assert first.unrecorded is not None, "the first part's record was not left for the next claim"
+        second = pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=no_wait, prev=first.unrecorded)
+        assert second.sent and second.next_delay is None
+    finally:
+        services.close()
+    assert len(during_send) == 2 and all(os.getpid() in pids for pids in during_send), during_send
