@@ -59,21 +59,12 @@ def test_a_worker_sending_the_first_part_its_generate_delivery_claimed_is_seen_m
     w = make_world()
     (m,) = w.add_leads(1)
     claim(m.id)
-    db.execute_sql(
-        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (w.inboxes[0].id,)
-    )
-    services = Services(urlsplit(get_settings().database_url).path.lstrip("/"))
-    during_send: list[set[int]] = []
-
-    class Watched:
-        def send_text(self, *args: Any, **kwargs: Any) -> Any:
-            during_send.append(services.mid_send_worker_pids())
-            return evo.send_text(*args, **kwargs)
+    services, watched, during_send = _watching_sends(w.inboxes[0].id, evo)
 
     try:
         first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
         assert isinstance(first, pipeline.FirstSend), first
-        assert pipeline.send_claimed(first, settings, cast(Any, Watched())).sent
+        assert pipeline.send_claimed(first, settings, watched).sent
         assert os.getpid() not in services.mid_send_worker_pids()  # the send was recorded since
     finally:
         services.close()
@@ -93,9 +84,21 @@ def test_a_worker_sending_a_part_claimed_with_the_record_of_the_one_before_is_se
             "INSERT INTO message_parts (message_id, inbox_id, idx, text) VALUES (%s, %s, %s, %s)",
             (m.id, w.inboxes[0].id, i, f"parte {i + 1}"),
         )
-    db.execute_sql(
-        "UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (w.inboxes[0].id,)
-    )
+    services, watched, during_send = _watching_sends(w.inboxes[0].id, evo)
+
+    try:
+        first = pipeline.send_step(m.id, settings, watched, pace=no_wait, defer_record=True)
+        assert first.unrecorded is not None, "the first part's record was not left for the next claim"
+        second = pipeline.send_step(m.id, settings, watched, pace=no_wait, prev=first.unrecorded)
+        assert second.sent and second.next_delay is None
+    finally:
+        services.close()
+    assert len(during_send) == 2 and all(os.getpid() in pids for pids in during_send), during_send
+
+
+def _watching_sends(inbox_id: int, evo: Any) -> tuple[Services, Any, list[set[int]]]:
+    """The inbox known open; a gateway that notes, at each send, which workers the injector sees mid-send."""
+    db.execute_sql("UPDATE inboxes SET connection_state = 'open', state_checked_at = now() WHERE id = %s", (inbox_id,))
     services = Services(urlsplit(get_settings().database_url).path.lstrip("/"))
     during_send: list[set[int]] = []
 
@@ -104,11 +107,4 @@ def test_a_worker_sending_a_part_claimed_with_the_record_of_the_one_before_is_se
             during_send.append(services.mid_send_worker_pids())
             return evo.send_text(*args, **kwargs)
 
-    try:
-        first = pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=no_wait, defer_record=True)
-        assert first.unrecorded is not None, "the first part's record was not left for the next claim"
-        second = pipeline.send_step(m.id, settings, cast(Any, Watched()), pace=no_wait, prev=first.unrecorded)
-        assert second.sent and second.next_delay is None
-    finally:
-        services.close()
-    assert len(during_send) == 2 and all(os.getpid() in pids for pids in during_send), during_send
+    return services, cast(Any, Watched()), during_send
