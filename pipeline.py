@@ -644,16 +644,24 @@ def _generate(message_id: int, settings: Settings, llm: LLM, *, paced: bool, inl
     is split in this delivery without a claim, the message still `generating` under the step's
     lease, and the split's LLM request (if any) already counted (``paced``)."""
     key = ratelimit.openrouter_key(settings.openrouter_api_key)
-    reserved = [False]  # the split's request, taken from this process's block right after the claim
+    # the split's request, taken from this process's block right after the claim: its block's deadline
+    reserved: list[float | None] = [None]
     try:
         return _generate_text(message_id, settings, llm, paced=paced, inline=inline, key=key, reserved=reserved)
     finally:
-        if reserved[0]:  # not used: the split needs no LLM, or the step ended before it
-            ratelimit.give_back_local(key)
+        if reserved[0] is not None and ratelimit.still_usable(key, reserved[0]):
+            ratelimit.give_back_local(key)  # not used: the split needs no LLM, or the step ended before it
 
 
 def _generate_text(
-    message_id: int, settings: Settings, llm: LLM, *, paced: bool, inline: bool, key: str, reserved: list[bool]
+    message_id: int,
+    settings: Settings,
+    llm: LLM,
+    *,
+    paced: bool,
+    inline: bool,
+    key: str,
+    reserved: list[float | None],
 ) -> Context | bool | None:
     ctx = _claim(
         message_id,
@@ -670,7 +678,7 @@ def _generate_text(
         # the split in this delivery will likely ask the LLM too: its request is taken now, while
         # the block the claim may just have taken is fresh (a block drained by other threads
         # meanwhile would send the split through its own claim: three statements more)
-        reserved[0] = ratelimit.take_local(key)
+        reserved[0] = ratelimit.reserve_local(key)
     if not _preflight(ctx, settings):
         return None
     if ctx.generated_text:  # resumed after a wait: the text is already there
@@ -710,9 +718,12 @@ def _generate_text(
     # the split in this delivery: its LLM request (if it makes one) comes from this process's
     # block of the per-minute budget; none left, the split takes it in its own claim
     needs_llm = _split_calls_llm(ctx, text)
-    budget_taken = inline and paced and needs_llm and (reserved[0] or ratelimit.take_local(key))
+    if reserved[0] is not None and not ratelimit.still_usable(key, reserved[0]):
+        # its minute ended while the LLM wrote, or a hold of the key started: never spent now
+        reserved[0] = None
+    budget_taken = inline and paced and needs_llm and (reserved[0] is not None or ratelimit.take_local(key))
     if budget_taken:
-        reserved[0] = False  # the split's now (given back below if it does not run here)
+        reserved[0] = None  # the split's now (given back below if it does not run here)
     if inline and (budget_taken or not (paced and needs_llm)) and not _window_closed(ctx):
         # nothing recorded yet: the split records the text with its parts (one statement, which
         # checks that nothing changed while the LLM wrote). The message stays the step's,
@@ -863,7 +874,7 @@ _PARTS_CTES = """conv AS (
 #: the message, checked for the split (``chk``: _SPLIT_READY over ``cm``) and, for the claim
 #: variant, for the first send (``sendable``: as the send step's claim, _SEND_READY)
 _RECORD_CHK = f"""chk AS (
-            SELECT ({_SPLIT_READY}) AS ready,
+            SELECT coalesce(({_SPLIT_READY}), false) AS ready,
                    (NOT i.disabled AND i.health_state <> 'restricted'
                     AND i.connection_state NOT IN ('close', 'connecting')
                     AND i.state_checked_at > now() - make_interval(secs => %(max_age)s)) AS sendable,
@@ -926,8 +937,15 @@ _RECORD_AND_CLAIM_SQL = prepared(
         SELECT chk.ready, (SELECT id FROM m) AS recorded,
                EXISTS (SELECT 1 FROM slot) AND EXISTS (SELECT 1 FROM ins WHERE idx = 0) AS claimed,
                (SELECT id FROM ins WHERE idx = 0) AS part_id, (SELECT max(idx) FROM ins) AS last_idx,
-               chk.inbox_failures, chk.gateway_failures, chk.connection_state, chk.state_age
-          FROM (SELECT 1) one LEFT JOIN chk ON true""",
+               -- run again on a fresh connection after its commit's answer was lost (E-16): this
+               -- record's own claim, recognised by its attempt id (not someone else's send in doubt)
+               (SELECT p.id FROM message_parts p WHERE p.message_id = %(id)s AND p.idx = 0
+                   AND p.status = 'sending' AND p.attempt_id = %(attempt)s::uuid) AS own_part_id,
+               (SELECT max(p.idx) FROM message_parts p WHERE p.message_id = %(id)s) AS own_last_idx,
+               i.consecutive_failures AS inbox_failures, i.gateway_failures, i.connection_state,
+               extract(epoch FROM now() - i.state_checked_at)::float AS state_age
+          FROM (SELECT 1) one LEFT JOIN chk ON true
+          LEFT JOIN campaign_messages cm ON cm.id = %(id)s LEFT JOIN inboxes i ON i.id = cm.inbox_id""",
     "text_parts_and_claim",  # chaos/services.py finds sends in flight by this name too
 )
 
@@ -965,13 +983,16 @@ def _record_text_and_parts(ctx: Context, parts: list[str], split_ms: int, settin
             "attempt": str(attempt),
         },
     )
-    if row is not None and row["recorded"] is not None and claim and row["claimed"]:
+    ctx.unrecorded = None
+    own = claim and row is not None and row["recorded"] is None and row["own_part_id"] is not None
+    if row is not None and claim and ((row["recorded"] is not None and row["claimed"]) or own):
         ctx.status = "sending"
         ctx.attempts = 0
         for name in ("inbox_failures", "gateway_failures", "connection_state", "state_age"):
             setattr(ctx, name, row[name])
-        ctx.first_send = FirstSend(ctx.inbox_id, ctx, row["part_id"], parts[0], row["last_idx"], attempt, token)
-    ctx.unrecorded = None
+        part_id, last_idx = (row["own_part_id"], row["own_last_idx"]) if own else (row["part_id"], row["last_idx"])
+        ctx.first_send = FirstSend(ctx.inbox_id, ctx, part_id, parts[0], last_idx, attempt, token)
+        return ctx.inbox_id
     if row is not None and row["recorded"] is not None:
         return ctx.inbox_id
     if row is None or row["ready"] is not False:
@@ -1012,16 +1033,26 @@ class PendingSent:
 
 
 def record_sent(pending: PendingSent, settings: Settings) -> None:
-    """Record a part whose record was left for a next claim that is not coming (the slot given back)."""
-    _record_sent_part(
-        pending.part_id,
-        pending.attempt,
-        pending.key_id,
-        message_id=pending.message_id,
-        send_ms=pending.send_ms,
-        lease=ratelimit.Grant(ratelimit.inbox_key(pending.inbox_id), pending.token),
-        wake_in=settings.handoff_grace_seconds,
-    )
+    """Record a part whose record was left for a next claim that is not coming (the slot given back).
+    Failing, the provider's key stays on the part (its redelivery records it) and the slot goes back."""
+    grant = ratelimit.Grant(ratelimit.inbox_key(pending.inbox_id), pending.token)
+    try:
+        _record_sent_part(
+            pending.part_id,
+            pending.attempt,
+            pending.key_id,
+            message_id=pending.message_id,
+            send_ms=pending.send_ms,
+            lease=grant,
+            wake_in=settings.handoff_grace_seconds,
+        )
+    except peewee.DatabaseError:
+        _keep_key(pending.part_id, pending.attempt, pending.key_id)
+        try:
+            ratelimit.release_inbox(grant, sent=True)
+        except Exception:  # the lease expires by itself (settings.send_lease_seconds)
+            log.warning("send message=%s: could not release its inbox slot", pending.message_id, exc_info=True)
+        raise
 
 
 #: How a worker's delivery waits for its inbox's slot (actors.middleware.RateLimits.slot_refused):
@@ -1117,6 +1148,7 @@ def _send_step(
             "lease": settings.send_lease_seconds,
             "attempt": str(attempt),
         }
+        after_prev = prev is not None
         if prev is not None:
             row = _claim_after(prev, params, settings)
             if row is not None and row["claimed"]:
@@ -1130,13 +1162,20 @@ def _send_step(
         _note_slot(lease, row["slot_taken"], ratelimit.inbox_key(ctx.inbox_id), token, paced=pace is not None)
         if row["claimed"] or (row["part_status"] == "sending" and str(row["part_attempt"]) == str(attempt)):
             # (the second: this delivery's own claim, committed before its connection was lost and
-            # the statement ran again on a fresh one, E-16: not someone else's send in doubt)
+            # the statement ran again on a fresh one, E-16: not someone else's send in doubt; the
+            # slot was taken under this claim's token by that first run)
+            if not row["claimed"] and pace is not None:
+                lease.grant = ratelimit.Grant(ratelimit.inbox_key(ctx.inbox_id), token)
             break
         if pace is not None and lease.grant is None:
             refused = ratelimit.inbox_wait(ctx.inbox_id)
             if refused is None:
                 return SendOutcome(False, None)
             pace(refused.wait)  # sleeps (try again), or defers this delivery (raises)
+            continue
+        if after_prev:
+            # the claim that recorded the part before claimed nothing: claim again, on fresh rows (a
+            # reply may have skipped the rest while that statement ran: the checks then end it)
             continue
         if row["ready"]:  # ready, yet its part was claimed meanwhile: another delivery got there first
             return SendOutcome(False, None)  # (a slot taken is released by send_step, not counted)

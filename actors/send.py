@@ -7,9 +7,11 @@ an inbox slot in use or a gap to keep, a part with a gap before it, a retry afte
 
 from __future__ import annotations
 
+import threading
 import time
 
 import dramatiq
+from dramatiq.middleware import TimeLimit
 
 import pipeline
 from actors.common import as_dramatiq_retry, evolution, step_options
@@ -89,9 +91,20 @@ def send_now(message_id: int, inbox_id: int, first: pipeline.FirstSend | None = 
     (recorded from the provider's key, or in doubt) when the sweep hands the message on.
     ``first``: the first part was claimed by the record of the text and parts (its slot taken)."""
     args = steps.SEND_PART.args(message_id, inbox_id)
+    _bound_this_delivery(TIME_LIMIT_SECONDS)
     try:
         _send_parts(message_id, inbox_id, _refuse, first)
     except _SlotInUse:
         enqueue(steps.SEND_PART, args)
     except PipelineSignal as exc:  # RetryLater, Deferred (their delay), StepFailed (the actor decides)
         enqueue(steps.SEND_PART, args, delay_s=getattr(exc, "delay", _settings.min_backoff_seconds))
+
+
+def _bound_this_delivery(seconds: float) -> None:
+    """From now on, this delivery lives at most ``seconds`` — the send actor's own time limit, so a
+    send made in the generate delivery is cut off, like one of the send actor's, before the
+    inbox's slot lease ends (settings.send_lease_seconds: a live holder never outlives its lease,
+    R-RATE-1). Re-arms Dramatiq's TimeLimit timeout for this thread (a no-op outside a worker)."""
+    for middleware in dramatiq.get_broker().middleware:
+        if isinstance(middleware, TimeLimit):
+            middleware.manager.add_timeout(threading.get_ident(), seconds * 1000)

@@ -211,6 +211,7 @@ def minute_ctes(gate: str = "true") -> str:
 _TAKE_MINUTE = f"WITH {minute_ctes()} SELECT {MINUTE_COLUMNS}"
 
 _blocks: dict[str, tuple[float, int]] = {}  # key -> (monotonic deadline, requests left) in this process
+_holds: dict[str, float] = {}  # key -> monotonic time until which a hold seen by this process lasts
 _blocks_lock = threading.Lock()
 
 
@@ -227,13 +228,28 @@ def minute_params(key: str, per_minute: int, *, take: bool = True) -> dict:
 
 def take_local(key: str) -> bool:
     """Spend one request of this process's block of ``key`` (False: none left in this minute)."""
+    return reserve_local(key) is not None
+
+
+def reserve_local(key: str) -> float | None:
+    """:func:`take_local`, returning the monotonic deadline of the block the request came from (None:
+    none left) — for a request spent later: check :func:`still_usable` before spending it."""
     with _blocks_lock:
         deadline, left = _blocks.get(key, (0.0, 0))
         if left > 0 and time.monotonic() < deadline:
             _blocks[key] = (deadline, left - 1)
-            return True
+            return deadline
         _blocks.pop(key, None)
-        return False
+        return None
+
+
+def still_usable(key: str, deadline: float) -> bool:
+    """Whether a request reserved from a block with ``deadline`` may still be spent: its minute has
+    not ended (a block is never used past the minute it was counted in) and no hold of the key
+    (a Retry-After, an outage's backoff) started in this process since."""
+    now = time.monotonic()
+    with _blocks_lock:
+        return now < deadline and _holds.get(key, 0.0) <= now
 
 
 def give_back_local(key: str) -> None:
@@ -316,6 +332,7 @@ def block_scope(key: str, seconds: float) -> None:
     )
     with _blocks_lock:
         _blocks.pop(key, None)
+        _holds[key] = max(_holds.get(key, 0.0), time.monotonic() + seconds)
 
 
 def retry_after_key(message_id: int) -> str:

@@ -84,6 +84,13 @@ def clean_db(services) -> Iterator[None]:
         with db.atomic():
             for table in _delete_order(db, tables):
                 db.execute_sql(f"DELETE FROM {table}")
+    # this process's view of the emptied budgets goes with them: the requests of a per-minute
+    # block it kept, the holds (Retry-After) it saw
+    from campaign import ratelimit
+
+    with ratelimit._blocks_lock:
+        ratelimit._blocks.clear()
+        ratelimit._holds.clear()
     with db.connection_context():
         yield
 

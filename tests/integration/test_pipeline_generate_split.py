@@ -36,8 +36,19 @@ from tests.integration.pipeline_helpers import (
 
 @pytest.fixture(autouse=True)
 def no_block_kept(monkeypatch):
-    """Each test starts with no per-minute block kept in this process (as a fresh worker)."""
+    """Each test starts with no per-minute block kept in this process and no hold seen by it (as a
+    fresh worker; another test's Retry-After on the same key must not reach into this one)."""
     monkeypatch.setattr(ratelimit, "_blocks", {})
+    monkeypatch.setattr(ratelimit, "_holds", {})
+
+
+@pytest.fixture(autouse=True)
+def not_at_a_minutes_end(services):
+    """The tests count requests of one budget minute: none starts in the last 8 s of a minute on the
+    database's clock (a block is never spent past its minute, so a new one would be taken)."""
+    second = db.execute_sql("SELECT extract(second FROM clock_timestamp())::float").fetchone()[0]
+    if second > 52:
+        time.sleep(60.2 - second)
 
 
 @pytest.fixture
@@ -80,18 +91,18 @@ def local_tokens(monkeypatch) -> tuple[Callable[[], int], Callable[[], int]]:
     """(taken, given back): counts of the requests taken from this process's per-minute block
     and of those given back."""
     taken, given = [0], [0]
-    take, give = ratelimit.take_local, ratelimit.give_back_local
+    reserve, give = ratelimit.reserve_local, ratelimit.give_back_local
 
-    def counting_take(key: str) -> bool:
-        ok = take(key)
-        taken[0] += ok
-        return ok
+    def counting_reserve(key: str) -> float | None:  # take_local goes through it too
+        deadline = reserve(key)
+        taken[0] += deadline is not None
+        return deadline
 
     def counting_give(key: str) -> None:
         given[0] += 1
         give(key)
 
-    monkeypatch.setattr(ratelimit, "take_local", counting_take)
+    monkeypatch.setattr(ratelimit, "reserve_local", counting_reserve)
     monkeypatch.setattr(ratelimit, "give_back_local", counting_give)
     return (lambda: taken[0]), (lambda: given[0])
 
@@ -395,3 +406,74 @@ def test_the_splits_request_is_reserved_before_other_threads_drain_the_block(cle
     assert len(seen) == 2, "\n---\n".join(seen)  # the claim, the text and parts: no split claim
     assert chats(sb, ("split",)) == 2
     assert CampaignMessage.get_by_id(m2.id).status == "sending" and len(parts_of(m2.id)) == 2
+
+
+@pytest.mark.parametrize("why", ["minute_ended", "key_held"])
+def test_a_reserved_split_request_is_not_spent_after_its_minute_or_into_a_hold(clean_db, sb, llm, settings, why):
+    """R-RATE-1, R-FAIL-2: a block is never spent past the minute it was counted in, nor while a hold
+    of the key (a Retry-After) lasts — the split's request reserved before the LLM wrote is dropped
+    then, and the split takes its request in its own claim (which waits out a hold)."""
+    w = make_world(split=True, max_parts=2)
+    m1, m2 = w.add_leads(2)
+    long_text(m1, m2)
+    claim(m1.id)
+    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)  # budget row made, a block kept
+    claim(m2.id)
+    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+
+    def meanwhile() -> None:
+        if why == "minute_ended":  # the block's minute ends while the LLM writes
+            time.sleep(0.06)
+            with ratelimit._blocks_lock:
+                left = ratelimit._blocks.get(key, (0.0, 0))[1]
+                ratelimit._blocks[key] = (time.monotonic() - 0.001, left)
+        else:
+            with ratelimit._blocks_lock:  # another thread got a 429: block_scope dropped the block
+                ratelimit._blocks.pop(key, None)
+                ratelimit._holds[key] = time.monotonic() + 0.3
+
+    reserved: list[float | None] = []
+    real_reserve = ratelimit.reserve_local
+
+    def spy(k: str) -> float | None:
+        out = real_reserve(k)
+        if out is not None and why == "minute_ended":
+            out = min(out, time.monotonic() + 0.05)  # its minute ends in 50 ms
+        reserved.append(out)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ratelimit, "reserve_local", spy)
+        mp.setattr(ratelimit, "_holds", {})
+        with statements(mp) as seen:
+            pipeline.generate_then_split(m2.id, settings, ChangingLLM(llm, meanwhile), paced=True)
+    assert len(reserved) >= 2 and reserved[1] is not None, "no request was reserved for the split"
+    # the generate claim, the text alone, the split's claim (its request counted there), the parts
+    assert len(seen) == 4, "\n---\n".join(seen)
+    assert CampaignMessage.get_by_id(m2.id).status == "sending" and len(parts_of(m2.id)) == 2
+
+
+def test_a_record_run_again_after_its_commit_recognises_its_own_claim(clean_db, sb, llm, evo, settings, monkeypatch):
+    """E-16: the record that claims the first part commits, its answer is lost and it runs again on a
+    fresh connection: the part it claimed is recognised by its attempt and sent — not left
+    `sending` for the sweep to call in doubt, its slot not held until the lease runs out."""
+    w = make_world(split=True, max_parts=2)
+    (m,) = w.add_leads(1)
+    long_text(m)
+    claim(m.id)
+    _open_inbox(w.inboxes[0].id)
+    real = pipeline._named
+
+    def twice(sql: str, params: Any) -> Any:
+        if sql is pipeline._RECORD_AND_CLAIM_SQL:
+            real(sql, params)  # committed; its answer lost
+        return real(sql, params)
+
+    monkeypatch.setattr(pipeline, "_named", twice)
+    first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
+    monkeypatch.setattr(pipeline, "_named", real)
+    assert isinstance(first, pipeline.FirstSend), first
+    assert (first.part_id, first.last_idx) == (parts_of(m.id)[0].id, 1)
+    assert pipeline.send_claimed(first, settings, evo).sent
+    assert [p.status for p in parts_of(m.id)] == ["sent", "pending"]
+    assert _slot(w.inboxes[0].id) is None, "the slot was not given back"

@@ -263,3 +263,118 @@ def test_a_next_claim_that_fails_keeps_the_key_of_the_part_before(clean_db, sb, 
     send_actor.send_part.fn(m.id, w.inboxes[0].id)  # the redelivery
     assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
     assert len(sb.ledger()["sends"]) == 2, "a part went out twice"
+
+
+def test_a_reply_that_skips_the_rest_while_the_next_claim_runs_ends_the_message(clean_db, sb, evo):
+    """R-IN-3, E-27: the reply handler skips the next part in a transaction that commits while the
+    claim recording the part before waits on that row — the claim finds nothing to claim, claims
+    again on fresh rows and ends the message `sent` (a part went out), not left `sending`."""
+    import threading
+
+    import psycopg2
+
+    import pipeline
+    from campaign.settings import get_settings
+    from tests.integration.pipeline_helpers import no_wait
+
+    settings = fast_settings()
+    w, m = _message(2, 0.0)
+    first = pipeline.send_step(m.id, settings, evo, pace=no_wait, defer_record=True)
+    assert first.unrecorded is not None
+    reply = psycopg2.connect(get_settings().database_url)
+    try:
+        with reply.cursor() as cur:  # the reply handler's transaction, not committed yet
+            cur.execute("UPDATE message_parts SET status = 'skipped' WHERE message_id = %s AND idx = 1", (m.id,))
+            cur.execute("UPDATE campaign_messages SET stop_reason = 'replied' WHERE id = %s", (m.id,))
+        out: list[Any] = []
+        step = threading.Thread(
+            target=lambda: out.append(
+                pipeline.send_step(m.id, settings, evo, pace=no_wait, prev=first.unrecorded, defer_record=True)
+            )
+        )
+        step.start()
+        step.join(0.5)
+        assert step.is_alive(), "the claim did not wait for the reply's row lock: the race was not set up"
+        reply.commit()
+        step.join(10)
+        assert not step.is_alive()
+    finally:
+        reply.close()
+    parts = parts_of(m.id)
+    assert [p.status for p in parts] == ["sent", "skipped"]
+    assert CampaignMessage.get_by_id(m.id).status == "sent", "the message was left unfinished"
+    assert len(sb.ledger()["sends"]) == 1
+    assert _slot_row(w.inboxes[0].id)[0] is None, "the slot was not given back"
+
+
+def test_a_next_claim_run_again_after_its_commit_sends_its_part_and_gives_the_slot_back(clean_db, sb, evo, monkeypatch):
+    """E-16: the claim that records the part before commits, its answer is lost and it runs again on
+    a fresh connection: the part it claimed is recognised as its own (sent once, not in doubt) and
+    the slot it kept under its token is given back at the end."""
+    import pipeline
+    from tests.integration.pipeline_helpers import no_wait
+
+    settings = fast_settings()
+    w, m = _message(2, 0.0)
+    first = pipeline.send_step(m.id, settings, evo, pace=no_wait, defer_record=True)
+    real = pipeline._named
+
+    def twice(sql: str, params: Any) -> Any:
+        if sql is pipeline._SEND_NEXT_SQL:
+            real(sql, params)  # committed; its answer lost
+        return real(sql, params)
+
+    monkeypatch.setattr(pipeline, "_named", twice)
+    second = pipeline.send_step(m.id, settings, evo, pace=no_wait, prev=first.unrecorded, defer_record=True)
+    assert second.sent and second.next_delay is None
+    assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
+    assert len(sb.ledger()["sends"]) == 2
+    assert _slot_row(w.inboxes[0].id)[0] is None, "the slot kept under the claim's token was never given back"
+
+
+def test_a_left_record_that_fails_keeps_the_key_and_gives_the_slot_back(clean_db, sb, evo, monkeypatch):
+    """The part's record left for a next claim that is not coming fails (the connection lost): the
+    provider's key stays on the part, so its redelivery records it instead of a doubt."""
+    import peewee
+
+    import pipeline
+    from tests.integration.pipeline_helpers import no_wait
+
+    settings = fast_settings()
+    w, m = _message(2, 0.0)
+    first = pipeline.send_step(m.id, settings, evo, pace=no_wait, defer_record=True)
+    assert first.unrecorded is not None
+
+    def lost(*args: Any, **kwargs: Any) -> None:
+        raise peewee.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(pipeline, "_record_sent_part", lost)
+    with pytest.raises(peewee.OperationalError):
+        pipeline.record_sent(first.unrecorded, settings)
+    part = parts_of(m.id)[0]
+    assert part.status == "sending" and part.provider_message_id == first.unrecorded.key_id
+    assert _slot_row(w.inboxes[0].id)[0] is None, "the slot was not given back"
+
+
+def test_a_send_in_the_generate_delivery_is_cut_off_as_a_send_deliverys_would_be(clean_db, sb, send_actor, monkeypatch):
+    """R-RATE-1: the generate delivery's time limit covers its LLM calls and a send; from the send on,
+    the delivery is re-armed to the send actor's own limit, shorter than the inbox slot's lease."""
+    import threading
+    import time
+
+    import dramatiq
+    from dramatiq.middleware import TimeLimit
+
+    (limiter,) = [mw for mw in dramatiq.get_broker().middleware if isinstance(mw, TimeLimit)]
+    seen: list[float] = []
+    monkeypatch.setattr(
+        send_actor,
+        "_send_parts",
+        lambda *a, **k: seen.append(limiter.manager.deadlines[threading.get_ident()] - time.monotonic()),
+    )
+    limiter.manager.add_timeout(threading.get_ident(), 390_000)  # the generate delivery's limit
+    try:
+        send_actor.send_now(1, 1)
+    finally:
+        limiter.manager.remove_timeout(threading.get_ident())
+    assert seen and abs(seen[0] - send_actor.TIME_LIMIT_SECONDS) < 1.0, seen

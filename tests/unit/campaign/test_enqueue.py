@@ -63,23 +63,32 @@ def test_enqueue_many_in_parallel_publishes_each_once_from_several_threads(broke
     assert {t for _, t in seen} == {threading.current_thread().name}  # one after the other by default
 
 
-def test_enqueue_many_raises_a_failed_publish_after_the_others_ended(broker, monkeypatch):
-    """A publish refused (RabbitMQ away, a nack) is raised to the dispatcher, which returns the
-    batch to pending — only once every other publish of the batch has ended."""
+def test_a_failed_publish_stops_the_batch_and_is_raised_once_the_ones_in_flight_ended(broker, monkeypatch):
+    """A publish refused (RabbitMQ away: each one retries for seconds) stops the batch, as one after
+    the other did: the rest is not published, the publishes in flight end, then the dispatcher gets
+    the error (and returns the batch to pending)."""
     import threading
     import time
 
     done: list[int] = []
+    running = [0]
     lock = threading.Lock()
 
     def enqueue_or_fail(step, args, *, delay_s=None):
-        if args == (3,):
-            raise RuntimeError("publish nacked")
-        time.sleep(0.01)
         with lock:
-            done.append(args[0])
+            running[0] += 1
+        try:
+            if args == (3,):
+                raise RuntimeError("publish nacked")
+            time.sleep(0.02)
+            with lock:
+                done.append(args[0])
+        finally:
+            with lock:
+                running[0] -= 1
 
     monkeypatch.setattr(enqueue, "enqueue", enqueue_or_fail)
     with pytest.raises(RuntimeError, match="nacked"):
-        enqueue.enqueue_many(steps.GENERATE, ((i,) for i in range(20)), parallel=True)
-    assert sorted(done) == [i for i in range(20) if i != 3], "the failure was raised before the rest ended"
+        enqueue.enqueue_many(steps.GENERATE, ((i,) for i in range(40)), parallel=True)
+    assert running[0] == 0, "the error was raised while publishes were still in flight"
+    assert len(done) < 20, f"{len(done)} of 39 published after the failure: the batch did not stop"
