@@ -589,6 +589,11 @@ _SPLIT_NEEDS_LLM = f"""m.generated_text IS NOT NULL AND c.split_enabled AND c.ma
     AND char_length(m.generated_text) > {int(SPLIT_BELOW_CHARS)}
     AND NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = m.id)"""
 
+# the claim variants a worker runs (paced), built now: a connection prepares them with its first
+# hot statement (campaign.db), not on a rare path's first use
+_claim_sql("generating", False, True, _GENERATE_NEEDS_LLM)
+_claim_sql("splitting", True, False, _SPLIT_NEEDS_LLM)
+
 
 def generate_step(message_id: int, settings: Settings, llm: LLM, *, paced: bool = False) -> bool:
     """queued -> generating -> splitting: write the message text. True when split should follow.
@@ -736,18 +741,21 @@ def _generate_text(
     return _record_text(message_id, text, tokens, _ms(started), settings)
 
 
+_TEXT_RECORD_SQL = prepared_async(
+    """UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
+              generation_ms = %(ms)s, status = 'splitting', status_changed_at = now(), attempts = 0,
+              error_class = NULL, error_message = NULL, wake_at = now() + make_interval(secs => %(wake)s)
+          WHERE id = %(id)s AND status = 'generating' RETURNING id""",
+    "generate_record",
+)
+
+
 def _record_text(message_id: int, text: str, tokens: int | None, ms: int, settings: Settings) -> bool | None:
     """generating -> splitting with the text; the split actor takes over (True), or None when the
     message is no longer the step's. Async commit: a lost text is generated again (tokens spent
     twice, nothing sent); the message is the split's after the short hand-off grace."""
     row = _one(
-        prepared_async(
-            """UPDATE campaign_messages SET generated_text = %(text)s, tokens_used = %(tokens)s,
-                      generation_ms = %(ms)s, status = 'splitting', status_changed_at = now(), attempts = 0,
-                      error_class = NULL, error_message = NULL, wake_at = now() + make_interval(secs => %(wake)s)
-                  WHERE id = %(id)s AND status = 'generating' RETURNING id""",
-            "generate_record",
-        ),
+        _TEXT_RECORD_SQL,
         {"text": text, "tokens": tokens, "ms": ms, "wake": settings.handoff_grace_seconds, "id": message_id},
     )
     return None if row is None else True
@@ -833,18 +841,7 @@ def _split(ctx: Context, settings: Settings, llm: LLM) -> int | None:
     # part (R-PIPE-5). Parts already there (a resumed message) are kept as they are.
     # async commit: a lost split is split again; its parts vanish with it, none was sent yet
     row = _one(
-        prepared_async(
-            f"""
-        WITH m AS (
-            UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
-                attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
-                wake_at = now() + make_interval(secs => %(grace)s),
-                split_ms = coalesce(split_ms, %(ms)s)
-            WHERE id = %(id)s AND status = 'splitting' RETURNING id, lead_id, inbox_id
-        ), {_PARTS_CTES}
-        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
-            "split_record",
-        ),
+        _SPLIT_RECORD_SQL,
         {
             "ms": _ms(started),
             "id": message_id,
@@ -869,6 +866,19 @@ _PARTS_CTES = """conv AS (
             WHERE NOT EXISTS (SELECT 1 FROM message_parts WHERE message_id = %(id)s)
             RETURNING id
         )"""
+
+_SPLIT_RECORD_SQL = prepared_async(
+    f"""
+        WITH m AS (
+            UPDATE campaign_messages SET status = 'sending', status_changed_at = now(),
+                attempts = CASE WHEN %(fresh)s THEN 0 ELSE attempts END,
+                wake_at = now() + make_interval(secs => %(grace)s),
+                split_ms = coalesce(split_ms, %(ms)s)
+            WHERE id = %(id)s AND status = 'splitting' RETURNING id, lead_id, inbox_id
+        ), {_PARTS_CTES}
+        SELECT m.id, (SELECT count(*) FROM ins) FROM m""",
+    "split_record",
+)
 
 
 #: the message, checked for the split (``chk``: _SPLIT_READY over ``cm``) and, for the claim
@@ -1666,6 +1676,26 @@ def _park(ctx: Context, seconds: float, why: str) -> None:
         )
 
 
+# async commit: a lost `sent` record leaves the part `sending` (its mark was committed
+# synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
+_PART_SENT_SQL = prepared_async(
+    """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
+                             WHERE id = %s AND attempt_id = %s AND status = 'sending'
+                             RETURNING id, message_id, text, provider_message_id),"""
+    + OUT_LOG_CTES
+    + """,
+                  lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
+                                last_at = now()
+                            WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
+                  UPDATE campaign_messages SET send_ms = coalesce(send_ms, 0) + %s, attempts = 0,
+                      status_changed_at = now(),
+                      wake_at = CASE WHEN %s::float IS NULL THEN wake_at
+                                     ELSE now() + make_interval(secs => %s::float) END
+                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
+    "part_sent",
+)
+
+
 def _record_sent_part(
     part_id: int,
     attempt: uuid.UUID,
@@ -1676,25 +1706,8 @@ def _record_sent_part(
     lease: ratelimit.Grant | None = None,
     wake_in: float | None = None,
 ) -> None:
-    # async commit: a lost `sent` record leaves the part `sending` (its mark was committed
-    # synchronously before the HTTP call): the sweep calls it in doubt, honestly (R-FAIL-4)
     row = _one(
-        prepared_async(
-            """WITH part AS (UPDATE message_parts SET status = 'sent', provider_message_id = %s, sent_at = now()
-                             WHERE id = %s AND attempt_id = %s AND status = 'sending'
-                             RETURNING id, message_id, text, provider_message_id),"""
-            + OUT_LOG_CTES
-            + """,
-                  lease AS (UPDATE rate_limits SET lease_token = NULL, lease_until = NULL, updated_at = now(),
-                                last_at = now()
-                            WHERE %s::text IS NOT NULL AND key = %s AND lease_token = %s RETURNING key)
-                  UPDATE campaign_messages SET send_ms = coalesce(send_ms, 0) + %s, attempts = 0,
-                      status_changed_at = now(),
-                      wake_at = CASE WHEN %s::float IS NULL THEN wake_at
-                                     ELSE now() + make_interval(secs => %s::float) END
-                  WHERE id = (SELECT message_id FROM part) RETURNING id""",
-            "part_sent",
-        ),
+        _PART_SENT_SQL,
         (
             key_id,
             part_id,

@@ -158,6 +158,22 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             self._replace_connection()
             return self._execute_maybe_prepared(sql, params, named_cursor)
 
+    def _prepare_all(self, names: set[str]) -> None:
+        """A connection's first hot statement prepares every hot statement known so far, in one round
+        trip: a fresh pooled connection (a worker's first deliveries) does not spend a round trip
+        and a parse on each statement's first use — the rare paths' included. Any trouble (a
+        statement PostgreSQL cannot prepare): each is then prepared on its first use, as before."""
+        with _hot_lock:
+            batch = [h for h in _hot.values() if h is not None]
+        if len(batch) < 2:
+            return
+        try:
+            super().execute_sql("; ".join(h.prepare_sql for h in batch), ())
+        except peewee.DatabaseError as exc:
+            log.debug("preparing %s statements at once failed (%s); preparing each on first use", len(batch), exc)
+            return
+        names.update(h.name for h in batch)
+
     def _execute_maybe_prepared(self, sql: str, params: Any, named_cursor: Any) -> Any:
         """A hot statement (see prepared()) as EXECUTE, PREPAREd first on a connection that has not
         seen it; anything else, or inside a transaction, as it is."""
@@ -167,6 +183,8 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
         conn = self.connection()
         with _hot_lock:
             names = self._prepared_on.setdefault(conn, set())
+        if not names:
+            self._prepare_all(names)
         if hot.name not in names:
             try:
                 super().execute_sql(hot.prepare_sql, ())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import psycopg2
+import pytest
 
 from campaign.db import db
 from campaign.settings import get_settings
@@ -193,6 +194,23 @@ def test_a_hot_statement_is_planned_once_generically_never_custom(clean_db):
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s", (hot.name,)
         ).fetchone()
     assert plans == (3, 0), plans
+
+
+def test_a_connections_first_hot_statement_prepares_them_all_in_one_round_trip(clean_db, monkeypatch):
+    """A fresh pooled connection prepares every hot statement known (the chain's rare paths too)
+    with its first one, in one round trip — not one round trip and parse per statement later."""
+    import pipeline  # noqa: F401  (registers the chain's hot statements)
+    from campaign.db import _hot, prepared
+    from tests.integration.pipeline_helpers import statements
+    from tests.integration.workers import terminate_own_connection
+
+    sql = prepared("SELECT %(a)s::int * 3 AS thrice")
+    with db.connection_context():
+        terminate_own_connection()  # the next statement runs on a fresh connection
+        with pytest.MonkeyPatch.context() as mp, statements(mp):
+            assert db.execute_sql(sql, {"a": 2}).fetchone() == (6,)
+        known = {h.name for h in _hot.values() if h is not None}
+        assert len(known) > 5 and known <= _session_statements(), known - _session_statements()
 
 
 def test_a_statement_postgresql_cannot_prepare_runs_as_text_and_says_so(clean_db, caplog):
