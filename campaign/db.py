@@ -161,18 +161,33 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
     def _prepare_all(self, names: set[str]) -> None:
         """A connection's first hot statement prepares every hot statement known so far, in one round
         trip: a fresh pooled connection (a worker's first deliveries) does not spend a round trip
-        and a parse on each statement's first use — the rare paths' included. Any trouble (a
-        statement PostgreSQL cannot prepare): each is then prepared on its first use, as before."""
+        and a parse on each statement's first use — the rare paths' included. If that fails (a
+        statement PostgreSQL cannot prepare), each is prepared on its own, once, here."""
         with _hot_lock:
-            batch = [h for h in _hot.values() if h is not None]
+            batch = [(sql, h) for sql, h in _hot.items() if h is not None]
         if len(batch) < 2:
             return
         try:
-            super().execute_sql("; ".join(h.prepare_sql for h in batch), ())
-        except peewee.DatabaseError as exc:
-            log.debug("preparing %s statements at once failed (%s); preparing each on first use", len(batch), exc)
+            super().execute_sql("; ".join(h.prepare_sql for _, h in batch), ())
+        except peewee.DatabaseError:
+            for sql, h in batch:
+                self._prepare_one(sql, h, names)
             return
-        names.update(h.name for h in batch)
+        names.update(h.name for _, h in batch)
+
+    def _prepare_one(self, sql: str, hot: _Hot, names: set[str]) -> bool:
+        """PREPARE one hot statement on this connection; False (and run as text from now on, said
+        once) when PostgreSQL cannot prepare it (a parameter of unknown type)."""
+        try:
+            super().execute_sql(hot.prepare_sql, ())
+        except peewee.ProgrammingError as exc:
+            if getattr(getattr(exc, "orig", exc), "pgcode", None) != "42P05":  # not "already exists"
+                log.warning("statement %s cannot be prepared (%s); running it unprepared", hot.name, exc)
+                with _hot_lock:
+                    _hot[sql] = None
+                return False
+        names.add(hot.name)
+        return True
 
     def _execute_maybe_prepared(self, sql: str, params: Any, named_cursor: Any) -> Any:
         """A hot statement (see prepared()) as EXECUTE, PREPAREd first on a connection that has not
@@ -185,18 +200,10 @@ class ResilientPooledDatabase(PooledPostgresqlExtDatabase):
             names = self._prepared_on.setdefault(conn, set())
         if not names:
             self._prepare_all(names)
-        if hot.name not in names:
-            try:
-                super().execute_sql(hot.prepare_sql, ())
-            except peewee.ProgrammingError as exc:
-                if getattr(getattr(exc, "orig", exc), "pgcode", None) != "42P05":  # not "already exists"
-                    # a statement PostgreSQL cannot prepare (a parameter of unknown type): run it
-                    # as text from now on, and say so once
-                    log.warning("statement %s cannot be prepared (%s); running it unprepared", hot.name, exc)
-                    with _hot_lock:
-                        _hot[sql] = None
-                    return super().execute_sql(sql, params, named_cursor=named_cursor)
-            names.add(hot.name)
+            if _hot.get(sql) is None:  # found unpreparable just now
+                return super().execute_sql(sql, params, named_cursor=named_cursor)
+        if hot.name not in names and not self._prepare_one(sql, hot, names):
+            return super().execute_sql(sql, params, named_cursor=named_cursor)
         try:
             return super().execute_sql(hot.execute_sql, params)
         except peewee.NotSupportedError as exc:
