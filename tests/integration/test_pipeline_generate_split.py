@@ -384,17 +384,23 @@ def test_the_record_claims_nothing_when_the_send_step_would_not(clean_db, sb, ll
     assert sb.ledger()["sends"] == []
 
 
-def test_the_splits_request_is_reserved_before_other_threads_drain_the_block(clean_db, sb, llm, settings, monkeypatch):
-    """R-RATE-1, T-PERF-7: the split's request is taken from the process's block right after the
-    generate claim; other threads emptying the block while the LLM writes do not send the split
-    through its own claim (two statements, both requests counted once)."""
+def _second_message_with_a_block_kept(settings, llm) -> tuple[Any, CampaignMessage, str]:
+    """A world whose first message went through (the budget row made, a block of it kept in this
+    process) and whose second is queued; and the OpenRouter key's budget key."""
     w = make_world(split=True, max_parts=2)
     m1, m2 = w.add_leads(2)
     long_text(m1, m2)
     claim(m1.id)
-    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)  # budget row made, a block kept
+    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)
     claim(m2.id)
-    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+    return w, m2, ratelimit.openrouter_key(settings.openrouter_api_key)
+
+
+def test_the_splits_request_is_reserved_before_other_threads_drain_the_block(clean_db, sb, llm, settings, monkeypatch):
+    """R-RATE-1, T-PERF-7: the split's request is taken from the process's block right after the
+    generate claim; other threads emptying the block while the LLM writes do not send the split
+    through its own claim (two statements, both requests counted once)."""
+    w, m2, key = _second_message_with_a_block_kept(settings, llm)
 
     def other_threads_drain_the_block() -> None:
         while ratelimit.take_local(key):
@@ -413,13 +419,7 @@ def test_a_reserved_split_request_is_not_spent_after_its_minute_or_into_a_hold(c
     """R-RATE-1, R-FAIL-2: a block is never spent past the minute it was counted in, nor while a hold
     of the key (a Retry-After) lasts — the split's request reserved before the LLM wrote is dropped
     then, and the split takes its request in its own claim (which waits out a hold)."""
-    w = make_world(split=True, max_parts=2)
-    m1, m2 = w.add_leads(2)
-    long_text(m1, m2)
-    claim(m1.id)
-    assert pipeline.generate_then_split(m1.id, settings, llm, paced=True)  # budget row made, a block kept
-    claim(m2.id)
-    key = ratelimit.openrouter_key(settings.openrouter_api_key)
+    w, m2, key = _second_message_with_a_block_kept(settings, llm)
 
     def meanwhile() -> None:
         if why == "minute_ended":  # the block's minute ends while the LLM writes
