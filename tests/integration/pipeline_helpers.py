@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 import pipeline
 from campaign import outcomes
 from campaign.db import db
@@ -207,3 +209,19 @@ def no_wait(wait: float) -> None:
 
 class Paused(Exception):
     """Stands for the middleware's SkipMessage in a direct call of a paced send step."""
+
+
+@contextlib.contextmanager
+def answer_lost(statement: str) -> Iterator[None]:
+    """E-16 for one of the chain's statements: it commits, its answer is lost, and it runs again on a
+    fresh connection (as campaign.db re-runs it) — each time the chain runs it inside the block."""
+    real = pipeline._named
+
+    def twice(sql: str, params: Any) -> Any:
+        if sql is statement:
+            real(sql, params)  # committed; its answer lost
+        return real(sql, params)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "_named", twice)
+        yield

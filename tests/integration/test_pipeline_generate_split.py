@@ -25,6 +25,7 @@ from campaign.text import SPLIT_BELOW_CHARS, build_prompt
 from models import CampaignMessage, Lead
 from sandbox.llm import generate_text, split_sentences
 from tests.integration.pipeline_helpers import (
+    answer_lost,
     assert_counters_match,
     claim,
     fast_settings,
@@ -453,7 +454,7 @@ def test_a_reserved_split_request_is_not_spent_after_its_minute_or_into_a_hold(c
     assert CampaignMessage.get_by_id(m2.id).status == "sending" and len(parts_of(m2.id)) == 2
 
 
-def test_a_record_run_again_after_its_commit_recognises_its_own_claim(clean_db, sb, llm, evo, settings, monkeypatch):
+def test_a_record_run_again_after_its_commit_recognises_its_own_claim(clean_db, sb, llm, evo, settings):
     """E-16: the record that claims the first part commits, its answer is lost and it runs again on a
     fresh connection: the part it claimed is recognised by its attempt and sent — not left
     `sending` for the sweep to call in doubt, its slot not held until the lease runs out."""
@@ -462,16 +463,8 @@ def test_a_record_run_again_after_its_commit_recognises_its_own_claim(clean_db, 
     long_text(m)
     claim(m.id)
     _open_inbox(w.inboxes[0].id)
-    real = pipeline._named
-
-    def twice(sql: str, params: Any) -> Any:
-        if sql is pipeline._RECORD_AND_CLAIM_SQL:
-            real(sql, params)  # committed; its answer lost
-        return real(sql, params)
-
-    monkeypatch.setattr(pipeline, "_named", twice)
-    first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
-    monkeypatch.setattr(pipeline, "_named", real)
+    with answer_lost(pipeline._RECORD_AND_CLAIM_SQL):
+        first = pipeline.generate_then_split(m.id, settings, llm, claim_first_until=time.monotonic() + 60)
     assert isinstance(first, pipeline.FirstSend), first
     assert (first.part_id, first.last_idx) == (parts_of(m.id)[0].id, 1)
     assert pipeline.send_claimed(first, settings, evo).sent

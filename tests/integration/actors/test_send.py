@@ -307,25 +307,18 @@ def test_a_reply_that_skips_the_rest_while_the_next_claim_runs_ends_the_message(
     assert _slot_row(w.inboxes[0].id)[0] is None, "the slot was not given back"
 
 
-def test_a_next_claim_run_again_after_its_commit_sends_its_part_and_gives_the_slot_back(clean_db, sb, evo, monkeypatch):
+def test_a_next_claim_run_again_after_its_commit_sends_its_part_and_gives_the_slot_back(clean_db, sb, evo):
     """E-16: the claim that records the part before commits, its answer is lost and it runs again on
     a fresh connection: the part it claimed is recognised as its own (sent once, not in doubt) and
     the slot it kept under its token is given back at the end."""
     import pipeline
-    from tests.integration.pipeline_helpers import no_wait
+    from tests.integration.pipeline_helpers import answer_lost, no_wait
 
     settings = fast_settings()
     w, m = _message(2, 0.0)
     first = pipeline.send_step(m.id, settings, evo, pace=no_wait, defer_record=True)
-    real = pipeline._named
-
-    def twice(sql: str, params: Any) -> Any:
-        if sql is pipeline._SEND_NEXT_SQL:
-            real(sql, params)  # committed; its answer lost
-        return real(sql, params)
-
-    monkeypatch.setattr(pipeline, "_named", twice)
-    second = pipeline.send_step(m.id, settings, evo, pace=no_wait, prev=first.unrecorded, defer_record=True)
+    with answer_lost(pipeline._SEND_NEXT_SQL):
+        second = pipeline.send_step(m.id, settings, evo, pace=no_wait, prev=first.unrecorded, defer_record=True)
     assert second.sent and second.next_delay is None
     assert [p.status for p in parts_of(m.id)] == ["sent", "sent"]
     assert len(sb.ledger()["sends"]) == 2
